@@ -1,0 +1,83 @@
+"""The `openlora` command: one subcommand per service, plus up / adapters / generate / bench.
+
+Every flag also reads `OPENLORA_<FLAG>`. A bad flag or environment value prints one line naming it
+and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+
+from services.common.config import ConfigError, add_flags, from_args
+from services.executor.config import ExecutorConfig
+from services.registry.config import RegistryConfig
+from services.router.config import RouterConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# subcommand -> (config class, "module:function" that serves it)
+SERVERS = {
+    "registry": (RegistryConfig, "services.registry.app:serve"),
+    "executor": (ExecutorConfig, "services.executor.app:serve"),
+    "router": (RouterConfig, "services.router.app:serve"),
+}
+# subcommands whose implementation parses its own arguments: "module:function(argv) -> exit code"
+TOOLS = {
+    "up": "services.up:main",
+    "adapters": "services.registry.admin:main",
+    "generate": "services.client:generate_main",
+    "bench": "services.client:bench_main",
+}
+
+
+def _resolve(target: str, what: str):
+    module, func = target.split(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            raise SystemExit(f"openlora {what}: not available in this build yet") from None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="openlora", description="Serve many LoRA adapters over one base model.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (cls, _) in SERVERS.items():
+        add_flags(sub.add_parser(name, help=f"run the {name} service"), cls)
+    for name in TOOLS:
+        p = sub.add_parser(name, help=f"{name} (see `openlora {name} --help`)", add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        return _resolve(TOOLS[argv[0]], argv[0])(argv[1:])
+    try:
+        parser = build_parser()
+        ns = parser.parse_args(argv)
+        cls, target = SERVERS[ns.command]
+        config = from_args(cls, ns)
+    except ConfigError as exc:
+        print(f"openlora {argv[0] if argv else ''}: error: {exc}", file=sys.stderr)
+        return 2
+    serve = _resolve(target, ns.command)
+    from services.common.logging import configure_logging
+    configure_logging(config.log_level)
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+from services.common.gen.openlora.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AdapterTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADAPTER_TIER_UNSPECIFIED: _ClassVar[AdapterTier]
+    ADAPTER_TIER_DEVICE: _ClassVar[AdapterTier]
+    ADAPTER_TIER_HOST: _ClassVar[AdapterTier]
+    ADAPTER_TIER_DISK: _ClassVar[AdapterTier]
+ADAPTER_TIER_UNSPECIFIED: AdapterTier
+ADAPTER_TIER_DEVICE: AdapterTier
+ADAPTER_TIER_HOST: AdapterTier
+ADAPTER_TIER_DISK: AdapterTier
+
+class LoadAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "version", "tier")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    version: int
+    tier: AdapterTier
+    def __init__(self, adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ...) -> None: ...
+
+class LoadAdapterResponse(_message.Message):
+    __slots__ = ("tier", "load_ms")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    tier: AdapterTier
+    load_ms: float
+    def __init__(self, tier: _Optional[_Union[AdapterTier, str]] = ..., load_ms: _Optional[float] = ...) -> None: ...
+
+class UnloadAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class UnloadAdapterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AdapterResidency(_message.Message):
+    __slots__ = ("adapter_id", "version", "tier", "active_requests")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    version: int
+    tier: AdapterTier
+    active_requests: int
+    def __init__(self, adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., active_requests: _Optional[int] = ...) -> None: ...
+
+class ExecutorStatus(_message.Message):
+    __slots__ = ("executor_id", "base_model", "device", "dtype", "running_requests", "waiting_requests", "max_batch_size", "kv_blocks_total", "kv_blocks_free", "device_adapter_slots", "host_cache_bytes", "host_cache_used_bytes", "adapters")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    HOST_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    base_model: str
+    device: str
+    dtype: str
+    running_requests: int
+    waiting_requests: int
+    max_batch_size: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    device_adapter_slots: int
+    host_cache_bytes: int
+    host_cache_used_bytes: int
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterResidency]
+    def __init__(self, executor_id: _Optional[str] = ..., base_model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., device_adapter_slots: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., host_cache_used_bytes: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterResidency, _Mapping]]] = ...) -> None: ...

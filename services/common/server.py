@@ -1,0 +1,96 @@
+"""gRPC server bootstrap shared by every service: health, reflection, errors, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.config import MAX_MESSAGE_BYTES, ServerConfig
+from services.common.errors import ErrorInterceptor
+
+log = structlog.get_logger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """One gRPC service to mount: its fully qualified name, servicer and generated add_* function."""
+
+    name: str
+    servicer: object
+    add_to_server: Callable[[object, grpc.aio.Server], None]
+
+
+class Server:
+    """A started-or-not grpc.aio server with its health service."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, port: int, health_servicer, names: list[str]):
+        self.grpc = grpc_server
+        self.port = port
+        self._health = health_servicer
+        self._names = names
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for name in ["", *self._names]:
+            await self._health.set(name, status)
+
+    async def start(self) -> None:
+        await self.grpc.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+
+    async def run_until_signal(self, grace: float,
+                               on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT, then answer NOT_SERVING, drain in-flight calls and return."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("draining", grace_seconds=grace)
+        if on_drain is not None:
+            await on_drain()
+        await self.stop(grace)
+        log.info("stopped")
+
+
+async def create_server(config: ServerConfig, services: Sequence[Service],
+                        serving: bool = True) -> tuple[Server, int]:
+    """Build a grpc.aio server on config.host:config.port with health and reflection.
+
+    Health answers for "" and each service's name: SERVING now if `serving`, else NOT_SERVING until
+    `server.set_serving(True)`. The server is not started; call `await server.start()`.
+    """
+    grpc_server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=GRPC_OPTIONS)
+    for svc in services:
+        svc.add_to_server(svc.servicer, grpc_server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    names = [svc.name for svc in services]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME],
+                                        grpc_server)
+    address = f"{config.host}:{config.port}"
+    port = grpc_server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server = Server(grpc_server, port, health_servicer, names)
+    await server.set_serving(serving)
+    return server, port

@@ -1,0 +1,40 @@
+"""The executor's one config object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import ServerConfig, check, flag
+
+
+@dataclass(slots=True)
+class ExecutorConfig(ServerConfig):
+    registry: str = flag("", "registry address HOST:PORT (empty -> no registry)")
+    base_model: str = flag(None, "base model: a Hugging Face directory or hub id", required=True)
+    executor_id: str = flag("", "name reported in responses (default HOST:PORT)")
+    device: str = flag("auto", "device to run on", choices=("auto", "cpu", "cuda"))
+    dtype: str = flag("auto", "weights and activations dtype",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+    max_batch_size: int = flag(64, "most sequences in one step")
+    max_queue: int = flag(1024, "most requests waiting before RESOURCE_EXHAUSTED")
+    max_device_adapters: int = flag(32, "adapter slots on the device")
+    max_lora_rank: int = flag(64, "largest adapter rank accepted")
+    host_cache_bytes: int = flag(2 * 1024**3, "host tier capacity in bytes")
+    disk_cache_dir: str = flag("", "disk tier directory (empty -> a temporary directory)")
+    disk_cache_bytes: int = flag(20 * 1024**3, "disk tier capacity in bytes")
+    kv_cache_bytes: int = flag(0, "KV cache budget in bytes (0 -> automatic)")
+    kv_block_size: int = flag(16, "tokens per KV cache block")
+    max_model_len: int = flag(0, "longest prompt + completion (0 -> the model's)")
+    max_prefill_tokens: int = flag(2048, "most prompt tokens prefilled in one step")
+    default_max_new_tokens: int = flag(64, "max_new_tokens when a request gives 0")
+    registry_timeout_s: float = flag(30.0, "deadline of each registry call, seconds")
+
+    def __post_init__(self) -> None:
+        ServerConfig.__post_init__(self)
+        check(bool(self.base_model), "base_model", "is required")
+        for name in ("max_batch_size", "max_queue", "max_device_adapters", "max_lora_rank",
+                     "kv_block_size", "max_prefill_tokens", "default_max_new_tokens"):
+            check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("host_cache_bytes", "disk_cache_bytes", "kv_cache_bytes", "max_model_len"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(self.registry_timeout_s > 0, "registry_timeout_s", "must be > 0")

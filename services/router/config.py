@@ -1,0 +1,17 @@
+"""The router's one config object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import ServerConfig, check, flag
+
+
+@dataclass(slots=True)
+class RouterConfig(ServerConfig):
+    registry: str = flag("", "registry address HOST:PORT")
+    executor: list[str] = flag(help="executor address HOST:PORT", multiple=True, required=True)
+
+    def __post_init__(self) -> None:
+        ServerConfig.__post_init__(self)
+        check(len(self.executor) > 0, "executor", "at least one is required")
