@@ -72,6 +72,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if env is not None:
             default = ([_convert(base, v.strip(), where) for v in env.split(",") if v.strip()]
                        if multiple else _convert(base, env, where))
+            if meta["choices"] and not multiple and default not in meta["choices"]:
+                raise ConfigError(where, f"must be one of {', '.join(meta['choices'])}")
         elif f.default is not dataclasses.MISSING:
             default = f.default
         else:

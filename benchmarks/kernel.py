@@ -1,0 +1,94 @@
+"""Fused lora_linear vs the base matmul alone vs a gather+bmm LoRA, in interleaved rounds.
+
+    .venv/bin/python benchmarks/kernel.py [--rounds 30] [--bf16]
+
+Cases (d_in = d_out = 2048, S = 64 slots, r_max = 32, ranks cycling 8, 16, 32):
+  decode:  T = 64 tokens, 64 distinct adapters, one token each
+  prefill: T = 512 tokens, 8 adapters, 64 tokens each
+Prints the median time of each and the ratios fused/base and gather/base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from services.executor.ops import kernel_backend, lora_linear  # noqa: E402
+
+D, S, R_MAX, RANKS = 2048, 64, 32, (8, 16, 32)
+
+
+def make_case(T: int, n_adapters: int, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ranks = torch.tensor([RANKS[s % len(RANKS)] for s in range(S)], dtype=torch.int32)
+    lora_a = torch.zeros(S, R_MAX, D)
+    lora_b = torch.zeros(S, D, R_MAX)
+    for s, r in enumerate(ranks.tolist()):  # zero past the rank, so gather+bmm's padding adds nothing
+        lora_a[s, :r] = torch.randn(r, D, generator=g) * 0.02
+        lora_b[s, :, :r] = torch.randn(D, r, generator=g) * 0.02
+    per = T // n_adapters
+    slots = torch.randperm(S, generator=g)[:n_adapters].to(torch.int32)
+    return dict(
+        x=torch.randn(T, D, generator=g).to(dtype), weight=(torch.randn(D, D, generator=g) * 0.02).to(dtype),
+        bias=torch.randn(D, generator=g).to(dtype), lora_a=lora_a.to(dtype), lora_b=lora_b.to(dtype),
+        scalings=torch.full((S,), 2.0), ranks=ranks,
+        seg_indptr=torch.arange(0, T + 1, per, dtype=torch.int32), seg_slots=slots,
+        token_slots=slots.repeat_interleave(per).long())
+
+
+def fused(c):
+    return lora_linear(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scalings"],
+                       c["ranks"], c["seg_indptr"], c["seg_slots"])
+
+
+def base(c):
+    return torch.addmm(c["bias"], c["x"], c["weight"].t())
+
+
+def gather_bmm(c):
+    """Per-token gather of padded adapters + bmm: [T, 1, d_in] @ [T, d_in, r_max] @ [T, r_max, d_out]."""
+    tok = c["token_slots"]
+    a, b = c["lora_a"][tok], c["lora_b"][tok]  # [T, r_max, d_in], [T, d_out, r_max]
+    v = torch.bmm(c["x"].unsqueeze(1), a.transpose(1, 2)) * c["scalings"][tok].view(-1, 1, 1).to(a.dtype)
+    return base(c) + torch.bmm(v, b.transpose(1, 2)).squeeze(1)
+
+
+def bench(name: str, case: dict, rounds: int) -> None:
+    fns = {"fused": fused, "base": base, "gather+bmm": gather_bmm}
+    torch.testing.assert_close(fused(case), gather_bmm(case), rtol=2e-2, atol=2e-2)
+    times = {k: [] for k in fns}
+    for _ in range(3):
+        for f in fns.values():
+            f(case)
+    for _ in range(rounds):  # interleaved: each round times every variant once
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f(case)
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"{name:<22} fused {med['fused']:7.3f} ms  base {med['base']:7.3f} ms  "
+          f"gather+bmm {med['gather+bmm']:7.3f} ms  | fused/base {med['fused'] / med['base']:.3f}  "
+          f"gather/base {med['gather+bmm'] / med['base']:.3f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--bf16", action="store_true", help="also run bfloat16")
+    args = p.parse_args()
+    print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"d={D} S={S} r_max={R_MAX} ranks={RANKS} rounds={args.rounds}")
+    for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
+        tag = str(dtype).removeprefix("torch.")
+        bench(f"decode  T=64  G=64 {tag}", make_case(64, 64, dtype), args.rounds)
+        bench(f"prefill T=512 G=8  {tag}", make_case(512, 8, dtype), args.rounds)
+
+
+if __name__ == "__main__":
+    main()
