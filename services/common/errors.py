@@ -69,6 +69,14 @@ class QueueFull(ResourceExhausted):
     """Too many requests waiting."""
 
 
+class Upstream(OpenLoraError):
+    """A status from a downstream service, passed through with its code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(code, message) for any exception: domain errors keep theirs, anything else is INTERNAL."""
     if isinstance(exc, OpenLoraError):

@@ -11,7 +11,9 @@ from services.common.config import ServerConfig, check, flag
 class RouterConfig(ServerConfig):
     registry: str = flag("", "registry address HOST:PORT")
     executor: list[str] = flag(help="executor address HOST:PORT", multiple=True, required=True)
+    poll_interval_s: float = flag(0.5, "how often each executor's health and status are polled")
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
         check(len(self.executor) > 0, "executor", "at least one is required")
+        check(self.poll_interval_s > 0, "poll_interval_s", "must be > 0")

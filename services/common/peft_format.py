@@ -1,0 +1,337 @@
+"""PEFT LoRA adapter format: adapter_config.json, safetensors headers, tensor names, validation.
+
+Shared by the registry (accepts or refuses adapters) and the executor (loads them). Pure Python, no
+torch. Everything that rejects input raises `errors.InvalidAdapter` with a message a person can act on.
+
+    cfg = parse_adapter_config(open("adapter_config.json", "rb").read())
+    tensors, file_size = read_safetensors_header(open("adapter_model.safetensors", "rb"))
+    validate_adapter(cfg, tensors)            # every tensor is lora_A [r, d_in] / lora_B [d_out, r]
+    key = parse_lora_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight")
+    # key.layer == 3, key.module == "q_proj", key.part == "A", key.path == "model.layers.3.self_attn.q_proj"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from services.common.errors import InvalidAdapter
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)       # name order: the manifest's order
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PICKLE_MESSAGE = (
+    "adapter weights are a pickle file ({name}); openlora loads only safetensors, never pickle. "
+    "Convert it first, e.g. `python -c \"import torch; from safetensors.torch import save_file; "
+    "save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\"` "
+    "or PEFT's `model.save_pretrained(dir, safe_serialization=True)`")
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024              # safetensors' own limit
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """What openlora needs from adapter_config.json (PEFT LoRA, no DoRA)."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...] | str          # str: a regex, full match on the module path
+    use_rslora: bool = False
+    layers_to_transform: tuple[int, ...] | None = None
+    base_model: str = ""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def targets(self, module_path: str) -> bool:
+        """PEFT's rule: list -> path == name or path endswith "." + name; str -> re.fullmatch.
+
+        "all-linear" matches every module path. layers_to_transform, when set, must hold the
+        path's layer index.
+        """
+        if isinstance(self.target_modules, str):
+            found = (self.target_modules == "all-linear"
+                     or re.fullmatch(self.target_modules, module_path) is not None)
+        else:
+            found = any(module_path == t or module_path.endswith("." + t)
+                        for t in self.target_modules)
+        if found and self.layers_to_transform is not None and not isinstance(self.target_modules, str):
+            layer = _layer_of(module_path)
+            found = layer is not None and layer in self.layers_to_transform
+        return found
+
+    def rank_for(self, module_path: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module_path, self.rank))
+
+    def alpha_for(self, module_path: str) -> float:
+        return float(_pattern_value(self.alpha_pattern, module_path, self.alpha))
+
+    def scaling_for(self, module_path: str) -> float:
+        """alpha / r, or alpha / sqrt(r) with rslora."""
+        r, alpha = self.rank_for(module_path), self.alpha_for(module_path)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    @property
+    def target_module_names(self) -> list[str]:
+        """target_modules as a list for display/metadata (a regex is one element)."""
+        if isinstance(self.target_modules, str):
+            return [self.target_modules]
+        return list(self.target_modules)
+
+
+def _pattern_value(pattern: dict, module_path: str, default):
+    """PEFT's get_pattern_key: the first key k with re.match(rf"(.*\\.)?({k})$", path)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+def _layer_of(module_path: str) -> int | None:
+    for part in module_path.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def parse_adapter_config(data: bytes) -> LoraConfig:
+    """adapter_config.json bytes -> LoraConfig; refuses what openlora cannot serve exactly."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidAdapter(f"{CONFIG_FILE} must be a JSON object")
+    peft_type = raw.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise InvalidAdapter(f"{CONFIG_FILE}: peft_type {peft_type!r} is not supported; "
+                             "openlora serves LoRA adapters only (peft_type \"LORA\")")
+    if raw.get("use_dora"):
+        raise InvalidAdapter(f"{CONFIG_FILE}: use_dora is true; DoRA adapters are not supported. "
+                             "Train without DoRA (use_dora=False)")
+    if raw.get("fan_in_fan_out"):
+        raise InvalidAdapter(f"{CONFIG_FILE}: fan_in_fan_out is true (GPT-2 Conv1D layout); "
+                             "only nn.Linear layouts are supported")
+    bias = raw.get("bias", "none")
+    if bias not in (None, "none"):
+        raise InvalidAdapter(f"{CONFIG_FILE}: bias is {bias!r}; adapters that train biases are not "
+                             "supported. Train with bias=\"none\"")
+    if raw.get("lora_bias"):
+        raise InvalidAdapter(f"{CONFIG_FILE}: lora_bias is true; LoRA biases are not supported")
+    if raw.get("modules_to_save"):
+        raise InvalidAdapter(f"{CONFIG_FILE}: modules_to_save {raw['modules_to_save']!r} is set; "
+                             "fully trained modules cannot be shared across adapters. Train "
+                             "without modules_to_save")
+    if raw.get("exclude_modules"):
+        raise InvalidAdapter(f"{CONFIG_FILE}: exclude_modules is not supported; list the "
+                             "modules to adapt in target_modules instead")
+    if raw.get("target_parameters"):
+        raise InvalidAdapter(f"{CONFIG_FILE}: target_parameters is not supported")
+
+    rank = raw.get("r", 8)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise InvalidAdapter(f"{CONFIG_FILE}: r must be a positive integer, got {rank!r}")
+    alpha = raw.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise InvalidAdapter(f"{CONFIG_FILE}: lora_alpha must be a number, got {alpha!r}")
+
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as exc:
+                raise InvalidAdapter(f"{CONFIG_FILE}: target_modules regex {targets!r} is "
+                                     f"invalid: {exc}") from None
+        target_modules: tuple[str, ...] | str = targets
+    elif isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets):
+        target_modules = tuple(sorted(set(targets)))
+    else:
+        raise InvalidAdapter(f"{CONFIG_FILE}: target_modules must be a non-empty list of module "
+                             f"names or a regex string, got {targets!r}")
+
+    layers = raw.get("layers_to_transform")
+    if layers is None:
+        layers_t = None
+    elif isinstance(layers, int) and not isinstance(layers, bool):
+        layers_t = (layers,)
+    elif isinstance(layers, list) and all(isinstance(i, int) and i >= 0 for i in layers):
+        layers_t = tuple(sorted(set(layers))) or None
+    else:
+        raise InvalidAdapter(f"{CONFIG_FILE}: layers_to_transform must be an int or a list of "
+                             f"ints, got {layers!r}")
+
+    rank_pattern = raw.get("rank_pattern") or {}
+    alpha_pattern = raw.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in rank_pattern.values()):
+        raise InvalidAdapter(f"{CONFIG_FILE}: rank_pattern must map names to positive ints")
+    if not isinstance(alpha_pattern, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in alpha_pattern.values()):
+        raise InvalidAdapter(f"{CONFIG_FILE}: alpha_pattern must map names to numbers")
+
+    base_model = raw.get("base_model_name_or_path") or ""
+    if not isinstance(base_model, str):
+        raise InvalidAdapter(f"{CONFIG_FILE}: base_model_name_or_path must be a string")
+    return LoraConfig(rank=rank, alpha=float(alpha), target_modules=target_modules,
+                      use_rslora=bool(raw.get("use_rslora", False)), layers_to_transform=layers_t,
+                      base_model=base_model, rank_pattern=dict(rank_pattern),
+                      alpha_pattern={k: float(v) for k, v in alpha_pattern.items()})
+
+
+@dataclass(frozen=True)
+class LoraKey:
+    """One LoRA tensor: `path` is the adapted module, e.g. "model.layers.3.self_attn.q_proj"."""
+
+    layer: int
+    module: str                                    # last path segment, e.g. "q_proj"
+    part: str                                      # "A" or "B"
+    path: str
+
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def parse_lora_key(name: str) -> LoraKey:
+    """PEFT tensor name -> LoraKey; accepts the optional adapter-name segment (lora_A.default.weight)."""
+    m = _KEY.match(name)
+    if m is None:
+        raise InvalidAdapter(f"tensor {name!r} is not a LoRA weight "
+                             "(expected <module path>.lora_A.weight or .lora_B.weight)")
+    path = m["path"]
+    layer = _layer_of(path)
+    if layer is None:
+        raise InvalidAdapter(f"tensor {name!r} does not belong to a numbered layer "
+                             "(expected e.g. model.layers.3.self_attn.q_proj)")
+    return LoraKey(layer=layer, module=path.rsplit(".", 1)[-1], part=m["part"], path=path)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file; start/end are ABSOLUTE byte offsets in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_safetensors_header(f: BinaryIO | bytes) -> tuple[dict[str, TensorInfo], int]:
+    """Parse and check a safetensors header -> (tensors, expected file size in bytes).
+
+    Layout: u64 little-endian N, N bytes of JSON, then the data section. TensorInfo offsets are
+    absolute (8 + N + data_offsets). Checks: N in range, JSON object, known dtypes, sizes matching
+    shape x dtype, offsets contiguous from 0 with no gap or overlap. The caller compares the real
+    file size with the returned one.
+    """
+    if isinstance(f, (bytes, bytearray, memoryview)):
+        buf = bytes(f[:8])
+        read_rest = lambda n: bytes(f[8:8 + n])  # noqa: E731
+    else:
+        buf = f.read(8)
+        read_rest = f.read
+    if len(buf) < 8:
+        raise InvalidAdapter(f"{WEIGHTS_FILE} is too short to be safetensors ({len(buf)} bytes)")
+    (n,) = struct.unpack("<Q", buf)
+    if n == 0 or n > MAX_HEADER_BYTES:
+        raise InvalidAdapter(f"{WEIGHTS_FILE}: safetensors header length {n} is out of range "
+                             "(is this really a safetensors file?)")
+    raw = read_rest(n)
+    if len(raw) != n:
+        raise InvalidAdapter(f"{WEIGHTS_FILE} is truncated: header says {n} bytes, file has "
+                             f"{len(raw)}")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapter(f"{WEIGHTS_FILE}: safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidAdapter(f"{WEIGHTS_FILE}: safetensors header must be a JSON object")
+    base = 8 + n
+    spans = []
+    tensors: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{WEIGHTS_FILE}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise InvalidAdapter(f"{where}: entry must be an object")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPE_BYTES:
+            raise InvalidAdapter(f"{where}: unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                                and d >= 0 for d in shape)):
+            raise InvalidAdapter(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(
+                isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
+                and offs[0] <= offs[1]):
+            raise InvalidAdapter(f"{where}: data_offsets must be [begin, end] with "
+                                 f"0 <= begin <= end, got {offs!r}")
+        want = math.prod(shape) * DTYPE_BYTES[dtype]
+        if offs[1] - offs[0] != want:
+            raise InvalidAdapter(f"{where}: data_offsets span {offs[1] - offs[0]} bytes but "
+                                 f"shape {shape} of {dtype} needs {want}")
+        spans.append((offs[0], offs[1], name))
+        tensors[name] = TensorInfo(dtype, tuple(shape), base + offs[0], base + offs[1])
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise InvalidAdapter(f"{WEIGHTS_FILE}: tensor {name!r} starts at data offset {begin}, "
+                                 f"expected {pos} (offsets must be contiguous, no gaps/overlaps)")
+        pos = end
+    return tensors, base + pos
+
+
+def validate_adapter(config: LoraConfig, tensors: dict[str, TensorInfo]) -> None:
+    """Every tensor is a targeted module's lora_A [r, d_in] or lora_B [d_out, r], both present.
+
+    r is config.rank_for(path); layers_to_transform, when set (list targets only, as in PEFT),
+    holds every tensor's layer.
+    """
+    if not tensors:
+        raise InvalidAdapter(f"{WEIGHTS_FILE} holds no tensors")
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    for name, info in tensors.items():
+        key = parse_lora_key(name)
+        if (config.layers_to_transform is not None and not isinstance(config.target_modules, str)
+                and key.layer not in config.layers_to_transform):
+            raise InvalidAdapter(f"tensor {name!r}: layer {key.layer} is not in "
+                                 f"layers_to_transform {list(config.layers_to_transform)}")
+        if not config.targets(key.path):
+            raise InvalidAdapter(f"tensor {name!r}: module {key.path!r} is not in target_modules "
+                                 f"{config.target_modules!r}")
+        if info.dtype not in FLOAT_DTYPES:
+            raise InvalidAdapter(f"tensor {name!r}: dtype {info.dtype} is not a float type "
+                                 f"({', '.join(FLOAT_DTYPES)})")
+        if len(info.shape) != 2 or 0 in info.shape:
+            raise InvalidAdapter(f"tensor {name!r}: expected a 2-D non-empty matrix, got shape "
+                                 f"{list(info.shape)}")
+        r = config.rank_for(key.path)
+        if key.part == "A" and info.shape[0] != r:
+            raise InvalidAdapter(f"tensor {name!r}: lora_A must be [r={r}, d_in], got "
+                                 f"{list(info.shape)}; does r in {CONFIG_FILE} match the weights?")
+        if key.part == "B" and info.shape[1] != r:
+            raise InvalidAdapter(f"tensor {name!r}: lora_B must be [d_out, r={r}], got "
+                                 f"{list(info.shape)}; does r in {CONFIG_FILE} match the weights?")
+        if key.part in parts.setdefault(key.path, {}):
+            raise InvalidAdapter(f"module {key.path!r} has two lora_{key.part} tensors")
+        parts[key.path][key.part] = info
+    for path, ab in sorted(parts.items()):
+        missing = {"A", "B"} - ab.keys()
+        if missing:
+            raise InvalidAdapter(f"module {path!r} has no lora_{missing.pop()} tensor; "
+                                 "each adapted module needs both lora_A and lora_B")

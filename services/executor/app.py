@@ -1,0 +1,47 @@
+"""`openlora executor`: load the model, build the kernel, then answer SERVING."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import tempfile
+
+import structlog
+
+from services.common.gen.openlora.v1 import executor_pb2_grpc
+from services.common.server import Service, create_server
+from services.executor.config import ExecutorConfig
+from services.executor.registry_source import DiskAdapterStore, RegistryAdapterSource
+
+log = structlog.get_logger(__name__)
+SERVICE = "openlora.v1.Executor"
+
+
+async def build(config: ExecutorConfig):
+    """Create the server (NOT_SERVING), load the engine, then flip to SERVING. Returns (server, engine)."""
+    from services.executor.engine import Engine
+    from services.executor.servicer import ExecutorServicer
+
+    disk = pathlib.Path(config.disk_cache_dir or tempfile.mkdtemp(prefix="openlora-adapters-"))
+    source = RegistryAdapterSource(config.registry, DiskAdapterStore(disk), config.registry_timeout_s)
+    holder = ExecutorServicer(engine=None, executor_id="")  # engine set once loaded
+    server, port = await create_server(
+        config, [Service(SERVICE, holder, executor_pb2_grpc.add_ExecutorServicer_to_server)],
+        serving=False)
+    holder.executor_id = config.executor_id or f"{config.host}:{port}"
+    await server.start()
+    log.info("executor_loading", port=port, base_model=config.base_model)
+    engine = await asyncio.to_thread(Engine, config, source)
+    engine.start()
+    holder.engine = engine
+    await server.set_serving(True)
+    log.info("executor_serving", port=port, executor_id=holder.executor_id)
+    return server, engine
+
+
+async def serve(config: ExecutorConfig) -> None:
+    server, engine = await build(config)
+    try:
+        await server.run_until_signal(config.grace_seconds)
+    finally:
+        await asyncio.to_thread(engine.stop)

@@ -1,0 +1,135 @@
+"""The Executor gRPC service: protobuf <-> engine types, and engine events -> replies/chunks.
+
+Thin by design: validation lives in the engine, errors are mapped by services.common.errors, and
+the engine runs on its own thread; events cross to this event loop with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import structlog
+
+from services.common import errors
+from services.common.gen.openlora.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+from services.common.logging import bind_request
+from services.executor.engine import Engine, GenerationRequest, SamplingOptions, TokenEvent
+
+log = structlog.get_logger(__name__)
+
+FINISH = {"length": common_pb2.FINISH_REASON_LENGTH, "stop": common_pb2.FINISH_REASON_STOP,
+          "eos": common_pb2.FINISH_REASON_EOS, None: common_pb2.FINISH_REASON_UNSPECIFIED}
+TIERS = {"device": executor_pb2.ADAPTER_TIER_DEVICE, "host": executor_pb2.ADAPTER_TIER_HOST,
+         "disk": executor_pb2.ADAPTER_TIER_DISK}
+
+
+def to_request(pb: common_pb2.GenerateRequest) -> GenerationRequest:
+    s = pb.sampling
+    return GenerationRequest(
+        request_id=pb.request_id or uuid.uuid4().hex,
+        prompt=pb.prompt,
+        prompt_token_ids=list(pb.prompt_token_ids),
+        adapter_id=pb.adapter_id,
+        adapter_version=pb.adapter_version,
+        sampling=SamplingOptions(
+            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+            top_k=s.top_k, seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop),
+            ignore_eos=s.ignore_eos, repetition_penalty=s.repetition_penalty))
+
+
+def _usage(ev: TokenEvent) -> common_pb2.Usage:
+    return common_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens)
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
+    def __init__(self, engine: Engine | None, executor_id: str):
+        self._engine = engine
+        self.executor_id = executor_id
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise errors.Unavailable("executor is still loading its model; retry when its health "
+                                     "check answers SERVING")
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def _events(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit `req` and yield its events; a caller that stops early cancels the request."""
+        bind_request(req.request_id, adapter_id=req.adapter_id)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+        def sink(ev: TokenEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, ev)
+            except RuntimeError:  # the loop is gone: the call ended
+                pass
+
+        self.engine.submit(req, sink)
+        done = False
+        try:
+            while True:
+                ev = await queue.get()
+                if ev.error is not None:
+                    done = True
+                    raise ev.error
+                yield ev
+                if ev.finish_reason is not None:
+                    done = True
+                    return
+        finally:
+            if not done:
+                log.info("request_cancelled", request_id=req.request_id)
+                self.engine.cancel(req.request_id)
+
+    async def Generate(self, request, context):
+        req = to_request(request)
+        ids, lps, text, last = [], [], [], None
+        async for ev in self._events(req):
+            ids += ev.token_ids
+            lps += ev.logprobs
+            text.append(ev.text)
+            last = ev
+        return common_pb2.GenerateResponse(
+            request_id=req.request_id, text="".join(text), token_ids=ids, logprobs=lps,
+            finish_reason=FINISH[last.finish_reason], usage=_usage(last),
+            executor_id=self.executor_id)
+
+    async def GenerateStream(self, request, context):
+        req = to_request(request)
+        async for ev in self._events(req):
+            final = ev.finish_reason is not None
+            yield common_pb2.GenerateChunk(
+                request_id=req.request_id, token_ids=ev.token_ids, text=ev.text,
+                logprobs=ev.logprobs, finish_reason=FINISH[ev.finish_reason],
+                usage=_usage(ev) if final else None, executor_id=self.executor_id)
+
+    async def LoadAdapter(self, request, context):
+        start = time.perf_counter()
+        await asyncio.to_thread(self.engine.load_adapter, request.adapter_id, request.version)
+        return executor_pb2.LoadAdapterResponse(
+            tier=executor_pb2.ADAPTER_TIER_DEVICE, load_ms=(time.perf_counter() - start) * 1e3)
+
+    async def UnloadAdapter(self, request, context):
+        await asyncio.to_thread(self.engine.unload_adapter, request.adapter_id)
+        return executor_pb2.UnloadAdapterResponse()
+
+    async def GetStatus(self, request, context):
+        st = self.engine.status()
+        return executor_pb2.ExecutorStatus(
+            executor_id=self.executor_id, base_model=self.engine.model_name, device=st.device,
+            dtype=st.dtype, running_requests=st.running, waiting_requests=st.waiting,
+            max_batch_size=st.max_batch_size, kv_blocks_total=st.kv_blocks_total,
+            kv_blocks_free=st.kv_blocks_free, device_adapter_slots=st.device_slots,
+            host_cache_bytes=0, host_cache_used_bytes=0,
+            adapters=[executor_pb2.AdapterResidency(adapter_id=a.adapter_id, version=a.version,
+                                                    tier=TIERS.get(a.tier, 0),
+                                                    active_requests=a.active_requests)
+                      for a in st.adapters])

@@ -1,0 +1,28 @@
+"""`openlora router`: the one endpoint clients use."""
+
+from __future__ import annotations
+
+from services.common.gen.openlora.v1 import router_pb2_grpc
+from services.common.server import Service, create_server
+from services.router.config import RouterConfig
+from services.router.discovery import ExecutorPool
+from services.router.servicer import RouterServicer
+
+SERVICE = "openlora.v1.Router"
+
+
+async def build(config: RouterConfig):
+    pool = ExecutorPool(config.executor, poll_interval_s=config.poll_interval_s)
+    await pool.start()
+    server, port = await create_server(
+        config, [Service(SERVICE, RouterServicer(pool), router_pb2_grpc.add_RouterServicer_to_server)])
+    await server.start()
+    return server, pool
+
+
+async def serve(config: RouterConfig) -> None:
+    server, pool = await build(config)
+    try:
+        await server.run_until_signal(config.grace_seconds)
+    finally:
+        await pool.close()

@@ -1,0 +1,122 @@
+"""`openlora up`: a whole deployment on one machine — registry, N executors and a router.
+
+Ports: the router on --port (the one clients use), the registry on --port+1, executors on
+--port+2 ... With no --base-model it serves a small built-in demo model with random weights, written
+under --data-dir on first start, so it runs on a machine with no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEMO = "demo-model"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"OPENLORA_{name}", default)
+
+
+def _int_flag(value: str) -> int:
+    return int(value)
+
+
+def demo_model(data_dir: pathlib.Path) -> pathlib.Path:
+    """The built-in demo model (random weights), written once."""
+    from services.synthetic import ModelSpec, write_model
+    path = data_dir / DEMO
+    if not (path / "config.json").exists():
+        print(f"openlora up: writing the demo model (RANDOM weights, for trying openlora out) to {path}",
+              file=sys.stderr)
+        write_model(path, ModelSpec(arch="llama", hidden=256, intermediate=688, layers=4, heads=8,
+                                    kv_heads=4, vocab=1024, max_positions=2048, seed=0))
+    return path
+
+
+def wait_serving(address: str, timeout_s: float, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                raise SystemExit(f"openlora up: a service exited while starting ({address})")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise SystemExit(f"openlora up: {address} not SERVING after {timeout_s:.0f}s")
+
+
+def main(argv: list[str]) -> int:
+    p = _Parser(prog="openlora up", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=_int_flag, default=_int_flag(_env("PORT", "50050")),
+                   help="router port; registry and executors take the next ones [env OPENLORA_PORT]")
+    p.add_argument("--data-dir", default=_env("DATA_DIR", "./openlora-data"))
+    p.add_argument("--base-model", default=_env("BASE_MODEL", ""))
+    p.add_argument("--executors", type=_int_flag, default=_int_flag(_env("EXECUTORS", "1")))
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    args = p.parse_args(argv)
+    if not 1 <= args.executors <= 64:
+        p.error("argument --executors: must be 1..64")
+    if not 0 < args.port < 65535 - args.executors - 1:
+        p.error("argument --port: out of range")
+    data = pathlib.Path(args.data_dir).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    base = args.base_model or str(demo_model(data))
+    h, port = args.host, args.port
+    registry = f"{h}:{port + 1}"
+    executors = [f"{h}:{port + 2 + i}" for i in range(args.executors)]
+    cli = [sys.executable, "-m", "services.cli"]
+    plan = [(registry, [*cli, "registry", "--host", h, "--port", str(port + 1),
+                        "--data-dir", str(data / "registry")])]
+    plan += [(addr, [*cli, "executor", "--host", h, "--port", addr.rsplit(":", 1)[1],
+                     "--registry", registry, "--base-model", base,
+                     "--disk-cache-dir", str(data / f"executor-{i}")])
+             for i, addr in enumerate(executors)]
+    plan.append((f"{h}:{port}", [*cli, "router", "--host", h, "--port", str(port),
+                                 "--registry", registry,
+                                 *[x for e in executors for x in ("--executor", e)]]))
+    procs: list[subprocess.Popen] = []
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        for address, cmd in plan:
+            procs.append(subprocess.Popen(cmd))
+            wait_serving(address, args.startup_timeout, procs)
+        print(f"openlora up: router {h}:{port}  registry {registry}  executors {' '.join(executors)}",
+              file=sys.stderr, flush=True)
+        while not stopping and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0 if stopping else 1
