@@ -1,0 +1,74 @@
+"""hf://ORG/NAME[@REVISION][/SUBFOLDER]: a Hugging Face Hub model repo, through huggingface_hub.
+
+Downloads only adapter_config.json and adapter_model.safetensors. Honours HF_ENDPOINT and
+HF_TOKEN at call time (not only at import).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+from services.common.errors import InvalidAdapter, InvalidArgument, NotFound, Unavailable
+from services.common.peft_format import ADAPTER_FILES, CONFIG_FILE, PICKLE_FILES, PICKLE_MESSAGE
+
+_URI = re.compile(r"hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.+))?")
+
+
+def parse_hf_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """-> (repo_id, revision or None, subfolder or None)."""
+    m = _URI.fullmatch(uri)
+    if m is None or (m["sub"] and ".." in m["sub"].split("/")):
+        raise InvalidArgument(f"{uri!r} is not hf://ORG/NAME[@REVISION][/SUBFOLDER]")
+    return m["repo"], m["rev"], (m["sub"].strip("/") or None) if m["sub"] else None
+
+
+class HfSource:
+    def fetch(self, uri: str, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+        import huggingface_hub
+        from huggingface_hub import errors as hf_errors
+
+        repo, revision, subfolder = parse_hf_uri(uri)
+        endpoint = os.environ.get("HF_ENDPOINT") or None
+        token = os.environ.get("HF_TOKEN") or None
+        out: dict[str, pathlib.Path] = {}
+        for name in ADAPTER_FILES:
+            try:
+                path = huggingface_hub.hf_hub_download(
+                    repo, name, subfolder=subfolder, revision=revision, endpoint=endpoint,
+                    token=token, local_dir=workdir)
+            except hf_errors.RepositoryNotFoundError:
+                raise NotFound(f"{uri}: Hugging Face repo {repo!r} not found (or private: set "
+                               "HF_TOKEN on the registry)") from None
+            except hf_errors.RevisionNotFoundError:
+                raise NotFound(f"{uri}: revision {revision!r} not found in {repo!r}") from None
+            except hf_errors.LocalEntryNotFoundError as exc:
+                raise Unavailable(f"{uri}: cannot reach the Hugging Face Hub "
+                                  f"({endpoint or 'default endpoint'}): {exc}") from None
+            except hf_errors.EntryNotFoundError:
+                if name != CONFIG_FILE and self._has_pickle(repo, revision, subfolder, endpoint,
+                                                            token):
+                    raise InvalidAdapter(PICKLE_MESSAGE.format(name="adapter_model.bin")) from None
+                raise InvalidArgument(f"{uri}: no {name} in {repo!r}"
+                                      f"{' under ' + subfolder if subfolder else ''}; a PEFT LoRA "
+                                      f"adapter holds {' and '.join(ADAPTER_FILES)}") from None
+            except hf_errors.HfHubHTTPError as exc:
+                raise Unavailable(f"{uri}: Hugging Face Hub error: {exc}") from None
+            except (OSError, ValueError) as exc:
+                raise Unavailable(f"{uri}: cannot download {name}: {type(exc).__name__}: {exc}") \
+                    from None
+            out[name] = pathlib.Path(path)
+        return out
+
+    @staticmethod
+    def _has_pickle(repo, revision, subfolder, endpoint, token) -> bool:
+        import huggingface_hub
+        name = PICKLE_FILES[0]
+        url = huggingface_hub.hf_hub_url(repo, f"{subfolder}/{name}" if subfolder else name,
+                                         revision=revision, endpoint=endpoint)
+        try:
+            huggingface_hub.get_hf_file_metadata(url, token=token, endpoint=endpoint)
+            return True
+        except Exception:
+            return False

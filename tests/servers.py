@@ -1,0 +1,74 @@
+"""Real openlora servers as subprocesses on loopback ports, for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health(address: str, service: str = "") -> int | None:
+    """The health status of `address`, or None when it does not answer."""
+    with grpc.insecure_channel(address) as ch:
+        try:
+            return health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=1).status
+        except grpc.RpcError:
+            return None
+
+
+class Service:
+    """`openlora <kind> --port P ...` running in a subprocess."""
+
+    def __init__(self, kind: str, *args: str, port: int | None = None, env: dict | None = None,
+                 log_path=None):
+        self.kind = kind
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "services.cli", kind, "--port", str(self.port), *args]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> "Service":
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode} while starting"
+                                   + (f"; log: {self.log_path}" if self.log_path else ""))
+            if health(self.address) == health_pb2.HealthCheckResponse.SERVING:
+                return self
+            time.sleep(0.2)
+        self.kill()
+        raise TimeoutError(f"{self.kind} on {self.address} not SERVING after {timeout}s")
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, then wait; returns the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.terminate(timeout=15)
+            self.kill()

@@ -1,0 +1,260 @@
+"""End to end over real servers on loopback: registry + two executors + router, as subprocesses.
+
+The oracle for outputs is transformers+peft on the same model directory and adapter files.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from services.common.gen.openlora.v1 import (common_pb2, executor_pb2, executor_pb2_grpc,
+                                             registry_pb2, registry_pb2_grpc, router_pb2,
+                                             router_pb2_grpc)
+from services.synthetic import AdapterSpec, write_adapter
+from tests.conftest import TINY
+from tests.servers import Service
+
+ADAPTERS = {
+    "org/qv": AdapterSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"), seed=201),
+    "org/all-rs": AdapterSpec(rank=8, alpha=16, use_rslora=True, seed=202,
+                              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                       "up_proj", "down_proj")),
+    "org/mlp-l1": AdapterSpec(rank=2, alpha=4, targets=("gate_proj", "down_proj"),
+                              layers_to_transform=(1,), seed=203),
+}
+PROMPT = [5, 17, 42, 99, 7, 3, 250, 31]
+
+
+@pytest.fixture(scope="module")
+def stack(llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    adapter_dirs = {aid: write_adapter(root / aid.replace("/", "_"), TINY["llama"], spec)
+                    for aid, spec in ADAPTERS.items()}
+    registry = Service("registry", "--data-dir", str(root / "registry"),
+                       log_path=root / "registry.log").start()
+    executors = [Service("executor", "--registry", registry.address, "--base-model", str(llama_dir),
+                         "--disk-cache-dir", str(root / f"disk{i}"), "--executor-id", f"exec-{i}",
+                         "--max-batch-size", "8", log_path=root / f"executor{i}.log")
+                 for i in range(2)]
+    for e in executors:
+        e.start()
+    router = Service("router", "--registry", registry.address, "--poll-interval-s", "0.2",
+                     *[x for e in executors for x in ("--executor", e.address)],
+                     log_path=root / "router.log").start()
+    with grpc.insecure_channel(registry.address) as ch:
+        stub = registry_pb2_grpc.AdapterRegistryStub(ch)
+        for aid, path in adapter_dirs.items():
+            stub.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+                adapter_id=aid, source=f"file://{path}"), timeout=30)
+    yield {"registry": registry, "executors": executors, "router": router, "adapters": adapter_dirs,
+           "root": root}
+    for s in [router, *executors, registry]:
+        s.stop()
+
+
+def _req(adapter="", max_new=8, **sampling):
+    return common_pb2.GenerateRequest(
+        adapter_id=adapter, prompt_token_ids=PROMPT,
+        sampling=common_pb2.SamplingParams(max_new_tokens=max_new, ignore_eos=True, **sampling))
+
+
+def _oracle(model_dir, adapter_dir, n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs from transformers (+peft)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    ids = torch.tensor([PROMPT])
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=1)
+    tokens = out.sequences[0, len(PROMPT):].tolist()
+    lps = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, tokens)]
+    return tokens, lps
+
+
+@pytest.mark.parametrize("adapter", ["", "org/qv", "org/all-rs", "org/mlp-l1"])
+def test_router_matches_transformers_peft(stack, llama_dir, adapter):
+    with grpc.insecure_channel(stack["router"].address) as ch:
+        resp = router_pb2_grpc.RouterStub(ch).Generate(_req(adapter, 6), timeout=120)
+    want_tokens, want_lps = _oracle(llama_dir, stack["adapters"].get(adapter), 6)
+    assert list(resp.token_ids) == want_tokens
+    assert resp.logprobs == pytest.approx(want_lps, abs=1e-4)
+    assert resp.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert resp.usage.prompt_tokens == len(PROMPT) and resp.usage.completion_tokens == 6
+    assert resp.executor_id in ("exec-0", "exec-1")
+
+
+def test_stream_equals_unary(stack):
+    with grpc.insecure_channel(stack["router"].address) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        unary = stub.Generate(_req("org/qv", 10), timeout=120)
+        chunks = list(stub.GenerateStream(_req("org/qv", 10), timeout=120))
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+    assert "".join(c.text for c in chunks) == unary.text
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_adapter_requests_stick_to_the_executor_holding_it(stack):
+    with grpc.insecure_channel(stack["router"].address) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        first = stub.Generate(_req("org/all-rs", 2), timeout=120).executor_id
+        time.sleep(0.6)  # a status poll sees the adapter resident
+        later = {stub.Generate(_req("org/all-rs", 2), timeout=120).executor_id for _ in range(4)}
+        listed = stub.ListExecutors(router_pb2.ListExecutorsRequest(), timeout=10)
+    assert later == {first}
+    holders = [e.status.executor_id for e in listed.executors
+               if any(a.adapter_id == "org/all-rs" for a in e.status.adapters)]
+    assert first in holders and all(e.healthy for e in listed.executors)
+
+
+@pytest.mark.parametrize("request_, code", [
+    (common_pb2.GenerateRequest(adapter_id="org/missing", prompt_token_ids=PROMPT),
+     grpc.StatusCode.NOT_FOUND),
+    (common_pb2.GenerateRequest(adapter_id="org/qv", adapter_version=9, prompt_token_ids=PROMPT),
+     grpc.StatusCode.NOT_FOUND),
+    (common_pb2.GenerateRequest(prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
+    (common_pb2.GenerateRequest(adapter_id="../etc", prompt_token_ids=PROMPT),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (common_pb2.GenerateRequest(prompt_token_ids=[5] * 100_000), grpc.StatusCode.INVALID_ARGUMENT),
+    (common_pb2.GenerateRequest(prompt_token_ids=PROMPT,
+                                sampling=common_pb2.SamplingParams(temperature=-1)),
+     grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_bad_requests_get_their_code(stack, request_, code):
+    with grpc.insecure_channel(stack["router"].address) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            router_pb2_grpc.RouterStub(ch).Generate(request_, timeout=60)
+    assert info.value.code() == code, info.value.details()
+    assert info.value.details()
+
+
+def test_load_unload_and_status(stack):
+    with grpc.insecure_channel(stack["executors"][1].address) as ch:
+        stub = executor_pb2_grpc.ExecutorStub(ch)
+        resp = stub.LoadAdapter(executor_pb2.LoadAdapterRequest(adapter_id="org/mlp-l1"), timeout=60)
+        assert resp.tier == executor_pb2.ADAPTER_TIER_DEVICE and resp.load_ms > 0
+        st = stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10)
+        held = {a.adapter_id: a for a in st.adapters}
+        assert held["org/mlp-l1"].tier == executor_pb2.ADAPTER_TIER_DEVICE
+        assert held["org/mlp-l1"].version == 1
+        assert st.executor_id == "exec-1" and st.kv_blocks_total > 0 and st.max_batch_size == 8
+        stub.UnloadAdapter(executor_pb2.UnloadAdapterRequest(adapter_id="org/mlp-l1"), timeout=60)
+        st = stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10)
+        assert "org/mlp-l1" not in {a.adapter_id for a in st.adapters}
+        with pytest.raises(grpc.RpcError) as info:
+            stub.LoadAdapter(executor_pb2.LoadAdapterRequest(adapter_id="org/nope"), timeout=60)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cancelled_stream_frees_kv_blocks(stack):
+    with grpc.insecure_channel(stack["executors"][0].address) as ch:
+        stub = executor_pb2_grpc.ExecutorStub(ch)
+        total = stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10).kv_blocks_total
+        call = stub.GenerateStream(_req("org/qv", 400), timeout=120)
+        next(call)  # the request is running and holds blocks
+        assert stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10).kv_blocks_free < total
+        call.cancel()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            st = stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10)
+            if st.kv_blocks_free == total and st.running_requests == 0:
+                break
+            time.sleep(0.05)
+        assert st.kv_blocks_free == total and st.running_requests == 0
+
+
+def test_deadline_exceeded_frees_the_request(stack):
+    with grpc.insecure_channel(stack["executors"][0].address) as ch:
+        stub = executor_pb2_grpc.ExecutorStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(_req("", 500), timeout=0.1)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10).running_requests:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_one_bad_request_does_not_disturb_its_batch(stack):
+    """Good requests running beside failing ones finish with the tokens they get alone."""
+    with grpc.insecure_channel(stack["executors"][0].address) as ch:
+        stub = executor_pb2_grpc.ExecutorStub(ch)
+        alone = stub.Generate(_req("org/qv", 12), timeout=120).token_ids
+        results, errors = [], []
+
+        def good():
+            results.append(list(stub.Generate(_req("org/qv", 12), timeout=120).token_ids))
+
+        def bad():
+            try:
+                stub.Generate(_req("org/missing", 12), timeout=120)
+            except grpc.RpcError as exc:
+                errors.append(exc.code())
+
+        threads = [threading.Thread(target=f) for f in (good, bad, good, bad, good)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results == [list(alone)] * 3
+    assert errors == [grpc.StatusCode.NOT_FOUND] * 2
+
+
+def test_registry_down_serves_latest_held_version(stack, llama_dir, tmp_path):
+    """Without the registry, version 0 is served from the executor's disk; unheld -> UNAVAILABLE."""
+    dead = Service("registry", "--data-dir", str(tmp_path / "r")).start()
+    dead_address = dead.address
+    with grpc.insecure_channel(dead_address) as ch:
+        registry_pb2_grpc.AdapterRegistryStub(ch).RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+            adapter_id="org/qv", source=f"file://{stack['adapters']['org/qv']}"), timeout=30)
+    ex = Service("executor", "--registry", dead_address, "--base-model", str(llama_dir),
+                 "--disk-cache-dir", str(tmp_path / "disk"), log_path=tmp_path / "ex.log").start()
+    try:
+        with grpc.insecure_channel(ex.address) as ch:
+            stub = executor_pb2_grpc.ExecutorStub(ch)
+            before = stub.Generate(_req("org/qv", 4), timeout=120).token_ids
+            stub.UnloadAdapter(executor_pb2.UnloadAdapterRequest(adapter_id="org/qv"), timeout=30)
+            dead.kill()
+            after = stub.Generate(_req("org/qv", 4), timeout=120).token_ids
+            assert after == before
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(_req("org/all-rs", 4), timeout=120)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        ex.stop()
+        dead.stop()
+
+
+def test_router_fails_over_when_an_executor_dies(stack, llama_dir, tmp_path):
+    reg = stack["registry"].address
+    a = Service("executor", "--registry", reg, "--base-model", str(llama_dir),
+                "--disk-cache-dir", str(tmp_path / "a")).start()
+    b = Service("executor", "--registry", reg, "--base-model", str(llama_dir),
+                "--disk-cache-dir", str(tmp_path / "b")).start()
+    router = Service("router", "--executor", a.address, "--executor", b.address,
+                     "--poll-interval-s", "5").start()
+    try:
+        with grpc.insecure_channel(router.address) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            first = stub.Generate(_req("org/qv", 3), timeout=120)
+            victim = a if first.executor_id == a.address else b
+            victim.kill()   # the router's view is stale for up to 5 s: failover must cover it
+            again = [stub.Generate(_req("org/qv", 3), timeout=120) for _ in range(3)]
+        survivor = b if victim is a else a
+        assert {r.executor_id for r in again} == {survivor.address}
+        assert all(r.token_ids == first.token_ids for r in again)
+    finally:
+        for s in (router, a, b):
+            s.stop()
+
+
+def test_sigterm_exits_zero(stack):
+    r = Service("router", "--executor", stack["executors"][0].address).start()
+    assert r.terminate() == 0
