@@ -94,7 +94,10 @@ class RegistryAdapterSource:
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024)]) if address else None
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            # adapters arrive as MiB chunks: read the socket in large pieces (gRPC starts at 8 KiB)
+            ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
+            ("grpc.experimental.tcp_max_read_chunk_size", 8 * 1024 * 1024)]) if address else None
         self._stub = registry_pb2_grpc.AdapterRegistryStub(self._channel) if self._channel else None
 
     def close(self) -> None:
@@ -171,8 +174,9 @@ class RegistryAdapterSource:
                 if name not in handles:
                     handles[name] = open(tmp / name, "wb")
                     hashes[name] = hashlib.sha256()
-                handles[name].write(msg.chunk.data)
-                hashes[name].update(msg.chunk.data)
+                data = msg.chunk.data              # each access copies the bytes out: once
+                handles[name].write(data)
+                hashes[name].update(data)
         finally:
             for h in handles.values():
                 h.close()

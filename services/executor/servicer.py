@@ -127,7 +127,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             executor_id=self.executor_id, base_model=self.engine.model_name, device=st.device,
             dtype=st.dtype, running_requests=st.running, waiting_requests=st.waiting,
             max_batch_size=st.max_batch_size, kv_blocks_total=st.kv_blocks_total,
-            kv_blocks_free=st.kv_blocks_free, device_adapter_slots=st.device_slots,
+            kv_blocks_free=st.kv_blocks_free, device_adapter_slots=st.device_adapter_slots,
             host_cache_bytes=0, host_cache_used_bytes=0,
             adapters=[executor_pb2.AdapterResidency(adapter_id=a.adapter_id, version=a.version,
                                                     tier=TIERS.get(a.tier, 0),

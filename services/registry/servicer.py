@@ -6,14 +6,38 @@ import asyncio
 
 import grpc
 
-from services.common.errors import Cancelled, InvalidArgument
+from services.common.config import CHUNK_BYTES
+from services.common.errors import Cancelled, InvalidArgument, Unavailable
 from services.common.gen.openlora.v1 import registry_pb2 as pb
 from services.common.gen.openlora.v1 import registry_pb2_grpc
 from services.registry.core import AdapterRegistry
 from services.registry.metrics import RegistryMetrics
 from services.registry.stores import AdapterRecord
 
-FETCH_BATCH = 8                                     # chunks pread inline (page cache) per batch
+# FetchAdapter streams tens of MiB: its chunk messages are written as wire bytes (the exact encoding
+# protobuf gives FetchAdapterResponse{chunk: FileChunk{file_name, data}}) straight from one read of
+# the blob, skipping the message build + serialize copies. The first message (metadata) stays a
+# protobuf message; `_serialize_fetch` passes bytes through and serializes messages.
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(0x80 | (n & 0x7F))
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def chunk_header(file_name: str, length: int) -> bytes:
+    """Wire bytes of FetchAdapterResponse{chunk: FileChunk{file_name, data}} up to the data itself."""
+    name = file_name.encode()
+    chunk = b"\x0a" + _varint(len(name)) + name + b"\x12" + _varint(length)
+    return b"\x12" + _varint(len(chunk) + length) + chunk
+
+
+def _serialize_fetch(msg) -> bytes:
+    return msg if type(msg) is bytes else msg.SerializeToString()
 
 
 def to_pb(r: AdapterRecord) -> pb.Adapter:
@@ -74,17 +98,42 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
             if self.metrics:
                 self.metrics.fetches.inc()
             readers = {f.name: r for f, r in zip(stream.record.files, stream.readers)}
-            plan = list(stream.chunks())
-            for i in range(0, len(plan), FETCH_BATCH):
-                batch = plan[i:i + FETCH_BATCH]
-                datas = [readers[n].read(off, ln) for n, off, ln in batch]
-                for (name, _, _), data in zip(batch, datas):
-                    yield pb.FetchAdapterResponse(chunk=pb.FileChunk(file_name=name, data=data))
-                    if self.metrics:
-                        self.metrics.fetch_bytes.inc(len(data))
+            buf = memoryview(bytearray(CHUNK_BYTES))
+            for name, off, ln in stream.chunks(CHUNK_BYTES):
+                yield b"".join((chunk_header(name, ln), await _read(readers[name], off, buf[:ln])))
+                if self.metrics:
+                    self.metrics.fetch_bytes.inc(ln)
         finally:
             stream.close()
 
 
+async def _read(reader, offset: int, buf: memoryview) -> memoryview:
+    """Fill `buf` from the blob: inline from the page cache, in a thread where the disk is needed."""
+    if not hasattr(reader, "read_cached"):
+        return memoryview(await asyncio.to_thread(reader.read, offset, len(buf)))
+    got = reader.read_cached(offset, buf)
+    if got < len(buf):
+        got += await asyncio.to_thread(reader.read_into, offset + got, buf[got:])
+        if got < len(buf):
+            raise Unavailable(f"blob shrank while being read ({got} of {len(buf)} bytes)")
+    return buf
+
+
+class _Handlers:
+    """Catches the generated method handlers so one serializer can be swapped before mounting."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
 def add_to_server(servicer, server: grpc.aio.Server) -> None:
-    registry_pb2_grpc.add_AdapterRegistryServicer_to_server(servicer, server)
+    caught = _Handlers()
+    registry_pb2_grpc.add_AdapterRegistryServicer_to_server(servicer, caught)
+    handlers = caught.handlers
+    # FetchAdapter yields its chunk messages already encoded (bytes); the metadata stays a message.
+    handlers["FetchAdapter"] = handlers["FetchAdapter"]._replace(response_serializer=_serialize_fetch)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(caught.service, handlers),))
+    server.add_registered_method_handlers(caught.service, handlers)

@@ -6,6 +6,7 @@ content address, fsync the directory. Identical bytes are stored once.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pathlib
@@ -63,6 +64,9 @@ class FsBlobWriter:
         self._tmp.unlink(missing_ok=True)
 
 
+_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+
+
 class FsBlobReader:
     def __init__(self, path: pathlib.Path):
         self._fd = os.open(path, os.O_RDONLY)
@@ -70,6 +74,30 @@ class FsBlobReader:
 
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
+
+    def read_cached(self, offset: int, buf: memoryview) -> int:
+        """Fill `buf` from `offset` with what the page cache holds, never waiting on the disk.
+
+        Returns how many bytes it read: may be short, 0 when nothing there is cached or the
+        filesystem cannot tell (then use `read_into`, off the event loop)."""
+        if _NOWAIT is None:
+            return 0
+        try:
+            return os.preadv(self._fd, [buf], offset, _NOWAIT)
+        except OSError as exc:              # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here
+            if exc.errno not in (errno.EAGAIN, errno.EOPNOTSUPP):
+                raise
+            return 0
+
+    def read_into(self, offset: int, buf: memoryview) -> int:
+        """Fill `buf` from `offset` (may block on the disk); returns bytes read, short only at EOF."""
+        got = 0
+        while got < len(buf):
+            n = os.preadv(self._fd, [buf[got:]], offset + got)
+            if n == 0:
+                break
+            got += n
+        return got
 
     def close(self) -> None:
         if self._fd >= 0:
