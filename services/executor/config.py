@@ -28,6 +28,7 @@ class ExecutorConfig(ServerConfig):
     max_prefill_tokens: int = flag(2048, "most prompt tokens prefilled in one step")
     default_max_new_tokens: int = flag(64, "max_new_tokens when a request gives 0")
     registry_timeout_s: float = flag(30.0, "deadline of each registry call, seconds")
+    adapter_latest_ttl_s: float = flag(5.0, "how long a resolved 'latest' adapter version is reused, seconds")
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
@@ -38,3 +39,4 @@ class ExecutorConfig(ServerConfig):
         for name in ("host_cache_bytes", "disk_cache_bytes", "kv_cache_bytes", "max_model_len"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.registry_timeout_s > 0, "registry_timeout_s", "must be > 0")
+        check(self.adapter_latest_ttl_s >= 0, "adapter_latest_ttl_s", "must be >= 0")

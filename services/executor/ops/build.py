@@ -21,7 +21,7 @@ CUDA_SOURCES = [CPP_DIR / "cuda" / "lora_linear.cu"]
 HEADERS = [CPP_DIR / "lora_linear_checks.h"]
 # -march=native: the cache key includes the CPU's flags, so a build never runs on a CPU it wasn't made for.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-CUDA_CFLAGS = ["-O3", "--use_fast_math"]
+CUDA_CFLAGS = ["-O3"]
 
 
 class KernelBuildError(RuntimeError):
@@ -74,5 +74,8 @@ def build(verbose: bool = False) -> Path:
         detail = getattr(cause, "output", None)
         if isinstance(detail, bytes):
             detail = detail.decode(errors="replace")
-        raise KernelBuildError(f"building {name} in {directory} failed: {exc}\n{detail or ''}") from exc
+        message = f"building {name} in {directory} failed: {exc}"
+        if detail and detail not in message:
+            message += "\n" + detail
+        raise KernelBuildError(message) from exc
     return directory / f"{name}.so"

@@ -1,0 +1,1 @@
+"""Adapter slots on the device and the cache that fills them."""

@@ -1,0 +1,176 @@
+"""Paged KV cache: fixed-size blocks, a free-list allocator, and attention over block tables.
+
+    cache.k[layer], cache.v[layer]: [num_blocks, block_size, kv_heads, head_dim]
+    token t of a sequence lives in block block_table[t // block_size], row t % block_size,
+    i.e. flat row block_table[t // bs] * bs + t % bs of cache.k[layer].view(-1, kv_heads, head_dim).
+
+Attention is pure torch: the sequences of a step are split into a decode group (one query each)
+and a prefill group (several queries each); each group gathers its sequences' blocks into a padded
+[N, L, kv_heads, head_dim] tensor and runs one masked scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class KVBlockAllocator:
+    """A free list of block ids 0..num_blocks-1 (pure bookkeeping, no tensors)."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """n block ids; raises MemoryError (and allocates nothing) when fewer than n are free."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n > len(self._free):
+            raise MemoryError(f"{n} KV blocks wanted, {len(self._free)} free")
+        blocks = [self._free.popleft() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if b not in self._used:
+                raise ValueError(f"block {b} is not allocated")
+            self._used.remove(b)
+            self._free.append(b)
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def bytes_per_block(layers: int, block_size: int, kv_heads: int, head_dim: int,
+                    dtype: torch.dtype) -> int:
+    """K and V of one block across every layer."""
+    return 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def auto_num_blocks(kv_cache_bytes: int, *, layers: int, block_size: int, kv_heads: int,
+                    head_dim: int, dtype: torch.dtype, device: torch.device, max_batch_size: int,
+                    max_model_len: int) -> int:
+    """Blocks for kv_cache_bytes; 0 -> enough for max_batch_size full-length sequences, capped at a
+    quarter of host memory on CPU or half the free device memory on CUDA."""
+    per_block = bytes_per_block(layers, block_size, kv_heads, head_dim, dtype)
+    if kv_cache_bytes > 0:
+        return max(1, kv_cache_bytes // per_block)
+    want = max_batch_size * blocks_needed(max_model_len, block_size)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cap = free // 2
+    else:
+        try:
+            import os
+            cap = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        except (ValueError, OSError, AttributeError):
+            cap = 4 * 1024**3
+    return max(blocks_needed(max_model_len, block_size), min(want, cap // per_block))
+
+
+class KVCache:
+    """Per-layer K/V block tensors, zero-initialised (masked padding must never read NaN)."""
+
+    def __init__(self, *, layers: int, num_blocks: int, block_size: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (layers, num_blocks, block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+
+@dataclass
+class AttnGroup:
+    """Sequences attended together, padded to Qmax queries and L = max_blocks * block_size keys."""
+
+    q_index: Tensor       # [N, Qmax] long: rows of the step's tokens (padding -> any valid row)
+    out_rows: Tensor      # [n_valid] long: rows written back (q_index[q_valid])
+    q_valid: Tensor       # [N, Qmax] bool
+    block_tables: Tensor  # [N, max_blocks] long (padding -> block 0)
+    mask: Tensor          # [N, 1, Qmax, L] bool: query i of sequence n may attend to key j
+
+
+@dataclass
+class AttnMetadata:
+    slot_mapping: Tensor        # [T] long: flat cache row each token's K/V is written to
+    groups: list[AttnGroup]
+
+
+def build_group(seqs: list[tuple[list[int], int, int]], row_start: list[int], block_size: int,
+                sliding_window: int | None, device: torch.device) -> AttnGroup:
+    """seqs: (block_table, context_len, q_len) per sequence, its queries at rows row_start[n]...
+
+    The queries are the last q_len of the context_len tokens: query i sits at position
+    context_len - q_len + i and sees keys j <= that position (and > it - sliding_window).
+    """
+    n = len(seqs)
+    q_max = max(q for _, _, q in seqs)
+    nb_max = max(len(bt) for bt, _, _ in seqs)
+    tables = torch.zeros((n, nb_max), dtype=torch.long)
+    for i, (bt, _, _) in enumerate(seqs):
+        tables[i, :len(bt)] = torch.tensor(bt, dtype=torch.long)
+    ctx = torch.tensor([c for _, c, _ in seqs], dtype=torch.long)
+    q_len = torch.tensor([q for _, _, q in seqs], dtype=torch.long)
+    starts = torch.tensor(row_start, dtype=torch.long)
+    ar = torch.arange(q_max)
+    q_valid = ar[None, :] < q_len[:, None]                                 # [N, Qmax]
+    q_index = torch.where(q_valid, starts[:, None] + ar[None, :], starts[:, None])
+    pos = (ctx - q_len)[:, None] + ar[None, :]                            # [N, Qmax]
+    pos = torch.minimum(pos, (ctx - 1)[:, None])                          # padding queries: last pos
+    keys = torch.arange(nb_max * block_size)
+    mask = keys[None, None, :] <= pos[:, :, None]                         # [N, Qmax, L]
+    if sliding_window:
+        mask &= keys[None, None, :] > pos[:, :, None] - sliding_window
+    return AttnGroup(q_index=q_index.to(device), out_rows=q_index[q_valid].to(device),
+                     q_valid=q_valid.to(device), block_tables=tables.to(device),
+                     mask=mask[:, None].to(device))
+
+
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                    meta: AttnMetadata, scale: float) -> Tensor:
+    """Write k/v into the cache, then attend each group over its block tables.
+
+    q [T, H, D], k/v [T, KVH, D], k_cache/v_cache [num_blocks, bs, KVH, D] -> out [T, H, D].
+    """
+    T, H, D = q.shape
+    kvh = k.shape[1]
+    k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
+    out = q.new_empty((T, H, D))
+    for g in meta.groups:
+        n, q_max = g.q_index.shape
+        kg = k_cache[g.block_tables].flatten(1, 2).transpose(1, 2)        # [N, KVH, L, D]
+        vg = v_cache[g.block_tables].flatten(1, 2).transpose(1, 2)
+        if q_max == 1:
+            qg = q[g.q_index[:, 0]][:, :, None]                           # [N, H, 1, D]
+        else:
+            qg = q[g.q_index].transpose(1, 2)                             # [N, H, Qmax, D]
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale,
+                                           enable_gqa=kvh != H)
+        if q_max == 1:
+            out[g.q_index[:, 0]] = o[:, :, 0]
+        else:
+            out[g.out_rows] = o.transpose(1, 2)[g.q_valid]
+    return out
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

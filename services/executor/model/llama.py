@@ -1,0 +1,262 @@
+"""Llama-family decoders (Llama, Mistral, Qwen2) where every projection is a multi-LoRA linear.
+
+    logits = model(batch, kv_cache)      # batch: a step's tokens, flat [T], sorted by adapter slot
+
+Parameter names match Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so a
+checkpoint loads with load_state_dict. Each of q/k/v/o/gate/up/down calls ops.lora_linear with the
+adapter pool's stacks for its (layer, module) and the step's segments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from services.executor import ops
+from services.executor.kv_cache import AttnMetadata, KVCache, paged_attention
+
+ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+LORA_MODULES = ATTN_MODULES + MLP_MODULES
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_positions: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = next((ARCHS[a] for a in archs if a in ARCHS), None) or (
+            cfg.get("model_type") if cfg.get("model_type") in ARCHS.values() else None)
+        if arch is None:
+            raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r}; "
+                             f"supported: {', '.join(ARCHS)}")
+        heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
+        theta = cfg.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
+        if rope is not None and (rope.get("rope_type") or rope.get("type") or "default") == "default":
+            rope = None
+        window = None
+        if arch == "mistral":
+            window = cfg.get("sliding_window")
+        elif arch == "qwen2" and cfg.get("use_sliding_window"):
+            raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        attn_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            arch=arch, hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"],
+            layers=cfg["num_hidden_layers"], heads=heads,
+            kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab=cfg["vocab_size"],
+            rms_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope,
+            max_positions=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or attn_bias, o_bias=attn_bias and arch != "qwen2",
+            mlp_bias=bool(cfg.get("mlp_bias", False)), sliding_window=window,
+            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids)
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        """(d_out, d_in) of one projection."""
+        h, i = self.hidden, self.intermediate
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}[module]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Hugging Face's inverse frequencies: default, linear, dynamic (within the trained length) and llama3."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv
+    kind = rs.get("rope_type") or rs.get("type")
+    if kind == "linear":
+        return inv / rs["factor"]
+    if kind == "dynamic":   # identical to default up to max_position_embeddings, our context limit
+        return inv
+    if kind == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        lo_wl, hi_wl = old / lo, old / hi
+        wl = 2 * math.pi / inv
+        scaled = torch.where(wl > lo_wl, inv / factor, inv)
+        smooth = (old / wl - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wl < hi_wl) & ~(wl > lo_wl)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, dynamic, llama3)")
+
+
+def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[Tensor, Tensor]:
+    """cos, sin [max_len, head_dim] float32, as Hugging Face computes them."""
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * rope_inv_freq(cfg)[None]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@dataclass
+class LoraStack:
+    """One (layer, module)'s adapter slots, shaped as ops.lora_linear expects."""
+
+    a: Tensor          # [S, r_max, d_in]
+    b: Tensor          # [S, d_out, r_max]
+    scalings: Tensor   # [S] float32
+    ranks: Tensor      # [S] int32
+
+
+@dataclass
+class ForwardBatch:
+    """One step's tokens. T = sum of every scheduled sequence's new tokens, sorted by adapter slot."""
+
+    input_ids: Tensor    # [T] long
+    positions: Tensor    # [T] long
+    attn: AttnMetadata
+    seg_indptr: Tensor   # [G+1] int32
+    seg_slots: Tensor    # [G] int32
+    logits_rows: Tensor  # [N] long: rows whose next-token logits are wanted
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LoraProj(nn.Module):
+    """y = x @ W.T + b plus each segment's adapter (ops.lora_linear)."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
+        self.lora: LoraStack | None = None
+
+    def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
+        s = self.lora
+        return ops.lora_linear(x, self.weight, self.bias, s.a, s.b, s.scalings, s.ranks,
+                               batch.seg_indptr, batch.seg_slots)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Hugging Face's rotate_half RoPE. x [T, H, D], cos/sin [T, 1, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.q_proj = LoraProj(*reversed(cfg.module_shape("q_proj")), cfg.qkv_bias)
+        self.k_proj = LoraProj(*reversed(cfg.module_shape("k_proj")), cfg.qkv_bias)
+        self.v_proj = LoraProj(*reversed(cfg.module_shape("v_proj")), cfg.qkv_bias)
+        self.o_proj = LoraProj(*reversed(cfg.module_shape("o_proj")), cfg.o_bias)
+
+    def forward(self, x, batch, cos, sin, k_cache, v_cache):
+        T = x.shape[0]
+        q = self.q_proj(x, batch).view(T, self.heads, self.head_dim)
+        k = self.k_proj(x, batch).view(T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x, batch).view(T, self.kv_heads, self.head_dim)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        o = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale)
+        return self.o_proj(o.reshape(T, -1), batch)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = LoraProj(cfg.hidden, cfg.intermediate, cfg.mlp_bias)
+        self.up_proj = LoraProj(cfg.hidden, cfg.intermediate, cfg.mlp_bias)
+        self.down_proj = LoraProj(cfg.intermediate, cfg.hidden, cfg.mlp_bias)
+
+    def forward(self, x, batch):
+        return self.down_proj(F.silu(self.gate_proj(x, batch)) * self.up_proj(x, batch), batch)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+
+    def forward(self, x, batch, cos, sin, k_cache, v_cache):
+        x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x), batch)
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Also serves Mistral (sliding window) and Qwen2 (q/k/v bias): same shapes, same names."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        cos, sin = rope_tables(cfg, max_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def projections(self):
+        """(layer, module name, LoraProj) for every LoRA-targetable projection."""
+        for i, layer in enumerate(self.model.layers):
+            for name in ATTN_MODULES:
+                yield i, name, getattr(layer.self_attn, name)
+            for name in MLP_MODULES:
+                yield i, name, getattr(layer.mlp, name)
+
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> Tensor:
+        """-> next-token logits [N, vocab] float32 for batch.logits_rows."""
+        x = self.model.embed_tokens(batch.input_ids)                      # [T, hidden]
+        cos = self.rope_cos[batch.positions].to(x.dtype)[:, None]         # [T, 1, D]
+        sin = self.rope_sin[batch.positions].to(x.dtype)[:, None]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, batch, cos, sin, kv.k[i], kv.v[i])
+        x = self.model.norm(x[batch.logits_rows])
+        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return (x @ w.T).float()
+
+
+MistralForCausalLM = Qwen2ForCausalLM = LlamaForCausalLM

@@ -1,0 +1,88 @@
+"""Load a Llama-family model from a Hugging Face directory (or hub id) — safetensors only.
+
+    model, cfg, path = load_model("path/or/org-name", device, dtype, max_len)
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import torch
+from safetensors import safe_open
+
+from services.executor.model.llama import LlamaForCausalLM, ModelConfig, rope_tables
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_dir(name_or_path: str) -> pathlib.Path:
+    """A local directory as is; otherwise a hub id, downloaded (config, tokenizer, safetensors)."""
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    return pathlib.Path(snapshot_download(
+        name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto -> float32 on CPU, bfloat16 (float16 without bf16 support) on CUDA."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype == "float16" and device.type != "cuda":
+        raise ValueError("float16 is supported on CUDA only; use float32 or bfloat16 on CPU")
+    return DTYPES[dtype]
+
+
+def read_config(path: pathlib.Path) -> tuple[dict, ModelConfig]:
+    raw = json.loads((path / "config.json").read_text())
+    gen = path / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            raw = {**raw, "eos_token_id": eos}
+    return raw, ModelConfig.from_hf(raw)
+
+
+def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"{path} has no model.safetensors (or sharded index); "
+                            "only safetensors checkpoints are loaded")
+
+
+def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype,
+               max_len: int) -> tuple[LlamaForCausalLM, ModelConfig, pathlib.Path]:
+    path = resolve_model_dir(name_or_path)
+    _, cfg = read_config(path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_len)
+    state = {}
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    model.load_state_dict(state, strict=True, assign=True)
+    cos, sin = rope_tables(cfg, max_len)       # buffers were made on meta
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    return model.eval().requires_grad_(False), cfg, path

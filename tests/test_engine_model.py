@@ -1,0 +1,93 @@
+"""Model loading and RoPE variants against transformers; sharded checkpoints; bfloat16 on CPU."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from services.executor.adapters.cache import LocalDirSource
+from services.executor.config import ExecutorConfig
+from services.executor.engine import Engine, GenerationRequest, SamplingOptions
+from services.executor.model.loader import load_model
+from services.synthetic import ModelSpec, write_model
+
+ROPES = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+}
+
+
+def greedy(engine, prompt, n):
+    out, done = [], threading.Event()
+
+    def on_event(ev):
+        out.extend(ev.token_ids)
+        if ev.finish_reason or ev.error:
+            assert ev.error is None, ev.error
+            done.set()
+
+    engine.submit(GenerationRequest("g", prompt_token_ids=prompt,
+                                    sampling=SamplingOptions(max_new_tokens=n, ignore_eos=True)), on_event)
+    engine.start()
+    assert done.wait(60)
+    engine.stop()
+    return out
+
+
+def hf_greedy(model_dir, prompt, n):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_rope_scaling_matches_transformers(tmp_path, rope):
+    d = write_model(tmp_path / rope, ModelSpec(seed=21, rope_scaling=ROPES[rope], tokenizer=False,
+                                               max_positions=128))
+    prompt = list(range(3, 60))                       # positions past original_max_position_embeddings
+    engine = Engine(ExecutorConfig(base_model=str(d), device="cpu", dtype="float32"),
+                    LocalDirSource(tmp_path))
+    assert greedy(engine, prompt, 10) == hf_greedy(d, prompt, 10)
+
+
+def test_sharded_checkpoint_loads_the_same(tmp_path, llama_dir):
+    tensors = load_file(str(llama_dir / "model.safetensors"))
+    shard = tmp_path / "sharded"
+    shard.mkdir()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for file, part in halves.items():
+        save_file({n: tensors[n] for n in part}, str(shard / file))
+        weight_map.update({n: file for n in part})
+    (shard / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (shard / "config.json").write_text((llama_dir / "config.json").read_text())
+    a, _, _ = load_model(str(llama_dir), torch.device("cpu"), torch.float32, 64)
+    b, _, _ = load_model(str(shard), torch.device("cpu"), torch.float32, 64)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+
+
+def test_bfloat16_on_cpu_runs(llama_dir, tmp_path):
+    engine = Engine(ExecutorConfig(base_model=str(llama_dir), device="cpu", dtype="bfloat16"),
+                    LocalDirSource(tmp_path))
+    assert engine.status().dtype == "bfloat16"
+    tokens = greedy(engine, [5, 6, 7, 8, 9], 6)
+    assert len(tokens) == 6 and all(0 <= t < 512 for t in tokens)
+
+
+def test_unsupported_architecture(tmp_path):
+    d = write_model(tmp_path / "m", ModelSpec(tokenizer=False))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        Engine(ExecutorConfig(base_model=str(d), device="cpu"), LocalDirSource(tmp_path))
