@@ -124,7 +124,7 @@ def main() -> None:
             t = time.perf_counter(); assert fetch(stub, "big", buf) == size
             cold_net.append(time.perf_counter() - t)
         disk, net = statistics.median(cold_disk), statistics.median(cold_net)
-        print(f"  cold(ish), page cache dropped first (POSIX_FADV_DONTNEED), 3 rounds, medians:")
+        print("  cold(ish), page cache dropped first (POSIX_FADV_DONTNEED), 3 rounds, medians:")
         print(f"    local disk read {disk * 1e3:8.1f} ms  {size / MiB / disk:8.0f} MiB/s")
         print(f"    FetchAdapter    {net * 1e3:8.1f} ms  {size / MiB / net:8.0f} MiB/s")
 

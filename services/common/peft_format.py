@@ -12,6 +12,7 @@ torch. Everything that rejects input raises `errors.InvalidAdapter` with a messa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -19,7 +20,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from services.common.errors import InvalidAdapter
+from services.common.errors import InvalidAdapter, InvalidArgument
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -38,6 +39,22 @@ DTYPE_BYTES = {
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+
+
+def check_adapter_id(adapter_id: str) -> str:
+    """The contract's id rule; ids are never used as raw paths."""
+    if not ADAPTER_ID.fullmatch(adapter_id or "") or ".." in adapter_id:
+        raise InvalidArgument(f"bad adapter id {adapter_id!r}: use 1-128 characters of "
+                              "[A-Za-z0-9._/-], starting with a letter or digit, without '..'")
+    return adapter_id
+
+
+def manifest_digest(files: dict[str, str]) -> str:
+    """'sha256:' + sha256 of one `NAME\tSHA256_HEX\n` line per file, in name order."""
+    manifest = "".join(f"{name}\t{sha}\n" for name, sha in sorted(files.items()))
+    return "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import torch
 
 from services.common.errors import (Cancelled, InvalidArgument, OpenLoraError, QueueFull,
                                     Unavailable)
+from services.common.peft_format import check_adapter_id
 from services.executor import ops
 from services.executor.adapters.cache import AdapterCache, AdapterSource
 from services.executor.adapters.pool import AdapterPool
@@ -190,6 +191,8 @@ class Engine:
             raise InvalidArgument("; ".join(problems))
         if req.adapter_version < 0:
             raise InvalidArgument(f"adapter_version must be >= 0, got {req.adapter_version}")
+        if req.adapter_id:
+            check_adapter_id(req.adapter_id)
         prompt_ids = self._prompt_ids(req)
         if len(prompt_ids) >= self.max_model_len:
             raise InvalidArgument(f"the prompt has {len(prompt_ids)} tokens; this model's context "
@@ -223,12 +226,14 @@ class Engine:
 
     def load_adapter(self, adapter_id: str, version: int = 0) -> tuple[int, float]:
         """Blocking preload into a device slot -> (version, load_ms)."""
+        check_adapter_id(adapter_id)
         t0 = time.perf_counter()
         lease = self.adapters.preload(adapter_id, version,
                                       timeout=self.config.registry_timeout_s * 4)
         return lease.version, (lease.load_ms or (time.perf_counter() - t0) * 1000)
 
     def unload_adapter(self, adapter_id: str) -> None:
+        check_adapter_id(adapter_id)
         self.adapters.unload(adapter_id)
 
     def status(self) -> EngineStatus:

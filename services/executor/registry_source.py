@@ -17,33 +17,19 @@ import os
 import pathlib
 import shutil
 import tempfile
-import threading
 import urllib.parse
-from dataclasses import dataclass
 
 import grpc
 import structlog
 
 from services.common import errors
 from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
+from services.common.peft_format import ADAPTER_FILES, manifest_digest
+from services.executor.adapters.cache import ResolvedAdapter
 
 log = structlog.get_logger(__name__)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvedAdapter:
-    adapter_id: str
-    version: int
-    path: pathlib.Path
-
-
-def manifest_digest(files: dict[str, str]) -> str:
-    """'sha256:' + sha256 of `NAME\\tSHA256\\n` lines in name order (the contract's digest)."""
-    manifest = "".join(f"{name}\t{sha}\n" for name, sha in sorted(files.items()))
-    return "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
 
 
 class DiskAdapterStore:
@@ -92,7 +78,6 @@ class RegistryAdapterSource:
         self.address = address
         self.store = store
         self.timeout_s = timeout_s
-        self._lock = threading.Lock()
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             # adapters arrive as MiB chunks: read the socket in large pieces (gRPC starts at 8 KiB)

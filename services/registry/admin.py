@@ -79,7 +79,7 @@ def _show(a: pb.Adapter) -> str:
             ["rslora", str(a.use_rslora).lower()], ["size", _size(a.size_bytes)],
             ["source", a.source], ["labels", ",".join(f"{k}={v}" for k, v in sorted(a.labels.items())) or "-"],
             ["created", _created(a) + " UTC"]]
-    rows += [[f"file", f"{f.name}  {_size(f.size_bytes)}  sha256:{f.sha256}"] for f in a.files]
+    rows += [["file", f"{f.name}  {_size(f.size_bytes)}  sha256:{f.sha256}"] for f in a.files]
     return "\n".join(f"{k + ':':<12}{v}" for k, v in rows)
 
 

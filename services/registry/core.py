@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import pathlib
-import re
 import shutil
 import tempfile
 import threading
@@ -23,7 +21,7 @@ import structlog
 from services.common.config import CHUNK_BYTES
 from services.common.errors import (AdapterNotFound, InvalidAdapter, InvalidArgument,
                                     ResourceExhausted)
-from services.common.peft_format import (ADAPTER_FILES, CONFIG_FILE, MAX_HEADER_BYTES, PICKLE_FILES, PICKLE_MESSAGE,
+from services.common.peft_format import (ADAPTER_FILES, check_adapter_id, manifest_digest, CONFIG_FILE, MAX_HEADER_BYTES, PICKLE_FILES, PICKLE_MESSAGE,
                                          WEIGHTS_FILE, parse_adapter_config,
                                          read_safetensors_header, validate_adapter)
 from services.registry.sources import Source, fetch_source
@@ -31,15 +29,7 @@ from services.registry.stores import AdapterRecord, BlobStore, FileEntry, Metada
 
 log = structlog.get_logger(__name__)
 
-ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
-
-
-def check_adapter_id(adapter_id: str) -> str:
-    if not ADAPTER_ID.fullmatch(adapter_id or "") or ".." in adapter_id:
-        raise InvalidArgument(f"bad adapter id {adapter_id!r}: use 1-128 characters of "
-                              "[A-Za-z0-9._/-], starting with a letter or digit, without '..'")
-    return adapter_id
 
 
 def check_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -58,11 +48,6 @@ def parse_label_selector(selector: str) -> dict[str, str]:
             raise InvalidArgument(f"bad label_selector {selector!r}: expected k=v,k2=v2")
         out[k.strip()] = v.strip()
     return out
-
-
-def manifest_digest(files: list[FileEntry]) -> str:
-    manifest = "".join(f"{f.name}\t{f.sha256}\n" for f in sorted(files, key=lambda f: f.name))
-    return "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
 
 
 class UploadSession:
@@ -124,7 +109,7 @@ class UploadSession:
         files = [FileEntry(name, self._writers[name].size, self._writers[name].finish())
                  for name in ADAPTER_FILES]
         return AdapterRecord(
-            adapter_id=self.adapter_id, version=0, digest=manifest_digest(files),
+            adapter_id=self.adapter_id, version=0, digest=manifest_digest({f.name: f.sha256 for f in files}),
             base_model=self.base_model or config.base_model, rank=config.rank, alpha=config.alpha,
             target_modules=tuple(config.target_module_names), use_rslora=config.use_rslora,
             size_bytes=sum(f.size for f in files), source=self.source, labels=self.labels,
