@@ -6,23 +6,32 @@
 //     if s >= 0 and r > 0:
 //       y[rows] += scalings[s] * (x[rows] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T
 //
-// CPU kernel: the base matmul writes y; the LoRA update is accumulated into y in place, each segment at
-// its own rank. Short segments (decode) go through hand-written loops parallel over tokens (shrink) and
-// over d_out (expand); long segments (prefill) through two BLAS calls each.
+// CPU kernel: the base matmul writes y, then the LoRA update is accumulated into y in place, each
+// segment at its own rank, in two parallel phases:
+//   shrink  v[t, :r] = scaling * x[t] @ lora_a[s, :r].T     parallel over groups of <= 4 tokens
+//   expand  y[t, o] += v[t, :r] @ lora_b[s, o, :r]           parallel over blocks of d_out
+// fp32 with AVX-512 uses register-tiled loops for both; other dtypes/ISAs use plain fp32-accumulating
+// loops for short segments and BLAS (in fp32) for long ones.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "lora_linear_checks.h"
 
 namespace openlora {
 namespace {
 
-// Segments with fewer tokens than this use the hand-written loops; longer ones use BLAS.
-constexpr int64_t kShortSegment = 8;
+constexpr int64_t kGroup = 4;           // tokens per shrink work item
+constexpr int64_t kBlock = 64;          // rows of y per expand work item
+constexpr int64_t kLongSegment = 8;     // tokens from which a segment is "long"
 
 struct Segment {
   int64_t begin, end, slot, rank;
@@ -38,12 +47,166 @@ inline float dot(const scalar_t* __restrict a, const float* __restrict b, int64_
   return sum;
 }
 
-// Short segments. v: [T, r_max] fp32 scratch, rows of short segments' tokens only.
-//   shrink: v[t, :r] = scaling * x[t] @ lora_a[s, :r].T       (parallel over segments)
-//   expand: y[t, o] += v[t, :r] @ lora_b[s, o, :r]             (parallel over o)
+// v[t, k] = scaling * x[t] @ a[k]  for t < nt, k < r.  x: [nt, d_in], a: [r_max, d_in], v: [nt, r_max]
 template <typename scalar_t>
-void lora_short_segments(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                         const std::vector<Segment>& segs, at::Tensor& y) {
+void shrink_group(const scalar_t* x, int64_t nt, const scalar_t* a, int64_t d_in, int64_t r,
+                  int64_t r_max, float scaling, float* v) {
+  std::vector<float> xf(d_in);
+  for (int64_t t = 0; t < nt; ++t) {
+    for (int64_t i = 0; i < d_in; ++i) xf[i] = static_cast<float>(x[t * d_in + i]);
+    for (int64_t k = 0; k < r; ++k) v[t * r_max + k] = scaling * dot(a + k * d_in, xf.data(), d_in);
+  }
+}
+
+// y[t, o] += v[t, :r] @ b[o, :r]  for t < nt, o in [o0, o1).  b: [d_out, r_max], v: [nt, r_max]
+template <typename scalar_t>
+void expand_segment(const scalar_t* b, int64_t r_max, int64_t r, const float* v, int64_t nt,
+                    scalar_t* y, int64_t d_out, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t t = 0; t < nt; ++t) {
+      scalar_t& out = y[t * d_out + o];
+      out = static_cast<float>(out) + dot(b + o * r_max, v + t * r_max, r);
+    }
+}
+
+#if defined(__AVX512F__)
+constexpr int64_t kPrefetchA = 256;  // floats ahead in a row of lora_a
+constexpr int64_t kPrefetchB = 32;   // rows ahead in lora_b
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+
+// Lane j of the result = the sum of acc[j]'s 16 lanes (a 16x16 transpose-and-add).
+inline __m512 sum_lanes16(const __m512* acc) {
+  __m512 s[8], t[4], w[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3]
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]),
+                         _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per block: block sums of acc[4i .. 4i+3]
+    t[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; ++i)  // pairs of blocks summed
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// out[t * NK + k] = x[t] @ a[k] over d_in, for NT tokens x NK rows (NT * NK == 16 accumulators).
+template <int NT, int NK>
+inline __m512 dot_tile(const float* const* x, const float* const* a, int64_t d_in) {
+  static_assert(NT * NK == 16, "one accumulator per output lane");
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d_in; i += 16) {
+    const __mmask16 m = tail_mask(d_in - i);
+    __m512 xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = _mm512_maskz_loadu_ps(m, x[t] + i);
+    for (int k = 0; k < NK; ++k) {
+      _mm_prefetch(reinterpret_cast<const char*>(a[k] + i + kPrefetchA), _MM_HINT_T0);
+      const __m512 av = _mm512_maskz_loadu_ps(m, a[k] + i);
+      for (int t = 0; t < NT; ++t) acc[t * NK + k] = _mm512_fmadd_ps(xv[t], av, acc[t * NK + k]);
+    }
+  }
+  return sum_lanes16(acc);
+}
+
+template <int NT, int NK>
+void shrink_tiles(const float* x, int64_t nt, const float* a, int64_t d_in, int64_t r,
+                  int64_t r_max, float scaling, float* v) {
+  const float* xs[NT];
+  const float* as[NK];
+  alignas(64) float out[16];
+  for (int t = 0; t < NT; ++t) xs[t] = x + std::min<int64_t>(t, nt - 1) * d_in;
+  for (int64_t k0 = 0; k0 < r; k0 += NK) {
+    for (int k = 0; k < NK; ++k) as[k] = a + std::min<int64_t>(k0 + k, r - 1) * d_in;  // stays < r
+    _mm512_store_ps(out, _mm512_mul_ps(dot_tile<NT, NK>(xs, as, d_in), _mm512_set1_ps(scaling)));
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t k = 0; k < NK && k0 + k < r; ++k) v[t * r_max + k0 + k] = out[t * NK + k];
+  }
+}
+
+template <>
+void shrink_group<float>(const float* x, int64_t nt, const float* a, int64_t d_in, int64_t r,
+                         int64_t r_max, float scaling, float* v) {
+  if (nt == 1) return shrink_tiles<1, 16>(x, nt, a, d_in, r, r_max, scaling, v);
+  if (nt == 2) return shrink_tiles<2, 8>(x, nt, a, d_in, r, r_max, scaling, v);
+  return shrink_tiles<4, 4>(x, nt, a, d_in, r, r_max, scaling, v);
+}
+
+// Few tokens: per token, 16 rows of b at a time, reduced with sum_lanes16.
+void expand_rows(const float* b, int64_t r_max, int64_t r, const float* v, float* y, int64_t o0,
+                 int64_t o1) {
+  int64_t o = o0;
+  for (; o + 16 <= o1; o += 16) {
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    if (o + kPrefetchB + 16 <= o1)
+      for (int j = 0; j < 16; ++j)
+        for (int64_t k = 0; k < r; k += 16)
+          _mm_prefetch(reinterpret_cast<const char*>(b + (o + kPrefetchB + j) * r_max + k),
+                       _MM_HINT_T0);
+    for (int64_t k = 0; k < r; k += 16) {
+      const __mmask16 m = tail_mask(r - k);  // never reads b past the rank
+      const __m512 vv = _mm512_maskz_loadu_ps(m, v + k);
+      for (int j = 0; j < 16; ++j)
+        acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b + (o + j) * r_max + k), vv, acc[j]);
+    }
+    _mm512_storeu_ps(y + o, _mm512_add_ps(_mm512_loadu_ps(y + o), sum_lanes16(acc)));
+  }
+  for (; o < o1; ++o) y[o] += dot(b + o * r_max, v, r);
+}
+
+// y[t, 0:16] += sum_k v[t, k] * bt[k]  for t < N.  bt: [r, 16], v: [N, r_max], y: [N, d_out]
+template <int N>
+inline void expand_tile(const float* bt, int64_t r, const float* v, int64_t r_max, float* y,
+                        int64_t d_out) {
+  __m512 acc[N];
+  for (int t = 0; t < N; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < r; ++k) {
+    const __m512 bk = _mm512_loadu_ps(bt + k * 16);
+    for (int t = 0; t < N; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(v[t * r_max + k]), bk, acc[t]);
+  }
+  for (int t = 0; t < N; ++t)
+    _mm512_storeu_ps(y + t * d_out, _mm512_add_ps(_mm512_loadu_ps(y + t * d_out), acc[t]));
+}
+
+// Many tokens: per 64 rows of b, transpose them once to 4 tiles bt [r, 16], then 8 tokens at a time
+// y[t, o:o+16] += sum_k v[t, k] * bt[k] (no horizontal sums).
+template <>
+void expand_segment<float>(const float* b, int64_t r_max, int64_t r, const float* v, int64_t nt,
+                           float* y, int64_t d_out, int64_t o0, int64_t o1) {
+  if (nt < kLongSegment) {
+    for (int64_t t = 0; t < nt; ++t) expand_rows(b, r_max, r, v + t * r_max, y + t * d_out, o0, o1);
+    return;
+  }
+  constexpr int64_t kSub = 64;  // rows of b transposed at a time: bt [kSub / 16][r, 16]
+  std::vector<float> bt(kSub * r);
+  for (int64_t ob = o0; ob < o1; ob += kSub) {
+    const int64_t tiles = std::min(kSub, o1 - ob) / 16;
+    for (int64_t j = 0; j < tiles * 16; ++j)
+      for (int64_t k = 0; k < r; ++k) bt[(j / 16) * r * 16 + k * 16 + j % 16] = b[(ob + j) * r_max + k];
+    for (int64_t t0 = 0; t0 < nt;) {
+      const int64_t n = nt - t0 >= 8 ? 8 : 1;
+      for (int64_t i = 0; i < tiles; ++i) {
+        float* yt = y + t0 * d_out + ob + i * 16;
+        if (n == 8) expand_tile<8>(bt.data() + i * r * 16, r, v + t0 * r_max, r_max, yt, d_out);
+        else expand_tile<1>(bt.data() + i * r * 16, r, v + t0 * r_max, r_max, yt, d_out);
+      }
+      t0 += n;
+    }
+    for (int64_t o = ob + tiles * 16; o < std::min(ob + kSub, o1); ++o)  // d_out % 16 leftovers
+      for (int64_t t = 0; t < nt; ++t) y[t * d_out + o] += dot(b + o * r_max, v + t * r_max, r);
+  }
+}
+constexpr bool kTiledFloat = true;
+#else
+constexpr bool kTiledFloat = false;
+#endif
+
+// Shrink then expand for segs, accumulating into y in place. v: [T, r_max] fp32 scratch.
+template <typename scalar_t>
+void lora_segments(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                   const std::vector<Segment>& segs, at::Tensor& y) {
   const int64_t d_in = x.size(1), d_out = y.size(1), r_max = lora_a.size(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* ap = lora_a.data_ptr<scalar_t>();
@@ -52,53 +215,35 @@ void lora_short_segments(const at::Tensor& x, const at::Tensor& lora_a, const at
   std::vector<float> v(x.size(0) * r_max);
   float* vp = v.data();
 
-  at::parallel_for(0, segs.size(), 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> xf(std::is_same_v<scalar_t, float> ? 0 : d_in);  // x row in fp32
-    for (int64_t g = g0; g < g1; ++g) {
-      const Segment& seg = segs[g];
-      const scalar_t* a = ap + seg.slot * r_max * d_in;  // [r_max, d_in]
-      for (int64_t t = seg.begin; t < seg.end; ++t) {
-        const float* xt;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          xt = xp + t * d_in;
-        } else {
-          for (int64_t i = 0; i < d_in; ++i) xf[i] = static_cast<float>(xp[t * d_in + i]);
-          xt = xf.data();
-        }
-        for (int64_t k = 0; k < seg.rank; ++k) {
-          vp[t * r_max + k] = seg.scaling * dot(a + k * d_in, xt, d_in);
-        }
-      }
+  std::vector<std::pair<const Segment*, int64_t>> groups;  // (segment, first token)
+  for (const Segment& seg : segs)
+    for (int64_t t = seg.begin; t < seg.end; t += kGroup) groups.emplace_back(&seg, t);
+
+  at::parallel_for(0, groups.size(), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const auto& [seg, t] = groups[i];
+      shrink_group(xp + t * d_in, std::min(kGroup, seg->end - t), ap + seg->slot * r_max * d_in, d_in,
+                   seg->rank, r_max, seg->scaling, vp + t * r_max);
     }
   });
 
-  at::parallel_for(0, d_out, 128, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, (d_out + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t o0 = b0 * kBlock, o1 = std::min(d_out, b1 * kBlock);
     for (const Segment& seg : segs) {
-      const scalar_t* b = bp + seg.slot * d_out * r_max;  // [d_out, r_max]
-      for (int64_t o = o0; o < o1; ++o) {
-        for (int64_t t = seg.begin; t < seg.end; ++t) {
-          scalar_t& out = yp[t * d_out + o];
-          out = static_cast<float>(out) + dot(b + o * r_max, vp + t * r_max, seg.rank);
-        }
-      }
+      expand_segment(bp + seg.slot * d_out * r_max, r_max, seg.rank, vp + seg.begin * r_max,
+                     seg.end - seg.begin, yp + seg.begin * d_out, d_out, o0, o1);
     }
   });
 }
 
-// Long segments: two BLAS calls each, in fp32 for reduced-precision dtypes.
-//   y[rows] += scaling * (x[rows] @ A.T) @ B.T,  A = lora_a[s, :r] [r, d_in], B = lora_b[s, :, :r]
-void lora_long_segment(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+// One long segment through BLAS, in fp32: y[rows] += scaling * (x[rows] @ A.T) @ B.T,
+// A = lora_a[s, :r] [r, d_in], B = lora_b[s, :, :r] [d_out, r].
+void lora_segment_blas(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                        const Segment& seg, at::Tensor& y) {
-  auto xs = x.slice(0, seg.begin, seg.end);  // [n, d_in]
-  auto ys = y.slice(0, seg.begin, seg.end);  // [n, d_out], contiguous rows of y
-  auto a = lora_a.select(0, seg.slot).narrow(0, 0, seg.rank);   // [r, d_in]
-  auto b = lora_b.select(0, seg.slot).narrow(1, 0, seg.rank);   // [d_out, r]
-  if (x.scalar_type() == at::kFloat) {
-    ys.addmm_(at::mm(xs, a.t()), b.t(), /*beta=*/1, /*alpha=*/seg.scaling);
-  } else {
-    auto v = at::mm(xs.to(at::kFloat), a.to(at::kFloat).t());  // [n, r]
-    ys.add_(at::mm(v, b.to(at::kFloat).t()), seg.scaling);
-  }
+  auto xs = x.slice(0, seg.begin, seg.end).to(at::kFloat);          // [n, d_in]
+  auto a = lora_a.select(0, seg.slot).narrow(0, 0, seg.rank).to(at::kFloat);  // [r, d_in]
+  auto b = lora_b.select(0, seg.slot).narrow(1, 0, seg.rank).to(at::kFloat);  // [d_out, r]
+  y.slice(0, seg.begin, seg.end).add_(at::mm(at::mm(xs, a.t()), b.t()), seg.scaling);
 }
 
 at::Tensor lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
@@ -117,8 +262,7 @@ at::Tensor lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
   auto seg_indptr = seg_indptr_.contiguous();
   auto seg_slots = seg_slots_.contiguous();
   auto scalings = scalings_.contiguous();
-  const int64_t T = x.size(0), r_max = lora_a.size(1);
-  check_lora_linear_values(ranks, seg_indptr, seg_slots, T, r_max);
+  check_lora_linear_values(ranks, seg_indptr, seg_slots, x.size(0), lora_a.size(1));
 
   at::Tensor y = bias.has_value() && bias->defined() ? at::addmm(*bias, x, weight.t())
                                                       : at::mm(x, weight.t());  // [T, d_out]
@@ -127,20 +271,21 @@ at::Tensor lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
   const int32_t* sl = seg_slots.data_ptr<int32_t>();
   const int32_t* rk = ranks.data_ptr<int32_t>();
   const float* sc = scalings.data_ptr<float>();
-  std::vector<Segment> short_segs;
+  const bool tiled = kTiledFloat && x.scalar_type() == at::kFloat;
+  std::vector<Segment> segs;
   for (int64_t g = 0; g < seg_slots.size(0); ++g) {
     const int64_t s = sl[g];
     if (s < 0 || rk[s] == 0 || ip[g + 1] == ip[g]) continue;
-    Segment seg{ip[g], ip[g + 1], s, rk[s], sc[s]};
-    if (seg.end - seg.begin < kShortSegment) {
-      short_segs.push_back(seg);
+    const Segment seg{ip[g], ip[g + 1], s, rk[s], sc[s]};
+    if (!tiled && seg.end - seg.begin >= kLongSegment) {
+      lora_segment_blas(x, lora_a, lora_b, seg, y);
     } else {
-      lora_long_segment(x, lora_a, lora_b, seg, y);
+      segs.push_back(seg);
     }
   }
-  if (!short_segs.empty()) {
+  if (!segs.empty()) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_linear_cpu", [&] {
-      lora_short_segments<scalar_t>(x, lora_a, lora_b, short_segs, y);
+      lora_segments<scalar_t>(x, lora_a, lora_b, segs, y);
     });
   }
   return y;
