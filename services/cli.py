@@ -11,17 +11,10 @@ import asyncio
 import importlib
 import sys
 
-from services.common.config import ConfigError, add_flags, from_args
+from services.common.config import ConfigError, OneLineParser, add_flags, from_args
 from services.executor.config import ExecutorConfig
 from services.registry.config import RegistryConfig
 from services.router.config import RouterConfig
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2) instead of usage + error."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # subcommand -> (config class, "module:function" that serves it)
@@ -50,8 +43,8 @@ def _resolve(target: str, what: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="openlora", description="Serve many LoRA adapters over one base model.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="openlora", description="Serve many LoRA adapters over one base model.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, (cls, _) in SERVERS.items():
         add_flags(sub.add_parser(name, help=f"run the {name} service"), cls)
     for name in TOOLS:

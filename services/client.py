@@ -11,14 +11,10 @@ import time
 
 import grpc
 
+from services.common.config import OneLineParser
 from services.common.gen.openlora.v1 import (common_pb2, executor_pb2_grpc, router_pb2_grpc)
 
 DEFAULT_ROUTER = "127.0.0.1:50050"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _target_flags(p: argparse.ArgumentParser) -> None:
@@ -42,7 +38,7 @@ def _request(args, prompt: str) -> common_pb2.GenerateRequest:
 
 
 def generate_main(argv: list[str]) -> int:
-    p = _Parser(prog="openlora generate", description="Generate text through the router.")
+    p = OneLineParser(prog="openlora generate", description="Generate text through the router.")
     _target_flags(p)
     p.add_argument("--adapter", default="", help="adapter id (default: base model)")
     p.add_argument("--max-new-tokens", type=int, default=0)
@@ -67,7 +63,7 @@ def generate_main(argv: list[str]) -> int:
 
 
 def bench_main(argv: list[str]) -> int:
-    p = _Parser(prog="openlora bench", description="Closed-loop load: N requests, C at a time.")
+    p = OneLineParser(prog="openlora bench", description="Closed-loop load: N requests, C at a time.")
     _target_flags(p)
     p.add_argument("--adapter", action="append", default=[], help="adapter ids, used round-robin")
     p.add_argument("--requests", type=int, default=32)

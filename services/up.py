@@ -7,31 +7,34 @@ under --data-dir on first start, so it runs on a machine with no network.
 
 from __future__ import annotations
 
-import argparse
-import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.config import check, flag, parse_config
+
 DEMO = "demo-model"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+@dataclass(slots=True)
+class UpConfig:
+    host: str = flag("127.0.0.1", "address every service listens on")
+    port: int = flag(50050, "router port; the registry and executors take the next ones")
+    data_dir: str = flag("./openlora-data", "registry data, executor disk caches, the demo model")
+    base_model: str = flag("", "base model directory or hub id (empty -> the built-in demo model)")
+    executors: int = flag(1, "how many executors")
+    startup_timeout_s: float = flag(600.0, "how long each service may take to answer SERVING")
 
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"OPENLORA_{name}", default)
-
-
-def _int_flag(value: str) -> int:
-    return int(value)
+    def __post_init__(self) -> None:
+        check(1 <= self.executors <= 64, "executors", f"must be 1..64, got {self.executors}")
+        check(0 < self.port < 65535 - self.executors - 1, "port", f"out of range: {self.port}")
+        check(self.startup_timeout_s > 0, "startup_timeout_s", "must be > 0")
 
 
 def demo_model(data_dir: pathlib.Path) -> pathlib.Path:
@@ -64,19 +67,7 @@ def wait_serving(address: str, timeout_s: float, procs: list[subprocess.Popen]) 
 
 
 def main(argv: list[str]) -> int:
-    p = _Parser(prog="openlora up", description=__doc__.splitlines()[0])
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    p.add_argument("--port", type=_int_flag, default=_int_flag(_env("PORT", "50050")),
-                   help="router port; registry and executors take the next ones [env OPENLORA_PORT]")
-    p.add_argument("--data-dir", default=_env("DATA_DIR", "./openlora-data"))
-    p.add_argument("--base-model", default=_env("BASE_MODEL", ""))
-    p.add_argument("--executors", type=_int_flag, default=_int_flag(_env("EXECUTORS", "1")))
-    p.add_argument("--startup-timeout", type=float, default=600.0)
-    args = p.parse_args(argv)
-    if not 1 <= args.executors <= 64:
-        p.error("argument --executors: must be 1..64")
-    if not 0 < args.port < 65535 - args.executors - 1:
-        p.error("argument --port: out of range")
+    args = parse_config("openlora up", UpConfig, argv, __doc__.splitlines()[0])
     data = pathlib.Path(args.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     base = args.base_model or str(demo_model(data))
@@ -105,7 +96,7 @@ def main(argv: list[str]) -> int:
     try:
         for address, cmd in plan:
             procs.append(subprocess.Popen(cmd))
-            wait_serving(address, args.startup_timeout, procs)
+            wait_serving(address, args.startup_timeout_s, procs)
         print(f"openlora up: router {h}:{port}  registry {registry}  executors {' '.join(executors)}",
               file=sys.stderr, flush=True)
         while not stopping and all(p.poll() is None for p in procs):

@@ -117,6 +117,25 @@ def from_args(cls: type, ns: argparse.Namespace):
     return cls(**values)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (exit 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_config(prog: str, cls: type, argv: list[str], description: str = ""):
+    """Flags + OPENLORA_* -> a `cls` instance; any bad value prints one line and exits 2."""
+    import sys
+    try:
+        parser = OneLineParser(prog=prog, description=description)
+        add_flags(parser, cls)
+        return from_args(cls, parser.parse_args(argv))
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def check(condition: bool, name: str, message: str) -> None:
     """Raise ConfigError for field `name` unless `condition`."""
     if not condition:
