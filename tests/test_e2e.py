@@ -151,6 +151,16 @@ def test_load_unload_and_status(stack):
         with pytest.raises(grpc.RpcError) as info:
             stub.LoadAdapter(executor_pb2.LoadAdapterRequest(adapter_id="org/nope"), timeout=60)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        # the disk tier: fetched from the registry, not loaded into a slot
+        resp = stub.LoadAdapter(executor_pb2.LoadAdapterRequest(
+            adapter_id="org/qv", tier=executor_pb2.ADAPTER_TIER_DISK), timeout=60)
+        assert resp.tier == executor_pb2.ADAPTER_TIER_DISK
+        st = stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10)
+        held = {a.adapter_id: a.tier for a in st.adapters}
+        assert held["org/qv"] in (executor_pb2.ADAPTER_TIER_DISK, executor_pb2.ADAPTER_TIER_DEVICE)
+        stub.UnloadAdapter(executor_pb2.UnloadAdapterRequest(adapter_id="org/qv"), timeout=60)
+        st = stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10)
+        assert "org/qv" not in {a.adapter_id for a in st.adapters}   # gone from every tier
 
 
 def test_cancelled_stream_frees_kv_blocks(stack):
@@ -215,13 +225,13 @@ def test_registry_down_serves_latest_held_version(stack, llama_dir, tmp_path):
         registry_pb2_grpc.AdapterRegistryStub(ch).RegisterAdapter(registry_pb2.RegisterAdapterRequest(
             adapter_id="org/qv", source=f"file://{stack['adapters']['org/qv']}"), timeout=30)
     ex = Service("executor", "--registry", dead_address, "--base-model", str(llama_dir),
-                 "--disk-cache-dir", str(tmp_path / "disk"), log_path=tmp_path / "ex.log").start()
+                 "--disk-cache-dir", str(tmp_path / "disk"), "--adapter-latest-ttl-s", "0",
+                 log_path=tmp_path / "ex.log").start()
     try:
         with grpc.insecure_channel(ex.address) as ch:
             stub = executor_pb2_grpc.ExecutorStub(ch)
             before = stub.Generate(_req("org/qv", 4), timeout=120).token_ids
-            stub.UnloadAdapter(executor_pb2.UnloadAdapterRequest(adapter_id="org/qv"), timeout=30)
-            dead.kill()
+            dead.kill()   # "latest" is asked of the registry every time (ttl 0): now it cannot answer
             after = stub.Generate(_req("org/qv", 4), timeout=120).token_ids
             assert after == before
             with pytest.raises(grpc.RpcError) as info:

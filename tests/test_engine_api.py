@@ -206,8 +206,8 @@ def test_queue_full(llama_dir, adapter_root):
 def test_adapter_slots_lru_pinning_and_status(engine):
     engine.unload_adapter("good")
     engine.unload_adapter("good2")
-    version, ms = engine.load_adapter("good", 0)
-    assert version == 1 and ms >= 0
+    version, tier = engine.load_adapter("good", 0)
+    assert version == 1 and tier == "device"
     st = engine.status()
     assert [(a.adapter_id, a.version, a.tier) for a in st.adapters] == [("good", 1, "device")]
     assert st.device_adapter_slots == 2 and st.kv_blocks_free == st.kv_blocks_total

@@ -72,7 +72,7 @@ class TokenEvent:
 class AdapterResidency:
     adapter_id: str
     version: int
-    tier: str                          # "device"
+    tier: str                          # "device" | "disk"
     active_requests: int
 
 
@@ -224,17 +224,20 @@ class Engine:
             self._cancels.append(request_id)
         self._wake.set()
 
-    def load_adapter(self, adapter_id: str, version: int = 0) -> tuple[int, float]:
-        """Blocking preload into a device slot -> (version, load_ms)."""
+    def load_adapter(self, adapter_id: str, version: int = 0, tier: str = "device") -> tuple[int, str]:
+        """Blocking load of an adapter into `tier` ("device", or "disk": fetched only) -> (version, tier)."""
         check_adapter_id(adapter_id)
-        t0 = time.perf_counter()
+        if tier == "disk":
+            return self.adapters.source.resolve(adapter_id, version).version, "disk"
         lease = self.adapters.preload(adapter_id, version,
                                       timeout=self.config.registry_timeout_s * 4)
-        return lease.version, (lease.load_ms or (time.perf_counter() - t0) * 1000)
+        return lease.version, "device"
 
     def unload_adapter(self, adapter_id: str) -> None:
+        """Drop adapter_id from every tier (device slots in use are freed when their requests end)."""
         check_adapter_id(adapter_id)
         self.adapters.unload(adapter_id)
+        self.adapters.source.forget(adapter_id)
 
     def status(self) -> EngineStatus:
         with self._lock:
@@ -244,7 +247,13 @@ class Engine:
             kv_blocks_total=self.allocator.num_blocks, kv_blocks_free=self.allocator.num_free,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             device_adapter_slots=self.pool.num_slots,
-            adapters=[AdapterResidency(a, v, "device", n) for a, v, n in self.adapters.residency()])
+            adapters=self._residency())
+
+    def _residency(self) -> list[AdapterResidency]:
+        on_device = [AdapterResidency(a, v, "device", n) for a, v, n in self.adapters.residency()]
+        seen = {(a.adapter_id, a.version) for a in on_device}
+        return on_device + [AdapterResidency(a, v, "disk", 0) for a, v in self.adapters.source.held()
+                            if (a, v) not in seen]
 
     # -- validation --------------------------------------------------------------------------
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:

@@ -55,6 +55,15 @@ class DiskAdapterStore:
     def remove(self, adapter_id: str) -> None:
         shutil.rmtree(self._dir(adapter_id), ignore_errors=True)
 
+    def held(self) -> list[tuple[str, int]]:
+        """(adapter_id, version) of every complete copy on disk."""
+        out = []
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and not d.name.startswith("."):
+                adapter_id = urllib.parse.unquote(d.name)
+                out += [(adapter_id, v) for v in self.versions(adapter_id)]
+        return out
+
     def put(self, adapter_id: str, version: int, digest: str, tmp: pathlib.Path) -> pathlib.Path:
         """Move a verified temp dir into place atomically; returns the final path."""
         (tmp / "meta.json").write_text(json.dumps({"adapter_id": adapter_id, "version": version,
@@ -84,6 +93,12 @@ class RegistryAdapterSource:
             ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
             ("grpc.experimental.tcp_max_read_chunk_size", 8 * 1024 * 1024)]) if address else None
         self._stub = registry_pb2_grpc.AdapterRegistryStub(self._channel) if self._channel else None
+
+    def held(self) -> list[tuple[str, int]]:
+        return self.store.held()
+
+    def forget(self, adapter_id: str) -> None:
+        self.store.remove(adapter_id)
 
     def close(self) -> None:
         if self._channel is not None:

@@ -113,9 +113,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
 
     async def LoadAdapter(self, request, context):
         start = time.perf_counter()
-        await asyncio.to_thread(self.engine.load_adapter, request.adapter_id, request.version)
+        tier = "disk" if request.tier == executor_pb2.ADAPTER_TIER_DISK else "device"
+        _, reached = await asyncio.to_thread(self.engine.load_adapter, request.adapter_id,
+                                             request.version, tier)
         return executor_pb2.LoadAdapterResponse(
-            tier=executor_pb2.ADAPTER_TIER_DEVICE, load_ms=(time.perf_counter() - start) * 1e3)
+            tier=TIERS[reached], load_ms=(time.perf_counter() - start) * 1e3)
 
     async def UnloadAdapter(self, request, context):
         await asyncio.to_thread(self.engine.unload_adapter, request.adapter_id)

@@ -40,6 +40,14 @@ class AdapterSource(Protocol):
         """Blocking; raises AdapterNotFound / Unavailable / InvalidAdapter."""
         ...
 
+    def held(self) -> list[tuple[str, int]]:
+        """(adapter_id, version) of every adapter this source keeps locally (the disk tier)."""
+        ...
+
+    def forget(self, adapter_id: str) -> None:
+        """Drop every local copy of adapter_id."""
+        ...
+
 
 class LocalDirSource:
     """adapter_id -> root/adapter_id, always version 1 (tests, local runs)."""
@@ -55,6 +63,12 @@ class LocalDirSource:
         if version not in (0, 1):
             raise AdapterNotFound(f"adapter {adapter_id!r} has no version {version} (only 1)")
         return ResolvedAdapter(adapter_id, 1, path)
+
+    def held(self) -> list[tuple[str, int]]:
+        return []   # the directory is the source itself, not a cache
+
+    def forget(self, adapter_id: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)
