@@ -142,3 +142,12 @@ def test_server_health_reflection_and_error_mapping():
             await server.stop(0)
 
     _run(scenario())
+
+
+def test_registry_and_router_never_import_torch():
+    """Their container images (deploy/) ship without torch."""
+    code = ("import sys, services.cli, services.registry.app, services.registry.admin, "
+            "services.router.app; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'transformers' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
