@@ -1,11 +1,15 @@
 """Fused lora_linear vs the base matmul alone vs a gather+bmm LoRA, in interleaved rounds.
 
-    .venv/bin/python benchmarks/kernel.py [--rounds 30] [--bf16]
+    .venv/bin/python benchmarks/kernel.py [--rounds 30] [--bf16] [--engine-shapes]
 
 Cases (d_in = d_out = 2048, S = 64 slots, r_max = 32, ranks cycling 8, 16, 32):
   decode:  T = 64 tokens, 64 distinct adapters, one token each
   prefill: T = 512 tokens, 8 adapters, 64 tokens each
 Prints the median time of each and the ratios fused/base and gather/base.
+
+--engine-shapes instead times the shapes the executor engine runs (hidden 512, intermediate 1376,
+rank 16 in r_max = 64 slots, S = 33, 32 distinct adapters; T = 64 and T = 2048 tokens) against a plain
+torch.mm, printing extra = fused - mm (the LoRA's cost on top of the base layer).
 """
 
 from __future__ import annotations
@@ -77,11 +81,43 @@ def bench(name: str, case: dict, rounds: int) -> None:
           f"gather/base {med['gather+bmm'] / med['base']:.3f}")
 
 
+def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16, S: int = 33,
+                 r_max: int = 64) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(T, d_in, generator=g), torch.randn(d_out, d_in, generator=g)
+    a, b = torch.randn(S, r_max, d_in, generator=g), torch.randn(S, d_out, r_max, generator=g)
+    sc, rk = torch.ones(S), torch.full((S,), r, dtype=torch.int32)
+    indptr = torch.linspace(0, T, G + 1).round().to(torch.int32)
+    slots = torch.arange(G, dtype=torch.int32)
+    fns = {"fused": lambda: lora_linear(x, w, None, a, b, sc, rk, indptr, slots),
+           "mm": lambda: torch.mm(x, w.t())}
+    times = {k: [] for k in fns}
+    for _ in range(3):
+        for f in fns.values():
+            f()
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"T={T:<5} G={G} {d_in:>4}->{d_out:<4}  fused {med['fused']:7.3f} ms  mm {med['mm']:7.3f} ms  "
+          f"extra {med['fused'] - med['mm']:6.3f} ms  | fused/mm {med['fused'] / med['mm']:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--bf16", action="store_true", help="also run bfloat16")
+    p.add_argument("--engine-shapes", action="store_true", help="time the executor engine's shapes instead")
     args = p.parse_args()
+    if args.engine_shapes:
+        print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
+              f"engine shapes: rank 16, r_max 64, S 33, 32 adapters, rounds={args.rounds}")
+        for T in (64, 2048):
+            for d_in, d_out in ((512, 512), (512, 1376), (1376, 512)):
+                bench_engine(T, 32, d_in, d_out, args.rounds if T <= 64 else max(10, args.rounds // 4))
+        return
     print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"d={D} S={S} r_max={R_MAX} ranks={RANKS} rounds={args.rounds}")
     for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):

@@ -7,9 +7,11 @@
 //       y[rows] += scalings[s] * (x[rows] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T
 //
 // CPU kernel: the base matmul writes y, then the LoRA update is accumulated into y in place, each
-// segment at its own rank, in two parallel phases:
-//   shrink  v[t, :r] = scaling * x[t] @ lora_a[s, :r].T     parallel over groups of <= 4 tokens
-//   expand  y[t, o] += v[t, :r] @ lora_b[s, o, :r]           parallel over blocks of d_out
+// segment at its own rank, in one parallel region with two phases split between the threads by cost:
+//   shrink  v[t, :r] = scaling * x[t] @ lora_a[s, :r].T     runs of token groups (<= 4 tokens)
+//   (barrier)
+//   expand  y[t, o] += v[t, :r] @ lora_b[s, o, :r]           runs of (segment, 16 rows of y), so each
+//                                                           thread streams stretches of lora_b in order
 // fp32 with AVX-512 uses register-tiled loops for both; other dtypes/ISAs use plain fp32-accumulating
 // loops for short segments and BLAS (in fp32) for long ones.
 #include <ATen/ATen.h>
@@ -19,6 +21,8 @@
 #include <algorithm>
 #include <type_traits>
 #include <vector>
+
+#include <omp.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -30,7 +34,6 @@ namespace openlora {
 namespace {
 
 constexpr int64_t kGroup = 4;           // tokens per shrink work item
-constexpr int64_t kBlock = 64;          // rows of y per expand work item
 constexpr int64_t kLongSegment = 8;     // tokens from which a segment is "long"
 
 struct Segment {
@@ -133,68 +136,106 @@ void shrink_group<float>(const float* x, int64_t nt, const float* a, int64_t d_i
   return shrink_tiles<4, 4>(x, nt, a, d_in, r, r_max, scaling, v);
 }
 
-// Few tokens: per token, 16 rows of b at a time, reduced with sum_lanes16.
-void expand_rows(const float* b, int64_t r_max, int64_t r, const float* v, float* y, int64_t o0,
-                 int64_t o1) {
+// Few tokens: 16 rows of b at a time, each row's dot with v[t] for every token, reduced with
+// sum_lanes16. Rows o0.. are walked in order with b prefetched kPrefetchB rows ahead, so a
+// segment's b streams from memory instead of being fetched one latency at a time.
+void expand_rows(const float* b, int64_t r_max, int64_t r, const float* v, int64_t nt, float* y,
+                 int64_t d_out, int64_t o0, int64_t o1) {
   int64_t o = o0;
+  const int64_t pf_end = d_out;  // prefetch stays inside this slot's b
   for (; o + 16 <= o1; o += 16) {
-    __m512 acc[16];
-    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-    if (o + kPrefetchB + 16 <= o1)
-      for (int j = 0; j < 16; ++j)
-        for (int64_t k = 0; k < r; k += 16)
-          _mm_prefetch(reinterpret_cast<const char*>(b + (o + kPrefetchB + j) * r_max + k),
-                       _MM_HINT_T0);
-    for (int64_t k = 0; k < r; k += 16) {
-      const __mmask16 m = tail_mask(r - k);  // never reads b past the rank
-      const __m512 vv = _mm512_maskz_loadu_ps(m, v + k);
-      for (int j = 0; j < 16; ++j)
-        acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b + (o + j) * r_max + k), vv, acc[j]);
+    for (int64_t j = 0; j < 16; ++j) {
+      const int64_t p = o + kPrefetchB + j;
+      if (p < pf_end) {
+        const char* row = reinterpret_cast<const char*>(b + p * r_max);
+        for (int64_t k = 0; k < r; k += 16) _mm_prefetch(row + 4 * k, _MM_HINT_T0);
+        _mm_prefetch(row + 4 * (r - 1), _MM_HINT_T0);
+      }
     }
-    _mm512_storeu_ps(y + o, _mm512_add_ps(_mm512_loadu_ps(y + o), sum_lanes16(acc)));
+    for (int64_t t = 0; t < nt; ++t) {
+      const float* vt = v + t * r_max;
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < r; k += 16) {
+        const __mmask16 m = tail_mask(r - k);  // never reads b past the rank
+        const __m512 vv = _mm512_maskz_loadu_ps(m, vt + k);
+        for (int j = 0; j < 16; ++j)
+          acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b + (o + j) * r_max + k), vv, acc[j]);
+      }
+      float* yt = y + t * d_out + o;
+      _mm512_storeu_ps(yt, _mm512_add_ps(_mm512_loadu_ps(yt), sum_lanes16(acc)));
+    }
   }
-  for (; o < o1; ++o) y[o] += dot(b + o * r_max, v, r);
+  for (; o < o1; ++o)
+    for (int64_t t = 0; t < nt; ++t) y[t * d_out + o] += dot(b + o * r_max, v + t * r_max, r);
 }
 
-// y[t, 0:16] += sum_k v[t, k] * bt[k]  for t < N.  bt: [r, 16], v: [N, r_max], y: [N, d_out]
-template <int N>
+// y[t, 16m .. 16m+16] += sum_k v[t, k] * bt[k, 16m ..]  for t < N, m < M.  bt: [r, 64]
+template <int N, int M>
 inline void expand_tile(const float* bt, int64_t r, const float* v, int64_t r_max, float* y,
                         int64_t d_out) {
-  __m512 acc[N];
-  for (int t = 0; t < N; ++t) acc[t] = _mm512_setzero_ps();
+  __m512 acc[N][M];
+  for (int t = 0; t < N; ++t)
+    for (int m = 0; m < M; ++m) acc[t][m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < r; ++k) {
-    const __m512 bk = _mm512_loadu_ps(bt + k * 16);
-    for (int t = 0; t < N; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(v[t * r_max + k]), bk, acc[t]);
+    __m512 bk[M];
+    for (int m = 0; m < M; ++m) bk[m] = _mm512_load_ps(bt + k * 64 + 16 * m);
+    for (int t = 0; t < N; ++t) {
+      const __m512 vk = _mm512_set1_ps(v[t * r_max + k]);
+      for (int m = 0; m < M; ++m) acc[t][m] = _mm512_fmadd_ps(vk, bk[m], acc[t][m]);
+    }
   }
   for (int t = 0; t < N; ++t)
-    _mm512_storeu_ps(y + t * d_out, _mm512_add_ps(_mm512_loadu_ps(y + t * d_out), acc[t]));
+    for (int m = 0; m < M; ++m) {
+      float* yt = y + t * d_out + 16 * m;
+      _mm512_storeu_ps(yt, _mm512_add_ps(_mm512_loadu_ps(yt), acc[t][m]));
+    }
 }
 
-// Many tokens: per 64 rows of b, transpose them once to 4 tiles bt [r, 16], then 8 tokens at a time
-// y[t, o:o+16] += sum_k v[t, k] * bt[k] (no horizontal sums).
+template <int M>
+inline void expand_tiles_m(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
+                           float* y, int64_t d_out) {
+  int64_t t = 0;
+  for (; t + 4 <= nt; t += 4) expand_tile<4, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out);
+  switch (nt - t) {
+    case 3: expand_tile<3, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
+    case 2: expand_tile<2, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
+    case 1: expand_tile<1, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
+    default: break;
+  }
+}
+
+// Many tokens: per 64 rows of b, gather them once into bt [r, 64] (b transposed), then 4 tokens at a
+// time y[t, o:o+64] += sum_k v[t, k] * bt[k] (no horizontal sums).
 template <>
 void expand_segment<float>(const float* b, int64_t r_max, int64_t r, const float* v, int64_t nt,
                            float* y, int64_t d_out, int64_t o0, int64_t o1) {
-  if (nt < kLongSegment) {
-    for (int64_t t = 0; t < nt; ++t) expand_rows(b, r_max, r, v + t * r_max, y + t * d_out, o0, o1);
-    return;
+  if (nt < kLongSegment) return expand_rows(b, r_max, r, v, nt, y, d_out, o0, o1);
+  alignas(64) static thread_local float bt_small[64 * 64];
+  thread_local std::vector<float> bt_big;
+  float* bt = bt_small;
+  if (r > 64) {
+    if ((int64_t)bt_big.size() < 64 * r + 16) bt_big.resize(64 * r + 16);
+    bt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bt_big.data()) + 63) & ~uintptr_t(63));
   }
-  constexpr int64_t kSub = 64;  // rows of b transposed at a time: bt [kSub / 16][r, 16]
-  std::vector<float> bt(kSub * r);
-  for (int64_t ob = o0; ob < o1; ob += kSub) {
-    const int64_t tiles = std::min(kSub, o1 - ob) / 16;
-    for (int64_t j = 0; j < tiles * 16; ++j)
-      for (int64_t k = 0; k < r; ++k) bt[(j / 16) * r * 16 + k * 16 + j % 16] = b[(ob + j) * r_max + k];
-    for (int64_t t0 = 0; t0 < nt;) {
-      const int64_t n = nt - t0 >= 8 ? 8 : 1;
-      for (int64_t i = 0; i < tiles; ++i) {
-        float* yt = y + t0 * d_out + ob + i * 16;
-        if (n == 8) expand_tile<8>(bt.data() + i * r * 16, r, v + t0 * r_max, r_max, yt, d_out);
-        else expand_tile<1>(bt.data() + i * r * 16, r, v + t0 * r_max, r_max, yt, d_out);
-      }
-      t0 += n;
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(static_cast<int>(r_max)));
+  for (int64_t ob = o0; ob < o1; ob += 64) {
+    const int tiles = static_cast<int>(std::min<int64_t>(64, o1 - ob) / 16);
+    for (int m = 0; m < tiles; ++m) {
+      const float* bm = b + (ob + 16 * m) * r_max;
+      for (int64_t k = 0; k < r; ++k)  // column k < r of 16 rows
+        _mm512_store_ps(bt + k * 64 + 16 * m, _mm512_i32gather_ps(idx, bm + k, 4));
     }
-    for (int64_t o = ob + tiles * 16; o < std::min(ob + kSub, o1); ++o)  // d_out % 16 leftovers
+    float* yb = y + ob;
+    switch (tiles) {
+      case 4: expand_tiles_m<4>(bt, r, v, r_max, nt, yb, d_out); break;
+      case 3: expand_tiles_m<3>(bt, r, v, r_max, nt, yb, d_out); break;
+      case 2: expand_tiles_m<2>(bt, r, v, r_max, nt, yb, d_out); break;
+      case 1: expand_tiles_m<1>(bt, r, v, r_max, nt, yb, d_out); break;
+      default: break;
+    }
+    for (int64_t o = ob + tiles * 16; o < std::min(ob + 64, o1); ++o)  // d_out % 16 leftovers
       for (int64_t t = 0; t < nt; ++t) y[t * d_out + o] += dot(b + o * r_max, v + t * r_max, r);
   }
 }
@@ -203,7 +244,29 @@ constexpr bool kTiledFloat = true;
 constexpr bool kTiledFloat = false;
 #endif
 
-// Shrink then expand for segs, accumulating into y in place. v: [T, r_max] fp32 scratch.
+// Splits items with costs into n contiguous runs of about equal cost: item range of part p is
+// [bounds[p], bounds[p + 1]).
+template <typename Cost>
+void balance(int64_t items, int n, Cost cost, std::vector<int64_t>& bounds) {
+  std::vector<double> prefix(items + 1, 0.0);
+  for (int64_t i = 0; i < items; ++i) prefix[i + 1] = prefix[i] + cost(i);
+  bounds.assign(n + 1, items);
+  bounds[0] = 0;
+  int64_t i = 0;
+  for (int p = 1; p < n; ++p) {
+    const double target = prefix[items] * p / n;
+    while (i < items && prefix[i + 1] <= target) ++i;
+    // item i straddles target: give it to whichever side holds more of it
+    bounds[p] = (i < items && target - prefix[i] > prefix[i + 1] - target) ? i + 1 : i;
+    bounds[p] = std::max(bounds[p], bounds[p - 1]);
+  }
+}
+
+// Shrink then expand for segs, accumulating into y in place, in one parallel region:
+//   shrink: token groups (<= kGroup tokens of one segment) split into equal-cost runs, one per thread;
+//   barrier;
+//   expand: (segment, 16 rows of y) units split into equal-cost runs, one per thread, so each thread
+//           walks whole stretches of a segment's lora_b in order.
 template <typename scalar_t>
 void lora_segments(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                    const std::vector<Segment>& segs, at::Tensor& y) {
@@ -212,28 +275,58 @@ void lora_segments(const at::Tensor& x, const at::Tensor& lora_a, const at::Tens
   const scalar_t* ap = lora_a.data_ptr<scalar_t>();
   const scalar_t* bp = lora_b.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
-  std::vector<float> v(x.size(0) * r_max);
-  float* vp = v.data();
+  thread_local std::vector<float> v_buf;
+  if ((int64_t)v_buf.size() < x.size(0) * r_max) v_buf.resize(x.size(0) * r_max);
+  float* vp = v_buf.data();
 
-  std::vector<std::pair<const Segment*, int64_t>> groups;  // (segment, first token)
+  struct Group { const Segment* seg; int64_t t; };
+  std::vector<Group> groups;
   for (const Segment& seg : segs)
-    for (int64_t t = seg.begin; t < seg.end; t += kGroup) groups.emplace_back(&seg, t);
+    for (int64_t t = seg.begin; t < seg.end; t += kGroup) groups.push_back({&seg, t});
 
-  at::parallel_for(0, groups.size(), 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const auto& [seg, t] = groups[i];
+  int n = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  // cost ~ (bytes of adapter read) + (FMAs): rank * (tokens + 4) per unit of d_in / d_out
+  std::vector<int64_t> gb, eb;
+  balance(groups.size(), n, [&](int64_t i) {
+    return double(groups[i].seg->rank) * (std::min(kGroup, groups[i].seg->end - groups[i].t) + 4);
+  }, gb);
+  const int64_t blocks = (d_out + 15) / 16;  // units of 16 rows per segment
+  balance(segs.size() * blocks, n, [&](int64_t u) {
+    const Segment& s = segs[u / blocks];
+    return double(s.rank) * (std::min<int64_t>(s.end - s.begin, 16) + 4);
+  }, eb);
+
+  auto work = [&](int p) {
+    for (int64_t i = gb[p]; i < gb[p + 1]; ++i) {
+      const Segment* seg = groups[i].seg;
+      const int64_t t = groups[i].t;
       shrink_group(xp + t * d_in, std::min(kGroup, seg->end - t), ap + seg->slot * r_max * d_in, d_in,
                    seg->rank, r_max, seg->scaling, vp + t * r_max);
     }
-  });
-
-  at::parallel_for(0, (d_out + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t o0 = b0 * kBlock, o1 = std::min(d_out, b1 * kBlock);
-    for (const Segment& seg : segs) {
+  };
+  auto expand = [&](int p) {
+    for (int64_t u = eb[p]; u < eb[p + 1];) {
+      const int64_t g = u / blocks, blk = u % blocks;
+      const int64_t u_end = std::min(eb[p + 1], (g + 1) * blocks);
+      const Segment& seg = segs[g];
+      const int64_t o0 = blk * 16, o1 = std::min(d_out, (u_end - g * blocks) * 16);
       expand_segment(bp + seg.slot * d_out * r_max, r_max, seg.rank, vp + seg.begin * r_max,
                      seg.end - seg.begin, yp + seg.begin * d_out, d_out, o0, o1);
+      u = u_end;
     }
-  });
+  };
+  if (n == 1) {
+    work(0);
+    expand(0);
+    return;
+  }
+#pragma omp parallel num_threads(n)
+  {
+    const int id = omp_get_thread_num(), team = omp_get_num_threads();  // team may be < n
+    for (int p = id; p < n; p += team) work(p);
+#pragma omp barrier
+    for (int p = id; p < n; p += team) expand(p);
+  }
 }
 
 // One long segment through BLAS, in fp32: y[rows] += scaling * (x[rows] @ A.T) @ B.T,

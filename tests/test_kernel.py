@@ -67,8 +67,8 @@ def test_extension_is_built():
 # --- matches the reference; NaN past each rank never reaches y ---------------------------------
 
 
-def _check_matches_reference(device, dtype, layout, dims, bias):
-    args = make_args(*LAYOUTS[layout], *dims, bias, dtype, device)
+def _check_matches_reference(device, dtype, layout, dims, bias, layout_args=None):
+    args = make_args(*(layout_args or LAYOUTS[layout]), *dims, bias, dtype, device)
     y, want = call(lora_linear, args), call(lora_linear_ref, args)
     assert y.dtype == dtype and y.shape == (args["x"].shape[0], dims[1]) and y.device == args["x"].device
     assert not y.isnan().any()
@@ -90,6 +90,23 @@ def test_matches_reference_cpu(dtype, layout, dims, bias):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_matches_reference_cuda(dtype, layout, dims, bias):
     _check_matches_reference("cuda", dtype, layout, dims, bias)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dims", [(64, 200, 16), (40, 83, 80), (96, 1376 // 4, 64)])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_work_split_between_threads_cpu(dtype, dims, threads):
+    """The CPU kernel splits shrink and expand work by cost, cutting segments mid-way; any thread
+    count, d_out % 16 != 0 and r_max > 64 (wider transposed tiles) must give the same result."""
+    lens = [1, 2, 9, 0, 33, 1, 1, 70, 4, 8, 2, 17, 1, 3]
+    slots = [0, 1, 2, 3, 5, 4, -1, 0, 3, 1, 2, 5, 0, 3]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (True, False):
+            _check_matches_reference("cpu", dtype, None, dims, bias, layout_args=(lens, slots))
+    finally:
+        torch.set_num_threads(old)
 
 
 def _check_matches_by_hand(device):
