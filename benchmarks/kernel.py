@@ -1,6 +1,6 @@
 """Fused lora_linear vs the base matmul alone vs a gather+bmm LoRA, in interleaved rounds.
 
-    .venv/bin/python benchmarks/kernel.py [--rounds 30] [--bf16] [--engine-shapes]
+    .venv/bin/python benchmarks/kernel.py [--rounds 30] [--bf16] [--engine-shapes | --attention]
 
 Cases (d_in = d_out = 2048, S = 64 slots, r_max = 32, ranks cycling 8, 16, 32):
   decode:  T = 64 tokens, 64 distinct adapters, one token each
@@ -10,6 +10,10 @@ Prints the median time of each and the ratios fused/base and gather/base.
 --engine-shapes instead times the shapes the executor engine runs (hidden 512, intermediate 1376,
 rank 16 in r_max = 64 slots, S = 33, 32 distinct adapters; T = 64 and T = 2048 tokens) against a plain
 torch.mm, printing extra = fused - mm (the LoRA's cost on top of the base layer).
+
+--attention instead times one layer's decode attention at the throughput benchmark's shapes (N = 64
+sequences of ~48 tokens, 8 heads / 4 kv heads, head_dim 64, block_size 16, scattered blocks): the old
+gather + masked SDPA path of kv_cache.paged_attention vs the fused paged_attention_decode op.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from services.executor.ops import kernel_backend, lora_linear  # noqa: E402
+from services.executor.ops import kernel_backend, lora_linear, paged_attention_decode  # noqa: E402
 
 D, S, R_MAX, RANKS = 2048, 64, 32, (8, 16, 32)
 
@@ -105,12 +109,56 @@ def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16
           f"extra {med['fused'] - med['mm']:6.3f} ms  | fused/mm {med['fused'] / med['mm']:.3f}")
 
 
+def bench_attention(dtype: torch.dtype, rounds: int, N: int = 64, H: int = 8, KVH: int = 4,
+                    D: int = 64, bs: int = 16, num_blocks: int = 1024) -> None:
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.tensor([40 + (7 * i) % 17 for i in range(N)], dtype=torch.int32)  # 40..56 tokens
+    nb = -(-int(ctx.max()) // bs)
+    tables = torch.randperm(num_blocks, generator=g)[:N * nb].view(N, nb).to(torch.int32)
+    kc = torch.randn(num_blocks, bs, KVH, D, generator=g).to(dtype)
+    vc = torch.randn(num_blocks, bs, KVH, D, generator=g).to(dtype)
+    q = torch.randn(N, H, D, generator=g).to(dtype)
+    keys = torch.arange(nb * bs)
+    mask = (keys[None] < ctx[:, None].long())[:, None, None]  # [N, 1, 1, L], as build_group made it
+    tables_long, scale = tables.long(), D ** -0.5
+
+    def gather_sdpa():  # kv_cache.paged_attention's old decode path
+        kg = kc[tables_long].flatten(1, 2).transpose(1, 2)  # [N, KVH, L, D]
+        vg = vc[tables_long].flatten(1, 2).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None], kg, vg, attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0]
+
+    fns = {"gather+sdpa": gather_sdpa, "fused": lambda: paged_attention_decode(q, kc, vc, tables, ctx, scale)}
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fns["fused"](), gather_sdpa(), rtol=tol, atol=tol)
+    times = {k: [] for k in fns}
+    for _ in range(3):
+        for f in fns.values():
+            f()
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"decode attention N={N} H={H}/{KVH} D={D} bs={bs} ctx 40-56 {str(dtype)[6:]:<8} "
+          f"gather+sdpa {med['gather+sdpa']:7.3f} ms  fused {med['fused']:7.3f} ms  "
+          f"| speedup {med['gather+sdpa'] / med['fused']:.1f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--bf16", action="store_true", help="also run bfloat16")
     p.add_argument("--engine-shapes", action="store_true", help="time the executor engine's shapes instead")
+    p.add_argument("--attention", action="store_true", help="time decode attention: gather+SDPA vs fused")
     args = p.parse_args()
+    if args.attention:
+        print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
+              f"rounds={args.rounds} (per layer; the engine runs 4)")
+        for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
+            bench_attention(dtype, args.rounds)
+        return
     if args.engine_shapes:
         print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
               f"engine shapes: rank 16, r_max 64, S 33, 32 adapters, rounds={args.rounds}")

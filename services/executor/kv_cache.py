@@ -4,9 +4,10 @@
     token t of a sequence lives in block block_table[t // block_size], row t % block_size,
     i.e. flat row block_table[t // bs] * bs + t % bs of cache.k[layer].view(-1, kv_heads, head_dim).
 
-Attention is pure torch: the sequences of a step are split into a decode group (one query each)
-and a prefill group (several queries each); each group gathers its sequences' blocks into a padded
-[N, L, kv_heads, head_dim] tensor and runs one masked scaled_dot_product_attention.
+The sequences of a step are split into a decode group (one query each) and a prefill group (several
+queries each). The decode group runs ops.paged_attention_decode, which reads K/V from the blocks in
+place; the prefill group gathers its sequences' blocks into a padded [N, L, kv_heads, head_dim]
+tensor and runs one masked scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from services.executor import ops
 
 
 class KVBlockAllocator:
@@ -99,13 +102,20 @@ class KVCache:
 
 @dataclass
 class AttnGroup:
-    """Sequences attended together, padded to Qmax queries and L = max_blocks * block_size keys."""
+    """Sequences attended together, padded to Qmax queries and L = max_blocks * block_size keys.
+
+    A decode group (Qmax == 1) has int32 block_tables and context_lens and no mask; a prefill group
+    has long block_tables and a mask, and context_lens None.
+    """
 
     q_index: Tensor       # [N, Qmax] long: rows of the step's tokens (padding -> any valid row)
     out_rows: Tensor      # [n_valid] long: rows written back (q_index[q_valid])
     q_valid: Tensor       # [N, Qmax] bool
-    block_tables: Tensor  # [N, max_blocks] long (padding -> block 0)
-    mask: Tensor          # [N, 1, Qmax, L] bool: query i of sequence n may attend to key j
+    block_tables: Tensor  # [N, max_blocks] int32 (decode) / long (prefill); padding -> block 0
+    mask: Tensor | None   # [N, 1, Qmax, L] bool: query i of sequence n may attend to key j
+    context_lens: Tensor | None = None  # [N] int32 (decode only)
+    rows: slice | None = None           # q_index[:, 0] as a slice when it is a run of rows (decode)
+    sliding_window: int = 0
 
 
 @dataclass
@@ -124,9 +134,20 @@ def build_group(seqs: list[tuple[list[int], int, int]], row_start: list[int], bl
     n = len(seqs)
     q_max = max(q for _, _, q in seqs)
     nb_max = max(len(bt) for bt, _, _ in seqs)
-    tables = torch.zeros((n, nb_max), dtype=torch.long)
+    decode = q_max == 1
+    tables = torch.zeros((n, nb_max), dtype=torch.int32 if decode else torch.long)
     for i, (bt, _, _) in enumerate(seqs):
-        tables[i, :len(bt)] = torch.tensor(bt, dtype=torch.long)
+        tables[i, :len(bt)] = torch.tensor(bt, dtype=tables.dtype)
+    if decode:
+        r0 = row_start[0]
+        rows = slice(r0, r0 + n) if row_start == list(range(r0, r0 + n)) else None
+        q_index = torch.tensor(row_start, dtype=torch.long)[:, None]
+        return AttnGroup(q_index=q_index.to(device), out_rows=q_index[:, 0].to(device),
+                         q_valid=torch.ones((n, 1), dtype=torch.bool, device=device),
+                         block_tables=tables.to(device), mask=None,
+                         context_lens=torch.tensor([c for _, c, _ in seqs], dtype=torch.int32,
+                                                   device=device),
+                         rows=rows, sliding_window=sliding_window or 0)
     ctx = torch.tensor([c for _, c, _ in seqs], dtype=torch.long)
     q_len = torch.tensor([q for _, _, q in seqs], dtype=torch.long)
     starts = torch.tensor(row_start, dtype=torch.long)
@@ -154,21 +175,23 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
     kvh = k.shape[1]
     k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
+    if len(meta.groups) == 1 and meta.groups[0].rows == slice(0, T):  # decode-only step
+        g = meta.groups[0]
+        return ops.paged_attention_decode(q, k_cache, v_cache, g.block_tables, g.context_lens, scale,
+                                          g.sliding_window)
     out = q.new_empty((T, H, D))
     for g in meta.groups:
-        n, q_max = g.q_index.shape
+        if g.context_lens is not None:  # decode: one query per sequence, K/V read in place
+            rows = g.rows if g.rows is not None else g.q_index[:, 0]
+            out[rows] = ops.paged_attention_decode(q[rows], k_cache, v_cache, g.block_tables,
+                                                   g.context_lens, scale, g.sliding_window)
+            continue
         kg = k_cache[g.block_tables].flatten(1, 2).transpose(1, 2)        # [N, KVH, L, D]
         vg = v_cache[g.block_tables].flatten(1, 2).transpose(1, 2)
-        if q_max == 1:
-            qg = q[g.q_index[:, 0]][:, :, None]                           # [N, H, 1, D]
-        else:
-            qg = q[g.q_index].transpose(1, 2)                             # [N, H, Qmax, D]
+        qg = q[g.q_index].transpose(1, 2)                                 # [N, H, Qmax, D]
         o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale,
                                            enable_gqa=kvh != H)
-        if q_max == 1:
-            out[g.q_index[:, 0]] = o[:, :, 0]
-        else:
-            out[g.out_rows] = o.transpose(1, 2)[g.q_valid]
+        out[g.out_rows] = o.transpose(1, 2)[g.q_valid]
     return out
 
 

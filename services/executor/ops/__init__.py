@@ -1,7 +1,9 @@
-"""Kernels of the executor; importing this package makes torch.ops.openlora.lora_linear available.
+"""Kernels of the executor; importing this package makes torch.ops.openlora.{lora_linear,
+paged_attention_decode} available.
 
-The op comes from the C++/CUDA extension (cpp/, built on first import by build.py), or, if that cannot
-be built, from the pure-PyTorch reference — logged as an error, never silent. $OPENLORA_KERNEL forces
+The ops come from the C++/CUDA extension (cpp/, built on first import by build.py), or, if that cannot
+be built, from the pure-PyTorch references — logged as an error, never silent. paged_attention_decode
+has no CUDA kernel: on CUDA it always runs its reference. $OPENLORA_KERNEL forces
 one: "cpp" (a failed build raises) or "reference"; unset or "auto" tries cpp, then falls back.
 """
 
@@ -15,23 +17,32 @@ import torch
 from torch import Tensor
 
 from . import build as _build
-from .reference import lora_linear_ref
+from .reference import lora_linear_ref, paged_attention_decode_ref
 from .segments import build_segments
 
-__all__ = ["lora_linear", "lora_linear_ref", "build_segments", "ensure_built", "kernel_backend"]
+__all__ = ["lora_linear", "lora_linear_ref", "paged_attention_decode", "paged_attention_decode_ref",
+           "build_segments", "ensure_built", "kernel_backend"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor scalings, "
-          "Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor")
+SCHEMAS = {  # op name -> (schema, reference); the C++ declares the same schemas
+    "lora_linear": (("(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+                     "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor"),
+                    lora_linear_ref),
+    "paged_attention_decode": (("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+                                "Tensor context_lens, float scale, int sliding_window) -> Tensor"),
+                               paged_attention_decode_ref),
+}
 _lock = threading.Lock()
 _backend: str | None = None
 
 
-def _register_reference(dispatch_keys: tuple[str, ...]) -> None:
-    if not hasattr(torch.ops.openlora, "lora_linear"):
-        torch.library.define("openlora::lora_linear", SCHEMA)
-    torch.library.impl("openlora::lora_linear", dispatch_keys, lora_linear_ref)
+def _register_reference(dispatch_keys: tuple[str, ...], names=tuple(SCHEMAS)) -> None:
+    for name in names:
+        schema, ref = SCHEMAS[name]
+        if not hasattr(torch.ops.openlora, name):
+            torch.library.define(f"openlora::{name}", schema)
+        torch.library.impl(f"openlora::{name}", dispatch_keys, ref)
 
 
 def _load() -> str:
@@ -39,7 +50,7 @@ def _load() -> str:
     if choice not in ("auto", "cpp", "reference"):
         raise ValueError(f"OPENLORA_KERNEL must be auto, cpp or reference, got {choice!r}")
     if choice == "reference":
-        log.warning("OPENLORA_KERNEL=reference: lora_linear runs the slow pure-PyTorch reference")
+        log.warning("OPENLORA_KERNEL=reference: the ops run the slow pure-PyTorch references")
         _register_reference(("CPU", "CUDA"))
         return "reference"
     try:
@@ -47,27 +58,30 @@ def _load() -> str:
     except _build.KernelBuildError:
         if choice == "cpp":
             raise
-        log.exception("lora_linear extension failed to build; FALLING BACK to the slow PyTorch reference")
+        log.exception("openlora extension failed to build; FALLING BACK to the slow PyTorch references")
         _register_reference(("CPU", "CUDA"))
         return "reference"
     if torch.cuda.is_available() and not _build.cuda_buildable():
         log.error("CUDA is available but nvcc (CUDA_HOME) is not: lora_linear on CUDA runs the reference")
         _register_reference(("CUDA",))
+    elif torch.cuda.is_available():
+        _register_reference(("CUDA",), ("paged_attention_decode",))
     return "cpp"
 
 
 def ensure_built() -> str:
-    """Build/load the op once per process (idempotent); returns kernel_backend()."""
+    """Build/load the ops once per process (idempotent); returns kernel_backend()."""
     global _backend
     with _lock:
         if _backend is None:
             _backend = _load()
             torch.library.register_fake("openlora::lora_linear")(_lora_linear_fake)
+            torch.library.register_fake("openlora::paged_attention_decode")(_paged_attention_decode_fake)
     return _backend
 
 
 def kernel_backend() -> str:
-    """'cpp' when the compiled extension serves the op, 'reference' when the fallback does."""
+    """'cpp' when the compiled extension serves the ops, 'reference' when the fallbacks do."""
     return ensure_built()
 
 
@@ -94,6 +108,27 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     """
     return torch.ops.openlora.lora_linear.default(
         x, weight, bias, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots)
+
+
+def _paged_attention_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window):
+    torch._check(q.dim() == 3 and k_cache.dim() == 4, lambda: "q must be [N, H, D], k_cache 4-D")
+    torch._check(k_cache.shape[3] == q.shape[2], lambda: "k_cache must be [num_blocks, bs, KVH, D]")
+    return q.new_empty(q.shape)
+
+
+def paged_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                           context_lens: Tensor, scale: float, sliding_window: int = 0) -> Tensor:
+    """One query token per sequence attending its paged K/V in place (openlora.paged_attention_decode).
+
+    q [N, H, D], k_cache/v_cache [num_blocks, bs, KVH, D] (last dim contiguous), block_tables
+    [N, max_blocks] i32, context_lens [N] i32 -> out [N, H, D] in q's dtype (fp32 accumulation):
+
+        c = context_lens[n]; lo = max(0, c - sliding_window) if sliding_window > 0 else 0
+        for t in range(lo, c): K[t], V[t] = k_cache/v_cache[block_tables[n, t // bs], t % bs, h // (H // KVH)]
+        out[n, h] = softmax(scale * q[n, h] @ K[lo:c].T) @ V[lo:c]
+    """
+    return torch.ops.openlora.paged_attention_decode.default(
+        q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
 
 
 ensure_built()

@@ -1,6 +1,7 @@
-"""Pure-PyTorch reference for openlora::lora_linear: the tests' oracle and the fallback kernel.
+"""Pure-PyTorch references for the openlora ops: the tests' oracles and the fallback kernels.
 
-Computed in fp32 and cast to x's dtype, with one Python iteration per segment (slow, obvious).
+Both compute in fp32 and cast to the input's dtype: lora_linear with one Python iteration per segment,
+paged_attention_decode on a gathered, masked copy of every sequence's blocks (slow, obvious).
 """
 
 from __future__ import annotations
@@ -70,3 +71,89 @@ def lora_linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tens
         a, b = lora_a[s, :r].float(), lora_b[s, :, :r].float()  # [r, d_in], [d_out, r]
         y[rows] += scalings[s].item() * (x[rows].float() @ a.T) @ b.T
     return y.to(x.dtype)
+
+
+def check_paged_attention_decode_args(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                      sliding_window):
+    """The C++ checks (cpp/paged_attention.cpp) in Python; raises ValueError naming the argument."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(msg)
+
+    need(q.dim() == 3, f"q must be 3-D [N, H, D], got shape {tuple(q.shape)}")
+    N, H, D = q.shape
+    for name, t in [("k_cache", k_cache), ("v_cache", v_cache)]:
+        need(t.dim() == 4 and t.shape[3] == D,
+             f"{name} must be [num_blocks, block_size, KVH, D] with D = {D}, got shape {tuple(t.shape)}")
+        need(t.dtype == q.dtype, f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        need(t.device == q.device, f"{name} must be on q's device {q.device}, got {t.device}")
+    need(v_cache.shape == k_cache.shape,
+         f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    num_blocks, bs, kvh = k_cache.shape[:3]
+    need(kvh > 0 and H % kvh == 0, f"q's heads H = {H} must be a multiple of k_cache's kv heads KVH = {kvh}")
+    need(block_tables.dim() == 2 and block_tables.shape[0] == N,
+         f"block_tables must be [N, max_blocks] with N = {N}, got shape {tuple(block_tables.shape)}")
+    need(block_tables.dtype == torch.int32, f"block_tables must be int32, got {block_tables.dtype}")
+    need(context_lens.dim() == 1 and context_lens.shape[0] == N,
+         f"context_lens must be [N] with N = {N}, got shape {tuple(context_lens.shape)}")
+    need(context_lens.dtype == torch.int32, f"context_lens must be int32, got {context_lens.dtype}")
+    for name, t in [("block_tables", block_tables), ("context_lens", context_lens)]:
+        need(t.device == q.device, f"{name} must be on q's device {q.device}, got {t.device}")
+    need(sliding_window >= 0, f"sliding_window must be >= 0 (0 = none), got {sliding_window}")
+    if N == 0:
+        return
+    max_blocks = block_tables.shape[1]
+    ctx = context_lens.long()
+    bad = ((ctx < 1) | (ctx > max_blocks * bs)).nonzero()
+    if len(bad):
+        n = bad[0, 0].item()
+        need(False, f"context_lens[{n}] = {ctx[n].item()} must be in [1, max_blocks * block_size = "
+                    f"{max_blocks * bs}]")
+    read = _blocks_read(ctx, max_blocks, bs, sliding_window)
+    bad = (read & ((block_tables < 0) | (block_tables >= num_blocks))).nonzero()
+    if len(bad):
+        n, j = bad[0].tolist()
+        need(False, f"block_tables[{n}, {j}] = {block_tables[n, j].item()} is out of range "
+                    f"[0, num_blocks = {num_blocks})")
+
+
+def _key_range(ctx: Tensor, sliding_window: int) -> tuple[Tensor, Tensor]:
+    """[lo, ctx) of the keys each sequence's query attends."""
+    lo = (ctx - sliding_window).clamp(min=0) if sliding_window > 0 else torch.zeros_like(ctx)
+    return lo, ctx
+
+
+def _blocks_read(ctx: Tensor, max_blocks: int, bs: int, sliding_window: int) -> Tensor:
+    """[N, max_blocks] bool: block j of sequence n holds a key its query attends."""
+    lo, hi = _key_range(ctx, sliding_window)
+    j = torch.arange(max_blocks, device=ctx.device)
+    return (j[None] >= (lo // bs)[:, None]) & (j[None] <= ((hi - 1) // bs)[:, None])
+
+
+def paged_attention_decode_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                               context_lens: Tensor, scale: float, sliding_window: int) -> Tensor:
+    """One query per sequence over its paged K/V, computed in fp32 on a gathered copy.
+
+    q [N, H, D], k_cache/v_cache [num_blocks, bs, KVH, D], block_tables [N, max_blocks] i32,
+    context_lens [N] i32 -> out [N, H, D] in q's dtype:
+
+        c = context_lens[n]; lo = max(0, c - sliding_window) if sliding_window > 0 else 0
+        K = k_cache[block_tables[n]].flatten(0, 1)[lo:c, h // (H // KVH)]     # [c - lo, D]
+        out[n, h] = softmax(scale * q[n, h] @ K.T) @ V
+    """
+    check_paged_attention_decode_args(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                      sliding_window)
+    H = q.shape[1]
+    bs, kvh = k_cache.shape[1:3]
+    max_blocks = block_tables.shape[1]
+    ctx = context_lens.long()
+    tables = torch.where(_blocks_read(ctx, max_blocks, bs, sliding_window), block_tables, 0).long()
+    k = k_cache[tables].flatten(1, 2).float().repeat_interleave(H // kvh, 2)  # [N, L, H, D]
+    v = v_cache[tables].flatten(1, 2).float().repeat_interleave(H // kvh, 2)
+    s = torch.einsum("nhd,nlhd->nhl", q.float(), k) * scale                    # [N, H, L]
+    lo, hi = _key_range(ctx, sliding_window)
+    keys = torch.arange(max_blocks * bs, device=q.device)
+    visible = (keys[None] >= lo[:, None]) & (keys[None] < hi[:, None])        # [N, L]
+    p = s.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    return torch.einsum("nhl,nlhd->nhd", p, v).to(q.dtype)
