@@ -9,6 +9,7 @@ from services.common.config import ServerConfig, check, flag
 
 @dataclass(slots=True)
 class ExecutorConfig(ServerConfig):
+    port: int = flag(50052, "port to listen on (0 -> any free port)")
     registry: str = flag("", "registry address HOST:PORT (empty -> no registry)")
     base_model: str = flag(None, "base model: a Hugging Face directory or hub id", required=True)
     executor_id: str = flag("", "name reported in responses (default HOST:PORT)")

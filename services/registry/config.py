@@ -9,6 +9,7 @@ from services.common.config import ServerConfig, check, flag
 
 @dataclass(slots=True)
 class RegistryConfig(ServerConfig):
+    port: int = flag(50051, "port to listen on (0 -> any free port)")
     data_dir: str = flag(None, "directory for the metadata database and blobs", required=True)
     max_adapter_bytes: int = flag(2 * 1024**3, "largest adapter accepted, in bytes")
     metrics_port: int = flag(0, "Prometheus metrics HTTP port (0 -> off)")
