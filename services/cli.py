@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SERVERS:
+        from services.common.server import defer_signals
+        defer_signals()
     if argv and argv[0] in TOOLS:
         return _resolve(TOOLS[argv[0]], argv[0])(argv[1:])
     try:

@@ -268,3 +268,34 @@ def test_router_fails_over_when_an_executor_dies(stack, llama_dir, tmp_path):
 def test_sigterm_exits_zero(stack):
     r = Service("router", "--executor", stack["executors"][0].address).start()
     assert r.terminate() == 0
+
+
+def test_router_serves_only_with_a_healthy_executor(stack, llama_dir, tmp_path):
+    from tests.servers import free_port, health
+    ex = Service("executor", "--base-model", str(llama_dir),
+                 "--disk-cache-dir", str(tmp_path / "d")).start()
+    router = Service("router", "--executor", ex.address, "--poll-interval-s", "0.2").start()
+    try:
+        ex.kill()
+        deadline = time.monotonic() + 10
+        while health(router.address) == 1 and time.monotonic() < deadline:   # 1 = SERVING
+            time.sleep(0.1)
+        assert health(router.address) == 2                                    # NOT_SERVING
+    finally:
+        router.stop()
+        ex.stop()
+    assert free_port()
+
+
+def test_sigterm_while_the_model_loads_exits_zero(llama_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "executor", "--port", "0",
+                             "--base-model", str(llama_dir),
+                             "--disk-cache-dir", str(tmp_path / "d")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)   # imports done, model loading (or just loaded)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err

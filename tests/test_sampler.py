@@ -87,3 +87,10 @@ def test_stop_text(pieces, stops, streamed, final, stopped):
     got[-1] += s.flush()
     assert got == streamed and s.text == final and s.stopped == stopped
     assert "".join(got) == final
+
+
+def test_vanishing_temperature_is_greedy_not_an_error():
+    logits = torch.randn(2, 50)
+    rows = [SamplingRow(SamplingOptions(temperature=1e-45, seed=1),
+                        make_generator(1, torch.device("cpu")), [1, 2]) for _ in range(2)]
+    assert sample(logits, rows)[0] == logits.argmax(-1).tolist()

@@ -27,6 +27,20 @@ GRPC_OPTIONS = [
 ]
 
 
+_early_signal = False
+
+
+def defer_signals() -> None:
+    """Until an event loop takes over (Server.handle_signals), remember SIGTERM/SIGINT instead of
+    dying, so a server stopped during start-up (imports, model load) still drains and exits 0."""
+    def remember(signum, frame):
+        global _early_signal
+        _early_signal = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, remember)
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     """One gRPC service to mount: its fully qualified name, servicer and generated add_* function."""
@@ -44,6 +58,7 @@ class Server:
         self.port = port
         self._health = health_servicer
         self._names = names
+        self._stop: asyncio.Event | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
@@ -57,14 +72,25 @@ class Server:
         await self._health.enter_graceful_shutdown()
         await self.grpc.stop(grace)
 
+    def handle_signals(self) -> asyncio.Event:
+        """From now on SIGTERM/SIGINT set the returned event instead of killing the process.
+
+        Call it before slow start-up work (loading a model), so a SIGTERM then still drains and
+        exits 0 once start-up is done.
+        """
+        if self._stop is None:
+            self._stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            if _early_signal:
+                self._stop.set()
+        return self._stop
+
     async def run_until_signal(self, grace: float,
                                on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
         """Serve until SIGTERM/SIGINT, then answer NOT_SERVING, drain in-flight calls and return."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await self.handle_signals().wait()
         log.info("draining", grace_seconds=grace)
         if on_drain is not None:
             await on_drain()

@@ -23,12 +23,15 @@ async def build(config: ExecutorConfig):
     from services.executor.servicer import ExecutorServicer
 
     disk = pathlib.Path(config.disk_cache_dir or tempfile.mkdtemp(prefix="openlora-adapters-"))
-    source = RegistryAdapterSource(config.registry, DiskAdapterStore(disk), config.registry_timeout_s)
-    holder = ExecutorServicer(engine=None, executor_id="")  # engine set once loaded
+    store = DiskAdapterStore(disk, config.disk_cache_bytes)
+    source = RegistryAdapterSource(config.registry, store, config.registry_timeout_s)
+    holder = ExecutorServicer(engine=None, executor_id="",   # the engine is set once loaded
+                              host_cache_bytes=config.host_cache_bytes)
     server, port = await create_server(
         config, [Service(SERVICE, holder, executor_pb2_grpc.add_ExecutorServicer_to_server)],
         serving=False)
     holder.executor_id = config.executor_id or f"{config.host}:{port}"
+    server.handle_signals()   # a SIGTERM while the model loads still exits 0
     await server.start()
     log.info("executor_loading", port=port, base_model=config.base_model)
     engine = await asyncio.to_thread(Engine, config, source)

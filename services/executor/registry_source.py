@@ -33,18 +33,29 @@ _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class DiskAdapterStore:
-    """The disk tier: root/<quoted id>/<version>/{adapter_config.json, adapter_model.safetensors, meta.json}."""
+    """The disk tier: root/<quoted id>/<version>/{adapter_config.json, adapter_model.safetensors, meta.json}.
 
-    def __init__(self, root: pathlib.Path):
+    At most `capacity_bytes` (0 -> unbounded): putting a version evicts the least recently used
+    others (use = meta.json's mtime, touched on every hit). It survives restarts.
+    """
+
+    def __init__(self, root: pathlib.Path, capacity_bytes: int = 0):
         self.root = root
+        self.capacity_bytes = capacity_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".fetch-*"):   # fetches cut off by a crash
+            shutil.rmtree(stale, ignore_errors=True)
 
     def _dir(self, adapter_id: str) -> pathlib.Path:
         return self.root / urllib.parse.quote(adapter_id, safe="")
 
     def path(self, adapter_id: str, version: int) -> pathlib.Path | None:
         p = self._dir(adapter_id) / str(version)
-        return p if (p / "meta.json").exists() else None
+        try:
+            os.utime(p / "meta.json")   # recently used: evicted last
+        except FileNotFoundError:
+            return None
+        return p
 
     def versions(self, adapter_id: str) -> list[int]:
         d = self._dir(adapter_id)
@@ -74,7 +85,35 @@ class DiskAdapterStore:
             os.rename(tmp, final)
         except OSError:  # another thread won the race with the same immutable content
             shutil.rmtree(tmp, ignore_errors=True)
+        if self.capacity_bytes:
+            self._evict(keep=final)
         return final
+
+    def _evict(self, keep: pathlib.Path) -> None:
+        entries = []   # (last use, bytes, dir)
+        for d in self.root.iterdir():
+            if not d.is_dir() or d.name.startswith("."):
+                continue
+            for v in d.iterdir():
+                try:
+                    used = (v / "meta.json").stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                entries.append((used, sum(f.stat().st_size for f in v.iterdir()), v))
+        total = sum(size for _, size, _ in entries)
+        for used, size, v in sorted(entries, key=lambda e: e[0]):
+            if total <= self.capacity_bytes:
+                return
+            if v == keep:
+                continue
+            log.info("disk_cache_evicted", path=str(v), bytes=size)
+            shutil.rmtree(v, ignore_errors=True)
+            total -= size
+        if total > self.capacity_bytes:
+            shutil.rmtree(keep, ignore_errors=True)
+            raise errors.ResourceExhausted(
+                f"adapter at {keep.name} needs more than the disk cache's {self.capacity_bytes} "
+                "bytes; raise --disk-cache-bytes")
 
     def tempdir(self) -> pathlib.Path:
         return pathlib.Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.root))

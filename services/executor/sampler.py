@@ -106,8 +106,11 @@ def sample(logits: Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[flo
             if o.temperature <= 0:
                 chosen[i] = row.argmax()
                 continue
-            row = _filter(row / o.temperature, o.top_k, o.top_p)
-            probs = torch.softmax(row, dim=-1)
+            scaled = row / o.temperature
+            if not torch.isfinite(scaled).all():   # a temperature so small it overflows: greedy
+                chosen[i] = row.argmax()
+                continue
+            probs = torch.softmax(_filter(scaled, o.top_k, o.top_p), dim=-1)
             chosen[i] = torch.multinomial(probs, 1, generator=rows[i].generator)[0]
     picked = logprobs.gather(1, chosen[:, None])[:, 0]
     return chosen.tolist(), picked.tolist()

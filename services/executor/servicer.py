@@ -45,9 +45,10 @@ def _usage(ev: TokenEvent) -> common_pb2.Usage:
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, engine: Engine | None, executor_id: str):
+    def __init__(self, engine: Engine | None, executor_id: str, host_cache_bytes: int = 0):
         self._engine = engine
         self.executor_id = executor_id
+        self.host_cache_bytes = host_cache_bytes
 
     @property
     def engine(self) -> Engine:
@@ -130,7 +131,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             dtype=st.dtype, running_requests=st.running, waiting_requests=st.waiting,
             max_batch_size=st.max_batch_size, kv_blocks_total=st.kv_blocks_total,
             kv_blocks_free=st.kv_blocks_free, device_adapter_slots=st.device_adapter_slots,
-            host_cache_bytes=0, host_cache_used_bytes=0,
+            host_cache_bytes=self.host_cache_bytes, host_cache_used_bytes=0,
             adapters=[executor_pb2.AdapterResidency(adapter_id=a.adapter_id, version=a.version,
                                                     tier=TIERS.get(a.tier, 0),
                                                     active_requests=a.active_requests)

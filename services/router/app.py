@@ -12,10 +12,17 @@ SERVICE = "openlora.v1.Router"
 
 
 async def build(config: RouterConfig):
+    """The router answers SERVING only while at least one executor is healthy."""
     pool = ExecutorPool(config.executor, poll_interval_s=config.poll_interval_s)
-    await pool.start()
     server, port = await create_server(
-        config, [Service(SERVICE, RouterServicer(pool), router_pb2_grpc.add_RouterServicer_to_server)])
+        config, [Service(SERVICE, RouterServicer(pool), router_pb2_grpc.add_RouterServicer_to_server)],
+        serving=False)
+
+    async def on_poll(views) -> None:
+        await server.set_serving(any(v.healthy for v in views))
+
+    pool.on_poll = on_poll
+    await pool.start()
     await server.start()
     return server, pool
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import grpc
 import structlog
@@ -18,7 +19,8 @@ EXECUTOR_SERVICE = "openlora.v1.Executor"
 class ExecutorPool:
     """One channel per executor address, and the latest view of each."""
 
-    def __init__(self, addresses: list[str], poll_interval_s: float = 0.5, timeout_s: float = 2.0):
+    def __init__(self, addresses: list[str], poll_interval_s: float = 0.5, timeout_s: float = 2.0,
+                 on_poll: Callable[[list[ExecutorView]], Awaitable[None]] | None = None):
         self.addresses = list(dict.fromkeys(addresses))
         self.poll_interval_s = poll_interval_s
         self.timeout_s = timeout_s
@@ -27,6 +29,7 @@ class ExecutorPool:
         self.status: dict[str, executor_pb2.ExecutorStatus] = {}
         self.views: dict[str, ExecutorView] = {a: ExecutorView(a, healthy=True) for a in self.addresses}
         self._task: asyncio.Task | None = None
+        self.on_poll = on_poll
 
     def snapshot(self) -> list[ExecutorView]:
         return [self.views[a] for a in self.addresses]
@@ -39,6 +42,13 @@ class ExecutorPool:
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(a) for a in self.addresses))
+        if self.on_poll is not None:
+            await self.on_poll(self.snapshot())
+
+    def recheck(self, address: str) -> None:
+        """A call to `address` failed with UNAVAILABLE: poll it now rather than at the next tick
+        (it may be down, or only answering that a dependency of its own is)."""
+        asyncio.get_running_loop().create_task(self._poll(address))
 
     async def _poll(self, address: str) -> None:
         channel = self.channels[address]

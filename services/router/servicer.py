@@ -47,7 +47,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 if exc.code() not in _RETRYABLE:
                     _reraise(exc)
                 log.warning("executor_failover", address=address, error=exc.details())
-                self.pool.mark_unhealthy(address)
+                self.pool.recheck(address)
                 last = exc
         raise errors.Unavailable(f"no executor could serve the request: {last.details()}")
 
@@ -65,7 +65,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 if started or exc.code() not in _RETRYABLE:
                     _reraise(exc)
                 log.warning("executor_failover", address=address, error=exc.details())
-                self.pool.mark_unhealthy(address)
+                self.pool.recheck(address)
                 last = exc
         raise errors.Unavailable(f"no executor could serve the request: {last.details()}")
 

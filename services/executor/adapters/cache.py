@@ -16,12 +16,13 @@ import pathlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
 
-from services.common.errors import Unavailable
+from services.common.errors import ResourceExhausted, Unavailable
 from services.executor.adapters.pool import AdapterPool, read_adapter
 from services.executor.model.llama import ModelConfig
 
@@ -94,9 +95,10 @@ class _Load:
 
 class AdapterCache:
     def __init__(self, pool: AdapterPool, source: AdapterSource, cfg: ModelConfig, max_rank: int,
-                 *, latest_ttl_s: float = 5.0, workers: int = 4):
+                 *, latest_ttl_s: float = 5.0, workers: int = 4, slot_wait_s: float = 120.0):
         self.pool, self.source, self.cfg, self.max_rank = pool, source, cfg, max_rank
         self.latest_ttl_s = latest_ttl_s
+        self.slot_wait_s = slot_wait_s
         self._cond = threading.Condition()
         self._slots: list[_Slot | None] = [None] * pool.num_slots
         self._by_key: dict[tuple[str, int], int] = {}
@@ -135,21 +137,29 @@ class AdapterCache:
             self._cond.notify_all()
 
     def preload(self, adapter_id: str, version: int, timeout: float | None = None) -> Lease:
-        """Blocking load into a slot (not left pinned)."""
-        lease = self.acquire(adapter_id, version).result(timeout)
+        """Blocking load into a slot (not left pinned); UNAVAILABLE if it takes over `timeout` s."""
+        fut = self.acquire(adapter_id, version)
+        try:
+            lease = fut.result(timeout)
+        except FutureTimeout:
+            # the load goes on: give its pin back whenever it lands
+            fut.add_done_callback(lambda f: f.exception() is None and self.release(f.result().slot))
+            raise Unavailable(f"adapter {adapter_id!r} did not load within {timeout:.0f} s; "
+                              "the load continues in the background, retry later") from None
         self.release(lease.slot)
         return lease
 
     def unload(self, adapter_id: str) -> None:
-        """Drop every version of adapter_id; slots in use are freed when their last request ends."""
+        """Drop every version of adapter_id; slots in use (or loading) go when their last user ends."""
         with self._cond:
             self._latest.pop(adapter_id, None)
-            for key, slot in list(self._by_key.items()):
-                if key[0] == adapter_id:
-                    if self._slots[slot].pins == 0:
-                        self._free(slot)
-                    else:
-                        self._slots[slot].unload_pending = True
+            for slot, s in enumerate(self._slots):
+                if s is None or s.key[0] != adapter_id:
+                    continue
+                if s.pins == 0 and not s.loading:
+                    self._free(slot)
+                else:
+                    s.unload_pending = True
             self._cond.notify_all()
 
     def residency(self) -> list[tuple[str, int, int]]:
@@ -183,7 +193,8 @@ class AdapterCache:
 
     def _free(self, slot: int) -> None:
         s = self._slots[slot]
-        self._by_key.pop(s.key, None)
+        if self._by_key.get(s.key) == slot:
+            del self._by_key[s.key]
         self._slots[slot] = None
         self.pool.clear(slot)
 
@@ -216,18 +227,25 @@ class AdapterCache:
                     return
             host = read_adapter(resolved.path, self.cfg, self.max_rank)
             with self._cond:
+                deadline = time.monotonic() + self.slot_wait_s
                 while True:
                     if self._closed:
                         raise Unavailable("executor is shutting down")
                     slot = self._by_key.get(key)
-                    if slot is not None and not self._slots[slot].loading \
-                            and not self._slots[slot].unload_pending:
+                    if slot is not None and not self._slots[slot].unload_pending:
                         self._finish(req_key, load, slot, 0.0)
                         return
-                    victim = self._victim()
+                    twin = any(s is not None and s.key == key and s.loading and not s.unload_pending
+                               for s in self._slots)   # the same version loading for another key
+                    victim = None if twin else self._victim()
                     if victim is not None:
                         break
-                    self._cond.wait(1.0)      # every slot is in use: wait for a release
+                    if time.monotonic() > deadline:
+                        raise ResourceExhausted(
+                            f"adapter {adapter_id!r}: all {len(self._slots)} device adapter slots "
+                            f"stayed in use for {self.slot_wait_s:.0f} s; retry later or raise "
+                            "--max-device-adapters")
+                    self._cond.wait(1.0)      # every slot is in use (or a twin loads): wait
                 if self._slots[victim] is not None:
                     log.info("adapter_evicted", adapter=self._slots[victim].key, slot=victim)
                     self._free(victim)
@@ -242,7 +260,8 @@ class AdapterCache:
             load_ms = (time.perf_counter() - t0) * 1000
             with self._cond:
                 self._slots[victim].loading = False
-                self._by_key[key] = victim
+                if not self._slots[victim].unload_pending:
+                    self._by_key[key] = victim
                 self._finish(req_key, load, victim, load_ms)
                 self._cond.notify_all()
             log.info("adapter_loaded", adapter=adapter_id, version=key[1], slot=victim,

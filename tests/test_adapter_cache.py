@@ -1,0 +1,89 @@
+"""AdapterCache edge cases: timeouts, unload while in use, twin loads (no servers)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from services.common.errors import Unavailable
+from services.executor.adapters.cache import AdapterCache, LocalDirSource
+from services.executor.adapters.pool import AdapterPool
+from services.executor.model.loader import read_config
+
+
+class SlowSource(LocalDirSource):
+    def __init__(self, root, delay: float):
+        super().__init__(root)
+        self.delay = delay
+
+    def resolve(self, adapter_id, version):
+        time.sleep(self.delay)
+        return super().resolve(adapter_id, version)
+
+
+@pytest.fixture
+def cache_factory(llama_dir, make_adapter, tmp_path):
+    root = tmp_path / "adapters"
+    root.mkdir()
+    for name in ("a", "b"):
+        make_adapter(rank=4).rename(root / name)
+    _, cfg = read_config(llama_dir)
+    made = []
+
+    def make(delay: float = 0.0, slots: int = 2, **kw) -> AdapterCache:
+        pool = AdapterPool(cfg, slots, 8, torch.float32, torch.device("cpu"))
+        cache = AdapterCache(pool, SlowSource(root, delay), cfg, 8, **kw)
+        made.append(cache)
+        return cache
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def _slots(cache):
+    return [(s.key, s.pins) if s else None for s in cache._slots]
+
+
+def test_preload_timeout_is_unavailable_and_leaks_no_pin(cache_factory):
+    cache = cache_factory(delay=0.5)
+    with pytest.raises(Unavailable, match="did not load within"):
+        cache.preload("a", 0, timeout=0.1)
+    deadline = time.monotonic() + 5
+    while not cache.residency() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache.residency() == [("a", 1, 0)]      # loaded, and not left pinned
+
+
+def test_unload_while_in_use_then_reload_leaves_nothing_behind(cache_factory):
+    cache = cache_factory()
+    lease = cache.acquire("a", 0).result(10)          # a request holds "a"
+    cache.unload("a")
+    assert cache.residency() == []                   # hidden at once, freed when released
+    second = cache.acquire("a", 0).result(10)         # a new request loads it again
+    cache.release(lease.slot)
+    cache.release(second.slot)
+    cache.unload("a")
+    assert cache.residency() == [] and all(s is None for s in cache._slots)
+
+
+def test_twin_loads_share_one_slot(cache_factory):
+    cache = cache_factory(delay=0.2)
+    futs = [cache.acquire("a", 0), cache.acquire("a", 1)]
+    leases = [f.result(10) for f in futs]
+    assert leases[0].slot == leases[1].slot
+    for lease in leases:
+        cache.release(lease.slot)
+
+
+def test_waiting_for_a_slot_is_bounded(cache_factory):
+    from services.common.errors import ResourceExhausted
+    cache = cache_factory(slots=1, slot_wait_s=0.3)
+    held = cache.acquire("a", 0).result(10)
+    with pytest.raises(ResourceExhausted, match="slots"):
+        cache.acquire("b", 0).result(10)
+    cache.release(held.slot)
+    lease = cache.acquire("b", 0).result(10)           # free now: it loads
+    cache.release(lease.slot)
