@@ -25,6 +25,7 @@ import torch
 
 from services.common.errors import (Cancelled, InvalidArgument, OpenLoraError, QueueFull,
                                     Unavailable)
+from services.common.memory import tune_malloc
 from services.common.peft_format import check_adapter_id
 from services.executor import ops
 from services.executor.adapters.cache import AdapterCache, AdapterSource
@@ -113,6 +114,7 @@ class Engine:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        tune_malloc()   # activations are MiB-sized: keep freed ones for reuse (see memory.py)
         self.kernel_backend = ops.ensure_built()
         path = resolve_model_dir(config.base_model)
         _, cfg = read_config(path)

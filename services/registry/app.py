@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import os
 import pathlib
 
 import structlog
 
+from services.common.memory import tune_malloc
 from services.common.server import Service, Server, create_server
 from services.registry.config import RegistryConfig
 from services.registry.core import AdapterRegistry
@@ -17,7 +16,6 @@ from services.registry.stores.blobs_fs import FsBlobStore
 from services.registry.stores.metadata_sqlite import SqliteMetadataStore
 
 log = structlog.get_logger(__name__)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3           # glibc mallopt parameters
 SERVICE_NAME = "openlora.v1.AdapterRegistry"
 
 
@@ -29,23 +27,6 @@ def build_core(config: RegistryConfig) -> AdapterRegistry:
                            work_dir=data / "work")
     core.recover()
     return core
-
-
-def tune_malloc() -> None:
-    """Keep glibc from handing freed MiB-sized buffers back to the kernel after every message.
-
-    Each FetchAdapter chunk allocates and frees ~1 MiB buffers (the encoded message, gRPC's copy);
-    with the default dynamic thresholds glibc trims the heap top / munmaps them each time, and every
-    next chunk pays ~256 fresh page faults per MiB. Fixed thresholds keep that memory for reuse.
-    No-op off glibc, or when MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_ are set by the operator."""
-    if "MALLOC_TRIM_THRESHOLD_" in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-    mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)
 
 
 async def start(config: RegistryConfig) -> tuple[Server, int, AdapterRegistry]:
