@@ -5,6 +5,7 @@ The oracle for outputs is transformers+peft on the same model directory and adap
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 
@@ -299,3 +300,23 @@ def test_sigterm_while_the_model_loads_exits_zero(llama_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+
+
+def test_router_answers_unknown_adapters_from_the_registry(stack):
+    """NOT_FOUND comes from the registry check, before any executor (here: none reachable)."""
+    from tests.servers import free_port
+    dead = f"127.0.0.1:{free_port()}"
+    router = Service("router", "--registry", stack["registry"].address, "--executor", dead)
+    router.proc = subprocess.Popen(router.args, env=router.env)   # never SERVING: no executor
+    try:
+        with grpc.insecure_channel(router.address) as ch:
+            grpc.channel_ready_future(ch).result(timeout=60)
+            stub = router_pb2_grpc.RouterStub(ch)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(_req("org/missing"), timeout=30)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.RpcError) as info:   # known adapter: on to the (dead) executor
+                stub.Generate(_req("org/qv"), timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        router.stop()

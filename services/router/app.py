@@ -6,6 +6,7 @@ from services.common.gen.openlora.v1 import router_pb2_grpc
 from services.common.server import Service, create_server
 from services.router.config import RouterConfig
 from services.router.discovery import ExecutorPool
+from services.router.registry_check import AdapterCheck
 from services.router.servicer import RouterServicer
 
 SERVICE = "openlora.v1.Router"
@@ -14,8 +15,9 @@ SERVICE = "openlora.v1.Router"
 async def build(config: RouterConfig):
     """The router answers SERVING only while at least one executor is healthy."""
     pool = ExecutorPool(config.executor, poll_interval_s=config.poll_interval_s)
+    servicer = RouterServicer(pool, AdapterCheck(config.registry))
     server, port = await create_server(
-        config, [Service(SERVICE, RouterServicer(pool), router_pb2_grpc.add_RouterServicer_to_server)],
+        config, [Service(SERVICE, servicer, router_pb2_grpc.add_RouterServicer_to_server)],
         serving=False)
 
     async def on_poll(views) -> None:
@@ -24,12 +26,13 @@ async def build(config: RouterConfig):
     pool.on_poll = on_poll
     await pool.start()
     await server.start()
-    return server, pool
+    return server, servicer
 
 
 async def serve(config: RouterConfig) -> None:
-    server, pool = await build(config)
+    server, servicer = await build(config)
     try:
         await server.run_until_signal(config.grace_seconds)
     finally:
-        await pool.close()
+        await servicer.pool.close()
+        await servicer.adapters.close()

@@ -10,7 +10,7 @@ from services.common.config import ServerConfig, check, flag
 @dataclass(slots=True)
 class RouterConfig(ServerConfig):
     port: int = flag(50050, "port to listen on (0 -> any free port)")
-    registry: str = flag("", "registry address HOST:PORT")
+    registry: str = flag("", "registry address HOST:PORT: unknown adapters fail fast with NOT_FOUND")
     executor: list[str] = flag(help="executor address HOST:PORT", multiple=True, required=True)
     poll_interval_s: float = flag(0.5, "how often each executor's health and status are polled")
 

@@ -13,6 +13,7 @@ from services.common import errors
 from services.common.gen.openlora.v1 import router_pb2, router_pb2_grpc
 from services.router.discovery import ExecutorPool
 from services.router.placement import rank
+from services.router.registry_check import AdapterCheck
 
 log = structlog.get_logger(__name__)
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
@@ -29,10 +30,12 @@ def _reraise(exc: grpc.aio.AioRpcError) -> None:
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, pool: ExecutorPool):
+    def __init__(self, pool: ExecutorPool, adapters: AdapterCheck | None = None):
         self.pool = pool
+        self.adapters = adapters or AdapterCheck("")
 
-    def _candidates(self, request) -> list[str]:
+    async def _candidates(self, request) -> list[str]:
+        await self.adapters.check(request.adapter_id, request.adapter_version)
         order = rank(self.pool.snapshot(), request.adapter_id)
         if not order:
             raise errors.Unavailable("no executors configured")
@@ -40,7 +43,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Generate(self, request, context):
         last = None
-        for address in self._candidates(request):
+        for address in await self._candidates(request):
             try:
                 return await self.pool.stubs[address].Generate(request, timeout=_timeout(context))
             except grpc.aio.AioRpcError as exc:
@@ -53,7 +56,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def GenerateStream(self, request, context):
         last = None
-        for address in self._candidates(request):
+        for address in await self._candidates(request):
             started = False
             try:
                 call = self.pool.stubs[address].GenerateStream(request, timeout=_timeout(context))
