@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/kernel.py [--rounds 30] [--bf16] [--engine-shapes | --attention]
 
+--bf16 also runs every case (kernel cases, engine shapes, attention) in bfloat16.
+
 Cases (d_in = d_out = 2048, S = 64 slots, r_max = 32, ranks cycling 8, 16, 32):
   decode:  T = 64 tokens, 64 distinct adapters, one token each
   prefill: T = 512 tokens, 8 adapters, 64 tokens each
@@ -86,10 +88,11 @@ def bench(name: str, case: dict, rounds: int) -> None:
 
 
 def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16, S: int = 33,
-                 r_max: int = 64) -> None:
+                 r_max: int = 64, dtype: torch.dtype = torch.float32) -> None:
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(T, d_in, generator=g), torch.randn(d_out, d_in, generator=g)
-    a, b = torch.randn(S, r_max, d_in, generator=g), torch.randn(S, d_out, r_max, generator=g)
+    x, w = torch.randn(T, d_in, generator=g).to(dtype), torch.randn(d_out, d_in, generator=g).to(dtype)
+    a = torch.randn(S, r_max, d_in, generator=g).to(dtype)
+    b = torch.randn(S, d_out, r_max, generator=g).to(dtype)
     sc, rk = torch.ones(S), torch.full((S,), r, dtype=torch.int32)
     indptr = torch.linspace(0, T, G + 1).round().to(torch.int32)
     slots = torch.arange(G, dtype=torch.int32)
@@ -105,7 +108,7 @@ def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16
             f()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(f"T={T:<5} G={G} {d_in:>4}->{d_out:<4}  fused {med['fused']:7.3f} ms  mm {med['mm']:7.3f} ms  "
+    print(f"T={T:<5} G={G} {d_in:>4}->{d_out:<4} {str(dtype)[6:]:<8}  fused {med['fused']:7.3f} ms  mm {med['mm']:7.3f} ms  "
           f"extra {med['fused'] - med['mm']:6.3f} ms  | fused/mm {med['fused'] / med['mm']:.3f}")
 
 
@@ -162,9 +165,11 @@ def main() -> None:
     if args.engine_shapes:
         print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
               f"engine shapes: rank 16, r_max 64, S 33, 32 adapters, rounds={args.rounds}")
-        for T in (64, 2048):
-            for d_in, d_out in ((512, 512), (512, 1376), (1376, 512)):
-                bench_engine(T, 32, d_in, d_out, args.rounds if T <= 64 else max(10, args.rounds // 4))
+        for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
+            for T in (64, 2048):
+                for d_in, d_out in ((512, 512), (512, 1376), (1376, 512)):
+                    bench_engine(T, 32, d_in, d_out, args.rounds if T <= 64 else max(10, args.rounds // 4),
+                                 dtype=dtype)
         return
     print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"d={D} S={S} r_max={R_MAX} ranks={RANKS} rounds={args.rounds}")

@@ -1,11 +1,13 @@
 """Mixed-adapter decode throughput: the executor's engine vs transformers + peft, side by side.
 
     .venv/bin/python benchmarks/throughput.py [--requests 64] [--adapters 32] [--skip-hf]
+                                              [--dtype {float32,bfloat16}]
 
 A CPU-sized random Llama (4 layers, hidden 512, vocab 4096) written as a Hugging Face directory;
 64 requests (32-token prompts, 32 new tokens, greedy, ignore_eos) over 32 rank-16 adapters on all
 seven projections. Prints generated tokens/s of: the engine with mixed adapters, the engine
 base-only, and transformers+peft's mixed-adapter batch generate (adapter_names=[...]).
+--dtype (default float32) sets the dtype of both the engine and transformers+peft.
 """
 
 from __future__ import annotations
@@ -53,10 +55,11 @@ def run_engine(engine: Engine, prompts, adapters, new_tokens) -> tuple[float, di
     return dt, {k: v for k, v in out.items() if not k.endswith(":done")}
 
 
-def run_hf(model_dir, adapter_root, names, prompts, adapters, new_tokens) -> float:
+def run_hf(model_dir, adapter_root, names, prompts, adapters, new_tokens,
+           dtype: torch.dtype = torch.float32) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = PeftModel.from_pretrained(model, adapter_root / names[0], adapter_name=names[0])
     for n in names[1:]:
         model.load_adapter(adapter_root / n, adapter_name=n)
@@ -83,6 +86,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="engine runs of each kind, alternated")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="dtype of the engine and of transformers+peft")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -97,7 +102,7 @@ def main() -> None:
     mixed = [names[i % len(names)] for i in range(args.requests)]
     total = args.requests * args.new_tokens
 
-    engine = Engine(ExecutorConfig(base_model=str(model_dir), device="cpu", dtype="float32",
+    engine = Engine(ExecutorConfig(base_model=str(model_dir), device="cpu", dtype=args.dtype,
                                    max_batch_size=args.requests, max_device_adapters=args.adapters,
                                    max_lora_rank=16),
                     LocalDirSource(root / "adapters"))
@@ -116,7 +121,7 @@ def main() -> None:
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
 
     print(f"model: llama {SPEC.layers} layers, hidden {SPEC.hidden}, intermediate {SPEC.intermediate}, "
-          f"heads {SPEC.heads}/{SPEC.kv_heads}, vocab {SPEC.vocab}; fp32 CPU, {args.threads} threads; "
+          f"heads {SPEC.heads}/{SPEC.kv_heads}, vocab {SPEC.vocab}; {args.dtype} CPU, {args.threads} threads; "
           f"kernel {engine.kernel_backend}")
     print(f"workload: {args.requests} requests x ({args.prompt_tokens} prompt + {args.new_tokens} new "
           f"tokens), {args.adapters} rank-16 adapters on {len(ALL_MODULES)} modules, greedy")
@@ -127,7 +132,8 @@ def main() -> None:
     print(f"mixed / base-only    : {t_base / t_mixed:8.2f}x best, {med(base_s) / med(mixed_s):.2f}x median"
           f"   (goal >= 0.90)")
     if not args.skip_hf:
-        t_hf = run_hf(model_dir, root / "adapters", names, prompts, mixed, args.new_tokens)
+        t_hf = run_hf(model_dir, root / "adapters", names, prompts, mixed, args.new_tokens,
+                      getattr(torch, args.dtype))
         print(f"transformers+peft mixed (generate, adapter_names): {total / t_hf:8.1f} tok/s  ({t_hf:.2f} s)")
         print(f"engine / transformers+peft: {t_hf / t_mixed:8.2f}x   (goal >= 5)")
 

@@ -12,8 +12,10 @@
 //   (barrier)
 //   expand  y[t, o] += v[t, :r] @ lora_b[s, o, :r]           runs of (segment, 16 rows of y), so each
 //                                                           thread streams stretches of lora_b in order
-// fp32 with AVX-512 uses register-tiled loops for both; other dtypes/ISAs use plain fp32-accumulating
-// loops for short segments and BLAS (in fp32) for long ones.
+// fp32 with AVX-512 uses register-tiled loops for both; so does bf16 with AVX512_BF16 (shrink with
+// _mm512_dpbf16_ps, expand with lora_b widened to fp32 in registers, fp32 accumulation, y rounded
+// once to bf16). Other dtypes/ISAs use plain fp32-accumulating loops for short segments and BLAS
+// (in fp32) for long ones.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -244,6 +246,192 @@ constexpr bool kTiledFloat = true;
 constexpr bool kTiledFloat = false;
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+// bf16 with AVX512_BF16: the same structure as fp32, accumulating in fp32.
+//   shrink: _mm512_dpbf16_ps on pairs of bf16 of x and lora_a (exact products, fp32 sums);
+//   expand: lora_b converted to fp32 in registers (bf16 -> fp32 is exact), v stays fp32, and y is
+//           read, updated in fp32 and rounded once to bf16 (round to nearest even).
+constexpr int64_t kPrefetchA16 = 512;  // bf16 elements ahead in a row of lora_a (1 KiB, as fp32)
+
+inline __mmask32 tail_mask32(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << n) - 1); }
+
+// 16 bf16 (as 16-bit lanes) -> 16 fp32, exactly.
+inline __m512 bf16_to_f32(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 load_bf16(const uint16_t* p) {
+  return bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 maskz_load_bf16(__mmask16 m, const uint16_t* p) {
+  return bf16_to_f32(_mm256_maskz_loadu_epi16(m, p));
+}
+// y[0..16) (bf16) += add, rounded once to nearest even.
+inline void add_store_bf16(uint16_t* y, __m512 add) {
+  const __m512 sum = _mm512_add_ps(load_bf16(y), add);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum)));
+}
+
+// out[t * NK + k] = x[t] @ a[k] over d_in, for NT tokens x NK rows, 32 bf16 per step.
+template <int NT, int NK>
+inline __m512 dot_tile_bf16(const uint16_t* const* x, const uint16_t* const* a, int64_t d_in) {
+  static_assert(NT * NK == 16, "one accumulator per output lane");
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d_in; i += 32) {
+    const __mmask32 m = tail_mask32(d_in - i);
+    __m512bh xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, x[t] + i));
+    for (int k = 0; k < NK; ++k) {
+      _mm_prefetch(reinterpret_cast<const char*>(a[k] + i + kPrefetchA16), _MM_HINT_T0);
+      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, a[k] + i));
+      for (int t = 0; t < NT; ++t) acc[t * NK + k] = _mm512_dpbf16_ps(acc[t * NK + k], xv[t], av);
+    }
+  }
+  return sum_lanes16(acc);
+}
+
+template <int NT, int NK>
+void shrink_tiles_bf16(const uint16_t* x, int64_t nt, const uint16_t* a, int64_t d_in, int64_t r,
+                       int64_t r_max, float scaling, float* v) {
+  const uint16_t* xs[NT];
+  const uint16_t* as[NK];
+  alignas(64) float out[16];
+  for (int t = 0; t < NT; ++t) xs[t] = x + std::min<int64_t>(t, nt - 1) * d_in;
+  for (int64_t k0 = 0; k0 < r; k0 += NK) {
+    for (int k = 0; k < NK; ++k) as[k] = a + std::min<int64_t>(k0 + k, r - 1) * d_in;  // stays < r
+    _mm512_store_ps(out, _mm512_mul_ps(dot_tile_bf16<NT, NK>(xs, as, d_in), _mm512_set1_ps(scaling)));
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t k = 0; k < NK && k0 + k < r; ++k) v[t * r_max + k0 + k] = out[t * NK + k];
+  }
+}
+
+template <>
+void shrink_group<c10::BFloat16>(const c10::BFloat16* x_, int64_t nt, const c10::BFloat16* a_,
+                                 int64_t d_in, int64_t r, int64_t r_max, float scaling, float* v) {
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(x_);
+  const uint16_t* a = reinterpret_cast<const uint16_t*>(a_);
+  if (nt == 1) return shrink_tiles_bf16<1, 16>(x, nt, a, d_in, r, r_max, scaling, v);
+  if (nt == 2) return shrink_tiles_bf16<2, 8>(x, nt, a, d_in, r, r_max, scaling, v);
+  return shrink_tiles_bf16<4, 4>(x, nt, a, d_in, r, r_max, scaling, v);
+}
+
+// Few tokens: as expand_rows, with b's rows converted to fp32 in registers.
+void expand_rows_bf16(const c10::BFloat16* b_, int64_t r_max, int64_t r, const float* v, int64_t nt,
+                      c10::BFloat16* y_, int64_t d_out, int64_t o0, int64_t o1) {
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(b_);
+  uint16_t* y = reinterpret_cast<uint16_t*>(y_);
+  int64_t o = o0;
+  const int64_t pf_end = d_out;  // prefetch stays inside this slot's b
+  for (; o + 16 <= o1; o += 16) {
+    for (int64_t j = 0; j < 16; ++j) {
+      const int64_t p = o + kPrefetchB + j;
+      if (p < pf_end) {
+        const char* row = reinterpret_cast<const char*>(b + p * r_max);
+        for (int64_t k = 0; k < r; k += 32) _mm_prefetch(row + 2 * k, _MM_HINT_T0);
+        _mm_prefetch(row + 2 * (r - 1), _MM_HINT_T0);
+      }
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      const float* vt = v + t * r_max;
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < r; k += 16) {
+        const __mmask16 m = tail_mask(r - k);  // never reads b past the rank
+        const __m512 vv = _mm512_maskz_loadu_ps(m, vt + k);
+        for (int j = 0; j < 16; ++j)
+          acc[j] = _mm512_fmadd_ps(maskz_load_bf16(m, b + (o + j) * r_max + k), vv, acc[j]);
+      }
+      add_store_bf16(y + t * d_out + o, sum_lanes16(acc));
+    }
+  }
+  for (; o < o1; ++o)
+    for (int64_t t = 0; t < nt; ++t) {
+      c10::BFloat16& out = y_[t * d_out + o];
+      out = static_cast<float>(out) + dot(b_ + o * r_max, v + t * r_max, r);
+    }
+}
+
+// y[t, 16m .. 16m+16] (bf16) += sum_k v[t, k] * bt[k, 16m ..]  for t < N, m < M.  bt: [r, 64] fp32
+template <int N, int M>
+inline void expand_tile_bf16(const float* bt, int64_t r, const float* v, int64_t r_max, uint16_t* y,
+                             int64_t d_out) {
+  __m512 acc[N][M];
+  for (int t = 0; t < N; ++t)
+    for (int m = 0; m < M; ++m) acc[t][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < r; ++k) {
+    __m512 bk[M];
+    for (int m = 0; m < M; ++m) bk[m] = _mm512_load_ps(bt + k * 64 + 16 * m);
+    for (int t = 0; t < N; ++t) {
+      const __m512 vk = _mm512_set1_ps(v[t * r_max + k]);
+      for (int m = 0; m < M; ++m) acc[t][m] = _mm512_fmadd_ps(vk, bk[m], acc[t][m]);
+    }
+  }
+  for (int t = 0; t < N; ++t)
+    for (int m = 0; m < M; ++m) add_store_bf16(y + t * d_out + 16 * m, acc[t][m]);
+}
+
+template <int M>
+inline void expand_tiles_m_bf16(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
+                                uint16_t* y, int64_t d_out) {
+  int64_t t = 0;
+  for (; t + 4 <= nt; t += 4) expand_tile_bf16<4, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out);
+  switch (nt - t) {
+    case 3: expand_tile_bf16<3, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
+    case 2: expand_tile_bf16<2, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
+    case 1: expand_tile_bf16<1, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
+    default: break;
+  }
+}
+
+// Many tokens: as expand_segment<float>, gathering 64 rows of b into bt [r, 64] fp32. Each 32-bit
+// gather reads two neighbouring bf16 of a row, both < r: columns (0, 1) for k = 0, else (k - 1, k).
+template <>
+void expand_segment<c10::BFloat16>(const c10::BFloat16* b_, int64_t r_max, int64_t r, const float* v,
+                                   int64_t nt, c10::BFloat16* y_, int64_t d_out, int64_t o0, int64_t o1) {
+  if (nt < kLongSegment || r < 2) return expand_rows_bf16(b_, r_max, r, v, nt, y_, d_out, o0, o1);
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(b_);
+  uint16_t* y = reinterpret_cast<uint16_t*>(y_);
+  alignas(64) static thread_local float bt_small[64 * 64];
+  thread_local std::vector<float> bt_big;
+  float* bt = bt_small;
+  if (r > 64) {
+    if ((int64_t)bt_big.size() < 64 * r + 16) bt_big.resize(64 * r + 16);
+    bt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bt_big.data()) + 63) & ~uintptr_t(63));
+  }
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(static_cast<int>(r_max)));
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t ob = o0; ob < o1; ob += 64) {
+    const int tiles = static_cast<int>(std::min<int64_t>(64, o1 - ob) / 16);
+    for (int m = 0; m < tiles; ++m) {
+      const uint16_t* bm = b + (ob + 16 * m) * r_max;
+      const __m512i c01 = _mm512_i32gather_epi32(idx, bm, 2);  // columns 0 (low half) and 1
+      _mm512_store_ps(bt + 16 * m, _mm512_castsi512_ps(_mm512_slli_epi32(c01, 16)));
+      for (int64_t k = 1; k < r; ++k) {  // columns k - 1 and k < r of 16 rows; keep k (high half)
+        const __m512i g = _mm512_i32gather_epi32(idx, bm + k - 1, 2);
+        _mm512_store_ps(bt + k * 64 + 16 * m, _mm512_castsi512_ps(_mm512_and_si512(g, hi)));
+      }
+    }
+    uint16_t* yb = y + ob;
+    switch (tiles) {
+      case 4: expand_tiles_m_bf16<4>(bt, r, v, r_max, nt, yb, d_out); break;
+      case 3: expand_tiles_m_bf16<3>(bt, r, v, r_max, nt, yb, d_out); break;
+      case 2: expand_tiles_m_bf16<2>(bt, r, v, r_max, nt, yb, d_out); break;
+      case 1: expand_tiles_m_bf16<1>(bt, r, v, r_max, nt, yb, d_out); break;
+      default: break;
+    }
+    for (int64_t o = ob + tiles * 16; o < std::min(ob + 64, o1); ++o)  // d_out % 16 leftovers
+      for (int64_t t = 0; t < nt; ++t) {
+        c10::BFloat16& out = y_[t * d_out + o];
+        out = static_cast<float>(out) + dot(b_ + o * r_max, v + t * r_max, r);
+      }
+  }
+}
+constexpr bool kTiledBFloat16 = true;
+#else
+constexpr bool kTiledBFloat16 = false;
+#endif
+
 // Splits items with costs into n contiguous runs of about equal cost: item range of part p is
 // [bounds[p], bounds[p + 1]).
 template <typename Cost>
@@ -364,7 +552,8 @@ at::Tensor lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
   const int32_t* sl = seg_slots.data_ptr<int32_t>();
   const int32_t* rk = ranks.data_ptr<int32_t>();
   const float* sc = scalings.data_ptr<float>();
-  const bool tiled = kTiledFloat && x.scalar_type() == at::kFloat;
+  const bool tiled = (kTiledFloat && x.scalar_type() == at::kFloat) ||
+                     (kTiledBFloat16 && x.scalar_type() == at::kBFloat16);
   std::vector<Segment> segs;
   for (int64_t g = 0; g < seg_slots.size(0); ++g) {
     const int64_t s = sl[g];

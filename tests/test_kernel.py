@@ -250,3 +250,21 @@ def test_failed_build_raises_with_compiler_message(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENLORA_BUILD_DIR", str(tmp_path / "build"))
     with pytest.raises(build.KernelBuildError, match="undeclared_name_42"):
         build.build()
+
+
+@pytest.mark.parametrize("dims", [(33, 17, 8), (100, 75, 40), (512, 1376 // 8, 64), (70, 40, 96)])
+def test_bf16_lora_update_rounded_once_cpu(dims):
+    """bf16 on CPU: every segment length (1..70, short and long paths), every rank incl. 1 and r_max,
+    d_in not a multiple of 32 and d_out % 16 != 0. y may differ from the fp32 reference of the same
+    bf16 inputs only by the rounding of the base layer's output and one final rounding to bf16
+    (half an ulp each, plus a little fp32 accumulation error), never by a bf16-rounded LoRA term."""
+    lens = [1, 2, 3, 4, 5, 7, 8, 9, 16, 31, 70, 1, 12]
+    slots = [0, 1, 2, 3, 5, 0, 1, 2, 3, 5, 0, 1, 2]
+    args = make_args(lens, slots, *dims, True, torch.bfloat16, "cpu", seed=1)
+    y = call(lora_linear, args).float()
+    ref = lora_linear_ref(*[args[k].float() if k != "scalings" and args[k] is not None
+                            and args[k].is_floating_point() else args[k] for k in ARGS])
+    base = torch.addmm(args["bias"].float(), args["x"].float(), args["weight"].float().t())
+    assert not y.isnan().any()
+    bound = 2.0 ** -8 * (base.abs() + ref.abs()) * 1.05 + 1e-4 * (1 + ref.abs())
+    assert ((y - ref).abs() <= bound).all(), float(((y - ref).abs() - bound).max())
