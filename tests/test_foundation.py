@@ -54,6 +54,7 @@ def _cli(*args, env=None):
     (["executor", "--base-model", "m", "--max-batch-size", "0"], {}, "--max-batch-size"),
     (["executor", "--base-model", "m", "--device", "tpu"], {}, "--device"),
     (["executor"], {"OPENLORA_DTYPE": "int3"}, "--dtype"),
+    (["executor", "--base-model", "m", "--device", "cpu", "--dtype", "float16"], {}, "--dtype"),
     (["router"], {}, "--executor"),
     (["registry", "--data-dir", "/tmp/d", "--bogus", "1"], {}, "--bogus"),
 ])

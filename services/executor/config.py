@@ -40,4 +40,6 @@ class ExecutorConfig(ServerConfig):
         for name in ("host_cache_bytes", "disk_cache_bytes", "kv_cache_bytes", "max_model_len"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.registry_timeout_s > 0, "registry_timeout_s", "must be > 0")
+        check(not (self.dtype == "float16" and self.device == "cpu"), "dtype",
+              "float16 runs on CUDA only; use float32 or bfloat16 with --device cpu")
         check(self.adapter_latest_ttl_s >= 0, "adapter_latest_ttl_s", "must be >= 0")
