@@ -71,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     serve = _resolve(target, ns.command)
     from services.common.logging import configure_logging
     configure_logging(config.log_level)
-    asyncio.run(serve(config))
+    from services.common.server import StartupError
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        print(f"openlora {ns.command}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -152,3 +152,9 @@ def test_registry_and_router_never_import_torch():
             "assert 'transformers' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_executor_with_a_missing_model_says_so_and_exits_1(tmp_path):
+    proc = _cli("executor", "--port", "0", "--base-model", str(tmp_path / "nope"))
+    assert proc.returncode == 1
+    assert "no such directory" in proc.stderr.strip().splitlines()[-1]

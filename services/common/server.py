@@ -30,6 +30,10 @@ GRPC_OPTIONS = [
 _early_signal = False
 
 
+class StartupError(RuntimeError):
+    """A server cannot start (its model will not load, say); the CLI prints it as one line, exit 1."""
+
+
 def defer_signals() -> None:
     """Until an event loop takes over (Server.handle_signals), remember SIGTERM/SIGINT instead of
     dying, so a server stopped during start-up (imports, model load) still drains and exits 0."""

@@ -9,7 +9,7 @@ import tempfile
 import structlog
 
 from services.common.gen.openlora.v1 import executor_pb2_grpc
-from services.common.server import Service, create_server
+from services.common.server import Service, StartupError, create_server
 from services.executor.config import ExecutorConfig
 from services.executor.registry_source import DiskAdapterStore, RegistryAdapterSource
 
@@ -34,7 +34,11 @@ async def build(config: ExecutorConfig):
     server.handle_signals()   # a SIGTERM while the model loads still exits 0
     await server.start()
     log.info("executor_loading", port=port, base_model=config.base_model)
-    engine = await asyncio.to_thread(Engine, config, source)
+    try:
+        engine = await asyncio.to_thread(Engine, config, source)
+    except Exception as exc:
+        await server.stop(0)
+        raise StartupError(f"cannot load the base model: {exc}") from exc
     engine.start()
     holder.engine = engine
     await server.set_serving(True)

@@ -21,9 +21,16 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if name_or_path.startswith(("/", ".", "~")) or path.exists():
+        raise FileNotFoundError(f"base model {name_or_path!r}: no such directory (a model directory "
+                                "holds config.json and *.safetensors)")
     from huggingface_hub import snapshot_download
-    return pathlib.Path(snapshot_download(
-        name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    try:
+        return pathlib.Path(snapshot_download(
+            name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as exc:
+        raise FileNotFoundError(f"base model {name_or_path!r} is not a local directory and could "
+                                f"not be fetched from the hub: {type(exc).__name__}: {exc}") from None
 
 
 def resolve_device(device: str) -> torch.device:
