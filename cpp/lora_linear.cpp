@@ -12,8 +12,8 @@
 //   (barrier)
 //   expand  y[t, o] += v[t, :r] @ lora_b[s, o, :r]           runs of (segment, 16 rows of y), so each
 //                                                           thread streams stretches of lora_b in order
-// fp32 with AVX-512 uses register-tiled loops for both; so does bf16 with AVX512_BF16 (shrink with
-// _mm512_dpbf16_ps, expand with lora_b widened to fp32 in registers, fp32 accumulation, y rounded
+// fp32 with AVX-512, or AVX2 + FMA at half the width, uses register-tiled loops for both; so does
+// bf16 with AVX512_BF16 (shrink with _mm512_dpbf16_ps, expand with lora_b widened to fp32 in registers, fp32 accumulation, y rounded
 // once to bf16). Other dtypes/ISAs use plain fp32-accumulating loops for short segments and BLAS
 // (in fp32) for long ones.
 #include <ATen/ATen.h>
@@ -26,7 +26,7 @@
 
 #include <omp.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -238,6 +238,187 @@ void expand_segment<float>(const float* b, int64_t r_max, int64_t r, const float
       default: break;
     }
     for (int64_t o = ob + tiles * 16; o < std::min(ob + 64, o1); ++o)  // d_out % 16 leftovers
+      for (int64_t t = 0; t < nt; ++t) y[t * d_out + o] += dot(b + o * r_max, v + t * r_max, r);
+  }
+}
+constexpr bool kTiledFloat = true;
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 + FMA (8 lanes, 16 registers): the AVX-512 structure at half the width. Tails use
+// _mm256_maskload_ps, which never touches masked-out elements, so nothing past a rank is read.
+constexpr int64_t kPrefetchA = 256;  // floats ahead in a row of lora_a
+constexpr int64_t kPrefetchB = 32;   // rows ahead in lora_b
+
+inline __m256i tail_mask8(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Lane j of the result = the sum of acc[j]'s 8 lanes.
+inline __m256 sum_lanes8(const __m256* acc) {
+  const __m256 s0 = _mm256_hadd_ps(acc[0], acc[1]), s1 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 s2 = _mm256_hadd_ps(acc[4], acc[5]), s3 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 t0 = _mm256_hadd_ps(s0, s1), t1 = _mm256_hadd_ps(s2, s3);  // per 128-bit half
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// out[t * NK + k] = x[t] @ a[k] over d_in, for NT tokens x NK rows (NT * NK == 8 accumulators).
+template <int NT, int NK>
+inline __m256 dot_tile8(const float* const* x, const float* const* a, int64_t d_in) {
+  static_assert(NT * NK == 8, "one accumulator per output lane");
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= d_in; i += 16) {  // one cache line of each row per step, prefetched once
+    for (int k = 0; k < NK; ++k)
+      _mm_prefetch(reinterpret_cast<const char*>(a[k] + i + kPrefetchA), _MM_HINT_T0);
+    for (int64_t h = i; h < i + 16; h += 8) {
+      __m256 xv[NT];
+      for (int t = 0; t < NT; ++t) xv[t] = _mm256_loadu_ps(x[t] + h);
+      for (int k = 0; k < NK; ++k) {
+        const __m256 av = _mm256_loadu_ps(a[k] + h);
+        for (int t = 0; t < NT; ++t) acc[t * NK + k] = _mm256_fmadd_ps(xv[t], av, acc[t * NK + k]);
+      }
+    }
+  }
+  for (; i + 8 <= d_in; i += 8) {
+    __m256 xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = _mm256_loadu_ps(x[t] + i);
+    for (int k = 0; k < NK; ++k) {
+      const __m256 av = _mm256_loadu_ps(a[k] + i);
+      for (int t = 0; t < NT; ++t) acc[t * NK + k] = _mm256_fmadd_ps(xv[t], av, acc[t * NK + k]);
+    }
+  }
+  if (i < d_in) {
+    const __m256i m = tail_mask8(d_in - i);
+    __m256 xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = _mm256_maskload_ps(x[t] + i, m);
+    for (int k = 0; k < NK; ++k) {
+      const __m256 av = _mm256_maskload_ps(a[k] + i, m);
+      for (int t = 0; t < NT; ++t) acc[t * NK + k] = _mm256_fmadd_ps(xv[t], av, acc[t * NK + k]);
+    }
+  }
+  return sum_lanes8(acc);
+}
+
+template <int NT, int NK>
+void shrink_tiles8(const float* x, int64_t nt, const float* a, int64_t d_in, int64_t r,
+                   int64_t r_max, float scaling, float* v) {
+  const float* xs[NT];
+  const float* as[NK];
+  alignas(32) float out[8];
+  for (int t = 0; t < NT; ++t) xs[t] = x + std::min<int64_t>(t, nt - 1) * d_in;
+  for (int64_t k0 = 0; k0 < r; k0 += NK) {
+    for (int k = 0; k < NK; ++k) as[k] = a + std::min<int64_t>(k0 + k, r - 1) * d_in;  // stays < r
+    _mm256_store_ps(out, _mm256_mul_ps(dot_tile8<NT, NK>(xs, as, d_in), _mm256_set1_ps(scaling)));
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t k = 0; k < NK && k0 + k < r; ++k) v[t * r_max + k0 + k] = out[t * NK + k];
+  }
+}
+
+template <>
+void shrink_group<float>(const float* x, int64_t nt, const float* a, int64_t d_in, int64_t r,
+                         int64_t r_max, float scaling, float* v) {
+  if (nt == 1) return shrink_tiles8<1, 8>(x, nt, a, d_in, r, r_max, scaling, v);
+  if (nt == 2) return shrink_tiles8<2, 4>(x, nt, a, d_in, r, r_max, scaling, v);
+  return shrink_tiles8<4, 2>(x, nt, a, d_in, r, r_max, scaling, v);
+}
+
+// Few tokens: 8 rows of b at a time, each row's dot with v[t], reduced with sum_lanes8; b is
+// prefetched kPrefetchB rows ahead so a segment's b streams from memory.
+void expand_rows8(const float* b, int64_t r_max, int64_t r, const float* v, int64_t nt, float* y,
+                  int64_t d_out, int64_t o0, int64_t o1) {
+  int64_t o = o0;
+  for (; o + 8 <= o1; o += 8) {
+    for (int64_t j = 0; j < 8; ++j) {
+      const int64_t p = o + kPrefetchB + j;
+      if (p < d_out) {  // prefetch stays inside this slot's b
+        const char* row = reinterpret_cast<const char*>(b + p * r_max);
+        for (int64_t k = 0; k < r; k += 16) _mm_prefetch(row + 4 * k, _MM_HINT_T0);
+        if (reinterpret_cast<uintptr_t>(row) & 63) _mm_prefetch(row + 4 * (r - 1), _MM_HINT_T0);
+      }
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      const float* vt = v + t * r_max;
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= r; k += 8) {
+        const __m256 vv = _mm256_loadu_ps(vt + k);
+        for (int j = 0; j < 8; ++j)
+          acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(b + (o + j) * r_max + k), vv, acc[j]);
+      }
+      if (k < r) {
+        const __m256i m = tail_mask8(r - k);  // never reads b past the rank
+        const __m256 vv = _mm256_maskload_ps(vt + k, m);
+        for (int j = 0; j < 8; ++j)
+          acc[j] = _mm256_fmadd_ps(_mm256_maskload_ps(b + (o + j) * r_max + k, m), vv, acc[j]);
+      }
+      float* yt = y + t * d_out + o;
+      _mm256_storeu_ps(yt, _mm256_add_ps(_mm256_loadu_ps(yt), sum_lanes8(acc)));
+    }
+  }
+  for (; o < o1; ++o)
+    for (int64_t t = 0; t < nt; ++t) y[t * d_out + o] += dot(b + o * r_max, v + t * r_max, r);
+}
+
+// y[t, o0 + 8m ..] += sum_k v[t, k] * bt[k, 8m ..]  for t < N, m < M.  bt: [r, 32]
+template <int N, int M>
+inline void expand_tile8(const float* bt, int64_t r, const float* v, int64_t r_max, float* y,
+                         int64_t d_out) {
+  __m256 acc[N][M];
+  for (int t = 0; t < N; ++t)
+    for (int m = 0; m < M; ++m) acc[t][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < r; ++k) {  // N * M + N + 1 <= 16 registers
+    __m256 vk[N];
+    for (int t = 0; t < N; ++t) vk[t] = _mm256_broadcast_ss(v + t * r_max + k);
+    for (int m = 0; m < M; ++m) {
+      const __m256 bk = _mm256_load_ps(bt + k * 32 + 8 * m);
+      for (int t = 0; t < N; ++t) acc[t][m] = _mm256_fmadd_ps(vk[t], bk, acc[t][m]);
+    }
+  }
+  for (int t = 0; t < N; ++t)
+    for (int m = 0; m < M; ++m) {
+      float* yt = y + t * d_out + 8 * m;
+      _mm256_storeu_ps(yt, _mm256_add_ps(_mm256_loadu_ps(yt), acc[t][m]));
+    }
+}
+
+template <int M>
+inline void expand_tiles8_m(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
+                            float* y, int64_t d_out) {
+  int64_t t = 0;
+  for (; t + 3 <= nt; t += 3) expand_tile8<3, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out);
+  switch (nt - t) {
+    case 2: expand_tile8<2, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
+    case 1: expand_tile8<1, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
+    default: break;
+  }
+}
+
+// Many tokens: per 32 rows of b, copy them once into bt [r, 32] (b transposed), then 3 tokens at a
+// time y[t, o:o+32] += sum_k v[t, k] * bt[k] (12 accumulators, no horizontal sums).
+template <>
+void expand_segment<float>(const float* b, int64_t r_max, int64_t r, const float* v, int64_t nt,
+                           float* y, int64_t d_out, int64_t o0, int64_t o1) {
+  if (nt < kLongSegment) return expand_rows8(b, r_max, r, v, nt, y, d_out, o0, o1);
+  thread_local std::vector<float> bt_buf;
+  if ((int64_t)bt_buf.size() < 32 * r + 8) bt_buf.resize(32 * r + 8);
+  float* bt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bt_buf.data()) + 31) & ~uintptr_t(31));
+  for (int64_t ob = o0; ob < o1; ob += 32) {
+    const int tiles = static_cast<int>(std::min<int64_t>(32, o1 - ob) / 8);
+    for (int64_t j = 0; j < tiles * 8; ++j) {  // column k < r of each row
+      const float* row = b + (ob + j) * r_max;
+      for (int64_t k = 0; k < r; ++k) bt[k * 32 + j] = row[k];
+    }
+    float* yb = y + ob;
+    switch (tiles) {
+      case 4: expand_tiles8_m<4>(bt, r, v, r_max, nt, yb, d_out); break;
+      case 3: expand_tiles8_m<3>(bt, r, v, r_max, nt, yb, d_out); break;
+      case 2: expand_tiles8_m<2>(bt, r, v, r_max, nt, yb, d_out); break;
+      case 1: expand_tiles8_m<1>(bt, r, v, r_max, nt, yb, d_out); break;
+      default: break;
+    }
+    for (int64_t o = ob + tiles * 8; o < std::min(ob + 32, o1); ++o)  // d_out % 8 leftovers
       for (int64_t t = 0; t < nt; ++t) y[t * d_out + o] += dot(b + o * r_max, v + t * r_max, r);
   }
 }
