@@ -7,7 +7,7 @@
 //       y[rows] += scalings[s] * (x[rows] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T
 //
 // CPU kernel: the base matmul writes y, then the LoRA update is accumulated into y in place, each
-// segment at its own rank, in one parallel region with two phases split between the threads by cost:
+// segment at its own rank, in one parallel region with two phases, each cut into runs of equal cost:
 //   shrink  v[t, :r] = scaling * x[t] @ lora_a[s, :r].T     runs of token groups (<= 4 tokens)
 //   (barrier)
 //   expand  y[t, o] += v[t, :r] @ lora_b[s, o, :r]           runs of (segment, 16 rows of y), so each
@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -37,6 +38,7 @@ namespace {
 
 constexpr int64_t kGroup = 4;           // tokens per shrink work item
 constexpr int64_t kLongSegment = 8;     // tokens from which a segment is "long"
+constexpr int kPartsPerThread = 4;      // runs of work per thread and phase, claimed dynamically
 
 struct Segment {
   int64_t begin, end, slot, rank;
@@ -179,14 +181,15 @@ inline void expand_tile(const float* bt, int64_t r, const float* v, int64_t r_ma
   __m512 acc[N][M];
   for (int t = 0; t < N; ++t)
     for (int m = 0; m < M; ++m) acc[t][m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < r; ++k) {
+  int64_t k = 0;  // r >= 1; as a for loop, GCC stored acc to memory on every step
+  do {
     __m512 bk[M];
     for (int m = 0; m < M; ++m) bk[m] = _mm512_load_ps(bt + k * 64 + 16 * m);
     for (int t = 0; t < N; ++t) {
       const __m512 vk = _mm512_set1_ps(v[t * r_max + k]);
       for (int m = 0; m < M; ++m) acc[t][m] = _mm512_fmadd_ps(vk, bk[m], acc[t][m]);
     }
-  }
+  } while (++k < r);
   for (int t = 0; t < N; ++t)
     for (int m = 0; m < M; ++m) {
       float* yt = y + t * d_out + 16 * m;
@@ -368,14 +371,15 @@ inline void expand_tile8(const float* bt, int64_t r, const float* v, int64_t r_m
   __m256 acc[N][M];
   for (int t = 0; t < N; ++t)
     for (int m = 0; m < M; ++m) acc[t][m] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < r; ++k) {  // N * M + N + 1 <= 16 registers
+  int64_t k = 0;  // r >= 1; as a for loop, GCC stored acc to memory on every step
+  do {  // N * M + N + 1 <= 16 registers
     __m256 vk[N];
     for (int t = 0; t < N; ++t) vk[t] = _mm256_broadcast_ss(v + t * r_max + k);
     for (int m = 0; m < M; ++m) {
       const __m256 bk = _mm256_load_ps(bt + k * 32 + 8 * m);
       for (int t = 0; t < N; ++t) acc[t][m] = _mm256_fmadd_ps(vk[t], bk, acc[t][m]);
     }
-  }
+  } while (++k < r);
   for (int t = 0; t < N; ++t)
     for (int m = 0; m < M; ++m) {
       float* yt = y + t * d_out + 8 * m;
@@ -539,14 +543,15 @@ inline void expand_tile_bf16(const float* bt, int64_t r, const float* v, int64_t
   __m512 acc[N][M];
   for (int t = 0; t < N; ++t)
     for (int m = 0; m < M; ++m) acc[t][m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < r; ++k) {
+  int64_t k = 0;  // r >= 1; as a for loop, GCC stored acc to memory on every step
+  do {
     __m512 bk[M];
     for (int m = 0; m < M; ++m) bk[m] = _mm512_load_ps(bt + k * 64 + 16 * m);
     for (int t = 0; t < N; ++t) {
       const __m512 vk = _mm512_set1_ps(v[t * r_max + k]);
       for (int m = 0; m < M; ++m) acc[t][m] = _mm512_fmadd_ps(vk, bk[m], acc[t][m]);
     }
-  }
+  } while (++k < r);
   for (int t = 0; t < N; ++t)
     for (int m = 0; m < M; ++m) add_store_bf16(y + t * d_out + 16 * m, acc[t][m]);
 }
@@ -632,10 +637,11 @@ void balance(int64_t items, int n, Cost cost, std::vector<int64_t>& bounds) {
 }
 
 // Shrink then expand for segs, accumulating into y in place, in one parallel region:
-//   shrink: token groups (<= kGroup tokens of one segment) split into equal-cost runs, one per thread;
+//   shrink: token groups (<= kGroup tokens of one segment) split into equal-cost runs;
 //   barrier;
-//   expand: (segment, 16 rows of y) units split into equal-cost runs, one per thread, so each thread
-//           walks whole stretches of a segment's lora_b in order.
+//   expand: (segment, 16 rows of y) units split into equal-cost runs, so each run walks whole
+//           stretches of a segment's lora_b in order.
+// Threads claim runs from a shared counter, kPartsPerThread runs per thread and phase.
 template <typename scalar_t>
 void lora_segments(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                    const std::vector<Segment>& segs, at::Tensor& y) {
@@ -654,13 +660,17 @@ void lora_segments(const at::Tensor& x, const at::Tensor& lora_a, const at::Tens
     for (int64_t t = seg.begin; t < seg.end; t += kGroup) groups.push_back({&seg, t});
 
   int n = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  // Each phase is cut into kPartsPerThread * n runs of about equal cost, claimed by the threads
+  // from a shared counter: on a shared machine one thread often runs slower than the other, and
+  // claiming lets the faster thread take more runs instead of waiting at the barrier.
+  const int parts = n == 1 ? 1 : kPartsPerThread * n;
   // cost ~ (bytes of adapter read) + (FMAs): rank * (tokens + 4) per unit of d_in / d_out
   std::vector<int64_t> gb, eb;
-  balance(groups.size(), n, [&](int64_t i) {
+  balance(groups.size(), parts, [&](int64_t i) {
     return double(groups[i].seg->rank) * (std::min(kGroup, groups[i].seg->end - groups[i].t) + 4);
   }, gb);
   const int64_t blocks = (d_out + 15) / 16;  // units of 16 rows per segment
-  balance(segs.size() * blocks, n, [&](int64_t u) {
+  balance(segs.size() * blocks, parts, [&](int64_t u) {
     const Segment& s = segs[u / blocks];
     return double(s.rank) * (std::min<int64_t>(s.end - s.begin, 16) + 4);
   }, eb);
@@ -689,12 +699,12 @@ void lora_segments(const at::Tensor& x, const at::Tensor& lora_a, const at::Tens
     expand(0);
     return;
   }
+  std::atomic<int> next_shrink{0}, next_expand{0};
 #pragma omp parallel num_threads(n)
   {
-    const int id = omp_get_thread_num(), team = omp_get_num_threads();  // team may be < n
-    for (int p = id; p < n; p += team) work(p);
+    for (int p; (p = next_shrink.fetch_add(1, std::memory_order_relaxed)) < parts;) work(p);
 #pragma omp barrier
-    for (int p = id; p < n; p += team) expand(p);
+    for (int p; (p = next_expand.fetch_add(1, std::memory_order_relaxed)) < parts;) expand(p);
   }
 }
 
