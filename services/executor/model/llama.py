@@ -222,9 +222,19 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
+        # _weight: no random init (the loader assigns the checkpoint's; initialising, even on meta,
+        # costs seconds of start-up importing torch._dynamo)
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden, _weight=torch.empty(cfg.vocab, cfg.hidden))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+
+
+class LMHead(nn.Module):
+    """Holds lm_head.weight [vocab, hidden] (as nn.Linear would, without its random init)."""
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, hidden))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -234,8 +244,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab, bias=False)
-        cos, sin = rope_tables(cfg, max_len)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.hidden, cfg.vocab)
+        with torch.device("cpu"):  # real tables even when built on meta (the loader moves them)
+            cos, sin = rope_tables(cfg, max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -11,7 +11,7 @@ import pathlib
 import torch
 from safetensors import safe_open
 
-from services.executor.model.llama import LlamaForCausalLM, ModelConfig, rope_tables
+from services.executor.model.llama import LlamaForCausalLM, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,6 +90,5 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype,
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=True, assign=True)
-    cos, sin = rope_tables(cfg, max_len)       # buffers were made on meta
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
     return model.eval().requires_grad_(False), cfg, path
