@@ -13,8 +13,8 @@
 //   expand  y[t, o] += v[t, :r] @ lora_b[s, o, :r]           runs of (segment, 16 rows of y), so each
 //                                                           thread streams stretches of lora_b in order
 // fp32 with AVX-512, or AVX2 + FMA at half the width, uses register-tiled loops for both; so does
-// bf16 with AVX512_BF16 (shrink with _mm512_dpbf16_ps, expand with lora_b widened to fp32 in registers, fp32 accumulation, y rounded
-// once to bf16). Other dtypes/ISAs use plain fp32-accumulating loops for short segments and BLAS
+// bf16 with AVX512_BF16 (shrink with _mm512_dpbf16_ps, expand with lora_b widened to fp32 in
+// registers, fp32 accumulation, y rounded once to bf16). Other dtypes/ISAs use plain fp32-accumulating loops for short segments and BLAS
 // (in fp32) for long ones.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -76,9 +76,39 @@ void expand_segment(const scalar_t* b, int64_t r_max, int64_t r, const float* v,
     }
 }
 
+constexpr int64_t kPrefetchA = 256;  // floats ahead in a row of lora_a (register-tiled paths)
+constexpr int64_t kPrefetchB = 32;   // rows ahead in lora_b (register-tiled paths)
+
+// The register-tiled shrink, whatever the ISA: Tiles::tile<NT, NK>(xs, as, d_in, out) writes
+// out[t * NK + k] = xs[t] @ as[k] for NT tokens x NK rows (NT * NK == Tiles::kLanes). Row pointers
+// past nt or r repeat the last valid one, so a tile never reads a row past the rank.
+template <typename Tiles, int NT, int NK, typename T>
+void shrink_tiles(const T* x, int64_t nt, const T* a, int64_t d_in, int64_t r, int64_t r_max,
+                  float scaling, float* v) {
+  static_assert(NT * NK == Tiles::kLanes, "one output lane per (token, row)");
+  const T* xs[NT];
+  const T* as[NK];
+  alignas(64) float out[NT * NK];
+  for (int t = 0; t < NT; ++t) xs[t] = x + std::min<int64_t>(t, nt - 1) * d_in;
+  for (int64_t k0 = 0; k0 < r; k0 += NK) {
+    for (int k = 0; k < NK; ++k) as[k] = a + std::min<int64_t>(k0 + k, r - 1) * d_in;
+    Tiles::template tile<NT, NK>(xs, as, d_in, out);
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t k = 0; k < NK && k0 + k < r; ++k) v[t * r_max + k0 + k] = scaling * out[t * NK + k];
+  }
+}
+
+// Token groups of 1, 2 or 4 (<= kGroup) as 1 x L, 2 x L/2 or 4 x L/4 tiles.
+template <typename Tiles, typename T>
+void shrink_by_tiles(const T* x, int64_t nt, const T* a, int64_t d_in, int64_t r, int64_t r_max,
+                     float scaling, float* v) {
+  constexpr int L = Tiles::kLanes;
+  if (nt == 1) return shrink_tiles<Tiles, 1, L>(x, nt, a, d_in, r, r_max, scaling, v);
+  if (nt == 2) return shrink_tiles<Tiles, 2, L / 2>(x, nt, a, d_in, r, r_max, scaling, v);
+  return shrink_tiles<Tiles, 4, L / 4>(x, nt, a, d_in, r, r_max, scaling, v);
+}
+
 #if defined(__AVX512F__)
-constexpr int64_t kPrefetchA = 256;  // floats ahead in a row of lora_a
-constexpr int64_t kPrefetchB = 32;   // rows ahead in lora_b
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
 
@@ -117,27 +147,18 @@ inline __m512 dot_tile(const float* const* x, const float* const* a, int64_t d_i
   return sum_lanes16(acc);
 }
 
-template <int NT, int NK>
-void shrink_tiles(const float* x, int64_t nt, const float* a, int64_t d_in, int64_t r,
-                  int64_t r_max, float scaling, float* v) {
-  const float* xs[NT];
-  const float* as[NK];
-  alignas(64) float out[16];
-  for (int t = 0; t < NT; ++t) xs[t] = x + std::min<int64_t>(t, nt - 1) * d_in;
-  for (int64_t k0 = 0; k0 < r; k0 += NK) {
-    for (int k = 0; k < NK; ++k) as[k] = a + std::min<int64_t>(k0 + k, r - 1) * d_in;  // stays < r
-    _mm512_store_ps(out, _mm512_mul_ps(dot_tile<NT, NK>(xs, as, d_in), _mm512_set1_ps(scaling)));
-    for (int64_t t = 0; t < nt; ++t)
-      for (int64_t k = 0; k < NK && k0 + k < r; ++k) v[t * r_max + k0 + k] = out[t * NK + k];
+struct TilesF32x16 {
+  static constexpr int kLanes = 16;
+  template <int NT, int NK>
+  static void tile(const float* const* x, const float* const* a, int64_t d_in, float* out) {
+    _mm512_store_ps(out, dot_tile<NT, NK>(x, a, d_in));
   }
-}
+};
 
 template <>
 void shrink_group<float>(const float* x, int64_t nt, const float* a, int64_t d_in, int64_t r,
                          int64_t r_max, float scaling, float* v) {
-  if (nt == 1) return shrink_tiles<1, 16>(x, nt, a, d_in, r, r_max, scaling, v);
-  if (nt == 2) return shrink_tiles<2, 8>(x, nt, a, d_in, r, r_max, scaling, v);
-  return shrink_tiles<4, 4>(x, nt, a, d_in, r, r_max, scaling, v);
+  shrink_by_tiles<TilesF32x16>(x, nt, a, d_in, r, r_max, scaling, v);
 }
 
 // Few tokens: 16 rows of b at a time, each row's dot with v[t] for every token, reduced with
@@ -248,8 +269,6 @@ constexpr bool kTiledFloat = true;
 #elif defined(__AVX2__) && defined(__FMA__)
 // AVX2 + FMA (8 lanes, 16 registers): the AVX-512 structure at half the width. Tails use
 // _mm256_maskload_ps, which never touches masked-out elements, so nothing past a rank is read.
-constexpr int64_t kPrefetchA = 256;  // floats ahead in a row of lora_a
-constexpr int64_t kPrefetchB = 32;   // rows ahead in lora_b
 
 inline __m256i tail_mask8(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
@@ -283,15 +302,7 @@ inline __m256 dot_tile8(const float* const* x, const float* const* a, int64_t d_
       }
     }
   }
-  for (; i + 8 <= d_in; i += 8) {
-    __m256 xv[NT];
-    for (int t = 0; t < NT; ++t) xv[t] = _mm256_loadu_ps(x[t] + i);
-    for (int k = 0; k < NK; ++k) {
-      const __m256 av = _mm256_loadu_ps(a[k] + i);
-      for (int t = 0; t < NT; ++t) acc[t * NK + k] = _mm256_fmadd_ps(xv[t], av, acc[t * NK + k]);
-    }
-  }
-  if (i < d_in) {
+  for (; i < d_in; i += 8) {  // the last < 16 columns
     const __m256i m = tail_mask8(d_in - i);
     __m256 xv[NT];
     for (int t = 0; t < NT; ++t) xv[t] = _mm256_maskload_ps(x[t] + i, m);
@@ -303,27 +314,18 @@ inline __m256 dot_tile8(const float* const* x, const float* const* a, int64_t d_
   return sum_lanes8(acc);
 }
 
-template <int NT, int NK>
-void shrink_tiles8(const float* x, int64_t nt, const float* a, int64_t d_in, int64_t r,
-                   int64_t r_max, float scaling, float* v) {
-  const float* xs[NT];
-  const float* as[NK];
-  alignas(32) float out[8];
-  for (int t = 0; t < NT; ++t) xs[t] = x + std::min<int64_t>(t, nt - 1) * d_in;
-  for (int64_t k0 = 0; k0 < r; k0 += NK) {
-    for (int k = 0; k < NK; ++k) as[k] = a + std::min<int64_t>(k0 + k, r - 1) * d_in;  // stays < r
-    _mm256_store_ps(out, _mm256_mul_ps(dot_tile8<NT, NK>(xs, as, d_in), _mm256_set1_ps(scaling)));
-    for (int64_t t = 0; t < nt; ++t)
-      for (int64_t k = 0; k < NK && k0 + k < r; ++k) v[t * r_max + k0 + k] = out[t * NK + k];
+struct TilesF32x8 {
+  static constexpr int kLanes = 8;
+  template <int NT, int NK>
+  static void tile(const float* const* x, const float* const* a, int64_t d_in, float* out) {
+    _mm256_store_ps(out, dot_tile8<NT, NK>(x, a, d_in));
   }
-}
+};
 
 template <>
 void shrink_group<float>(const float* x, int64_t nt, const float* a, int64_t d_in, int64_t r,
                          int64_t r_max, float scaling, float* v) {
-  if (nt == 1) return shrink_tiles8<1, 8>(x, nt, a, d_in, r, r_max, scaling, v);
-  if (nt == 2) return shrink_tiles8<2, 4>(x, nt, a, d_in, r, r_max, scaling, v);
-  return shrink_tiles8<4, 2>(x, nt, a, d_in, r, r_max, scaling, v);
+  shrink_by_tiles<TilesF32x8>(x, nt, a, d_in, r, r_max, scaling, v);
 }
 
 // Few tokens: 8 rows of b at a time, each row's dot with v[t], reduced with sum_lanes8; b is
@@ -475,29 +477,20 @@ inline __m512 dot_tile_bf16(const uint16_t* const* x, const uint16_t* const* a, 
   return sum_lanes16(acc);
 }
 
-template <int NT, int NK>
-void shrink_tiles_bf16(const uint16_t* x, int64_t nt, const uint16_t* a, int64_t d_in, int64_t r,
-                       int64_t r_max, float scaling, float* v) {
-  const uint16_t* xs[NT];
-  const uint16_t* as[NK];
-  alignas(64) float out[16];
-  for (int t = 0; t < NT; ++t) xs[t] = x + std::min<int64_t>(t, nt - 1) * d_in;
-  for (int64_t k0 = 0; k0 < r; k0 += NK) {
-    for (int k = 0; k < NK; ++k) as[k] = a + std::min<int64_t>(k0 + k, r - 1) * d_in;  // stays < r
-    _mm512_store_ps(out, _mm512_mul_ps(dot_tile_bf16<NT, NK>(xs, as, d_in), _mm512_set1_ps(scaling)));
-    for (int64_t t = 0; t < nt; ++t)
-      for (int64_t k = 0; k < NK && k0 + k < r; ++k) v[t * r_max + k0 + k] = out[t * NK + k];
+struct TilesBF16x16 {
+  static constexpr int kLanes = 16;
+  template <int NT, int NK>
+  static void tile(const uint16_t* const* x, const uint16_t* const* a, int64_t d_in, float* out) {
+    _mm512_store_ps(out, dot_tile_bf16<NT, NK>(x, a, d_in));
   }
-}
+};
 
 template <>
 void shrink_group<c10::BFloat16>(const c10::BFloat16* x_, int64_t nt, const c10::BFloat16* a_,
                                  int64_t d_in, int64_t r, int64_t r_max, float scaling, float* v) {
   const uint16_t* x = reinterpret_cast<const uint16_t*>(x_);
   const uint16_t* a = reinterpret_cast<const uint16_t*>(a_);
-  if (nt == 1) return shrink_tiles_bf16<1, 16>(x, nt, a, d_in, r, r_max, scaling, v);
-  if (nt == 2) return shrink_tiles_bf16<2, 8>(x, nt, a, d_in, r, r_max, scaling, v);
-  return shrink_tiles_bf16<4, 4>(x, nt, a, d_in, r, r_max, scaling, v);
+  shrink_by_tiles<TilesBF16x16>(x, nt, a, d_in, r, r_max, scaling, v);
 }
 
 // Few tokens: as expand_rows, with b's rows converted to fp32 in registers.
