@@ -224,7 +224,8 @@ class DecoderModel(nn.Module):
         super().__init__()
         # _weight: no random init (the loader assigns the checkpoint's; initialising, even on meta,
         # costs seconds of start-up importing torch._dynamo)
-        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden, _weight=torch.empty(cfg.vocab, cfg.hidden))
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden,
+                                         _weight=torch.empty(cfg.vocab, cfg.hidden))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
 
