@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -629,6 +630,43 @@ void balance(int64_t items, int n, Cost cost, std::vector<int64_t>& bounds) {
   }
 }
 
+// The shrink phase's work: token groups (<= kGroup tokens of one segment), cut into `parts` runs
+// of about equal cost (bytes of adapter read + FMAs: rank * (tokens + 4) per unit of d_in).
+struct ShrinkPlan {
+  struct Group { const Segment* seg; int64_t t; };
+  std::vector<Group> groups;
+  std::vector<int64_t> bounds;  // run p = groups[bounds[p] : bounds[p + 1]]
+
+  ShrinkPlan(const std::vector<Segment>& segs, int parts) {
+    for (const Segment& seg : segs)
+      for (int64_t t = seg.begin; t < seg.end; t += kGroup) groups.push_back({&seg, t});
+    balance(groups.size(), parts, [&](int64_t i) {
+      return double(groups[i].seg->rank) * (std::min(kGroup, groups[i].seg->end - groups[i].t) + 4);
+    }, bounds);
+  }
+
+  // v[t, :r] = scaling * x[t] @ lora_a[slot, :r].T for the tokens of run p.
+  template <typename scalar_t>
+  void run(int p, const scalar_t* x, const scalar_t* a, int64_t d_in, int64_t r_max, float* v) const {
+    for (int64_t i = bounds[p]; i < bounds[p + 1]; ++i) {
+      const Segment* seg = groups[i].seg;
+      const int64_t t = groups[i].t;
+      shrink_group(x + t * d_in, std::min(kGroup, seg->end - t), a + seg->slot * r_max * d_in, d_in,
+                   seg->rank, r_max, seg->scaling, v + t * r_max);
+    }
+  }
+};
+
+// The threads to use here: 1 inside another parallel region.
+inline int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
+
+// A buffer of at least n floats for v, reused across calls on this thread.
+inline float* v_buffer(int64_t n) {
+  thread_local std::vector<float> buf;
+  if ((int64_t)buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
 // Shrink then expand for segs, accumulating into y in place, in one parallel region:
 //   shrink: token groups (<= kGroup tokens of one segment) split into equal-cost runs;
 //   barrier;
@@ -643,39 +681,21 @@ void lora_segments(const at::Tensor& x, const at::Tensor& lora_a, const at::Tens
   const scalar_t* ap = lora_a.data_ptr<scalar_t>();
   const scalar_t* bp = lora_b.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
-  thread_local std::vector<float> v_buf;
-  if ((int64_t)v_buf.size() < x.size(0) * r_max) v_buf.resize(x.size(0) * r_max);
-  float* vp = v_buf.data();
+  float* vp = v_buffer(x.size(0) * r_max);
 
-  struct Group { const Segment* seg; int64_t t; };
-  std::vector<Group> groups;
-  for (const Segment& seg : segs)
-    for (int64_t t = seg.begin; t < seg.end; t += kGroup) groups.push_back({&seg, t});
-
-  int n = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  const int n = num_threads();
   // Each phase is cut into kPartsPerThread * n runs of about equal cost, claimed by the threads
   // from a shared counter: on a shared machine one thread often runs slower than the other, and
   // claiming lets the faster thread take more runs instead of waiting at the barrier.
   const int parts = n == 1 ? 1 : kPartsPerThread * n;
-  // cost ~ (bytes of adapter read) + (FMAs): rank * (tokens + 4) per unit of d_in / d_out
-  std::vector<int64_t> gb, eb;
-  balance(groups.size(), parts, [&](int64_t i) {
-    return double(groups[i].seg->rank) * (std::min(kGroup, groups[i].seg->end - groups[i].t) + 4);
-  }, gb);
+  const ShrinkPlan shrink(segs, parts);
+  std::vector<int64_t> eb;
   const int64_t blocks = (d_out + 15) / 16;  // units of 16 rows per segment
   balance(segs.size() * blocks, parts, [&](int64_t u) {
     const Segment& s = segs[u / blocks];
     return double(s.rank) * (std::min<int64_t>(s.end - s.begin, 16) + 4);
   }, eb);
 
-  auto work = [&](int p) {
-    for (int64_t i = gb[p]; i < gb[p + 1]; ++i) {
-      const Segment* seg = groups[i].seg;
-      const int64_t t = groups[i].t;
-      shrink_group(xp + t * d_in, std::min(kGroup, seg->end - t), ap + seg->slot * r_max * d_in, d_in,
-                   seg->rank, r_max, seg->scaling, vp + t * r_max);
-    }
-  };
   auto expand = [&](int p) {
     for (int64_t u = eb[p]; u < eb[p + 1];) {
       const int64_t g = u / blocks, blk = u % blocks;
@@ -688,16 +708,109 @@ void lora_segments(const at::Tensor& x, const at::Tensor& lora_a, const at::Tens
     }
   };
   if (n == 1) {
-    work(0);
+    shrink.run(0, xp, ap, d_in, r_max, vp);
     expand(0);
     return;
   }
   std::atomic<int> next_shrink{0}, next_expand{0};
 #pragma omp parallel num_threads(n)
   {
-    for (int p; (p = next_shrink.fetch_add(1, std::memory_order_relaxed)) < parts;) work(p);
+    for (int p; (p = next_shrink.fetch_add(1, std::memory_order_relaxed)) < parts;)
+      shrink.run(p, xp, ap, d_in, r_max, vp);
 #pragma omp barrier
     for (int p; (p = next_expand.fetch_add(1, std::memory_order_relaxed)) < parts;) expand(p);
+  }
+}
+
+// The Fortran BLAS sgemm of torch's CPU build (MKL or OpenBLAS export it). Weak: against a torch
+// without one, the extension still loads and lora_linear_cpu keeps to at::addmm.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+inline bool interleave_enabled() {
+  static const bool on = [] { const char* e = std::getenv("OPENLORA_INTERLEAVE"); return !e || e[0] != '0'; }();
+  return on;
+}
+constexpr int64_t kInterleaveMaxTokens = 128;  // fp32 calls with at most this many tokens interleave
+constexpr int64_t kColumnBlock = 128;          // columns of y per base-matmul block
+
+// Few tokens in fp32: the base matmul is compute-bound and the LoRA update memory-bound (each
+// adapter is read for one or two tokens), so they are interleaved to overlap instead of following
+// each other. The columns of y are cut into blocks; one parallel region runs two phases, each a
+// list of tasks claimed in order by the threads, alternating compute-bound and memory-bound ones:
+//   1: shrink runs (streaming lora_a), alternated with the base matmul of the first half of the
+//      blocks: y[:, blk] = x @ weight[blk].T + bias[blk], one single-threaded sgemm each;
+//   (barrier: v complete)
+//   2: the expand of each block for every segment (streaming lora_b), alternated with the base
+//      matmul + expand of the other half.
+// While one thread is inside an sgemm, the other streams adapters, and each block of y is still
+// in cache when its expand adds to it.
+void lora_linear_interleaved(const at::Tensor& x, const at::Tensor& weight, const float* bias,
+                             const at::Tensor& lora_a, const at::Tensor& lora_b,
+                             const std::vector<Segment>& segs, at::Tensor& y) {
+  const int64_t T = x.size(0), d_in = x.size(1), d_out = y.size(1), r_max = lora_a.size(1);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* ap = lora_a.data_ptr<float>();
+  const float* bp = lora_b.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* vp = v_buffer(T * r_max);
+
+  const int n = num_threads();
+  const int parts = n == 1 ? 1 : kPartsPerThread * n;
+  const ShrinkPlan shrink(segs, segs.empty() ? 1 : parts);
+  const int64_t blocks = (d_out + kColumnBlock - 1) / kColumnBlock;
+  const int64_t early = segs.empty() ? blocks : blocks / 2;  // blocks multiplied in phase 1
+
+  auto gemm = [&](int64_t j) {
+    const int64_t o0 = j * kColumnBlock, nb = std::min(kColumnBlock, d_out - o0);
+    if (bias != nullptr)
+      for (int64_t t = 0; t < T; ++t) std::copy(bias + o0, bias + o0 + nb, yp + t * d_out + o0);
+    // column-major view: y.T[blk] (nb x T, ld d_out) = weight[blk] (d_in x nb, ld d_in)^T @ x.T
+    const int m = nb, nn = T, k = d_in, lda = d_in, ldb = d_in, ldc = d_out;
+    const float one = 1.f, beta = bias != nullptr ? 1.f : 0.f;
+    sgemm_("T", "N", &m, &nn, &k, &one, wp + o0 * d_in, &lda, xp, &ldb, &beta, yp + o0, &ldc);
+  };
+  auto expand = [&](int64_t j) {
+    const int64_t o0 = j * kColumnBlock, o1 = std::min(d_out, o0 + kColumnBlock);
+    for (const Segment& seg : segs)
+      expand_segment(bp + seg.slot * d_out * r_max, r_max, seg.rank, vp + seg.begin * r_max,
+                     seg.end - seg.begin, yp + seg.begin * d_out, d_out, o0, o1);
+  };
+  // A task: (kind, index); kinds: 0 shrink run, 1 base matmul, 2 expand, 3 base matmul + expand.
+  using Task = std::pair<int, int64_t>;
+  std::vector<Task> first, second;
+  for (int64_t i = 0, js = 0; i < parts || js < early; ++i) {
+    if (i < parts && !segs.empty()) first.push_back({0, i});
+    if (js < early) first.push_back({1, js++});
+  }
+  const int64_t expands = segs.empty() ? 0 : early;  // blocks whose expand is left for phase 2
+  for (int64_t je = 0, jb = early; je < expands || jb < blocks;) {
+    if (jb < blocks) second.push_back({3, jb++});
+    if (je < expands) second.push_back({2, je++});
+  }
+  auto run = [&](const Task& task) {
+    switch (task.first) {
+      case 0: shrink.run(static_cast<int>(task.second), xp, ap, d_in, r_max, vp); break;
+      case 1: gemm(task.second); break;
+      case 2: expand(task.second); break;
+      default: gemm(task.second); expand(task.second); break;
+    }
+  };
+  if (n == 1) {
+    for (const Task& t : first) run(t);
+    for (const Task& t : second) run(t);
+    return;
+  }
+  std::atomic<int64_t> next_first{0}, next_second{0};
+  const int64_t n_first = first.size(), n_second = second.size();
+#pragma omp parallel num_threads(n)
+  {
+    for (int64_t i; (i = next_first.fetch_add(1, std::memory_order_relaxed)) < n_first;) run(first[i]);
+#pragma omp barrier
+    for (int64_t i; (i = next_second.fetch_add(1, std::memory_order_relaxed)) < n_second;) run(second[i]);
   }
 }
 
@@ -729,15 +842,27 @@ at::Tensor lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
   auto scalings = scalings_.contiguous();
   check_lora_linear_values(ranks, seg_indptr, seg_slots, x.size(0), lora_a.size(1));
 
-  at::Tensor y = bias.has_value() && bias->defined() ? at::addmm(*bias, x, weight.t())
-                                                      : at::mm(x, weight.t());  // [T, d_out]
-
   const int32_t* ip = seg_indptr.data_ptr<int32_t>();
   const int32_t* sl = seg_slots.data_ptr<int32_t>();
   const int32_t* rk = ranks.data_ptr<int32_t>();
   const float* sc = scalings.data_ptr<float>();
   const bool tiled = (kTiledFloat && x.scalar_type() == at::kFloat) ||
                      (kTiledBFloat16 && x.scalar_type() == at::kBFloat16);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (x.scalar_type() == at::kFloat && x.size(0) <= kInterleaveMaxTokens && sgemm_ != nullptr &&
+      x.size(0) > 0 && interleave_enabled()) {
+    auto w = weight.contiguous();
+    auto b = has_bias ? bias->contiguous() : at::Tensor();
+    at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+    std::vector<Segment> segs;
+    for (int64_t g = 0; g < seg_slots.size(0); ++g) {
+      const int64_t s = sl[g];
+      if (s >= 0 && rk[s] > 0 && ip[g + 1] > ip[g]) segs.push_back({ip[g], ip[g + 1], s, rk[s], sc[s]});
+    }
+    lora_linear_interleaved(x, w, has_bias ? b.data_ptr<float>() : nullptr, lora_a, lora_b, segs, y);
+    return y;
+  }
+  at::Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());  // [T, d_out]
   std::vector<Segment> segs;
   for (int64_t g = 0; g < seg_slots.size(0); ++g) {
     const int64_t s = sl[g];

@@ -109,6 +109,23 @@ def test_work_split_between_threads_cpu(dtype, dims, threads):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 64, 128, 129])
+def test_interleaved_base_matmul_cpu(tokens, threads):
+    """fp32 calls of up to 128 tokens run the base matmul in column blocks between the LoRA phases;
+    at and around that size, with d_out not a multiple of the block, the result is the same."""
+    lens = [1] * min(tokens, 40) + ([tokens - 40] if tokens > 40 else [])
+    slots = [(i % 7) - 1 for i in range(len(lens))]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (True, False):
+            _check_matches_reference("cpu", torch.float32, None, (96, 300, 32), bias,
+                                     layout_args=(lens, slots))
+    finally:
+        torch.set_num_threads(old)
+
+
 def _check_matches_by_hand(device):
     """One adapter, written out: y = x W^T + b + 2 * (x A^T) B^T on rows 1..2 only."""
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], device=device)
