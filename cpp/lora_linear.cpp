@@ -1,6 +1,6 @@
 // openlora::lora_linear: a linear layer plus one LoRA adapter per segment of tokens.
 //
-//   y = x @ weight.T + bias                                   # [T, d_out], at::addmm
+//   y = x @ weight.T + bias                                   # [T, d_out]
 //   for g in range(G):                                         # segments of x's rows
 //     s = seg_slots[g]; r = ranks[s]; rows = seg_indptr[g] : seg_indptr[g+1]
 //     if s >= 0 and r > 0:
@@ -14,8 +14,12 @@
 //                                                           thread streams stretches of lora_b in order
 // fp32 with AVX-512, or AVX2 + FMA at half the width, uses register-tiled loops for both; so does
 // bf16 with AVX512_BF16 (shrink with _mm512_dpbf16_ps, expand with lora_b widened to fp32 in
-// registers, fp32 accumulation, y rounded once to bf16). Other dtypes/ISAs use plain fp32-accumulating loops for short segments and BLAS
-// (in fp32) for long ones.
+// registers, fp32 accumulation, y rounded once to bf16). Other dtypes/ISAs use plain fp32-accumulating
+// loops for short segments and BLAS (in fp32) for long ones.
+// fp32 calls of up to kInterleaveMaxTokens tokens (decode and short prefill) do not run the base
+// matmul first: it is cut into column blocks of single-threaded sgemm calls interleaved with the
+// two LoRA phases (lora_linear_interleaved), so streaming the adapters overlaps the matmul's compute.
+// OPENLORA_INTERLEAVE=0 in the environment turns that off (for A/B runs of benchmarks/kernel.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -733,7 +737,7 @@ inline bool interleave_enabled() {
   static const bool on = [] { const char* e = std::getenv("OPENLORA_INTERLEAVE"); return !e || e[0] != '0'; }();
   return on;
 }
-constexpr int64_t kInterleaveMaxTokens = 128;  // fp32 calls with at most this many tokens interleave
+constexpr int64_t kInterleaveMaxTokens = 512;  // fp32 calls of at most this many tokens interleave
 constexpr int64_t kColumnBlock = 128;          // columns of y per base-matmul block
 
 // Few tokens in fp32: the base matmul is compute-bound and the LoRA update memory-bound (each

@@ -110,9 +110,9 @@ def test_work_split_between_threads_cpu(dtype, dims, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("tokens", [1, 64, 128, 129])
+@pytest.mark.parametrize("tokens", [1, 64, 512, 513])
 def test_interleaved_base_matmul_cpu(tokens, threads):
-    """fp32 calls of up to 128 tokens run the base matmul in column blocks between the LoRA phases;
+    """fp32 calls of up to 512 tokens run the base matmul in column blocks between the LoRA phases;
     at and around that size, with d_out not a multiple of the block, the result is the same."""
     lens = [1] * min(tokens, 40) + ([tokens - 40] if tokens > 40 else [])
     slots = [(i % 7) - 1 for i in range(len(lens))]
