@@ -113,6 +113,39 @@ void shrink_by_tiles(const T* x, int64_t nt, const T* a, int64_t d_in, int64_t r
   return shrink_tiles<Tiles, 4, L / 4>(x, nt, a, d_in, r, r_max, scaling, v);
 }
 
+// The register-tiled expand, whatever the ISA: Tile::template run<N, M>(bt, r, v, r_max, y, d_out)
+// adds N tokens x M vectors of columns of bt to y. Tokens go Tile::kTokens at a time, then one
+// smaller tile takes the rest; M (1..4 vectors) is the width of the block, known at run time.
+template <typename Tile, int M, int N, typename Y>
+inline void expand_rest(int64_t rest, const float* bt, int64_t r, const float* v, int64_t r_max, Y* y,
+                        int64_t d_out) {
+  if constexpr (N >= 1) {
+    if (rest == N) return Tile::template run<N, M>(bt, r, v, r_max, y, d_out);
+    expand_rest<Tile, M, N - 1>(rest, bt, r, v, r_max, y, d_out);
+  }
+}
+
+template <typename Tile, int M, typename Y>
+inline void expand_tokens(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt, Y* y,
+                          int64_t d_out) {
+  constexpr int N = Tile::kTokens;
+  int64_t t = 0;
+  for (; t + N <= nt; t += N) Tile::template run<N, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out);
+  expand_rest<Tile, M, N - 1>(nt - t, bt, r, v + t * r_max, r_max, y + t * d_out, d_out);
+}
+
+template <typename Tile, typename Y>
+inline void expand_by_tiles(int vectors, const float* bt, int64_t r, const float* v, int64_t r_max,
+                            int64_t nt, Y* y, int64_t d_out) {
+  switch (vectors) {
+    case 4: return expand_tokens<Tile, 4>(bt, r, v, r_max, nt, y, d_out);
+    case 3: return expand_tokens<Tile, 3>(bt, r, v, r_max, nt, y, d_out);
+    case 2: return expand_tokens<Tile, 2>(bt, r, v, r_max, nt, y, d_out);
+    case 1: return expand_tokens<Tile, 1>(bt, r, v, r_max, nt, y, d_out);
+    default: return;
+  }
+}
+
 #if defined(__AVX512F__)
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
@@ -223,18 +256,13 @@ inline void expand_tile(const float* bt, int64_t r, const float* v, int64_t r_ma
     }
 }
 
-template <int M>
-inline void expand_tiles_m(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
-                           float* y, int64_t d_out) {
-  int64_t t = 0;
-  for (; t + 4 <= nt; t += 4) expand_tile<4, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out);
-  switch (nt - t) {
-    case 3: expand_tile<3, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
-    case 2: expand_tile<2, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
-    case 1: expand_tile<1, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
-    default: break;
+struct ExpandF32x16 {  // 4 tokens x up to 4 vectors of 16 columns
+  static constexpr int kTokens = 4;
+  template <int N, int M>
+  static void run(const float* bt, int64_t r, const float* v, int64_t r_max, float* y, int64_t d_out) {
+    expand_tile<N, M>(bt, r, v, r_max, y, d_out);
   }
-}
+};
 
 // Many tokens: per 64 rows of b, gather them once into bt [r, 64] (b transposed), then 4 tokens at a
 // time y[t, o:o+64] += sum_k v[t, k] * bt[k] (no horizontal sums).
@@ -258,14 +286,7 @@ void expand_segment<float>(const float* b, int64_t r_max, int64_t r, const float
       for (int64_t k = 0; k < r; ++k)  // column k < r of 16 rows
         _mm512_store_ps(bt + k * 64 + 16 * m, _mm512_i32gather_ps(idx, bm + k, 4));
     }
-    float* yb = y + ob;
-    switch (tiles) {
-      case 4: expand_tiles_m<4>(bt, r, v, r_max, nt, yb, d_out); break;
-      case 3: expand_tiles_m<3>(bt, r, v, r_max, nt, yb, d_out); break;
-      case 2: expand_tiles_m<2>(bt, r, v, r_max, nt, yb, d_out); break;
-      case 1: expand_tiles_m<1>(bt, r, v, r_max, nt, yb, d_out); break;
-      default: break;
-    }
+    expand_by_tiles<ExpandF32x16>(tiles, bt, r, v, r_max, nt, y + ob, d_out);
     for (int64_t o = ob + tiles * 16; o < std::min(ob + 64, o1); ++o)  // d_out % 16 leftovers
       for (int64_t t = 0; t < nt; ++t) y[t * d_out + o] += dot(b + o * r_max, v + t * r_max, r);
   }
@@ -394,17 +415,13 @@ inline void expand_tile8(const float* bt, int64_t r, const float* v, int64_t r_m
     }
 }
 
-template <int M>
-inline void expand_tiles8_m(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
-                            float* y, int64_t d_out) {
-  int64_t t = 0;
-  for (; t + 3 <= nt; t += 3) expand_tile8<3, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out);
-  switch (nt - t) {
-    case 2: expand_tile8<2, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
-    case 1: expand_tile8<1, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
-    default: break;
+struct ExpandF32x8 {  // 3 tokens x up to 4 vectors of 8 columns
+  static constexpr int kTokens = 3;
+  template <int N, int M>
+  static void run(const float* bt, int64_t r, const float* v, int64_t r_max, float* y, int64_t d_out) {
+    expand_tile8<N, M>(bt, r, v, r_max, y, d_out);
   }
-}
+};
 
 // Many tokens: per 32 rows of b, copy them once into bt [r, 32] (b transposed), then 3 tokens at a
 // time y[t, o:o+32] += sum_k v[t, k] * bt[k] (12 accumulators, no horizontal sums).
@@ -421,14 +438,7 @@ void expand_segment<float>(const float* b, int64_t r_max, int64_t r, const float
       const float* row = b + (ob + j) * r_max;
       for (int64_t k = 0; k < r; ++k) bt[k * 32 + j] = row[k];
     }
-    float* yb = y + ob;
-    switch (tiles) {
-      case 4: expand_tiles8_m<4>(bt, r, v, r_max, nt, yb, d_out); break;
-      case 3: expand_tiles8_m<3>(bt, r, v, r_max, nt, yb, d_out); break;
-      case 2: expand_tiles8_m<2>(bt, r, v, r_max, nt, yb, d_out); break;
-      case 1: expand_tiles8_m<1>(bt, r, v, r_max, nt, yb, d_out); break;
-      default: break;
-    }
+    expand_by_tiles<ExpandF32x8>(tiles, bt, r, v, r_max, nt, y + ob, d_out);
     for (int64_t o = ob + tiles * 8; o < std::min(ob + 32, o1); ++o)  // d_out % 8 leftovers
       for (int64_t t = 0; t < nt; ++t) y[t * d_out + o] += dot(b + o * r_max, v + t * r_max, r);
   }
@@ -554,18 +564,13 @@ inline void expand_tile_bf16(const float* bt, int64_t r, const float* v, int64_t
     for (int m = 0; m < M; ++m) add_store_bf16(y + t * d_out + 16 * m, acc[t][m]);
 }
 
-template <int M>
-inline void expand_tiles_m_bf16(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
-                                uint16_t* y, int64_t d_out) {
-  int64_t t = 0;
-  for (; t + 4 <= nt; t += 4) expand_tile_bf16<4, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out);
-  switch (nt - t) {
-    case 3: expand_tile_bf16<3, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
-    case 2: expand_tile_bf16<2, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
-    case 1: expand_tile_bf16<1, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out); break;
-    default: break;
+struct ExpandBF16x16 {  // 4 tokens x up to 4 vectors of 16 columns, y in bf16
+  static constexpr int kTokens = 4;
+  template <int N, int M>
+  static void run(const float* bt, int64_t r, const float* v, int64_t r_max, uint16_t* y, int64_t d_out) {
+    expand_tile_bf16<N, M>(bt, r, v, r_max, y, d_out);
   }
-}
+};
 
 // Many tokens: as expand_segment<float>, gathering 64 rows of b into bt [r, 64] fp32. Each 32-bit
 // gather reads two neighbouring bf16 of a row, both < r: columns (0, 1) for k = 0, else (k - 1, k).
@@ -596,14 +601,7 @@ void expand_segment<c10::BFloat16>(const c10::BFloat16* b_, int64_t r_max, int64
         _mm512_store_ps(bt + k * 64 + 16 * m, _mm512_castsi512_ps(_mm512_and_si512(g, hi)));
       }
     }
-    uint16_t* yb = y + ob;
-    switch (tiles) {
-      case 4: expand_tiles_m_bf16<4>(bt, r, v, r_max, nt, yb, d_out); break;
-      case 3: expand_tiles_m_bf16<3>(bt, r, v, r_max, nt, yb, d_out); break;
-      case 2: expand_tiles_m_bf16<2>(bt, r, v, r_max, nt, yb, d_out); break;
-      case 1: expand_tiles_m_bf16<1>(bt, r, v, r_max, nt, yb, d_out); break;
-      default: break;
-    }
+    expand_by_tiles<ExpandBF16x16>(tiles, bt, r, v, r_max, nt, y + ob, d_out);
     for (int64_t o = ob + tiles * 16; o < std::min(ob + 64, o1); ++o)  // d_out % 16 leftovers
       for (int64_t t = 0; t < nt; ++t) {
         c10::BFloat16& out = y_[t * d_out + o];
@@ -764,7 +762,7 @@ void lora_linear_interleaved(const at::Tensor& x, const at::Tensor& weight, cons
 
   const int n = num_threads();
   const int parts = n == 1 ? 1 : kPartsPerThread * n;
-  const ShrinkPlan shrink(segs, segs.empty() ? 1 : parts);
+  const ShrinkPlan shrink(segs, parts);
   const int64_t blocks = (d_out + kColumnBlock - 1) / kColumnBlock;
   const int64_t early = segs.empty() ? blocks : blocks / 2;  // blocks multiplied in phase 1
 
@@ -783,24 +781,24 @@ void lora_linear_interleaved(const at::Tensor& x, const at::Tensor& weight, cons
       expand_segment(bp + seg.slot * d_out * r_max, r_max, seg.rank, vp + seg.begin * r_max,
                      seg.end - seg.begin, yp + seg.begin * d_out, d_out, o0, o1);
   };
-  // A task: (kind, index); kinds: 0 shrink run, 1 base matmul, 2 expand, 3 base matmul + expand.
-  using Task = std::pair<int, int64_t>;
+  enum Kind { kShrink, kGemm, kExpand, kGemmExpand };
+  using Task = std::pair<Kind, int64_t>;  // (kind, shrink run or column block)
   std::vector<Task> first, second;
   for (int64_t i = 0, js = 0; i < parts || js < early; ++i) {
-    if (i < parts && !segs.empty()) first.push_back({0, i});
-    if (js < early) first.push_back({1, js++});
+    if (i < parts && !segs.empty()) first.push_back({kShrink, i});
+    if (js < early) first.push_back({kGemm, js++});
   }
   const int64_t expands = segs.empty() ? 0 : early;  // blocks whose expand is left for phase 2
   for (int64_t je = 0, jb = early; je < expands || jb < blocks;) {
-    if (jb < blocks) second.push_back({3, jb++});
-    if (je < expands) second.push_back({2, je++});
+    if (jb < blocks) second.push_back({kGemmExpand, jb++});
+    if (je < expands) second.push_back({kExpand, je++});
   }
   auto run = [&](const Task& task) {
     switch (task.first) {
-      case 0: shrink.run(static_cast<int>(task.second), xp, ap, d_in, r_max, vp); break;
-      case 1: gemm(task.second); break;
-      case 2: expand(task.second); break;
-      default: gemm(task.second); expand(task.second); break;
+      case kShrink: shrink.run(static_cast<int>(task.second), xp, ap, d_in, r_max, vp); break;
+      case kGemm: gemm(task.second); break;
+      case kExpand: expand(task.second); break;
+      case kGemmExpand: gemm(task.second); expand(task.second); break;
     }
   };
   if (n == 1) {
@@ -852,31 +850,26 @@ at::Tensor lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
   const float* sc = scalings.data_ptr<float>();
   const bool tiled = (kTiledFloat && x.scalar_type() == at::kFloat) ||
                      (kTiledBFloat16 && x.scalar_type() == at::kBFloat16);
+  std::vector<Segment> segs;  // the segments with an adapter to add
+  for (int64_t g = 0; g < seg_slots.size(0); ++g) {
+    const int64_t s = sl[g];
+    if (s >= 0 && rk[s] > 0 && ip[g + 1] > ip[g]) segs.push_back({ip[g], ip[g + 1], s, rk[s], sc[s]});
+  }
   const bool has_bias = bias.has_value() && bias->defined();
   if (x.scalar_type() == at::kFloat && x.size(0) <= kInterleaveMaxTokens && sgemm_ != nullptr &&
       x.size(0) > 0 && interleave_enabled()) {
     auto w = weight.contiguous();
     auto b = has_bias ? bias->contiguous() : at::Tensor();
     at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
-    std::vector<Segment> segs;
-    for (int64_t g = 0; g < seg_slots.size(0); ++g) {
-      const int64_t s = sl[g];
-      if (s >= 0 && rk[s] > 0 && ip[g + 1] > ip[g]) segs.push_back({ip[g], ip[g + 1], s, rk[s], sc[s]});
-    }
     lora_linear_interleaved(x, w, has_bias ? b.data_ptr<float>() : nullptr, lora_a, lora_b, segs, y);
     return y;
   }
   at::Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());  // [T, d_out]
-  std::vector<Segment> segs;
-  for (int64_t g = 0; g < seg_slots.size(0); ++g) {
-    const int64_t s = sl[g];
-    if (s < 0 || rk[s] == 0 || ip[g + 1] == ip[g]) continue;
-    const Segment seg{ip[g], ip[g + 1], s, rk[s], sc[s]};
-    if (!tiled && seg.end - seg.begin >= kLongSegment) {
-      lora_segment_blas(x, lora_a, lora_b, seg, y);
-    } else {
-      segs.push_back(seg);
-    }
+  if (!tiled) {  // long segments through BLAS, the rest through the loops
+    auto is_long = [](const Segment& seg) { return seg.end - seg.begin >= kLongSegment; };
+    for (const Segment& seg : segs)
+      if (is_long(seg)) lora_segment_blas(x, lora_a, lora_b, seg, y);
+    segs.erase(std::remove_if(segs.begin(), segs.end(), is_long), segs.end());
   }
   if (!segs.empty()) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_linear_cpu", [&] {
