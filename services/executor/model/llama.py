@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from services.executor import ops
@@ -148,10 +147,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """-> (norm(h), h) with h = x + residual (or x): the residual add fused into the norm."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps), x
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class LoraProj(nn.Module):
@@ -169,12 +169,6 @@ class LoraProj(nn.Module):
                                batch.seg_indptr, batch.seg_slots)
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Hugging Face's rotate_half RoPE. x [T, H, D], cos/sin [T, 1, D]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -190,7 +184,7 @@ class Attention(nn.Module):
         q = self.q_proj(x, batch).view(T, self.heads, self.head_dim)
         k = self.k_proj(x, batch).view(T, self.kv_heads, self.head_dim)
         v = self.v_proj(x, batch).view(T, self.kv_heads, self.head_dim)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
         o = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale)
         return self.o_proj(o.reshape(T, -1), batch)
 
@@ -203,7 +197,7 @@ class MLP(nn.Module):
         self.down_proj = LoraProj(cfg.intermediate, cfg.hidden, cfg.mlp_bias)
 
     def forward(self, x, batch):
-        return self.down_proj(F.silu(self.gate_proj(x, batch)) * self.up_proj(x, batch), batch)
+        return self.down_proj(ops.silu_mul(self.gate_proj(x, batch), self.up_proj(x, batch)), batch)
 
 
 class DecoderLayer(nn.Module):
@@ -214,9 +208,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
 
-    def forward(self, x, batch, cos, sin, k_cache, v_cache):
-        x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x), batch)
+    def forward(self, x, residual, batch, cos, sin, k_cache, v_cache):
+        """x: the previous layer's output, residual: the stream before it (None for the first layer)
+        -> (this layer's MLP output, the stream before it); the stream is x + residual."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(
+            self.self_attn(h, batch, cos, sin, k_cache, v_cache), residual)
+        return self.mlp(h, batch), residual
 
 
 class DecoderModel(nn.Module):
@@ -262,11 +260,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv: KVCache) -> Tensor:
         """-> next-token logits [N, vocab] float32 for batch.logits_rows."""
         x = self.model.embed_tokens(batch.input_ids)                      # [T, hidden]
-        cos = self.rope_cos[batch.positions].to(x.dtype)[:, None]         # [T, 1, D]
-        sin = self.rope_sin[batch.positions].to(x.dtype)[:, None]
+        cos = self.rope_cos[batch.positions].to(x.dtype)                  # [T, D]
+        sin = self.rope_sin[batch.positions].to(x.dtype)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, batch, cos, sin, kv.k[i], kv.v[i])
-        x = self.model.norm(x[batch.logits_rows])
+            x, residual = layer(x, residual, batch, cos, sin, kv.k[i], kv.v[i])
+        rows = batch.logits_rows
+        x, _ = self.model.norm(x[rows], None if residual is None else residual[rows])
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return (x @ w.T).float()
 

@@ -1,9 +1,10 @@
 """Kernels of the executor; importing this package makes torch.ops.openlora.{lora_linear,
-paged_attention_decode} available.
+paged_attention_decode, rms_norm, add_rms_norm, silu_mul, rotary} available.
 
 The ops come from the C++/CUDA extension (cpp/, built on first import by build.py), or, if that cannot
 be built, from the pure-PyTorch references — logged as an error, never silent. paged_attention_decode
-has no CUDA kernel: on CUDA it always runs its reference. $OPENLORA_KERNEL forces
+and the layer ops (rms_norm, add_rms_norm, silu_mul, rotary) have no CUDA kernels: on CUDA they always
+run their references. $OPENLORA_KERNEL forces
 one: "cpp" (a failed build raises) or "reference"; unset or "auto" tries cpp, then falls back.
 """
 
@@ -17,11 +18,13 @@ import torch
 from torch import Tensor
 
 from . import build as _build
-from .reference import lora_linear_ref, paged_attention_decode_ref
+from .reference import (add_rms_norm_ref, lora_linear_ref, paged_attention_decode_ref, rms_norm_ref,
+                        rotary_ref, silu_mul_ref)
 from .segments import build_segments
 
 __all__ = ["lora_linear", "lora_linear_ref", "paged_attention_decode", "paged_attention_decode_ref",
-           "build_segments", "ensure_built", "kernel_backend"]
+           "rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref",
+           "rotary", "rotary_ref", "build_segments", "ensure_built", "kernel_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,13 @@ SCHEMAS = {  # op name -> (schema, reference); the C++ declares the same schemas
     "paged_attention_decode": (("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
                                 "Tensor context_lens, float scale, int sliding_window) -> Tensor"),
                                paged_attention_decode_ref),
+    "rms_norm": ("(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm_ref),
+    "add_rms_norm": ("(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
+                     add_rms_norm_ref),
+    "silu_mul": ("(Tensor gate, Tensor up) -> Tensor", silu_mul_ref),
+    "rotary": ("(Tensor x, Tensor cos, Tensor sin) -> Tensor", rotary_ref),
 }
+LAYER_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary")  # no CUDA kernels: references there
 _lock = threading.Lock()
 _backend: str | None = None
 
@@ -65,7 +74,7 @@ def _load() -> str:
         log.error("CUDA is available but nvcc (CUDA_HOME) is not: lora_linear on CUDA runs the reference")
         _register_reference(("CUDA",))
     elif torch.cuda.is_available():
-        _register_reference(("CUDA",), ("paged_attention_decode",))
+        _register_reference(("CUDA",), ("paged_attention_decode",) + LAYER_OPS)
     return "cpp"
 
 
@@ -77,6 +86,8 @@ def ensure_built() -> str:
             _backend = _load()
             torch.library.register_fake("openlora::lora_linear")(_lora_linear_fake)
             torch.library.register_fake("openlora::paged_attention_decode")(_paged_attention_decode_fake)
+            for name, fake in _LAYER_FAKES.items():
+                torch.library.register_fake(f"openlora::{name}")(fake)
     return _backend
 
 
@@ -130,5 +141,36 @@ def paged_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     return torch.ops.openlora.paged_attention_decode.default(
         q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
 
+
+
+# -- the decoder layer's elementwise ops (cpp/layer_ops.cpp) -----------------------------------------
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * (x * rsqrt(mean(x^2, -1) + eps)): the norm in fp32, rounded to x's dtype before weight."""
+    return torch.ops.openlora.rms_norm.default(x, weight, eps)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(h, weight, eps), h) with h = x + residual (in x's dtype): a residual add and the next
+    norm in one pass."""
+    return torch.ops.openlora.add_rms_norm.default(x, residual, weight, eps)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up, silu(gate) rounded to the dtype first (as eager PyTorch does)."""
+    return torch.ops.openlora.silu_mul.default(gate, up)
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin (Hugging Face's RoPE): x [T, H, D], cos/sin [T, D], x's dtype."""
+    return torch.ops.openlora.rotary.default(x, cos, sin)
+
+
+_LAYER_FAKES = {
+    "rms_norm": lambda x, weight, eps: torch.empty_like(x),
+    "add_rms_norm": lambda x, residual, weight, eps: (torch.empty_like(x), torch.empty_like(x)),
+    "silu_mul": lambda gate, up: torch.empty_like(gate),
+    "rotary": lambda x, cos, sin: torch.empty_like(x),
+}
 
 ensure_built()

@@ -157,3 +157,28 @@ def paged_attention_decode_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
     visible = (keys[None] >= lo[:, None]) & (keys[None] < hi[:, None])        # [N, L]
     p = s.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
     return torch.einsum("nhl,nlhd->nhd", p, v).to(q.dtype)
+
+
+# -- the decoder layer's elementwise ops (cpp/layer_ops.cpp), rounding where Hugging Face's code does --
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)), the norm in fp32, rounded to x's dtype before weight."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(h, weight, eps), h) with h = x + residual in x's dtype."""
+    h = x + residual
+    return rms_norm_ref(h, weight, eps), h
+
+
+def silu_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+def rotary_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Hugging Face's rotate_half RoPE: x [T, H, D], cos/sin [T, D] in x's dtype."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
