@@ -8,7 +8,10 @@
 // CPU kernel: one work item per (sequence, kv head), split over threads with at::parallel_for. An
 // item walks its blocks once, keeping an online softmax (running max m, sum l, fp32 accumulator acc)
 // for all H / KVH query heads of the kv head, so each K/V row is read from memory once. fp32 and
-// bf16 caches, fp32 accumulation; AVX-512 loads/FMAs when available, `omp simd` loops otherwise.
+// bf16 caches, fp32 accumulation. Keys go in chunks of kChunk: score the chunk, update the softmax,
+// add the chunk's V rows. With AVX-512, a chunk's scores are computed 16 keys x one head at a time
+// (lane sums by one 16x16 transpose-and-add) and exponentiated 16 at a time (exp16); otherwise
+// `omp simd` loops and std::exp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,6 +32,8 @@ constexpr int64_t kMaxGroup = 16;     // query heads per kv head handled in one 
 constexpr int64_t kChunk = 32;        // keys scored before each online-softmax update
 constexpr int64_t kMinTaskWork = 1 << 15;  // multiply-adds per parallel task, at least
 
+
+// Scores live per head: scores[i * kChunk + j] for key c0 + j of a chunk.
 #if defined(__AVX512F__)
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
 
@@ -38,21 +43,79 @@ inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// s[i] = q[i] @ k over D, for i < G.  q: [G, D] fp32.
-template <typename scalar_t>
-inline void dot_heads(const float* q, int64_t G, const scalar_t* k, int64_t D, float* s) {
-  __m512 acc[kMaxGroup];
-  for (int64_t i = 0; i < G; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 m = tail_mask(D - d);
-    const __m512 kv = load16(k + d, m);
-    for (int64_t i = 0; i < G; ++i) acc[i] = _mm512_fmadd_ps(load16(q + i * D + d, m), kv, acc[i]);
-  }
-  for (int64_t i = 0; i < G; ++i) s[i] = _mm512_reduce_add_ps(acc[i]);
+// Lane j of the result = the sum of acc[j]'s 16 lanes (a 16x16 transpose-and-add).
+inline __m512 sum_lanes16(const __m512* acc) {
+  __m512 s[8], t[4], w[2];
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]),
+                         _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    t[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// acc[i] += sum_t p[t * G + i] * v[t] over D, for i < G, t < nt.  acc: [G, D] fp32; each 16 lanes
-// of acc stay in registers while the nt rows of v stream past.
+// e^x for x <= 0 (scores minus their running max), to about 1 ulp: x = n ln2 + r, |r| <= ln2 / 2,
+// e^r by its Taylor series to r^7 (relative error < 1e-8), scaled by 2^n. x below -104 gives 0.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// scores[i * kChunk + j] = q[i] @ k[j] for i < G, j < nk: per head, 16 keys at a time, each key's
+// products summed across lanes by one sum_lanes16 (key pointers past nk repeat the last one).
+template <typename scalar_t>
+inline void score_chunk(const float* q, int64_t G, const scalar_t* const* k, int64_t nk, int64_t D,
+                        float* scores) {
+  for (int64_t j0 = 0; j0 < nk; j0 += 16) {
+    const int64_t n = std::min<int64_t>(16, nk - j0);
+    const scalar_t* kr[16];
+    for (int64_t j = 0; j < 16; ++j) kr[j] = k[j0 + std::min(j, n - 1)];
+    for (int64_t i = 0; i < G; ++i) {
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = tail_mask(D - d);
+        const __m512 qv = load16(q + i * D + d, m);
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(load16(kr[j] + d, m), qv, acc[j]);
+      }
+      _mm512_mask_storeu_ps(scores + i * kChunk + j0, tail_mask(n), sum_lanes16(acc));
+    }
+  }
+}
+
+inline float max_of(const float* s, int64_t n, float init) {
+  __m512 mx = _mm512_set1_ps(init);
+  for (int64_t j = 0; j < n; j += 16)
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - j), s + j));
+  return _mm512_reduce_max_ps(mx);
+}
+
+// s[j] = e^(s[j] - mx) for j < n; returns their sum.
+inline float exp_sum(float* s, int64_t n, float mx) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(mx)));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    sum = _mm512_mask_add_ps(sum, m, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// acc[i] += sum_t p[i * kChunk + t] * v[t] over D, for i < G, t < nt.  acc: [G, D] fp32; each 16
+// lanes of acc stay in registers while the nt rows of v stream past.
 template <typename scalar_t>
 inline void axpy_heads(float* acc, int64_t G, const float* p, const scalar_t* const* v, int64_t nt,
                        int64_t D) {
@@ -62,21 +125,35 @@ inline void axpy_heads(float* acc, int64_t G, const float* p, const scalar_t* co
     for (int64_t i = 0; i < G; ++i) a[i] = load16(acc + i * D + d, m);
     for (int64_t t = 0; t < nt; ++t) {
       const __m512 vv = load16(v[t] + d, m);
-      for (int64_t i = 0; i < G; ++i) a[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[t * G + i]), vv, a[i]);
+      for (int64_t i = 0; i < G; ++i)
+        a[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[i * kChunk + t]), vv, a[i]);
     }
     for (int64_t i = 0; i < G; ++i) _mm512_mask_storeu_ps(acc + i * D + d, m, a[i]);
   }
 }
 #else
 template <typename scalar_t>
-inline void dot_heads(const float* q, int64_t G, const scalar_t* k, int64_t D, float* s) {
-  for (int64_t i = 0; i < G; ++i) {
-    const float* qi = q + i * D;
-    float sum = 0.f;
+inline void score_chunk(const float* q, int64_t G, const scalar_t* const* k, int64_t nk, int64_t D,
+                        float* scores) {
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t i = 0; i < G; ++i) {
+      const float* qi = q + i * D;
+      float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < D; ++d) sum += qi[d] * static_cast<float>(k[d]);
-    s[i] = sum;
-  }
+      for (int64_t d = 0; d < D; ++d) sum += qi[d] * static_cast<float>(k[j][d]);
+      scores[i * kChunk + j] = sum;
+    }
+}
+
+inline float max_of(const float* s, int64_t n, float init) {
+  for (int64_t j = 0; j < n; ++j) init = std::max(init, s[j]);
+  return init;
+}
+
+inline float exp_sum(float* s, int64_t n, float mx) {
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+  return sum;
 }
 
 template <typename scalar_t>
@@ -85,7 +162,7 @@ inline void axpy_heads(float* acc, int64_t G, const float* p, const scalar_t* co
   for (int64_t t = 0; t < nt; ++t)
     for (int64_t i = 0; i < G; ++i) {
       float* a = acc + i * D;
-      const float pi = p[t * G + i];
+      const float pi = p[i * kChunk + t];
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) a[d] += pi * static_cast<float>(v[t][d]);
     }
@@ -104,37 +181,31 @@ void attend_one(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, Cache
                 float* scores) {
   for (int64_t i = 0; i < G * D; ++i) qf[i] = scale * static_cast<float>(q[i]);
   std::fill(acc, acc + G * D, 0.f);
-  float m[kMaxGroup], l[kMaxGroup], alpha[kMaxGroup];
+  float m[kMaxGroup], l[kMaxGroup];
   std::fill(m, m + G, -std::numeric_limits<float>::infinity());
   std::fill(l, l + G, 0.f);
-  for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {  // scores [kChunk, G], then one softmax update
-    const int64_t c1 = std::min(hi, c0 + kChunk);
-    for (int64_t t = c0; t < c1; ++t) {
-      const int64_t b = table[t / bs];
-      dot_heads(qf, G, kc + b * ks.block + (t % bs) * ks.row + kvh * ks.head, D,
-                scores + (t - c0) * G);
+  const scalar_t* krows[kChunk];
+  const scalar_t* vrows[kChunk];
+  for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {  // scores [G, kChunk], then one softmax update
+    const int64_t nk = std::min(hi, c0 + kChunk) - c0;
+    for (int64_t j = 0; j < nk; ++j) {
+      const int64_t t = c0 + j, b = table[t / bs];
+      krows[j] = kc + b * ks.block + (t % bs) * ks.row + kvh * ks.head;
+      vrows[j] = vc + b * vs.block + (t % bs) * vs.row + kvh * vs.head;
     }
+    score_chunk(qf, G, krows, nk, D, scores);
     for (int64_t i = 0; i < G; ++i) {
-      float mx = m[i];
-      for (int64_t t = 0; t < c1 - c0; ++t) mx = std::max(mx, scores[t * G + i]);
-      alpha[i] = std::exp(m[i] - mx);  // exp(-inf) = 0 on the first chunk
+      float* s = scores + i * kChunk;
+      const float mx = max_of(s, nk, m[i]);
+      const float alpha = std::exp(m[i] - mx);  // exp(-inf) = 0 on the first chunk
       m[i] = mx;
-      float sum = 0.f;
-      for (int64_t t = 0; t < c1 - c0; ++t) {
-        const float e = std::exp(scores[t * G + i] - mx);
-        scores[t * G + i] = e;
-        sum += e;
-      }
-      l[i] = l[i] * alpha[i] + sum;
-      if (alpha[i] != 1.f) {
+      l[i] = l[i] * alpha + exp_sum(s, nk, mx);
+      if (alpha != 1.f) {
         float* a = acc + i * D;
-        for (int64_t d = 0; d < D; ++d) a[d] *= alpha[i];
+        for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
       }
     }
-    const scalar_t* vrows[kChunk];
-    for (int64_t t = c0; t < c1; ++t)
-      vrows[t - c0] = vc + table[t / bs] * vs.block + (t % bs) * vs.row + kvh * vs.head;
-    axpy_heads(acc, G, scores, vrows, c1 - c0, D);
+    axpy_heads(acc, G, scores, vrows, nk, D);
   }
   for (int64_t i = 0; i < G; ++i) {
     const float inv = 1.f / l[i];
@@ -218,7 +289,7 @@ at::Tensor paged_attention_decode_cpu(const at::Tensor& q_, const at::Tensor& k_
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(2 * G * D + kChunk * G);  // qf [G, D], acc [G, D], scores [kChunk, G]
+      std::vector<float> buf(2 * G * D + kChunk * G);  // qf [G, D], acc [G, D], scores [G, kChunk]
       for (int64_t it = begin; it < end; ++it) {
         const int64_t n = it / KVH, kvh = it % KVH;
         const int64_t off = (n * H + kvh * G) * D;
