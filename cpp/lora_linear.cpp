@@ -37,6 +37,7 @@
 #endif
 
 #include "lora_linear_checks.h"
+#include "simd512.h"
 
 namespace openlora {
 namespace {
@@ -148,23 +149,8 @@ inline void expand_by_tiles(int vectors, const float* bt, int64_t r, const float
 
 #if defined(__AVX512F__)
 
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
-
-// Lane j of the result = the sum of acc[j]'s 16 lanes (a 16x16 transpose-and-add).
-inline __m512 sum_lanes16(const __m512* acc) {
-  __m512 s[8], t[4], w[2];
-  for (int i = 0; i < 8; ++i)  // per 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3]
-    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]),
-                         _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
-  for (int i = 0; i < 4; ++i)  // per block: block sums of acc[4i .. 4i+3]
-    t[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  for (int i = 0; i < 2; ++i)  // pairs of blocks summed
-    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
+using simd::sum_lanes16;
+using simd::tail_mask;
 
 // out[t * NK + k] = x[t] @ a[k] over d_in, for NT tokens x NK rows (NT * NK == 16 accumulators).
 template <int NT, int NK>
