@@ -1,6 +1,6 @@
 """Fused lora_linear vs the base matmul alone vs a gather+bmm LoRA, in interleaved rounds.
 
-    .venv/bin/python benchmarks/kernel.py [--rounds 30] [--bf16] [--engine-shapes | --attention]
+    .venv/bin/python benchmarks/kernel.py [--rounds 30] [--bf16] [--engine-shapes | --attention | --layer-ops]
 
 --bf16 also runs every case (kernel cases, engine shapes, attention) in bfloat16.
 
@@ -16,6 +16,10 @@ torch.mm, printing extra = fused - mm (the LoRA's cost on top of the base layer)
 --attention instead times one layer's decode attention at the throughput benchmark's shapes (N = 64
 sequences of ~48 tokens, 8 heads / 4 kv heads, head_dim 64, block_size 16, scattered blocks): the old
 gather + masked SDPA path of kv_cache.paged_attention vs the fused paged_attention_decode op.
+
+--layer-ops instead times the decoder layer's elementwise ops at the engine's shapes (T = 64 and
+2048 tokens; hidden 512, intermediate 1376, 8 heads of 64): each C++ op (add_rms_norm, silu_mul,
+rotary) against its eager PyTorch reference, which is what the model ran before.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from services.executor import ops  # noqa: E402
 from services.executor.ops import kernel_backend, lora_linear, paged_attention_decode  # noqa: E402
 
 D, S, R_MAX, RANKS = 2048, 64, 32, (8, 16, 32)
@@ -149,13 +154,45 @@ def bench_attention(dtype: torch.dtype, rounds: int, N: int = 64, H: int = 8, KV
           f"| speedup {med['gather+sdpa'] / med['fused']:.1f}x")
 
 
+def bench_layer_ops(dtype: torch.dtype, T: int, rounds: int) -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    cases = {
+        "add_rms_norm": (ops.add_rms_norm, ops.add_rms_norm_ref, (randn(T, 512), randn(T, 512), randn(512), 1e-6)),
+        "silu_mul": (ops.silu_mul, ops.silu_mul_ref, (randn(T, 1376), randn(T, 1376))),
+        "rotary": (ops.rotary, ops.rotary_ref, (randn(T, 8, 64), randn(T, 64), randn(T, 64))),
+    }
+    times = {(name, k): [] for name in cases for k in ("op", "eager")}
+    for _ in range(rounds):
+        for name, (op, ref, args) in cases.items():
+            for k, fn in (("op", op), ("eager", ref)):
+                t0 = time.perf_counter()
+                fn(*args)
+                times[(name, k)].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+    print(f"T={T:<5d} {str(dtype)[6:]:<8} " + "  ".join(
+        f"{name} {med[(name, 'op')]:6.0f} us vs eager {med[(name, 'eager')]:6.0f} us "
+        f"({med[(name, 'eager')] / med[(name, 'op')]:.1f}x)" for name in cases))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--bf16", action="store_true", help="also run bfloat16")
     p.add_argument("--engine-shapes", action="store_true", help="time the executor engine's shapes instead")
     p.add_argument("--attention", action="store_true", help="time decode attention: gather+SDPA vs fused")
+    p.add_argument("--layer-ops", action="store_true", help="time the layer's elementwise ops vs eager torch")
     args = p.parse_args()
+    if args.layer_ops:
+        print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
+              f"rounds={args.rounds} (each op once per layer; medians)")
+        for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
+            for T in (64, 2048):
+                bench_layer_ops(dtype, T, args.rounds if T <= 64 else max(10, args.rounds // 4))
+        return
     if args.attention:
         print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
               f"rounds={args.rounds} (per layer; the engine runs 4)")
