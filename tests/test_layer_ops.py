@@ -125,3 +125,14 @@ def test_bad_input_names_the_argument_cpu(call, message):
 ])
 def test_opcheck(name, args):
     torch.library.opcheck(getattr(torch.ops.openlora, name).default, args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_extremes_cpu(dtype):
+    """Large activations (where e^-g underflows: the C++ flushes it to 0 rather than make denormals),
+    infinities and NaN give eager PyTorch's results."""
+    gate = torch.tensor([[-1e4, -200.0, -100.0, -88.0, -87.0, -86.5, 86.5, 87.5, 100.0, 1e4,
+                          float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 3.0]]).to(dtype)
+    up = torch.linspace(-2, 2, gate.shape[1])[None].to(dtype)
+    torch.testing.assert_close(ops.silu_mul(gate, up), silu_mul_ref(gate, up), equal_nan=True,
+                               rtol=0 if dtype == torch.bfloat16 else 1e-6, atol=0)
