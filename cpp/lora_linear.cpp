@@ -114,36 +114,84 @@ void shrink_by_tiles(const T* x, int64_t nt, const T* a, int64_t d_in, int64_t r
   return shrink_tiles<Tiles, 4, L / 4>(x, nt, a, d_in, r, r_max, scaling, v);
 }
 
-// The register-tiled expand, whatever the ISA: Tile::template run<N, M>(bt, r, v, r_max, y, d_out)
-// adds N tokens x M vectors of columns of bt to y. Tokens go Tile::kTokens at a time, then one
-// smaller tile takes the rest; M (1..4 vectors) is the width of the block, known at run time.
-template <typename Tile, int M, int N, typename Y>
-inline void expand_rest(int64_t rest, const float* bt, int64_t r, const float* v, int64_t r_max, Y* y,
-                        int64_t d_out) {
+// The register-tiled expand, whatever the ISA: Tile::template run<N, M>(bt, ld, r, v, r_max, y, d_out)
+// adds N tokens x M vectors of columns of bt (rows k < r, ld apart) to y. Tokens go Tile::kTokens at
+// a time, then one smaller tile takes the rest; M (1..4 vectors) is the width of the block, known at
+// run time. bt is lora_b transposed: a block gathered from lora_b, or lora_b itself when the caller
+// stores it transposed (see expand_segment_t).
+template <typename Tile, int M, int N, typename B, typename Y>
+inline void expand_rest(int64_t rest, const B* bt, int64_t ld, int64_t r, const float* v, int64_t r_max,
+                        Y* y, int64_t d_out) {
   if constexpr (N >= 1) {
-    if (rest == N) return Tile::template run<N, M>(bt, r, v, r_max, y, d_out);
-    expand_rest<Tile, M, N - 1>(rest, bt, r, v, r_max, y, d_out);
+    if (rest == N) return Tile::template run<N, M>(bt, ld, r, v, r_max, y, d_out);
+    expand_rest<Tile, M, N - 1>(rest, bt, ld, r, v, r_max, y, d_out);
   }
 }
 
-template <typename Tile, int M, typename Y>
-inline void expand_tokens(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt, Y* y,
-                          int64_t d_out) {
+template <typename Tile, int M, typename B, typename Y>
+inline void expand_tokens(const B* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, int64_t nt,
+                          Y* y, int64_t d_out) {
   constexpr int N = Tile::kTokens;
   int64_t t = 0;
-  for (; t + N <= nt; t += N) Tile::template run<N, M>(bt, r, v + t * r_max, r_max, y + t * d_out, d_out);
-  expand_rest<Tile, M, N - 1>(nt - t, bt, r, v + t * r_max, r_max, y + t * d_out, d_out);
+  for (; t + N <= nt; t += N)
+    Tile::template run<N, M>(bt, ld, r, v + t * r_max, r_max, y + t * d_out, d_out);
+  expand_rest<Tile, M, N - 1>(nt - t, bt, ld, r, v + t * r_max, r_max, y + t * d_out, d_out);
 }
 
-template <typename Tile, typename Y>
-inline void expand_by_tiles(int vectors, const float* bt, int64_t r, const float* v, int64_t r_max,
-                            int64_t nt, Y* y, int64_t d_out) {
+template <typename Tile, typename B, typename Y>
+inline void expand_by_tiles(int vectors, const B* bt, int64_t ld, int64_t r, const float* v,
+                            int64_t r_max, int64_t nt, Y* y, int64_t d_out) {
   switch (vectors) {
-    case 4: return expand_tokens<Tile, 4>(bt, r, v, r_max, nt, y, d_out);
-    case 3: return expand_tokens<Tile, 3>(bt, r, v, r_max, nt, y, d_out);
-    case 2: return expand_tokens<Tile, 2>(bt, r, v, r_max, nt, y, d_out);
-    case 1: return expand_tokens<Tile, 1>(bt, r, v, r_max, nt, y, d_out);
+    case 4: return expand_tokens<Tile, 4>(bt, ld, r, v, r_max, nt, y, d_out);
+    case 3: return expand_tokens<Tile, 3>(bt, ld, r, v, r_max, nt, y, d_out);
+    case 2: return expand_tokens<Tile, 2>(bt, ld, r, v, r_max, nt, y, d_out);
+    case 1: return expand_tokens<Tile, 1>(bt, ld, r, v, r_max, nt, y, d_out);
     default: return;
+  }
+}
+
+// expand_segment for lora_b stored transposed: bt is this slot's [r_max, d_out] (row k = column k of
+// lora_b[slot]), so the columns of y are rows of bt and no gather or lane sums are needed. The
+// generic version; the ISA sections specialise it.
+template <typename scalar_t>
+void expand_cols_scalar(const scalar_t* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
+                        scalar_t* y, int64_t d_out, int64_t o0, int64_t o1) {
+  for (int64_t t = 0; t < nt; ++t)
+    for (int64_t o = o0; o < o1; ++o) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < r; ++k) sum += v[t * r_max + k] * static_cast<float>(bt[k * d_out + o]);
+      y[t * d_out + o] = static_cast<scalar_t>(static_cast<float>(y[t * d_out + o]) + sum);
+    }
+}
+
+template <typename scalar_t>
+void expand_segment_t(const scalar_t* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
+                      scalar_t* y, int64_t d_out, int64_t o0, int64_t o1) {
+  expand_cols_scalar(bt, r, v, r_max, nt, y, d_out, o0, o1);
+}
+
+// Prefetches rows k < r of bt ([r_max, d_out]) at column o < d_out (one line each).
+template <typename scalar_t>
+inline void prefetch_bt(const scalar_t* bt, int64_t d_out, int64_t r, int64_t o) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if (o < d_out)
+    for (int64_t k = 0; k < r; ++k) _mm_prefetch(reinterpret_cast<const char*>(bt + k * d_out + o), _MM_HINT_T0);
+#endif
+}
+
+// The tiled expand_segment_t: blocks of W columns (Tile's vectors of L lanes), the leftover columns
+// (d_out % L) one by one. Blocks ahead are prefetched: bt is r streams read side by side.
+template <typename Tile, int W, int L, typename scalar_t>
+void expand_t_by_tiles(const scalar_t* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
+                       scalar_t* y, int64_t d_out, int64_t o0, int64_t o1) {
+  for (int64_t ob = o0; ob < o1; ob += W) {
+    const int64_t width = std::min<int64_t>(W, o1 - ob);
+    const int vectors = static_cast<int>(width / L);
+    for (int64_t o = ob + 2 * W; o < ob + 3 * W; o += 64 / static_cast<int64_t>(sizeof(scalar_t)))
+      prefetch_bt(bt, d_out, r, o);
+    Tile::convert_and_run(vectors, bt + ob, d_out, r, v, r_max, nt, y + ob, d_out);
+    if (vectors * L < width)
+      expand_cols_scalar(bt, r, v, r_max, nt, y, d_out, ob + vectors * L, ob + width);
   }
 }
 
@@ -221,7 +269,7 @@ void expand_rows(const float* b, int64_t r_max, int64_t r, const float* v, int64
 
 // y[t, 16m .. 16m+16] += sum_k v[t, k] * bt[k, 16m ..]  for t < N, m < M.  bt: [r, 64]
 template <int N, int M>
-inline void expand_tile(const float* bt, int64_t r, const float* v, int64_t r_max, float* y,
+inline void expand_tile(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, float* y,
                         int64_t d_out) {
   __m512 acc[N][M];
   for (int t = 0; t < N; ++t)
@@ -229,7 +277,7 @@ inline void expand_tile(const float* bt, int64_t r, const float* v, int64_t r_ma
   int64_t k = 0;  // r >= 1; as a for loop, GCC stored acc to memory on every step
   do {
     __m512 bk[M];
-    for (int m = 0; m < M; ++m) bk[m] = _mm512_load_ps(bt + k * 64 + 16 * m);
+    for (int m = 0; m < M; ++m) bk[m] = _mm512_loadu_ps(bt + k * ld + 16 * m);
     for (int t = 0; t < N; ++t) {
       const __m512 vk = _mm512_set1_ps(v[t * r_max + k]);
       for (int m = 0; m < M; ++m) acc[t][m] = _mm512_fmadd_ps(vk, bk[m], acc[t][m]);
@@ -245,10 +293,21 @@ inline void expand_tile(const float* bt, int64_t r, const float* v, int64_t r_ma
 struct ExpandF32x16 {  // 4 tokens x up to 4 vectors of 16 columns
   static constexpr int kTokens = 4;
   template <int N, int M>
-  static void run(const float* bt, int64_t r, const float* v, int64_t r_max, float* y, int64_t d_out) {
-    expand_tile<N, M>(bt, r, v, r_max, y, d_out);
+  static void run(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, float* y,
+                  int64_t d_out) {
+    expand_tile<N, M>(bt, ld, r, v, r_max, y, d_out);
+  }
+  static void convert_and_run(int vectors, const float* bt, int64_t ld, int64_t r, const float* v,
+                              int64_t r_max, int64_t nt, float* y, int64_t d_out) {
+    expand_by_tiles<ExpandF32x16>(vectors, bt, ld, r, v, r_max, nt, y, d_out);
   }
 };
+
+template <>
+void expand_segment_t<float>(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
+                             float* y, int64_t d_out, int64_t o0, int64_t o1) {
+  expand_t_by_tiles<ExpandF32x16, 64, 16>(bt, r, v, r_max, nt, y, d_out, o0, o1);
+}
 
 // Many tokens: per 64 rows of b, gather them once into bt [r, 64] (b transposed), then 4 tokens at a
 // time y[t, o:o+64] += sum_k v[t, k] * bt[k] (no horizontal sums).
@@ -272,7 +331,7 @@ void expand_segment<float>(const float* b, int64_t r_max, int64_t r, const float
       for (int64_t k = 0; k < r; ++k)  // column k < r of 16 rows
         _mm512_store_ps(bt + k * 64 + 16 * m, _mm512_i32gather_ps(idx, bm + k, 4));
     }
-    expand_by_tiles<ExpandF32x16>(tiles, bt, r, v, r_max, nt, y + ob, d_out);
+    expand_by_tiles<ExpandF32x16>(tiles, bt, 64, r, v, r_max, nt, y + ob, d_out);
     for (int64_t o = ob + tiles * 16; o < std::min(ob + 64, o1); ++o)  // d_out % 16 leftovers
       for (int64_t t = 0; t < nt; ++t) y[t * d_out + o] += dot(b + o * r_max, v + t * r_max, r);
   }
@@ -380,7 +439,7 @@ void expand_rows8(const float* b, int64_t r_max, int64_t r, const float* v, int6
 
 // y[t, o0 + 8m ..] += sum_k v[t, k] * bt[k, 8m ..]  for t < N, m < M.  bt: [r, 32]
 template <int N, int M>
-inline void expand_tile8(const float* bt, int64_t r, const float* v, int64_t r_max, float* y,
+inline void expand_tile8(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, float* y,
                          int64_t d_out) {
   __m256 acc[N][M];
   for (int t = 0; t < N; ++t)
@@ -390,7 +449,7 @@ inline void expand_tile8(const float* bt, int64_t r, const float* v, int64_t r_m
     __m256 vk[N];
     for (int t = 0; t < N; ++t) vk[t] = _mm256_broadcast_ss(v + t * r_max + k);
     for (int m = 0; m < M; ++m) {
-      const __m256 bk = _mm256_load_ps(bt + k * 32 + 8 * m);
+      const __m256 bk = _mm256_loadu_ps(bt + k * ld + 8 * m);
       for (int t = 0; t < N; ++t) acc[t][m] = _mm256_fmadd_ps(vk[t], bk, acc[t][m]);
     }
   } while (++k < r);
@@ -404,10 +463,21 @@ inline void expand_tile8(const float* bt, int64_t r, const float* v, int64_t r_m
 struct ExpandF32x8 {  // 3 tokens x up to 4 vectors of 8 columns
   static constexpr int kTokens = 3;
   template <int N, int M>
-  static void run(const float* bt, int64_t r, const float* v, int64_t r_max, float* y, int64_t d_out) {
-    expand_tile8<N, M>(bt, r, v, r_max, y, d_out);
+  static void run(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, float* y,
+                  int64_t d_out) {
+    expand_tile8<N, M>(bt, ld, r, v, r_max, y, d_out);
+  }
+  static void convert_and_run(int vectors, const float* bt, int64_t ld, int64_t r, const float* v,
+                              int64_t r_max, int64_t nt, float* y, int64_t d_out) {
+    expand_by_tiles<ExpandF32x8>(vectors, bt, ld, r, v, r_max, nt, y, d_out);
   }
 };
+
+template <>
+void expand_segment_t<float>(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
+                             float* y, int64_t d_out, int64_t o0, int64_t o1) {
+  expand_t_by_tiles<ExpandF32x8, 32, 8>(bt, r, v, r_max, nt, y, d_out, o0, o1);
+}
 
 // Many tokens: per 32 rows of b, copy them once into bt [r, 32] (b transposed), then 3 tokens at a
 // time y[t, o:o+32] += sum_k v[t, k] * bt[k] (12 accumulators, no horizontal sums).
@@ -424,7 +494,7 @@ void expand_segment<float>(const float* b, int64_t r_max, int64_t r, const float
       const float* row = b + (ob + j) * r_max;
       for (int64_t k = 0; k < r; ++k) bt[k * 32 + j] = row[k];
     }
-    expand_by_tiles<ExpandF32x8>(tiles, bt, r, v, r_max, nt, y + ob, d_out);
+    expand_by_tiles<ExpandF32x8>(tiles, bt, 32, r, v, r_max, nt, y + ob, d_out);
     for (int64_t o = ob + tiles * 8; o < std::min(ob + 32, o1); ++o)  // d_out % 8 leftovers
       for (int64_t t = 0; t < nt; ++t) y[t * d_out + o] += dot(b + o * r_max, v + t * r_max, r);
   }
@@ -532,15 +602,15 @@ void expand_rows_bf16(const c10::BFloat16* b_, int64_t r_max, int64_t r, const f
 
 // y[t, 16m .. 16m+16] (bf16) += sum_k v[t, k] * bt[k, 16m ..]  for t < N, m < M.  bt: [r, 64] fp32
 template <int N, int M>
-inline void expand_tile_bf16(const float* bt, int64_t r, const float* v, int64_t r_max, uint16_t* y,
-                             int64_t d_out) {
+inline void expand_tile_bf16(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max,
+                             uint16_t* y, int64_t d_out) {
   __m512 acc[N][M];
   for (int t = 0; t < N; ++t)
     for (int m = 0; m < M; ++m) acc[t][m] = _mm512_setzero_ps();
   int64_t k = 0;  // r >= 1; as a for loop, GCC stored acc to memory on every step
   do {
     __m512 bk[M];
-    for (int m = 0; m < M; ++m) bk[m] = _mm512_load_ps(bt + k * 64 + 16 * m);
+    for (int m = 0; m < M; ++m) bk[m] = _mm512_loadu_ps(bt + k * ld + 16 * m);
     for (int t = 0; t < N; ++t) {
       const __m512 vk = _mm512_set1_ps(v[t * r_max + k]);
       for (int m = 0; m < M; ++m) acc[t][m] = _mm512_fmadd_ps(vk, bk[m], acc[t][m]);
@@ -553,10 +623,29 @@ inline void expand_tile_bf16(const float* bt, int64_t r, const float* v, int64_t
 struct ExpandBF16x16 {  // 4 tokens x up to 4 vectors of 16 columns, y in bf16
   static constexpr int kTokens = 4;
   template <int N, int M>
-  static void run(const float* bt, int64_t r, const float* v, int64_t r_max, uint16_t* y, int64_t d_out) {
-    expand_tile_bf16<N, M>(bt, r, v, r_max, y, d_out);
+  static void run(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, uint16_t* y,
+                  int64_t d_out) {
+    expand_tile_bf16<N, M>(bt, ld, r, v, r_max, y, d_out);
+  }
+  // bt in bf16 (ld apart): its `vectors` x 16 columns of rows k < r widened once to fp32, then run.
+  static void convert_and_run(int vectors, const c10::BFloat16* bt_, int64_t ld, int64_t r,
+                              const float* v, int64_t r_max, int64_t nt, c10::BFloat16* y_,
+                              int64_t d_out) {
+    const uint16_t* bt = reinterpret_cast<const uint16_t*>(bt_);
+    thread_local std::vector<float> buf;
+    if ((int64_t)buf.size() < 64 * r + 16) buf.resize(64 * r + 16);
+    float* bf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    for (int64_t k = 0; k < r; ++k)
+      for (int m = 0; m < vectors; ++m) _mm512_store_ps(bf + k * 64 + 16 * m, load_bf16(bt + k * ld + 16 * m));
+    expand_by_tiles<ExpandBF16x16>(vectors, bf, 64, r, v, r_max, nt, reinterpret_cast<uint16_t*>(y_), d_out);
   }
 };
+
+template <>
+void expand_segment_t<c10::BFloat16>(const c10::BFloat16* bt, int64_t r, const float* v, int64_t r_max,
+                                     int64_t nt, c10::BFloat16* y, int64_t d_out, int64_t o0, int64_t o1) {
+  expand_t_by_tiles<ExpandBF16x16, 64, 16>(bt, r, v, r_max, nt, y, d_out, o0, o1);
+}
 
 // Many tokens: as expand_segment<float>, gathering 64 rows of b into bt [r, 64] fp32. Each 32-bit
 // gather reads two neighbouring bf16 of a row, both < r: columns (0, 1) for k = 0, else (k - 1, k).
@@ -587,7 +676,7 @@ void expand_segment<c10::BFloat16>(const c10::BFloat16* b_, int64_t r_max, int64
         _mm512_store_ps(bt + k * 64 + 16 * m, _mm512_castsi512_ps(_mm512_and_si512(g, hi)));
       }
     }
-    expand_by_tiles<ExpandBF16x16>(tiles, bt, r, v, r_max, nt, y + ob, d_out);
+    expand_by_tiles<ExpandBF16x16>(tiles, bt, 64, r, v, r_max, nt, y + ob, d_out);
     for (int64_t o = ob + tiles * 16; o < std::min(ob + 64, o1); ++o)  // d_out % 16 leftovers
       for (int64_t t = 0; t < nt; ++t) {
         c10::BFloat16& out = y_[t * d_out + o];
@@ -645,6 +734,21 @@ struct ShrinkPlan {
   }
 };
 
+// One segment's update of y's columns [o0, o1), in lora_b's layout: [S, d_out, r_max] row-major, or
+// stored transposed ([S, r_max, d_out] in memory) when b_t. Either way slot s starts s * d_out * r_max in.
+template <typename scalar_t>
+inline void expand_any(const scalar_t* bp, bool b_t, const Segment& seg, int64_t r_max, const float* vp,
+                       scalar_t* yp, int64_t d_out, int64_t o0, int64_t o1) {
+  const scalar_t* b = bp + seg.slot * d_out * r_max;
+  const float* v = vp + seg.begin * r_max;
+  scalar_t* y = yp + seg.begin * d_out;
+  if (b_t) {
+    expand_segment_t(b, seg.rank, v, r_max, seg.end - seg.begin, y, d_out, o0, o1);
+  } else {
+    expand_segment(b, r_max, seg.rank, v, seg.end - seg.begin, y, d_out, o0, o1);
+  }
+}
+
 // The threads to use here: 1 inside another parallel region.
 inline int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
 
@@ -662,7 +766,7 @@ inline float* v_buffer(int64_t n) {
 //           stretches of a segment's lora_b in order.
 // Threads claim runs from a shared counter, kPartsPerThread runs per thread and phase.
 template <typename scalar_t>
-void lora_segments(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+void lora_segments(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b, bool b_t,
                    const std::vector<Segment>& segs, at::Tensor& y) {
   const int64_t d_in = x.size(1), d_out = y.size(1), r_max = lora_a.size(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -688,10 +792,8 @@ void lora_segments(const at::Tensor& x, const at::Tensor& lora_a, const at::Tens
     for (int64_t u = eb[p]; u < eb[p + 1];) {
       const int64_t g = u / blocks, blk = u % blocks;
       const int64_t u_end = std::min(eb[p + 1], (g + 1) * blocks);
-      const Segment& seg = segs[g];
       const int64_t o0 = blk * 16, o1 = std::min(d_out, (u_end - g * blocks) * 16);
-      expand_segment(bp + seg.slot * d_out * r_max, r_max, seg.rank, vp + seg.begin * r_max,
-                     seg.end - seg.begin, yp + seg.begin * d_out, d_out, o0, o1);
+      expand_any(bp, b_t, segs[g], r_max, vp, yp, d_out, o0, o1);
       u = u_end;
     }
   };
@@ -736,7 +838,7 @@ constexpr int64_t kColumnBlock = 128;          // columns of y per base-matmul b
 // While one thread is inside an sgemm, the other streams adapters, and each block of y is still
 // in cache when its expand adds to it.
 void lora_linear_interleaved(const at::Tensor& x, const at::Tensor& weight, const float* bias,
-                             const at::Tensor& lora_a, const at::Tensor& lora_b,
+                             const at::Tensor& lora_a, const at::Tensor& lora_b, bool b_t,
                              const std::vector<Segment>& segs, at::Tensor& y) {
   const int64_t T = x.size(0), d_in = x.size(1), d_out = y.size(1), r_max = lora_a.size(1);
   const float* xp = x.data_ptr<float>();
@@ -763,9 +865,7 @@ void lora_linear_interleaved(const at::Tensor& x, const at::Tensor& weight, cons
   };
   auto expand = [&](int64_t j) {
     const int64_t o0 = j * kColumnBlock, o1 = std::min(d_out, o0 + kColumnBlock);
-    for (const Segment& seg : segs)
-      expand_segment(bp + seg.slot * d_out * r_max, r_max, seg.rank, vp + seg.begin * r_max,
-                     seg.end - seg.begin, yp + seg.begin * d_out, d_out, o0, o1);
+    for (const Segment& seg : segs) expand_any(bp, b_t, seg, r_max, vp, yp, d_out, o0, o1);
   };
   enum Kind { kShrink, kGemm, kExpand, kGemmExpand };
   using Task = std::pair<Kind, int64_t>;  // (kind, shrink run or column block)
@@ -823,7 +923,10 @@ at::Tensor lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
               "x must be float32 or bfloat16 on CPU, got ", x_.scalar_type());
   auto x = x_.contiguous();
   auto lora_a = lora_a_.contiguous();
-  auto lora_b = lora_b_.contiguous();
+  // lora_b stored transposed (a [S, r_max, d_out] tensor's .transpose(1, 2), as the executor's CPU
+  // adapter pool keeps it) is read in place: its expand needs neither gathers nor lane sums.
+  const bool b_t = !lora_b_.is_contiguous() && lora_b_.transpose(1, 2).is_contiguous();
+  auto lora_b = b_t ? lora_b_ : lora_b_.contiguous();
   auto ranks = ranks_.contiguous();
   auto seg_indptr = seg_indptr_.contiguous();
   auto seg_slots = seg_slots_.contiguous();
@@ -847,7 +950,7 @@ at::Tensor lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
     auto w = weight.contiguous();
     auto b = has_bias ? bias->contiguous() : at::Tensor();
     at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
-    lora_linear_interleaved(x, w, has_bias ? b.data_ptr<float>() : nullptr, lora_a, lora_b, segs, y);
+    lora_linear_interleaved(x, w, has_bias ? b.data_ptr<float>() : nullptr, lora_a, lora_b, b_t, segs, y);
     return y;
   }
   at::Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());  // [T, d_out]
@@ -859,7 +962,7 @@ at::Tensor lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
   }
   if (!segs.empty()) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_linear_cpu", [&] {
-      lora_segments<scalar_t>(x, lora_a, lora_b, segs, y);
+      lora_segments<scalar_t>(x, lora_a, lora_b, b_t, segs, y);
     });
   }
   return y;

@@ -33,8 +33,9 @@ LAYOUTS = {
 DIMS = [(64, 48, 16), (100, 75, 40), (256, 512, 32)]  # (d_in, d_out, r_max)
 
 
-def make_args(seg_lens, seg_slots, d_in, d_out, r_max, bias, dtype, device, seed=0):
-    """Inputs for lora_linear; entries of lora_a/lora_b past each slot's rank are NaN."""
+def make_args(seg_lens, seg_slots, d_in, d_out, r_max, bias, dtype, device, seed=0, b_transposed=False):
+    """Inputs for lora_linear; entries of lora_a/lora_b past each slot's rank are NaN. b_transposed:
+    lora_b is the [S, d_out, r_max] view of [S, r_max, d_out] memory, as the CPU adapter pool keeps it."""
     g = torch.Generator().manual_seed(seed)
     ranks = [r_max, 1, 7, r_max // 2, 0, 3]  # slot s has rank ranks[s]
     S, T = len(ranks), sum(seg_lens)
@@ -52,6 +53,9 @@ def make_args(seg_lens, seg_slots, d_in, d_out, r_max, bias, dtype, device, seed
     for k, v in args.items():
         if v is not None:
             args[k] = v.to(device=device, dtype=dtype if v.is_floating_point() and k != "scalings" else v.dtype)
+    if b_transposed:
+        args["lora_b"] = args["lora_b"].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not args["lora_b"].is_contiguous() or min(args["lora_b"].shape[1:]) <= 1
     return args
 
 
@@ -67,20 +71,22 @@ def test_extension_is_built():
 # --- matches the reference; NaN past each rank never reaches y ---------------------------------
 
 
-def _check_matches_reference(device, dtype, layout, dims, bias, layout_args=None):
-    args = make_args(*(layout_args or LAYOUTS[layout]), *dims, bias, dtype, device)
+def _check_matches_reference(device, dtype, layout, dims, bias, layout_args=None, b_transposed=False):
+    args = make_args(*(layout_args or LAYOUTS[layout]), *dims, bias, dtype, device,
+                     b_transposed=b_transposed)
     y, want = call(lora_linear, args), call(lora_linear_ref, args)
     assert y.dtype == dtype and y.shape == (args["x"].shape[0], dims[1]) and y.device == args["x"].device
     assert not y.isnan().any()
     torch.testing.assert_close(y, want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("b_layout", ["rows", "transposed"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dims", DIMS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-def test_matches_reference_cpu(dtype, layout, dims, bias):
-    _check_matches_reference("cpu", dtype, layout, dims, bias)
+def test_matches_reference_cpu(dtype, layout, dims, bias, b_layout):
+    _check_matches_reference("cpu", dtype, layout, dims, bias, b_transposed=b_layout == "transposed")
 
 
 @cuda_only
@@ -92,10 +98,11 @@ def test_matches_reference_cuda(dtype, layout, dims, bias):
     _check_matches_reference("cuda", dtype, layout, dims, bias)
 
 
+@pytest.mark.parametrize("b_layout", ["rows", "transposed"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dims", [(64, 200, 16), (40, 83, 80), (96, 1376 // 4, 64)])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-def test_work_split_between_threads_cpu(dtype, dims, threads):
+def test_work_split_between_threads_cpu(dtype, dims, threads, b_layout):
     """The CPU kernel splits shrink and expand work by cost, cutting segments mid-way; any thread
     count, d_out % 16 != 0 and r_max > 64 (wider transposed tiles) must give the same result."""
     lens = [1, 2, 9, 0, 33, 1, 1, 70, 4, 8, 2, 17, 1, 3]
@@ -104,14 +111,16 @@ def test_work_split_between_threads_cpu(dtype, dims, threads):
     torch.set_num_threads(threads)
     try:
         for bias in (True, False):
-            _check_matches_reference("cpu", dtype, None, dims, bias, layout_args=(lens, slots))
+            _check_matches_reference("cpu", dtype, None, dims, bias, layout_args=(lens, slots),
+                                     b_transposed=b_layout == "transposed")
     finally:
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("b_layout", ["rows", "transposed"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tokens", [1, 64, 512, 513])
-def test_interleaved_base_matmul_cpu(tokens, threads):
+def test_interleaved_base_matmul_cpu(tokens, threads, b_layout):
     """fp32 calls of up to 512 tokens run the base matmul in column blocks between the LoRA phases;
     at and around that size, with d_out not a multiple of the block, the result is the same."""
     lens = [1] * min(tokens, 40) + ([tokens - 40] if tokens > 40 else [])
@@ -121,7 +130,7 @@ def test_interleaved_base_matmul_cpu(tokens, threads):
     try:
         for bias in (True, False):
             _check_matches_reference("cpu", torch.float32, None, (96, 300, 32), bias,
-                                     layout_args=(lens, slots))
+                                     layout_args=(lens, slots), b_transposed=b_layout == "transposed")
     finally:
         torch.set_num_threads(old)
 
