@@ -162,49 +162,37 @@ inline void rotary_row(const T* x, const T* c, const T* s, int64_t half, T* out)
 }
 #endif
 
-at::Tensor rms_norm_cpu(const at::Tensor& x_, const at::Tensor& weight_, double eps) {
-  check_norm_args(x_, weight_, eps);
-  const auto x = x_.contiguous();
-  const auto weight = weight_.contiguous();
-  auto out = at::empty_like(x);
-  const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
-  dispatch(x.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) norm_row(xp + r * n, wp, n, static_cast<float>(eps), op + r * n);
-    });
-  });
-  return out;
+// `t` must match `ref` in shape, dtype and device.
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have ", ref_name, "'s shape ", ref.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have ", ref_name, "'s dtype ",
+              ref.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref_name, "'s device ", ref.device(),
+              ", got ", t.device());
 }
 
-std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x_, const at::Tensor& residual_,
-                                                    const at::Tensor& weight_, double eps) {
+// (norm(h) * weight, h) per row, h = x + residual, or x itself (not copied) without a residual.
+std::tuple<at::Tensor, at::Tensor> norm_cpu(const at::Tensor& x_, const at::Tensor* residual_,
+                                            const at::Tensor& weight_, double eps) {
   check_norm_args(x_, weight_, eps);
-  TORCH_CHECK(residual_.sizes() == x_.sizes(), "residual must have x's shape ", x_.sizes(), ", got ",
-              residual_.sizes());
-  TORCH_CHECK(residual_.scalar_type() == x_.scalar_type(), "residual must have x's dtype ",
-              x_.scalar_type(), ", got ", residual_.scalar_type());
-  TORCH_CHECK(residual_.device() == x_.device(), "residual must be on x's device ", x_.device(),
-              ", got ", residual_.device());
+  if (residual_ != nullptr) check_like(*residual_, "residual", x_, "x");
   const auto x = x_.contiguous();
-  const auto residual = residual_.contiguous();
   const auto weight = weight_.contiguous();
+  const auto residual = residual_ != nullptr ? residual_->contiguous() : at::Tensor();
   auto out = at::empty_like(x);
-  auto sum = at::empty_like(x);
+  auto sum = residual_ != nullptr ? at::empty_like(x) : x;
   const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
   dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* rp = residual.data_ptr<scalar_t>();
+    const scalar_t* rp = residual_ != nullptr ? residual.data_ptr<scalar_t>() : nullptr;
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* hp = sum.data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        add_row(xp + r * n, rp + r * n, n, hp + r * n);
+        if (rp != nullptr) add_row(xp + r * n, rp + r * n, n, hp + r * n);
         norm_row(hp + r * n, wp, n, static_cast<float>(eps), op + r * n);
       }
     });
@@ -212,14 +200,18 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x_, const 
   return {out, sum};
 }
 
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return std::get<0>(norm_cpu(x, nullptr, weight, eps));
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                    const at::Tensor& weight, double eps) {
+  return norm_cpu(x, &residual, weight, eps);
+}
+
 at::Tensor silu_mul_cpu(const at::Tensor& gate_, const at::Tensor& up_) {
   check_rows(gate_, "gate");
-  TORCH_CHECK(up_.sizes() == gate_.sizes(), "up must have gate's shape ", gate_.sizes(), ", got ",
-              up_.sizes());
-  TORCH_CHECK(up_.scalar_type() == gate_.scalar_type(), "up must have gate's dtype ",
-              gate_.scalar_type(), ", got ", up_.scalar_type());
-  TORCH_CHECK(up_.device() == gate_.device(), "up must be on gate's device ", gate_.device(), ", got ",
-              up_.device());
+  check_like(up_, "up", gate_, "gate");
   const auto gate = gate_.contiguous();
   const auto up = up_.contiguous();
   auto out = at::empty_like(gate);

@@ -20,6 +20,9 @@
 // matmul first: it is cut into column blocks of single-threaded sgemm calls interleaved with the
 // two LoRA phases (lora_linear_interleaved), so streaming the adapters overlaps the matmul's compute.
 // OPENLORA_INTERLEAVE=0 in the environment turns that off (for A/B runs of benchmarks/kernel.py).
+// lora_b may be stored transposed (the [S, d_out, r_max] view of [S, r_max, d_out] memory, as the
+// executor's CPU adapter pool keeps it): it is then read in place, and the expand streams rows of
+// lora_b^T straight through the register tiles (expand_segment_t), with no gathers or lane sums.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -179,6 +182,17 @@ inline void prefetch_bt(const scalar_t* bt, int64_t d_out, int64_t r, int64_t o)
 #endif
 }
 
+// Runs a block of bt that is already fp32 straight through Tile's register tiles (a Tile may instead
+// define its own convert_and_run, as the bf16 one does).
+template <typename Tile>
+struct RunDirect {
+  template <typename Y>
+  static void convert_and_run(int vectors, const float* bt, int64_t ld, int64_t r, const float* v,
+                              int64_t r_max, int64_t nt, Y* y, int64_t d_out) {
+    expand_by_tiles<Tile>(vectors, bt, ld, r, v, r_max, nt, y, d_out);
+  }
+};
+
 // The tiled expand_segment_t: blocks of W columns (Tile's vectors of L lanes), the leftover columns
 // (d_out % L) one by one. Blocks ahead are prefetched: bt is r streams read side by side.
 template <typename Tile, int W, int L, typename scalar_t>
@@ -297,16 +311,12 @@ struct ExpandF32x16 {  // 4 tokens x up to 4 vectors of 16 columns
                   int64_t d_out) {
     expand_tile<N, M>(bt, ld, r, v, r_max, y, d_out);
   }
-  static void convert_and_run(int vectors, const float* bt, int64_t ld, int64_t r, const float* v,
-                              int64_t r_max, int64_t nt, float* y, int64_t d_out) {
-    expand_by_tiles<ExpandF32x16>(vectors, bt, ld, r, v, r_max, nt, y, d_out);
-  }
 };
 
 template <>
 void expand_segment_t<float>(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
                              float* y, int64_t d_out, int64_t o0, int64_t o1) {
-  expand_t_by_tiles<ExpandF32x16, 64, 16>(bt, r, v, r_max, nt, y, d_out, o0, o1);
+  expand_t_by_tiles<RunDirect<ExpandF32x16>, 64, 16>(bt, r, v, r_max, nt, y, d_out, o0, o1);
 }
 
 // Many tokens: per 64 rows of b, gather them once into bt [r, 64] (b transposed), then 4 tokens at a
@@ -467,16 +477,12 @@ struct ExpandF32x8 {  // 3 tokens x up to 4 vectors of 8 columns
                   int64_t d_out) {
     expand_tile8<N, M>(bt, ld, r, v, r_max, y, d_out);
   }
-  static void convert_and_run(int vectors, const float* bt, int64_t ld, int64_t r, const float* v,
-                              int64_t r_max, int64_t nt, float* y, int64_t d_out) {
-    expand_by_tiles<ExpandF32x8>(vectors, bt, ld, r, v, r_max, nt, y, d_out);
-  }
 };
 
 template <>
 void expand_segment_t<float>(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
                              float* y, int64_t d_out, int64_t o0, int64_t o1) {
-  expand_t_by_tiles<ExpandF32x8, 32, 8>(bt, r, v, r_max, nt, y, d_out, o0, o1);
+  expand_t_by_tiles<RunDirect<ExpandF32x8>, 32, 8>(bt, r, v, r_max, nt, y, d_out, o0, o1);
 }
 
 // Many tokens: per 32 rows of b, copy them once into bt [r, 32] (b transposed), then 3 tokens at a
