@@ -11,7 +11,8 @@ Prints the median time of each and the ratios fused/base and gather/base.
 
 --engine-shapes instead times the shapes the executor engine runs (hidden 512, intermediate 1376,
 rank 16 in r_max = 64 slots, S = 33, 32 distinct adapters; T = 64 and T = 2048 tokens) against a plain
-torch.mm, printing extra = fused - mm (the LoRA's cost on top of the base layer).
+torch.mm, printing extra = fused - mm (the LoRA's cost on top of the base layer), with lora_b stored
+transposed as the CPU adapter pool keeps it, and (in parentheses) with lora_b row-major.
 
 --attention instead times one layer's decode attention at the throughput benchmark's shapes (N = 64
 sequences of ~48 tokens, 8 heads / 4 kv heads, head_dim 64, block_size 16, scattered blocks): the old
@@ -101,7 +102,9 @@ def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16
     sc, rk = torch.ones(S), torch.full((S,), r, dtype=torch.int32)
     indptr = torch.linspace(0, T, G + 1).round().to(torch.int32)
     slots = torch.arange(G, dtype=torch.int32)
-    fns = {"fused": lambda: lora_linear(x, w, None, a, b, sc, rk, indptr, slots),
+    bt = b.transpose(1, 2).contiguous().transpose(1, 2)  # lora_b as the CPU adapter pool stores it
+    fns = {"fused": lambda: lora_linear(x, w, None, a, bt, sc, rk, indptr, slots),
+           "fused_rows": lambda: lora_linear(x, w, None, a, b, sc, rk, indptr, slots),
            "mm": lambda: torch.mm(x, w.t())}
     times = {k: [] for k in fns}
     for _ in range(3):
@@ -114,7 +117,8 @@ def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"T={T:<5} G={G} {d_in:>4}->{d_out:<4} {str(dtype)[6:]:<8}  fused {med['fused']:7.3f} ms  mm {med['mm']:7.3f} ms  "
-          f"extra {med['fused'] - med['mm']:6.3f} ms  | fused/mm {med['fused'] / med['mm']:.3f}")
+          f"extra {med['fused'] - med['mm']:6.3f} ms  | fused/mm {med['fused'] / med['mm']:.3f}"
+          f"  (lora_b row-major: extra {med['fused_rows'] - med['mm']:6.3f} ms)")
 
 
 def bench_attention(dtype: torch.dtype, rounds: int, N: int = 64, H: int = 8, KVH: int = 4,
