@@ -7,7 +7,8 @@
 Cases (d_in = d_out = 2048, S = 64 slots, r_max = 32, ranks cycling 8, 16, 32):
   decode:  T = 64 tokens, 64 distinct adapters, one token each
   prefill: T = 512 tokens, 8 adapters, 64 tokens each
-Prints the median time of each and the ratios fused/base and gather/base.
+Prints the median time of each and the ratios fused/base and gather/base; fused runs with lora_b
+row-major and, in parentheses, stored transposed as the executor's CPU adapter pool keeps it.
 
 --engine-shapes instead times the shapes the executor engine runs (hidden 512, intermediate 1376,
 rank 16 in r_max = 64 slots, S = 33, 32 distinct adapters; T = 64 and T = 2048 tokens) against a plain
@@ -55,11 +56,17 @@ def make_case(T: int, n_adapters: int, dtype: torch.dtype) -> dict:
         bias=torch.randn(D, generator=g).to(dtype), lora_a=lora_a.to(dtype), lora_b=lora_b.to(dtype),
         scalings=torch.full((S,), 2.0), ranks=ranks,
         seg_indptr=torch.arange(0, T + 1, per, dtype=torch.int32), seg_slots=slots,
-        token_slots=slots.repeat_interleave(per).long())
+        token_slots=slots.repeat_interleave(per).long(),
+        lora_b_t=lora_b.to(dtype).transpose(1, 2).contiguous().transpose(1, 2))  # as the CPU pool stores it
 
 
 def fused(c):
     return lora_linear(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scalings"],
+                       c["ranks"], c["seg_indptr"], c["seg_slots"])
+
+
+def fused_t(c):
+    return lora_linear(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b_t"], c["scalings"],
                        c["ranks"], c["seg_indptr"], c["seg_slots"])
 
 
@@ -76,8 +83,9 @@ def gather_bmm(c):
 
 
 def bench(name: str, case: dict, rounds: int) -> None:
-    fns = {"fused": fused, "base": base, "gather+bmm": gather_bmm}
+    fns = {"fused": fused, "fused_t": fused_t, "base": base, "gather+bmm": gather_bmm}
     torch.testing.assert_close(fused(case), gather_bmm(case), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused_t(case), fused(case), rtol=2e-2, atol=2e-2)
     times = {k: [] for k in fns}
     for _ in range(3):
         for f in fns.values():
@@ -90,7 +98,8 @@ def bench(name: str, case: dict, rounds: int) -> None:
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"{name:<22} fused {med['fused']:7.3f} ms  base {med['base']:7.3f} ms  "
           f"gather+bmm {med['gather+bmm']:7.3f} ms  | fused/base {med['fused'] / med['base']:.3f}  "
-          f"gather/base {med['gather+bmm'] / med['base']:.3f}")
+          f"gather/base {med['gather+bmm'] / med['base']:.3f}  (lora_b stored transposed: fused/base "
+          f"{med['fused_t'] / med['base']:.3f})")
 
 
 def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16, S: int = 33,

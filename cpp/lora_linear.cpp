@@ -19,7 +19,8 @@
 // fp32 calls of up to kInterleaveMaxTokens tokens (decode and short prefill) do not run the base
 // matmul first: it is cut into column blocks of single-threaded sgemm calls interleaved with the
 // two LoRA phases (lora_linear_interleaved), so streaming the adapters overlaps the matmul's compute.
-// OPENLORA_INTERLEAVE=0 in the environment turns that off (for A/B runs of benchmarks/kernel.py).
+// That is the default on CPUs without AVX-512 (where it measured faster); OPENLORA_INTERLEAVE=1 or 0
+// in the environment forces it on or off (see interleave_enabled).
 // lora_b may be stored transposed (the [S, d_out, r_max] view of [S, r_max, d_out] memory, as the
 // executor's CPU adapter pool keeps it): it is then read in place, and the expand streams rows of
 // lora_b^T straight through the register tiles (expand_segment_t), with no gathers or lane sums.
@@ -825,9 +826,19 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc) __attribute__((weak));
 
+// Whether few-token fp32 calls interleave (read per call, so tests and benchmarks can switch it):
+// OPENLORA_INTERLEAVE=1 forces it, =0 turns it off; unset, it is on where it measured faster. With
+// AVX2 (2-core AMD EPYC) it was: decode fused/base 1.21 -> 1.03 at d = 2048. With AVX-512 (2-core
+// Xeon, MKL) it was not: 1.28-1.42 without, 1.65-1.72 with, as MKL's two-thread GEMM there beats the
+// single-threaded column blocks; at the engine's shapes it made no difference.
 inline bool interleave_enabled() {
-  static const bool on = [] { const char* e = std::getenv("OPENLORA_INTERLEAVE"); return !e || e[0] != '0'; }();
-  return on;
+  const char* e = std::getenv("OPENLORA_INTERLEAVE");
+  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
+#if defined(__AVX512F__)
+  return false;
+#else
+  return true;
+#endif
 }
 constexpr int64_t kInterleaveMaxTokens = 512;  // fp32 calls of at most this many tokens interleave
 constexpr int64_t kColumnBlock = 128;          // columns of y per base-matmul block

@@ -117,12 +117,15 @@ def test_work_split_between_threads_cpu(dtype, dims, threads, b_layout):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("interleave", ["1", "0"])
 @pytest.mark.parametrize("b_layout", ["rows", "transposed"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tokens", [1, 64, 512, 513])
-def test_interleaved_base_matmul_cpu(tokens, threads, b_layout):
-    """fp32 calls of up to 512 tokens run the base matmul in column blocks between the LoRA phases;
-    at and around that size, with d_out not a multiple of the block, the result is the same."""
+def test_interleaved_base_matmul_cpu(tokens, threads, b_layout, interleave, monkeypatch):
+    """fp32 calls of up to 512 tokens may run the base matmul in column blocks between the LoRA phases
+    (OPENLORA_INTERLEAVE=1 forces it, =0 turns it off); at and around that size, with d_out not a
+    multiple of the block, the result is the same either way."""
+    monkeypatch.setenv("OPENLORA_INTERLEAVE", interleave)
     lens = [1] * min(tokens, 40) + ([tokens - 40] if tokens > 40 else [])
     slots = [(i % 7) - 1 for i in range(len(lens))]
     old = torch.get_num_threads()
