@@ -35,6 +35,7 @@
 #include <vector>
 
 #include <omp.h>
+#include <thread>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -826,11 +827,22 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc) __attribute__((weak));
 
+// MKL's packed GEMM (weak too: OpenBLAS builds of torch lack it, and then every block calls sgemm_).
+// The enum arguments are passed as their int values: column-major 102, the B matrix 162, no
+// transpose 111, transpose 112, packed 151.
+extern "C" size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+extern "C" void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                                 const float* src, int ld, float* dest) __attribute__((weak));
+extern "C" void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k,
+                                    const float* a, int lda, const float* b, int ldb, float beta,
+                                    float* c, int ldc) __attribute__((weak));
+constexpr int kColMajor = 102, kBMatrix = 162, kNoTrans = 111, kTrans = 112, kPacked = 151;
+
 // Whether few-token fp32 calls interleave (read per call, so tests and benchmarks can switch it):
 // OPENLORA_INTERLEAVE=1 forces it, =0 turns it off; unset, it is on where it measured faster. With
 // AVX2 (2-core AMD EPYC) it was: decode fused/base 1.21 -> 1.03 at d = 2048. With AVX-512 (2-core
-// Xeon, MKL) it was not: 1.28-1.42 without, 1.65-1.72 with, as MKL's two-thread GEMM there beats the
-// single-threaded column blocks; at the engine's shapes it made no difference.
+// Xeon, MKL) it was not: 1.28-1.42 without, 1.65-1.72 with (1.31-1.40 once x was packed once per
+// call), so there MKL's own two-thread GEMM is kept; at the engine's shapes it made no difference.
 inline bool interleave_enabled() {
   const char* e = std::getenv("OPENLORA_INTERLEAVE");
   if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
@@ -871,6 +883,21 @@ void lora_linear_interleaved(const at::Tensor& x, const at::Tensor& weight, cons
   const int64_t blocks = (d_out + kColumnBlock - 1) / kColumnBlock;
   const int64_t early = segs.empty() ? blocks : blocks / 2;  // blocks multiplied in phase 1
 
+  // x.T is packed once (the first task) for MKL's sgemm_compute, so the blocks' GEMMs do not each
+  // copy x again: at d_in = 2048 those copies cost a quarter of the single-threaded GEMM time.
+  const bool pack = cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+                    cblas_sgemm_compute != nullptr;
+  thread_local std::vector<float> packed_buf;
+  if (pack) {
+    const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, kColumnBlock, T, d_in);
+    if (packed_buf.size() < bytes / sizeof(float) + 16) packed_buf.resize(bytes / sizeof(float) + 16);
+  }
+  float* xpacked = pack ? packed_buf.data() : nullptr;
+  std::atomic<bool> x_packed{false};
+  auto pack_x = [&] {
+    cblas_sgemm_pack(kColMajor, kBMatrix, kNoTrans, kColumnBlock, T, d_in, 1.f, xp, d_in, xpacked);
+    x_packed.store(true, std::memory_order_release);
+  };
   auto gemm = [&](int64_t j) {
     const int64_t o0 = j * kColumnBlock, nb = std::min(kColumnBlock, d_out - o0);
     if (bias != nullptr)
@@ -878,15 +905,22 @@ void lora_linear_interleaved(const at::Tensor& x, const at::Tensor& weight, cons
     // column-major view: y.T[blk] (nb x T, ld d_out) = weight[blk] (d_in x nb, ld d_in)^T @ x.T
     const int m = nb, nn = T, k = d_in, lda = d_in, ldb = d_in, ldc = d_out;
     const float one = 1.f, beta = bias != nullptr ? 1.f : 0.f;
-    sgemm_("T", "N", &m, &nn, &k, &one, wp + o0 * d_in, &lda, xp, &ldb, &beta, yp + o0, &ldc);
+    if (pack) {
+      while (!x_packed.load(std::memory_order_acquire)) std::this_thread::yield();
+      cblas_sgemm_compute(kColMajor, kTrans, kPacked, m, nn, k, wp + o0 * d_in, lda, xpacked, ldb, beta,
+                          yp + o0, ldc);
+    } else {
+      sgemm_("T", "N", &m, &nn, &k, &one, wp + o0 * d_in, &lda, xp, &ldb, &beta, yp + o0, &ldc);
+    }
   };
   auto expand = [&](int64_t j) {
     const int64_t o0 = j * kColumnBlock, o1 = std::min(d_out, o0 + kColumnBlock);
     for (const Segment& seg : segs) expand_any(bp, b_t, seg, r_max, vp, yp, d_out, o0, o1);
   };
-  enum Kind { kShrink, kGemm, kExpand, kGemmExpand };
+  enum Kind { kPackX, kShrink, kGemm, kExpand, kGemmExpand };
   using Task = std::pair<Kind, int64_t>;  // (kind, shrink run or column block)
   std::vector<Task> first, second;
+  if (pack) first.push_back({kPackX, 0});
   for (int64_t i = 0, js = 0; i < parts || js < early; ++i) {
     if (i < parts && !segs.empty()) first.push_back({kShrink, i});
     if (js < early) first.push_back({kGemm, js++});
@@ -898,6 +932,7 @@ void lora_linear_interleaved(const at::Tensor& x, const at::Tensor& weight, cons
   }
   auto run = [&](const Task& task) {
     switch (task.first) {
+      case kPackX: pack_x(); break;
       case kShrink: shrink.run(static_cast<int>(task.second), xp, ap, d_in, r_max, vp); break;
       case kGemm: gemm(task.second); break;
       case kExpand: expand(task.second); break;
