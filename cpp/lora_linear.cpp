@@ -307,19 +307,14 @@ inline void expand_tile(const float* bt, int64_t ld, int64_t r, const float* v, 
 }
 
 struct ExpandF32x16 {  // 4 tokens x up to 4 vectors of 16 columns
-  static constexpr int kTokens = 4;
+  static constexpr int kTokens = 4, kLanes = 16, kWidth = 64;
   template <int N, int M>
   static void run(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, float* y,
                   int64_t d_out) {
     expand_tile<N, M>(bt, ld, r, v, r_max, y, d_out);
   }
 };
-
-template <>
-void expand_segment_t<float>(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
-                             float* y, int64_t d_out, int64_t o0, int64_t o1) {
-  expand_t_by_tiles<RunDirect<ExpandF32x16>, 64, 16>(bt, r, v, r_max, nt, y, d_out, o0, o1);
-}
+using ExpandF32 = ExpandF32x16;
 
 // Many tokens: per 64 rows of b, gather them once into bt [r, 64] (b transposed), then 4 tokens at a
 // time y[t, o:o+64] += sum_k v[t, k] * bt[k] (no horizontal sums).
@@ -473,19 +468,14 @@ inline void expand_tile8(const float* bt, int64_t ld, int64_t r, const float* v,
 }
 
 struct ExpandF32x8 {  // 3 tokens x up to 4 vectors of 8 columns
-  static constexpr int kTokens = 3;
+  static constexpr int kTokens = 3, kLanes = 8, kWidth = 32;
   template <int N, int M>
   static void run(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, float* y,
                   int64_t d_out) {
     expand_tile8<N, M>(bt, ld, r, v, r_max, y, d_out);
   }
 };
-
-template <>
-void expand_segment_t<float>(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
-                             float* y, int64_t d_out, int64_t o0, int64_t o1) {
-  expand_t_by_tiles<RunDirect<ExpandF32x8>, 32, 8>(bt, r, v, r_max, nt, y, d_out, o0, o1);
-}
+using ExpandF32 = ExpandF32x8;
 
 // Many tokens: per 32 rows of b, copy them once into bt [r, 32] (b transposed), then 3 tokens at a
 // time y[t, o:o+32] += sum_k v[t, k] * bt[k] (12 accumulators, no horizontal sums).
@@ -510,6 +500,16 @@ void expand_segment<float>(const float* b, int64_t r_max, int64_t r, const float
 constexpr bool kTiledFloat = true;
 #else
 constexpr bool kTiledFloat = false;
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// fp32 lora_b stored transposed: blocks of kWidth columns through the ISA's fp32 register tiles.
+template <>
+void expand_segment_t<float>(const float* bt, int64_t r, const float* v, int64_t r_max, int64_t nt,
+                             float* y, int64_t d_out, int64_t o0, int64_t o1) {
+  expand_t_by_tiles<RunDirect<ExpandF32>, ExpandF32::kWidth, ExpandF32::kLanes>(bt, r, v, r_max, nt, y,
+                                                                                 d_out, o0, o1);
+}
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
