@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -283,37 +284,38 @@ void expand_rows(const float* b, int64_t r_max, int64_t r, const float* v, int64
     for (int64_t t = 0; t < nt; ++t) y[t * d_out + o] += dot(b + o * r_max, v + t * r_max, r);
 }
 
-// y[t, 16m .. 16m+16] += sum_k v[t, k] * bt[k, 16m ..]  for t < N, m < M.  bt: [r, 64]
-template <int N, int M>
-inline void expand_tile(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, float* y,
-                        int64_t d_out) {
-  __m512 acc[N][M];
-  for (int t = 0; t < N; ++t)
-    for (int m = 0; m < M; ++m) acc[t][m] = _mm512_setzero_ps();
-  int64_t k = 0;  // r >= 1; as a for loop, GCC stored acc to memory on every step
-  do {
-    __m512 bk[M];
-    for (int m = 0; m < M; ++m) bk[m] = _mm512_loadu_ps(bt + k * ld + 16 * m);
-    for (int t = 0; t < N; ++t) {
-      const __m512 vk = _mm512_set1_ps(v[t * r_max + k]);
-      for (int m = 0; m < M; ++m) acc[t][m] = _mm512_fmadd_ps(vk, bk[m], acc[t][m]);
-    }
-  } while (++k < r);
-  for (int t = 0; t < N; ++t)
-    for (int m = 0; m < M; ++m) {
-      float* yt = y + t * d_out + 16 * m;
-      _mm512_storeu_ps(yt, _mm512_add_ps(_mm512_loadu_ps(yt), acc[t][m]));
-    }
+// y[0..16) += add: fp32, or bf16 (as uint16_t) rounded once to nearest even.
+inline void add_store16(float* y, __m512 add) { _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), add)); }
+inline void add_store16(uint16_t* y, __m512 add) {
+  const __m512 sum = _mm512_add_ps(simd::load16(reinterpret_cast<const at::BFloat16*>(y), 0xFFFF), add);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), simd::to_bf16(sum));
 }
 
-struct ExpandF32x16 {  // 4 tokens x up to 4 vectors of 16 columns
+// Expand tiles of up to 4 tokens x 4 vectors of 16 columns, bt fp32, y fp32 or bf16 (uint16_t):
+//   run<N, M>: y[t, 16m .. 16m+16] += sum_k v[t, k] * bt[k, 16m ..]  for t < N, m < M, k < r.
+template <typename Y>
+struct ExpandX16 {
   static constexpr int kTokens = 4, kLanes = 16, kWidth = 64;
   template <int N, int M>
-  static void run(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, float* y,
+  static void run(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, Y* y,
                   int64_t d_out) {
-    expand_tile<N, M>(bt, ld, r, v, r_max, y, d_out);
+    __m512 acc[N][M];
+    for (int t = 0; t < N; ++t)
+      for (int m = 0; m < M; ++m) acc[t][m] = _mm512_setzero_ps();
+    int64_t k = 0;  // r >= 1; as a for loop, GCC stored acc to memory on every step
+    do {
+      __m512 bk[M];
+      for (int m = 0; m < M; ++m) bk[m] = _mm512_loadu_ps(bt + k * ld + 16 * m);
+      for (int t = 0; t < N; ++t) {
+        const __m512 vk = _mm512_set1_ps(v[t * r_max + k]);
+        for (int m = 0; m < M; ++m) acc[t][m] = _mm512_fmadd_ps(vk, bk[m], acc[t][m]);
+      }
+    } while (++k < r);
+    for (int t = 0; t < N; ++t)
+      for (int m = 0; m < M; ++m) add_store16(y + t * d_out + 16 * m, acc[t][m]);
   }
 };
+using ExpandF32x16 = ExpandX16<float>;
 using ExpandF32 = ExpandF32x16;
 
 // Many tokens: per 64 rows of b, gather them once into bt [r, 64] (b transposed), then 4 tokens at a
@@ -444,35 +446,30 @@ void expand_rows8(const float* b, int64_t r_max, int64_t r, const float* v, int6
     for (int64_t t = 0; t < nt; ++t) y[t * d_out + o] += dot(b + o * r_max, v + t * r_max, r);
 }
 
-// y[t, o0 + 8m ..] += sum_k v[t, k] * bt[k, 8m ..]  for t < N, m < M.  bt: [r, 32]
-template <int N, int M>
-inline void expand_tile8(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, float* y,
-                         int64_t d_out) {
-  __m256 acc[N][M];
-  for (int t = 0; t < N; ++t)
-    for (int m = 0; m < M; ++m) acc[t][m] = _mm256_setzero_ps();
-  int64_t k = 0;  // r >= 1; as a for loop, GCC stored acc to memory on every step
-  do {  // N * M + N + 1 <= 16 registers
-    __m256 vk[N];
-    for (int t = 0; t < N; ++t) vk[t] = _mm256_broadcast_ss(v + t * r_max + k);
-    for (int m = 0; m < M; ++m) {
-      const __m256 bk = _mm256_loadu_ps(bt + k * ld + 8 * m);
-      for (int t = 0; t < N; ++t) acc[t][m] = _mm256_fmadd_ps(vk[t], bk, acc[t][m]);
-    }
-  } while (++k < r);
-  for (int t = 0; t < N; ++t)
-    for (int m = 0; m < M; ++m) {
-      float* yt = y + t * d_out + 8 * m;
-      _mm256_storeu_ps(yt, _mm256_add_ps(_mm256_loadu_ps(yt), acc[t][m]));
-    }
-}
-
-struct ExpandF32x8 {  // 3 tokens x up to 4 vectors of 8 columns
+// Expand tiles of up to 3 tokens x 4 vectors of 8 columns (N * M + N + 1 <= 16 registers):
+//   run<N, M>: y[t, 8m .. 8m+8] += sum_k v[t, k] * bt[k, 8m ..]  for t < N, m < M, k < r.
+struct ExpandF32x8 {
   static constexpr int kTokens = 3, kLanes = 8, kWidth = 32;
   template <int N, int M>
   static void run(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, float* y,
                   int64_t d_out) {
-    expand_tile8<N, M>(bt, ld, r, v, r_max, y, d_out);
+    __m256 acc[N][M];
+    for (int t = 0; t < N; ++t)
+      for (int m = 0; m < M; ++m) acc[t][m] = _mm256_setzero_ps();
+    int64_t k = 0;  // r >= 1; as a for loop, GCC stored acc to memory on every step
+    do {
+      __m256 vk[N];
+      for (int t = 0; t < N; ++t) vk[t] = _mm256_broadcast_ss(v + t * r_max + k);
+      for (int m = 0; m < M; ++m) {
+        const __m256 bk = _mm256_loadu_ps(bt + k * ld + 8 * m);
+        for (int t = 0; t < N; ++t) acc[t][m] = _mm256_fmadd_ps(vk[t], bk, acc[t][m]);
+      }
+    } while (++k < r);
+    for (int t = 0; t < N; ++t)
+      for (int m = 0; m < M; ++m) {
+        float* yt = y + t * d_out + 8 * m;
+        _mm256_storeu_ps(yt, _mm256_add_ps(_mm256_loadu_ps(yt), acc[t][m]));
+      }
   }
 };
 using ExpandF32 = ExpandF32x8;
@@ -531,12 +528,6 @@ inline __m512 load_bf16(const uint16_t* p) {
 inline __m512 maskz_load_bf16(__mmask16 m, const uint16_t* p) {
   return bf16_to_f32(_mm256_maskz_loadu_epi16(m, p));
 }
-// y[0..16) (bf16) += add, rounded once to nearest even.
-inline void add_store_bf16(uint16_t* y, __m512 add) {
-  const __m512 sum = _mm512_add_ps(load_bf16(y), add);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum)));
-}
-
 // out[t * NK + k] = x[t] @ a[k] over d_in, for NT tokens x NK rows, 32 bf16 per step.
 template <int NT, int NK>
 inline __m512 dot_tile_bf16(const uint16_t* const* x, const uint16_t* const* a, int64_t d_in) {
@@ -598,7 +589,7 @@ void expand_rows_bf16(const c10::BFloat16* b_, int64_t r_max, int64_t r, const f
         for (int j = 0; j < 16; ++j)
           acc[j] = _mm512_fmadd_ps(maskz_load_bf16(m, b + (o + j) * r_max + k), vv, acc[j]);
       }
-      add_store_bf16(y + t * d_out + o, sum_lanes16(acc));
+      add_store16(y + t * d_out + o, sum_lanes16(acc));
     }
   }
   for (; o < o1; ++o)
@@ -608,33 +599,8 @@ void expand_rows_bf16(const c10::BFloat16* b_, int64_t r_max, int64_t r, const f
     }
 }
 
-// y[t, 16m .. 16m+16] (bf16) += sum_k v[t, k] * bt[k, 16m ..]  for t < N, m < M.  bt: [r, 64] fp32
-template <int N, int M>
-inline void expand_tile_bf16(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max,
-                             uint16_t* y, int64_t d_out) {
-  __m512 acc[N][M];
-  for (int t = 0; t < N; ++t)
-    for (int m = 0; m < M; ++m) acc[t][m] = _mm512_setzero_ps();
-  int64_t k = 0;  // r >= 1; as a for loop, GCC stored acc to memory on every step
-  do {
-    __m512 bk[M];
-    for (int m = 0; m < M; ++m) bk[m] = _mm512_loadu_ps(bt + k * ld + 16 * m);
-    for (int t = 0; t < N; ++t) {
-      const __m512 vk = _mm512_set1_ps(v[t * r_max + k]);
-      for (int m = 0; m < M; ++m) acc[t][m] = _mm512_fmadd_ps(vk, bk[m], acc[t][m]);
-    }
-  } while (++k < r);
-  for (int t = 0; t < N; ++t)
-    for (int m = 0; m < M; ++m) add_store_bf16(y + t * d_out + 16 * m, acc[t][m]);
-}
-
-struct ExpandBF16x16 {  // 4 tokens x up to 4 vectors of 16 columns, y in bf16
-  static constexpr int kTokens = 4;
-  template <int N, int M>
-  static void run(const float* bt, int64_t ld, int64_t r, const float* v, int64_t r_max, uint16_t* y,
-                  int64_t d_out) {
-    expand_tile_bf16<N, M>(bt, ld, r, v, r_max, y, d_out);
-  }
+// ExpandX16's tiles with y in bf16, and lora_b stored transposed in bf16 widened per block.
+struct ExpandBF16x16 : ExpandX16<uint16_t> {
   // bt in bf16 (ld apart): its `vectors` x 16 columns of rows k < r widened once to fp32, then run.
   static void convert_and_run(int vectors, const c10::BFloat16* bt_, int64_t ld, int64_t r,
                               const float* v, int64_t r_max, int64_t nt, c10::BFloat16* y_,
@@ -887,12 +853,15 @@ void lora_linear_interleaved(const at::Tensor& x, const at::Tensor& weight, cons
   // copy x again: at d_in = 2048 those copies cost a quarter of the single-threaded GEMM time.
   const bool pack = cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
                     cblas_sgemm_compute != nullptr;
-  thread_local std::vector<float> packed_buf;
+  // MKL sizes the buffer generously (~7 MiB beyond x itself); it is allocated once per thread and not
+  // zero-filled, so only the pages MKL writes are ever touched.
+  thread_local std::unique_ptr<float[]> packed_buf;
+  thread_local size_t packed_floats = 0;
   if (pack) {
-    const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, kColumnBlock, T, d_in);
-    if (packed_buf.size() < bytes / sizeof(float) + 16) packed_buf.resize(bytes / sizeof(float) + 16);
+    const size_t floats = cblas_sgemm_pack_get_size(kBMatrix, kColumnBlock, T, d_in) / sizeof(float) + 16;
+    if (packed_floats < floats) packed_buf.reset(new float[packed_floats = floats]);
   }
-  float* xpacked = pack ? packed_buf.data() : nullptr;
+  float* xpacked = pack ? packed_buf.get() : nullptr;
   std::atomic<bool> x_packed{false};
   auto pack_x = [&] {
     cblas_sgemm_pack(kColMajor, kBMatrix, kNoTrans, kColumnBlock, T, d_in, 1.f, xp, d_in, xpacked);

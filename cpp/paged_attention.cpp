@@ -30,7 +30,6 @@ constexpr int64_t kMaxGroup = 16;     // query heads per kv head handled in one 
 constexpr int64_t kChunk = 32;        // keys scored before each online-softmax update
 constexpr int64_t kMinTaskWork = 1 << 15;  // multiply-adds per parallel task, at least
 
-
 // Scores live per head: scores[i * kChunk + j] for key c0 + j of a chunk.
 #if defined(__AVX512F__)
 using simd::exp16;

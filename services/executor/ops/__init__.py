@@ -41,7 +41,13 @@ SCHEMAS = {  # op name -> (schema, reference); the C++ declares the same schemas
     "silu_mul": ("(Tensor gate, Tensor up) -> Tensor", silu_mul_ref),
     "rotary": ("(Tensor x, Tensor cos, Tensor sin) -> Tensor", rotary_ref),
 }
-LAYER_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary")  # no CUDA kernels: references there
+_LAYER_FAKES = {  # the layer ops' fake kernels; none has a CUDA kernel
+    "rms_norm": lambda x, weight, eps: torch.empty_like(x),
+    "add_rms_norm": lambda x, residual, weight, eps: (torch.empty_like(x), torch.empty_like(x)),
+    "silu_mul": lambda gate, up: torch.empty_like(gate),
+    "rotary": lambda x, cos, sin: torch.empty_like(x),
+}
+LAYER_OPS = tuple(_LAYER_FAKES)
 _lock = threading.Lock()
 _backend: str | None = None
 
@@ -165,12 +171,5 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x * cos + rotate_half(x) * sin (Hugging Face's RoPE): x [T, H, D], cos/sin [T, D], x's dtype."""
     return torch.ops.openlora.rotary.default(x, cos, sin)
 
-
-_LAYER_FAKES = {
-    "rms_norm": lambda x, weight, eps: torch.empty_like(x),
-    "add_rms_norm": lambda x, residual, weight, eps: (torch.empty_like(x), torch.empty_like(x)),
-    "silu_mul": lambda gate, up: torch.empty_like(gate),
-    "rotary": lambda x, cos, sin: torch.empty_like(x),
-}
 
 ensure_built()
