@@ -9,11 +9,15 @@ Cases (d_in = d_out = 2048, S = 64 slots, r_max = 32, ranks cycling 8, 16, 32):
   prefill: T = 512 tokens, 8 adapters, 64 tokens each
 Prints the median time of each and the ratios fused/base and gather/base; fused runs with lora_b
 row-major and, in parentheses, stored transposed as the executor's CPU adapter pool keeps it.
+fp32 also runs with the weight prepacked once (ops.pack_weight, as the engine does on CPU):
+lora_linear_packed with lora_b transposed, and the base matmul alone through the packed weight
+(linear_packed); printed as ratios to torch.addmm on the plain weight and to the packed base alone.
 
 --engine-shapes instead times the shapes the executor engine runs (hidden 512, intermediate 1376,
 rank 16 in r_max = 64 slots, S = 33, 32 distinct adapters; T = 64 and T = 2048 tokens) against a plain
 torch.mm, printing extra = fused - mm (the LoRA's cost on top of the base layer), with lora_b stored
-transposed as the CPU adapter pool keeps it, and (in parentheses) with lora_b row-major.
+transposed as the CPU adapter pool keeps it, and (in parentheses) with lora_b row-major; fp32 also
+with the weight prepacked (lora_linear_packed and linear_packed), as the engine runs it.
 
 --attention instead times one layer's decode attention at the throughput benchmark's shapes (N = 64
 sequences of ~48 tokens, 8 heads / 4 kv heads, head_dim 64, block_size 16, scattered blocks): the old
@@ -82,8 +86,21 @@ def gather_bmm(c):
     return base(c) + torch.bmm(v, b.transpose(1, 2)).squeeze(1)
 
 
+def fused_packed(c):
+    return ops.lora_linear_packed(c["x"], c["weight"], c["packed"], c["bias"], c["lora_a"], c["lora_b_t"],
+                                  c["scalings"], c["ranks"], c["seg_indptr"], c["seg_slots"])
+
+
+def base_packed(c):
+    return ops.linear_packed(c["x"], c["weight"], c["packed"], c["bias"])
+
+
 def bench(name: str, case: dict, rounds: int) -> None:
     fns = {"fused": fused, "fused_t": fused_t, "base": base, "gather+bmm": gather_bmm}
+    case["packed"] = ops.pack_weight(case["weight"])
+    if case["packed"] is not None:
+        fns |= {"fused_packed": fused_packed, "base_packed": base_packed}
+        torch.testing.assert_close(fused_packed(case), fused(case), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused(case), gather_bmm(case), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(fused_t(case), fused(case), rtol=2e-2, atol=2e-2)
     times = {k: [] for k in fns}
@@ -100,6 +117,11 @@ def bench(name: str, case: dict, rounds: int) -> None:
           f"gather+bmm {med['gather+bmm']:7.3f} ms  | fused/base {med['fused'] / med['base']:.3f}  "
           f"gather/base {med['gather+bmm'] / med['base']:.3f}  (lora_b stored transposed: fused/base "
           f"{med['fused_t'] / med['base']:.3f})")
+    if "fused_packed" in med:
+        print(f"{'':<22} weight prepacked: fused {med['fused_packed']:7.3f} ms  base {med['base_packed']:7.3f} ms"
+              f"  | fused_packed/base {med['fused_packed'] / med['base']:.3f}  base_packed/base "
+              f"{med['base_packed'] / med['base']:.3f}  fused_packed/base_packed "
+              f"{med['fused_packed'] / med['base_packed']:.3f}")
 
 
 def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16, S: int = 33,
@@ -115,6 +137,10 @@ def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16
     fns = {"fused": lambda: lora_linear(x, w, None, a, bt, sc, rk, indptr, slots),
            "fused_rows": lambda: lora_linear(x, w, None, a, b, sc, rk, indptr, slots),
            "mm": lambda: torch.mm(x, w.t())}
+    packed = ops.pack_weight(w)
+    if packed is not None:
+        fns |= {"fused_packed": lambda: ops.lora_linear_packed(x, w, packed, None, a, bt, sc, rk, indptr, slots),
+                "mm_packed": lambda: ops.linear_packed(x, w, packed)}
     times = {k: [] for k in fns}
     for _ in range(3):
         for f in fns.values():
@@ -128,6 +154,10 @@ def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16
     print(f"T={T:<5} G={G} {d_in:>4}->{d_out:<4} {str(dtype)[6:]:<8}  fused {med['fused']:7.3f} ms  mm {med['mm']:7.3f} ms  "
           f"extra {med['fused'] - med['mm']:6.3f} ms  | fused/mm {med['fused'] / med['mm']:.3f}"
           f"  (lora_b row-major: extra {med['fused_rows'] - med['mm']:6.3f} ms)")
+    if packed is not None:
+        print(f"{'':<31}packed: fused {med['fused_packed']:7.3f} ms  mm {med['mm_packed']:7.3f} ms  "
+              f"extra {med['fused_packed'] - med['mm_packed']:6.3f} ms  | mm_packed/mm "
+              f"{med['mm_packed'] / med['mm']:.3f}  fused_packed/mm {med['fused_packed'] / med['mm']:.3f}")
 
 
 def bench_attention(dtype: torch.dtype, rounds: int, N: int = 64, H: int = 8, KVH: int = 4,

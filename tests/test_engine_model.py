@@ -91,3 +91,28 @@ def test_unsupported_architecture(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unsupported architecture"):
         Engine(ExecutorConfig(base_model=str(d), device="cpu"), LocalDirSource(tmp_path))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_prepacked_weights_generate_what_plain_weights_do(tmp_path, tie):
+    """fp32 on CPU packs every projection and the lm_head once (ops.pack_weight); the tokens are
+    those of the plain weights, and of transformers."""
+    from services.executor import ops
+    d = write_model(tmp_path / "m", ModelSpec(seed=5, tie_embeddings=tie, tokenizer=False))
+    prompt = list(range(3, 40))
+    packed = Engine(ExecutorConfig(base_model=str(d), device="cpu", dtype="float32"), LocalDirSource(tmp_path))
+    plain = Engine(ExecutorConfig(base_model=str(d), device="cpu", dtype="float32", prepack_weights=False),
+                   LocalDirSource(tmp_path))
+    if ops.pack_weight(torch.ones(2, 2)) is not None:
+        assert all(p.packed is not None for _, _, p in packed.model.projections())
+        assert packed.model.lm_packed is not None
+    assert all(p.packed is None for _, _, p in plain.model.projections()) and plain.model.lm_packed is None
+    want = hf_greedy(d, prompt, 12)
+    assert greedy(packed, prompt, 12) == want
+    assert greedy(plain, prompt, 12) == want
+
+
+def test_bfloat16_weights_are_not_packed(llama_dir, tmp_path):
+    engine = Engine(ExecutorConfig(base_model=str(llama_dir), device="cpu", dtype="bfloat16"),
+                    LocalDirSource(tmp_path))
+    assert all(p.packed is None for _, _, p in engine.model.projections())

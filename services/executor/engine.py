@@ -122,6 +122,10 @@ class Engine:
         block = config.kv_block_size
         self.model, self.model_config, self.model_path = load_model(str(path), self.device,
                                                                     self.dtype, max_len)
+        if config.prepack_weights:
+            packed = self.model.prepack()
+            if packed:
+                log.info("weights_prepacked", bytes=packed)
         self.pool = AdapterPool(cfg, config.max_device_adapters, config.max_lora_rank, self.dtype,
                                 self.device)
         for layer, module, proj in self.model.projections():

@@ -162,9 +162,13 @@ class LoraProj(nn.Module):
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
         self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
         self.lora: LoraStack | None = None
+        self.packed: Tensor | None = None   # ops.pack_weight(self.weight), see LlamaForCausalLM.prepack
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
         s = self.lora
+        if self.packed is not None:
+            return ops.lora_linear_packed(x, self.weight, self.packed, self.bias, s.a, s.b, s.scalings,
+                                          s.ranks, batch.seg_indptr, batch.seg_slots)
         return ops.lora_linear(x, self.weight, self.bias, s.a, s.b, s.scalings, s.ranks,
                                batch.seg_indptr, batch.seg_slots)
 
@@ -248,6 +252,20 @@ class LlamaForCausalLM(nn.Module):
             cos, sin = rope_tables(cfg, max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_packed: Tensor | None = None
+
+    def prepack(self) -> int:
+        """Packs every projection's weight and the lm_head once for the base matmul (ops.pack_weight:
+        float32 CPU with MKL; elsewhere a no-op). Call after the weights are loaded. -> bytes packed."""
+        total = 0
+        for _, _, proj in self.projections():
+            proj.packed = ops.pack_weight(proj.weight)
+            total += 0 if proj.packed is None else proj.packed.numel()
+        self.lm_packed = ops.pack_weight(self._lm_weight())
+        return total + (0 if self.lm_packed is None else self.lm_packed.numel())
+
+    def _lm_weight(self) -> Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def projections(self):
         """(layer, module name, LoraProj) for every LoRA-targetable projection."""
@@ -267,7 +285,9 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, batch, cos, sin, kv.k[i], kv.v[i])
         rows = batch.logits_rows
         x, _ = self.model.norm(x[rows], None if residual is None else residual[rows])
-        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        w = self._lm_weight()
+        if self.lm_packed is not None:
+            return ops.linear_packed(x, w, self.lm_packed)
         return (x @ w.T).float()
 
 

@@ -1,5 +1,6 @@
 """Kernels of the executor; importing this package makes torch.ops.openlora.{lora_linear,
-paged_attention_decode, rms_norm, add_rms_norm, silu_mul, rotary} available.
+paged_attention_decode, rms_norm, add_rms_norm, silu_mul, rotary} available, and on CPU
+{pack_weight, lora_linear_packed, linear_packed}: fp32 base weights packed once into MKL's GEMM layout.
 
 The ops come from the C++/CUDA extension (cpp/, built on first import by build.py), or, if that cannot
 be built, from the pure-PyTorch references — logged as an error, never silent. paged_attention_decode
@@ -22,7 +23,7 @@ from .reference import (add_rms_norm_ref, lora_linear_ref, paged_attention_decod
                         rotary_ref, silu_mul_ref)
 from .segments import build_segments
 
-__all__ = ["lora_linear", "lora_linear_ref", "paged_attention_decode", "paged_attention_decode_ref",
+__all__ = ["lora_linear", "lora_linear_ref", "pack_weight", "lora_linear_packed", "linear_packed", "paged_attention_decode", "paged_attention_decode_ref",
            "rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref",
            "rotary", "rotary_ref", "build_segments", "ensure_built", "kernel_backend"]
 
@@ -32,6 +33,12 @@ SCHEMAS = {  # op name -> (schema, reference); the C++ declares the same schemas
     "lora_linear": (("(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
                      "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor"),
                     lora_linear_ref),
+    "lora_linear_packed": (("(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias, "
+                            "Tensor lora_a, Tensor lora_b, Tensor scalings, Tensor ranks, "
+                            "Tensor seg_indptr, Tensor seg_slots) -> Tensor"),
+                           lambda x, weight, packed_weight, *rest: lora_linear_ref(x, weight, *rest)),
+    "linear_packed": ("(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias) -> Tensor",
+                      lambda x, weight, packed_weight, bias: torch.nn.functional.linear(x, weight, bias)),
     "paged_attention_decode": (("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
                                 "Tensor context_lens, float scale, int sliding_window) -> Tensor"),
                                paged_attention_decode_ref),
@@ -91,6 +98,10 @@ def ensure_built() -> str:
         if _backend is None:
             _backend = _load()
             torch.library.register_fake("openlora::lora_linear")(_lora_linear_fake)
+            torch.library.register_fake("openlora::lora_linear_packed")(
+                lambda x, weight, packed_weight, *rest: _lora_linear_fake(x, weight, *rest))
+            torch.library.register_fake("openlora::linear_packed")(
+                lambda x, weight, packed_weight, bias: _lora_linear_fake(x, weight, bias, *[None] * 6))
             torch.library.register_fake("openlora::paged_attention_decode")(_paged_attention_decode_fake)
             for name, fake in _LAYER_FAKES.items():
                 torch.library.register_fake(f"openlora::{name}")(fake)
@@ -125,6 +136,32 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     """
     return torch.ops.openlora.lora_linear.default(
         x, weight, bias, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots)
+
+
+def pack_weight(weight: Tensor) -> Tensor | None:
+    """weight [d_out, d_in] copied once into MKL's GEMM layout, for lora_linear_packed and linear_packed;
+    None where packing does not apply (not a contiguous float32 CPU tensor, the reference backend, a
+    torch without MKL). The buffer belongs to this weight's storage: pack again if the weight is
+    replaced. It holds ~1.1-9x the weight's bytes, mostly untouched (never resident) reserve."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not weight.is_contiguous()
+            or weight.dim() != 2 or weight.numel() == 0 or ensure_built() != "cpp"
+            or not torch.ops.openlora.packing_available()):
+        return None
+    return torch.ops.openlora.pack_weight.default(weight)
+
+
+def lora_linear_packed(x: Tensor, weight: Tensor, packed_weight: Tensor, bias: Tensor | None,
+                       lora_a: Tensor, lora_b: Tensor, scalings: Tensor, ranks: Tensor,
+                       seg_indptr: Tensor, seg_slots: Tensor) -> Tensor:
+    """lora_linear with the base matmul through packed_weight = pack_weight(weight) (float32 CPU).
+    Calls of more than a few hundred tokens, where packing does not pay, use weight as lora_linear does."""
+    return torch.ops.openlora.lora_linear_packed.default(
+        x, weight, packed_weight, bias, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots)
+
+
+def linear_packed(x: Tensor, weight: Tensor, packed_weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias through packed_weight = pack_weight(weight) (float32 CPU)."""
+    return torch.ops.openlora.linear_packed.default(x, weight, packed_weight, bias)
 
 
 def _paged_attention_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window):
