@@ -135,9 +135,9 @@ def build_group(seqs: list[tuple[list[int], int, int]], row_start: list[int], bl
     q_max = max(q for _, _, q in seqs)
     nb_max = max(len(bt) for bt, _, _ in seqs)
     decode = q_max == 1
-    tables = torch.zeros((n, nb_max), dtype=torch.int32 if decode else torch.long)
-    for i, (bt, _, _) in enumerate(seqs):
-        tables[i, :len(bt)] = torch.tensor(bt, dtype=tables.dtype)
+    # one tensor from padded rows (a tensor per row cost ~0.3 ms per step at 64 sequences)
+    tables = torch.tensor([bt + [0] * (nb_max - len(bt)) for bt, _, _ in seqs],
+                          dtype=torch.int32 if decode else torch.long)
     if decode:
         r0 = row_start[0]
         rows = slice(r0, r0 + n) if row_start == list(range(r0, r0 + n)) else None
