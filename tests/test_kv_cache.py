@@ -99,3 +99,33 @@ def test_paged_attention_matches_dense(kv_heads, window):
             mask &= kpos > qpos - window
         want = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask)[0].transpose(0, 1)
         torch.testing.assert_close(out[starts[i]:starts[i] + new], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("window, dense", [(None, True), (8, True), (3, False)])
+def test_fresh_prompts_of_one_length_attend_densely(kv_heads, window, dense):
+    """Prompts with nothing cached, all of one length, back to back: causal attention on the step's
+    own K/V (no gathers, no mask), unless a sliding window shorter than the prompts needs the mask."""
+    torch.manual_seed(1)
+    H, D, bs, nb, N, Q = 4, 8, 4, 32, 3, 6
+    kc, vc = torch.zeros(nb, bs, kv_heads, D), torch.zeros(nb, bs, kv_heads, D)
+    alloc = KVBlockAllocator(nb)
+    tables = [alloc.allocate(blocks_needed(Q, bs)) for _ in range(N)]
+    q, k, v = torch.randn(N * Q, H, D), torch.randn(N * Q, kv_heads, D), torch.randn(N * Q, kv_heads, D)
+    slot_mapping = [t[p // bs] * bs + p % bs for t in tables for p in range(Q)]
+    group = build_group([(t, Q, Q) for t in tables], [i * Q for i in range(N)], bs, window,
+                        torch.device("cpu"))
+    assert (group.dense is not None) == dense
+    out = paged_attention(q, k, v, kc, vc, AttnMetadata(torch.tensor(slot_mapping), [group]), D ** -0.5)
+    pos = torch.arange(Q)
+    mask = pos[None] <= pos[:, None]
+    if window:
+        mask &= pos[None] > pos[:, None] - window
+    for i in range(N):
+        rows = slice(i * Q, (i + 1) * Q)
+        want = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1)[None], k[rows].repeat_interleave(H // kv_heads, 1).transpose(0, 1)[None],
+            v[rows].repeat_interleave(H // kv_heads, 1).transpose(0, 1)[None], attn_mask=mask)
+        torch.testing.assert_close(out[rows], want[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+    # and the K/V went into the cache all the same
+    torch.testing.assert_close(kc.view(-1, kv_heads, D)[torch.tensor(slot_mapping)], k)

@@ -105,17 +105,21 @@ class AttnGroup:
     """Sequences attended together, padded to Qmax queries and L = max_blocks * block_size keys.
 
     A decode group (Qmax == 1) has int32 block_tables and context_lens and no mask; a prefill group
-    has long block_tables and a mask, and context_lens None.
+    has long block_tables and a mask, and context_lens None; a dense group (fresh prompts of one
+    length, back to back) has only `dense`, its other tensors None.
     """
 
-    q_index: Tensor       # [N, Qmax] long: rows of the step's tokens (padding -> any valid row)
-    out_rows: Tensor      # [n_valid] long: rows written back (q_index[q_valid])
-    q_valid: Tensor       # [N, Qmax] bool
-    block_tables: Tensor  # [N, max_blocks] int32 (decode) / long (prefill); padding -> block 0
-    mask: Tensor | None   # [N, 1, Qmax, L] bool: query i of sequence n may attend to key j
+    q_index: Tensor | None       # [N, Qmax] long: rows of the step's tokens (padding -> any valid row)
+    out_rows: Tensor | None      # [n_valid] long: rows written back (q_index[q_valid])
+    q_valid: Tensor | None       # [N, Qmax] bool
+    block_tables: Tensor | None  # [N, max_blocks] int32 (decode) / long (prefill); padding -> block 0
+    mask: Tensor | None          # [N, 1, Qmax, L] bool: query i of sequence n may attend to key j
     context_lens: Tensor | None = None  # [N] int32 (decode only)
     rows: slice | None = None           # q_index[:, 0] as a slice when it is a run of rows (decode)
     sliding_window: int = 0
+    # prefill of N fresh prompts (no cached prefix) of Q tokens each, back to back from row r0:
+    # (r0, N, Q); attention then runs causally on the step's own K/V, without gathers or a mask
+    dense: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -148,6 +152,11 @@ def build_group(seqs: list[tuple[list[int], int, int]], row_start: list[int], bl
                          context_lens=torch.tensor([c for _, c, _ in seqs], dtype=torch.int32,
                                                    device=device),
                          rows=rows, sliding_window=sliding_window or 0)
+    window_ok = not sliding_window or q_max <= sliding_window
+    if window_ok and all(c == q == q_max for _, c, q in seqs) and \
+            row_start == list(range(row_start[0], row_start[0] + n * q_max, q_max)):
+        return AttnGroup(q_index=None, out_rows=None, q_valid=None, block_tables=None, mask=None,
+                         dense=(row_start[0], n, q_max))
     ctx = torch.tensor([c for _, c, _ in seqs], dtype=torch.long)
     q_len = torch.tensor([q for _, _, q in seqs], dtype=torch.long)
     starts = torch.tensor(row_start, dtype=torch.long)
@@ -185,6 +194,16 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
             rows = g.rows if g.rows is not None else g.q_index[:, 0]
             out[rows] = ops.paged_attention_decode(q[rows], k_cache, v_cache, g.block_tables,
                                                    g.context_lens, scale, g.sliding_window)
+            continue
+        if g.dense is not None:  # fresh prompts of one length: causal attention over their own K/V
+            r0, n, qlen = g.dense
+            rows = slice(r0, r0 + n * qlen)
+            qd = q[rows].view(n, qlen, H, D).transpose(1, 2)                # [N, H, Q, D]
+            kd = k[rows].view(n, qlen, kvh, D).transpose(1, 2)
+            vd = v[rows].view(n, qlen, kvh, D).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale,
+                                               enable_gqa=kvh != H)
+            out[rows] = o.transpose(1, 2).reshape(n * qlen, H, D)
             continue
         kg = k_cache[g.block_tables].flatten(1, 2).transpose(1, 2)        # [N, KVH, L, D]
         vg = v_cache[g.block_tables].flatten(1, 2).transpose(1, 2)
