@@ -70,7 +70,8 @@ inline float dot(const scalar_t* __restrict a, const float* __restrict b, int64_
 // v[t, k] = scaling * x[t] @ a[k]  for t < nt, k < r.  x: [nt, d_in], a: [r_max, d_in], v: [nt, r_max]
 template <typename scalar_t>
 void shrink_group(const scalar_t* x, int64_t nt, const scalar_t* a, int64_t d_in, int64_t r,
-                  int64_t r_max, float scaling, float* v) {
+                  int64_t r_max, float scaling, float* v, const scalar_t* /*next_a*/ = nullptr,
+                  int64_t /*next_rows*/ = 0) {
   std::vector<float> xf(d_in);
   for (int64_t t = 0; t < nt; ++t) {
     for (int64_t i = 0; i < d_in; ++i) xf[i] = static_cast<float>(x[t * d_in + i]);
@@ -92,12 +93,36 @@ void expand_segment(const scalar_t* b, int64_t r_max, int64_t r, const float* v,
 constexpr int64_t kPrefetchA = 256;  // floats ahead in a row of lora_a (register-tiled paths)
 constexpr int64_t kPrefetchB = 32;   // rows ahead in lora_b (register-tiled paths)
 
-// The register-tiled shrink, whatever the ISA: Tiles::tile<NT, NK>(xs, as, d_in, out) writes
-// out[t * NK + k] = xs[t] @ as[k] for NT tokens x NK rows (NT * NK == Tiles::kLanes). Row pointers
-// past nt or r repeat the last valid one, so a tile never reads a row past the rank.
+// The rows of lora_a the next shrink tile reads, prefetched into L2 a few lines per step of the
+// current tile: at decode each tile reads a fresh stretch of some adapter, and without this its
+// first loads all wait on memory at once. In-process A/B on the 2-core AVX-512 Xeon, fp32: decode
+// (kernel.py, d = 2048, 64 adapters) LoRA time on top of the packed base 0.71 -> 0.39 and
+// 0.43 -> 0.33 ms; engine mixed-adapter run 3% faster; bf16 engine unchanged.
+struct Lookahead {
+  const char* p = nullptr;  // the next tile's rows (contiguous)
+  int64_t lines = 0;        // their 64-byte lines
+  int64_t per_step = 0;     // lines prefetched per step of the current tile
+
+  Lookahead() = default;
+  Lookahead(const void* next, int64_t bytes, int64_t steps)
+      : p(static_cast<const char*>(next)), lines((bytes + 63) / 64),
+        per_step(steps > 0 ? (lines + steps - 1) / steps : lines) {}
+
+  inline void step(int64_t j) const {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    for (int64_t l = j * per_step, e = std::min(lines, l + per_step); l < e; ++l)
+      _mm_prefetch(p + 64 * l, _MM_HINT_T1);
+#endif
+  }
+};
+
+// The register-tiled shrink, whatever the ISA: Tiles::tile<NT, NK>(xs, as, d_in, out, la) writes
+// out[t * NK + k] = xs[t] @ as[k] for NT tokens x NK rows (NT * NK == Tiles::kLanes), prefetching
+// la (the next tile's rows: this slot's next NK, or next_rows of next_a after the last tile) as it
+// goes. Row pointers past nt or r repeat the last valid one, so a tile never reads a row past the rank.
 template <typename Tiles, int NT, int NK, typename T>
 void shrink_tiles(const T* x, int64_t nt, const T* a, int64_t d_in, int64_t r, int64_t r_max,
-                  float scaling, float* v) {
+                  float scaling, float* v, const T* next_a, int64_t next_rows) {
   static_assert(NT * NK == Tiles::kLanes, "one output lane per (token, row)");
   const T* xs[NT];
   const T* as[NK];
@@ -105,7 +130,12 @@ void shrink_tiles(const T* x, int64_t nt, const T* a, int64_t d_in, int64_t r, i
   for (int t = 0; t < NT; ++t) xs[t] = x + std::min<int64_t>(t, nt - 1) * d_in;
   for (int64_t k0 = 0; k0 < r; k0 += NK) {
     for (int k = 0; k < NK; ++k) as[k] = a + std::min<int64_t>(k0 + k, r - 1) * d_in;
-    Tiles::template tile<NT, NK>(xs, as, d_in, out);
+    const bool last = k0 + NK >= r;
+    const int64_t rows = last ? std::min<int64_t>(next_rows, NK) : std::min<int64_t>(NK, r - k0 - NK);
+    const Lookahead la(last ? static_cast<const void*>(next_a) : a + (k0 + NK) * d_in,
+                       next_a == nullptr && last ? 0 : rows * d_in * static_cast<int64_t>(sizeof(T)),
+                       (d_in + Tiles::kStep - 1) / Tiles::kStep);
+    Tiles::template tile<NT, NK>(xs, as, d_in, out, la);
     for (int64_t t = 0; t < nt; ++t)
       for (int64_t k = 0; k < NK && k0 + k < r; ++k) v[t * r_max + k0 + k] = scaling * out[t * NK + k];
   }
@@ -114,11 +144,11 @@ void shrink_tiles(const T* x, int64_t nt, const T* a, int64_t d_in, int64_t r, i
 // Token groups of 1, 2 or 4 (<= kGroup) as 1 x L, 2 x L/2 or 4 x L/4 tiles.
 template <typename Tiles, typename T>
 void shrink_by_tiles(const T* x, int64_t nt, const T* a, int64_t d_in, int64_t r, int64_t r_max,
-                     float scaling, float* v) {
+                     float scaling, float* v, const T* next_a, int64_t next_rows) {
   constexpr int L = Tiles::kLanes;
-  if (nt == 1) return shrink_tiles<Tiles, 1, L>(x, nt, a, d_in, r, r_max, scaling, v);
-  if (nt == 2) return shrink_tiles<Tiles, 2, L / 2>(x, nt, a, d_in, r, r_max, scaling, v);
-  return shrink_tiles<Tiles, 4, L / 4>(x, nt, a, d_in, r, r_max, scaling, v);
+  if (nt == 1) return shrink_tiles<Tiles, 1, L>(x, nt, a, d_in, r, r_max, scaling, v, next_a, next_rows);
+  if (nt == 2) return shrink_tiles<Tiles, 2, L / 2>(x, nt, a, d_in, r, r_max, scaling, v, next_a, next_rows);
+  return shrink_tiles<Tiles, 4, L / 4>(x, nt, a, d_in, r, r_max, scaling, v, next_a, next_rows);
 }
 
 // The register-tiled expand, whatever the ISA: Tile::template run<N, M>(bt, ld, r, v, r_max, y, d_out)
@@ -220,11 +250,12 @@ using simd::tail_mask;
 
 // out[t * NK + k] = x[t] @ a[k] over d_in, for NT tokens x NK rows (NT * NK == 16 accumulators).
 template <int NT, int NK>
-inline __m512 dot_tile(const float* const* x, const float* const* a, int64_t d_in) {
+inline __m512 dot_tile(const float* const* x, const float* const* a, int64_t d_in, const Lookahead& la) {
   static_assert(NT * NK == 16, "one accumulator per output lane");
   __m512 acc[16];
   for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t i = 0; i < d_in; i += 16) {
+    la.step(i / 16);
     const __mmask16 m = tail_mask(d_in - i);
     __m512 xv[NT];
     for (int t = 0; t < NT; ++t) xv[t] = _mm512_maskz_loadu_ps(m, x[t] + i);
@@ -238,17 +269,18 @@ inline __m512 dot_tile(const float* const* x, const float* const* a, int64_t d_i
 }
 
 struct TilesF32x16 {
-  static constexpr int kLanes = 16;
+  static constexpr int kLanes = 16, kStep = 16;  // kStep: elements of a row per step
   template <int NT, int NK>
-  static void tile(const float* const* x, const float* const* a, int64_t d_in, float* out) {
-    _mm512_store_ps(out, dot_tile<NT, NK>(x, a, d_in));
+  static void tile(const float* const* x, const float* const* a, int64_t d_in, float* out,
+                   const Lookahead& la) {
+    _mm512_store_ps(out, dot_tile<NT, NK>(x, a, d_in, la));
   }
 };
 
 template <>
 void shrink_group<float>(const float* x, int64_t nt, const float* a, int64_t d_in, int64_t r,
-                         int64_t r_max, float scaling, float* v) {
-  shrink_by_tiles<TilesF32x16>(x, nt, a, d_in, r, r_max, scaling, v);
+                         int64_t r_max, float scaling, float* v, const float* next_a, int64_t next_rows) {
+  shrink_by_tiles<TilesF32x16>(x, nt, a, d_in, r, r_max, scaling, v, next_a, next_rows);
 }
 
 // Few tokens: 16 rows of b at a time, each row's dot with v[t] for every token, reduced with
@@ -366,12 +398,13 @@ inline __m256 sum_lanes8(const __m256* acc) {
 
 // out[t * NK + k] = x[t] @ a[k] over d_in, for NT tokens x NK rows (NT * NK == 8 accumulators).
 template <int NT, int NK>
-inline __m256 dot_tile8(const float* const* x, const float* const* a, int64_t d_in) {
+inline __m256 dot_tile8(const float* const* x, const float* const* a, int64_t d_in, const Lookahead& la) {
   static_assert(NT * NK == 8, "one accumulator per output lane");
   __m256 acc[8];
   for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= d_in; i += 16) {  // one cache line of each row per step, prefetched once
+    la.step(i / 16);
     for (int k = 0; k < NK; ++k)
       _mm_prefetch(reinterpret_cast<const char*>(a[k] + i + kPrefetchA), _MM_HINT_T0);
     for (int64_t h = i; h < i + 16; h += 8) {
@@ -396,17 +429,18 @@ inline __m256 dot_tile8(const float* const* x, const float* const* a, int64_t d_
 }
 
 struct TilesF32x8 {
-  static constexpr int kLanes = 8;
+  static constexpr int kLanes = 8, kStep = 16;  // kStep: elements of a row per step
   template <int NT, int NK>
-  static void tile(const float* const* x, const float* const* a, int64_t d_in, float* out) {
-    _mm256_store_ps(out, dot_tile8<NT, NK>(x, a, d_in));
+  static void tile(const float* const* x, const float* const* a, int64_t d_in, float* out,
+                   const Lookahead& la) {
+    _mm256_store_ps(out, dot_tile8<NT, NK>(x, a, d_in, la));
   }
 };
 
 template <>
 void shrink_group<float>(const float* x, int64_t nt, const float* a, int64_t d_in, int64_t r,
-                         int64_t r_max, float scaling, float* v) {
-  shrink_by_tiles<TilesF32x8>(x, nt, a, d_in, r, r_max, scaling, v);
+                         int64_t r_max, float scaling, float* v, const float* next_a, int64_t next_rows) {
+  shrink_by_tiles<TilesF32x8>(x, nt, a, d_in, r, r_max, scaling, v, next_a, next_rows);
 }
 
 // Few tokens: 8 rows of b at a time, each row's dot with v[t], reduced with sum_lanes8; b is
@@ -531,11 +565,13 @@ inline __m512 maskz_load_bf16(__mmask16 m, const uint16_t* p) {
 }
 // out[t * NK + k] = x[t] @ a[k] over d_in, for NT tokens x NK rows, 32 bf16 per step.
 template <int NT, int NK>
-inline __m512 dot_tile_bf16(const uint16_t* const* x, const uint16_t* const* a, int64_t d_in) {
+inline __m512 dot_tile_bf16(const uint16_t* const* x, const uint16_t* const* a, int64_t d_in,
+                            const Lookahead& la) {
   static_assert(NT * NK == 16, "one accumulator per output lane");
   __m512 acc[16];
   for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t i = 0; i < d_in; i += 32) {
+    la.step(i / 32);
     const __mmask32 m = tail_mask32(d_in - i);
     __m512bh xv[NT];
     for (int t = 0; t < NT; ++t) xv[t] = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, x[t] + i));
@@ -549,19 +585,22 @@ inline __m512 dot_tile_bf16(const uint16_t* const* x, const uint16_t* const* a, 
 }
 
 struct TilesBF16x16 {
-  static constexpr int kLanes = 16;
+  static constexpr int kLanes = 16, kStep = 32;  // kStep: elements of a row per step
   template <int NT, int NK>
-  static void tile(const uint16_t* const* x, const uint16_t* const* a, int64_t d_in, float* out) {
-    _mm512_store_ps(out, dot_tile_bf16<NT, NK>(x, a, d_in));
+  static void tile(const uint16_t* const* x, const uint16_t* const* a, int64_t d_in, float* out,
+                   const Lookahead& la) {
+    _mm512_store_ps(out, dot_tile_bf16<NT, NK>(x, a, d_in, la));
   }
 };
 
 template <>
 void shrink_group<c10::BFloat16>(const c10::BFloat16* x_, int64_t nt, const c10::BFloat16* a_,
-                                 int64_t d_in, int64_t r, int64_t r_max, float scaling, float* v) {
+                                 int64_t d_in, int64_t r, int64_t r_max, float scaling, float* v,
+                                 const c10::BFloat16* next_a, int64_t next_rows) {
   const uint16_t* x = reinterpret_cast<const uint16_t*>(x_);
   const uint16_t* a = reinterpret_cast<const uint16_t*>(a_);
-  shrink_by_tiles<TilesBF16x16>(x, nt, a, d_in, r, r_max, scaling, v);
+  shrink_by_tiles<TilesBF16x16>(x, nt, a, d_in, r, r_max, scaling, v,
+                                reinterpret_cast<const uint16_t*>(next_a), next_rows);
 }
 
 // Few tokens: as expand_rows, with b's rows converted to fp32 in registers.
@@ -703,8 +742,10 @@ struct ShrinkPlan {
     for (int64_t i = bounds[p]; i < bounds[p + 1]; ++i) {
       const Segment* seg = groups[i].seg;
       const int64_t t = groups[i].t;
+      const Segment* next = i + 1 < bounds[p + 1] ? groups[i + 1].seg : nullptr;  // for Lookahead
       shrink_group(x + t * d_in, std::min(kGroup, seg->end - t), a + seg->slot * r_max * d_in, d_in,
-                   seg->rank, r_max, seg->scaling, v + t * r_max);
+                   seg->rank, r_max, seg->scaling, v + t * r_max,
+                   next != nullptr ? a + next->slot * r_max * d_in : nullptr, next != nullptr ? next->rank : 0);
     }
   }
 };
