@@ -8,6 +8,10 @@ A CPU-sized random Llama (4 layers, hidden 512, vocab 4096) written as a Hugging
 seven projections. Prints generated tokens/s of: the engine with mixed adapters, the engine
 base-only, and transformers+peft's mixed-adapter batch generate (adapter_names=[...]).
 --dtype (default float32) sets the dtype of both the engine and transformers+peft.
+
+--compare-prepack instead runs two float32 engines in this one process, one with its base weights
+prepacked (the default) and one without (--no-prepack-weights), alternating their mixed-adapter and
+base-only runs, and prints the tokens/s of each and the speedups (median and best).
 """
 
 from __future__ import annotations
@@ -77,6 +81,29 @@ def run_hf(model, prompts, adapters, new_tokens) -> float:
     return time.perf_counter() - t0
 
 
+def compare_prepack(make_engine, prompts, mixed, args) -> None:
+    engines = {"prepacked": make_engine("float32"), "plain": make_engine("float32", prepack=False)}
+    kinds = {"mixed": mixed, "base-only": [""] * args.requests}
+    for e in engines.values():     # warm-up, untimed
+        for adapters in kinds.values():
+            run_engine(e, prompts, adapters, args.new_tokens)
+    times = {(e, k): [] for e in engines for k in kinds}
+    for _ in range(args.repeats):
+        for k, adapters in kinds.items():
+            for name, e in engines.items():
+                times[(name, k)].append(run_engine(e, prompts, adapters, args.new_tokens)[0])
+    for e in engines.values():
+        e.stop()
+    total = args.requests * args.new_tokens
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(f"float32 engine, prepacked base weights vs plain, {args.repeats} alternated runs each")
+    for k in kinds:
+        p, q = times[("prepacked", k)], times[("plain", k)]
+        print(f"{k:<10} prepacked {total / min(p):7.1f} tok/s best {total / med(p):7.1f} median | plain "
+              f"{total / min(q):7.1f} best {total / med(q):7.1f} median | speedup {min(q) / min(p):.3f} "
+              f"best, {med(q) / med(p):.3f} median")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=64)
@@ -89,6 +116,8 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="dtype of the engine and of transformers+peft")
+    ap.add_argument("--compare-prepack", action="store_true",
+                    help="float32 engine with vs without prepacked weights, alternated in one process")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -103,13 +132,20 @@ def main() -> None:
     mixed = [names[i % len(names)] for i in range(args.requests)]
     total = args.requests * args.new_tokens
 
-    engine = Engine(ExecutorConfig(base_model=str(model_dir), device="cpu", dtype=args.dtype,
-                                   max_batch_size=args.requests, max_device_adapters=args.adapters,
-                                   max_lora_rank=16),
-                    LocalDirSource(root / "adapters"))
-    for n in names:
-        engine.load_adapter(n, 0)
-    engine.start()
+    def make_engine(dtype: str, prepack: bool = True) -> Engine:
+        engine = Engine(ExecutorConfig(base_model=str(model_dir), device="cpu", dtype=dtype,
+                                       max_batch_size=args.requests, max_device_adapters=args.adapters,
+                                       max_lora_rank=16, prepack_weights=prepack),
+                        LocalDirSource(root / "adapters"))
+        for n in names:
+            engine.load_adapter(n, 0)
+        engine.start()
+        return engine
+
+    if args.compare_prepack:
+        compare_prepack(make_engine, prompts, mixed, args)
+        return
+    engine = make_engine(args.dtype)
     # Warm-up: each contender runs the whole workload once first, untimed (the first full-size runs
     # pay the allocator's fresh pages: ~20k page faults in the engine's first mixed run here).
     run_engine(engine, prompts, mixed, args.new_tokens)
