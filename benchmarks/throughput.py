@@ -81,6 +81,10 @@ def run_hf(model, prompts, adapters, new_tokens) -> float:
     return time.perf_counter() - t0
 
 
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
 def compare_prepack(make_engine, prompts, mixed, args) -> None:
     engines = {"prepacked": make_engine("float32"), "plain": make_engine("float32", prepack=False)}
     kinds = {"mixed": mixed, "base-only": [""] * args.requests}
@@ -95,13 +99,12 @@ def compare_prepack(make_engine, prompts, mixed, args) -> None:
     for e in engines.values():
         e.stop()
     total = args.requests * args.new_tokens
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     print(f"float32 engine, prepacked base weights vs plain, {args.repeats} alternated runs each")
     for k in kinds:
         p, q = times[("prepacked", k)], times[("plain", k)]
-        print(f"{k:<10} prepacked {total / min(p):7.1f} tok/s best {total / med(p):7.1f} median | plain "
-              f"{total / min(q):7.1f} best {total / med(q):7.1f} median | speedup {min(q) / min(p):.3f} "
-              f"best, {med(q) / med(p):.3f} median")
+        print(f"{k:<10} prepacked {total / min(p):7.1f} tok/s best {total / median(p):7.1f} median | plain "
+              f"{total / min(q):7.1f} best {total / median(q):7.1f} median | speedup {min(q) / min(p):.3f} "
+              f"best, {median(q) / median(p):.3f} median")
 
 
 def main() -> None:
@@ -164,24 +167,23 @@ def main() -> None:
     engine.stop()
     assert all(len(v) == args.new_tokens for v in out_mixed.values())
     t_mixed, t_base = min(mixed_s), min(base_s)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
 
     print(f"model: llama {SPEC.layers} layers, hidden {SPEC.hidden}, intermediate {SPEC.intermediate}, "
           f"heads {SPEC.heads}/{SPEC.kv_heads}, vocab {SPEC.vocab}; {args.dtype} CPU, {args.threads} threads; "
           f"kernel {engine.kernel_backend}")
     print(f"workload: {args.requests} requests x ({args.prompt_tokens} prompt + {args.new_tokens} new "
           f"tokens), {args.adapters} rank-16 adapters on {len(ALL_MODULES)} modules, greedy")
-    print(f"engine mixed-adapter : {total / t_mixed:8.1f} tok/s best, {total / med(mixed_s):8.1f} median "
+    print(f"engine mixed-adapter : {total / t_mixed:8.1f} tok/s best, {total / median(mixed_s):8.1f} median "
           f"of {args.repeats}  ({t_mixed:.2f} s)")
-    print(f"engine base-only     : {total / t_base:8.1f} tok/s best, {total / med(base_s):8.1f} median "
+    print(f"engine base-only     : {total / t_base:8.1f} tok/s best, {total / median(base_s):8.1f} median "
           f"of {args.repeats}  ({t_base:.2f} s)")
-    print(f"mixed / base-only    : {t_base / t_mixed:8.2f}x best, {med(base_s) / med(mixed_s):.2f}x median"
+    print(f"mixed / base-only    : {t_base / t_mixed:8.2f}x best, {median(base_s) / median(mixed_s):.2f}x median"
           f"   (goal >= 0.90)")
     if hf_s:
         print(f"transformers+peft mixed (generate, adapter_names): {total / min(hf_s):8.1f} tok/s best, "
-              f"{total / med(hf_s):8.1f} median of {args.repeats}  ({min(hf_s):.2f} s)")
+              f"{total / median(hf_s):8.1f} median of {args.repeats}  ({min(hf_s):.2f} s)")
         print(f"engine / transformers+peft: {min(hf_s) / t_mixed:8.2f}x best, "
-              f"{med(hf_s) / med(mixed_s):.2f}x median   (goal >= 5)")
+              f"{median(hf_s) / median(mixed_s):.2f}x median   (goal >= 5)")
 
 
 if __name__ == "__main__":

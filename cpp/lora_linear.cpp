@@ -131,9 +131,9 @@ void shrink_tiles(const T* x, int64_t nt, const T* a, int64_t d_in, int64_t r, i
   for (int64_t k0 = 0; k0 < r; k0 += NK) {
     for (int k = 0; k < NK; ++k) as[k] = a + std::min<int64_t>(k0 + k, r - 1) * d_in;
     const bool last = k0 + NK >= r;
+    const T* ahead = last ? next_a : a + (k0 + NK) * d_in;
     const int64_t rows = last ? std::min<int64_t>(next_rows, NK) : std::min<int64_t>(NK, r - k0 - NK);
-    const Lookahead la(last ? static_cast<const void*>(next_a) : a + (k0 + NK) * d_in,
-                       next_a == nullptr && last ? 0 : rows * d_in * static_cast<int64_t>(sizeof(T)),
+    const Lookahead la(ahead, ahead == nullptr ? 0 : rows * d_in * static_cast<int64_t>(sizeof(T)),
                        (d_in + Tiles::kStep - 1) / Tiles::kStep);
     Tiles::template tile<NT, NK>(xs, as, d_in, out, la);
     for (int64_t t = 0; t < nt; ++t)
@@ -1072,9 +1072,15 @@ const float* packed_data(const at::Tensor& packed, const at::Tensor& weight) {
   return reinterpret_cast<const float*>(packed.data_ptr<uint8_t>() + kPackHeaderBytes);
 }
 
-// y = x @ weight.T + bias through the packed weight. x: fp32 [T, d_in] contiguous.
-at::Tensor packed_matmul(const at::Tensor& x, const float* packed, int64_t d_out, const float* bias) {
-  const int64_t T = x.size(0), d_in = x.size(1);
+// y = x @ weight.T + bias (x: fp32 [T, d_in] contiguous) through pw, weight's packed data, for
+// calls of up to kPackedMaxTokens tokens; longer ones run at::addmm on the plain weight.
+at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& weight, const float* pw,
+                         const c10::optional<at::Tensor>& bias_) {
+  const bool has_bias = bias_.has_value() && bias_->defined();
+  if (x.size(0) > kPackedMaxTokens) return has_bias ? at::addmm(*bias_, x, weight.t()) : at::mm(x, weight.t());
+  const auto b = has_bias ? bias_->contiguous() : at::Tensor();
+  const float* bias = has_bias ? b.data_ptr<float>() : nullptr;
+  const int64_t T = x.size(0), d_in = x.size(1), d_out = weight.size(0);
   at::Tensor y = at::empty({T, d_out}, x.options());
   if (T == 0) return y;
   float* yp = y.data_ptr<float>();
@@ -1083,7 +1089,7 @@ at::Tensor packed_matmul(const at::Tensor& x, const float* packed, int64_t d_out
       for (int64_t t = t0; t < t1; ++t) std::copy(bias, bias + d_out, yp + t * d_out);
     });
   cblas_sgemm_compute(kColMajor, kPacked, kNoTrans, static_cast<int>(d_out), static_cast<int>(T),
-                      static_cast<int>(d_in), packed, static_cast<int>(d_in), x.data_ptr<float>(),
+                      static_cast<int>(d_in), pw, static_cast<int>(d_in), x.data_ptr<float>(),
                       static_cast<int>(d_in), bias != nullptr ? 1.f : 0.f, yp, static_cast<int>(d_out));
   return y;
 }
@@ -1132,15 +1138,10 @@ at::Tensor lora_linear_impl(const at::Tensor& x_, const at::Tensor& weight, cons
     if (s >= 0 && rk[s] > 0 && ip[g + 1] > ip[g]) segs.push_back({ip[g], ip[g + 1], s, rk[s], sc[s]});
   }
   const bool has_bias = bias.has_value() && bias->defined();
-  const float* pw = nullptr;
+  at::Tensor y;
   if (packed != nullptr) {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "lora_linear_packed takes float32 x, got ", x.scalar_type());
-    pw = packed_data(*packed, weight);
-  }
-  at::Tensor y;
-  if (pw != nullptr && x.size(0) <= kPackedMaxTokens) {
-    auto b = has_bias ? bias->contiguous() : at::Tensor();
-    y = packed_matmul(x, pw, weight.size(0), has_bias ? b.data_ptr<float>() : nullptr);
+    y = packed_matmul(x, weight, packed_data(*packed, weight), bias);
   } else if (x.scalar_type() == at::kFloat && x.size(0) <= kInterleaveMaxTokens && sgemm_ != nullptr &&
              x.size(0) > 0 && interleave_enabled()) {
     auto w = weight.contiguous();
@@ -1189,15 +1190,10 @@ at::Tensor linear_packed_cpu(const at::Tensor& x_, const at::Tensor& weight, con
               "x must be a 2-D float32 CPU tensor, got ", x_.scalar_type(), " of shape ", x_.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x_.size(1) && weight.scalar_type() == at::kFloat,
               "weight must be float32 [d_out, d_in] with d_in = ", x_.size(1), ", got shape ", weight.sizes());
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias)
+  if (bias.has_value() && bias->defined())
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == at::kFloat,
                 "bias must be float32 [d_out] with d_out = ", weight.size(0), ", got shape ", bias->sizes());
-  const float* pw = packed_data(packed_weight, weight);
-  auto x = x_.contiguous();
-  if (x.size(0) > kPackedMaxTokens) return has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  auto b = has_bias ? bias->contiguous() : at::Tensor();
-  return packed_matmul(x, pw, weight.size(0), has_bias ? b.data_ptr<float>() : nullptr);
+  return packed_matmul(x_.contiguous(), weight, packed_data(packed_weight, weight), bias);
 }
 
 }  // namespace

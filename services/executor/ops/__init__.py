@@ -23,8 +23,8 @@ from .reference import (add_rms_norm_ref, lora_linear_ref, paged_attention_decod
                         rotary_ref, silu_mul_ref)
 from .segments import build_segments
 
-__all__ = ["lora_linear", "lora_linear_ref", "pack_weight", "lora_linear_packed", "linear_packed", "paged_attention_decode", "paged_attention_decode_ref",
-           "rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref",
+__all__ = ["lora_linear", "lora_linear_ref", "pack_weight", "lora_linear_packed", "linear_packed",
+           "paged_attention_decode", "paged_attention_decode_ref", "rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref",
            "rotary", "rotary_ref", "build_segments", "ensure_built", "kernel_backend"]
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
 def pack_weight(weight: Tensor) -> Tensor | None:
     """weight [d_out, d_in] copied once into MKL's GEMM layout, for lora_linear_packed and linear_packed;
     None where packing does not apply (not a contiguous float32 CPU tensor, the reference backend, a
-    torch without MKL). The buffer belongs to this weight's storage: pack again if the weight is
-    replaced. It holds ~1.1-9x the weight's bytes, mostly untouched (never resident) reserve."""
+    torch without MKL). Pack again if the weight's values change: the packed ops refuse a buffer
+    that does not match the weight they are given. It reserves ~1.1-9x the weight's bytes, most of
+    it never touched (not resident)."""
     if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not weight.is_contiguous()
             or weight.dim() != 2 or weight.numel() == 0 or ensure_built() != "cpp"
             or not torch.ops.openlora.packing_available()):
