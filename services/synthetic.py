@@ -41,6 +41,9 @@ class ModelSpec:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     tie_embeddings: bool = False
+    # Mistral: every layer attends within the window; Qwen2: the layers from max_window_layers on
+    sliding_window: int | None = None
+    max_window_layers: int | None = None
     seed: int = 0
     tokenizer: bool = True
     dtype: torch.dtype = torch.float32
@@ -83,9 +86,10 @@ def model_config(spec: ModelSpec) -> dict:
         "attention_bias": False,
     }
     if spec.arch == "mistral":
-        cfg["sliding_window"] = None
+        cfg["sliding_window"] = spec.sliding_window
     if spec.arch == "qwen2":
-        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=spec.layers)
+        cfg.update(use_sliding_window=spec.sliding_window is not None, sliding_window=spec.sliding_window,
+                   max_window_layers=spec.layers if spec.max_window_layers is None else spec.max_window_layers)
     return cfg
 
 

@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from services.executor.adapters.cache import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
+from services.executor.model.llama import ModelConfig
 from services.executor.model.loader import load_model
-from services.synthetic import ModelSpec, write_model
+from services.synthetic import ModelSpec, model_config, write_model
 
 ROPES = {
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -91,6 +92,29 @@ def test_unsupported_architecture(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unsupported architecture"):
         Engine(ExecutorConfig(base_model=str(d), device="cpu"), LocalDirSource(tmp_path))
+
+
+def windows(arch: str, **overrides) -> list[int | None]:
+    cfg = model_config(ModelSpec(arch=arch, layers=4))
+    cfg.update(overrides)
+    mc = ModelConfig.from_hf({k: v for k, v in cfg.items() if v is not ...})
+    return [mc.window_of(i) for i in range(mc.layers)]
+
+
+def test_sliding_windows_are_read_as_transformers_reads_them():
+    assert windows("llama") == [None] * 4
+    assert windows("mistral", sliding_window=7) == [7] * 4
+    assert windows("mistral", sliding_window=...) == [4096] * 4   # MistralConfig's default
+    assert windows("mistral", sliding_window=None) == [None] * 4
+    # Qwen2: only with use_sliding_window, from max_window_layers on, or where layer_types say
+    assert windows("qwen2", use_sliding_window=False, sliding_window=7, max_window_layers=0) == [None] * 4
+    assert windows("qwen2", use_sliding_window=True, sliding_window=7, max_window_layers=2) == \
+        [None, None, 7, 7]
+    assert windows("qwen2", use_sliding_window=True, sliding_window=7, max_window_layers=0) == [7] * 4
+    assert windows("qwen2", use_sliding_window=True, sliding_window=7, layer_types=[
+        "sliding_attention", "full_attention", "sliding_attention", "full_attention"]) == [7, None, 7, None]
+    with pytest.raises(ValueError, match="layer_types must name"):
+        windows("qwen2", use_sliding_window=True, sliding_window=7, layer_types=["full_attention"])
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -31,8 +31,8 @@ from services.executor import ops
 from services.executor.adapters.cache import AdapterCache, AdapterSource
 from services.executor.adapters.pool import AdapterPool
 from services.executor.config import ExecutorConfig
-from services.executor.kv_cache import (AttnMetadata, KVBlockAllocator, KVCache, auto_num_blocks,
-                                        build_group)
+from services.executor.kv_cache import (AttnGroup, AttnMetadata, KVBlockAllocator, KVCache,
+                                        auto_num_blocks, build_group)
 from services.executor.model.llama import ForwardBatch
 from services.executor.model.loader import (load_model, read_config, resolve_device,
                                              resolve_dtype, resolve_model_dir)
@@ -391,14 +391,19 @@ class Engine:
             counts.append(n)
             row += n
         dev = self.device
-        window = self.model_config.sliding_window
-        groups = [build_group(g, r, bs, window, dev) for g, r in ((decode, decode_rows),
-                                                                   (prefill, prefill_rows)) if g]
+        cfg = self.model_config
+
+        def groups_for(window: int | None) -> list[AttnGroup]:
+            return [build_group(g, r, bs, window, dev) for g, r in ((decode, decode_rows),
+                                                                    (prefill, prefill_rows)) if g]
+
+        groups = groups_for(cfg.sliding_window)
+        windowed = {w or 0: groups_for(w) for w in set(cfg.layer_windows) if w != cfg.sliding_window}
         seg_indptr, seg_slots = ops.build_segments(slots, counts, dev)
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            attn=AttnMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=dev), groups),
+            attn=AttnMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=dev), groups, windowed),
             seg_indptr=seg_indptr, seg_slots=seg_slots,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,9 @@ class AttnGroup:
 class AttnMetadata:
     slot_mapping: Tensor        # [T] long: flat cache row each token's K/V is written to
     groups: list[AttnGroup]
+    # the groups of layers whose sliding window (key) differs from the one `groups` was built with
+    # (Qwen2 models that slide only some layers); paged_attention picks by the layer's window
+    windowed: dict[int, list[AttnGroup]] = field(default_factory=dict)
 
 
 def build_group(seqs: list[tuple[list[int], int, int]], row_start: list[int], block_size: int,
@@ -175,8 +178,10 @@ def build_group(seqs: list[tuple[list[int], int, int]], row_start: list[int], bl
 
 
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                    meta: AttnMetadata, scale: float) -> Tensor:
+                    meta: AttnMetadata, scale: float, window: int = 0) -> Tensor:
     """Write k/v into the cache, then attend each group over its block tables.
+
+    window: the layer's sliding window (0: none); it selects meta.windowed[window] where present.
 
     q [T, H, D], k/v [T, KVH, D], k_cache/v_cache [num_blocks, bs, KVH, D] -> out [T, H, D].
     """
@@ -184,12 +189,13 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
     kvh = k.shape[1]
     k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
-    if len(meta.groups) == 1 and meta.groups[0].rows == slice(0, T):  # decode-only step
-        g = meta.groups[0]
+    groups = meta.windowed.get(window, meta.groups)
+    if len(groups) == 1 and groups[0].rows == slice(0, T):  # decode-only step
+        g = groups[0]
         return ops.paged_attention_decode(q, k_cache, v_cache, g.block_tables, g.context_lens, scale,
                                           g.sliding_window)
     out = q.new_empty((T, H, D))
-    for g in meta.groups:
+    for g in groups:
         if g.context_lens is not None:  # decode: one query per sequence, K/V read in place
             rows = g.rows if g.rows is not None else g.q_index[:, 0]
             out[rows] = ops.paged_attention_decode(q[rows], k_cache, v_cache, g.block_tables,

@@ -42,9 +42,13 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    sliding_window: int | None
+    sliding_window: int | None  # the window of every layer not named in layer_windows' overrides
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    layer_windows: tuple[int | None, ...] = ()  # per layer (None: full attention); () = sliding_window
+
+    def window_of(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
@@ -59,11 +63,7 @@ class ModelConfig:
         theta = cfg.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
         if rope is not None and (rope.get("rope_type") or rope.get("type") or "default") == "default":
             rope = None
-        window = None
-        if arch == "mistral":
-            window = cfg.get("sliding_window")
-        elif arch == "qwen2" and cfg.get("use_sliding_window"):
-            raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+        window, layer_windows = _sliding_windows(arch, cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
         attn_bias = bool(cfg.get("attention_bias", False))
@@ -77,7 +77,7 @@ class ModelConfig:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or attn_bias, o_bias=attn_bias and arch != "qwen2",
             mlp_bias=bool(cfg.get("mlp_bias", False)), sliding_window=window,
-            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids)
+            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids, layer_windows=layer_windows)
 
     def module_shape(self, module: str) -> tuple[int, int]:
         """(d_out, d_in) of one projection."""
@@ -85,6 +85,31 @@ class ModelConfig:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
                 "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}[module]
+
+
+def _sliding_windows(arch: str, cfg: dict) -> tuple[int | None, tuple[int | None, ...]]:
+    """-> (the window of every layer, or None; per-layer windows where they differ, else ()).
+
+    As transformers reads them: Mistral attends within sliding_window (4096 when the key is absent,
+    null for none) at every layer; Qwen2 only with use_sliding_window, and then only at the layers
+    its layer_types mark "sliding_attention" (by default those from max_window_layers on).
+    """
+    if arch == "mistral":
+        window = cfg.get("sliding_window", 4096)
+        return (window or None), ()
+    if arch != "qwen2" or not cfg.get("use_sliding_window") or not cfg.get("sliding_window"):
+        return None, ()
+    window, layers = int(cfg["sliding_window"]), cfg["num_hidden_layers"]
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
+        for i in range(layers)]
+    if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(f"layer_types must name full_attention or sliding_attention for each of the "
+                         f"{layers} layers, got {types!r}")
+    windows = tuple(window if t == "sliding_attention" else None for t in types)
+    if len(set(windows)) == 1:
+        return windows[0], ()
+    return None, windows
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
@@ -174,9 +199,10 @@ class LoraProj(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.window = cfg.window_of(layer) or 0
         self.scale = cfg.head_dim ** -0.5
         self.q_proj = LoraProj(*reversed(cfg.module_shape("q_proj")), cfg.qkv_bias)
         self.k_proj = LoraProj(*reversed(cfg.module_shape("k_proj")), cfg.qkv_bias)
@@ -189,7 +215,7 @@ class Attention(nn.Module):
         k = self.k_proj(x, batch).view(T, self.kv_heads, self.head_dim)
         v = self.v_proj(x, batch).view(T, self.kv_heads, self.head_dim)
         q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
-        o = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale)
+        o = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale, self.window)
         return self.o_proj(o.reshape(T, -1), batch)
 
 
@@ -205,9 +231,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
@@ -228,7 +254,7 @@ class DecoderModel(nn.Module):
         # costs seconds of start-up importing torch._dynamo)
         self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden,
                                          _weight=torch.empty(cfg.vocab, cfg.hidden))
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
 
 
