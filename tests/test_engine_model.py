@@ -20,6 +20,9 @@ ROPES = {
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32},
     "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    "yarn-tuned": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
+                   "beta_fast": 16, "beta_slow": 2, "mscale": 0.9, "mscale_all_dim": 0.5},
 }
 
 

@@ -112,18 +112,19 @@ def _sliding_windows(arch: str, cfg: dict) -> tuple[int | None, tuple[int | None
     return None, windows
 
 
-def rope_inv_freq(cfg: ModelConfig) -> Tensor:
-    """Hugging Face's inverse frequencies: default, linear, dynamic (within the trained length) and llama3."""
+def rope_inv_freq(cfg: ModelConfig) -> tuple[Tensor, float]:
+    """Hugging Face's inverse frequencies and the factor cos/sin are scaled by: default, linear,
+    dynamic (within the trained length), llama3 and yarn."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     rs = cfg.rope_scaling
     if not rs:
-        return inv
+        return inv, 1.0
     kind = rs.get("rope_type") or rs.get("type")
     if kind == "linear":
-        return inv / rs["factor"]
+        return inv / rs["factor"], 1.0
     if kind == "dynamic":   # identical to default up to max_position_embeddings, our context limit
-        return inv
+        return inv, 1.0
     if kind == "llama3":
         factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
         old = rs["original_max_position_embeddings"]
@@ -133,15 +134,50 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
         smooth = (old / wl - lo) / (hi - lo)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wl < hi_wl) & ~(wl > lo_wl)
-        return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, dynamic, llama3)")
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(cfg, rs)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, dynamic, llama3, yarn)")
+
+
+def _yarn(cfg: ModelConfig, rs: dict) -> tuple[Tensor, float]:
+    """YaRN (arXiv 2309.00071) as transformers computes it: frequencies between the beta_fast and
+    beta_slow rotation counts ramp from extrapolated to interpolated; cos/sin scale by
+    0.1 * ln(factor) + 1 (or the mscale ratio, or attention_factor where given)."""
+    d, base = cfg.head_dim, cfg.rope_theta
+    old = rs.get("original_max_position_embeddings") or cfg.max_positions
+    factor = rs.get("factor") or cfg.max_positions / old
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = rs.get("attention_factor")
+    if attention is None:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return d * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rs.get("beta_fast") or 32), correction_dim(rs.get("beta_slow") or 1)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, d, 2).float() / d)
+    extrapolate = 1 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv, float(attention)
 
 
 def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[Tensor, Tensor]:
     """cos, sin [max_len, head_dim] float32, as Hugging Face computes them."""
-    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * rope_inv_freq(cfg)[None]
+    inv, scale = rope_inv_freq(cfg)
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv[None]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 @dataclass
