@@ -20,8 +20,10 @@ transposed as the CPU adapter pool keeps it, and (in parentheses) with lora_b ro
 with the weight prepacked (lora_linear_packed and linear_packed), as the engine runs it.
 
 --attention instead times one layer's decode attention at the throughput benchmark's shapes (N = 64
-sequences of ~48 tokens, 8 heads / 4 kv heads, head_dim 64, block_size 16, scattered blocks): the old
-gather + masked SDPA path of kv_cache.paged_attention vs the fused paged_attention_decode op.
+sequences of ~48 tokens, 8 heads / 4 kv heads, head_dim 64, block_size 16, scattered blocks), then at
+long contexts (16 sequences of ~2048 tokens; 8 of ~1024 with 28 heads / 4 kv heads of 128, as in a
+7B Qwen2): the old gather + masked SDPA path of kv_cache.paged_attention vs the fused
+paged_attention_decode op.
 
 --layer-ops instead times the decoder layer's elementwise ops at the engine's shapes (T = 64 and
 2048 tokens; hidden 512, intermediate 1376, 8 heads of 64): each C++ op (add_rms_norm, silu_mul,
@@ -161,9 +163,10 @@ def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16
 
 
 def bench_attention(dtype: torch.dtype, rounds: int, N: int = 64, H: int = 8, KVH: int = 4,
-                    D: int = 64, bs: int = 16, num_blocks: int = 1024) -> None:
+                    D: int = 64, bs: int = 16, num_blocks: int = 1024, ctx_min: int = 40) -> None:
     g = torch.Generator().manual_seed(0)
-    ctx = torch.tensor([40 + (7 * i) % 17 for i in range(N)], dtype=torch.int32)  # 40..56 tokens
+    ctx = torch.tensor([ctx_min + (7 * i) % 17 for i in range(N)], dtype=torch.int32)  # ctx_min + 0..16
+    num_blocks = max(num_blocks, 2 * N * -(-int(ctx.max()) // bs))
     nb = -(-int(ctx.max()) // bs)
     tables = torch.randperm(num_blocks, generator=g)[:N * nb].view(N, nb).to(torch.int32)
     kc = torch.randn(num_blocks, bs, KVH, D, generator=g).to(dtype)
@@ -192,7 +195,7 @@ def bench_attention(dtype: torch.dtype, rounds: int, N: int = 64, H: int = 8, KV
             f()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(f"decode attention N={N} H={H}/{KVH} D={D} bs={bs} ctx 40-56 {str(dtype)[6:]:<8} "
+    print(f"decode attention N={N} H={H}/{KVH} D={D} bs={bs} ctx {ctx_min}-{ctx_min + 16} {str(dtype)[6:]:<8} "
           f"gather+sdpa {med['gather+sdpa']:7.3f} ms  fused {med['fused']:7.3f} ms  "
           f"| speedup {med['gather+sdpa'] / med['fused']:.1f}x")
 
@@ -241,6 +244,8 @@ def main() -> None:
               f"rounds={args.rounds} (per layer; the engine runs 4)")
         for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
             bench_attention(dtype, args.rounds)
+            bench_attention(dtype, max(5, args.rounds // 4), N=16, ctx_min=2040)              # long contexts
+            bench_attention(dtype, max(5, args.rounds // 4), N=8, H=28, KVH=4, D=128, ctx_min=1020)  # 7B-like heads
         return
     if args.engine_shapes:
         print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "

@@ -113,6 +113,18 @@ def test_head_dims_cpu(head_dim):  # D not a multiple of 16 exercises the masked
     torch.testing.assert_close(got, call(dense, c, 0.3, 0), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("shape", [(28, 4), (16, 4), (32, 8), (128, 8), (16, 1)])
+@pytest.mark.parametrize("n", [1, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_groups_cpu(shape, n, dtype):
+    """Query heads per kv head of 7 (4 + 2 + 1 in the register-tiled V sums), 4, 16; work items of one
+    kv head (few sequences), of all of a sequence's kv heads, and of part of them (128 heads)."""
+    ctx = [(37 * i) % 90 + 1 for i in range(n)]
+    c = make_case(ctx, 16, *shape, dtype, "cpu", head_dim=72 if shape == (28, 4) else 128, seed=n)
+    got = call(paged_attention_decode, c, 0.1, 0)
+    torch.testing.assert_close(got, call(paged_attention_decode_ref, c, 0.1, 0), **TOL[dtype])
+
+
 def test_large_scores_are_stable_cpu():  # online softmax must not overflow exp
     c = make_case([70], 16, 8, 4, torch.float32, "cpu")
     c["q"] *= 100
