@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/throughput.py [--requests 64] [--adapters 32] [--skip-hf]
                                               [--dtype {float32,bfloat16}]
+                                              [--compare-prepack | --compare-prefix-cache]
 
 A CPU-sized random Llama (4 layers, hidden 512, vocab 4096) written as a Hugging Face directory;
 64 requests (32-token prompts, 32 new tokens, greedy, ignore_eos) over 32 rank-16 adapters on all
@@ -9,9 +10,17 @@ seven projections. Prints generated tokens/s of: the engine with mixed adapters,
 base-only, and transformers+peft's mixed-adapter batch generate (adapter_names=[...]).
 --dtype (default float32) sets the dtype of both the engine and transformers+peft.
 
+The runs repeat the same prompts, so the engine runs here with its prefix cache off: every prompt
+token is computed in every run, as transformers+peft computes them.
+
 --compare-prepack instead runs two float32 engines in this one process, one with its base weights
 prepacked (the default) and one without (--no-prepack-weights), alternating their mixed-adapter and
 base-only runs, and prints the tokens/s of each and the speedups (median and best).
+
+--compare-prefix-cache instead runs two engines in this one process, with and without prefix
+caching, alternated: each request's prompt is one shared --shared-prefix-token system prompt plus its
+own 32 tokens (fresh in every run), over the mixed adapters. Prints tokens/s (generated, and prompt +
+generated) of each, the speedups, and the prompt tokens each engine computed per run.
 """
 
 from __future__ import annotations
@@ -107,6 +116,42 @@ def compare_prepack(make_engine, prompts, mixed, args) -> None:
               f"best, {median(q) / median(p):.3f} median")
 
 
+def compare_prefix_cache(make_engine, names, args) -> None:
+    g = torch.Generator().manual_seed(1)
+    system = torch.randint(2, SPEC.vocab, (args.shared_prefix,), generator=g).tolist()
+
+    def workload():
+        own = torch.randint(2, SPEC.vocab, (args.requests, args.prompt_tokens), generator=g).tolist()
+        return [system + p for p in own]
+
+    engines = {"cached": make_engine(args.dtype, prefix_caching=True),
+               "uncached": make_engine(args.dtype, prefix_caching=False)}
+    mixed = [names[i % len(names)] for i in range(args.requests)]
+    for e in engines.values():     # warm-up, untimed (it also fills the cached engine's prefixes)
+        run_engine(e, workload(), mixed, args.new_tokens)
+    times = {name: [] for name in engines}
+    computed = {name: [] for name in engines}
+    for _ in range(args.repeats):
+        prompts = workload()
+        for name, e in engines.items():
+            before = e.scheduler.computed_tokens
+            times[name].append(run_engine(e, prompts, mixed, args.new_tokens)[0])
+            computed[name].append(e.scheduler.computed_tokens - before - args.requests * (args.new_tokens - 1))
+    for e in engines.values():
+        e.stop()
+    gen = args.requests * args.new_tokens
+    prompt = args.requests * (args.shared_prefix + args.prompt_tokens)
+    print(f"{args.dtype} engines with and without prefix caching, {args.repeats} alternated runs each: "
+          f"{args.requests} requests x ({args.shared_prefix} shared + {args.prompt_tokens} own prompt tokens, "
+          f"{args.new_tokens} new), {len(names)} adapters")
+    for name, t in times.items():
+        print(f"{name:<9} {gen / min(t):8.1f} tok/s best {gen / median(t):8.1f} median (generated); "
+              f"{(gen + prompt) / median(t):8.1f} tok/s median (prompt + generated); prompt tokens "
+              f"computed per run {median(computed[name]):.0f} of {prompt}")
+    c, u = times["cached"], times["uncached"]
+    print(f"speedup   {min(u) / min(c):.2f}x best, {median(u) / median(c):.2f}x median")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=64)
@@ -121,6 +166,10 @@ def main() -> None:
                     help="dtype of the engine and of transformers+peft")
     ap.add_argument("--compare-prepack", action="store_true",
                     help="float32 engine with vs without prepacked weights, alternated in one process")
+    ap.add_argument("--compare-prefix-cache", action="store_true",
+                    help="engine with vs without prefix caching on prompts sharing a system prompt")
+    ap.add_argument("--shared-prefix", type=int, default=192,
+                    help="tokens of the shared system prompt (--compare-prefix-cache)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -135,10 +184,11 @@ def main() -> None:
     mixed = [names[i % len(names)] for i in range(args.requests)]
     total = args.requests * args.new_tokens
 
-    def make_engine(dtype: str, prepack: bool = True) -> Engine:
+    def make_engine(dtype: str, prepack: bool = True, prefix_caching: bool = False) -> Engine:
         engine = Engine(ExecutorConfig(base_model=str(model_dir), device="cpu", dtype=dtype,
                                        max_batch_size=args.requests, max_device_adapters=args.adapters,
-                                       max_lora_rank=16, prepack_weights=prepack),
+                                       max_lora_rank=16, prepack_weights=prepack,
+                                       enable_prefix_caching=prefix_caching),
                         LocalDirSource(root / "adapters"))
         for n in names:
             engine.load_adapter(n, 0)
@@ -147,6 +197,9 @@ def main() -> None:
 
     if args.compare_prepack:
         compare_prepack(make_engine, prompts, mixed, args)
+        return
+    if args.compare_prefix_cache:
+        compare_prefix_cache(make_engine, names, args)
         return
     engine = make_engine(args.dtype)
     # Warm-up: each contender runs the whole workload once first, untimed (the first full-size runs

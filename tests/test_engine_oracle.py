@@ -214,3 +214,40 @@ def test_sliding_window_batch_matches_transformers_peft(arch, adapter_roots, tmp
     req, name = requests[-1]
     assert oracle(full_dir, None, req.prompt_token_ids, MAX_NEW)[1] != \
         pytest.approx(out[req.request_id]["logprobs"], abs=1e-4)
+
+
+def test_prefix_cache_reuses_blocks_only_within_an_adapter_and_matches_transformers_peft(
+        model_dirs, adapter_roots):
+    """A second wave of requests sharing a 13-token prefix with the first takes its cached blocks
+    (3 of 4 tokens each) when on the same adapter, or the base model, and computes them otherwise;
+    every request still gets transformers+peft's tokens and logprobs."""
+    arch = "llama"
+    root, spec = adapter_roots[arch], TINY[arch]
+    g = torch.Generator().manual_seed(9)
+    prefix = torch.randint(2, spec.vocab, (13,), generator=g).tolist()
+
+    def wave(tag, names):
+        reqs = []
+        for i, name in enumerate(names):
+            suffix = torch.randint(2, spec.vocab, (2 + i,), generator=g).tolist()
+            reqs.append((GenerationRequest(f"{tag}-{i}", prompt_token_ids=prefix + suffix,
+                                           adapter_id=name or "",
+                                           sampling=SamplingOptions(max_new_tokens=MAX_NEW, ignore_eos=True)),
+                         name))
+        return reqs
+
+    engine = engine_for(model_dirs[arch], root)
+    for name in ("q-v-r8", "all-r4-rslora", "k-o-r2"):
+        engine.load_adapter(name, 0)
+    first = wave("w1", ["q-v-r8", None, "all-r4-rslora"])
+    second = wave("w2", ["q-v-r8", None, "k-o-r2", "all-r4-rslora"])
+    try:
+        out = run(engine, [r for r, _ in first])
+        hits_before = engine.scheduler.prefix_hit_tokens
+        out |= run(engine, [r for r, _ in second])
+        hits = engine.scheduler.prefix_hit_tokens - hits_before
+        assert engine.allocator.num_free == engine.allocator.num_blocks
+    finally:
+        engine.stop()
+    assert hits == 3 * 12                  # q-v-r8, base, all-r4-rslora: 3 blocks each; k-o-r2: none
+    check_against_oracle(model_dirs[arch], root, out, first + second)

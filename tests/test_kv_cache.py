@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from services.executor.kv_cache import (AttnMetadata, KVBlockAllocator, auto_num_blocks,
-                                        blocks_needed, build_group, paged_attention)
+                                        block_hash, blocks_needed, build_group, paged_attention)
 
 
 @pytest.mark.parametrize("ops, free_after", [
@@ -37,7 +37,8 @@ def test_allocator_refuses_without_side_effects():
         a.allocate(2)
     assert a.num_free == 1
     with pytest.raises(ValueError):
-        a.free([3]) if 3 not in a._used else a.free([99])
+        a.free([99])                              # never allocated
+    assert a.num_free == 1
 
 
 @pytest.mark.parametrize("n, bs, want", [(0, 4, 0), (1, 4, 1), (4, 4, 1), (5, 4, 2), (16, 16, 1)])
@@ -129,3 +130,43 @@ def test_fresh_prompts_of_one_length_attend_densely(kv_heads, window, dense):
         torch.testing.assert_close(out[rows], want[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
     # and the K/V went into the cache all the same
     torch.testing.assert_close(kc.view(-1, kv_heads, D)[torch.tensor(slot_mapping)], k)
+
+
+def test_prefix_index_lookup_refcounts_and_lru_eviction():
+    a = KVBlockAllocator(4)
+    h = [block_hash(b"", "", [i]) for i in range(3)]
+    x, y = a.allocate(2)
+    a.register(x, h[0]), a.register(y, h[1])
+    assert a.lookup(h) == [x, y]                          # longest registered prefix; h[2] unknown
+    a.free([x, y])                                        # the lookup's hold
+    assert a.num_free == 2                                # still held by the allocating sequence
+    a.free([x, y])
+    assert a.num_free == 4 and a.num_cached == 2          # released, but still cached (and free)
+    assert a.lookup([h[1]]) == [y]                        # any registered block, not just prefixes
+    a.free([y])
+    assert a.lookup([h[0], h[1]]) == [x, y]
+    a.free([x, y])                                        # y released first: x is the more recent
+    fresh = a.allocate(3)                                 # 2 never-cached blocks, then evicts y
+    assert set(fresh) == {0, 1, 2, 3} - {x} and a.num_cached == 1
+    assert a.lookup([h[0], h[1]]) == [x]
+    with pytest.raises(ValueError, match="released 2 times but held 1"):
+        a.free([x, x])
+    a.free([x])
+    a.free(fresh)
+    assert a.num_free == 4
+
+
+def test_a_prefix_registered_twice_keeps_the_first_block():
+    a = KVBlockAllocator(2)
+    h = block_hash(b"", "k", [1, 2])
+    first, second = a.allocate(2)
+    a.register(first, h), a.register(second, h)
+    a.free([first, second])
+    assert a.num_cached == 1 and a.lookup([h]) == [first]
+
+
+def test_block_hash_depends_on_tokens_parent_and_key():
+    base = block_hash(b"", "", [1, 2, 3])
+    assert base == block_hash(b"", "", [1, 2, 3])
+    assert len({base, block_hash(b"", "", [1, 2, 4]), block_hash(b"x", "", [1, 2, 3]),
+                block_hash(b"", "sql@1", [1, 2, 3]), block_hash(b"", "sql@2", [1, 2, 3])}) == 5

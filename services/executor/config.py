@@ -29,6 +29,8 @@ class ExecutorConfig(ServerConfig):
     kv_block_size: int = flag(16, "tokens per KV cache block")
     max_model_len: int = flag(0, "longest prompt + completion (0 -> the model's)")
     max_prefill_tokens: int = flag(2048, "most prompt tokens prefilled in one step")
+    enable_prefix_caching: bool = flag(True, "reuse the KV blocks of a prompt prefix already computed "
+                                       "for the same adapter and version (full blocks only)")
     default_max_new_tokens: int = flag(64, "max_new_tokens when a request gives 0")
     registry_timeout_s: float = flag(30.0, "deadline of each registry call, seconds")
     adapter_latest_ttl_s: float = flag(5.0, "how long a resolved 'latest' adapter version is reused, seconds")

@@ -146,7 +146,7 @@ class Engine:
                           device=self.device)
         self.allocator = KVBlockAllocator(num_blocks)
         self.scheduler = Scheduler(self.allocator, block, config.max_batch_size,
-                                   config.max_prefill_tokens)
+                                   config.max_prefill_tokens, config.enable_prefix_caching)
         self.adapters = AdapterCache(self.pool, adapter_source, cfg, config.max_lora_rank,
                                      latest_ttl_s=config.adapter_latest_ttl_s)
         self._lock = threading.Lock()
@@ -318,6 +318,7 @@ class Engine:
             else:
                 lease = r.lease_future.result()
                 r.slot = r.seq.slot = lease.slot
+                r.seq.cache_key = f"{r.req.adapter_id}@{lease.version}"   # the adapter shapes the K/V
                 self.scheduler.add(r.seq)
         self._pending = still
         with self._lock:

@@ -12,8 +12,10 @@ tensor and runs one masked scaled_dot_product_attention.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections import deque
+from array import array
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -24,38 +26,104 @@ from services.executor import ops
 
 
 class KVBlockAllocator:
-    """A free list of block ids 0..num_blocks-1 (pure bookkeeping, no tensors)."""
+    """Block ids 0..num_blocks-1 (pure bookkeeping, no tensors), reference-counted, with an index of
+    full blocks by the hash of their contents, for prefix caching.
+
+    A block is free, in use (held by one or more sequences), or cached: no longer held but still
+    holding a registered prefix's K/V, so a later sequence with that prefix can take it (`lookup`)
+    instead of computing it again. Cached blocks count as free: `allocate` takes never-cached ones
+    first, then evicts cached ones, least recently released first.
+    """
 
     def __init__(self, num_blocks: int):
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}                        # in use -> holders
+        self._cached: OrderedDict[int, None] = OrderedDict()   # released, hashed; LRU first
+        self._hash_of: dict[int, bytes] = {}
+        self._by_hash: dict[bytes, int] = {}
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding a registered prefix, in use or not."""
+        return len(self._hash_of)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
         """n block ids; raises MemoryError (and allocates nothing) when fewer than n are free."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        if n > len(self._free):
-            raise MemoryError(f"{n} KV blocks wanted, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        self._used.update(blocks)
+        if n > self.num_free:
+            raise MemoryError(f"{n} KV blocks wanted, {self.num_free} free")
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.popleft()
+            else:                                   # evict the least recently released prefix
+                b, _ = self._cached.popitem(last=False)
+                del self._by_hash[self._hash_of.pop(b)]
+            self._refs[b] = 1
+            blocks.append(b)
         return blocks
 
     def free(self, blocks: list[int]) -> None:
-        for b in blocks:
-            if b not in self._used:
-                raise ValueError(f"block {b} is not allocated")
-            self._used.remove(b)
-            self._free.append(b)
+        """Release one hold on each block. Pass a sequence's blocks in order: its last blocks are
+        then the first of them to be evicted, and its prefix the last."""
+        for b, n in Counter(blocks).items():
+            if self._refs.get(b, 0) < n:
+                raise ValueError(f"block {b} is not allocated" if b not in self._refs else
+                                 f"block {b} is released {n} times but held {self._refs[b]}")
+        for b in reversed(blocks):
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                del self._refs[b]
+                if b in self._hash_of:
+                    self._cached[b] = None
+                else:
+                    self._free.append(b)
+
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """The blocks holding the longest prefix of `hashes` (a sequence's full blocks, in order),
+        each now held once more by the caller."""
+        found = []
+        for h in hashes:
+            b = self._by_hash.get(h)
+            if b is None:
+                break
+            if b in self._cached:
+                del self._cached[b]
+                self._refs[b] = 1
+            else:
+                self._refs[b] += 1
+            found.append(b)
+        return found
+
+    def register(self, block: int, h: bytes) -> None:
+        """Block `block` (in use, full) now holds the prefix whose hash is h. A prefix already held
+        by another block keeps that one; this block is then freed as usual when released."""
+        if block not in self._refs:
+            raise ValueError(f"block {block} is not allocated")
+        if h not in self._by_hash and block not in self._hash_of:
+            self._by_hash[h] = block
+            self._hash_of[block] = h
+
+
+def block_hash(parent: bytes, key: str, tokens: list[int]) -> bytes:
+    """The hash of a full block: of its tokens, the hash of the blocks before it (parent, b"" for
+    the first) and key, what else the K/V depend on (the adapter and its version)."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(key.encode())
+    h.update(b"\0")
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

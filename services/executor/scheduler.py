@@ -8,6 +8,12 @@ Decode tokens never wait on the prefill budget, and prefill always gets its budg
 starves. When KV blocks run out the newest running sequence is preempted by recompute: its blocks
 are freed and it goes back to the front of the queue with its tokens so far, to be prefilled again.
 The step's sequences are sorted by adapter slot so each adapter's tokens form one segment.
+
+Prefix caching (prefix_caching=True): every full block a sequence computes is registered under the
+hash of its tokens, all tokens before it and the sequence's cache_key (adapter and version: an
+adapter changes the K/V). A sequence admitted with no K/V yet (new, or preempted) first takes the
+cached blocks of its longest registered prefix and computes only the rest, always at least its last
+token, whose logits it needs.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from services.executor.kv_cache import KVBlockAllocator, blocks_needed
+from services.executor.kv_cache import KVBlockAllocator, block_hash, blocks_needed
 
 _arrival = itertools.count()
 
@@ -31,6 +37,18 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     arrival: int = field(default_factory=lambda: next(_arrival))
     preemptions: int = 0
+    cache_key: str = ""           # what its K/V depend on besides the tokens: adapter@version
+    block_hashes: list[bytes] = field(default_factory=list)   # of its first full blocks
+    num_registered: int = 0       # its first blocks registered with the prefix cache
+
+    def hashes(self, n: int, block_size: int) -> list[bytes]:
+        """The hashes of its first n full blocks (computed once, kept)."""
+        hs = self.block_hashes
+        while len(hs) < n:
+            i = len(hs)
+            hs.append(block_hash(hs[-1] if hs else b"", self.cache_key,
+                                 self.token_ids[i * block_size:(i + 1) * block_size]))
+        return hs[:n]
 
     @property
     def num_tokens(self) -> int:
@@ -59,9 +77,12 @@ class Batch:
 
 class Scheduler:
     def __init__(self, allocator: KVBlockAllocator, block_size: int, max_batch_size: int,
-                 max_prefill_tokens: int):
+                 max_prefill_tokens: int, prefix_caching: bool = False):
         self.allocator, self.block_size = allocator, block_size
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        self.prefix_caching = prefix_caching
+        self.prefix_hit_tokens = 0    # prompt (or recomputed) tokens taken from the prefix cache
+        self.computed_tokens = 0      # tokens run through the model
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []     # in arrival order
 
@@ -82,6 +103,16 @@ class Scheduler:
     def _free(self, seq: Sequence) -> None:
         self.allocator.free(seq.blocks)
         seq.blocks = []
+        seq.num_registered = 0
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """A sequence with no K/V: hold the cached blocks of its longest registered prefix."""
+        if not self.prefix_caching or seq.blocks:
+            return
+        full = (seq.num_tokens - 1) // self.block_size     # the last token is always computed
+        seq.blocks = self.allocator.lookup(seq.hashes(full, self.block_size))
+        seq.num_computed = len(seq.blocks) * self.block_size
+        seq.num_registered = len(seq.blocks)
 
     def _grow(self, seq: Sequence, num_new: int) -> bool:
         extra = blocks_needed(seq.num_computed + num_new, self.block_size) - len(seq.blocks)
@@ -124,18 +155,32 @@ class Scheduler:
         while (self.waiting and not preempted and budget > 0
                and len(self.running) < self.max_batch_size):
             seq = self.waiting[0]
+            self._take_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._grow(seq, n):
+                self._free(seq)                           # give the cached prefix back for now
+                seq.num_computed = 0
                 break
             self.waiting.popleft()
             self.running.append(seq)
             self.running.sort(key=lambda q: q.arrival)   # a re-admitted preempted one keeps its age
             items.append(Scheduled(seq, n))
+            self.prefix_hit_tokens += seq.num_computed
             budget -= n
         items.sort(key=lambda s: (s.seq.slot, s.seq.arrival))
         return Batch(items, preempted)
 
     def advance(self, batch: Batch) -> None:
-        """After the forward pass: the scheduled tokens' K/V are now in the cache."""
+        """After the forward pass: the scheduled tokens' K/V are now in the cache (and the blocks
+        they filled are registered with the prefix cache)."""
         for item in batch.items:
-            item.seq.num_computed += item.num_new
+            seq = item.seq
+            seq.num_computed += item.num_new
+            self.computed_tokens += item.num_new
+            if self.prefix_caching:
+                full = seq.num_computed // self.block_size
+                if full > seq.num_registered:
+                    hashes = seq.hashes(full, self.block_size)
+                    for i in range(seq.num_registered, full):
+                        self.allocator.register(seq.blocks[i], hashes[i])
+                    seq.num_registered = full
