@@ -134,9 +134,9 @@ def compare_prefix_cache(make_engine, names, args) -> None:
     for _ in range(args.repeats):
         prompts = workload()
         for name, e in engines.items():
-            before = e.scheduler.computed_tokens
+            before = e.scheduler.prefill_tokens
             times[name].append(run_engine(e, prompts, mixed, args.new_tokens)[0])
-            computed[name].append(e.scheduler.computed_tokens - before - args.requests * (args.new_tokens - 1))
+            computed[name].append(e.scheduler.prefill_tokens - before)
     for e in engines.values():
         e.stop()
     gen = args.requests * args.new_tokens

@@ -181,6 +181,26 @@ def test_cancelled_stream_frees_kv_blocks(stack):
         assert st.kv_blocks_free == total and st.running_requests == 0
 
 
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(stack):
+    """The same 40-token prompt twice on one adapter: the second takes the first's two full KV
+    blocks (16 tokens each) and answers the same; GetStatus counts it."""
+    prompt = [(7 * i + 3) % 500 + 2 for i in range(40)]
+    req = common_pb2.GenerateRequest(adapter_id="org/qv", prompt_token_ids=prompt,
+                                     sampling=common_pb2.SamplingParams(max_new_tokens=6, ignore_eos=True))
+    with grpc.insecure_channel(stack["executors"][0].address) as ch:
+        stub = executor_pb2_grpc.ExecutorStub(ch)
+        first = stub.Generate(req, timeout=120)
+        before = stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10)
+        assert before.kv_blocks_cached >= 2
+        second = stub.Generate(req, timeout=120)
+        after = stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10)
+    assert list(second.token_ids) == list(first.token_ids)
+    assert second.logprobs == pytest.approx(first.logprobs, abs=1e-4)
+    assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens == 32
+    assert after.prefill_tokens_computed - before.prefill_tokens_computed == 8
+    assert after.kv_blocks_free == after.kv_blocks_total
+
+
 def test_deadline_exceeded_frees_the_request(stack):
     with grpc.insecure_channel(stack["executors"][0].address) as ch:
         stub = executor_pb2_grpc.ExecutorStub(ch)

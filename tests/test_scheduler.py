@@ -101,6 +101,9 @@ def test_a_later_sequence_takes_the_cached_blocks_of_its_prefix():
     assert got["c"] == (2, first.blocks[:2])
     assert got["d"][0] == 10 and got["d"][1] != first.blocks[:2]   # another adapter: no sharing
     assert s.prefix_hit_tokens == 16
+    assert s.prefill_tokens == 10 + 3 + 2 + 10              # the prompts' tokens, less those taken
+    step(s)
+    assert s.prefill_tokens == 25                            # decode steps add none
     for q in (first, second, same, other_key):
         s.remove(q)
     assert alloc.num_free == 100

@@ -88,6 +88,9 @@ class EngineStatus:
     dtype: str
     device_adapter_slots: int
     adapters: list[AdapterResidency]
+    kv_blocks_cached: int = 0          # blocks holding a cached prefix (in use or free)
+    prefix_cache_hit_tokens: int = 0   # prompt tokens taken from the prefix cache since start
+    prefill_tokens_computed: int = 0   # prompt tokens run through the model since start
 
 
 class InternalError(OpenLoraError):
@@ -253,7 +256,9 @@ class Engine:
             kv_blocks_total=self.allocator.num_blocks, kv_blocks_free=self.allocator.num_free,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             device_adapter_slots=self.pool.num_slots,
-            adapters=self._residency())
+            adapters=self._residency(), kv_blocks_cached=self.allocator.num_cached,
+            prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
+            prefill_tokens_computed=self.scheduler.prefill_tokens)
 
     def _residency(self) -> list[AdapterResidency]:
         on_device = [AdapterResidency(a, v, "device", n) for a, v, n in self.adapters.residency()]

@@ -82,7 +82,7 @@ class Scheduler:
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.prefix_caching = prefix_caching
         self.prefix_hit_tokens = 0    # prompt (or recomputed) tokens taken from the prefix cache
-        self.computed_tokens = 0      # tokens run through the model
+        self.prefill_tokens = 0       # prompt (or recomputed) tokens run through the model
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []     # in arrival order
 
@@ -175,8 +175,9 @@ class Scheduler:
         they filled are registered with the prefix cache)."""
         for item in batch.items:
             seq = item.seq
+            decodes = item.samples and seq.num_tokens > seq.prompt_len   # its last: a generated token
+            self.prefill_tokens += item.num_new - decodes
             seq.num_computed += item.num_new
-            self.computed_tokens += item.num_new
             if self.prefix_caching:
                 full = seq.num_computed // self.block_size
                 if full > seq.num_registered:

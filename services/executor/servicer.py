@@ -132,6 +132,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             max_batch_size=st.max_batch_size, kv_blocks_total=st.kv_blocks_total,
             kv_blocks_free=st.kv_blocks_free, device_adapter_slots=st.device_adapter_slots,
             host_cache_bytes=self.host_cache_bytes, host_cache_used_bytes=0,
+            kv_blocks_cached=st.kv_blocks_cached, prefix_cache_hit_tokens=st.prefix_cache_hit_tokens,
+            prefill_tokens_computed=st.prefill_tokens_computed,
             adapters=[executor_pb2.AdapterResidency(adapter_id=a.adapter_id, version=a.version,
                                                     tier=TIERS.get(a.tier, 0),
                                                     active_requests=a.active_requests)

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from services.common.gen.openlora.v1 import common_pb2 as openlora_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aopenlora/v1/executor.proto\x12\x0bopenlora.v1\x1a\x18openlora/v1/common.proto\"a\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04tier\x18\x03 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\"N\n\x13LoadAdapterResponse\x12&\n\x04tier\x18\x01 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x12\n\x10GetStatusRequest\"x\n\x10\x41\x64\x61pterResidency\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04tier\x18\x03 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\x12\x17\n\x0f\x61\x63tive_requests\x18\x04 \x01(\r\"\xdd\x02\n\x0e\x45xecutorStatus\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x18\n\x10waiting_requests\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\t \x01(\r\x12\x1c\n\x14\x64\x65vice_adapter_slots\x18\n \x01(\r\x12\x18\n\x10host_cache_bytes\x18\x0b \x01(\x04\x12\x1d\n\x15host_cache_used_bytes\x18\x0c \x01(\x04\x12/\n\x08\x61\x64\x61pters\x18\r \x03(\x0b\x32\x1d.openlora.v1.AdapterResidency*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x03\x32\x94\x03\n\x08\x45xecutor\x12G\n\x08Generate\x12\x1c.openlora.v1.GenerateRequest\x1a\x1d.openlora.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.openlora.v1.GenerateRequest\x1a\x1a.openlora.v1.GenerateChunk0\x01\x12P\n\x0bLoadAdapter\x12\x1f.openlora.v1.LoadAdapterRequest\x1a .openlora.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.openlora.v1.UnloadAdapterRequest\x1a\".openlora.v1.UnloadAdapterResponse\x12G\n\tGetStatus\x12\x1d.openlora.v1.GetStatusRequest\x1a\x1b.openlora.v1.ExecutorStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aopenlora/v1/executor.proto\x12\x0bopenlora.v1\x1a\x18openlora/v1/common.proto\"a\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04tier\x18\x03 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\"N\n\x13LoadAdapterResponse\x12&\n\x04tier\x18\x01 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x12\n\x10GetStatusRequest\"x\n\x10\x41\x64\x61pterResidency\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04tier\x18\x03 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\x12\x17\n\x0f\x61\x63tive_requests\x18\x04 \x01(\r\"\xb9\x03\n\x0e\x45xecutorStatus\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x18\n\x10waiting_requests\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\t \x01(\r\x12\x1c\n\x14\x64\x65vice_adapter_slots\x18\n \x01(\r\x12\x18\n\x10host_cache_bytes\x18\x0b \x01(\x04\x12\x1d\n\x15host_cache_used_bytes\x18\x0c \x01(\x04\x12/\n\x08\x61\x64\x61pters\x18\r \x03(\x0b\x32\x1d.openlora.v1.AdapterResidency\x12\x18\n\x10kv_blocks_cached\x18\x0e \x01(\r\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x0f \x01(\x04\x12\x1f\n\x17prefill_tokens_computed\x18\x10 \x01(\x04*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x03\x32\x94\x03\n\x08\x45xecutor\x12G\n\x08Generate\x12\x1c.openlora.v1.GenerateRequest\x1a\x1d.openlora.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.openlora.v1.GenerateRequest\x1a\x1a.openlora.v1.GenerateChunk0\x01\x12P\n\x0bLoadAdapter\x12\x1f.openlora.v1.LoadAdapterRequest\x1a .openlora.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.openlora.v1.UnloadAdapterRequest\x1a\".openlora.v1.UnloadAdapterResponse\x12G\n\tGetStatus\x12\x1d.openlora.v1.GetStatusRequest\x1a\x1b.openlora.v1.ExecutorStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'openlora.v1.executor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERTIER']._serialized_start=811
-  _globals['_ADAPTERTIER']._serialized_end=925
+  _globals['_ADAPTERTIER']._serialized_start=903
+  _globals['_ADAPTERTIER']._serialized_end=1017
   _globals['_LOADADAPTERREQUEST']._serialized_start=69
   _globals['_LOADADAPTERREQUEST']._serialized_end=166
   _globals['_LOADADAPTERRESPONSE']._serialized_start=168
@@ -47,7 +47,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTERRESIDENCY']._serialized_start=337
   _globals['_ADAPTERRESIDENCY']._serialized_end=457
   _globals['_EXECUTORSTATUS']._serialized_start=460
-  _globals['_EXECUTORSTATUS']._serialized_end=809
-  _globals['_EXECUTOR']._serialized_start=928
-  _globals['_EXECUTOR']._serialized_end=1332
+  _globals['_EXECUTORSTATUS']._serialized_end=901
+  _globals['_EXECUTOR']._serialized_start=1020
+  _globals['_EXECUTOR']._serialized_end=1424
 # @@protoc_insertion_point(module_scope)

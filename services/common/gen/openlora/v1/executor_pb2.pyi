@@ -64,7 +64,7 @@ class AdapterResidency(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., active_requests: _Optional[int] = ...) -> None: ...
 
 class ExecutorStatus(_message.Message):
-    __slots__ = ("executor_id", "base_model", "device", "dtype", "running_requests", "waiting_requests", "max_batch_size", "kv_blocks_total", "kv_blocks_free", "device_adapter_slots", "host_cache_bytes", "host_cache_used_bytes", "adapters")
+    __slots__ = ("executor_id", "base_model", "device", "dtype", "running_requests", "waiting_requests", "max_batch_size", "kv_blocks_total", "kv_blocks_free", "device_adapter_slots", "host_cache_bytes", "host_cache_used_bytes", "adapters", "kv_blocks_cached", "prefix_cache_hit_tokens", "prefill_tokens_computed")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,9 @@ class ExecutorStatus(_message.Message):
     HOST_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     base_model: str
     device: str
@@ -91,4 +94,7 @@ class ExecutorStatus(_message.Message):
     host_cache_bytes: int
     host_cache_used_bytes: int
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterResidency]
-    def __init__(self, executor_id: _Optional[str] = ..., base_model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., device_adapter_slots: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., host_cache_used_bytes: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterResidency, _Mapping]]] = ...) -> None: ...
+    kv_blocks_cached: int
+    prefix_cache_hit_tokens: int
+    prefill_tokens_computed: int
+    def __init__(self, executor_id: _Optional[str] = ..., base_model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., device_adapter_slots: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., host_cache_used_bytes: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterResidency, _Mapping]]] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefill_tokens_computed: _Optional[int] = ...) -> None: ...
