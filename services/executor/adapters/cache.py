@@ -51,7 +51,12 @@ class AdapterSource(Protocol):
 
 
 class LocalDirSource:
-    """adapter_id -> root/adapter_id, always version 1 (tests, local runs)."""
+    """adapter_id -> root/adapter_id, always version 1 (tests, local runs).
+
+    Like a registry version, version 1 is taken to be immutable: a slot and the engine's prefix cache
+    (keyed by adapter@version) keep what they loaded. Changing the files under a loaded id needs a
+    restart; the registry instead makes every change a new version.
+    """
 
     def __init__(self, root: str | pathlib.Path):
         self.root = pathlib.Path(root)
