@@ -144,6 +144,10 @@ class Engine:
         self._tokenizer = Tokenizer.from_dir(path, self.model_config.eos_token_ids)
         eos = self.model_config.eos_token_ids or (self._tokenizer.eos_token_ids if self._tokenizer else ())
         self.eos_token_ids = frozenset(eos)
+        # layers' sliding windows other than the model-wide one: each step builds their groups too
+        mc = self.model_config
+        self._other_windows = sorted({w for w in mc.layer_windows if w != mc.sliding_window},
+                                     key=lambda w: w or 0)
         self.kv = KVCache(layers=cfg.layers, num_blocks=num_blocks, block_size=block,
                           kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
                           device=self.device)
@@ -404,7 +408,7 @@ class Engine:
                                                                     (prefill, prefill_rows)) if g]
 
         groups = groups_for(cfg.sliding_window)
-        windowed = {w or 0: groups_for(w) for w in set(cfg.layer_windows) if w != cfg.sliding_window}
+        windowed = {w or 0: groups_for(w) for w in self._other_windows}
         seg_indptr, seg_slots = ops.build_segments(slots, counts, dev)
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
