@@ -1,74 +1,176 @@
-// CUDA kernel for openlora::lora_linear (schema in ../lora_linear.cpp). SGMV-style:
-//   y = at::addmm(bias, x, weight.T)                                   # [T, d_out]
-//   shrink: v[t, k] = scalings[s] * x[t] @ lora_a[s, k]   for t in segment g, k < ranks[s]
-//   expand: y[t, o] += v[t, :r] @ lora_b[s, o, :r]
-// with s = seg_slots[g]; fp32 accumulation for fp32, fp16 and bf16.
-// The index values are checked on one host copy of ranks/seg_indptr/seg_slots (a single sync).
+// CUDA kernel for openlora::lora_linear (schema in ../lora_linear.cpp):
+//   y = addmm(bias, x, weight.T)                                        # cuBLAS, [T, d_out], x's dtype
+//   for each segment g with slot s = seg_slots[g] >= 0 and rank r = ranks[s] > 0, rows of g:
+//     y[rows] += scalings[s] * (x[rows] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T   (fp32 accumulation)
+//
+// Short segments (at most kMaxTokens tokens: decode, short prompts), all of them in two launches,
+// BGMV-style (as Punica and S-LoRA do at decode, where reading each adapter once is what costs):
+//   shrink_short  one warp per (segment, rank row k): v[t, k] = scaling * x[t] @ lora_a[s, k] for all
+//                 the segment's tokens at once, so each row of lora_a is read once, in 16-byte loads
+//   expand_short  one thread per (segment, output row o): y[t, o] += v[t, :r] @ lora_b[s, o, :r], the
+//                 segment's v in shared memory, each row of lora_b read once for all its tokens
+// Long segments (prefill) take cuBLAS: two fp32 GEMMs a segment (the segment's x and the adapter's
+// r rows/columns widened to fp32, so the LoRA term is accumulated in fp32 and y rounded once, as on
+// CPU). No kernel reads lora_a rows or lora_b columns at or past a slot's rank.
+//
+// The index tensors are copied to the host once (one sync) for the value checks and the split into
+// short and long segments. Only c10's CUDA headers are included (not ATen/cuda/CUDAContext.h, which
+// pulls in cuBLAS/cuSPARSE headers), so the file also compiles where only nvcc and torch's headers
+// are installed: services/executor/ops/build.py's compile check does that on machines without a GPU.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 #include "../lora_linear_checks.h"
 
 namespace openlora {
 namespace {
 
-constexpr int kThreads = 256;  // a multiple of 32
+constexpr int kMaxTokens = 8;           // tokens of a short segment (the kernels keep one sum each)
+constexpr int kWarps = 8;               // warps per block
+constexpr int kThreads = 32 * kWarps;
+constexpr int64_t kMaxShortRank = 1024; // expand_short keeps kMaxTokens x r_max floats in shared memory
 
-// grid (G, r_max, token slices): block (g, k, z) computes v[t, k] for tokens t of segment g with
-// t - begin == z (mod gridDim.z).  x: [T, d_in], lora_a: [S, r_max, d_in], v: [T, r_max] fp32
-template <typename scalar_t>
-__global__ void shrink_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lora_a,
-                              const float* __restrict__ scalings, const int32_t* __restrict__ ranks,
-                              const int32_t* __restrict__ seg_indptr,
-                              const int32_t* __restrict__ seg_slots, float* __restrict__ v,
-                              int64_t d_in, int64_t r_max) {
-  const int g = blockIdx.x, k = blockIdx.y;
-  const int s = seg_slots[g];
-  if (s < 0 || k >= ranks[s]) return;  // uniform over the block
-  const scalar_t* a = lora_a + (static_cast<int64_t>(s) * r_max + k) * d_in;
-  __shared__ float warp_sums[kThreads / 32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int64_t t = seg_indptr[g] + blockIdx.z; t < seg_indptr[g + 1]; t += gridDim.z) {
-    const scalar_t* xt = x + t * d_in;
-    float acc = 0.f;
-    for (int64_t i = threadIdx.x; i < d_in; i += blockDim.x)
-      acc += static_cast<float>(xt[i]) * static_cast<float>(a[i]);
-    for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffff, acc, off);
-    if (lane == 0) warp_sums[warp] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float sum = 0.f;
-      for (int w = 0; w < kThreads / 32; ++w) sum += warp_sums[w];
-      v[t * r_max + k] = scalings[s] * sum;
-    }
-    __syncthreads();
+// out[j] = p[j] for j < N, widened to fp32: one 16-byte load when N * sizeof(scalar_t) == 16 (the
+// caller guarantees the alignment), else N scalar loads.
+template <typename scalar_t, int N>
+__device__ __forceinline__ void load_f32(const scalar_t* __restrict__ p, float (&out)[N]) {
+  if constexpr (N * sizeof(scalar_t) == 16) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    scalar_t e[N];
+    memcpy(e, &raw, sizeof(raw));
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = static_cast<float>(e[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = static_cast<float>(p[j]);
   }
 }
 
-// grid (G, ceil(d_out / kThreads), token slices): thread o adds v[t, :r] @ lora_b[s, o, :r] to y[t, o].
-// lora_b: [S, d_out, r_max], y: [T, d_out]
-template <typename scalar_t>
-__global__ void expand_kernel(const float* __restrict__ v, const scalar_t* __restrict__ lora_b,
-                              const int32_t* __restrict__ ranks,
-                              const int32_t* __restrict__ seg_indptr,
-                              const int32_t* __restrict__ seg_slots, scalar_t* __restrict__ y,
-                              int64_t d_out, int64_t r_max) {
-  const int g = blockIdx.x;
-  const int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+// grid (G, ceil(r_max / kWarps)), kThreads threads; warp w of block (g, y) computes rank row
+// k = y * kWarps + w of segment g.  x [T, d_in], lora_a [S, r_max, d_in], v [T, r_max] fp32.
+// VEC elements per load: 16 bytes' worth when d_in and the pointers allow, else 1.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+shrink_short(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lora_a,
+             const float* __restrict__ scalings, const int32_t* __restrict__ ranks,
+             const int32_t* __restrict__ seg_indptr, const int32_t* __restrict__ seg_slots,
+             float* __restrict__ v, int64_t d_in, int64_t r_max) {
+  const int g = blockIdx.x, lane = threadIdx.x % 32;
+  const int64_t k = static_cast<int64_t>(blockIdx.y) * kWarps + threadIdx.x / 32;
   const int s = seg_slots[g];
-  if (s < 0 || o >= d_out) return;
-  const int r = ranks[s];
-  const scalar_t* b = lora_b + (static_cast<int64_t>(s) * d_out + o) * r_max;
-  for (int64_t t = seg_indptr[g] + blockIdx.z; t < seg_indptr[g + 1]; t += gridDim.z) {
-    float acc = 0.f;
-    for (int k = 0; k < r; ++k) acc += v[t * r_max + k] * static_cast<float>(b[k]);
-    scalar_t& out = y[t * d_out + o];
-    out = static_cast<scalar_t>(static_cast<float>(out) + acc);
+  const int64_t begin = seg_indptr[g], n = seg_indptr[g + 1] - begin;
+  if (s < 0 || n == 0 || n > kMaxTokens || k >= ranks[s]) return;  // uniform over the warp
+  const scalar_t* a = lora_a + (static_cast<int64_t>(s) * r_max + k) * d_in;
+  const scalar_t* xs = x + begin * d_in;
+  float acc[kMaxTokens] = {};
+  for (int64_t i = static_cast<int64_t>(lane) * VEC; i < d_in; i += 32 * VEC) {
+    float af[VEC];
+    load_f32<scalar_t, VEC>(a + i, af);
+#pragma unroll
+    for (int t = 0; t < kMaxTokens; ++t) {
+      if (t < n) {
+        float xf[VEC];
+        load_f32<scalar_t, VEC>(xs + t * d_in + i, xf);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[t] += af[j] * xf[j];
+      }
+    }
   }
+  const float scaling = scalings[s];
+#pragma unroll
+  for (int t = 0; t < kMaxTokens; ++t) {
+    if (t < n) {  // n is uniform over the warp: every lane takes part in the shuffles
+      float sum = acc[t];
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      if (lane == 0) v[(begin + t) * r_max + k] = scaling * sum;
+    }
+  }
+}
+
+// grid (G, ceil(d_out / kThreads)), kThreads threads, kMaxTokens * r_max floats of shared memory;
+// thread o of segment g adds v[t, :r] @ lora_b[s, o, :r] to y[t, o] for the segment's tokens t.
+// v [T, r_max] fp32, lora_b [S, d_out, r_max], y [T, d_out].
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+expand_short(const float* __restrict__ v, const scalar_t* __restrict__ lora_b,
+             const int32_t* __restrict__ ranks, const int32_t* __restrict__ seg_indptr,
+             const int32_t* __restrict__ seg_slots, scalar_t* __restrict__ y, int64_t d_out,
+             int64_t r_max) {
+  extern __shared__ float vs[];  // [n, r]
+  const int g = blockIdx.x;
+  const int s = seg_slots[g];
+  const int64_t begin = seg_indptr[g], n = seg_indptr[g + 1] - begin;
+  if (s < 0 || n == 0 || n > kMaxTokens) return;  // uniform over the block
+  const int r = ranks[s];
+  if (r == 0) return;
+  for (int64_t i = threadIdx.x; i < n * r; i += blockDim.x)
+    vs[i] = v[(begin + i / r) * r_max + i % r];
+  __syncthreads();
+  const int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (o >= d_out) return;
+  const scalar_t* b = lora_b + (static_cast<int64_t>(s) * d_out + o) * r_max;
+  float acc[kMaxTokens] = {};
+  int k = 0;
+  for (; k + VEC <= r; k += VEC) {
+    float bf[VEC];
+    load_f32<scalar_t, VEC>(b + k, bf);
+#pragma unroll
+    for (int t = 0; t < kMaxTokens; ++t)
+      if (t < n) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[t] += bf[j] * vs[t * r + k + j];
+      }
+  }
+  for (; k < r; ++k) {  // the rank's last columns when r is not a multiple of VEC
+    const float bk = static_cast<float>(b[k]);
+#pragma unroll
+    for (int t = 0; t < kMaxTokens; ++t)
+      if (t < n) acc[t] += bk * vs[t * r + k];
+  }
+#pragma unroll
+  for (int t = 0; t < kMaxTokens; ++t)
+    if (t < n) {
+      scalar_t& out = y[(begin + t) * d_out + o];
+      out = static_cast<scalar_t>(static_cast<float>(out) + acc[t]);
+    }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The short segments' shrink and expand, with 16-byte loads where the rows allow them.
+template <typename scalar_t>
+void launch_short(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                  const at::Tensor& scalings, const at::Tensor& ranks,
+                  const at::Tensor& seg_indptr, const at::Tensor& seg_slots, at::Tensor& v,
+                  at::Tensor& y, cudaStream_t stream) {
+  constexpr int kVec = std::max<int>(1, 16 / sizeof(scalar_t));
+  const int64_t d_in = x.size(1), d_out = y.size(1), r_max = lora_a.size(1), G = seg_slots.size(0);
+  const auto* xp = x.data_ptr<scalar_t>();
+  const auto* ap = lora_a.data_ptr<scalar_t>();
+  const auto* bp = lora_b.data_ptr<scalar_t>();
+  const dim3 shrink_grid(G, (r_max + kWarps - 1) / kWarps);
+  const bool vec_a = d_in % kVec == 0 && aligned16(xp) && aligned16(ap);
+  auto shrink = vec_a ? shrink_short<scalar_t, kVec> : shrink_short<scalar_t, 1>;
+  shrink<<<shrink_grid, kThreads, 0, stream>>>(
+      xp, ap, scalings.data_ptr<float>(), ranks.data_ptr<int32_t>(), seg_indptr.data_ptr<int32_t>(),
+      seg_slots.data_ptr<int32_t>(), v.data_ptr<float>(), d_in, r_max);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 expand_grid(G, (d_out + kThreads - 1) / kThreads);
+  const size_t smem = sizeof(float) * kMaxTokens * r_max;
+  const bool vec_b = r_max % kVec == 0 && aligned16(bp);
+  auto expand = vec_b ? expand_short<scalar_t, kVec> : expand_short<scalar_t, 1>;
+  expand<<<expand_grid, kThreads, smem, stream>>>(
+      v.data_ptr<float>(), bp, ranks.data_ptr<int32_t>(), seg_indptr.data_ptr<int32_t>(),
+      seg_slots.data_ptr<int32_t>(), y.data_ptr<scalar_t>(), d_out, r_max);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor lora_linear_cuda(const at::Tensor& x_, const at::Tensor& weight,
@@ -86,38 +188,45 @@ at::Tensor lora_linear_cuda(const at::Tensor& x_, const at::Tensor& weight,
   auto ranks = ranks_.contiguous();
   auto seg_indptr = seg_indptr_.contiguous();
   auto seg_slots = seg_slots_.contiguous();
-  const int64_t T = x.size(0), d_in = x.size(1), d_out = weight.size(0);
-  const int64_t S = lora_a.size(0), r_max = lora_a.size(1), G = seg_slots.size(0);
+  const int64_t T = x.size(0), S = lora_a.size(0), r_max = lora_a.size(1), G = seg_slots.size(0);
 
-  // One device->host copy of the index tensors, for the value checks and the grid size.
+  // One device->host copy of the index tensors, for the value checks and the segments' split.
   auto host = at::cat({ranks, seg_indptr, seg_slots}).cpu();
   auto ranks_h = host.narrow(0, 0, S), indptr_h = host.narrow(0, S, G + 1);
-  check_lora_linear_values(ranks_h, indptr_h, host.narrow(0, S + G + 1, G), T, r_max);
-  int64_t max_len = 0;
-  const int32_t* ip = indptr_h.data_ptr<int32_t>();
-  for (int64_t g = 0; g < G; ++g) max_len = std::max<int64_t>(max_len, ip[g + 1] - ip[g]);
+  auto slots_h = host.narrow(0, S + G + 1, G);
+  check_lora_linear_values(ranks_h, indptr_h, slots_h, T, r_max);
 
   at::Tensor y = bias.has_value() && bias->defined() ? at::addmm(*bias, x, weight.t())
                                                       : at::mm(x, weight.t());  // [T, d_out]
-  if (G == 0 || r_max == 0 || max_len == 0 || d_out == 0) return y;
+  if (G == 0 || r_max == 0 || T == 0 || y.size(1) == 0) return y;
 
-  TORCH_CHECK(r_max <= 65535, "lora_a's r_max must be <= 65535 on CUDA, got ", r_max);
+  const int32_t* rk = ranks_h.data_ptr<int32_t>();
+  const int32_t* ip = indptr_h.data_ptr<int32_t>();
+  const int32_t* sl = slots_h.data_ptr<int32_t>();
+  const int64_t short_max = r_max <= kMaxShortRank ? kMaxTokens : 0;  // longer: cuBLAS
+  bool any_short = false;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t n = ip[g + 1] - ip[g];
+    const int s = sl[g];
+    if (s < 0 || n == 0 || rk[s] == 0) continue;
+    if (n <= short_max) {
+      any_short = true;
+      continue;
+    }
+    // A long segment: fp32 GEMMs over its rows and the adapter's first r rows / columns.
+    const int64_t r = rk[s];
+    auto a = lora_a.select(0, s).narrow(0, 0, r).to(at::kFloat);   // [r, d_in]
+    auto b = lora_b.select(0, s).narrow(1, 0, r).to(at::kFloat);   // [d_out, r]
+    auto rows = y.narrow(0, ip[g], n);
+    auto vg = at::mm(x.narrow(0, ip[g], n).to(at::kFloat), a.t()).mul_(scalings.narrow(0, s, 1));
+    rows.add_(at::mm(vg, b.t()));  // fp32 sum, y rounded once
+  }
+  if (!any_short) return y;
+
   auto v = at::zeros({T, r_max}, x.options().dtype(at::kFloat));  // [T, r_max]
-  const auto slices = static_cast<unsigned>(std::min<int64_t>(max_len, 65535));
-  const dim3 shrink_grid(G, r_max, slices);
-  const dim3 expand_grid(G, (d_out + kThreads - 1) / kThreads, slices);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_cuda", [&] {
-    shrink_kernel<scalar_t><<<shrink_grid, kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), lora_a.data_ptr<scalar_t>(), scalings.data_ptr<float>(),
-        ranks.data_ptr<int32_t>(), seg_indptr.data_ptr<int32_t>(), seg_slots.data_ptr<int32_t>(),
-        v.data_ptr<float>(), d_in, r_max);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    expand_kernel<scalar_t><<<expand_grid, kThreads, 0, stream>>>(
-        v.data_ptr<float>(), lora_b.data_ptr<scalar_t>(), ranks.data_ptr<int32_t>(),
-        seg_indptr.data_ptr<int32_t>(), seg_slots.data_ptr<int32_t>(), y.data_ptr<scalar_t>(),
-        d_out, r_max);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_short<scalar_t>(x, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots, v, y, stream);
   });
   return y;
 }

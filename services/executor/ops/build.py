@@ -3,6 +3,11 @@
 Built with torch.utils.cpp_extension.load and ninja into a cache directory keyed by a hash of the
 sources, the flags, torch's version and the CPU, so an edit rebuilds and an unchanged tree loads in a
 fraction of a second. The directory is $OPENLORA_BUILD_DIR, else ~/.cache/openlora.
+
+compile_cuda_check() compiles the CUDA sources with nvcc into objects (no link, no GPU, no CUDA build
+of torch needed), so a machine that has nvcc but no GPU still checks that cpp/cuda builds:
+
+    .venv/bin/python -m services.executor.ops.cuda_check
 """
 
 from __future__ import annotations
@@ -10,6 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -22,6 +31,9 @@ HEADERS = [CPP_DIR / "lora_linear_checks.h", CPP_DIR / "simd512.h"]
 # -march=native: the cache key includes the CPU's flags, so a build never runs on a CPU it wasn't made for.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CUDA_CFLAGS = ["-O3"]
+# The architecture compile_cuda_check builds for (the real build targets the GPU it runs on): sm_90, the
+# H100/H200 that sessions are lent; $OPENLORA_CUDA_ARCH overrides it (e.g. 80 for an A100).
+CUDA_CHECK_ARCH = "90"
 
 
 class KernelBuildError(RuntimeError):
@@ -79,3 +91,68 @@ def build(verbose: bool = False) -> Path:
             message += "\n" + detail
         raise KernelBuildError(message) from exc
     return directory / f"{name}.so"
+
+
+def find_nvcc() -> str | None:
+    """nvcc from CUDA_HOME (as torch finds it), else from PATH; None where there is none."""
+    if cpp_extension.CUDA_HOME is not None:
+        candidate = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which("nvcc")
+
+
+# c10's CUDA headers include this generated header, which only CUDA builds of torch ship.
+_CMAKE_MACROS = "c10/cuda/impl/cuda_cmake_macros.h"
+
+
+def _shim_includes(directory: Path) -> list[str]:
+    """An include dir with the one generated c10 header a CPU build of torch lacks (as a CUDA build
+    generates it), or nothing where torch has its own."""
+    if any((Path(p) / _CMAKE_MACROS).exists() for p in cpp_extension.include_paths()):
+        return []
+    shim = directory / "shim"
+    (shim / _CMAKE_MACROS).parent.mkdir(parents=True, exist_ok=True)
+    (shim / _CMAKE_MACROS).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    return [str(shim)]
+
+
+def compile_cuda_check(sources: list[Path] | None = None, arch: str | None = None,
+                       verbose: bool = False) -> list[Path]:
+    """Compile CUDA sources (default: cpp/cuda) with nvcc to objects, with the flags torch's
+    extension builds use, against this torch's headers; returns the objects' paths. Cached by a hash
+    of the sources, flags and nvcc's version. Raises KernelBuildError with nvcc's output if one fails
+    to compile, or if there is no nvcc."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise KernelBuildError("no nvcc: set CUDA_HOME or put nvcc on PATH to compile cpp/cuda")
+    sources = list(sources or CUDA_SOURCES)
+    arch = arch or os.environ.get("OPENLORA_CUDA_ARCH", CUDA_CHECK_ARCH)
+    version = subprocess.run([nvcc, "--version"], check=False, capture_output=True, text=True).stdout
+    flags = (["-std=c++20", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+              "-DTORCH_EXTENSION_NAME=openlora_cuda_check"]
+             + cpp_extension.COMMON_NVCC_FLAGS + CUDA_CFLAGS)
+    key = hashlib.sha256(repr((flags, version, torch.__version__)).encode())
+    for path in sources + HEADERS:
+        key.update(path.name.encode() + path.read_bytes())
+    directory = build_dir() / f"cuda_check_{key.hexdigest()[:16]}"
+    directory.mkdir(parents=True, exist_ok=True)
+    includes = (_shim_includes(directory) + cpp_extension.include_paths()
+                + [sysconfig.get_paths()["include"], str(CPP_DIR)])
+    objects = []
+    for source in sources:
+        obj = directory / f"{source.stem}.o"
+        if not obj.exists():
+            cmd = [nvcc, "-c", str(source), "-o", str(obj) + ".tmp", *flags,
+                   *(f"-I{p}" for p in includes)]
+            if verbose:
+                print(" ".join(cmd), file=sys.stderr)
+            done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise KernelBuildError(f"nvcc failed to compile {source} (exit {done.returncode}):\n"
+                                       f"{done.stdout}{done.stderr}")
+            os.replace(str(obj) + ".tmp", obj)
+        objects.append(obj)
+    return objects
+
