@@ -26,6 +26,7 @@
 #include <immintrin.h>
 #endif
 
+#include "paged_attention_checks.h"
 #include "simd512.h"
 
 namespace openlora {
@@ -262,39 +263,11 @@ at::Tensor paged_attention_decode_cpu(const at::Tensor& q_, const at::Tensor& k_
   TORCH_CHECK(q_.dim() == 3, "q must be 3-D [N, H, D], got shape ", q_.sizes());
   TORCH_CHECK(q_.scalar_type() == at::kFloat || q_.scalar_type() == at::kBFloat16,
               "q must be float32 or bfloat16 on CPU, got ", q_.scalar_type());
+  check_paged_attention_args(q_, k_cache, v_cache, block_tables_, context_lens_, sliding_window);
   const int64_t N = q_.size(0), H = q_.size(1), D = q_.size(2);
-  for (const auto& [t, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}}) {
-    TORCH_CHECK(t->dim() == 4 && t->size(3) == D,
-                name, " must be [num_blocks, block_size, KVH, D] with D = ", D, ", got shape ",
-                t->sizes());
-    TORCH_CHECK(t->scalar_type() == q_.scalar_type(), name, " must have q's dtype ",
-                q_.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK(t->device() == q_.device(), name, " must be on q's device ", q_.device(), ", got ",
-                t->device());
-    TORCH_CHECK(t->stride(3) == 1 || D == 1, name, " must be contiguous in its last dim (D), got strides ",
-                t->strides());
-  }
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ",
-              k_cache.sizes(), ", got ", v_cache.sizes());
   const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1), KVH = k_cache.size(2);
-  TORCH_CHECK(KVH > 0 && H % KVH == 0, "q's heads H = ", H,
-              " must be a multiple of k_cache's kv heads KVH = ", KVH);
   const int64_t G = H / KVH;
   TORCH_CHECK(G <= kMaxGroup, "q's heads per kv head H / KVH = ", G, " must be <= ", kMaxGroup);
-  TORCH_CHECK(block_tables_.dim() == 2 && block_tables_.size(0) == N,
-              "block_tables must be [N, max_blocks] with N = ", N, ", got shape ",
-              block_tables_.sizes());
-  TORCH_CHECK(block_tables_.scalar_type() == at::kInt, "block_tables must be int32, got ",
-              block_tables_.scalar_type());
-  TORCH_CHECK(context_lens_.dim() == 1 && context_lens_.size(0) == N,
-              "context_lens must be [N] with N = ", N, ", got shape ", context_lens_.sizes());
-  TORCH_CHECK(context_lens_.scalar_type() == at::kInt, "context_lens must be int32, got ",
-              context_lens_.scalar_type());
-  for (const auto& [t, name] :
-       {std::pair{&block_tables_, "block_tables"}, std::pair{&context_lens_, "context_lens"}})
-    TORCH_CHECK(t->device() == q_.device(), name, " must be on q's device ", q_.device(), ", got ",
-                t->device());
-  TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0 = none), got ", sliding_window);
 
   const auto q = q_.contiguous();
   const auto block_tables = block_tables_.contiguous();
@@ -302,20 +275,10 @@ at::Tensor paged_attention_decode_cpu(const at::Tensor& q_, const at::Tensor& k_
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* ctx = context_lens.data_ptr<int32_t>();
   const int64_t max_blocks = block_tables.size(1);
-  std::vector<int64_t> lo(N);
-  int64_t keys = 0;
-  for (int64_t n = 0; n < N; ++n) {  // values: every block that will be read must exist
-    const int64_t c = ctx[n];
-    TORCH_CHECK(c > 0 && c <= max_blocks * bs, "context_lens[", n, "] = ", c,
-                " must be in [1, max_blocks * block_size = ", max_blocks * bs, "]");
-    lo[n] = sliding_window > 0 ? std::max<int64_t>(0, c - sliding_window) : 0;
-    for (int64_t j = lo[n] / bs; j <= (c - 1) / bs; ++j) {
-      const int64_t b = tables[n * max_blocks + j];
-      TORCH_CHECK(b >= 0 && b < num_blocks, "block_tables[", n, ", ", j, "] = ", b,
-                  " is out of range [0, num_blocks = ", num_blocks, ")");
-    }
-    keys += c - lo[n];
-  }
+  const auto checked =
+      check_paged_attention_values(tables, ctx, N, max_blocks, bs, num_blocks, sliding_window);
+  const std::vector<int64_t>& lo = checked.first;
+  const int64_t keys = checked.second;
 
   auto out = at::empty({N, H, D}, q.options());
   if (N == 0) return out;

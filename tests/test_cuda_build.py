@@ -32,6 +32,11 @@ def test_cuda_sources_compile_with_every_kernel_instantiated():
             assert f"{kernel}<{dtype}, {vec}>" in symbols, (kernel, dtype)
             assert f"{kernel}<{dtype}, 1>" in symbols, (kernel, dtype)
     assert "lora_linear_cuda" in symbols
+    symbols = subprocess.run(["nm", "-C", str(objects[1])], capture_output=True, text=True,
+                             check=True).stdout
+    for dtype in ("float", "c10::Half", "c10::BFloat16"):
+        assert f"paged_decode_kernel<{dtype}>" in symbols, dtype
+    assert "paged_attention_decode_cuda" in symbols
 
 
 @needs_nvcc

@@ -26,8 +26,8 @@ from torch.utils import cpp_extension
 
 CPP_DIR = Path(__file__).resolve().parents[3] / "cpp"
 CPU_SOURCES = [CPP_DIR / "lora_linear.cpp", CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp"]
-CUDA_SOURCES = [CPP_DIR / "cuda" / "lora_linear.cu"]
-HEADERS = [CPP_DIR / "lora_linear_checks.h", CPP_DIR / "simd512.h"]
+CUDA_SOURCES = [CPP_DIR / "cuda" / "lora_linear.cu", CPP_DIR / "cuda" / "paged_attention.cu"]
+HEADERS = [CPP_DIR / "lora_linear_checks.h", CPP_DIR / "paged_attention_checks.h", CPP_DIR / "simd512.h"]
 # -march=native: the cache key includes the CPU's flags, so a build never runs on a CPU it wasn't made for.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CUDA_CFLAGS = ["-O3"]
