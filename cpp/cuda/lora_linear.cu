@@ -18,15 +18,13 @@
 // pulls in cuBLAS/cuSPARSE headers), so the file also compiles where only nvcc and torch's headers
 // are installed: services/executor/ops/build.py's compile check does that on machines without a GPU.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
+#include "compat.cuh"
 #include "../lora_linear_checks.h"
 
 namespace openlora {
@@ -104,7 +102,7 @@ expand_short(const float* __restrict__ v, const scalar_t* __restrict__ lora_b,
              const int32_t* __restrict__ ranks, const int32_t* __restrict__ seg_indptr,
              const int32_t* __restrict__ seg_slots, scalar_t* __restrict__ y, int64_t d_out,
              int64_t r_max) {
-  extern __shared__ float vs[];  // [n, r]
+  OPENLORA_DYNAMIC_SMEM(float, vs);  // [n, r]
   const int g = blockIdx.x;
   const int s = seg_slots[g];
   const int64_t begin = seg_indptr[g], n = seg_indptr[g + 1] - begin;
@@ -150,7 +148,7 @@ template <typename scalar_t>
 void launch_short(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                   const at::Tensor& scalings, const at::Tensor& ranks,
                   const at::Tensor& seg_indptr, const at::Tensor& seg_slots, at::Tensor& v,
-                  at::Tensor& y, cudaStream_t stream) {
+                  at::Tensor& y, gpu::Stream stream) {
   constexpr int kVec = std::max<int>(1, 16 / sizeof(scalar_t));
   const int64_t d_in = x.size(1), d_out = y.size(1), r_max = lora_a.size(1), G = seg_slots.size(0);
   const auto* xp = x.data_ptr<scalar_t>();
@@ -159,18 +157,18 @@ void launch_short(const at::Tensor& x, const at::Tensor& lora_a, const at::Tenso
   const dim3 shrink_grid(G, (r_max + kWarps - 1) / kWarps);
   const bool vec_a = d_in % kVec == 0 && aligned16(xp) && aligned16(ap);
   auto shrink = vec_a ? shrink_short<scalar_t, kVec> : shrink_short<scalar_t, 1>;
-  shrink<<<shrink_grid, kThreads, 0, stream>>>(
+  OPENLORA_LAUNCH(shrink, shrink_grid, kThreads, 0, stream)(
       xp, ap, scalings.data_ptr<float>(), ranks.data_ptr<int32_t>(), seg_indptr.data_ptr<int32_t>(),
       seg_slots.data_ptr<int32_t>(), v.data_ptr<float>(), d_in, r_max);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  OPENLORA_LAUNCH_CHECK();
   const dim3 expand_grid(G, (d_out + kThreads - 1) / kThreads);
   const size_t smem = sizeof(float) * kMaxTokens * r_max;
   const bool vec_b = r_max % kVec == 0 && aligned16(bp);
   auto expand = vec_b ? expand_short<scalar_t, kVec> : expand_short<scalar_t, 1>;
-  expand<<<expand_grid, kThreads, smem, stream>>>(
+  OPENLORA_LAUNCH(expand, expand_grid, kThreads, smem, stream)(
       v.data_ptr<float>(), bp, ranks.data_ptr<int32_t>(), seg_indptr.data_ptr<int32_t>(),
       seg_slots.data_ptr<int32_t>(), y.data_ptr<scalar_t>(), d_out, r_max);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  OPENLORA_LAUNCH_CHECK();
 }
 
 at::Tensor lora_linear_cuda(const at::Tensor& x_, const at::Tensor& weight,
@@ -180,7 +178,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x_, const at::Tensor& weight,
                             const at::Tensor& seg_slots_) {
   check_lora_linear_args(x_, weight, bias, lora_a_, lora_b_, scalings_, ranks_, seg_indptr_,
                          seg_slots_);
-  const c10::cuda::CUDAGuard guard(x_.device());
+  const gpu::DeviceGuard guard(x_.device());
   auto x = x_.contiguous();
   auto lora_a = lora_a_.contiguous();
   auto lora_b = lora_b_.contiguous();
@@ -224,7 +222,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x_, const at::Tensor& weight,
   if (!any_short) return y;
 
   auto v = at::zeros({T, r_max}, x.options().dtype(at::kFloat));  // [T, r_max]
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_cuda", [&] {
     launch_short<scalar_t>(x, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots, v, y, stream);
   });
@@ -233,6 +231,6 @@ at::Tensor lora_linear_cuda(const at::Tensor& x_, const at::Tensor& weight,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(openlora, CUDA, m) { m.impl("lora_linear", &lora_linear_cuda); }
+OPENLORA_REGISTER_GPU_KERNEL("lora_linear", lora_linear_cuda)
 
 }  // namespace openlora

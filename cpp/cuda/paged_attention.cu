@@ -13,14 +13,12 @@
 // The value checks (context lengths, the blocks read) run on one host copy of block_tables and
 // context_lens, as the CPU kernel's do.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
 
+#include "compat.cuh"
 #include "../paged_attention_checks.h"
 
 namespace openlora {
@@ -129,7 +127,7 @@ at::Tensor paged_attention_decode_cuda(const at::Tensor& q_, const at::Tensor& k
   TORCH_CHECK(D <= 32 * kMaxPerLane, "q's head dim D = ", D, " must be <= ", 32 * kMaxPerLane,
               " on CUDA");
   TORCH_CHECK(H <= 65535, "q's heads H = ", H, " must be <= 65535 on CUDA");
-  const c10::cuda::CUDAGuard guard(q_.device());
+  const gpu::DeviceGuard guard(q_.device());
   const auto q = q_.contiguous();
   const auto block_tables = block_tables_.contiguous();
   const auto context_lens = context_lens_.contiguous();
@@ -146,19 +144,19 @@ at::Tensor paged_attention_decode_cuda(const at::Tensor& q_, const at::Tensor& k
   const CacheStrides ks{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
   const CacheStrides vs{v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
   const dim3 grid(N, H);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_attention_decode_cuda", [&] {
-    paged_decode_kernel<scalar_t><<<grid, kWarps * 32, 0, stream>>>(
+    OPENLORA_LAUNCH(paged_decode_kernel<scalar_t>, grid, kWarps * 32, 0, stream)(
         q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
         block_tables.data_ptr<int32_t>(), context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
         ks, vs, H, D, H / KVH, bs, max_blocks, static_cast<float>(scale), sliding_window);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    OPENLORA_LAUNCH_CHECK();
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(openlora, CUDA, m) { m.impl("paged_attention_decode", &paged_attention_decode_cuda); }
+OPENLORA_REGISTER_GPU_KERNEL("paged_attention_decode", paged_attention_decode_cuda)
 
 }  // namespace openlora

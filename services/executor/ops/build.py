@@ -4,6 +4,10 @@ Built with torch.utils.cpp_extension.load and ninja into a cache directory keyed
 sources, the flags, torch's version and the CPU, so an edit rebuilds and an unchanged tree loads in a
 fraction of a second. The directory is $OPENLORA_BUILD_DIR, else ~/.cache/openlora.
 
+build_cuda_emulation() builds the same CUDA sources as plain C++ over cpp/cuda/emulation.h, where
+CPU threads play CUDA's blocks, warps and threads: torch.ops.openlora_emu.{lora_linear,
+paged_attention_decode} run the CUDA kernels (and their host code) on CPU tensors, for the tests.
+
 compile_cuda_check() compiles the CUDA sources with nvcc into objects (no link, no GPU, no CUDA build
 of torch needed), so a machine that has nvcc but no GPU still checks that cpp/cuda builds:
 
@@ -27,7 +31,11 @@ from torch.utils import cpp_extension
 CPP_DIR = Path(__file__).resolve().parents[3] / "cpp"
 CPU_SOURCES = [CPP_DIR / "lora_linear.cpp", CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp"]
 CUDA_SOURCES = [CPP_DIR / "cuda" / "lora_linear.cu", CPP_DIR / "cuda" / "paged_attention.cu"]
-HEADERS = [CPP_DIR / "lora_linear_checks.h", CPP_DIR / "paged_attention_checks.h", CPP_DIR / "simd512.h"]
+HEADERS = [CPP_DIR / "lora_linear_checks.h", CPP_DIR / "paged_attention_checks.h", CPP_DIR / "simd512.h",
+           CPP_DIR / "cuda" / "compat.cuh"]
+# The CUDA sources as plain C++ over a CPU emulation of CUDA's threads (build_cuda_emulation; tests only).
+EMULATION_SOURCES = [CPP_DIR / "cuda" / "emulation_lora_linear.cpp",
+                     CPP_DIR / "cuda" / "emulation_paged_attention.cpp"]
 # -march=native: the cache key includes the CPU's flags, so a build never runs on a CPU it wasn't made for.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CUDA_CFLAGS = ["-O3"]
@@ -90,6 +98,28 @@ def build(verbose: bool = False) -> Path:
         if detail and detail not in message:
             message += "\n" + detail
         raise KernelBuildError(message) from exc
+    return directory / f"{name}.so"
+
+
+def build_cuda_emulation(verbose: bool = False) -> Path:
+    """Compile (if needed) and load the CUDA sources over the CPU emulation of CUDA's thread model
+    (cpp/cuda/emulation.h) into this process: registers torch.ops.openlora_emu.lora_linear and
+    .paged_attention_decode for CPU tensors. Slow by design (a thread per CUDA thread); tests only."""
+    sources = EMULATION_SOURCES
+    key = hashlib.sha256()
+    for path in sources + CUDA_SOURCES + HEADERS + [CPP_DIR / "cuda" / "emulation.h"]:
+        key.update(path.name.encode() + path.read_bytes())
+    key.update(repr((torch.__version__, _cpu_flags())).encode())
+    name = f"openlora_cuda_emulation_{key.hexdigest()[:16]}"
+    directory = build_dir() / name
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(name=name, sources=[str(p) for p in sources],
+                           extra_cflags=["-O2", "-pthread"], extra_ldflags=["-pthread"],
+                           extra_include_paths=[str(CPP_DIR), str(CPP_DIR / "cuda")],
+                           build_directory=str(directory), is_python_module=False, verbose=verbose)
+    except Exception as exc:
+        raise KernelBuildError(f"building the CUDA emulation {name} in {directory} failed: {exc}") from exc
     return directory / f"{name}.so"
 
 

@@ -1,0 +1,4 @@
+// paged_attention.cu as plain C++ over emulation.h: torch.ops.openlora_emu.paged_attention runs its CUDA kernels on CPU
+// tensors, CPU threads playing the GPU's (tests only: services/executor/ops/build.py, build_cuda_emulation).
+#define OPENLORA_CUDA_EMULATION
+#include "paged_attention.cu"

@@ -1,0 +1,111 @@
+"""The CUDA kernels (cpp/cuda), host code included, run on CPU threads against the references.
+
+build.build_cuda_emulation() compiles cpp/cuda/*.cu as plain C++ over cpp/cuda/emulation.h, where a
+launch runs its blocks one after another with one std::thread per CUDA thread (barriers for
+__syncthreads, a two-phase exchange for warp shuffles): torch.ops.openlora_emu.{lora_linear,
+paged_attention_decode} on CPU tensors. This checks the kernels' indexing, shuffles, shared memory,
+rank bounds and the host's short/long split and alignment choices on a machine without a GPU; what it
+cannot check (memory model, timing) the *_cuda tests of test_kernel.py and test_paged_attention.py do
+where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kernel import ARGS, LAYOUTS, TOL, make_args
+from test_paged_attention import call, dense, make_case
+
+from services.executor.ops import build, lora_linear_ref, paged_attention_decode_ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    build.build_cuda_emulation()
+    return torch.ops.openlora_emu
+
+
+def lora_args(args):
+    return [args[k] for k in ARGS]
+
+
+# (d_in, d_out, r_max): 16-byte loads for every dtype; for fp32 only (bf16/fp16 rows of 100, 40 and
+# 12 elements are not whole 16-byte vectors); for none (d_in = 70)
+LORA_DIMS = [(64, 48, 16), (100, 75, 40), (70, 33, 12)]
+
+
+@pytest.mark.parametrize("dims", LORA_DIMS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_linear_kernels_match_reference(emu, dtype, layout, dims):
+    """Short segments (<= 8 tokens: the shrink/expand kernels) and long ones (cuBLAS's GEMMs on a GPU,
+    here ATen's), slot -1, ranks 0, 1, 3, 7, r_max / 2 and r_max; the weights past each rank are NaN."""
+    args = make_args(*LAYOUTS[layout], *dims, True, dtype, "cpu")
+    y = emu.lora_linear(*lora_args(args))
+    assert not y.isnan().any()
+    torch.testing.assert_close(y, lora_linear_ref(*lora_args(args)), **TOL[dtype])
+
+
+def test_lora_linear_every_short_length_and_misaligned_rows(emu):
+    """Segments of 1..9 tokens (9 is long) in one call, with x and lora_a starting 4 bytes past a
+    16-byte boundary, so the kernels fall back to scalar loads."""
+    lens, slots = [1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 5, 0, 1, 2, 3]
+    args = make_args(lens, slots, 64, 40, 16, False, torch.bfloat16, "cpu", seed=3)
+    for name in ("x", "lora_a"):
+        t = args[name]
+        shifted = torch.empty(t.numel() + 2, dtype=t.dtype)[2:].view(t.shape)
+        shifted.copy_(t)
+        assert shifted.data_ptr() % 16 != 0
+        args[name] = shifted
+    y = emu.lora_linear(*lora_args(args))
+    torch.testing.assert_close(y, lora_linear_ref(*lora_args(args)), **TOL[torch.bfloat16])
+
+
+def test_lora_linear_large_r_max_takes_the_gemm_path(emu):
+    """r_max above the shared-memory bound of the expand kernel: every segment goes to the GEMMs."""
+    args = make_args([1, 3, 20], [0, 3, 5], 16, 24, 1030, True, torch.float32, "cpu", seed=4)
+    y = emu.lora_linear(*lora_args(args))
+    torch.testing.assert_close(y, lora_linear_ref(*lora_args(args)), **TOL[torch.float32])
+
+
+def test_lora_linear_bad_input_is_refused_before_any_launch(emu):
+    args = make_args(*LAYOUTS["mixed"], 64, 48, 16, True, torch.float32, "cpu")
+    args["seg_slots"] = args["seg_slots"].clone()
+    args["seg_slots"][2] = 6
+    with pytest.raises(RuntimeError, match=r"seg_slots\[2\] = 6 is out of range"):
+        emu.lora_linear(*lora_args(args))
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("shape", [(8, 4), (6, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_attention_kernel_matches_reference(emu, dtype, shape, window):
+    """Contexts of 1..300 keys (one warp's worth, a block edge, many blocks), scattered blocks, GQA 2 and 3,
+    MQA and a sliding window."""
+    c = make_case([1, 17, 300, 33], 16, *shape, dtype, "cpu", seed=5)
+    got = call(emu.paged_attention_decode, c, 0.125, window)
+    assert got.shape == c["q"].shape and got.dtype == dtype
+    tol = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}}.get(dtype, TOL[dtype])
+    torch.testing.assert_close(got, call(paged_attention_decode_ref, c, 0.125, window), **tol)
+    torch.testing.assert_close(got, call(dense, c, 0.125, window), **tol)
+
+
+@pytest.mark.parametrize("head_dim", [8, 72, 256])
+def test_paged_attention_head_dims_and_strided_cache(emu, head_dim):
+    """Head dims below one warp, not a multiple of 32, and the largest supported; K and V interleaved
+    in one cache tensor (non-contiguous views)."""
+    c = make_case([9, 40], 5, 4, 2, torch.float32, "cpu", head_dim=head_dim, strided=True, seed=6)
+    got = call(emu.paged_attention_decode, c, 0.3, 0)
+    torch.testing.assert_close(got, call(paged_attention_decode_ref, c, 0.3, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_bad_input_is_refused(emu):
+    c = make_case([20], 16, 4, 2, torch.float32, "cpu")
+    c["block_tables"][0, 1] = 99
+    with pytest.raises(RuntimeError, match=r"block_tables\[0, 1\] = 99 is out of range"):
+        call(emu.paged_attention_decode, c, 0.1, 0)
+    c = make_case([4], 16, 4, 2, torch.float32, "cpu", head_dim=264)
+    with pytest.raises(RuntimeError, match="head dim D = 264 must be <= 256"):
+        call(emu.paged_attention_decode, c, 0.1, 0)
