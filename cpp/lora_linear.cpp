@@ -1204,7 +1204,13 @@ TORCH_LIBRARY(openlora, m) {
   m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
       "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor");
-  // The same, with the base matmul through pack_weight(weight) (CPU, float32, MKL).
+  // The same, for callers whose index tensors are right by construction (the executor): on CUDA it
+  // never copies them to the host (no sync), bounding them on the device instead of raising; on CPU
+  // it is lora_linear.
+  m.def(
+      "lora_linear_async(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor");
+  // The same as lora_linear, with the base matmul through pack_weight(weight) (CPU, float32, MKL).
   m.def(
       "lora_linear_packed(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias, Tensor lora_a, "
       "Tensor lora_b, Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor");
@@ -1215,6 +1221,7 @@ TORCH_LIBRARY(openlora, m) {
 
 TORCH_LIBRARY_IMPL(openlora, CPU, m) {
   m.impl("lora_linear", &lora_linear_cpu);
+  m.impl("lora_linear_async", &lora_linear_cpu);
   m.impl("lora_linear_packed", &lora_linear_packed_cpu);
   m.impl("linear_packed", &linear_packed_cpu);
   m.impl("pack_weight", &pack_weight_cpu);

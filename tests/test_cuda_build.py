@@ -27,11 +27,11 @@ def test_cuda_sources_compile_with_every_kernel_instantiated():
     symbols = subprocess.run(["nm", "-C", str(objects[0])], capture_output=True, text=True,
                              check=True).stdout
     # fp32, fp16 and bf16 each get the 16-byte-load kernels and the scalar fallback
-    for kernel in ("shrink_short", "expand_short"):
+    for kernel in ("shrink_kernel", "expand_kernel"):
         for dtype, vec in (("float", 4), ("c10::Half", 8), ("c10::BFloat16", 8)):
             assert f"{kernel}<{dtype}, {vec}>" in symbols, (kernel, dtype)
             assert f"{kernel}<{dtype}, 1>" in symbols, (kernel, dtype)
-    assert "lora_linear_cuda" in symbols
+    assert "lora_linear_cuda" in symbols and "lora_linear_async_cuda" in symbols
     symbols = subprocess.run(["nm", "-C", str(objects[1])], capture_output=True, text=True,
                              check=True).stdout
     for dtype in ("float", "c10::Half", "c10::BFloat16"):

@@ -48,6 +48,39 @@ def test_lora_linear_kernels_match_reference(emu, dtype, layout, dims):
     torch.testing.assert_close(y, lora_linear_ref(*lora_args(args)), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dims", LORA_DIMS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_linear_async_kernels_match_reference(emu, dtype, layout, dims):
+    """lora_linear_async (no host copy): every segment, 130 tokens included, through the kernels in
+    chunks of 8 tokens."""
+    args = make_args(*LAYOUTS[layout], *dims, True, dtype, "cpu")
+    y = emu.lora_linear_async(*lora_args(args))
+    assert not y.isnan().any()
+    torch.testing.assert_close(y, lora_linear_ref(*lora_args(args)), **TOL[dtype])
+
+
+def test_lora_linear_async_bounds_bad_indices_on_the_device(emu):
+    """Unchecked indices never read out of bounds: a slot past S or below -1 leaves its segment at the
+    base layer, a rank past r_max is read as r_max, and starts below 0 or ends past T are clipped."""
+    args = make_args([3, 2, 4, 5], [0, 1, 2, 3], 64, 48, 16, True, torch.float32, "cpu", seed=7)
+    good = lora_linear_ref(*lora_args(args))
+    base = torch.addmm(args["bias"], args["x"], args["weight"].t())
+    args["seg_slots"] = torch.tensor([0, 99, 2, -5], dtype=torch.int32)   # 99 >= S, -5 < -1
+    args["ranks"] = args["ranks"].clone()
+    args["ranks"][0] = 1000                      # slot 0's rank is r_max: read as r_max, the same
+    y = emu.lora_linear_async(*lora_args(args))
+    assert not y.isnan().any()
+    torch.testing.assert_close(y[:3], good[:3])
+    torch.testing.assert_close(y[3:5], base[3:5])            # slot 99: base only
+    torch.testing.assert_close(y[5:9], good[5:9])
+    torch.testing.assert_close(y[9:], base[9:])              # slot -5: base only
+    args["seg_slots"] = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    args["seg_indptr"] = torch.tensor([-4, 3, 5, 9, 40], dtype=torch.int32)  # starts < 0, ends > T
+    y = emu.lora_linear_async(*lora_args(args))
+    torch.testing.assert_close(y, good)                      # clipped to [0, 3) ... [9, 14)
+
+
 def test_lora_linear_every_short_length_and_misaligned_rows(emu):
     """Segments of 1..9 tokens (9 is long) in one call, with x and lora_a starting 4 bytes past a
     16-byte boundary, so the kernels fall back to scalar loads."""

@@ -230,8 +230,10 @@ class LoraProj(nn.Module):
         if self.packed is not None:
             return ops.lora_linear_packed(x, self.weight, self.packed, self.bias, s.a, s.b, s.scalings,
                                           s.ranks, batch.seg_indptr, batch.seg_slots)
-        return ops.lora_linear(x, self.weight, self.bias, s.a, s.b, s.scalings, s.ranks,
-                               batch.seg_indptr, batch.seg_slots)
+        # lora_linear_async: the engine's segments are right by construction, and on CUDA the checked
+        # op would wait for the GPU (a device->host copy) in every projection
+        return ops.lora_linear_async(x, self.weight, self.bias, s.a, s.b, s.scalings, s.ranks,
+                                     batch.seg_indptr, batch.seg_slots)
 
 
 class Attention(nn.Module):

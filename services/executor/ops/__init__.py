@@ -1,4 +1,5 @@
 """Kernels of the executor; importing this package makes torch.ops.openlora.{lora_linear,
+lora_linear_async (lora_linear without the host-side value checks, so without a sync on CUDA),
 paged_attention_decode, rms_norm, add_rms_norm, silu_mul, rotary} available, and on CPU
 {pack_weight, lora_linear_packed, linear_packed}: fp32 base weights packed once into MKL's GEMM layout.
 
@@ -23,9 +24,10 @@ from .reference import (add_rms_norm_ref, lora_linear_ref, paged_attention_decod
                         rotary_ref, silu_mul_ref)
 from .segments import build_segments
 
-__all__ = ["lora_linear", "lora_linear_ref", "pack_weight", "lora_linear_packed", "linear_packed",
-           "paged_attention_decode", "paged_attention_decode_ref", "rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref",
-           "rotary", "rotary_ref", "build_segments", "ensure_built", "kernel_backend"]
+__all__ = ["lora_linear", "lora_linear_async", "lora_linear_ref", "pack_weight", "lora_linear_packed",
+           "linear_packed", "paged_attention_decode", "paged_attention_decode_ref", "rms_norm", "rms_norm_ref",
+           "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref", "rotary", "rotary_ref",
+           "build_segments", "ensure_built", "kernel_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ SCHEMAS = {  # op name -> (schema, reference); the C++ declares the same schemas
     "lora_linear": (("(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
                      "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor"),
                     lora_linear_ref),
+    "lora_linear_async": (("(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+                           "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor"),
+                          lora_linear_ref),
     "lora_linear_packed": (("(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias, "
                             "Tensor lora_a, Tensor lora_b, Tensor scalings, Tensor ranks, "
                             "Tensor seg_indptr, Tensor seg_slots) -> Tensor"),
@@ -99,6 +104,7 @@ def ensure_built() -> str:
         if _backend is None:
             _backend = _load()
             torch.library.register_fake("openlora::lora_linear")(_lora_linear_fake)
+            torch.library.register_fake("openlora::lora_linear_async")(_lora_linear_fake)
             torch.library.register_fake("openlora::lora_linear_packed")(
                 lambda x, weight, packed_weight, *rest: _lora_linear_fake(x, weight, *rest))
             torch.library.register_fake("openlora::linear_packed")(
@@ -136,6 +142,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
                 y[rows] += scalings[s] * (x[rows] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T
     """
     return torch.ops.openlora.lora_linear.default(
+        x, weight, bias, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots)
+
+
+def lora_linear_async(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                      scalings: Tensor, ranks: Tensor, seg_indptr: Tensor, seg_slots: Tensor) -> Tensor:
+    """lora_linear for index tensors that are right by construction (the executor's): on CUDA it never
+    copies them to the host, so it never waits for the GPU; an out-of-range index is skipped on the
+    device rather than raised (nothing is read out of bounds). On CPU it is lora_linear."""
+    return torch.ops.openlora.lora_linear_async.default(
         x, weight, bias, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots)
 
 
