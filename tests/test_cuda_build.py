@@ -36,7 +36,7 @@ def test_cuda_sources_compile_with_every_kernel_instantiated():
                              check=True).stdout
     for dtype in ("float", "c10::Half", "c10::BFloat16"):
         assert f"paged_decode_kernel<{dtype}>" in symbols, dtype
-    assert "paged_attention_decode_cuda" in symbols
+    assert "paged_attention_decode_cuda" in symbols and "paged_attention_decode_async_cuda" in symbols
 
 
 @needs_nvcc

@@ -125,6 +125,27 @@ def test_paged_attention_kernel_matches_reference(emu, dtype, shape, window):
     torch.testing.assert_close(got, call(dense, c, 0.125, window), **tol)
 
 
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_attention_async_matches_reference(emu, dtype, window):
+    c = make_case([1, 17, 300, 33], 16, 8, 4, dtype, "cpu", seed=8)
+    got = call(emu.paged_attention_decode_async, c, 0.125, window)
+    torch.testing.assert_close(got, call(paged_attention_decode_ref, c, 0.125, window), **TOL[dtype])
+
+
+def test_paged_attention_async_bounds_bad_values_on_the_device(emu):
+    """Unchecked values never read out of bounds: a context past its table is clipped to the table, a
+    key in a block outside the cache is skipped, and a sequence with no key left gets zeros."""
+    c = make_case([20, 20, 20], 16, 4, 2, torch.float32, "cpu", seed=9)  # tables of 3 blocks
+    good = call(paged_attention_decode_ref, c, 0.1, 0)
+    c["context_lens"] = torch.tensor([20, 500, 20], dtype=torch.int32)
+    c["block_tables"][2] = 10_000                  # sequence 2: no block in the cache
+    got = call(emu.paged_attention_decode_async, c, 0.1, 0)
+    torch.testing.assert_close(got[0], good[0])
+    assert got[1].isfinite().all()                # 48 keys: the table's 3 blocks, the 3rd unused
+    torch.testing.assert_close(got[2], torch.zeros_like(got[2]))
+
+
 @pytest.mark.parametrize("head_dim", [8, 72, 256])
 def test_paged_attention_head_dims_and_strided_cache(emu, head_dim):
     """Head dims below one warp, not a multiple of 32, and the largest supported; K and V interleaved

@@ -10,8 +10,9 @@
 // length is too long and nothing is gathered. At the end the warps' (m, l, acc) are merged through
 // shared memory. fp32, fp16 and bf16 caches, fp32 accumulation; D <= 32 * kMaxPerLane.
 //
-// The value checks (context lengths, the blocks read) run on one host copy of block_tables and
-// context_lens, as the CPU kernel's do.
+// paged_attention_decode checks the values (context lengths, the blocks read) on one host copy of
+// block_tables and context_lens, as the CPU kernel does; paged_attention_decode_async (the executor's
+// op) makes no copy and never syncs.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -38,12 +39,15 @@ paged_decode_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__
                     const scalar_t* __restrict__ v_cache, const int32_t* __restrict__ tables,
                     const int32_t* __restrict__ context_lens, scalar_t* __restrict__ out,
                     CacheStrides ks, CacheStrides vs, int64_t H, int64_t D, int64_t group,
-                    int64_t bs, int64_t max_blocks, float scale, int64_t sliding_window) {
+                    int64_t bs, int64_t max_blocks, int64_t num_blocks, float scale,
+                    int64_t sliding_window) {
   __shared__ float warp_m[kWarps], warp_l[kWarps];
   __shared__ float warp_acc[kWarps][32 * kMaxPerLane];
   const int64_t n = blockIdx.x, h = blockIdx.y, kvh = h / group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t c = context_lens[n];
+  // Bounded on the device, so unchecked values (paged_attention_decode_async) never read out of
+  // bounds: the context is clipped to the table, and a key in a block outside the cache is skipped.
+  const int64_t c = context_lens[n] > max_blocks * bs ? max_blocks * bs : context_lens[n];
   const int64_t lo = sliding_window > 0 && c > sliding_window ? c - sliding_window : 0;
   const scalar_t* qh = q + (n * H + h) * D;
   const int32_t* table = tables + n * max_blocks;
@@ -58,6 +62,7 @@ paged_decode_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__
   float m = -INFINITY, l = 0.f;
   for (int64_t t = lo + warp; t < c; t += kWarps) {
     const int64_t block = table[t / bs], slot = t % bs;
+    if (block < 0 || block >= num_blocks) continue;  // uniform over the warp
     const scalar_t* kr = k_cache + block * ks.block + slot * ks.token + kvh * ks.head;
     const scalar_t* vr = v_cache + block * vs.block + slot * vs.token + kvh * vs.head;
     float dot = 0.f;
@@ -91,7 +96,7 @@ paged_decode_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__
   }
   __syncthreads();
   if (warp != 0) return;
-  float mx = warp_m[0];  // warp 0 always had a key: c - lo >= 1
+  float mx = warp_m[0];  // -inf only if no warp had a key (never when the values were checked)
   for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, warp_m[w]);
   float weight[kWarps], total = 0.f;
 #pragma unroll
@@ -99,7 +104,7 @@ paged_decode_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__
     weight[w] = warp_l[w] > 0.f ? expf(warp_m[w] - mx) : 0.f;
     total += warp_l[w] * weight[w];
   }
-  const float inv = 1.f / total;
+  const float inv = total > 0.f ? 1.f / total : 0.f;  // no key: zeros
   scalar_t* oh = out + (n * H + h) * D;
 #pragma unroll
   for (int j = 0; j < kMaxPerLane; ++j) {
@@ -113,10 +118,13 @@ paged_decode_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__
   }
 }
 
-at::Tensor paged_attention_decode_cuda(const at::Tensor& q_, const at::Tensor& k_cache,
-                                       const at::Tensor& v_cache, const at::Tensor& block_tables_,
-                                       const at::Tensor& context_lens_, double scale,
-                                       int64_t sliding_window) {
+// checked (paged_attention_decode): one device->host copy of the index tensors (a sync) for the value
+// checks, which raise naming the argument. Unchecked (paged_attention_decode_async, the executor's op
+// on CUDA): no copy and no sync; the kernel bounds the values instead (see above).
+at::Tensor paged_attention_gpu(const at::Tensor& q_, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& block_tables_,
+                               const at::Tensor& context_lens_, double scale, int64_t sliding_window,
+                               bool checked) {
   TORCH_CHECK(q_.dim() == 3, "q must be 3-D [N, H, D], got shape ", q_.sizes());
   TORCH_CHECK(q_.scalar_type() == at::kFloat || q_.scalar_type() == at::kBFloat16 ||
                   q_.scalar_type() == at::kHalf,
@@ -133,11 +141,12 @@ at::Tensor paged_attention_decode_cuda(const at::Tensor& q_, const at::Tensor& k
   const auto context_lens = context_lens_.contiguous();
   const int64_t max_blocks = block_tables.size(1);
 
-  // One device->host copy of the index tensors, for the value checks.
-  const auto host = at::cat({block_tables.flatten(), context_lens}).cpu();
-  const int32_t* tables_h = host.data_ptr<int32_t>();
-  check_paged_attention_values(tables_h, tables_h + N * max_blocks, N, max_blocks, bs, num_blocks,
-                               sliding_window);
+  if (checked) {
+    const auto host = at::cat({block_tables.flatten(), context_lens}).cpu();
+    const int32_t* tables_h = host.data_ptr<int32_t>();
+    check_paged_attention_values(tables_h, tables_h + N * max_blocks, N, max_blocks, bs, num_blocks,
+                                 sliding_window);
+  }
 
   auto out = at::empty({N, H, D}, q.options());
   if (N == 0 || D == 0) return out;
@@ -149,14 +158,32 @@ at::Tensor paged_attention_decode_cuda(const at::Tensor& q_, const at::Tensor& k
     OPENLORA_LAUNCH(paged_decode_kernel<scalar_t>, grid, kWarps * 32, 0, stream)(
         q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
         block_tables.data_ptr<int32_t>(), context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
-        ks, vs, H, D, H / KVH, bs, max_blocks, static_cast<float>(scale), sliding_window);
+        ks, vs, H, D, H / KVH, bs, max_blocks, num_blocks, static_cast<float>(scale),
+        sliding_window);
     OPENLORA_LAUNCH_CHECK();
   });
   return out;
 }
 
+at::Tensor paged_attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                       const at::Tensor& context_lens, double scale,
+                                       int64_t sliding_window) {
+  return paged_attention_gpu(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
+                             /*checked=*/true);
+}
+
+at::Tensor paged_attention_decode_async_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                             const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                             const at::Tensor& context_lens, double scale,
+                                             int64_t sliding_window) {
+  return paged_attention_gpu(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
+                             /*checked=*/false);
+}
+
 }  // namespace
 
 OPENLORA_REGISTER_GPU_KERNEL("paged_attention_decode", paged_attention_decode_cuda)
+OPENLORA_REGISTER_GPU_KERNEL("paged_attention_decode_async", paged_attention_decode_async_cuda)
 
 }  // namespace openlora

@@ -5,9 +5,9 @@
     i.e. flat row block_table[t // bs] * bs + t % bs of cache.k[layer].view(-1, kv_heads, head_dim).
 
 The sequences of a step are split into a decode group (one query each) and a prefill group (several
-queries each). The decode group runs ops.paged_attention_decode, which reads K/V from the blocks in
-place; the prefill group gathers its sequences' blocks into a padded [N, L, kv_heads, head_dim]
-tensor and runs one masked scaled_dot_product_attention.
+queries each). The decode group runs ops.paged_attention_decode_async (no sync on CUDA), which
+reads K/V from the blocks in place; the prefill group gathers its sequences' blocks into a padded
+[N, L, kv_heads, head_dim] tensor and runs one masked scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -260,14 +260,14 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
     groups = meta.windowed.get(window, meta.groups)
     if len(groups) == 1 and groups[0].rows == slice(0, T):  # decode-only step
         g = groups[0]
-        return ops.paged_attention_decode(q, k_cache, v_cache, g.block_tables, g.context_lens, scale,
-                                          g.sliding_window)
+        return ops.paged_attention_decode_async(q, k_cache, v_cache, g.block_tables, g.context_lens, scale,
+                                                g.sliding_window)
     out = q.new_empty((T, H, D))
     for g in groups:
         if g.context_lens is not None:  # decode: one query per sequence, K/V read in place
             rows = g.rows if g.rows is not None else g.q_index[:, 0]
-            out[rows] = ops.paged_attention_decode(q[rows], k_cache, v_cache, g.block_tables,
-                                                   g.context_lens, scale, g.sliding_window)
+            out[rows] = ops.paged_attention_decode_async(q[rows], k_cache, v_cache, g.block_tables,
+                                                         g.context_lens, scale, g.sliding_window)
             continue
         if g.dense is not None:  # fresh prompts of one length: causal attention over their own K/V
             r0, n, qlen = g.dense

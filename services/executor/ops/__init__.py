@@ -1,7 +1,8 @@
 """Kernels of the executor; importing this package makes torch.ops.openlora.{lora_linear,
 lora_linear_async (lora_linear without the host-side value checks, so without a sync on CUDA),
-paged_attention_decode, rms_norm, add_rms_norm, silu_mul, rotary} available, and on CPU
-{pack_weight, lora_linear_packed, linear_packed}: fp32 base weights packed once into MKL's GEMM layout.
+paged_attention_decode, paged_attention_decode_async (the same for it), rms_norm, add_rms_norm,
+silu_mul, rotary} available, and on CPU {pack_weight, lora_linear_packed, linear_packed}: fp32 base
+weights packed once into MKL's GEMM layout.
 
 The ops come from the C++/CUDA extension (cpp/, built on first import by build.py), or, if that cannot
 be built, from the pure-PyTorch references — logged as an error, never silent. lora_linear and
@@ -25,7 +26,8 @@ from .reference import (add_rms_norm_ref, lora_linear_ref, paged_attention_decod
 from .segments import build_segments
 
 __all__ = ["lora_linear", "lora_linear_async", "lora_linear_ref", "pack_weight", "lora_linear_packed",
-           "linear_packed", "paged_attention_decode", "paged_attention_decode_ref", "rms_norm", "rms_norm_ref",
+           "linear_packed", "paged_attention_decode", "paged_attention_decode_async",
+           "paged_attention_decode_ref", "rms_norm", "rms_norm_ref",
            "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref", "rotary", "rotary_ref",
            "build_segments", "ensure_built", "kernel_backend"]
 
@@ -47,6 +49,9 @@ SCHEMAS = {  # op name -> (schema, reference); the C++ declares the same schemas
     "paged_attention_decode": (("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
                                 "Tensor context_lens, float scale, int sliding_window) -> Tensor"),
                                paged_attention_decode_ref),
+    "paged_attention_decode_async": (("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+                                      "Tensor context_lens, float scale, int sliding_window) -> Tensor"),
+                                     paged_attention_decode_ref),
     "rms_norm": ("(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm_ref),
     "add_rms_norm": ("(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
                      add_rms_norm_ref),
@@ -109,7 +114,8 @@ def ensure_built() -> str:
                 lambda x, weight, packed_weight, *rest: _lora_linear_fake(x, weight, *rest))
             torch.library.register_fake("openlora::linear_packed")(
                 lambda x, weight, packed_weight, bias: _lora_linear_fake(x, weight, bias, *[None] * 6))
-            torch.library.register_fake("openlora::paged_attention_decode")(_paged_attention_decode_fake)
+            for name in ("paged_attention_decode", "paged_attention_decode_async"):
+                torch.library.register_fake(f"openlora::{name}")(_paged_attention_decode_fake)
             for name, fake in _LAYER_FAKES.items():
                 torch.library.register_fake(f"openlora::{name}")(fake)
     return _backend
@@ -199,6 +205,16 @@ def paged_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         out[n, h] = softmax(scale * q[n, h] @ K[lo:c].T) @ V[lo:c]
     """
     return torch.ops.openlora.paged_attention_decode.default(
+        q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
+
+
+def paged_attention_decode_async(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                                 context_lens: Tensor, scale: float, sliding_window: int = 0) -> Tensor:
+    """paged_attention_decode for block tables and context lengths right by construction (the
+    executor's): on CUDA they are never copied to the host, so it never waits for the GPU; values out
+    of range are bounded on the device (a context clipped to its table, a key in a block outside the
+    cache skipped) rather than raised. On CPU it is paged_attention_decode."""
+    return torch.ops.openlora.paged_attention_decode_async.default(
         q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
 
 
