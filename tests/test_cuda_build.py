@@ -31,12 +31,12 @@ def test_cuda_sources_compile_with_every_kernel_instantiated():
         for dtype, vec in (("float", 4), ("c10::Half", 8), ("c10::BFloat16", 8)):
             assert f"{kernel}<{dtype}, {vec}>" in symbols, (kernel, dtype)
             assert f"{kernel}<{dtype}, 1>" in symbols, (kernel, dtype)
-    assert "lora_linear_cuda" in symbols and "lora_linear_async_cuda" in symbols
+    assert "lora_linear_entry<true>" in symbols and "lora_linear_entry<false>" in symbols
     symbols = subprocess.run(["nm", "-C", str(objects[1])], capture_output=True, text=True,
                              check=True).stdout
     for dtype in ("float", "c10::Half", "c10::BFloat16"):
         assert f"paged_decode_kernel<{dtype}>" in symbols, dtype
-    assert "paged_attention_decode_cuda" in symbols and "paged_attention_decode_async_cuda" in symbols
+    assert "paged_attention_entry<true>" in symbols and "paged_attention_entry<false>" in symbols
 
 
 @needs_nvcc

@@ -293,7 +293,7 @@ def test_cut_off_upload_leaves_nothing(registry, make_adapter):
     time.sleep(0.2)
     fut.cancel()
     never.set()
-    deadline = time.time() + 30   # the server notices the cancel at its next read; slow when loaded
+    deadline = time.time() + 30   # a loaded machine can take seconds to run the server's clean-up
     while list(registry.core.blobs.tmp_dir.iterdir()) and time.time() < deadline:
         time.sleep(0.05)
     assert not list(registry.core.blobs.tmp_dir.iterdir())

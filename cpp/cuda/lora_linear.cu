@@ -284,27 +284,20 @@ at::Tensor lora_linear_gpu(const at::Tensor& x_, const at::Tensor& weight,
   return y;
 }
 
-at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                            const at::Tensor& lora_b, const at::Tensor& scalings,
-                            const at::Tensor& ranks, const at::Tensor& seg_indptr,
-                            const at::Tensor& seg_slots) {
+// The ops' entry points: lora_linear (checked) and lora_linear_async (unchecked).
+template <bool kChecked>
+at::Tensor lora_linear_entry(const at::Tensor& x, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                             const at::Tensor& lora_b, const at::Tensor& scalings,
+                             const at::Tensor& ranks, const at::Tensor& seg_indptr,
+                             const at::Tensor& seg_slots) {
   return lora_linear_gpu(x, weight, bias, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots,
-                         /*checked=*/true);
-}
-
-at::Tensor lora_linear_async_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                  const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                                  const at::Tensor& lora_b, const at::Tensor& scalings,
-                                  const at::Tensor& ranks, const at::Tensor& seg_indptr,
-                                  const at::Tensor& seg_slots) {
-  return lora_linear_gpu(x, weight, bias, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots,
-                         /*checked=*/false);
+                         kChecked);
 }
 
 }  // namespace
 
-OPENLORA_REGISTER_GPU_KERNEL("lora_linear", lora_linear_cuda)
-OPENLORA_REGISTER_GPU_KERNEL("lora_linear_async", lora_linear_async_cuda)
+OPENLORA_REGISTER_GPU_KERNEL("lora_linear", lora_linear_entry<true>)
+OPENLORA_REGISTER_GPU_KERNEL("lora_linear_async", lora_linear_entry<false>)
 
 }  // namespace openlora

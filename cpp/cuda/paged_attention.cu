@@ -165,25 +165,18 @@ at::Tensor paged_attention_gpu(const at::Tensor& q_, const at::Tensor& k_cache,
   return out;
 }
 
-at::Tensor paged_attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                       const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                       const at::Tensor& context_lens, double scale,
-                                       int64_t sliding_window) {
+// The ops' entry points: paged_attention_decode (checked) and paged_attention_decode_async.
+template <bool kChecked>
+at::Tensor paged_attention_entry(const at::Tensor& q, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                 const at::Tensor& context_lens, double scale, int64_t sliding_window) {
   return paged_attention_gpu(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
-                             /*checked=*/true);
-}
-
-at::Tensor paged_attention_decode_async_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                             const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                             const at::Tensor& context_lens, double scale,
-                                             int64_t sliding_window) {
-  return paged_attention_gpu(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
-                             /*checked=*/false);
+                             kChecked);
 }
 
 }  // namespace
 
-OPENLORA_REGISTER_GPU_KERNEL("paged_attention_decode", paged_attention_decode_cuda)
-OPENLORA_REGISTER_GPU_KERNEL("paged_attention_decode_async", paged_attention_decode_async_cuda)
+OPENLORA_REGISTER_GPU_KERNEL("paged_attention_decode", paged_attention_entry<true>)
+OPENLORA_REGISTER_GPU_KERNEL("paged_attention_decode_async", paged_attention_entry<false>)
 
 }  // namespace openlora
