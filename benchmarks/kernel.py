@@ -3,6 +3,9 @@
     .venv/bin/python benchmarks/kernel.py [--rounds 30] [--bf16] [--engine-shapes | --attention | --layer-ops]
 
 --bf16 also runs every case (kernel cases, engine shapes, attention) in bfloat16.
+--device cuda runs the kernel cases on the GPU in fp32, bf16 and fp16 (lora_linear, lora_linear_async,
+torch.addmm, gather+bmm; each call alone and in bursts), and with --attention the attention cases there
+(gather+SDPA, paged_attention_decode and paged_attention_decode_async).
 
 Cases (d_in = d_out = 2048, S = 64 slots, r_max = 32, ranks cycling 8, 16, 32):
   decode:  T = 64 tokens, 64 distinct adapters, one token each
@@ -126,6 +129,46 @@ def bench(name: str, case: dict, rounds: int) -> None:
               f"{med['fused_packed'] / med['base_packed']:.3f}")
 
 
+def fused_async(c):
+    return ops.lora_linear_async(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scalings"],
+                                 c["ranks"], c["seg_indptr"], c["seg_slots"])
+
+
+def bench_cuda(name: str, case: dict, rounds: int, burst: int = 20) -> None:
+    """On the GPU: lora_linear (its host checks copy the indices: one sync a call) and lora_linear_async
+    (no copy), against torch.addmm and gather+bmm. Each call is timed alone (synchronized before and
+    after), and in bursts of `burst` calls synchronized once, as a model's layers issue them, where a
+    sync inside the op stalls the launches behind it."""
+    case = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    fns = {"fused": fused, "fused_async": fused_async, "base": base, "gather+bmm": gather_bmm}
+    tol = 1e-3 if case["x"].dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fused(case), gather_bmm(case), rtol=tol, atol=tol)
+    torch.testing.assert_close(fused_async(case), fused(case), rtol=tol, atol=tol)
+    one = {k: [] for k in fns}
+    many = {k: [] for k in fns}
+    for _ in range(3):
+        for f in fns.values():
+            f(case)
+    for _ in range(rounds):
+        for k, f in fns.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f(case)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            for _ in range(burst):
+                f(case)
+            torch.cuda.synchronize()
+            one[k].append(t1 - t0)
+            many[k].append((time.perf_counter() - t1) / burst)
+    for label, times in (("alone", one), (f"burst of {burst}", many)):
+        med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+        print(f"{name:<22} {label:<12} fused {med['fused']:8.1f} us  fused_async {med['fused_async']:8.1f} us  "
+              f"base {med['base']:8.1f} us  gather+bmm {med['gather+bmm']:8.1f} us  | fused/base "
+              f"{med['fused'] / med['base']:.3f}  fused_async/base {med['fused_async'] / med['base']:.3f}  "
+              f"gather/base {med['gather+bmm'] / med['base']:.3f}")
+
+
 def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16, S: int = 33,
                  r_max: int = 64, dtype: torch.dtype = torch.float32) -> None:
     g = torch.Generator().manual_seed(0)
@@ -163,18 +206,21 @@ def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, r: int = 16
 
 
 def bench_attention(dtype: torch.dtype, rounds: int, N: int = 64, H: int = 8, KVH: int = 4,
-                    D: int = 64, bs: int = 16, num_blocks: int = 1024, ctx_min: int = 40) -> None:
+                    D: int = 64, bs: int = 16, num_blocks: int = 1024, ctx_min: int = 40,
+                    device: str = "cpu") -> None:
     g = torch.Generator().manual_seed(0)
     ctx = torch.tensor([ctx_min + (7 * i) % 17 for i in range(N)], dtype=torch.int32)  # ctx_min + 0..16
     num_blocks = max(num_blocks, 2 * N * -(-int(ctx.max()) // bs))
     nb = -(-int(ctx.max()) // bs)
     tables = torch.randperm(num_blocks, generator=g)[:N * nb].view(N, nb).to(torch.int32)
-    kc = torch.randn(num_blocks, bs, KVH, D, generator=g).to(dtype)
-    vc = torch.randn(num_blocks, bs, KVH, D, generator=g).to(dtype)
-    q = torch.randn(N, H, D, generator=g).to(dtype)
-    keys = torch.arange(nb * bs)
+    kc = torch.randn(num_blocks, bs, KVH, D, generator=g).to(device, dtype)
+    vc = torch.randn(num_blocks, bs, KVH, D, generator=g).to(device, dtype)
+    q = torch.randn(N, H, D, generator=g).to(device, dtype)
+    ctx, tables = ctx.to(device), tables.to(device)
+    keys = torch.arange(nb * bs, device=device)
     mask = (keys[None] < ctx[:, None].long())[:, None, None]  # [N, 1, 1, L], as build_group made it
     tables_long, scale = tables.long(), D ** -0.5
+    cuda = device != "cpu"
 
     def gather_sdpa():  # kv_cache.paged_attention's old decode path
         kg = kc[tables_long].flatten(1, 2).transpose(1, 2)  # [N, KVH, L, D]
@@ -183,20 +229,28 @@ def bench_attention(dtype: torch.dtype, rounds: int, N: int = 64, H: int = 8, KV
             q[:, :, None], kg, vg, attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0]
 
     fns = {"gather+sdpa": gather_sdpa, "fused": lambda: paged_attention_decode(q, kc, vc, tables, ctx, scale)}
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(fns["fused"](), gather_sdpa(), rtol=tol, atol=tol)
+    if cuda:  # no host copy of the tables (the executor's op on CUDA)
+        fns["fused_async"] = lambda: ops.paged_attention_decode_async(q, kc, vc, tables, ctx, scale)
+    tol = 1e-5 if dtype == torch.float32 and not cuda else 2e-2
+    for f in fns.values():
+        torch.testing.assert_close(f(), gather_sdpa(), rtol=tol, atol=tol)
     times = {k: [] for k in fns}
     for _ in range(3):
         for f in fns.values():
             f()
     for _ in range(rounds):
         for k, f in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             f()
+            if cuda:
+                torch.cuda.synchronize()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    extra = f"  fused_async {med['fused_async']:7.3f} ms" if cuda else ""
     print(f"decode attention N={N} H={H}/{KVH} D={D} bs={bs} ctx {ctx_min}-{ctx_min + 16} {str(dtype)[6:]:<8} "
-          f"gather+sdpa {med['gather+sdpa']:7.3f} ms  fused {med['fused']:7.3f} ms  "
+          f"gather+sdpa {med['gather+sdpa']:7.3f} ms  fused {med['fused']:7.3f} ms{extra}  "
           f"| speedup {med['gather+sdpa'] / med['fused']:.1f}x")
 
 
@@ -231,6 +285,8 @@ def main() -> None:
     p.add_argument("--engine-shapes", action="store_true", help="time the executor engine's shapes instead")
     p.add_argument("--attention", action="store_true", help="time decode attention: gather+SDPA vs fused")
     p.add_argument("--layer-ops", action="store_true", help="time the layer's elementwise ops vs eager torch")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: the kernel cases (and --attention) on the GPU, with the async ops")
     args = p.parse_args()
     if args.layer_ops:
         print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
@@ -242,10 +298,12 @@ def main() -> None:
     if args.attention:
         print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
               f"rounds={args.rounds} (per layer; the engine runs 4)")
+        dev = args.device
         for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
-            bench_attention(dtype, args.rounds)
-            bench_attention(dtype, max(5, args.rounds // 4), N=16, ctx_min=2040)              # long contexts
-            bench_attention(dtype, max(5, args.rounds // 4), N=8, H=28, KVH=4, D=128, ctx_min=1020)  # 7B-like heads
+            bench_attention(dtype, args.rounds, device=dev)
+            bench_attention(dtype, max(5, args.rounds // 4), N=16, ctx_min=2040, device=dev)  # long contexts
+            bench_attention(dtype, max(5, args.rounds // 4), N=8, H=28, KVH=4, D=128, ctx_min=1020,
+                            device=dev)                                                     # 7B-like heads
         return
     if args.engine_shapes:
         print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
@@ -258,6 +316,13 @@ def main() -> None:
         return
     print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"d={D} S={S} r_max={R_MAX} ranks={RANKS} rounds={args.rounds}")
+    if args.device == "cuda":
+        print(f"device={torch.cuda.get_device_name()}")
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            tag = str(dtype).removeprefix("torch.")
+            bench_cuda(f"decode  T=64  G=64 {tag}", make_case(64, 64, dtype), args.rounds)
+            bench_cuda(f"prefill T=512 G=8  {tag}", make_case(512, 8, dtype), args.rounds)
+        return
     for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
         tag = str(dtype).removeprefix("torch.")
         bench(f"decode  T=64  G=64 {tag}", make_case(64, 64, dtype), args.rounds)

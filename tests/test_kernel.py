@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from services.executor.ops import kernel_backend, lora_linear, lora_linear_ref
+from services.executor.ops import kernel_backend, lora_linear, lora_linear_async, lora_linear_ref
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CPU_DTYPES = [torch.float32, torch.bfloat16]
@@ -71,10 +71,11 @@ def test_extension_is_built():
 # --- matches the reference; NaN past each rank never reaches y ---------------------------------
 
 
-def _check_matches_reference(device, dtype, layout, dims, bias, layout_args=None, b_transposed=False):
+def _check_matches_reference(device, dtype, layout, dims, bias, layout_args=None, b_transposed=False,
+                             op=lora_linear):
     args = make_args(*(layout_args or LAYOUTS[layout]), *dims, bias, dtype, device,
                      b_transposed=b_transposed)
-    y, want = call(lora_linear, args), call(lora_linear_ref, args)
+    y, want = call(op, args), call(lora_linear_ref, args)
     assert y.dtype == dtype and y.shape == (args["x"].shape[0], dims[1]) and y.device == args["x"].device
     assert not y.isnan().any()
     torch.testing.assert_close(y, want, **TOL[dtype])
@@ -96,6 +97,21 @@ def test_matches_reference_cpu(dtype, layout, dims, bias, b_layout):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_matches_reference_cuda(dtype, layout, dims, bias):
     _check_matches_reference("cuda", dtype, layout, dims, bias)
+
+
+@pytest.mark.parametrize("dims", DIMS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_async_matches_reference_cpu(dtype, layout, dims):  # on CPU the same kernel as lora_linear
+    _check_matches_reference("cpu", dtype, layout, dims, True, op=lora_linear_async)
+
+
+@cuda_only
+@pytest.mark.parametrize("dims", DIMS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_async_matches_reference_cuda(dtype, layout, dims):  # no host copy; long segments in the kernels
+    _check_matches_reference("cuda", dtype, layout, dims, True, op=lora_linear_async)
 
 
 @pytest.mark.parametrize("b_layout", ["rows", "transposed"])

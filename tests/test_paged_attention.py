@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.executor.ops import paged_attention_decode, paged_attention_decode_ref
+from services.executor.ops import (paged_attention_decode, paged_attention_decode_async,
+                                   paged_attention_decode_ref)
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -104,6 +105,18 @@ def test_matches_cpu(dtype, ctx, bs, shape, window, layout):
 @_matches
 def test_matches_cuda(dtype, ctx, bs, shape, window, layout):
     _check_matches("cuda", dtype, ctx, bs, shape, window, layout != "in_order", layout == "strided")
+
+
+@cuda_only
+@pytest.mark.parametrize("window", [0, 20])
+@pytest.mark.parametrize("ctx", list(CTX))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_async_matches_cuda(dtype, ctx, window):  # the executor's op on CUDA: no host copy of the tables
+    ctx_lens = CTX[ctx] or [40 + (7 * i) % 17 for i in range(64)]
+    c = make_case(ctx_lens, 16, 8, 4, dtype, "cuda")
+    got = call(paged_attention_decode_async, c, D ** -0.5, window)
+    tol = TOL.get(dtype, {"rtol": 5e-3, "atol": 5e-3})
+    torch.testing.assert_close(got, call(paged_attention_decode_ref, c, D ** -0.5, window), **tol)
 
 
 @pytest.mark.parametrize("head_dim", [8, 40, 128])
