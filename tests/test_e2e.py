@@ -201,6 +201,30 @@ def test_a_repeated_prompt_is_served_from_the_prefix_cache(stack):
     assert after.kv_blocks_free == after.kv_blocks_total
 
 
+def test_router_sends_a_shared_prompt_prefix_where_it_is_cached(stack):
+    """Base-only prompts sharing their first 48 tokens (3 KV blocks) with different endings, through
+    the router: every one lands on the executor that served the first, and each later one takes the
+    3 blocks from that executor's prefix cache."""
+    prefix = [(11 * i + 5) % 500 + 2 for i in range(48)]
+
+    def req(i):
+        return common_pb2.GenerateRequest(prompt_token_ids=prefix + [100 + i] * 8,
+                                          sampling=common_pb2.SamplingParams(max_new_tokens=2, ignore_eos=True))
+
+    with grpc.insecure_channel(stack["router"].address) as ch:
+        router = router_pb2_grpc.RouterStub(ch)
+        served = [router.Generate(req(0), timeout=120).executor_id]
+        listed = router.ListExecutors(router_pb2.ListExecutorsRequest(), timeout=10)
+        address = {e.status.executor_id: e.address for e in listed.executors}[served[0]]
+        with grpc.insecure_channel(address) as ex:
+            status = executor_pb2_grpc.ExecutorStub(ex).GetStatus
+            before = status(executor_pb2.GetStatusRequest(), timeout=10).prefix_cache_hit_tokens
+            served += [router.Generate(req(i), timeout=120).executor_id for i in range(1, 4)]
+            after = status(executor_pb2.GetStatusRequest(), timeout=10).prefix_cache_hit_tokens
+    assert set(served) == {served[0]}
+    assert after - before == 3 * 48
+
+
 def test_deadline_exceeded_frees_the_request(stack):
     with grpc.insecure_channel(stack["executors"][0].address) as ch:
         stub = executor_pb2_grpc.ExecutorStub(ch)

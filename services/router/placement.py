@@ -1,19 +1,32 @@
 """Pure placement: an immutable snapshot of executors + a request -> executors in preference order.
 
-    rank(snapshot, adapter_id) -> [address, ...]   # first is the choice, the rest are failovers
+    rank(snapshot, adapter_id, prefix_holder=None, key=None) -> [address, ...]  # first is the choice
 
 Send a request where its adapter already is (device > host > disk), unless that executor is much
 busier than the least busy one; otherwise spread by load, breaking ties with rendezvous hashing on the
 adapter id so one adapter keeps landing on the same executor (it loads once, then stays warm).
+
+Prefix affinity: the executors keep the KV blocks of prompts they served (prefix caching), so a
+request whose prompt starts as an earlier one's did goes, at a smaller bonus, to the executor that
+served that earlier one. prefix_chunks() keys a prompt's prefix as a chain of hashes of its 64-byte
+chunks (after the adapter id, since an adapter changes the K/V), and PrefixIndex remembers which
+executor last served each chain, so the longest match wins. Base-only requests with no match spread
+by the hash of their first chunk, so different system prompts land on different executors.
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # tier -> bonus in "load units" (one unit = one full batch of queued work)
 TIER_BONUS = {1: 1.0, 2: 0.6, 3: 0.3}   # ADAPTER_TIER_DEVICE, _HOST, _DISK
+PREFIX_BONUS = 0.5      # for the executor that last served the longest matching prompt prefix
+PREFIX_CHUNK = 64       # bytes of prompt per prefix hash: ~16 tokens of text, or 16 token ids
+PREFIX_CHUNKS = 64      # prefix hashes kept per request (its first 4 KiB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +51,74 @@ def _hash(adapter_id: str, address: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def score(view: ExecutorView, adapter_id: str) -> float:
-    """Lower is better: load, minus a bonus for holding the adapter, plus a small stable hash."""
+def score(view: ExecutorView, adapter_id: str, prefix_holder: str | None = None,
+          key: str | None = None) -> float:
+    """Lower is better: load, minus a bonus for holding the adapter and one for having served the
+    prompt's prefix, plus a small stable hash of key (default: the adapter id)."""
     bonus = TIER_BONUS.get(view.adapters.get(adapter_id, 0), 0.0) if adapter_id else 0.0
-    return view.load - bonus + 0.01 * _hash(adapter_id, view.address)
+    if prefix_holder is not None and view.address == prefix_holder:
+        bonus += PREFIX_BONUS
+    return view.load - bonus + 0.01 * _hash(adapter_id if key is None else key, view.address)
 
 
-def rank(snapshot: list[ExecutorView], adapter_id: str) -> list[str]:
-    """Healthy executors best-first, then unhealthy ones (tried last, in case the view is stale)."""
-    healthy = sorted((v for v in snapshot if v.healthy), key=lambda v: score(v, adapter_id))
+def rank(snapshot: list[ExecutorView], adapter_id: str, prefix_holder: str | None = None,
+         key: str | None = None) -> list[str]:
+    """Healthy executors best-first, then unhealthy ones (tried last, in case the view is stale).
+    prefix_holder: the executor that last served this prompt's longest known prefix (PrefixIndex);
+    key: what ties are hashed on (default the adapter id; see tie_key)."""
+    healthy = sorted((v for v in snapshot if v.healthy),
+                     key=lambda v: score(v, adapter_id, prefix_holder, key))
     rest = sorted((v for v in snapshot if not v.healthy), key=lambda v: _hash(adapter_id, v.address))
     return [v.address for v in healthy + rest]
+
+
+def prefix_chunks(adapter_id: str, prompt: str, token_ids: Sequence[int] = ()) -> list[bytes]:
+    """The chained hashes of the prompt's full PREFIX_CHUNK-byte chunks (UTF-8 text, or the token ids
+    as 4-byte words when there is no text), at most PREFIX_CHUNKS, seeded with the adapter id: two
+    prompts share the first k hashes exactly when they share their first k chunks and adapter."""
+    data = prompt.encode() if prompt else struct.pack(f"<{len(token_ids)}I", *token_ids)
+    chain = hashlib.blake2b(b"adapter:" + adapter_id.encode(), digest_size=8).digest()
+    hashes = []
+    for i in range(min(len(data) // PREFIX_CHUNK, PREFIX_CHUNKS)):
+        chain = hashlib.blake2b(chain + data[i * PREFIX_CHUNK:(i + 1) * PREFIX_CHUNK], digest_size=8).digest()
+        hashes.append(chain)
+    return hashes
+
+
+def tie_key(adapter_id: str, chunks: Sequence[bytes]) -> str:
+    """What rank breaks ties on: the adapter id (an adapter keeps landing where it loaded), or for a
+    base-only request its prompt's first chunk (each system prompt keeps landing on one executor)."""
+    return adapter_id if adapter_id or not chunks else chunks[0].hex()
+
+
+class PrefixIndex:
+    """Which executor last served each prefix hash (prefix_chunks), least recently used first out."""
+
+    def __init__(self, capacity: int = 200_000):
+        self.capacity = capacity
+        self._where: OrderedDict[bytes, str] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def lookup(self, chunks: Sequence[bytes]) -> tuple[str | None, int]:
+        """(executor, chunks matched) for the longest prefix of chunks served before; (None, 0)."""
+        for i in range(len(chunks) - 1, -1, -1):
+            address = self._where.get(chunks[i])
+            if address is not None:
+                self._where.move_to_end(chunks[i])
+                return address, i + 1
+        return None, 0
+
+    def record(self, chunks: Sequence[bytes], address: str) -> None:
+        """address served a prompt with these chunks: it holds their KV blocks now."""
+        for h in chunks:
+            self._where[h] = address
+            self._where.move_to_end(h)
+        while len(self._where) > self.capacity:
+            self._where.popitem(last=False)
+
+    def forget(self, address: str) -> None:
+        """address went away (or restarted): its prefixes are no longer cached anywhere known."""
+        for h in [h for h, a in self._where.items() if a == address]:
+            del self._where[h]

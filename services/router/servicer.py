@@ -1,7 +1,9 @@
 """The Router service: pick an executor (placement.rank), forward, fail over on UNAVAILABLE.
 
 A unary call fails over to the next executor when one is unreachable; a stream fails over only
-before its first chunk reached the client (after that, a retry would repeat tokens).
+before its first chunk reached the client (after that, a retry would repeat tokens). The executor
+that serves a request is recorded as holding its prompt's prefix (placement.PrefixIndex), so later
+requests with that prefix go where its KV blocks are cached.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import structlog
 from services.common import errors
 from services.common.gen.openlora.v1 import router_pb2, router_pb2_grpc
 from services.router.discovery import ExecutorPool
-from services.router.placement import rank
+from services.router.placement import PrefixIndex, prefix_chunks, rank, tie_key
 from services.router.registry_check import AdapterCheck
 
 log = structlog.get_logger(__name__)
@@ -30,45 +32,59 @@ def _reraise(exc: grpc.aio.AioRpcError) -> None:
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, pool: ExecutorPool, adapters: AdapterCheck | None = None):
+    def __init__(self, pool: ExecutorPool, adapters: AdapterCheck | None = None,
+                 prefixes: PrefixIndex | None = None):
         self.pool = pool
         self.adapters = adapters or AdapterCheck("")
+        self.prefixes = prefixes or PrefixIndex()
 
-    async def _candidates(self, request) -> list[str]:
+    async def _candidates(self, request) -> tuple[list[str], list[bytes]]:
         await self.adapters.check(request.adapter_id, request.adapter_version)
-        order = rank(self.pool.snapshot(), request.adapter_id)
+        chunks = prefix_chunks(request.adapter_id, request.prompt, request.prompt_token_ids)
+        holder, _ = self.prefixes.lookup(chunks)
+        order = rank(self.pool.snapshot(), request.adapter_id, holder, tie_key(request.adapter_id, chunks))
         if not order:
             raise errors.Unavailable("no executors configured")
-        return order
+        return order, chunks
+
+    def _failed_over(self, address: str, exc: grpc.aio.AioRpcError) -> None:
+        log.warning("executor_failover", address=address, error=exc.details())
+        self.pool.recheck(address)
+        self.prefixes.forget(address)   # if it restarts, its cache starts empty
 
     async def Generate(self, request, context):
         last = None
-        for address in await self._candidates(request):
+        order, chunks = await self._candidates(request)
+        for address in order:
             try:
-                return await self.pool.stubs[address].Generate(request, timeout=_timeout(context))
+                response = await self.pool.stubs[address].Generate(request, timeout=_timeout(context))
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE:
                     _reraise(exc)
-                log.warning("executor_failover", address=address, error=exc.details())
-                self.pool.recheck(address)
+                self._failed_over(address, exc)
                 last = exc
+                continue
+            self.prefixes.record(chunks, address)
+            return response
         raise errors.Unavailable(f"no executor could serve the request: {last.details()}")
 
     async def GenerateStream(self, request, context):
         last = None
-        for address in await self._candidates(request):
+        order, chunks = await self._candidates(request)
+        for address in order:
             started = False
             try:
                 call = self.pool.stubs[address].GenerateStream(request, timeout=_timeout(context))
                 async for chunk in call:
-                    started = True
+                    if not started:   # the prompt is in its KV cache from here on
+                        started = True
+                        self.prefixes.record(chunks, address)
                     yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
                 if started or exc.code() not in _RETRYABLE:
                     _reraise(exc)
-                log.warning("executor_failover", address=address, error=exc.details())
-                self.pool.recheck(address)
+                self._failed_over(address, exc)
                 last = exc
         raise errors.Unavailable(f"no executor could serve the request: {last.details()}")
 
