@@ -10,7 +10,8 @@ torch.addmm, gather+bmm; each call alone and in bursts), and with --attention th
 Cases (d_in = d_out = 2048, S = 64 slots, r_max = 32, ranks cycling 8, 16, 32):
   decode:  T = 64 tokens, 64 distinct adapters, one token each
   prefill: T = 512 tokens, 8 adapters, 64 tokens each
-Prints the median time of each and the ratios fused/base and gather/base; fused runs with lora_b
+Prints the median time of each and the ratios fused/base and gather/base (ratios of the medians, and
+the medians of each round's own ratio: "paired"); fused runs with lora_b
 row-major and, in parentheses, stored transposed as the executor's CPU adapter pool keeps it.
 fp32 also runs with the weight prepacked once (ops.pack_weight, as the engine does on CPU):
 lora_linear_packed with lora_b transposed, and the base matmul alone through the packed weight
@@ -127,6 +128,12 @@ def bench(name: str, case: dict, rounds: int) -> None:
               f"  | fused_packed/base {med['fused_packed'] / med['base']:.3f}  base_packed/base "
               f"{med['base_packed'] / med['base']:.3f}  fused_packed/base_packed "
               f"{med['fused_packed'] / med['base_packed']:.3f}")
+    # Paired: each round's own ratio, then their median; a slow phase of the machine hits both sides
+    # of a round alike, so this moves less from run to run than the ratio of the medians above.
+    paired = {k: statistics.median(a / b for a, b in zip(times[k], times["base"], strict=True))
+              for k in ("fused", "fused_packed") if k in times}
+    print(f"{'':<22} paired (median of per-round ratios): "
+          + "  ".join(f"{k}/base {v:.3f}" for k, v in paired.items()))
 
 
 def fused_async(c):
