@@ -225,6 +225,23 @@ def test_router_sends_a_shared_prompt_prefix_where_it_is_cached(stack):
     assert after - before == 3 * 48
 
 
+def test_vllm_style_sampling_fields_over_grpc(stack):
+    """stop_token_ids, min_new_tokens and the presence/frequency penalties reach the engine."""
+    with grpc.insecure_channel(stack["router"].address) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        free = list(stub.Generate(_req(max_new=8), timeout=120).token_ids)
+        stopped = stub.Generate(_req(max_new=8, stop_token_ids=[free[2]]), timeout=120)
+        held = stub.Generate(_req(max_new=8, stop_token_ids=[free[0]], min_new_tokens=3), timeout=120)
+        penalised = stub.Generate(_req(max_new=8, presence_penalty=-2, frequency_penalty=-2), timeout=120)
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.Generate(_req(max_new=8, presence_penalty=3), timeout=120)
+    assert stopped.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert list(stopped.token_ids) == free[:free.index(free[2]) + 1]
+    assert free[0] not in list(held.token_ids)[:3]
+    assert list(penalised.token_ids) != free
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "presence_penalty" in bad.value.details()
+
+
 def test_deadline_exceeded_frees_the_request(stack):
     with grpc.insecure_channel(stack["executors"][0].address) as ch:
         stub = executor_pb2_grpc.ExecutorStub(ch)

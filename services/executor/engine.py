@@ -213,13 +213,22 @@ class Engine:
         if req.sampling.stop and self._tokenizer is None:
             raise InvalidArgument("stop strings need a tokenizer, and this model has none")
         opts = req.sampling
+        vocab = self.model_config.vocab
+        bad = [t for t in opts.stop_token_ids if t >= vocab]
+        if bad:
+            raise InvalidArgument(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab})")
         max_new = opts.max_new_tokens or self.config.default_max_new_tokens
+        if opts.min_new_tokens > max_new:
+            raise InvalidArgument(f"min_new_tokens ({opts.min_new_tokens}) must be <= max_new_tokens "
+                                  f"({max_new}, the executor's default)")
         greedy = opts.temperature <= 0
+        held_back = tuple(sorted(set(opts.stop_token_ids)
+                                 | (set() if opts.ignore_eos else set(self.eos_token_ids))))
         r = _Request(
             req=req, on_event=on_event,
             seq=Sequence(req.request_id, list(prompt_ids), len(prompt_ids)), max_new=max_new,
             row=SamplingRow(opts, None if greedy else make_generator(opts.seed, self.device),
-                            list(prompt_ids)),
+                            list(prompt_ids), len(prompt_ids), held_back),
             detok=Detokenizer(self._tokenizer, prompt_ids) if self._tokenizer else None,
             stop_text=StopText(tuple(opts.stop)))
         with self._lock:
@@ -424,6 +433,8 @@ class Engine:
         finish = None
         if token in self.eos_token_ids and not r.req.sampling.ignore_eos:
             finish = EOS
+        elif token in r.req.sampling.stop_token_ids:
+            finish = STOP
         text = r.stop_text.push(r.detok.step([token])) if r.detok else ""
         if r.stop_text.stopped:
             finish = STOP

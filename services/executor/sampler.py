@@ -2,10 +2,12 @@
 
     tokens, logprobs = sample(logits, rows)     # logits [N, V] float32, one SamplingRow per sequence
 
-Each row is processed on its own: repetition penalty -> temperature -> top-k -> top-p, then a draw
-from the row's own torch.Generator, so a seeded request gets the same tokens whatever its batch
-mates. logprobs are log_softmax of the RAW logits at the chosen token. Greedy rows (temperature 0)
-take the argmax of the penalised logits.
+Each row is processed on its own: the min_new_tokens mask (EOS and stop token ids at -inf until
+enough tokens are out) -> repetition penalty (Hugging Face's rule, over prompt and output) ->
+presence and frequency penalties (OpenAI's and vLLM's rule, over the output) -> temperature -> top-k
+-> top-p, then a draw from the row's own torch.Generator, so a seeded request gets the same tokens
+whatever its batch mates. logprobs are log_softmax of the RAW logits at the chosen token. Greedy rows
+(temperature 0) take the argmax of the masked and penalised logits.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     repetition_penalty: float = 0.0    # 0 or 1 -> off
+    stop_token_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0            # EOS and stop_token_ids masked until this many new tokens
+    presence_penalty: float = 0.0      # [-2, 2]; minus this for every token generated so far
+    frequency_penalty: float = 0.0     # [-2, 2]; minus this times each token's count so far
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty when valid)."""
@@ -47,6 +53,17 @@ class SamplingOptions:
             out.append(f"seed must fit in 64 bits, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             out.append("stop strings must be non-empty strings")
+        if self.min_new_tokens < 0:
+            out.append(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        elif self.max_new_tokens and self.min_new_tokens > self.max_new_tokens:
+            out.append(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens "
+                       f"({self.max_new_tokens})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -2 <= value <= 2:
+                out.append(f"{name} must be in [-2, 2], got {value}")
+        if any(t < 0 for t in self.stop_token_ids):
+            out.append(f"stop_token_ids must be >= 0, got {min(self.stop_token_ids)}")
         return out
 
 
@@ -56,7 +73,22 @@ class SamplingRow:
 
     options: SamplingOptions
     generator: torch.Generator | None   # None for greedy
-    history: list[int]                  # prompt + generated ids (for the repetition penalty)
+    history: list[int]                  # prompt + generated ids (for the penalties)
+    prompt_len: int = 0                 # history[prompt_len:] is the output so far
+    held_back: tuple[int, ...] = ()     # EOS + stop token ids: masked while the output is too short
+
+    @property
+    def masked(self) -> tuple[int, ...]:
+        """The ids that cannot be drawn at this step (min_new_tokens not reached yet)."""
+        short = len(self.history) - self.prompt_len < self.options.min_new_tokens
+        return self.held_back if short else ()
+
+    @property
+    def special(self) -> bool:
+        """Needs more than the raw argmax."""
+        o = self.options
+        return (o.temperature > 0 or o.repetition_penalty not in (0, 1) or bool(self.masked)
+                or ((o.presence_penalty or o.frequency_penalty) and len(self.history) > self.prompt_len))
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -77,6 +109,14 @@ def _penalise(logits: Tensor, history: list[int], penalty: float) -> Tensor:
     return logits
 
 
+def _presence_frequency(logits: Tensor, output: list[int], presence: float, frequency: float) -> Tensor:
+    """OpenAI's and vLLM's rule: logit -= presence * (count > 0) + frequency * count, counts over the
+    output so far."""
+    counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=logits.device),
+                            minlength=logits.shape[-1])[:logits.shape[-1]].to(logits.dtype)
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
+
+
 def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
@@ -94,20 +134,25 @@ def sample(logits: Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[flo
     """logits [N, V] float32 -> (chosen token per row, its raw logprob)."""
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = logits.argmax(dim=-1)                      # greedy, unpenalised: the common case
-    special = [i for i, r in enumerate(rows)
-               if r.options.temperature > 0 or r.options.repetition_penalty not in (0, 1)]
+    special = [i for i, r in enumerate(rows) if r.special]
     if special:
         chosen = chosen.clone()
         for i in special:
             o = rows[i].options
             row = logits[i]
+            masked = [t for t in rows[i].masked if t < row.shape[-1]]
+            if masked:
+                row = row.index_fill(0, torch.tensor(masked, device=row.device), float("-inf"))
             if o.repetition_penalty not in (0, 1) and rows[i].history:
                 row = _penalise(row, rows[i].history, o.repetition_penalty)
+            output = rows[i].history[rows[i].prompt_len:]
+            if (o.presence_penalty or o.frequency_penalty) and output:
+                row = _presence_frequency(row, output, o.presence_penalty, o.frequency_penalty)
             if o.temperature <= 0:
                 chosen[i] = row.argmax()
                 continue
             scaled = row / o.temperature
-            if not torch.isfinite(scaled).all():   # a temperature so small it overflows: greedy
+            if not torch.isfinite(scaled.max()):   # a temperature so small it overflows: greedy
                 chosen[i] = row.argmax()
                 continue
             probs = torch.softmax(_filter(scaled, o.top_k, o.top_p), dim=-1)

@@ -37,7 +37,9 @@ def to_request(pb: common_pb2.GenerateRequest) -> GenerationRequest:
         sampling=SamplingOptions(
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k, seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop),
-            ignore_eos=s.ignore_eos, repetition_penalty=s.repetition_penalty))
+            ignore_eos=s.ignore_eos, repetition_penalty=s.repetition_penalty,
+            stop_token_ids=tuple(s.stop_token_ids), min_new_tokens=s.min_new_tokens,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty))
 
 
 def _usage(ev: TokenEvent) -> common_pb2.Usage:
