@@ -15,7 +15,7 @@ SERVICE = "openlora.v1.Router"
 async def build(config: RouterConfig):
     """The router answers SERVING only while at least one executor is healthy."""
     pool = ExecutorPool(config.executor, poll_interval_s=config.poll_interval_s)
-    servicer = RouterServicer(pool, AdapterCheck(config.registry))
+    servicer = RouterServicer(pool, AdapterCheck(config.registry), prefix_affinity=config.prefix_affinity)
     server, port = await create_server(
         config, [Service(SERVICE, servicer, router_pb2_grpc.add_RouterServicer_to_server)],
         serving=False)

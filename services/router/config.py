@@ -13,6 +13,8 @@ class RouterConfig(ServerConfig):
     registry: str = flag("", "registry address HOST:PORT: unknown adapters fail fast with NOT_FOUND")
     executor: list[str] = flag(help="executor address HOST:PORT", multiple=True, required=True)
     poll_interval_s: float = flag(0.5, "how often each executor's health and status are polled")
+    prefix_affinity: bool = flag(True, "prefer the executor that last served a prompt's longest known "
+                                 "prefix (its KV blocks are in that executor's prefix cache)")
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
