@@ -208,8 +208,9 @@ def test_router_sends_a_shared_prompt_prefix_where_it_is_cached(stack):
     prefix = [(11 * i + 5) % 500 + 2 for i in range(48)]
 
     def req(i):
-        return common_pb2.GenerateRequest(prompt_token_ids=prefix + [100 + i] * 8,
-                                          sampling=common_pb2.SamplingParams(max_new_tokens=2, ignore_eos=True))
+        return common_pb2.GenerateRequest(
+            prompt_token_ids=prefix + [100 + i] * 8,
+            sampling=common_pb2.SamplingParams(max_new_tokens=2, ignore_eos=True))
 
     with grpc.insecure_channel(stack["router"].address) as ch:
         router = router_pb2_grpc.RouterStub(ch)
@@ -226,19 +227,25 @@ def test_router_sends_a_shared_prompt_prefix_where_it_is_cached(stack):
 
 
 def test_vllm_style_sampling_fields_over_grpc(stack):
-    """stop_token_ids, min_new_tokens and the presence/frequency penalties reach the engine."""
+    """stop_token_ids, min_new_tokens, the presence/frequency penalties and top_logprobs, both ways."""
     with grpc.insecure_channel(stack["router"].address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         free = list(stub.Generate(_req(max_new=8), timeout=120).token_ids)
         stopped = stub.Generate(_req(max_new=8, stop_token_ids=[free[2]]), timeout=120)
         held = stub.Generate(_req(max_new=8, stop_token_ids=[free[0]], min_new_tokens=3), timeout=120)
         penalised = stub.Generate(_req(max_new=8, presence_penalty=-2, frequency_penalty=-2), timeout=120)
+        tops = stub.Generate(_req(max_new=4, top_logprobs=3), timeout=120)
+        streamed = [t for c in stub.GenerateStream(_req(max_new=4, top_logprobs=3), timeout=120)
+                    for t in c.top_logprobs]
         with pytest.raises(grpc.RpcError) as bad:
             stub.Generate(_req(max_new=8, presence_penalty=3), timeout=120)
     assert stopped.finish_reason == common_pb2.FINISH_REASON_STOP
     assert list(stopped.token_ids) == free[:free.index(free[2]) + 1]
     assert free[0] not in list(held.token_ids)[:3]
     assert list(penalised.token_ids) != free
+    assert [list(t.token_ids)[0] for t in tops.top_logprobs] == free[:4]        # greedy: the best
+    assert all(len(t.token_ids) == len(t.logprobs) == 3 for t in tops.top_logprobs)
+    assert [list(t.token_ids) for t in streamed] == [list(t.token_ids) for t in tops.top_logprobs]
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "presence_penalty" in bad.value.details()
 
 

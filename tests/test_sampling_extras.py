@@ -1,4 +1,5 @@
-"""stop_token_ids, min_new_tokens, presence_penalty and frequency_penalty (vLLM's SamplingParams).
+"""stop_token_ids, min_new_tokens, presence_penalty, frequency_penalty and top_logprobs (as in
+vLLM's SamplingParams and OpenAI's API).
 
 The sampler's rules on hand-made logits; then the engine against transformers: its greedy output
 with a stop token held back by min_new_tokens equals transformers' generate with the same
@@ -17,7 +18,7 @@ from services.common.errors import InvalidArgument
 from services.executor.adapters.cache import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
-from services.executor.sampler import SamplingRow, make_generator, sample
+from services.executor.sampler import SamplingRow, make_generator, sample, sample_with_top
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 31]
 
@@ -51,7 +52,19 @@ def test_min_new_tokens_holds_back_eos_and_stop_ids():
     assert all(sample(logits, [sampled])[0] != [1] for _ in range(20))
 
 
+def test_top_logprobs_are_the_raw_top_k():
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0], [1.0, 0.0, 0.0, 0.0]])
+    rows = [row([], 0, top_logprobs=3, repetition_penalty=2.0), row([], 0)]
+    tokens, _, tops = sample_with_top(logits, rows)
+    raw = torch.log_softmax(logits[0], -1)
+    assert tops[0][0] == [1, 3, 0] and tops[0][1] == pytest.approx(raw[[1, 3, 0]].tolist())
+    assert tops[1] is None and tokens == [1, 0]
+    many = sample_with_top(logits[:1], [row([], 0, top_logprobs=20)])[2][0]
+    assert len(many[0]) == 4                                  # at most the vocabulary
+
+
 @pytest.mark.parametrize("options, bad", [
+    ({"top_logprobs": 21}, "top_logprobs"),
     ({"min_new_tokens": -1}, "min_new_tokens"),
     ({"min_new_tokens": 9, "max_new_tokens": 8}, "min_new_tokens"),
     ({"presence_penalty": 2.5}, "presence_penalty"),
@@ -124,7 +137,8 @@ def test_min_new_tokens_matches_transformers(engine, hf_model):
     stop = free[1]
     out = run(engine, max_new_tokens=10, ignore_eos=True, stop_token_ids=(stop,), min_new_tokens=5)
     with torch.no_grad():
-        hf = hf_model.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+        hf = hf_model.generate(torch.tensor([PROMPT]),
+                               attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
                                max_new_tokens=10, min_new_tokens=5, eos_token_id=[stop], pad_token_id=0,
                                do_sample=False)[0, len(PROMPT):].tolist()
     assert out["tokens"] == hf
@@ -149,3 +163,26 @@ def test_presence_frequency_match_a_loop_over_transformers_logits(engine, hf_mod
     assert out["logprobs"] == pytest.approx(want_lp, abs=1e-4)
     if presence < 0:   # repeats made likelier: the output changes (positive ones may find no repeat)
         assert out["tokens"] != run(engine, max_new_tokens=10, ignore_eos=True)["tokens"]
+
+
+def test_top_logprobs_match_transformers(engine, hf_model):
+    done, out = threading.Event(), {"tokens": [], "tops": []}
+
+    def on_event(ev):
+        out["tokens"] += ev.token_ids
+        out["tops"] += ev.top_logprobs
+        if ev.finish_reason or ev.error:
+            done.set()
+
+    engine.submit(GenerationRequest("tops", prompt_token_ids=PROMPT, sampling=SamplingOptions(
+        max_new_tokens=6, ignore_eos=True, top_logprobs=5)), on_event)
+    assert done.wait(60)
+    assert len(out["tops"]) == len(out["tokens"]) == 6
+    ids = list(PROMPT)
+    with torch.no_grad():
+        for token, (top_ids, top_lps) in zip(out["tokens"], out["tops"], strict=True):
+            raw = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, -1].float(), -1)
+            want = torch.topk(raw, 5)
+            assert top_ids == want.indices.tolist() and top_ids[0] == token     # greedy: the best
+            assert top_lps == pytest.approx(want.values.tolist(), abs=1e-4)
+            ids.append(token)

@@ -37,7 +37,7 @@ from services.executor.model.llama import ForwardBatch
 from services.executor.model.loader import (load_model, read_config, resolve_device,
                                              resolve_dtype, resolve_model_dir)
 from services.executor.sampler import (EOS, LENGTH, STOP, SamplingOptions, SamplingRow, StopText,
-                                       make_generator, sample)
+                                       Top, make_generator, sample_with_top)
 from services.executor.scheduler import Batch, Scheduler, Sequence
 from services.executor.tokenizer import Detokenizer, Tokenizer
 
@@ -67,6 +67,7 @@ class TokenEvent:
     prompt_tokens: int
     completion_tokens: int
     error: Exception | None = None     # set on a failed request's last event
+    top_logprobs: list[Top] = field(default_factory=list)   # per token, when sampling.top_logprobs > 0
 
 
 @dataclass(frozen=True)
@@ -367,23 +368,24 @@ class Engine:
         sampled = [r for r, item in zip(reqs, batch.items) if item.samples]
         self.scheduler.advance(batch)
         try:
-            tokens, logprobs = sample(logits, [r.row for r in sampled])
+            tokens, logprobs, tops = sample_with_top(logits, [r.row for r in sampled])
         except Exception:   # isolate the faulty request: sample row by row
-            tokens, logprobs = [], []
+            tokens, logprobs, tops = [], [], []
             for i, r in enumerate(sampled):
                 try:
-                    t, lp = sample(logits[i:i + 1], [r.row])
+                    t, lp, top = sample_with_top(logits[i:i + 1], [r.row])
                 except Exception as exc:
                     log.exception("sampling_failed", request_id=r.req.request_id)
                     self._finish(r, None, error=InternalError(f"internal error in sampling: {exc}"))
-                    t, lp = [None], [None]
+                    t, lp, top = [None], [None], [None]
                 tokens += t
                 logprobs += lp
-        for r, token, lp in zip(sampled, tokens, logprobs):
+                tops += top
+        for r, token, lp, top in zip(sampled, tokens, logprobs, tops):
             if r.done:
                 continue
             try:
-                self._emit_token(r, token, lp)
+                self._emit_token(r, token, lp, top)
             except Exception as exc:
                 log.exception("output_failed", request_id=r.req.request_id)
                 self._finish(r, None, error=InternalError(f"internal error: {exc}"))
@@ -426,7 +428,7 @@ class Engine:
             seg_indptr=seg_indptr, seg_slots=seg_slots,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev))
 
-    def _emit_token(self, r: _Request, token: int, logprob: float) -> None:
+    def _emit_token(self, r: _Request, token: int, logprob: float, top: Top | None = None) -> None:
         r.seq.token_ids.append(token)
         r.row.history.append(token)
         r.completion += 1
@@ -446,7 +448,7 @@ class Engine:
                 finish = STOP
             text += r.stop_text.flush()
         event = TokenEvent(r.req.request_id, [token], text, [logprob], finish, r.seq.prompt_len,
-                           r.completion)
+                           r.completion, top_logprobs=[top] if top is not None else [])
         if finish is not None:
             self._finish(r, event)
         else:

@@ -1,6 +1,7 @@
 """Next-token choice per request, and when a request is finished.
 
     tokens, logprobs = sample(logits, rows)     # logits [N, V] float32, one SamplingRow per sequence
+    tokens, logprobs, tops = sample_with_top(logits, rows)   # + each row's top_logprobs alternatives
 
 Each row is processed on its own: the min_new_tokens mask (EOS and stop token ids at -inf until
 enough tokens are out) -> repetition penalty (Hugging Face's rule, over prompt and output) ->
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 LENGTH, STOP, EOS = "length", "stop", "eos"
+MAX_TOP_LOGPROBS = 20   # as OpenAI's and vLLM's APIs allow
 
 
 @dataclass
@@ -35,6 +37,7 @@ class SamplingOptions:
     min_new_tokens: int = 0            # EOS and stop_token_ids masked until this many new tokens
     presence_penalty: float = 0.0      # [-2, 2]; minus this for every token generated so far
     frequency_penalty: float = 0.0     # [-2, 2]; minus this times each token's count so far
+    top_logprobs: int = 0              # 0..MAX_TOP_LOGPROBS most likely tokens returned per step
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty when valid)."""
@@ -62,6 +65,8 @@ class SamplingOptions:
             value = getattr(self, name)
             if not math.isfinite(value) or not -2 <= value <= 2:
                 out.append(f"{name} must be in [-2, 2], got {value}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            out.append(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if any(t < 0 for t in self.stop_token_ids):
             out.append(f"stop_token_ids must be >= 0, got {min(self.stop_token_ids)}")
         return out
@@ -132,7 +137,24 @@ def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 def sample(logits: Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[float]]:
     """logits [N, V] float32 -> (chosen token per row, its raw logprob)."""
+    tokens, logprobs, _ = sample_with_top(logits, rows)
+    return tokens, logprobs
+
+
+Top = tuple[list[int], list[float]]   # the most likely token ids, best first, and their raw logprobs
+
+
+def sample_with_top(logits: Tensor,
+                    rows: list[SamplingRow]) -> tuple[list[int], list[float], list[Top | None]]:
+    """sample(), plus for each row asking for top_logprobs = k its k most likely tokens by the raw
+    logits (None for the other rows)."""
     logprobs = torch.log_softmax(logits, dim=-1)
+    tops: list[Top | None] = [None] * len(rows)
+    for i, r in enumerate(rows):
+        k = min(r.options.top_logprobs, logprobs.shape[-1])
+        if k > 0:
+            values, ids = torch.topk(logprobs[i], k)
+            tops[i] = (ids.tolist(), values.tolist())
     chosen = logits.argmax(dim=-1)                      # greedy, unpenalised: the common case
     special = [i for i, r in enumerate(rows) if r.special]
     if special:
@@ -158,7 +180,7 @@ def sample(logits: Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[flo
             probs = torch.softmax(_filter(scaled, o.top_k, o.top_p), dim=-1)
             chosen[i] = torch.multinomial(probs, 1, generator=rows[i].generator)[0]
     picked = logprobs.gather(1, chosen[:, None])[:, 0]
-    return chosen.tolist(), picked.tolist()
+    return chosen.tolist(), picked.tolist(), tops
 
 
 class StopText:

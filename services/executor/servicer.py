@@ -39,7 +39,12 @@ def to_request(pb: common_pb2.GenerateRequest) -> GenerationRequest:
             top_k=s.top_k, seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop),
             ignore_eos=s.ignore_eos, repetition_penalty=s.repetition_penalty,
             stop_token_ids=tuple(s.stop_token_ids), min_new_tokens=s.min_new_tokens,
-            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty))
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+            top_logprobs=s.top_logprobs))
+
+
+def _tops(ev: TokenEvent) -> list[common_pb2.TopLogprobs]:
+    return [common_pb2.TopLogprobs(token_ids=ids, logprobs=lps) for ids, lps in ev.top_logprobs]
 
 
 def _usage(ev: TokenEvent) -> common_pb2.Usage:
@@ -94,16 +99,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
 
     async def Generate(self, request, context):
         req = to_request(request)
-        ids, lps, text, last = [], [], [], None
+        ids, lps, text, tops, last = [], [], [], [], None
         async for ev in self._events(req):
             ids += ev.token_ids
             lps += ev.logprobs
             text.append(ev.text)
+            tops += _tops(ev)
             last = ev
         return common_pb2.GenerateResponse(
             request_id=req.request_id, text="".join(text), token_ids=ids, logprobs=lps,
             finish_reason=FINISH[last.finish_reason], usage=_usage(last),
-            executor_id=self.executor_id)
+            executor_id=self.executor_id, top_logprobs=tops)
 
     async def GenerateStream(self, request, context):
         req = to_request(request)
@@ -112,7 +118,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             yield common_pb2.GenerateChunk(
                 request_id=req.request_id, token_ids=ev.token_ids, text=ev.text,
                 logprobs=ev.logprobs, finish_reason=FINISH[ev.finish_reason],
-                usage=_usage(ev) if final else None, executor_id=self.executor_id)
+                usage=_usage(ev) if final else None, executor_id=self.executor_id,
+                top_logprobs=_tops(ev))
 
     async def LoadAdapter(self, request, context):
         start = time.perf_counter()

@@ -24,23 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18openlora/v1/common.proto\x12\x0bopenlora.v1\"\x9a\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x16\n\x0emin_new_tokens\x18\n \x01(\r\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x42\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xab\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\r\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.openlora.v1.SamplingParams\"\xc3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.openlora.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.openlora.v1.Usage\x12\x13\n\x0b\x65xecutor_id\x18\x07 \x01(\t\"\xc0\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.openlora.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.openlora.v1.Usage\x12\x13\n\x0b\x65xecutor_id\x18\x07 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18openlora/v1/common.proto\x12\x0bopenlora.v1\"\xb0\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x16\n\x0emin_new_tokens\x18\n \x01(\r\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x14\n\x0ctop_logprobs\x18\r \x01(\rB\x07\n\x05_seed\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xab\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\r\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.openlora.v1.SamplingParams\"\xf3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.openlora.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.openlora.v1.Usage\x12\x13\n\x0b\x65xecutor_id\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.openlora.v1.TopLogprobs\"\xf0\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.openlora.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.openlora.v1.Usage\x12\x13\n\x0b\x65xecutor_id\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.openlora.v1.TopLogprobs*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'openlora.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=952
-  _globals['_FINISHREASON']._serialized_end=1070
+  _globals['_FINISHREASON']._serialized_start=1122
+  _globals['_FINISHREASON']._serialized_end=1240
   _globals['_SAMPLINGPARAMS']._serialized_start=42
-  _globals['_SAMPLINGPARAMS']._serialized_end=324
-  _globals['_USAGE']._serialized_start=326
-  _globals['_USAGE']._serialized_end=383
-  _globals['_GENERATEREQUEST']._serialized_start=386
-  _globals['_GENERATEREQUEST']._serialized_end=557
-  _globals['_GENERATERESPONSE']._serialized_start=560
-  _globals['_GENERATERESPONSE']._serialized_end=755
-  _globals['_GENERATECHUNK']._serialized_start=758
-  _globals['_GENERATECHUNK']._serialized_end=950
+  _globals['_SAMPLINGPARAMS']._serialized_end=346
+  _globals['_TOPLOGPROBS']._serialized_start=348
+  _globals['_TOPLOGPROBS']._serialized_end=398
+  _globals['_USAGE']._serialized_start=400
+  _globals['_USAGE']._serialized_end=457
+  _globals['_GENERATEREQUEST']._serialized_start=460
+  _globals['_GENERATEREQUEST']._serialized_end=631
+  _globals['_GENERATERESPONSE']._serialized_start=634
+  _globals['_GENERATERESPONSE']._serialized_end=877
+  _globals['_GENERATECHUNK']._serialized_start=880
+  _globals['_GENERATECHUNK']._serialized_end=1120
 # @@protoc_insertion_point(module_scope)
