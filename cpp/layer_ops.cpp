@@ -20,6 +20,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "layer_ops_checks.h"
 #include "simd512.h"
 
 namespace openlora {
@@ -41,23 +42,6 @@ void dispatch(at::ScalarType dtype, F&& f) {
   } else {
     f(at::BFloat16{});
   }
-}
-
-void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
-              " must be float32 or bfloat16 on CPU, got ", t.scalar_type());
-}
-
-void check_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_rows(x, "x");
-  TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension, got a scalar");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight must be [", x.size(-1),
-              "] (x's last dim), got shape ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype ", x.scalar_type(),
-              ", got ", weight.scalar_type());
-  TORCH_CHECK(weight.device() == x.device(), "weight must be on x's device ", x.device(), ", got ",
-              weight.device());
-  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
 }
 
 #if defined(__AVX512F__)
@@ -162,20 +146,10 @@ inline void rotary_row(const T* x, const T* c, const T* s, int64_t half, T* out)
 }
 #endif
 
-// `t` must match `ref` in shape, dtype and device.
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have ", ref_name, "'s shape ", ref.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have ", ref_name, "'s dtype ",
-              ref.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref_name, "'s device ", ref.device(),
-              ", got ", t.device());
-}
-
 // (norm(h) * weight, h) per row, h = x + residual, or x itself (not copied) without a residual.
 std::tuple<at::Tensor, at::Tensor> norm_cpu(const at::Tensor& x_, const at::Tensor* residual_,
                                             const at::Tensor& weight_, double eps) {
-  check_norm_args(x_, weight_, eps);
+  check_norm_args(x_, weight_, eps, /*cuda=*/false);
   if (residual_ != nullptr) check_like(*residual_, "residual", x_, "x");
   const auto x = x_.contiguous();
   const auto weight = weight_.contiguous();
@@ -210,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const a
 }
 
 at::Tensor silu_mul_cpu(const at::Tensor& gate_, const at::Tensor& up_) {
-  check_rows(gate_, "gate");
+  check_rows(gate_, "gate", /*cuda=*/false);
   check_like(up_, "up", gate_, "gate");
   const auto gate = gate_.contiguous();
   const auto up = up_.contiguous();
@@ -229,18 +203,8 @@ at::Tensor silu_mul_cpu(const at::Tensor& gate_, const at::Tensor& up_) {
 }
 
 at::Tensor rotary_cpu(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& sin_) {
-  check_rows(x_, "x");
-  TORCH_CHECK(x_.dim() == 3, "x must be [T, H, D], got shape ", x_.sizes());
+  check_rotary_args(x_, cos_, sin_, /*cuda=*/false);
   const int64_t T = x_.size(0), H = x_.size(1), D = x_.size(2);
-  TORCH_CHECK(D % 2 == 0, "x's head dim D must be even, got ", D);
-  for (const auto& [t, name] : {std::pair{&cos_, "cos"}, std::pair{&sin_, "sin"}}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == T && t->size(1) == D, name, " must be [T, D] = [", T,
-                ", ", D, "], got shape ", t->sizes());
-    TORCH_CHECK(t->scalar_type() == x_.scalar_type(), name, " must have x's dtype ", x_.scalar_type(),
-                ", got ", t->scalar_type());
-    TORCH_CHECK(t->device() == x_.device(), name, " must be on x's device ", x_.device(), ", got ",
-                t->device());
-  }
   const auto x = x_.contiguous();
   const auto cs = cos_.contiguous();
   const auto sn = sin_.contiguous();

@@ -37,6 +37,11 @@ def test_cuda_sources_compile_with_every_kernel_instantiated():
     for dtype in ("float", "c10::Half", "c10::BFloat16"):
         assert f"paged_decode_kernel<{dtype}>" in symbols, dtype
     assert "paged_attention_entry<true>" in symbols and "paged_attention_entry<false>" in symbols
+    symbols = subprocess.run(["nm", "-C", str(objects[2])], capture_output=True, text=True,
+                             check=True).stdout
+    for kernel in ("norm_kernel", "silu_mul_kernel", "rotary_kernel"):
+        for dtype in ("float", "c10::Half", "c10::BFloat16"):
+            assert f"{kernel}<{dtype}>" in symbols, (kernel, dtype)
 
 
 @needs_nvcc

@@ -163,3 +163,62 @@ def test_paged_attention_bad_input_is_refused(emu):
     c = make_case([4], 16, 4, 2, torch.float32, "cpu", head_dim=264)
     with pytest.raises(RuntimeError, match="head dim D = 264 must be <= 256"):
         call(emu.paged_attention_decode, c, 0.1, 0)
+
+
+# -- the decoder layer's elementwise ops (cpp/cuda/layer_ops.cu) ---------------------------------------
+
+def assert_rounded_like(got, want, exact_bf16=True):
+    """As tests/test_layer_ops.py: bf16 bit for bit where the op is elementwise, two ulps for the
+    norms (their fp32 sums run in another order); fp16 within an ulp or two; fp32 a few ulps."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if got.dtype == torch.bfloat16 and exact_bf16:
+        assert torch.equal(got, want), f"{(got != want).sum().item()} of {got.numel()} differ"
+    else:
+        tol = {torch.float32: 1e-6, torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}[got.dtype]
+        torch.testing.assert_close(got, want, rtol=tol, atol=1e-6)
+
+
+def randn(*shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("rows, n", [(1, 512), (64, 512), (7, 1376), (3, 5), (0, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_kernels_match_reference(emu, dtype, rows, n):
+    from services.executor.ops import add_rms_norm_ref, rms_norm_ref
+    x = randn(rows, n, dtype=dtype, seed=1, scale=3.0)
+    res, w = randn(rows, n, dtype=dtype, seed=2), randn(n, dtype=dtype, seed=3) + 1
+    assert_rounded_like(emu.rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), exact_bf16=False)
+    (y, h), (y_ref, h_ref) = emu.add_rms_norm(x, res, w, 1e-5), add_rms_norm_ref(x, res, w, 1e-5)
+    assert torch.equal(h, x + res)       # the residual stream is exactly eager's x + residual
+    assert_rounded_like(y, y_ref, exact_bf16=False)
+
+
+@pytest.mark.parametrize("rows, n", [(7, 1376), (1, 5), (0, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_kernel_matches_reference(emu, dtype, rows, n):
+    from services.executor.ops import silu_mul_ref
+    gate, up = randn(rows, n, dtype=dtype, seed=4, scale=4.0), randn(rows, n, dtype=dtype, seed=5)
+    assert_rounded_like(emu.silu_mul(gate, up), silu_mul_ref(gate, up))
+
+
+@pytest.mark.parametrize("rows, heads, head_dim", [(1, 8, 64), (64, 4, 64), (5, 3, 6), (0, 2, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_kernel_matches_reference(emu, dtype, rows, heads, head_dim):
+    from services.executor.ops import rotary_ref
+    x = randn(rows, heads, head_dim, dtype=dtype, seed=6)
+    pos = torch.arange(rows, dtype=torch.float32)[:, None]
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    emb = torch.cat((pos * inv, pos * inv), -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    assert_rounded_like(emu.rotary(x, cos, sin), rotary_ref(x, cos, sin))
+
+
+def test_layer_ops_bad_input_names_the_argument(emu):
+    with pytest.raises(RuntimeError, match=r"weight must be \[8\]"):
+        emu.rms_norm(torch.ones(2, 8), torch.ones(7), 1e-6)
+    with pytest.raises(RuntimeError, match="gate must be float32, bfloat16 or float16 on CUDA"):
+        emu.silu_mul(torch.ones(2, 8, dtype=torch.int32), torch.ones(2, 8, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="must be even"):
+        emu.rotary(torch.ones(2, 1, 7), torch.ones(2, 7), torch.ones(2, 7))

@@ -5,9 +5,9 @@ silu_mul, rotary} available, and on CPU {pack_weight, lora_linear_packed, linear
 weights packed once into MKL's GEMM layout.
 
 The ops come from the C++/CUDA extension (cpp/, built on first import by build.py), or, if that cannot
-be built, from the pure-PyTorch references — logged as an error, never silent. lora_linear and
-paged_attention_decode have CUDA kernels (cpp/cuda); the layer ops (rms_norm, add_rms_norm, silu_mul,
-rotary) do not: on CUDA they always run their references. $OPENLORA_KERNEL forces
+be built, from the pure-PyTorch references — logged as an error, never silent. Every op but the
+CPU-only packed ones has a CUDA kernel (cpp/cuda), built where torch sees a GPU and nvcc is present;
+on a GPU without nvcc the references run. $OPENLORA_KERNEL forces
 one: "cpp" (a failed build raises) or "reference"; unset or "auto" tries cpp, then falls back.
 """
 
@@ -58,7 +58,7 @@ SCHEMAS = {  # op name -> (schema, reference); the C++ declares the same schemas
     "silu_mul": ("(Tensor gate, Tensor up) -> Tensor", silu_mul_ref),
     "rotary": ("(Tensor x, Tensor cos, Tensor sin) -> Tensor", rotary_ref),
 }
-_LAYER_FAKES = {  # the layer ops' fake kernels; none has a CUDA kernel (they run their references there)
+_LAYER_FAKES = {  # the layer ops' fake kernels
     "rms_norm": lambda x, weight, eps: torch.empty_like(x),
     "add_rms_norm": lambda x, residual, weight, eps: (torch.empty_like(x), torch.empty_like(x)),
     "silu_mul": lambda gate, up: torch.empty_like(gate),
@@ -94,11 +94,8 @@ def _load() -> str:
         _register_reference(("CPU", "CUDA"))
         return "reference"
     if torch.cuda.is_available() and not _build.cuda_buildable():
-        log.error("CUDA is available but nvcc (CUDA_HOME) is not: lora_linear and paged_attention_decode "
-                  "on CUDA run the references")
+        log.error("CUDA is available but nvcc (CUDA_HOME) is not: the ops on CUDA run the references")
         _register_reference(("CUDA",))
-    elif torch.cuda.is_available():
-        _register_reference(("CUDA",), LAYER_OPS)
     return "cpp"
 
 
