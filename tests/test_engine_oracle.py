@@ -146,29 +146,15 @@ def check_against_oracle(model_dir, root, out, requests):
 
 
 @pytest.mark.parametrize("arch", list(TINY))
-def test_mixed_adapter_batch_matches_transformers_peft(arch, model_dirs, adapter_roots):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_mixed_adapter_batch_matches_transformers_peft(device, arch, model_dirs, adapter_roots):
+    """On CUDA every op runs on the GPU (lora_linear_async, paged_attention_decode_async, the layer
+    ops' kernels), fp32, against transformers+peft on the CPU."""
     root = adapter_roots[arch]
     names = sorted(p.name for p in root.iterdir())
-    engine = engine_for(model_dirs[arch], root)
+    engine = engine_for(model_dirs[arch], root, device=device)
     for name in names:                                  # resident before the batch forms
-        engine.load_adapter(name, 0)
-    requests = make_requests(arch, names, TINY[arch].vocab)
-    try:
-        out = run(engine, [r for r, _ in requests])
-    finally:
-        engine.stop()
-    check_against_oracle(model_dirs[arch], root, out, requests)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("arch", list(TINY))
-def test_mixed_adapter_batch_on_cuda_matches_transformers_peft(arch, model_dirs, adapter_roots):
-    """The same batch with every op on the GPU (lora_linear_async, paged_attention_decode_async, the
-    layer ops' CUDA kernels), fp32, against transformers+peft on the CPU."""
-    root = adapter_roots[arch]
-    names = sorted(p.name for p in root.iterdir())
-    engine = engine_for(model_dirs[arch], root, device="cuda")
-    for name in names:
         engine.load_adapter(name, 0)
     requests = make_requests(arch, names, TINY[arch].vocab)
     try:
