@@ -149,14 +149,10 @@ inline void rotary_row(const T* x, const T* c, const T* s, int64_t half, T* out)
 // (norm(h) * weight, h) per row, h = x + residual, or x itself (not copied) without a residual.
 std::tuple<at::Tensor, at::Tensor> norm_cpu(const at::Tensor& x_, const at::Tensor* residual_,
                                             const at::Tensor& weight_, double eps) {
-  check_norm_args(x_, weight_, eps, /*cuda=*/false);
-  if (residual_ != nullptr) check_like(*residual_, "residual", x_, "x");
-  const auto x = x_.contiguous();
-  const auto weight = weight_.contiguous();
-  const auto residual = residual_ != nullptr ? residual_->contiguous() : at::Tensor();
-  auto out = at::empty_like(x);
-  auto sum = residual_ != nullptr ? at::empty_like(x) : x;
-  const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
+  NormIO io = prepare_norm(x_, residual_, weight_, eps, /*cuda=*/false);
+  const auto &x = io.x, &weight = io.weight, &residual = io.residual;
+  auto &out = io.out, &sum = io.sum;
+  const int64_t n = io.n, rows = io.rows;
   dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -174,18 +170,8 @@ std::tuple<at::Tensor, at::Tensor> norm_cpu(const at::Tensor& x_, const at::Tens
   return {out, sum};
 }
 
-at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  return std::get<0>(norm_cpu(x, nullptr, weight, eps));
-}
-
-std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
-                                                    const at::Tensor& weight, double eps) {
-  return norm_cpu(x, &residual, weight, eps);
-}
-
 at::Tensor silu_mul_cpu(const at::Tensor& gate_, const at::Tensor& up_) {
-  check_rows(gate_, "gate", /*cuda=*/false);
-  check_like(up_, "up", gate_, "gate");
+  check_silu_args(gate_, up_, /*cuda=*/false);
   const auto gate = gate_.contiguous();
   const auto up = up_.contiguous();
   auto out = at::empty_like(gate);
@@ -238,8 +224,8 @@ TORCH_LIBRARY_FRAGMENT(openlora, m) {
 }
 
 TORCH_LIBRARY_IMPL(openlora, CPU, m) {
-  m.impl("rms_norm", &rms_norm_cpu);
-  m.impl("add_rms_norm", &add_rms_norm_cpu);
+  m.impl("rms_norm", &NormOps<norm_cpu>::rms_norm);
+  m.impl("add_rms_norm", &NormOps<norm_cpu>::add_rms_norm);
   m.impl("silu_mul", &silu_mul_cpu);
   m.impl("rotary", &rotary_cpu);
 }

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <utility>
 
 namespace openlora {
@@ -40,6 +41,49 @@ inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& 
   TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref_name, "'s device ", ref.device(),
               ", got ", t.device());
 }
+
+// gate and up alike, in a dtype the backend takes.
+inline void check_silu_args(const at::Tensor& gate, const at::Tensor& up, bool cuda) {
+  check_rows(gate, "gate", cuda);
+  check_like(up, "up", gate, "gate");
+}
+
+// A norm's checked inputs, made contiguous, and its outputs: out (the normed rows) and sum (x +
+// residual, or x itself, not copied, without a residual); rows of n elements.
+struct NormIO {
+  at::Tensor x, weight, residual, out, sum;
+  int64_t n, rows;
+};
+
+inline NormIO prepare_norm(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
+                           double eps, bool cuda) {
+  check_norm_args(x, weight, eps, cuda);
+  if (residual != nullptr) check_like(*residual, "residual", x, "x");
+  NormIO io;
+  io.x = x.contiguous();
+  io.weight = weight.contiguous();
+  io.residual = residual != nullptr ? residual->contiguous() : at::Tensor();
+  io.out = at::empty_like(io.x);
+  io.sum = residual != nullptr ? at::empty_like(io.x) : io.x;
+  io.n = io.x.size(-1);
+  io.rows = io.n == 0 ? 0 : io.x.numel() / io.n;
+  return io;
+}
+
+// A backend's rms_norm and add_rms_norm, both from its norm(x, residual or nullptr, weight, eps),
+// which returns (the normed output, x + residual or x itself).
+using NormFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor*,
+                                                       const at::Tensor&, double);
+template <NormFn Norm>
+struct NormOps {
+  static at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+    return std::get<0>(Norm(x, nullptr, weight, eps));
+  }
+  static std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                         const at::Tensor& weight, double eps) {
+    return Norm(x, &residual, weight, eps);
+  }
+};
 
 // x [T, H, D] with D even; cos, sin [T, D] in x's dtype and on its device.
 inline void check_rotary_args(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool cuda) {

@@ -110,15 +110,11 @@ unsigned blocks_for(int64_t work) {
 
 std::tuple<at::Tensor, at::Tensor> norm_gpu(const at::Tensor& x_, const at::Tensor* residual_,
                                             const at::Tensor& weight_, double eps) {
-  check_norm_args(x_, weight_, eps, /*cuda=*/true);
-  if (residual_ != nullptr) check_like(*residual_, "residual", x_, "x");
   const gpu::DeviceGuard guard(x_.device());
-  const auto x = x_.contiguous();
-  const auto weight = weight_.contiguous();
-  const auto residual = residual_ != nullptr ? residual_->contiguous() : at::Tensor();
-  auto out = at::empty_like(x);
-  auto sum = residual_ != nullptr ? at::empty_like(x) : x;
-  const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
+  NormIO io = prepare_norm(x_, residual_, weight_, eps, /*cuda=*/true);
+  const auto &x = io.x, &weight = io.weight, &residual = io.residual;
+  auto &out = io.out, &sum = io.sum;
+  const int64_t n = io.n, rows = io.rows;
   TORCH_CHECK(rows <= 2147483647, "x has too many rows for one launch: ", rows);
   if (rows == 0) return {out, sum};
   const auto stream = gpu::current_stream();
@@ -132,18 +128,8 @@ std::tuple<at::Tensor, at::Tensor> norm_gpu(const at::Tensor& x_, const at::Tens
   return {out, sum};
 }
 
-at::Tensor rms_norm_gpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  return std::get<0>(norm_gpu(x, nullptr, weight, eps));
-}
-
-std::tuple<at::Tensor, at::Tensor> add_rms_norm_gpu(const at::Tensor& x, const at::Tensor& residual,
-                                                    const at::Tensor& weight, double eps) {
-  return norm_gpu(x, &residual, weight, eps);
-}
-
 at::Tensor silu_mul_gpu(const at::Tensor& gate_, const at::Tensor& up_) {
-  check_rows(gate_, "gate", /*cuda=*/true);
-  check_like(up_, "up", gate_, "gate");
+  check_silu_args(gate_, up_, /*cuda=*/true);
   const gpu::DeviceGuard guard(gate_.device());
   const auto gate = gate_.contiguous();
   const auto up = up_.contiguous();
@@ -180,8 +166,8 @@ at::Tensor rotary_gpu(const at::Tensor& x_, const at::Tensor& cos_, const at::Te
 
 }  // namespace
 
-OPENLORA_REGISTER_GPU_KERNEL("rms_norm", rms_norm_gpu)
-OPENLORA_REGISTER_GPU_KERNEL("add_rms_norm", add_rms_norm_gpu)
+OPENLORA_REGISTER_GPU_KERNEL("rms_norm", NormOps<norm_gpu>::rms_norm)
+OPENLORA_REGISTER_GPU_KERNEL("add_rms_norm", NormOps<norm_gpu>::add_rms_norm)
 OPENLORA_REGISTER_GPU_KERNEL("silu_mul", silu_mul_gpu)
 OPENLORA_REGISTER_GPU_KERNEL("rotary", rotary_gpu)
 
