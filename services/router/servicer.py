@@ -36,21 +36,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                  prefixes: PrefixIndex | None = None, prefix_affinity: bool = True):
         self.pool = pool
         self.adapters = adapters or AdapterCheck("")
-        self.prefixes = prefixes or PrefixIndex(capacity=200_000 if prefix_affinity else 0)
+        self.prefixes = prefixes or PrefixIndex()
         self.prefix_affinity = prefix_affinity
 
     async def _candidates(self, request) -> tuple[list[str], list[bytes]]:
         await self.adapters.check(request.adapter_id, request.adapter_version)
-        if not self.prefix_affinity:   # by load and adapter only
-            return rank(self.pool.snapshot(), request.adapter_id) or self._none(), []
-        chunks = prefix_chunks(request.adapter_id, request.prompt, request.prompt_token_ids)
+        # without prefix affinity there are no chunks: no holder, and ties break on the adapter id
+        chunks = (prefix_chunks(request.adapter_id, request.prompt, request.prompt_token_ids)
+                  if self.prefix_affinity else [])
         holder, _ = self.prefixes.lookup(chunks)
         order = rank(self.pool.snapshot(), request.adapter_id, holder, tie_key(request.adapter_id, chunks))
-        return order or self._none(), chunks
-
-    @staticmethod
-    def _none() -> list[str]:
-        raise errors.Unavailable("no executors configured")
+        if not order:
+            raise errors.Unavailable("no executors configured")
+        return order, chunks
 
     def _failed_over(self, address: str, exc: grpc.aio.AioRpcError) -> None:
         log.warning("executor_failover", address=address, error=exc.details())

@@ -37,9 +37,6 @@ SCHEMAS = {  # op name -> (schema, reference); the C++ declares the same schemas
     "lora_linear": (("(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
                      "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor"),
                     lora_linear_ref),
-    "lora_linear_async": (("(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-                           "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor"),
-                          lora_linear_ref),
     "lora_linear_packed": (("(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias, "
                             "Tensor lora_a, Tensor lora_b, Tensor scalings, Tensor ranks, "
                             "Tensor seg_indptr, Tensor seg_slots) -> Tensor"),
@@ -49,15 +46,14 @@ SCHEMAS = {  # op name -> (schema, reference); the C++ declares the same schemas
     "paged_attention_decode": (("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
                                 "Tensor context_lens, float scale, int sliding_window) -> Tensor"),
                                paged_attention_decode_ref),
-    "paged_attention_decode_async": (("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-                                      "Tensor context_lens, float scale, int sliding_window) -> Tensor"),
-                                     paged_attention_decode_ref),
     "rms_norm": ("(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm_ref),
     "add_rms_norm": ("(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
                      add_rms_norm_ref),
     "silu_mul": ("(Tensor gate, Tensor up) -> Tensor", silu_mul_ref),
     "rotary": ("(Tensor x, Tensor cos, Tensor sin) -> Tensor", rotary_ref),
 }
+# the async ops take their contract op's schema; their fallback is the same reference
+SCHEMAS |= {f"{name}_async": SCHEMAS[name] for name in ("lora_linear", "paged_attention_decode")}
 _LAYER_FAKES = {  # the layer ops' fake kernels
     "rms_norm": lambda x, weight, eps: torch.empty_like(x),
     "add_rms_norm": lambda x, residual, weight, eps: (torch.empty_like(x), torch.empty_like(x)),

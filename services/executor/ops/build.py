@@ -69,29 +69,21 @@ def build_dir() -> Path:
     return Path(os.environ.get("OPENLORA_BUILD_DIR", Path.home() / ".cache" / "openlora"))
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile (if needed) and load the extension into this process; returns the .so's path."""
-    with_cuda = cuda_buildable()
-    sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
+def _load(prefix: str, sources: list[Path], key_extra: tuple, verbose: bool, included: tuple[Path, ...] = (),
+          **load_args) -> Path:
+    """Compile (if needed) and load `sources` as extension `prefix`_<hash of the sources, the files
+    they include (HEADERS and `included`) and key_extra>, in its own directory under build_dir();
+    returns the .so's path. A failure raises KernelBuildError with the compiler's output."""
     key = hashlib.sha256()
-    for path in sources + HEADERS:
+    for path in [*sources, *HEADERS, *included]:
         key.update(path.name.encode() + path.read_bytes())
-    key.update(repr((CFLAGS, CUDA_CFLAGS, torch.__version__, _cpu_flags(), with_cuda)).encode())
-    name = f"openlora_ops_{key.hexdigest()[:16]}"
+    key.update(repr((key_extra, torch.__version__, _cpu_flags())).encode())
+    name = f"{prefix}_{key.hexdigest()[:16]}"
     directory = build_dir() / name
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        cpp_extension.load(
-            name=name,
-            sources=[str(p) for p in sources],
-            extra_cflags=CFLAGS,
-            extra_cuda_cflags=CUDA_CFLAGS if with_cuda else None,
-            extra_ldflags=["-fopenmp"],
-            extra_include_paths=[str(CPP_DIR)],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=verbose,
-        )
+        cpp_extension.load(name=name, sources=[str(p) for p in sources], build_directory=str(directory),
+                           is_python_module=False, verbose=verbose, **load_args)
     except Exception as exc:  # the compiler's output is in the message (and its __cause__)
         cause = exc.__cause__
         detail = getattr(cause, "output", None)
@@ -104,26 +96,23 @@ def build(verbose: bool = False) -> Path:
     return directory / f"{name}.so"
 
 
+def build(verbose: bool = False) -> Path:
+    """Compile (if needed) and load the extension into this process; returns the .so's path."""
+    with_cuda = cuda_buildable()
+    sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
+    return _load("openlora_ops", sources, (CFLAGS, CUDA_CFLAGS, with_cuda), verbose,
+                 extra_cflags=CFLAGS, extra_cuda_cflags=CUDA_CFLAGS if with_cuda else None,
+                 extra_ldflags=["-fopenmp"], extra_include_paths=[str(CPP_DIR)])
+
+
 def build_cuda_emulation(verbose: bool = False) -> Path:
     """Compile (if needed) and load the CUDA sources over the CPU emulation of CUDA's thread model
-    (cpp/cuda/emulation.h) into this process: registers torch.ops.openlora_emu.lora_linear and
-    .paged_attention_decode for CPU tensors. Slow by design (a thread per CUDA thread); tests only."""
-    sources = EMULATION_SOURCES
-    key = hashlib.sha256()
-    for path in sources + CUDA_SOURCES + HEADERS + [CPP_DIR / "cuda" / "emulation.h"]:
-        key.update(path.name.encode() + path.read_bytes())
-    key.update(repr((torch.__version__, _cpu_flags())).encode())
-    name = f"openlora_cuda_emulation_{key.hexdigest()[:16]}"
-    directory = build_dir() / name
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        cpp_extension.load(name=name, sources=[str(p) for p in sources],
-                           extra_cflags=["-O2", "-pthread"], extra_ldflags=["-pthread"],
-                           extra_include_paths=[str(CPP_DIR), str(CPP_DIR / "cuda")],
-                           build_directory=str(directory), is_python_module=False, verbose=verbose)
-    except Exception as exc:
-        raise KernelBuildError(f"building the CUDA emulation {name} in {directory} failed: {exc}") from exc
-    return directory / f"{name}.so"
+    (cpp/cuda/emulation.h) into this process: registers torch.ops.openlora_emu.* (every CUDA op) for
+    CPU tensors. Slow by design (a thread per CUDA thread); tests only."""
+    flags = ["-O2", "-pthread"]
+    return _load("openlora_cuda_emulation", EMULATION_SOURCES, (flags,), verbose,
+                 included=(*CUDA_SOURCES, CPP_DIR / "cuda" / "emulation.h"), extra_cflags=flags,
+                 extra_ldflags=["-pthread"], extra_include_paths=[str(CPP_DIR), str(CPP_DIR / "cuda")])
 
 
 def find_nvcc() -> str | None:
