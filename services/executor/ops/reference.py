@@ -133,7 +133,8 @@ def _blocks_read(ctx: Tensor, max_blocks: int, bs: int, sliding_window: int) -> 
 
 def paged_attention_decode_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                                context_lens: Tensor, scale: float, sliding_window: int) -> Tensor:
-    """One query per sequence over its paged K/V, computed in fp32 on a gathered copy.
+    """One query per sequence over its paged K/V, computed in fp32 (float64 for float64 inputs) on a
+    gathered copy.
 
     q [N, H, D], k_cache/v_cache [num_blocks, bs, KVH, D], block_tables [N, max_blocks] i32,
     context_lens [N] i32 -> out [N, H, D] in q's dtype:
@@ -149,9 +150,10 @@ def paged_attention_decode_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
     max_blocks = block_tables.shape[1]
     ctx = context_lens.long()
     tables = torch.where(_blocks_read(ctx, max_blocks, bs, sliding_window), block_tables, 0).long()
-    k = k_cache[tables].flatten(1, 2).float().repeat_interleave(H // kvh, 2)  # [N, L, H, D]
-    v = v_cache[tables].flatten(1, 2).float().repeat_interleave(H // kvh, 2)
-    s = torch.einsum("nhd,nlhd->nhl", q.float(), k) * scale                    # [N, H, L]
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32, or float64 for a float64 oracle
+    k = k_cache[tables].flatten(1, 2).to(acc).repeat_interleave(H // kvh, 2)  # [N, L, H, D]
+    v = v_cache[tables].flatten(1, 2).to(acc).repeat_interleave(H // kvh, 2)
+    s = torch.einsum("nhd,nlhd->nhl", q.to(acc), k) * scale                    # [N, H, L]
     lo, hi = _key_range(ctx, sliding_window)
     keys = torch.arange(max_blocks * bs, device=q.device)
     visible = (keys[None] >= lo[:, None]) & (keys[None] < hi[:, None])        # [N, L]
