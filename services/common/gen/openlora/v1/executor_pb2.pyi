@@ -64,7 +64,7 @@ class AdapterResidency(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., active_requests: _Optional[int] = ...) -> None: ...
 
 class ExecutorStatus(_message.Message):
-    __slots__ = ("executor_id", "base_model", "device", "dtype", "running_requests", "waiting_requests", "max_batch_size", "kv_blocks_total", "kv_blocks_free", "device_adapter_slots", "host_cache_bytes", "host_cache_used_bytes", "adapters", "kv_blocks_cached", "prefix_cache_hit_tokens", "prefill_tokens_computed")
+    __slots__ = ("executor_id", "base_model", "device", "dtype", "running_requests", "waiting_requests", "max_batch_size", "kv_blocks_total", "kv_blocks_free", "device_adapter_slots", "host_cache_bytes", "host_cache_used_bytes", "adapters", "kv_blocks_cached", "prefix_cache_hit_tokens", "prefill_tokens_computed", "tier_stats")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class ExecutorStatus(_message.Message):
     KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    TIER_STATS_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     base_model: str
     device: str
@@ -97,4 +98,25 @@ class ExecutorStatus(_message.Message):
     kv_blocks_cached: int
     prefix_cache_hit_tokens: int
     prefill_tokens_computed: int
-    def __init__(self, executor_id: _Optional[str] = ..., base_model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., device_adapter_slots: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., host_cache_used_bytes: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterResidency, _Mapping]]] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefill_tokens_computed: _Optional[int] = ...) -> None: ...
+    tier_stats: _containers.RepeatedCompositeFieldContainer[TierStats]
+    def __init__(self, executor_id: _Optional[str] = ..., base_model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., device_adapter_slots: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., host_cache_used_bytes: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterResidency, _Mapping]]] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefill_tokens_computed: _Optional[int] = ..., tier_stats: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ...) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("tier", "adapters", "bytes_used", "bytes_capacity", "hits", "misses", "loads", "evictions")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    tier: AdapterTier
+    adapters: int
+    bytes_used: int
+    bytes_capacity: int
+    hits: int
+    misses: int
+    loads: int
+    evictions: int
+    def __init__(self, tier: _Optional[_Union[AdapterTier, str]] = ..., adapters: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...

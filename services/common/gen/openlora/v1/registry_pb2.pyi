@@ -2,12 +2,22 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class AdapterChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADAPTER_CHANGE_KIND_UNSPECIFIED: _ClassVar[AdapterChangeKind]
+    ADAPTER_CHANGE_KIND_CREATED: _ClassVar[AdapterChangeKind]
+    ADAPTER_CHANGE_KIND_DELETED: _ClassVar[AdapterChangeKind]
+ADAPTER_CHANGE_KIND_UNSPECIFIED: AdapterChangeKind
+ADAPTER_CHANGE_KIND_CREATED: AdapterChangeKind
+ADAPTER_CHANGE_KIND_DELETED: AdapterChangeKind
 
 class AdapterFile(_message.Message):
     __slots__ = ("name", "size_bytes", "sha256")
@@ -163,3 +173,23 @@ class FetchAdapterResponse(_message.Message):
     adapter: Adapter
     chunk: FileChunk
     def __init__(self, adapter: _Optional[_Union[Adapter, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
+
+class WatchAdaptersRequest(_message.Message):
+    __slots__ = ("adapter_id_prefix",)
+    ADAPTER_ID_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    adapter_id_prefix: str
+    def __init__(self, adapter_id_prefix: _Optional[str] = ...) -> None: ...
+
+class AdapterChange(_message.Message):
+    __slots__ = ("kind", "adapter_id", "version", "adapter", "latest_version")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    kind: AdapterChangeKind
+    adapter_id: str
+    version: int
+    adapter: Adapter
+    latest_version: int
+    def __init__(self, kind: _Optional[_Union[AdapterChangeKind, str]] = ..., adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ..., latest_version: _Optional[int] = ...) -> None: ...

@@ -65,6 +65,11 @@ class AdapterRegistryStub:
                 request_serializer=openlora_dot_v1_dot_registry__pb2.FetchAdapterRequest.SerializeToString,
                 response_deserializer=openlora_dot_v1_dot_registry__pb2.FetchAdapterResponse.FromString,
                 _registered_method=True)
+        self.WatchAdapters = channel.unary_stream(
+                '/openlora.v1.AdapterRegistry/WatchAdapters',
+                request_serializer=openlora_dot_v1_dot_registry__pb2.WatchAdaptersRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_registry__pb2.AdapterChange.FromString,
+                _registered_method=True)
 
 
 class AdapterRegistryServicer:
@@ -113,6 +118,13 @@ class AdapterRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAdapters(self, request, context):
+        """Streams changes to the adapters (a new version, a deletion) as they happen, until cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +157,11 @@ def add_AdapterRegistryServicer_to_server(servicer, server):
                     servicer.FetchAdapter,
                     request_deserializer=openlora_dot_v1_dot_registry__pb2.FetchAdapterRequest.FromString,
                     response_serializer=openlora_dot_v1_dot_registry__pb2.FetchAdapterResponse.SerializeToString,
+            ),
+            'WatchAdapters': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAdapters,
+                    request_deserializer=openlora_dot_v1_dot_registry__pb2.WatchAdaptersRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_registry__pb2.AdapterChange.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +327,33 @@ class AdapterRegistry:
             '/openlora.v1.AdapterRegistry/FetchAdapter',
             openlora_dot_v1_dot_registry__pb2.FetchAdapterRequest.SerializeToString,
             openlora_dot_v1_dot_registry__pb2.FetchAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/openlora.v1.AdapterRegistry/WatchAdapters',
+            openlora_dot_v1_dot_registry__pb2.WatchAdaptersRequest.SerializeToString,
+            openlora_dot_v1_dot_registry__pb2.AdapterChange.FromString,
             options,
             channel_credentials,
             insecure,
