@@ -262,6 +262,18 @@ class Engine:
         self.adapters.unload(adapter_id)
         self.adapters.source.forget(adapter_id)
 
+    def adapter_changed(self, adapter_id: str, version: int, latest_version: int,
+                        deleted: bool) -> None:
+        """A registry change (AdapterRegistry.WatchAdapters); thread-safe.
+
+        deleted: the adapter leaves every tier (version 0: every version; in-use slots go when their
+        requests end). Otherwise a new version exists: "latest" resolves to `latest_version` at once.
+        """
+        if deleted:
+            self.unload_adapter(adapter_id)
+        else:
+            self.adapters.set_latest(adapter_id, latest_version)
+
     def status(self) -> EngineStatus:
         with self._lock:
             running, waiting = len(self.scheduler.running), len(self._inbox) + self._waiting_count

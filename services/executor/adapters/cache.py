@@ -167,6 +167,11 @@ class AdapterCache:
                     s.unload_pending = True
             self._cond.notify_all()
 
+    def set_latest(self, adapter_id: str, version: int) -> None:
+        """The registry says `version` is now adapter_id's latest (a change feed event)."""
+        with self._cond:
+            self._latest[adapter_id] = (version, time.monotonic())
+
     def residency(self) -> list[tuple[str, int, int]]:
         """(adapter_id, version, active requests) of every resident adapter."""
         with self._cond:
