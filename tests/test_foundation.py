@@ -28,7 +28,8 @@ def test_every_contract_rpc_is_in_the_protos():
     from services.common.gen.openlora.v1 import registry_pb2, router_pb2
     services = {
         "AdapterRegistry": (registry_pb2, {"RegisterAdapter", "UploadAdapter", "GetAdapter",
-                                           "ListAdapters", "DeleteAdapter", "FetchAdapter"}),
+                                           "ListAdapters", "DeleteAdapter", "FetchAdapter",
+                                           "WatchAdapters"}),
         "Executor": (executor_pb2, {"Generate", "GenerateStream", "LoadAdapter", "UnloadAdapter",
                                     "GetStatus"}),
         "Router": (router_pb2, {"Generate", "GenerateStream", "ListExecutors"}),

@@ -49,8 +49,8 @@ class RunningRegistry:
 
 
 @pytest.fixture
-def registry(tmp_path):
-    r = RunningRegistry(tmp_path / "data", max_adapter_bytes=1 << 20)
+def registry(tmp_path, backend):
+    r = RunningRegistry(tmp_path / "data", max_adapter_bytes=1 << 20, **backend.config())
     yield r
     r.close()
 
@@ -116,8 +116,8 @@ def test_upload_get_fetch_versions(registry, make_adapter):
     assert fetch(registry.stub, "team/a-1")[1] == b_files
 
 
-def test_fetch_large_chunks(tmp_path, make_adapter):
-    r = RunningRegistry(tmp_path / "d")
+def test_fetch_large_chunks(tmp_path, make_adapter, backend):
+    r = RunningRegistry(tmp_path / "d", **backend.config())
     try:
         files = files_of(make_adapter(rank=64, targets=("q_proj", "k_proj", "v_proj", "o_proj",
                                                         "gate_proj", "up_proj", "down_proj")))
@@ -137,7 +137,7 @@ def test_register_file_source_and_unsupported(registry, make_adapter):
         adapter_id="f", source=f"file://{d}", labels={"k": "v"}))
     assert a.version == 1 and a.source == f"file://{d}" and a.digest == expected_digest(files_of(d))
     assert [f.name for f in a.files] == ["adapter_config.json", "adapter_model.safetensors"]
-    for source in ("s3://bucket/prefix", "ftp://x/y", "no-scheme", "file://relative/x",
+    for source in ("s3://Not_A_Bucket/prefix", "ftp://x/y", "no-scheme", "file://relative/x",
                    f"file://{d}/missing", "hf://not a repo"):
         c = code_of(registry.stub.RegisterAdapter,
                     pb.RegisterAdapterRequest(adapter_id="f2", source=source))
@@ -316,9 +316,10 @@ def test_concurrent_uploads_get_consecutive_versions(registry, make_adapter):
         assert fetch(registry.stub, "same", r.version)[1] == contents[i]
 
 
-def test_digest_equal_across_registries(tmp_path, make_adapter):
+def test_digest_equal_across_registries(tmp_path, make_adapter, backend):
     d = make_adapter()
-    r1, r2 = RunningRegistry(tmp_path / "one"), RunningRegistry(tmp_path / "two")
+    r1 = RunningRegistry(tmp_path / "one", **backend.config())
+    r2 = RunningRegistry(tmp_path / "two", **backend.config())
     try:
         a = upload(r1.stub, "x", files_of(d), chunk=333)
         b = r2.stub.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="other/name", source=f"file://{d}"))

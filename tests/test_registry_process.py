@@ -30,12 +30,13 @@ def free_port() -> int:
 
 
 class RegistryProcess:
-    def __init__(self, data_dir: pathlib.Path, port: int):
+    def __init__(self, data_dir: pathlib.Path, port: int, args: list[str] = (), env: dict | None = None):
         self.address = f"127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "registry", "--port", str(port),
-             "--data-dir", str(data_dir), "--grace-seconds", "2"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             "--data-dir", str(data_dir), "--grace-seconds", "2", *args],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})})
         self.channel = grpc.insecure_channel(self.address)
         self.stub = registry_pb2_grpc.AdapterRegistryStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -88,8 +89,8 @@ def _check_whole(meta, data):
     assert meta.digest == "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
 
 
-def test_health_reflection_sigterm(tmp_path):
-    reg = RegistryProcess(tmp_path / "data", free_port())
+def test_health_reflection_sigterm(tmp_path, backend):
+    reg = RegistryProcess(tmp_path / "data", free_port(), backend.args(backend.config()), backend.env)
     try:
         for name in ("", "openlora.v1.AdapterRegistry"):
             assert reg.health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status \
@@ -100,10 +101,12 @@ def test_health_reflection_sigterm(tmp_path):
         assert reg.stop(signal.SIGTERM) == 0
 
 
-def test_kill_9_during_uploads_loses_nothing_acknowledged(tmp_path, make_adapter):
+def test_kill_9_during_uploads_loses_nothing_acknowledged(tmp_path, make_adapter, backend):
     contents = [_files(make_adapter(rank=r)) for r in (4, 8, 16, 32)]
     data_dir, port = tmp_path / "data", free_port()
-    reg = RegistryProcess(data_dir, port)
+    config = backend.config()
+    args = backend.args(config)
+    reg = RegistryProcess(data_dir, port, args, backend.env)
     acked: list[tuple[str, int, str]] = []
     stop = threading.Event()
 
@@ -127,7 +130,7 @@ def test_kill_9_during_uploads_loses_nothing_acknowledged(tmp_path, make_adapter
     reg.channel.close()
     assert len(acked) >= 3
 
-    reg = RegistryProcess(data_dir, port)
+    reg = RegistryProcess(data_dir, port, args, backend.env)
     try:
         for adapter_id, version, digest in acked:
             meta, data = _fetch(reg.stub, adapter_id, version)
@@ -136,7 +139,12 @@ def test_kill_9_during_uploads_loses_nothing_acknowledged(tmp_path, make_adapter
         listed = reg.stub.ListAdapters(pb.ListAdaptersRequest(page_size=1000)).adapters
         for a in listed:                                  # whatever is visible is whole
             _check_whole(*_fetch(reg.stub, a.adapter_id, a.version))
-        assert not list((data_dir / "blobs" / "tmp").iterdir())
+        if backend.s3 is None:
+            assert not list((data_dir / "blobs" / "tmp").iterdir())
+        else:                                             # no spool file, no open multipart upload
+            assert not list((data_dir / "spool").iterdir())
+            bucket = config["blob_url"][len("s3://"):].split("/")[0]
+            assert not backend.s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
     finally:
         assert reg.stop() == 0
 

@@ -8,24 +8,49 @@ import structlog
 
 from services.common.memory import tune_malloc
 from services.common.server import Service, Server, create_server
+from services.registry.changes import ChangeFeed
 from services.registry.config import RegistryConfig
 from services.registry.core import AdapterRegistry
 from services.registry.metrics import RegistryMetrics
 from services.registry.servicer import AdapterRegistryServicer, add_to_server
-from services.registry.stores.blobs_fs import FsBlobStore
-from services.registry.stores.metadata_sqlite import SqliteMetadataStore
+from services.registry.sources import default_sources
+from services.registry.stores import BlobStore, MetadataStore
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = "openlora.v1.AdapterRegistry"
 
 
+def open_metadata(config: RegistryConfig) -> MetadataStore:
+    if config.metadata_url:
+        from services.registry.stores.metadata_postgres import PostgresMetadataStore
+        return PostgresMetadataStore(config.metadata_url, pool_size=config.metadata_pool_size)
+    from services.registry.stores.metadata_sqlite import SqliteMetadataStore
+    return SqliteMetadataStore(str(pathlib.Path(config.data_dir) / "registry.db"))
+
+
+def open_blobs(config: RegistryConfig) -> BlobStore:
+    data = pathlib.Path(config.data_dir)
+    if config.blob_url:
+        from services.registry.stores.blobs_s3 import S3BlobStore
+        return S3BlobStore(config.blob_url, data / "spool", part_bytes=config.s3_part_bytes,
+                           addressing_style=config.s3_addressing_style)
+    from services.registry.stores.blobs_fs import FsBlobStore
+    return FsBlobStore(data / "blobs")
+
+
 def build_core(config: RegistryConfig) -> AdapterRegistry:
     data = pathlib.Path(config.data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    core = AdapterRegistry(SqliteMetadataStore(str(data / "registry.db")),
-                           FsBlobStore(data / "blobs"), config.max_adapter_bytes,
-                           work_dir=data / "work")
-    core.recover()
+    metadata = open_metadata(config)
+    try:
+        core = AdapterRegistry(metadata, open_blobs(config), config.max_adapter_bytes,
+                               work_dir=data / "work",
+                               sources=default_sources(config.s3_addressing_style),
+                               on_demand_source=config.on_demand_source)
+        core.recover()
+    except BaseException:
+        metadata.close()
+        raise
     return core
 
 
@@ -33,12 +58,15 @@ async def start(config: RegistryConfig) -> tuple[Server, int, AdapterRegistry]:
     """Build and start a registry server (tests use this in-process)."""
     core = build_core(config)
     metrics = RegistryMetrics(core.metadata)
-    servicer = AdapterRegistryServicer(core, metrics)
+    servicer = AdapterRegistryServicer(core, metrics, ChangeFeed(core.metadata,
+                                                                 config.watch_poll_seconds))
     server, port = await create_server(config, [Service(SERVICE_NAME, servicer, add_to_server)])
     await server.start()
     if config.metrics_port:
         metrics.serve_http(config.host, config.metrics_port)
     log.info("registry_serving", host=config.host, port=port, data_dir=config.data_dir,
+             metadata=_redact(config.metadata_url) or "sqlite", blobs=config.blob_url or "files",
+             on_demand_source=config.on_demand_source or None,
              metrics_port=config.metrics_port or None)
     return server, port, core
 
@@ -50,3 +78,9 @@ async def serve(config: RegistryConfig) -> None:
         await server.run_until_signal(config.grace_seconds)
     finally:
         core.metadata.close()
+
+
+def _redact(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (for logs)."""
+    import re
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)

@@ -1,13 +1,16 @@
 """The adapter registry, free of gRPC: register / upload / get / list / delete / fetch.
 
 Crash safety by construction: files stream into temp blobs (fsynced), are validated whole, then
-published (rename) and referenced by one metadata transaction. Until that transaction commits
-nothing is visible; blobs no version references are collected from metadata, never the reverse.
+published (rename / upload) and referenced by one metadata transaction. Until that transaction
+commits nothing is visible; blobs no version references are collected from metadata, never the
+reverse, under the metadata store's exclusive blob lock (publishers hold it shared), which with
+PostgreSQL spans every replica.
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import pathlib
 import shutil
@@ -19,12 +22,12 @@ from collections.abc import Iterator
 import structlog
 
 from services.common.config import CHUNK_BYTES
-from services.common.errors import (AdapterNotFound, InvalidAdapter, InvalidArgument,
-                                    ResourceExhausted)
+from services.common.errors import (AdapterNotFound, InvalidAdapter, InvalidArgument, NotFound,
+                                    ResourceExhausted, Unavailable)
 from services.common.peft_format import (ADAPTER_FILES, check_adapter_id, manifest_digest, CONFIG_FILE, MAX_HEADER_BYTES, PICKLE_FILES, PICKLE_MESSAGE,
                                          WEIGHTS_FILE, parse_adapter_config,
                                          read_safetensors_header, validate_adapter)
-from services.registry.sources import Source, fetch_source
+from services.registry.sources import Source, default_sources, fetch_source
 from services.registry.stores import AdapterRecord, BlobStore, FileEntry, MetadataStore
 
 log = structlog.get_logger(__name__)
@@ -148,25 +151,27 @@ class FetchStream:
 
 class AdapterRegistry:
     def __init__(self, metadata: MetadataStore, blobs: BlobStore, max_adapter_bytes: int,
-                 work_dir: pathlib.Path, sources: dict[str, Source] | None = None):
+                 work_dir: pathlib.Path, sources: dict[str, Source] | None = None,
+                 on_demand_source: str = ""):
         self.metadata = metadata
         self.blobs = blobs
         self.max_adapter_bytes = max_adapter_bytes
         self._work_dir = pathlib.Path(work_dir)
         self._work_dir.mkdir(parents=True, exist_ok=True)
-        self._sources = sources
-        self._publish = threading.Lock()            # blob publish + reference vs. blob GC
+        self._sources = sources if sources is not None else default_sources()
+        self.on_demand = OnDemandImporter(self, on_demand_source) if on_demand_source else None
 
     def recover(self) -> None:
         """At startup, before serving: drop temp files and blobs no version references."""
-        if hasattr(self.blobs, "clear_temp"):
-            self.blobs.clear_temp()
         shutil.rmtree(self._work_dir, ignore_errors=True)
         self._work_dir.mkdir(parents=True, exist_ok=True)
-        referenced = self.metadata.referenced()
-        orphans = [s for s in self.blobs.list() if s not in referenced]
-        for sha in orphans:
-            self.blobs.delete(sha)
+        with self.metadata.blob_lock(exclusive=True):
+            if hasattr(self.blobs, "clear_temp"):
+                self.blobs.clear_temp()
+            referenced = self.metadata.referenced()
+            orphans = [s for s in self.blobs.list() if s not in referenced]
+            for sha in orphans:
+                self.blobs.delete(sha)
         if orphans:
             log.info("orphan_blobs_removed", count=len(orphans))
 
@@ -205,7 +210,7 @@ class AdapterRegistry:
             shutil.rmtree(work, ignore_errors=True)
 
     def _commit(self, session: UploadSession, record: AdapterRecord) -> AdapterRecord:
-        with self._publish:
+        with self.metadata.blob_lock(exclusive=False):
             for w in session._writers.values():     # noqa: SLF001
                 w.commit()
             stored, created = self.metadata.create_version(record)
@@ -215,7 +220,7 @@ class AdapterRegistry:
 
     def delete(self, adapter_id: str, version: int = 0) -> list[AdapterRecord]:
         check_adapter_id(adapter_id)
-        with self._publish:
+        with self.metadata.blob_lock(exclusive=True):
             gone = self.metadata.delete(adapter_id, version)
             if not gone:
                 raise self._not_found(adapter_id, version)
@@ -227,9 +232,14 @@ class AdapterRegistry:
 
     # --- reads ----------------------------------------------------------------------------------
 
-    def get(self, adapter_id: str, version: int = 0) -> AdapterRecord:
+    def get(self, adapter_id: str, version: int = 0, timeout: float | None = None) -> AdapterRecord:
+        """One version (0 -> latest). An id never seen is imported from --on-demand-source first,
+        waiting at most `timeout` seconds (the caller's deadline) before UNAVAILABLE."""
         check_adapter_id(adapter_id)
         record = self.metadata.get(adapter_id, version)
+        if record is None and self.on_demand and self.metadata.get(adapter_id, 0) is None:
+            self.on_demand.ensure(adapter_id, timeout)
+            record = self.metadata.get(adapter_id, version)
         if record is None:
             raise self._not_found(adapter_id, version)
         return record
@@ -244,8 +254,8 @@ class AdapterRegistry:
             return rows[:size], _encode_token(rows[size - 1].adapter_id)
         return rows, ""
 
-    def fetch(self, adapter_id: str, version: int = 0) -> FetchStream:
-        record = self.get(adapter_id, version)
+    def fetch(self, adapter_id: str, version: int = 0, timeout: float | None = None) -> FetchStream:
+        record = self.get(adapter_id, version, timeout)
         readers = []
         try:
             for f in record.files:
@@ -261,6 +271,51 @@ class AdapterRegistry:
             return AdapterNotFound(f"adapter {adapter_id!r} has no version {version}")
         return AdapterNotFound(f"no adapter {adapter_id!r}; `openlora adapters list` shows "
                                "what the registry holds")
+
+
+class OnDemandImporter:
+    """Imports unknown adapter ids from one source on first request, once per id however many
+    requests ask at the same time (single flight); later waiters share the first one's outcome."""
+
+    def __init__(self, registry: AdapterRegistry, source: str, workers: int = 4):
+        if source != "hf" and not source.startswith("s3://"):
+            raise InvalidArgument(f"--on-demand-source {source!r}: expected hf or s3://BUCKET/PREFIX")
+        self.source = source.rstrip("/")
+        self.imports = 0                            # imports started (tests, metrics)
+        self._registry = registry
+        self._lock = threading.Lock()
+        self._inflight: dict[str, concurrent.futures.Future] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="on-demand")
+
+    def uri(self, adapter_id: str) -> str:
+        return f"hf://{adapter_id}" if self.source == "hf" else f"{self.source}/{adapter_id}"
+
+    def ensure(self, adapter_id: str, timeout: float | None) -> None:
+        with self._lock:
+            future = self._inflight.get(adapter_id)
+            if future is None:
+                future = self._inflight[adapter_id] = self._pool.submit(self._import, adapter_id)
+                self.imports += 1
+        try:
+            future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise Unavailable(f"adapter {adapter_id!r} is still being imported from "
+                              f"{self.uri(adapter_id)} (source slow or unreachable); retry "
+                              "with a longer deadline") from None
+
+    def _import(self, adapter_id: str) -> None:
+        uri = self.uri(adapter_id)
+        try:
+            log.info("on_demand_import", adapter_id=adapter_id, source=uri)
+            self._registry.register(adapter_id, uri, labels={"openlora/on-demand": "true"})
+        except InvalidAdapter:
+            raise
+        except (NotFound, InvalidArgument) as exc:
+            raise AdapterNotFound(f"no adapter {adapter_id!r} in the registry, and the on-demand "
+                                  f"source has none at {uri}: {exc}") from None
+        finally:
+            with self._lock:
+                self._inflight.pop(adapter_id, None)
 
 
 def _encode_token(after_id: str) -> str:

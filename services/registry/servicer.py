@@ -10,9 +10,10 @@ from services.common.config import CHUNK_BYTES
 from services.common.errors import Cancelled, InvalidArgument, Unavailable
 from services.common.gen.openlora.v1 import registry_pb2 as pb
 from services.common.gen.openlora.v1 import registry_pb2_grpc
+from services.registry.changes import ChangeFeed
 from services.registry.core import AdapterRegistry
 from services.registry.metrics import RegistryMetrics
-from services.registry.stores import AdapterRecord
+from services.registry.stores import CREATED, AdapterRecord, Change
 
 # FetchAdapter streams tens of MiB: its chunk messages are written as wire bytes (the exact encoding
 # protobuf gives FetchAdapterResponse{chunk: FileChunk{file_name, data}}) straight from one read of
@@ -50,10 +51,27 @@ def to_pb(r: AdapterRecord) -> pb.Adapter:
     return msg
 
 
+def change_to_pb(c: Change, record: AdapterRecord | None) -> pb.AdapterChange:
+    kind = pb.ADAPTER_CHANGE_KIND_CREATED if c.kind == CREATED else pb.ADAPTER_CHANGE_KIND_DELETED
+    msg = pb.AdapterChange(kind=kind, adapter_id=c.adapter_id, version=c.version,
+                           latest_version=c.latest_version)
+    if record is not None:
+        msg.adapter.CopyFrom(to_pb(record))
+    return msg
+
+
+def _deadline(context) -> float | None:
+    """Seconds left of the caller's deadline, less a margin to answer in; None without one."""
+    left = context.time_remaining()
+    return None if left is None or left > 1e9 else max(0.0, left * 0.9 - 0.05)
+
+
 class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
-    def __init__(self, core: AdapterRegistry, metrics: RegistryMetrics | None = None):
+    def __init__(self, core: AdapterRegistry, metrics: RegistryMetrics | None = None,
+                 feed: ChangeFeed | None = None):
         self.core = core
         self.metrics = metrics
+        self.feed = feed or ChangeFeed(core.metadata)
 
     async def RegisterAdapter(self, request: pb.RegisterAdapterRequest, context) -> pb.Adapter:
         record = await asyncio.to_thread(self.core.register, request.adapter_id, request.source,
@@ -80,7 +98,8 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
             await asyncio.to_thread(session.abort)
 
     async def GetAdapter(self, request: pb.GetAdapterRequest, context) -> pb.Adapter:
-        return to_pb(await asyncio.to_thread(self.core.get, request.adapter_id, request.version))
+        return to_pb(await asyncio.to_thread(self.core.get, request.adapter_id, request.version,
+                                             _deadline(context)))
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
         rows, token = await asyncio.to_thread(self.core.list, request.page_size, request.page_token,
@@ -92,7 +111,8 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
         return pb.DeleteAdapterResponse()
 
     async def FetchAdapter(self, request: pb.FetchAdapterRequest, context):
-        stream = await asyncio.to_thread(self.core.fetch, request.adapter_id, request.version)
+        stream = await asyncio.to_thread(self.core.fetch, request.adapter_id, request.version,
+                                         _deadline(context))
         try:
             yield pb.FetchAdapterResponse(adapter=to_pb(stream.record))
             if self.metrics:
@@ -105,6 +125,15 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
                     self.metrics.fetch_bytes.inc(ln)
         finally:
             stream.close()
+
+
+    async def WatchAdapters(self, request: pb.WatchAdaptersRequest, context):
+        async for change in self.feed.watch(request.adapter_id_prefix):
+            record = None
+            if change.kind == CREATED:
+                record = await asyncio.to_thread(self.core.metadata.get, change.adapter_id,
+                                                 change.version)
+            yield change_to_pb(change, record)
 
 
 async def _read(reader, offset: int, buf: memoryview) -> memoryview:

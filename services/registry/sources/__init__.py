@@ -18,29 +18,17 @@ class Source(Protocol):
     def fetch(self, uri: str, workdir: pathlib.Path) -> dict[str, pathlib.Path]: ...
 
 
-class UnsupportedSource:
-    def __init__(self, message: str):
-        self._message = message
-
-    def fetch(self, uri: str, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
-        raise InvalidArgument(self._message)
-
-
-def _sources() -> dict[str, Source]:
+def default_sources(s3_addressing_style: str = "auto") -> dict[str, Source]:
     from services.registry.sources.file import FileSource
     from services.registry.sources.hf import HfSource
-    return {
-        "file": FileSource(),
-        "hf": HfSource(),
-        "s3": UnsupportedSource("s3:// sources are not supported yet; download the adapter and "
-                                "use file:///ABS/DIR or UploadAdapter"),
-    }
+    from services.registry.sources.s3 import S3Source
+    return {"file": FileSource(), "hf": HfSource(), "s3": S3Source(s3_addressing_style)}
 
 
 def fetch_source(uri: str, workdir: pathlib.Path,
                  sources: dict[str, Source] | None = None) -> dict[str, pathlib.Path]:
     scheme, sep, _ = uri.partition("://")
-    sources = _sources() if sources is None else sources
+    sources = default_sources() if sources is None else sources
     if not sep or scheme not in sources:
         raise InvalidArgument(f"unsupported source {uri!r}: expected hf://ORG/NAME[@REVISION]"
                               "[/SUBFOLDER], file:///ABS/DIR or s3://BUCKET/PREFIX")

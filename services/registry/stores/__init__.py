@@ -1,11 +1,19 @@
-"""Storage interfaces of the registry: metadata (SQLite now, PostgreSQL later) and blobs (files now,
-S3 later). The core speaks only these Protocols; records are plain dataclasses."""
+"""Storage interfaces of the registry: metadata (SQLite or PostgreSQL) and blobs (files or S3).
+The core speaks only these Protocols; records are plain dataclasses.
+
+Blob publishing vs. blob collection is guarded by `MetadataStore.blob_lock`: publishers (blob
+commit + create_version) hold it shared, collectors (delete's GC, start-up recovery) exclusive,
+so a blob is never deleted between its publication and the metadata that references it. With
+PostgreSQL the lock is a database advisory lock, so it holds across replicated registries.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ContextManager, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +49,20 @@ class StoreStats:
     blob_bytes: int                                # bytes of distinct blobs referenced
 
 
+CREATED, DELETED = "created", "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One row of the change feed, in commit order (seq increases)."""
+
+    seq: int
+    kind: str                                      # CREATED | DELETED
+    adapter_id: str
+    version: int                                   # 0 with DELETED: every version
+    latest_version: int                            # the id's latest version after it (0: none)
+
+
 class MetadataStore(Protocol):
     def create_version(self, record: AdapterRecord) -> tuple[AdapterRecord, bool]:
         """Atomically: if the id's latest version has record.digest, return (it, False); else store
@@ -63,6 +85,15 @@ class MetadataStore(Protocol):
         """Every blob sha256 some version references."""
 
     def stats(self) -> StoreStats: ...
+
+    def blob_lock(self, exclusive: bool) -> ContextManager[None]:
+        """Shared: publishing blobs + create_version. Exclusive: deleting blobs (see module doc)."""
+
+    def last_change(self) -> int:
+        """The newest change's seq (0 when none)."""
+
+    def changes_after(self, seq: int, limit: int = 1000) -> list[Change]:
+        """Changes with seq > `seq`, oldest first, at most `limit`."""
 
     def close(self) -> None: ...
 
@@ -100,3 +131,34 @@ class BlobReader(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
 
     def close(self) -> None: ...
+
+
+class SharedLock:
+    """A readers-writer lock for one process: many shared holders or one exclusive holder."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+
+    @contextlib.contextmanager
+    def hold(self, exclusive: bool):
+        with self._cond:
+            if exclusive:
+                self._waiting_exclusive += 1
+                self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+                self._waiting_exclusive -= 1
+                self._exclusive = True
+            else:
+                self._cond.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if exclusive:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                self._cond.notify_all()

@@ -1,16 +1,21 @@
 """Adapter metadata in SQLite (WAL): one transaction per mutation, version numbers assigned under
-BEGIN IMMEDIATE so concurrent writers get consecutive versions and none is lost."""
+BEGIN IMMEDIATE so concurrent writers get consecutive versions and none is lost.
+
+Schema migrations are numbered (MIGRATIONS[i] takes PRAGMA user_version from i to i+1) and applied at
+open, each in its own transaction. One process per database file."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 
-from services.registry.stores import AdapterRecord, FileEntry, StoreStats
+from services.registry.stores import (CREATED, DELETED, AdapterRecord, Change, FileEntry,
+                                      SharedLock, StoreStats)
 
-SCHEMA = """
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS ids (
     adapter_id   TEXT PRIMARY KEY,
     last_version INTEGER NOT NULL,         -- highest version ever assigned: numbers are never reused
@@ -44,6 +49,12 @@ CREATE TABLE IF NOT EXISTS blob_refs (
 );
 CREATE INDEX IF NOT EXISTS blob_refs_sha ON blob_refs (sha256);
 """
+MIGRATIONS = [
+    SCHEMA_V1,                              # IF NOT EXISTS: databases made before versioning
+    """CREATE TABLE changes (               -- the change feed (WatchAdapters), in commit order
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, adapter_id TEXT NOT NULL,
+        version INTEGER NOT NULL, latest_version INTEGER NOT NULL, created_at REAL NOT NULL);""",
+]
 
 _COLUMNS = ("adapter_id, version, digest, base_model, rank, alpha, target_modules, use_rslora, "
             "size_bytes, source, labels, created_at, files")
@@ -70,7 +81,38 @@ class SqliteMetadataStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        self._blob_lock = SharedLock()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        for i in range(version, len(MIGRATIONS)):
+            with self._tx() as db:
+                for statement in filter(str.strip, MIGRATIONS[i].split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={i + 1}")
+
+    def schema_version(self) -> int:
+        with self._lock:
+            return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def blob_lock(self, exclusive: bool):
+        return self._blob_lock.hold(exclusive)
+
+    @staticmethod
+    def _change(db, kind: str, adapter_id: str, version: int, latest: int) -> None:
+        db.execute("INSERT INTO changes (kind, adapter_id, version, latest_version, created_at) "
+                   "VALUES (?, ?, ?, ?, ?)", (kind, adapter_id, version, latest, time.time()))
+
+    def last_change(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+
+    def changes_after(self, seq: int, limit: int = 1000) -> list[Change]:
+        with self._lock:
+            return [Change(*r) for r in self._db.execute(
+                "SELECT seq, kind, adapter_id, version, latest_version FROM changes WHERE seq > ? "
+                "ORDER BY seq LIMIT ?", (seq, limit))]
 
     def close(self) -> None:
         with self._lock:
@@ -93,6 +135,7 @@ class SqliteMetadataStore:
             db.execute("INSERT INTO ids (adapter_id, last_version, latest) VALUES (?, ?, ?) "
                        "ON CONFLICT(adapter_id) DO UPDATE SET last_version=excluded.last_version, "
                        "latest=excluded.latest", (record.adapter_id, version, version))
+            self._change(db, CREATED, record.adapter_id, version, version)
             return stored, True
 
     def insert_many(self, records: Iterable[AdapterRecord]) -> None:
@@ -164,6 +207,8 @@ class SqliteMetadataStore:
                 db.execute(f"DELETE FROM {table} WHERE {where}", args)
             db.execute("UPDATE ids SET latest=(SELECT max(version) FROM versions WHERE "
                        "adapter_id=?) WHERE adapter_id=?", (adapter_id, adapter_id))
+            latest = db.execute("SELECT latest FROM ids WHERE adapter_id=?", (adapter_id,)).fetchone()
+            self._change(db, DELETED, adapter_id, version, (latest and latest[0]) or 0)
             return gone
 
     def unreferenced(self, sha256s: set[str]) -> set[str]:
