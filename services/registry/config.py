@@ -46,4 +46,10 @@ class RegistryConfig(ServerConfig):
         check(self.s3_part_bytes >= 5 * 1024**2, "s3_part_bytes", "must be >= 5 MiB (S3's minimum)")
         check(self.on_demand_source in ("", "hf") or self.on_demand_source.startswith("s3://"),
               "on_demand_source", f"expected hf or s3://BUCKET/PREFIX, got {self.on_demand_source!r}")
+        if self.on_demand_source.startswith("s3://"):
+            from services.common.s3 import parse_s3_url
+            try:
+                parse_s3_url(self.on_demand_source)
+            except ValueError as exc:
+                check(False, "on_demand_source", str(exc))
         check(self.watch_poll_seconds > 0, "watch_poll_seconds", "must be > 0")

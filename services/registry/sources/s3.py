@@ -19,7 +19,8 @@ class S3Source:
     @property
     def client(self):
         if self._client is None:
-            self._client = s3.client(self._addressing_style, connect_timeout=3.0, max_attempts=2)
+            self._client = s3.client(self._addressing_style, connect_timeout=3.0,
+                                     read_timeout=10.0, max_attempts=2)
         return self._client
 
     def fetch(self, uri: str, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
