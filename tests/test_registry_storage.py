@@ -15,7 +15,8 @@ import pytest
 
 from services.common.gen.openlora.v1 import registry_pb2 as pb
 from services.registry.stores.blobs_s3 import S3BlobStore
-from tests.test_registry_api import RunningRegistry, code_of, fetch, files_of, upload
+from tests.test_registry_api import (RunningRegistry, code_of, fake_hub, fetch, files_of,  # noqa: F401
+                                     upload)
 
 CODE = grpc.StatusCode
 
@@ -143,15 +144,21 @@ def test_two_replicas_one_database_one_bucket(tmp_path, make_adapter, shared):
         a.close(), b.close()
 
 
-def test_migrations_are_versioned_and_applied_once(tmp_path, backend):
+def test_migrations_are_versioned_and_applied_once(tmp_path, backend, make_adapter):
     config = backend.config()
     r1 = RunningRegistry(tmp_path / "d", **config)
     version = r1.core.metadata.schema_version()
+    upload(r1.stub, "m", files_of(make_adapter(rank=4)))
+    upload(r1.stub, "m", files_of(make_adapter(rank=8)))
     r1.close()
     r2 = RunningRegistry(tmp_path / "d", **config)             # reopened: nothing re-applied
     try:
-        assert version == r2.core.metadata.schema_version() >= 2
-        assert r2.core.metadata.changes_after(0) == []
+        metadata = r2.core.metadata
+        assert version == metadata.schema_version() >= 2
+        assert [(c.kind, c.version) for c in metadata.changes_after(0)] == [("created", 1),
+                                                                           ("created", 2)]
+        assert metadata.prune_changes(time.time() + 10) == 1      # the newest row always stays
+        assert [c.version for c in metadata.changes_after(0)] == [2]
     finally:
         r2.close()
 
@@ -250,3 +257,21 @@ def test_on_demand_unreachable_source_is_unavailable_within_the_deadline(tmp_pat
     finally:
         silent.close()
         dead.close()
+
+
+def test_on_demand_from_the_hub(tmp_path, make_adapter, fake_hub):  # noqa: F811
+    files = files_of(make_adapter())
+    fake_hub.repos["org/adapter"] = {**files, "README.md": b"x"}
+    r = RunningRegistry(tmp_path / "d", on_demand_source="hf")
+    try:
+        a = r.stub.GetAdapter(pb.GetAdapterRequest(adapter_id="org/adapter"), timeout=30)
+        assert (a.version, a.source, a.labels["openlora/on-demand"]) == (1, "hf://org/adapter", "true")
+        assert fetch(r.stub, "org/adapter")[1] == files
+        for missing in ("org/missing", "single-segment"):
+            assert code_of(r.stub.GetAdapter, pb.GetAdapterRequest(adapter_id=missing),
+                           timeout=30) == CODE.NOT_FOUND, missing
+        assert code_of(r.stub.GetAdapter, pb.GetAdapterRequest(adapter_id="org/adapter", version=2)) \
+            == CODE.NOT_FOUND                                  # known id, unknown version: no import
+        assert r.core.on_demand.imports == 3
+    finally:
+        r.close()

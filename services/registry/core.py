@@ -33,6 +33,7 @@ from services.registry.stores import AdapterRecord, BlobStore, FileEntry, Metada
 log = structlog.get_logger(__name__)
 
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
+CHANGES_KEPT_S = 7 * 24 * 3600                    # the change feed's rows are pruned at start-up
 
 
 def check_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -174,6 +175,7 @@ class AdapterRegistry:
                 self.blobs.delete(sha)
         if orphans:
             log.info("orphan_blobs_removed", count=len(orphans))
+        self.metadata.prune_changes(time.time() - CHANGES_KEPT_S)
 
     # --- writes ---------------------------------------------------------------------------------
 

@@ -95,6 +95,9 @@ class MetadataStore(Protocol):
     def changes_after(self, seq: int, limit: int = 1000) -> list[Change]:
         """Changes with seq > `seq`, oldest first, at most `limit`."""
 
+    def prune_changes(self, before: float) -> int:
+        """Drop changes made before unix time `before` (always keeping the newest); returns how many."""
+
     def close(self) -> None: ...
 
 

@@ -289,6 +289,11 @@ class PostgresMetadataStore:
         with self._conn() as c:
             return c.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
 
+    def prune_changes(self, before: float) -> int:
+        with self._tx() as c:
+            return c.execute("DELETE FROM changes WHERE created_at < %s AND seq < "
+                             "(SELECT max(seq) FROM changes)", (before,)).rowcount
+
     def changes_after(self, seq: int, limit: int = 1000) -> list[Change]:
         with self._conn() as c:
             return [Change(*r) for r in c.execute(

@@ -108,6 +108,11 @@ class SqliteMetadataStore:
         with self._lock:
             return self._db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
 
+    def prune_changes(self, before: float) -> int:
+        with self._tx() as db:
+            return db.execute("DELETE FROM changes WHERE created_at < ? AND seq < "
+                              "(SELECT max(seq) FROM changes)", (before,)).rowcount
+
     def changes_after(self, seq: int, limit: int = 1000) -> list[Change]:
         with self._lock:
             return [Change(*r) for r in self._db.execute(
