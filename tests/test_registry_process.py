@@ -91,13 +91,17 @@ def _check_whole(meta, data):
 
 def test_health_reflection_sigterm(tmp_path, backend):
     reg = RegistryProcess(tmp_path / "data", free_port(), backend.args(backend.config()), backend.env)
+    watch = reg.stub.WatchAdapters(pb.WatchAdaptersRequest())
     try:
         for name in ("", "openlora.v1.AdapterRegistry"):
             assert reg.health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status \
                 == health_pb2.HealthCheckResponse.SERVING
         services = set(ProtoReflectionDescriptorDatabase(reg.channel).get_services())
         assert {"openlora.v1.AdapterRegistry", "grpc.health.v1.Health"} <= services
+        assert watch.is_active()
     finally:
+        reg.proc.send_signal(signal.SIGTERM)          # an open WatchAdapters stream ends on drain
+        assert list(watch) == [] and watch.code() == grpc.StatusCode.OK
         assert reg.stop(signal.SIGTERM) == 0
 
 

@@ -54,12 +54,14 @@ def build_core(config: RegistryConfig) -> AdapterRegistry:
     return core
 
 
-async def start(config: RegistryConfig) -> tuple[Server, int, AdapterRegistry]:
+async def start(config: RegistryConfig, feed: ChangeFeed | None = None
+                ) -> tuple[Server, int, AdapterRegistry]:
     """Build and start a registry server (tests use this in-process)."""
     core = build_core(config)
     metrics = RegistryMetrics(core.metadata)
-    servicer = AdapterRegistryServicer(core, metrics, ChangeFeed(core.metadata,
-                                                                 config.watch_poll_seconds))
+    feed = feed or ChangeFeed(None, config.watch_poll_seconds)
+    feed.metadata = core.metadata                  # `serve` makes the feed first, to close it on drain
+    servicer = AdapterRegistryServicer(core, metrics, feed)
     server, port = await create_server(config, [Service(SERVICE_NAME, servicer, add_to_server)])
     await server.start()
     if config.metrics_port:
@@ -73,9 +75,10 @@ async def start(config: RegistryConfig) -> tuple[Server, int, AdapterRegistry]:
 
 async def serve(config: RegistryConfig) -> None:
     tune_malloc()
-    server, _, core = await start(config)
+    feed = ChangeFeed(None, config.watch_poll_seconds)
+    server, _, core = await start(config, feed)
     try:
-        await server.run_until_signal(config.grace_seconds)
+        await server.run_until_signal(config.grace_seconds, on_drain=feed.close)
     finally:
         core.metadata.close()
 

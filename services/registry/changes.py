@@ -19,10 +19,11 @@ from services.registry.stores import Change, MetadataStore
 log = structlog.get_logger(__name__)
 
 QUEUE_LIMIT = 10_000                       # a subscriber this far behind is dropped (UNAVAILABLE)
+_END = object()                            # close(): streams end normally (clients re-subscribe)
 
 
 class ChangeFeed:
-    def __init__(self, metadata: MetadataStore, interval: float = 0.2):
+    def __init__(self, metadata: MetadataStore | None, interval: float = 0.2):
         self.metadata = metadata
         self.interval = interval
         self._subs: dict[int, tuple[str, asyncio.Queue]] = {}
@@ -41,12 +42,21 @@ class ChangeFeed:
         try:
             while True:
                 change = await queue.get()
+                if change is _END:
+                    return
                 if change is None:
                     raise Unavailable("this watcher fell too far behind the change feed; "
                                       "re-subscribe and re-list (ListAdapters)")
                 yield change
         finally:
             self._subs.pop(id(queue), None)
+
+    async def close(self) -> None:
+        """End every open watch stream (on drain: a stream never ends by itself)."""
+        for _, queue in list(self._subs.values()):
+            while queue.full():
+                queue.get_nowait()
+            queue.put_nowait(_END)
 
     async def _poll(self) -> None:
         try:
