@@ -47,6 +47,7 @@ def adapter_root(tmp_path_factory):
     spec = TINY["llama"]
     write_adapter(root / "good", spec, AdapterSpec(rank=8, seed=3))
     write_adapter(root / "good2", spec, AdapterSpec(rank=4, targets=("o_proj",), seed=4))
+    write_adapter(root / "good3", spec, AdapterSpec(rank=6, seed=9))
     write_adapter(root / "big-rank", spec, AdapterSpec(rank=32, seed=5))
     write_adapter(root / "other-model", ModelSpec(hidden=96, heads=4, kv_heads=2), AdapterSpec(seed=6))
     write_adapter(root / "bad-json", spec, AdapterSpec(seed=7))
@@ -203,25 +204,40 @@ def test_queue_full(llama_dir, adapter_root):
     e.stop()
 
 
-def test_adapter_slots_lru_pinning_and_status(engine):
-    engine.unload_adapter("good")
-    engine.unload_adapter("good2")
-    version, tier = engine.load_adapter("good", 0)
-    assert version == 1 and tier == "device"
-    st = engine.status()
-    assert [(a.adapter_id, a.version, a.tier) for a in st.adapters] == [("good", 1, "device")]
-    assert st.device_adapter_slots == 2 and st.kv_blocks_free == st.kv_blocks_total
-    # three adapters, two slots: requests for the third wait for a slot, and all finish
-    c = Collector()
-    ids = []
-    for i, name in enumerate(["good", "good2", "good", "good2"] * 2):
-        ids.append(f"lru{i}")
-        engine.submit(gen(ids[-1], adapter=name, max_new_tokens=4, ignore_eos=True), c)
-    out = c.wait(ids)
-    assert all(o["finish"] == "length" for o in out.values())
-    assert all(a.active_requests == 0 for a in engine.status().adapters)
-    engine.unload_adapter("good")
-    assert "good" not in [a.adapter_id for a in engine.status().adapters]
+def test_arena_eviction_pinning_and_status(llama_dir, adapter_root):
+    """Three adapters through an arena with room for two: requests for the third wait for room
+    (adapters in use are never evicted), all finish, and the status reports the arena as HOST."""
+    e = Engine(ExecutorConfig(base_model=str(llama_dir), device="cpu", dtype="float32",
+                              max_lora_rank=16), LocalDirSource(adapter_root))
+    sizes = {}
+    for name in ("good", "good2", "good3"):
+        assert e.load_adapter(name, 0) == (1, "host")
+        sizes[name] = e.adapters._held[(name, 1)].entry.nbytes
+    e.stop()
+    room = sizes["good"] + sizes["good3"]          # the two largest
+    e = Engine(ExecutorConfig(base_model=str(llama_dir), device="cpu", dtype="float32",
+                              max_lora_rank=16, host_cache_bytes=room), LocalDirSource(adapter_root))
+    e.start()
+    try:
+        assert e.load_adapter("good", 0) == (1, "host")
+        st = e.status()
+        assert [(a.adapter_id, a.version, a.tier) for a in st.adapters] == [("good", 1, "host")]
+        assert st.device_adapter_slots == 0 and st.kv_blocks_free == st.kv_blocks_total
+        c = Collector()
+        ids = []
+        for i, name in enumerate(["good", "good2", "good3"] * 3):
+            ids.append(f"lru{i}")
+            e.submit(gen(ids[-1], adapter=name, max_new_tokens=4, ignore_eos=True), c)
+        out = c.wait(ids)
+        assert all(o["finish"] == "length" for o in out.values()), out
+        st = e.status()
+        assert all(a.active_requests == 0 for a in st.adapters)
+        host = next(t for t in st.tier_stats if t.tier == "host")
+        assert host.evictions >= 1 and host.bytes_used <= host.bytes_capacity
+        e.unload_adapter("good")
+        assert "good" not in [a.adapter_id for a in e.status().adapters]
+    finally:
+        e.stop()
 
 
 def test_single_flight_load(llama_dir, adapter_root):
@@ -240,7 +256,7 @@ def test_single_flight_load(llama_dir, adapter_root):
     assert calls == ["good"] and len({lease.slot for lease in leases}) == 1
     assert e.adapters.residency() == [("good", 1, 5)]
     for lease in leases:
-        e.adapters.release(lease.slot)
+        e.adapters.release(lease)
     e.stop()
 
 

@@ -23,7 +23,7 @@ async def build(config: ExecutorConfig):
     from services.executor.servicer import ExecutorServicer
 
     disk = pathlib.Path(config.disk_cache_dir or tempfile.mkdtemp(prefix="openlora-adapters-"))
-    store = DiskAdapterStore(disk, config.disk_cache_bytes)
+    store = DiskAdapterStore(disk, config.disk_cache_bytes, config.adapter_eviction_policy)
     source = RegistryAdapterSource(config.registry, store, config.registry_timeout_s)
     holder = ExecutorServicer(engine=None, executor_id="",   # the engine is set once loaded
                               host_cache_bytes=config.host_cache_bytes)

@@ -22,7 +22,17 @@ class ExecutorConfig(ServerConfig):
     max_lora_rank: int = flag(64, "largest adapter rank accepted")
     prepack_weights: bool = flag(True, "float32 on CPU: copy each base weight once into MKL's GEMM "
                                  "layout (faster decode steps, more memory)")
-    host_cache_bytes: int = flag(2 * 1024**3, "host tier capacity in bytes (reported; the host tier itself is not built yet)")
+    host_cache_bytes: int = flag(2 * 1024**3, "host adapter arena in bytes, allocated once (pinned on CUDA): "
+                                 "adapters at their true rank in fixed-size pages; on CPU the kernel "
+                                 "reads them in place, so it bounds how many adapters one batch mixes")
+    arena_page_elems: int = flag(0, "elements per arena page (0 -> the smallest projection dimension, "
+                                 "S-LoRA's vector-sized page)")
+    adapter_eviction_policy: str = flag("gdsf", "which adapter a full arena or disk tier evicts: gdsf "
+                                        "(frequency x reload cost / size, with ageing) or lru",
+                                        choices=("gdsf", "lru"))
+    adapter_load_workers: int = flag(4, "threads fetching, verifying, parsing and packing adapters")
+    adapter_wait_s: float = flag(120.0, "how long a load waits for room in a tier full of adapters "
+                                 "in use before RESOURCE_EXHAUSTED, seconds")
     disk_cache_dir: str = flag("", "disk tier directory (empty -> a temporary directory)")
     disk_cache_bytes: int = flag(20 * 1024**3, "disk tier capacity in bytes (least recently used versions go first)")
     kv_cache_bytes: int = flag(0, "KV cache budget in bytes (0 -> automatic)")
@@ -33,15 +43,19 @@ class ExecutorConfig(ServerConfig):
                                        "for the same adapter and version (full blocks only)")
     default_max_new_tokens: int = flag(64, "max_new_tokens when a request gives 0")
     registry_timeout_s: float = flag(30.0, "deadline of each registry call, seconds")
-    adapter_latest_ttl_s: float = flag(5.0, "how long a resolved 'latest' adapter version is reused, seconds")
+    adapter_latest_ttl_s: float = flag(5.0, "age after which a resident 'latest' adapter is re-resolved in "
+                                       "the background (it is served at once meanwhile), seconds")
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
         check(bool(self.base_model), "base_model", "is required")
         for name in ("max_batch_size", "max_queue", "max_device_adapters", "max_lora_rank",
-                     "kv_block_size", "max_prefill_tokens", "default_max_new_tokens"):
+                     "kv_block_size", "max_prefill_tokens", "default_max_new_tokens",
+                     "adapter_load_workers"):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("host_cache_bytes", "disk_cache_bytes", "kv_cache_bytes", "max_model_len"):
+        check(self.adapter_wait_s > 0, "adapter_wait_s", "must be > 0")
+        for name in ("host_cache_bytes", "disk_cache_bytes", "kv_cache_bytes", "max_model_len",
+                     "arena_page_elems"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.registry_timeout_s > 0, "registry_timeout_s", "must be > 0")
         check(not (self.dtype == "float16" and self.device == "cpu"), "dtype",

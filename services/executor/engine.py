@@ -28,8 +28,10 @@ from services.common.errors import (Cancelled, InvalidArgument, OpenLoraError, Q
 from services.common.memory import tune_malloc
 from services.common.peft_format import check_adapter_id
 from services.executor import ops
+from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.cache import AdapterCache, AdapterSource
 from services.executor.adapters.pool import AdapterPool
+from services.executor.adapters.residency import Residency
 from services.executor.config import ExecutorConfig
 from services.executor.kv_cache import (AttnGroup, AttnMetadata, KVBlockAllocator, KVCache,
                                         auto_num_blocks, build_group)
@@ -74,8 +76,20 @@ class TokenEvent:
 class AdapterResidency:
     adapter_id: str
     version: int
-    tier: str                          # "device" | "disk"
+    tier: str                          # "device" | "host" | "disk"
     active_requests: int
+
+
+@dataclass(frozen=True)
+class TierStat:
+    tier: str                          # "device" | "host" | "disk"
+    adapters: int = 0
+    bytes_used: int = 0
+    bytes_capacity: int = 0
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,9 @@ class EngineStatus:
     kv_blocks_cached: int = 0          # blocks holding a cached prefix (in use or free)
     prefix_cache_hit_tokens: int = 0   # prompt tokens taken from the prefix cache since start
     prefill_tokens_computed: int = 0   # prompt tokens run through the model since start
+    tier_stats: list[TierStat] = field(default_factory=list)   # device, host, disk
+    host_cache_bytes: int = 0          # the host arena's capacity
+    host_cache_used_bytes: int = 0     # its pages in use
 
 
 class InternalError(OpenLoraError):
@@ -108,7 +125,8 @@ class _Request:
     detok: Detokenizer | None
     stop_text: StopText
     lease_future: Future | None = None
-    slot: int | None = None            # pinned adapter slot
+    lease: object | None = None        # the pinned adapter (a residency or slot lease)
+    slot: int | None = None            # its batch sort key
     completion: int = 0
     done: bool = False
 
@@ -130,10 +148,19 @@ class Engine:
             packed = self.model.prepack()
             if packed:
                 log.info("weights_prepacked", bytes=packed)
-        self.pool = AdapterPool(cfg, config.max_device_adapters, config.max_lora_rank, self.dtype,
-                                self.device)
-        for layer, module, proj in self.model.projections():
-            proj.lora = self.pool.stacks[layer][module]
+        # CPU: the host arena is what the kernel reads (no device slots). CUDA: device slots.
+        self.arena: HostArena | None = None
+        self.pool: AdapterPool | None = None
+        if self.device.type == "cpu":
+            layout = ArenaLayout.for_model(cfg, config.arena_page_elems)
+            self.arena = HostArena(layout, config.host_cache_bytes, self.dtype)
+            for layer, module, proj in self.model.projections():
+                proj.lm = layout.lm(layer, module)
+        else:
+            self.pool = AdapterPool(cfg, config.max_device_adapters, config.max_lora_rank, self.dtype,
+                                    self.device)
+            for layer, module, proj in self.model.projections():
+                proj.lora = self.pool.stacks[layer][module]
         num_blocks = auto_num_blocks(      # after weights and slots: CUDA sizes from what is free
             config.kv_cache_bytes, layers=cfg.layers, block_size=block, kv_heads=cfg.kv_heads,
             head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
@@ -155,8 +182,19 @@ class Engine:
         self.allocator = KVBlockAllocator(num_blocks)
         self.scheduler = Scheduler(self.allocator, block, config.max_batch_size,
                                    config.max_prefill_tokens, config.enable_prefix_caching)
-        self.adapters = AdapterCache(self.pool, adapter_source, cfg, config.max_lora_rank,
-                                     latest_ttl_s=config.adapter_latest_ttl_s)
+        self.source = adapter_source
+        if self.arena is not None:
+            self.adapters = Residency(self.arena, adapter_source, cfg, config.max_lora_rank,
+                                      policy=config.adapter_eviction_policy,
+                                      latest_ttl_s=config.adapter_latest_ttl_s,
+                                      workers=config.adapter_load_workers, wait_s=config.adapter_wait_s,
+                                      on_load=self._on_adapter_load)
+        else:
+            self.adapters = AdapterCache(self.pool, adapter_source, cfg, config.max_lora_rank,
+                                         latest_ttl_s=config.adapter_latest_ttl_s,
+                                         workers=config.adapter_load_workers,
+                                         slot_wait_s=config.adapter_wait_s)
+        self.adapter_load_observer = None   # set by the metrics: (source tier, seconds) per load
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: deque[_Request] = deque()
@@ -248,19 +286,28 @@ class Engine:
         self._wake.set()
 
     def load_adapter(self, adapter_id: str, version: int = 0, tier: str = "device") -> tuple[int, str]:
-        """Blocking load of an adapter into `tier` ("device", or "disk": fetched only) -> (version, tier)."""
+        """Blocking load of an adapter into `tier` ("device", "host" or "disk") -> (version, tier
+        reached). On CPU the host arena is what the kernel reads: "device" reaches "host"."""
         check_adapter_id(adapter_id)
         if tier == "disk":
-            return self.adapters.source.resolve(adapter_id, version).version, "disk"
+            return self.source.resolve(adapter_id, version).version, "disk"
         lease = self.adapters.preload(adapter_id, version,
                                       timeout=self.config.registry_timeout_s * 4)
-        return lease.version, "device"
+        return lease.version, "host" if self.arena is not None else "device"
 
     def unload_adapter(self, adapter_id: str) -> None:
-        """Drop adapter_id from every tier (device slots in use are freed when their requests end)."""
+        """Drop adapter_id from every tier (copies in use are freed when their requests end)."""
         check_adapter_id(adapter_id)
         self.adapters.unload(adapter_id)
-        self.adapters.source.forget(adapter_id)
+        self.source.forget(adapter_id)
+
+    def _on_adapter_load(self, source_tier: str, seconds: float) -> None:
+        observer = self.adapter_load_observer
+        if observer is not None:
+            try:
+                observer(source_tier, seconds)
+            except Exception:
+                log.exception("adapter_load_observer_failed")
 
     def adapter_changed(self, adapter_id: str, version: int, latest_version: int,
                         deleted: bool) -> None:
@@ -281,16 +328,27 @@ class Engine:
             running=running, waiting=waiting, max_batch_size=self.config.max_batch_size,
             kv_blocks_total=self.allocator.num_blocks, kv_blocks_free=self.allocator.num_free,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            device_adapter_slots=self.pool.num_slots,
+            device_adapter_slots=self.pool.num_slots if self.pool is not None else 0,
             adapters=self._residency(), kv_blocks_cached=self.allocator.num_cached,
             prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
-            prefill_tokens_computed=self.scheduler.prefill_tokens)
+            prefill_tokens_computed=self.scheduler.prefill_tokens,
+            tier_stats=self._tier_stats(),
+            host_cache_bytes=self.arena.capacity_bytes if self.arena is not None else 0,
+            host_cache_used_bytes=self.arena.used_bytes if self.arena is not None else 0)
 
     def _residency(self) -> list[AdapterResidency]:
-        on_device = [AdapterResidency(a, v, "device", n) for a, v, n in self.adapters.residency()]
-        seen = {(a.adapter_id, a.version) for a in on_device}
-        return on_device + [AdapterResidency(a, v, "disk", 0) for a, v in self.adapters.source.held()
-                            if (a, v) not in seen]
+        fast = "host" if self.arena is not None else "device"
+        held = [AdapterResidency(a, v, fast, n) for a, v, n in self.adapters.residency()]
+        seen = {(a.adapter_id, a.version) for a in held}
+        return held + [AdapterResidency(a, v, "disk", 0) for a, v in self.source.held()
+                       if (a, v) not in seen]
+
+    def _tier_stats(self) -> list[TierStat]:
+        disk = TierStat("disk", **(self.source.stats() if hasattr(self.source, "stats") else {}))
+        if self.arena is not None:
+            return [TierStat("device"), TierStat("host", **self.adapters.host_stats()), disk]
+        resident = self.adapters.residency()
+        return [TierStat("device", adapters=len(resident), bytes_capacity=0), TierStat("host"), disk]
 
     # -- validation --------------------------------------------------------------------------
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
@@ -315,7 +373,7 @@ class Engine:
                 try:
                     self._intake()
                     if not self.scheduler.has_work():
-                        self._wake.wait(0.02 if self._pending else 0.5)
+                        self._wake.wait(0.5)
                         self._wake.clear()
                         continue
                     self._step()
@@ -331,6 +389,8 @@ class Engine:
         for r in new:
             if r.req.adapter_id:
                 r.lease_future = self.adapters.acquire(r.req.adapter_id, r.req.adapter_version)
+                if not r.lease_future.done():   # woken when it is ready: no polling
+                    r.lease_future.add_done_callback(lambda _: self._wake.set())
                 self._pending.append(r)
             else:
                 self.scheduler.add(r.seq)
@@ -348,6 +408,7 @@ class Engine:
                 self._finish(r, None, error=r.lease_future.exception())
             else:
                 lease = r.lease_future.result()
+                r.lease = lease
                 r.slot = r.seq.slot = lease.slot
                 r.seq.cache_key = f"{r.req.adapter_id}@{lease.version}"   # the adapter shapes the K/V
                 self.scheduler.add(r.seq)
@@ -358,7 +419,7 @@ class Engine:
     def _release_when_ready(self, r: _Request) -> None:
         """A request cancelled while its adapter loaded: give the pin back once it arrives."""
         fut = r.lease_future
-        fut.add_done_callback(lambda f: f.exception() is None and self.adapters.release(f.result().slot))
+        fut.add_done_callback(lambda f: f.exception() is None and self.adapters.release(f.result()))
 
     def _step(self) -> None:
         batch = self.scheduler.schedule()
@@ -433,12 +494,21 @@ class Engine:
         groups = groups_for(cfg.sliding_window)
         windowed = {w or 0: groups_for(w) for w in self._other_windows}
         seg_indptr, seg_slots = ops.build_segments(slots, counts, dev)
+        paged = None
+        if self.arena is not None:   # each segment's arena entry, in segment order
+            entries, last = [], None
+            for item, n in zip(batch.items, counts):
+                if n and (not entries or item.seq.slot != last):
+                    lease = self._active[item.seq.seq_id].lease
+                    entries.append(lease.entry if lease is not None else None)
+                    last = item.seq.slot
+            paged = self.arena.batch(entries)
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             attn=AttnMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=dev), groups, windowed),
             seg_indptr=seg_indptr, seg_slots=seg_slots,
-            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev))
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev), paged=paged)
 
     def _emit_token(self, r: _Request, token: int, logprob: float, top: Top | None = None) -> None:
         r.seq.token_ids.append(token)
@@ -472,8 +542,9 @@ class Engine:
             return
         r.done = True
         self.scheduler.remove(r.seq)
-        if r.slot is not None:
-            self.adapters.release(r.slot)
+        if r.lease is not None:
+            self.adapters.release(r.lease)
+            r.lease = None
             r.slot = None
         with self._lock:
             self._active.pop(r.req.request_id, None)

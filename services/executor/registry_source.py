@@ -14,10 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import pathlib
 import shutil
 import tempfile
+import threading
 import urllib.parse
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -26,97 +29,227 @@ from services.common import errors
 from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
 from services.common.peft_format import ADAPTER_FILES, manifest_digest
 from services.executor.adapters.cache import ResolvedAdapter
+from services.executor.adapters.policy import make_policy
 
 log = structlog.get_logger(__name__)
 
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+@dataclass
+class _DiskEntry:
+    path: pathlib.Path
+    size: int
+    digest: str
+    readers: int = 0
+    doomed: bool = False       # evicted or removed while read: deleted when its last reader ends
+    verified: bool = False     # its bytes were checked against its digest since this process started
+
+
 class DiskAdapterStore:
     """The disk tier: root/<quoted id>/<version>/{adapter_config.json, adapter_model.safetensors, meta.json}.
 
-    At most `capacity_bytes` (0 -> unbounded): putting a version evicts the least recently used
-    others (use = meta.json's mtime, touched on every hit). It survives restarts.
+    Keyed by adapter@version (immutable, so by digest), at most `capacity_bytes` (0 -> unbounded),
+    surviving restarts. An in-memory index (built by one walk at start) answers every lookup: no
+    directory walk on a request or status path. Readers pin an entry (acquire/release) and eviction
+    never deletes a pinned one (it is deleted when its last reader ends), so any number of concurrent
+    loads and evictions is safe. A copy is checked against its digest the first time it is read; a
+    corrupt one is deleted and reported missing, so the caller fetches it again.
     """
 
-    def __init__(self, root: pathlib.Path, capacity_bytes: int = 0):
-        self.root = root
+    def __init__(self, root: pathlib.Path, capacity_bytes: int = 0, policy: str = "lru"):
+        self.root = pathlib.Path(root)
         self.capacity_bytes = capacity_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._index: dict[tuple[str, int], _DiskEntry] = {}
+        self._policy = make_policy(policy)
+        self.hits = self.misses = self.loads = self.evictions = 0
+        self._bytes = 0
         for stale in self.root.glob(".fetch-*"):   # fetches cut off by a crash
             shutil.rmtree(stale, ignore_errors=True)
+        self._scan()
+
+    def _scan(self) -> None:
+        found = []
+        for d in self.root.iterdir():
+            if not d.is_dir() or d.name.startswith("."):
+                continue
+            adapter_id = urllib.parse.unquote(d.name)
+            for v in d.iterdir():
+                meta = v / "meta.json"
+                if not (v.name.isdigit() and meta.is_file()):
+                    continue
+                try:
+                    digest = json.loads(meta.read_text()).get("digest", "")
+                    size = sum(f.stat().st_size for f in v.iterdir())
+                    used = meta.stat().st_mtime
+                except (OSError, ValueError):
+                    shutil.rmtree(v, ignore_errors=True)
+                    continue
+                found.append((used, (adapter_id, int(v.name)), _DiskEntry(v, size, digest)))
+        for _, key, entry in sorted(found, key=lambda f: f[0]):   # oldest first: LRU order kept
+            self._index[key] = entry
+            self._bytes += entry.size
+            self._policy.touch(key, entry.size, 1.0)
 
     def _dir(self, adapter_id: str) -> pathlib.Path:
         return self.root / urllib.parse.quote(adapter_id, safe="")
 
+    # -- lookups (in memory) ---------------------------------------------------------------------
     def path(self, adapter_id: str, version: int) -> pathlib.Path | None:
-        p = self._dir(adapter_id) / str(version)
-        try:
-            os.utime(p / "meta.json")   # recently used: evicted last
-        except FileNotFoundError:
-            return None
-        return p
+        """The copy's directory (a use: evicted last), or None; not pinned (see acquire)."""
+        with self._lock:
+            e = self._index.get((adapter_id, version))
+            if e is None or e.doomed:
+                return None
+            self._policy.touch((adapter_id, version), e.size, 1.0)
+            return e.path
 
     def versions(self, adapter_id: str) -> list[int]:
-        d = self._dir(adapter_id)
-        if not d.is_dir():
-            return []
-        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "meta.json").exists())
-
-    def remove(self, adapter_id: str) -> None:
-        shutil.rmtree(self._dir(adapter_id), ignore_errors=True)
+        with self._lock:
+            return sorted(v for (a, v), e in self._index.items() if a == adapter_id and not e.doomed)
 
     def held(self) -> list[tuple[str, int]]:
         """(adapter_id, version) of every complete copy on disk."""
-        out = []
-        for d in sorted(self.root.iterdir()):
-            if d.is_dir() and not d.name.startswith("."):
-                adapter_id = urllib.parse.unquote(d.name)
-                out += [(adapter_id, v) for v in self.versions(adapter_id)]
-        return out
+        with self._lock:
+            return sorted(k for k, e in self._index.items() if not e.doomed)
 
-    def put(self, adapter_id: str, version: int, digest: str, tmp: pathlib.Path) -> pathlib.Path:
-        """Move a verified temp dir into place atomically; returns the final path."""
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(adapters=sum(not e.doomed for e in self._index.values()), bytes_used=self._bytes,
+                        bytes_capacity=self.capacity_bytes, hits=self.hits, misses=self.misses,
+                        loads=self.loads, evictions=self.evictions)
+
+    # -- readers ---------------------------------------------------------------------------------
+    def acquire(self, adapter_id: str, version: int) -> pathlib.Path | None:
+        """Pin and return a verified copy, or None (missing, or corrupt and now deleted)."""
+        key = (adapter_id, version)
+        with self._lock:
+            e = self._index.get(key)
+            if e is None or e.doomed:
+                self.misses += 1
+                return None
+            e.readers += 1
+            self._policy.touch(key, e.size, 1.0)
+        if not e.verified:
+            if not _verify(e.path, e.digest):
+                log.warning("disk_cache_corrupt_discarded", adapter_id=adapter_id, version=version,
+                            path=str(e.path))
+                with self._lock:
+                    self.misses += 1
+                    e.readers -= 1
+                    self._drop(key, e)
+                return None
+            e.verified = True
+        with self._lock:
+            self.hits += 1
+        return e.path
+
+    def release(self, adapter_id: str, version: int) -> None:
+        key = (adapter_id, version)
+        with self._lock:
+            e = self._index.get(key)
+            if e is None:
+                return
+            e.readers -= 1
+            if e.readers == 0 and e.doomed:
+                self._delete(key, e)
+
+    # -- changes ---------------------------------------------------------------------------------
+    def remove(self, adapter_id: str) -> None:
+        """Drop every version of adapter_id (a version being read goes when its reader ends)."""
+        with self._lock:
+            for key, e in [(k, e) for k, e in self._index.items() if k[0] == adapter_id]:
+                self._drop(key, e)
+
+    def put(self, adapter_id: str, version: int, digest: str, tmp: pathlib.Path,
+            verified: bool = True, pin: bool = False) -> pathlib.Path:
+        """Move a verified temp dir into place atomically; returns the final path (pinned for the
+        caller, who then calls release, when `pin`)."""
         (tmp / "meta.json").write_text(json.dumps({"adapter_id": adapter_id, "version": version,
                                                    "digest": digest}))
-        final = self._dir(adapter_id) / str(version)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another thread won the race with the same immutable content
+        size = sum(f.stat().st_size for f in tmp.iterdir())
+        if self.capacity_bytes and size > self.capacity_bytes:
             shutil.rmtree(tmp, ignore_errors=True)
-        if self.capacity_bytes:
-            self._evict(keep=final)
-        return final
-
-    def _evict(self, keep: pathlib.Path) -> None:
-        entries = []   # (last use, bytes, dir)
-        for d in self.root.iterdir():
-            if not d.is_dir() or d.name.startswith("."):
-                continue
-            for v in d.iterdir():
-                try:
-                    used = (v / "meta.json").stat().st_mtime
-                except FileNotFoundError:
-                    continue
-                entries.append((used, sum(f.stat().st_size for f in v.iterdir()), v))
-        total = sum(size for _, size, _ in entries)
-        for used, size, v in sorted(entries, key=lambda e: e[0]):
-            if total <= self.capacity_bytes:
-                return
-            if v == keep:
-                continue
-            log.info("disk_cache_evicted", path=str(v), bytes=size)
-            shutil.rmtree(v, ignore_errors=True)
-            total -= size
-        if total > self.capacity_bytes:
-            shutil.rmtree(keep, ignore_errors=True)
             raise errors.ResourceExhausted(
-                f"adapter at {keep.name} needs more than the disk cache's {self.capacity_bytes} "
-                "bytes; raise --disk-cache-bytes")
+                f"adapter {adapter_id!r} v{version} needs {size} bytes, more than the disk cache's "
+                f"{self.capacity_bytes}; raise --disk-cache-bytes")
+        key = (adapter_id, version)
+        with self._lock:
+            e = self._index.get(key)
+            if e is not None and not e.doomed:       # another load won the race (same content)
+                shutil.rmtree(tmp, ignore_errors=True)
+                self._policy.touch(key, e.size, 1.0)
+                e.readers += pin
+                return e.path
+            final = self._dir(adapter_id) / str(version)
+            if e is not None:                        # a doomed copy still read: keep both apart
+                final = final.with_name(f"{version}.{os.getpid()}.{id(tmp)}")
+                # not indexable by a later scan (not a digit name): deleted at the next start's scan
+            else:
+                shutil.rmtree(final, ignore_errors=True)   # an orphan the index did not know
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, final)
+            if e is not None:
+                self._index.pop(key)
+            self._index[key] = _DiskEntry(final, size, digest, readers=int(pin), verified=verified)
+            self._bytes += size
+            self.loads += 1
+            self._policy.touch(key, size, 1.0)
+            self._evict(keep=key)
+            return final
 
     def tempdir(self) -> pathlib.Path:
         return pathlib.Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.root))
+
+    # -- internals (callers hold self._lock) -----------------------------------------------------
+    def _evict(self, keep: tuple[str, int]) -> None:
+        if not self.capacity_bytes:
+            return
+        while self._bytes > self.capacity_bytes:
+            candidates = [k for k, e in self._index.items() if k != keep and not e.doomed and e.readers == 0]
+            victim = self._policy.victim(candidates)
+            if victim is None:   # everything else is being read: over budget until they finish
+                log.info("disk_cache_over_budget", bytes=self._bytes, capacity=self.capacity_bytes)
+                return
+            log.info("disk_cache_evicted", adapter_id=victim[0], version=victim[1])
+            self.evictions += 1
+            self._drop(victim, self._index[victim])
+
+    def _drop(self, key: tuple[str, int], e: _DiskEntry) -> None:
+        if not e.doomed:
+            e.doomed = True
+            self._policy.remove(key)
+        if e.readers == 0:
+            self._delete(key, e)
+
+    def _delete(self, key: tuple[str, int], e: _DiskEntry) -> None:
+        if self._index.get(key) is e:
+            del self._index[key]
+        self._bytes -= e.size
+        shutil.rmtree(e.path, ignore_errors=True)
+        try:
+            e.path.parent.rmdir()       # the id's directory, once empty
+        except OSError:
+            pass
+
+
+def _verify(path: pathlib.Path, digest: str) -> bool:
+    """The files' sha256 manifest matches `digest` (a copy without one, e.g. from a test, passes)."""
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest or ""):
+        return True
+    try:
+        got = {}
+        for name in ADAPTER_FILES:
+            h = hashlib.sha256()
+            with open(path / name, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+            got[name] = h.hexdigest()
+    except OSError:
+        return False
+    return manifest_digest(got) == digest
 
 
 class RegistryAdapterSource:
@@ -138,6 +271,72 @@ class RegistryAdapterSource:
 
     def forget(self, adapter_id: str) -> None:
         self.store.remove(adapter_id)
+
+    def stats(self) -> dict[str, int]:
+        return self.store.stats()
+
+    def latest(self, adapter_id: str) -> int:
+        """The registry's latest version of adapter_id (raises AdapterNotFound / Unavailable)."""
+        if self._stub is None:
+            held = self.store.versions(adapter_id)
+            if held:
+                return held[-1]
+            raise errors.AdapterNotFound(f"adapter {adapter_id!r} is not on this executor's disk and "
+                                         "no --registry is configured")
+        try:
+            return self._stub.GetAdapter(registry_pb2.GetAdapterRequest(adapter_id=adapter_id),
+                                         timeout=self.timeout_s).version
+        except grpc.RpcError as exc:
+            raise self._error(adapter_id, exc) from None
+
+    def read(self, adapter_id: str, version: int, reader):
+        """(version, reader(path), tier it came from: "disk" | "registry") with the copy pinned on
+        disk while `reader` runs (an eviction never deletes it under the reader). A corrupt disk copy
+        is discarded and fetched again."""
+        for _ in range(3):
+            tier = "disk"
+            try:
+                v = version
+                if v == 0:
+                    v = self._latest_or_local(adapter_id)
+                path = self.store.acquire(adapter_id, v)
+                if path is None:
+                    if self._stub is None:
+                        raise errors.AdapterNotFound(
+                            f"adapter {adapter_id!r} v{v} is not on this executor's disk and no "
+                            "--registry is configured")
+                    tier = "registry"
+                    path = self._fetch(adapter_id, v, pin=True).path   # pinned as it lands
+            except grpc.RpcError as exc:
+                raise self._error(adapter_id, exc) from None
+            try:
+                return v, reader(path), tier
+            finally:
+                self.store.release(adapter_id, v)
+        raise errors.Unavailable(f"adapter {adapter_id!r}: its disk copy kept disappearing; "
+                                 "raise --disk-cache-bytes")
+
+    def _latest_or_local(self, adapter_id: str) -> int:
+        try:
+            return self.latest(adapter_id)
+        except errors.Unavailable:
+            held = self.store.versions(adapter_id)
+            if held:
+                log.warning("registry_unreachable_serving_local", adapter_id=adapter_id,
+                            version=held[-1], registry=self.address)
+                return held[-1]
+            raise
+
+    def _error(self, adapter_id: str, exc: grpc.RpcError) -> errors.OpenLoraError:
+        code = exc.code()
+        if code == grpc.StatusCode.NOT_FOUND:
+            return errors.AdapterNotFound(exc.details())
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return errors.InvalidArgument(exc.details())
+        if code in _UNREACHABLE:
+            return errors.Unavailable(f"adapter {adapter_id!r}: registry {self.address} unreachable "
+                                      f"({code.name}) and this executor holds no copy")
+        return errors.Unavailable(f"registry {self.address}: {code.name}: {exc.details()}")
 
     def close(self) -> None:
         if self._channel is not None:
@@ -177,7 +376,7 @@ class RegistryAdapterSource:
             f"adapter {adapter_id!r}: registry {self.address} unreachable ({exc.code().name}) "
             "and this executor holds no copy") from None
 
-    def _fetch(self, adapter_id: str, version: int) -> ResolvedAdapter:
+    def _fetch(self, adapter_id: str, version: int, pin: bool = False) -> ResolvedAdapter:
         if version == 0:
             meta = self._stub.GetAdapter(registry_pb2.GetAdapterRequest(adapter_id=adapter_id),
                                          timeout=self.timeout_s)
@@ -192,7 +391,7 @@ class RegistryAdapterSource:
         try:
             meta = self._receive(stream, tmp)
             return ResolvedAdapter(adapter_id, meta.version,
-                                   self.store.put(adapter_id, meta.version, meta.digest, tmp))
+                                   self.store.put(adapter_id, meta.version, meta.digest, tmp, pin=pin))
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -123,7 +123,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
 
     async def LoadAdapter(self, request, context):
         start = time.perf_counter()
-        tier = "disk" if request.tier == executor_pb2.ADAPTER_TIER_DISK else "device"
+        tier = {executor_pb2.ADAPTER_TIER_DISK: "disk",
+                executor_pb2.ADAPTER_TIER_HOST: "host"}.get(request.tier, "device")
         _, reached = await asyncio.to_thread(self.engine.load_adapter, request.adapter_id,
                                              request.version, tier)
         return executor_pb2.LoadAdapterResponse(
@@ -140,7 +141,12 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             dtype=st.dtype, running_requests=st.running, waiting_requests=st.waiting,
             max_batch_size=st.max_batch_size, kv_blocks_total=st.kv_blocks_total,
             kv_blocks_free=st.kv_blocks_free, device_adapter_slots=st.device_adapter_slots,
-            host_cache_bytes=self.host_cache_bytes, host_cache_used_bytes=0,
+            host_cache_bytes=st.host_cache_bytes or self.host_cache_bytes,
+            host_cache_used_bytes=st.host_cache_used_bytes,
+            tier_stats=[executor_pb2.TierStats(
+                tier=TIERS[t.tier], adapters=t.adapters, bytes_used=t.bytes_used,
+                bytes_capacity=t.bytes_capacity, hits=t.hits, misses=t.misses, loads=t.loads,
+                evictions=t.evictions) for t in st.tier_stats],
             kv_blocks_cached=st.kv_blocks_cached, prefix_cache_hit_tokens=st.prefix_cache_hit_tokens,
             prefill_tokens_computed=st.prefill_tokens_computed,
             adapters=[executor_pb2.AdapterResidency(adapter_id=a.adapter_id, version=a.version,

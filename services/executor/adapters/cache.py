@@ -76,6 +76,17 @@ class LocalDirSource:
     def forget(self, adapter_id: str) -> None:
         pass
 
+    def latest(self, adapter_id: str) -> int:
+        return self.resolve(adapter_id, 0).version
+
+    def read(self, adapter_id: str, version: int, reader):
+        """(version, reader(path), "disk"): the directory is read in place."""
+        resolved = self.resolve(adapter_id, version)
+        return resolved.version, reader(resolved.path), "disk"
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -132,7 +143,9 @@ class AdapterCache:
             load.waiters.append(fut)
         return fut
 
-    def release(self, slot: int) -> None:
+    def release(self, slot) -> None:
+        """Unpin a lease's slot (a Lease or its slot number)."""
+        slot = getattr(slot, "slot", slot)
         with self._cond:
             s = self._slots[slot]
             s.pins -= 1

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from services.executor import ops
 from services.executor.kv_cache import AttnMetadata, KVCache, paged_attention
+
+if TYPE_CHECKING:
+    from services.executor.adapters.arena import PagedBatch
 
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -200,6 +204,7 @@ class ForwardBatch:
     seg_indptr: Tensor   # [G+1] int32
     seg_slots: Tensor    # [G] int32
     logits_rows: Tensor  # [N] long: rows whose next-token logits are wanted
+    paged: "PagedBatch | None" = None   # set when adapters are read from the host arena (CPU)
 
 
 class RMSNorm(nn.Module):
@@ -224,8 +229,19 @@ class LoraProj(nn.Module):
         self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
         self.lora: LoraStack | None = None
         self.packed: Tensor | None = None   # ops.pack_weight(self.weight), see LlamaForCausalLM.prepack
+        self.lm = 0                         # (layer, module) index in the arena's tables
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
+        p = batch.paged
+        if p is not None:   # the base matmul, then each segment's adapter read in place from the arena
+            if self.packed is not None:
+                y = ops.linear_packed(x, self.weight, self.packed, self.bias)
+            else:
+                y = torch.nn.functional.linear(x, self.weight, self.bias)
+            if p.any_lora:
+                ops.lora_paged_add_(y, x.contiguous(), p.arena, p.page_index, p.seg_meta, p.seg_scalings,
+                                    self.lm, batch.seg_indptr)
+            return y
         s = self.lora
         if self.packed is not None:
             return ops.lora_linear_packed(x, self.weight, self.packed, self.bias, s.a, s.b, s.scalings,

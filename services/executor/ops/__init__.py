@@ -21,11 +21,11 @@ import torch
 from torch import Tensor
 
 from . import build as _build
-from .reference import (add_rms_norm_ref, lora_linear_ref, paged_attention_decode_ref, rms_norm_ref,
-                        rotary_ref, silu_mul_ref)
+from .reference import (add_rms_norm_ref, lora_linear_ref, lora_paged_add_ref, paged_attention_decode_ref,
+                        rms_norm_ref, rotary_ref, silu_mul_ref)
 from .segments import build_segments
 
-__all__ = ["lora_linear", "lora_linear_async", "lora_linear_ref", "pack_weight", "lora_linear_packed",
+__all__ = ["lora_linear", "lora_linear_async", "lora_linear_ref", "lora_paged_add_", "lora_paged_add_ref", "pack_weight", "lora_linear_packed",
            "linear_packed", "paged_attention_decode", "paged_attention_decode_async",
            "paged_attention_decode_ref", "rms_norm", "rms_norm_ref",
            "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref", "rotary", "rotary_ref",
@@ -46,6 +46,8 @@ SCHEMAS = {  # op name -> (schema, reference); the C++ declares the same schemas
     "paged_attention_decode": (("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
                                 "Tensor context_lens, float scale, int sliding_window) -> Tensor"),
                                paged_attention_decode_ref),
+    "lora_paged_add_": (("(Tensor(a!) y, Tensor x, Tensor arena, Tensor page_index, Tensor seg_meta, "
+                         "Tensor seg_scalings, int lm, Tensor seg_indptr) -> ()"), lora_paged_add_ref),
     "rms_norm": ("(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm_ref),
     "add_rms_norm": ("(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
                      add_rms_norm_ref),
@@ -109,6 +111,7 @@ def ensure_built() -> str:
                 lambda x, weight, packed_weight, bias: _lora_linear_fake(x, weight, bias, *[None] * 6))
             for name in ("paged_attention_decode", "paged_attention_decode_async"):
                 torch.library.register_fake(f"openlora::{name}")(_paged_attention_decode_fake)
+            torch.library.register_fake("openlora::lora_paged_add_")(lambda *args: None)
             for name, fake in _LAYER_FAKES.items():
                 torch.library.register_fake(f"openlora::{name}")(fake)
     return _backend
@@ -151,6 +154,26 @@ def lora_linear_async(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
     device rather than raised (nothing is read out of bounds). On CPU it is lora_linear."""
     return torch.ops.openlora.lora_linear_async.default(
         x, weight, bias, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots)
+
+
+def lora_paged_add_(y: Tensor, x: Tensor, arena: Tensor, page_index: Tensor, seg_meta: Tensor,
+                    seg_scalings: Tensor, lm: int, seg_indptr: Tensor) -> None:
+    """Adds each segment's LoRA delta to y in place, reading A and B^T from the adapter arena's pages
+    (torch.ops.openlora.lora_paged_add_; CPU: the arena is host memory the kernel reads in place).
+
+    y [T, d_out], x [T, d_in], arena [num_pages, P] (x's dtype), page_index [E] i32,
+    seg_meta [G, LM, 2] i32 = (offset into page_index, rank) per segment and (layer, module),
+    seg_scalings [G, LM] f32, lm: this projection's (layer, module) index, seg_indptr [G+1] i32.
+    With ca = ceil(d_in / P), cb = ceil(d_out / P) and (off, r) = seg_meta[g, lm]:
+
+        A[k]  = concat(arena[page_index[off + k*ca + c]] for c < ca)[:d_in]      # lora_A row k
+        Bt[k] = concat(arena[page_index[off + r*ca + k*cb + c]] for c < cb)[:d_out]  # lora_B column k
+        y[seg g] += seg_scalings[g, lm] * (x[seg g] @ A.T) @ Bt                    # r = 0: nothing
+
+    Work and bytes read are each segment's true rank's: nothing is padded to a maximum rank.
+    """
+    torch.ops.openlora.lora_paged_add_.default(y, x, arena, page_index, seg_meta, seg_scalings, lm,
+                                               seg_indptr)
 
 
 def pack_weight(weight: Tensor) -> Tensor | None:

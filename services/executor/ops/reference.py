@@ -184,3 +184,31 @@ def rotary_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Hugging Face's rotate_half RoPE: x [T, H, D], cos/sin [T, D] in x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+# -- the adapter arena's op (cpp/lora_paged.cpp) ------------------------------------------------------
+
+def lora_paged_add_ref(y: Tensor, x: Tensor, arena: Tensor, page_index: Tensor, seg_meta: Tensor,
+                       seg_scalings: Tensor, lm: int, seg_indptr: Tensor) -> None:
+    """In place: y[seg] += seg_scalings[g, lm] * (x[seg] @ A.T) @ Bt, A and Bt gathered from arena pages.
+
+    y [T, d_out], x [T, d_in], arena [NP, P], page_index [E] i32, seg_meta [G, LM, 2] i32 (offset,
+    rank), seg_scalings [G, LM] f32, seg_indptr [G+1] i32. With ca = ceil(d_in / P), cb = ceil(d_out / P):
+        A[k]  = concat(arena[page_index[off + k*ca + c]] for c < ca)[:d_in]
+        Bt[k] = concat(arena[page_index[off + r*ca + k*cb + c]] for c < cb)[:d_out]
+    Computed in fp32 (float64 for float64 inputs), rounded to y's dtype once.
+    """
+    P = arena.shape[1]
+    d_in, d_out = x.shape[1], y.shape[1]
+    ca, cb = -(-d_in // P), -(-d_out // P)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    ip = seg_indptr.tolist()
+    for g in range(len(ip) - 1):
+        off, r = (int(v) for v in seg_meta[g, lm].tolist())
+        if r == 0 or ip[g + 1] == ip[g]:
+            continue
+        a = arena[page_index[off:off + r * ca].long()].reshape(r, ca * P)[:, :d_in].to(acc)
+        bt = arena[page_index[off + r * ca:off + r * (ca + cb)].long()].reshape(r, cb * P)[:, :d_out].to(acc)
+        rows = slice(ip[g], ip[g + 1])
+        delta = float(seg_scalings[g, lm]) * (x[rows].to(acc) @ a.T) @ bt
+        y[rows] = (y[rows].to(acc) + delta).to(y.dtype)

@@ -1,0 +1,203 @@
+"""The host adapter arena: one region allocated once, adapters at their true rank in fixed-size pages.
+
+    layout = ArenaLayout.for_model(model_cfg)              # (layer, module) order, page size P
+    arena = HostArena(layout, capacity_bytes, dtype, pin=cuda)
+    ids = arena.allocate(arena.pages_needed(host))         # None: not enough free pages (evict first)
+    entry = arena.write(ids, host)                         # the kernel reads it in place from now on
+    meta = arena.batch([entry, None, entry2])              # one step's page index and segment meta
+    arena.free(entry)                                      # only once no step reads it
+
+A page is P elements of the model's dtype. One (layer, module) of an adapter of rank r over a
+projection [d_out, d_in] takes r * ceil(d_in / P) pages for lora_A (row k: pages k*ca .. k*ca+ca-1)
+and r * ceil(d_out / P) pages for lora_B's columns (B^T row k), the last page of each row partly
+used. An adapter's pages are any free pages, listed in its own page index; mixed ranks share the pool
+with no padding to a maximum rank and no external fragmentation, and placing or freeing an adapter
+costs O(its pages). ops.lora_paged_add_ reads each segment's weights through that index.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from services.executor.adapters.reader import HostAdapter
+from services.executor.model.llama import LORA_MODULES, ModelConfig
+
+
+@dataclass(frozen=True)
+class ArenaLayout:
+    """Where each (layer, module) sits in the kernel's tables: lm = layer * 7 + module index."""
+
+    shapes: tuple[tuple[int, int], ...]   # per lm: (d_out, d_in)
+    page_elems: int
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, page_elems: int = 0) -> "ArenaLayout":
+        shapes = tuple(cfg.module_shape(m) for _ in range(cfg.layers) for m in LORA_MODULES)
+        if page_elems <= 0:  # S-LoRA's page: a vector; the smallest row here (k/v's d_out) wastes nothing
+            dims = [d for shape in shapes for d in shape]
+            page_elems = max(min(dims), min(64, max(dims)))
+        return cls(shapes, page_elems)
+
+    @staticmethod
+    def lm(layer: int, module: str) -> int:
+        return layer * len(LORA_MODULES) + LORA_MODULES.index(module)
+
+    def chunks(self, lm: int) -> tuple[int, int]:
+        """(ca, cb): pages per lora_A row and per lora_B column of (layer, module) lm."""
+        d_out, d_in = self.shapes[lm]
+        p = self.page_elems
+        return -(-d_in // p), -(-d_out // p)
+
+    def pages_needed(self, host: HostAdapter) -> int:
+        total = 0
+        for (layer, module), (a, _, _) in host.weights.items():
+            ca, cb = self.chunks(self.lm(layer, module))
+            total += a.shape[0] * (ca + cb)
+        return total
+
+
+@dataclass(eq=False)
+class ArenaEntry:
+    """One adapter placed in the arena. uid is unique for the arena's life (batches sort on it)."""
+
+    uid: int
+    pages: Tensor       # [n] int32: the adapter's pages in logical order (its page index)
+    meta: Tensor        # [LM, 2] int32: (offset into pages, rank); rank 0 = not targeted
+    scalings: Tensor    # [LM] float32
+    nbytes: int         # bytes of arena it holds (whole pages)
+    rank: int           # its largest rank
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """One step's view of the arena for ops.lora_paged_add_ (G segments)."""
+
+    arena: Tensor         # [num_pages, P]
+    page_index: Tensor    # [E] int32: the batch's adapters' page indexes, concatenated
+    seg_meta: Tensor      # [G, LM, 2] int32
+    seg_scalings: Tensor  # [G, LM] float32
+    any_lora: bool        # False: every segment is base-only (the op can be skipped)
+
+
+class HostArena:
+    def __init__(self, layout: ArenaLayout, capacity_bytes: int, dtype: torch.dtype, pin: bool = False):
+        self.layout = layout
+        self.dtype = dtype
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.page_bytes = layout.page_elems * elem
+        self.num_pages = capacity_bytes // self.page_bytes
+        self.capacity_bytes = self.num_pages * self.page_bytes
+        self.pages = torch.zeros((self.num_pages, layout.page_elems), dtype=dtype,
+                                 pin_memory=pin and torch.cuda.is_available())
+        self._free = list(range(self.num_pages - 1, -1, -1))   # a stack: O(1) per page
+        self._lock = threading.Lock()
+        self._uids = itertools.count(1)
+        self._lm = len(layout.shapes)
+        self._batch_cache: tuple[tuple, PagedBatch] | None = None
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_bytes(self) -> int:
+        return (self.num_pages - len(self._free)) * self.page_bytes
+
+    def pages_needed(self, host: HostAdapter) -> int:
+        return self.layout.pages_needed(host)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n free pages, or None when fewer are free (nothing is taken then)."""
+        with self._lock:
+            if n > len(self._free):
+                return None
+            taken = self._free[len(self._free) - n:]
+            del self._free[len(self._free) - n:]
+            return taken
+
+    def write(self, ids: list[int], host: HostAdapter) -> ArenaEntry:
+        """Lay `host` out in pages `ids` (from allocate, exactly pages_needed(host) of them)."""
+        p = self.layout.page_elems
+        meta = torch.zeros((self._lm, 2), dtype=torch.int32)
+        scalings = torch.zeros(self._lm, dtype=torch.float32)
+        if self.layout.pages_needed(host) != len(ids):
+            raise ValueError(f"adapter needs {self.layout.pages_needed(host)} pages, {len(ids)} were given")
+        index = torch.tensor(ids, dtype=torch.int32)
+        dest = index.long()
+        offset = 0
+        for (layer, module), (a, b, scaling) in sorted(host.weights.items()):
+            lm = self.layout.lm(layer, module)
+            ca, cb = self.layout.chunks(lm)
+            r = a.shape[0]
+            if r == 0:
+                continue
+            meta[lm, 0], meta[lm, 1], scalings[lm] = offset, r, scaling
+            for mat, c in ((a, ca), (b.t(), cb)):             # lora_A rows, then lora_B^T rows
+                n = mat.shape[1]
+                if n == c * p and mat.dtype == self.dtype:    # whole pages: straight from the tensor
+                    rows = mat.contiguous().view(r * c, p)
+                else:                                         # the last page of each row partly used
+                    rows = torch.zeros((r, c * p), dtype=self.dtype)
+                    rows[:, :n] = mat
+                    rows = rows.view(r * c, p)
+                self.pages.index_copy_(0, dest[offset:offset + r * c], rows)
+                offset += r * c
+        return ArenaEntry(uid=next(self._uids), pages=index, meta=meta, scalings=scalings,
+                          nbytes=len(ids) * self.page_bytes, rank=host.rank)
+
+    def free(self, entry: ArenaEntry) -> None:
+        self.release_pages(entry.pages.tolist())
+        entry.pages = entry.pages[:0]
+
+    def release_pages(self, ids: list[int]) -> None:
+        with self._lock:
+            self._free.extend(ids)
+
+    def read_back(self, entry: ArenaEntry, lm: int) -> tuple[Tensor, Tensor]:
+        """(lora_A [r, d_in], lora_B [d_out, r]) of one (layer, module), gathered (tests, CUDA slots)."""
+        off, r = (int(v) for v in entry.meta[lm])
+        d_out, d_in = self.layout.shapes[lm]
+        ca, cb = self.layout.chunks(lm)
+        p = self.layout.page_elems
+        a = self.pages[entry.pages[off:off + r * ca].long()].reshape(r, ca * p)[:, :d_in]
+        bt = self.pages[entry.pages[off + r * ca:off + r * (ca + cb)].long()].reshape(r, cb * p)[:, :d_out]
+        return a, bt.t()
+
+    def batch(self, entries: list[ArenaEntry | None]) -> PagedBatch:
+        """The kernel's tables for segments using `entries` in order (None: base only)."""
+        key = tuple(e.uid if e is not None else 0 for e in entries)
+        cached = self._batch_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        metas, scals, index, offset = [], [], [], 0
+        seen: dict[int, int] = {}
+        zero_meta = torch.zeros((self._lm, 2), dtype=torch.int32)
+        zero_scal = torch.zeros(self._lm, dtype=torch.float32)
+        for e in entries:
+            if e is None:
+                metas.append(zero_meta)
+                scals.append(zero_scal)
+                continue
+            base = seen.get(e.uid)
+            if base is None:
+                base = seen[e.uid] = offset
+                index.append(e.pages)
+                offset += e.pages.numel()
+            m = e.meta.clone()
+            m[:, 0] += base
+            metas.append(m)
+            scals.append(e.scalings)
+        G = len(entries)
+        out = PagedBatch(
+            arena=self.pages,
+            page_index=torch.cat(index) if index else torch.zeros(0, dtype=torch.int32),
+            seg_meta=torch.stack(metas) if G else torch.zeros((0, self._lm, 2), dtype=torch.int32),
+            seg_scalings=torch.stack(scals) if G else torch.zeros((0, self._lm), dtype=torch.float32),
+            any_lora=bool(index))
+        self._batch_cache = (key, out)
+        return out

@@ -1,0 +1,118 @@
+"""Which adapter a full tier evicts: GDSF (cost-aware, frequency with ageing) or plain LRU.
+
+    policy = make_policy("gdsf")
+    policy.touch(key, size, cost)        # a hit, or an insertion (cost: seconds to reload it)
+    victim = policy.victim(candidates)   # the one to evict among the evictable (unpinned) keys
+    policy.remove(key)                   # it left the tier
+
+GDSF (Greedy-Dual-Size-Frequency, Cherkasova 1998): priority = L + frequency * cost / size. An
+evicted key's priority becomes the clock L, so keys not touched since sink below newly touched ones
+(ageing); a key that is expensive to reload (it came from the registry, not the disk) or small stays
+longer than a cheap or large one with the same frequency. Frequencies also halve every `halve_every`
+touches, so yesterday's hot adapter does not squat forever. Pure: table-tested without servers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable, Iterable
+from typing import Protocol
+
+
+class EvictionPolicy(Protocol):
+    def touch(self, key: Hashable, size: int, cost: float) -> None: ...
+    def remove(self, key: Hashable) -> None: ...
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable | None: ...
+
+
+class LRUPolicy:
+    """Least recently touched first."""
+
+    def __init__(self) -> None:
+        self._clock = itertools.count()
+        self._last: dict[Hashable, int] = {}
+
+    def touch(self, key: Hashable, size: int = 1, cost: float = 1.0) -> None:
+        self._last[key] = next(self._clock)
+
+    def remove(self, key: Hashable) -> None:
+        self._last.pop(key, None)
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
+        return min(candidates, key=lambda k: self._last.get(k, -1), default=None)
+
+
+class GDSFPolicy:
+    """Lowest L + frequency * cost / size first (ties: least recently touched)."""
+
+    def __init__(self, halve_every: int = 4096) -> None:
+        self.clock_l = 0.0
+        self.halve_every = halve_every
+        self._touches = 0
+        self._freq: dict[Hashable, float] = {}
+        self._value: dict[Hashable, float] = {}      # cost / size, per key
+        self._prio: dict[Hashable, float] = {}
+        self._order = itertools.count()
+        self._last: dict[Hashable, int] = {}
+
+    def touch(self, key: Hashable, size: int = 1, cost: float = 1.0) -> None:
+        self._touches += 1
+        if self.halve_every and self._touches % self.halve_every == 0:
+            self._freq = {k: f / 2 for k, f in self._freq.items()}
+        self._freq[key] = self._freq.get(key, 0.0) + 1.0
+        self._value[key] = max(cost, 1e-9) / max(size, 1)
+        self._prio[key] = self.clock_l + self._freq[key] * self._value[key]
+        self._last[key] = next(self._order)
+
+    def remove(self, key: Hashable) -> None:
+        prio = self._prio.pop(key, None)
+        if prio is not None:       # evicted or unloaded: the clock rises to its priority (ageing)
+            self.clock_l = max(self.clock_l, prio)
+        self._freq.pop(key, None)
+        self._value.pop(key, None)
+        self._last.pop(key, None)
+
+    def forget(self, key: Hashable) -> None:
+        """Drop a key without ageing the others (an unload, not an eviction)."""
+        self._prio.pop(key, None)
+        self._freq.pop(key, None)
+        self._value.pop(key, None)
+        self._last.pop(key, None)
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
+        return min(candidates, key=lambda k: (self._prio.get(k, float("-inf")), self._last.get(k, -1)),
+                   default=None)
+
+
+POLICIES = {"gdsf": GDSFPolicy, "lru": LRUPolicy}
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"eviction policy must be one of {sorted(POLICIES)}, got {name!r}") from None
+
+
+def simulate(trace: Iterable[Hashable], capacity: int, policy: EvictionPolicy,
+             size: dict | None = None, cost: dict | None = None) -> float:
+    """Hit rate of `policy` over `trace` with room for `capacity` units (size 1 each by default)."""
+    held: dict[Hashable, int] = {}
+    used = hits = total = 0
+    for key in trace:
+        total += 1
+        s = (size or {}).get(key, 1)
+        c = (cost or {}).get(key, 1.0)
+        if key in held:
+            hits += 1
+            policy.touch(key, s, c)
+            continue
+        while used + s > capacity and held:
+            v = policy.victim(held)
+            used -= held.pop(v)
+            policy.remove(v)
+        if used + s <= capacity:
+            held[key] = s
+            used += s
+            policy.touch(key, s, c)
+    return hits / total if total else 0.0

@@ -1,0 +1,316 @@
+"""The one owner of adapter residency: which adapter@version lives in which tier, and the loads.
+
+    res = Residency(arena, source, model_cfg, max_rank)
+    fut = res.acquire("acme/sql", 0)     # Future[Lease]; done at once when the arena holds it
+    lease = fut.result()                 # lease.entry is pinned: never evicted until release
+    res.release(lease)
+
+Tiers: the host arena (what the CPU kernel reads in place; reported as HOST), the disk tier and the
+registry behind the source. A miss loads on a background thread: source.read (disk, else the
+registry, digest-checked) -> parse + validate (reader.read_adapter) -> pages in the arena, evicting
+unpinned adapters by the policy (GDSF by default) until they fit. Concurrent acquires of one
+adapter@version share one load. Version 0 (latest) is served at once from a resident copy; when its
+resolution is older than `latest_ttl_s` it is re-resolved in the background, never on the request's
+path (and a registry change feed updates it at once through set_latest).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Callable
+
+import structlog
+
+from services.common.errors import ResourceExhausted, Unavailable
+from services.executor.adapters.arena import ArenaEntry, HostArena
+from services.executor.adapters.policy import make_policy
+from services.executor.adapters.reader import read_adapter
+from services.executor.model.llama import ModelConfig
+
+log = structlog.get_logger(__name__)
+
+Key = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Lease:
+    key: Key
+    entry: ArenaEntry
+    load_ms: float          # 0 when it was already resident
+    source_tier: str        # where it came from: "host" (a hit), "disk" or "registry"
+
+    @property
+    def version(self) -> int:
+        return self.key[1]
+
+    @property
+    def slot(self) -> int:  # the batch sort key (unique per placement)
+        return self.entry.uid
+
+
+@dataclass
+class TierCounters:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+
+
+@dataclass
+class _Held:
+    entry: ArenaEntry
+    pins: int = 0
+
+
+@dataclass
+class _Load:
+    waiters: list[Future] = field(default_factory=list)
+
+
+class Residency:
+    def __init__(self, arena: HostArena, source, cfg: ModelConfig, max_rank: int, *,
+                 policy: str = "gdsf", latest_ttl_s: float = 5.0, workers: int = 4,
+                 wait_s: float = 120.0, on_load: Callable[[str, float], None] | None = None):
+        self.arena, self.source, self.cfg, self.max_rank = arena, source, cfg, max_rank
+        self.latest_ttl_s, self.wait_s = latest_ttl_s, wait_s
+        self.on_load = on_load
+        self.host = TierCounters()
+        self._policy = make_policy(policy)
+        self._cond = threading.Condition()
+        self._held: dict[Key, _Held] = {}
+        self._draining: dict[int, _Held] = {}   # unloaded while in use: freed at their last release
+        self._load_cost: dict[Key, float] = {}  # seconds the last load took (GDSF's reload cost)
+        self._latest: dict[str, tuple[int, float]] = {}
+        self._refreshing: set[str] = set()
+        self._loads: dict[Key, _Load] = {}
+        self._gen: dict[str, int] = {}          # bumped by unload: loads started before it don't stay
+        self._workers = ThreadPoolExecutor(workers, thread_name_prefix="adapter-load")
+        self._closed = False
+
+    # -- requests ----------------------------------------------------------------------------
+    def acquire(self, adapter_id: str, version: int) -> Future:
+        """Future[Lease], pinned for the caller until release(lease)."""
+        fut: Future = Future()
+        with self._cond:
+            if self._closed:
+                fut.set_exception(Unavailable("executor is shutting down"))
+                return fut
+            key = self._resident(adapter_id, version)
+            if key is not None:
+                held = self._held[key]
+                held.pins += 1
+                self.host.hits += 1
+                self._policy.touch(key, held.entry.nbytes, self._cost(key))
+                fut.set_result(Lease(key, held.entry, 0.0, "host"))
+                return fut
+            self.host.misses += 1
+            req = (adapter_id, version)
+            load = self._loads.get(req)
+            if load is None:
+                load = self._loads[req] = _Load()
+                self._workers.submit(self._load, adapter_id, version, load,
+                                     self._gen.get(adapter_id, 0))
+            load.waiters.append(fut)
+        return fut
+
+    def release(self, lease: Lease) -> None:
+        with self._cond:
+            held = self._held.get(lease.key)
+            if held is not None and held.entry is lease.entry:
+                held.pins -= 1
+            else:
+                held = self._draining.get(lease.entry.uid)
+                if held is None:
+                    return
+                held.pins -= 1
+                if held.pins == 0:
+                    del self._draining[lease.entry.uid]
+                    self.arena.free(held.entry)
+            self._cond.notify_all()
+
+    def preload(self, adapter_id: str, version: int, timeout: float | None = None) -> Lease:
+        """Blocking load into the arena (not left pinned); UNAVAILABLE past `timeout` s."""
+        fut = self.acquire(adapter_id, version)
+        try:
+            lease = fut.result(timeout)
+        except FutureTimeout:
+            fut.add_done_callback(lambda f: f.exception() is None and self.release(f.result()))
+            raise Unavailable(f"adapter {adapter_id!r} did not load within {timeout:.0f} s; "
+                              "the load continues in the background, retry later") from None
+        self.release(lease)
+        return lease
+
+    def unload(self, adapter_id: str) -> None:
+        """Drop every version of adapter_id from the arena; entries in use go when their last user ends."""
+        with self._cond:
+            self._latest.pop(adapter_id, None)
+            self._gen[adapter_id] = self._gen.get(adapter_id, 0) + 1
+            for key in [k for k in self._held if k[0] == adapter_id]:
+                held = self._held[key]
+                if held.pins == 0:
+                    self._free(key, evicted=False)
+                else:
+                    self._drain(key)
+            self._cond.notify_all()
+
+    def set_latest(self, adapter_id: str, version: int) -> None:
+        """The registry says `version` is now adapter_id's latest (a change feed event)."""
+        with self._cond:
+            self._latest[adapter_id] = (version, time.monotonic())
+
+    def residency(self) -> list[tuple[str, int, int]]:
+        """(adapter_id, version, active requests) of every adapter in the arena."""
+        with self._cond:
+            return [(k[0], k[1], h.pins) for k, h in self._held.items()]
+
+    def host_stats(self) -> dict[str, int]:
+        with self._cond:
+            return dict(adapters=len(self._held),
+                        bytes_used=self.arena.used_bytes, bytes_capacity=self.arena.capacity_bytes,
+                        hits=self.host.hits, misses=self.host.misses, loads=self.host.loads,
+                        evictions=self.host.evictions)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    # -- internals (callers hold self._cond) -----------------------------------------------------
+    def _resident(self, adapter_id: str, version: int) -> Key | None:
+        if version == 0:
+            latest = self._latest.get(adapter_id)
+            if latest is None:
+                return None
+            if time.monotonic() - latest[1] > self.latest_ttl_s:
+                self._refresh_latest(adapter_id)      # in the background; this request goes on
+            version = latest[0]
+        key = (adapter_id, version)
+        return key if key in self._held else None
+
+    def _refresh_latest(self, adapter_id: str) -> None:
+        if adapter_id in self._refreshing or self._closed:
+            return
+        self._refreshing.add(adapter_id)
+
+        def refresh() -> None:
+            try:
+                version = self.source.latest(adapter_id)
+                with self._cond:
+                    self._latest[adapter_id] = (version, time.monotonic())
+            except Exception as exc:   # the registry is down: keep serving what we have
+                log.info("latest_refresh_failed", adapter_id=adapter_id, error=str(exc))
+                with self._cond:
+                    if adapter_id in self._latest:
+                        self._latest[adapter_id] = (self._latest[adapter_id][0], time.monotonic())
+            finally:
+                with self._cond:
+                    self._refreshing.discard(adapter_id)
+
+        self._workers.submit(refresh)
+
+    def _cost(self, key: Key) -> float:
+        return self._load_cost.get(key, 1e-3)
+
+    def _drain(self, key: Key) -> None:
+        """Out of the table at once (no new user finds it); its pages go at its last release."""
+        held = self._held.pop(key)
+        getattr(self._policy, "forget", self._policy.remove)(key)
+        if held.pins == 0:
+            self.arena.free(held.entry)
+        else:
+            self._draining[held.entry.uid] = held
+
+    def _free(self, key: Key, evicted: bool = True) -> None:
+        held = self._held.pop(key)
+        self._load_cost.pop(key, None)
+        if evicted:
+            self._policy.remove(key)
+            self.host.evictions += 1
+            log.info("adapter_evicted", adapter_id=key[0], version=key[1], bytes=held.entry.nbytes)
+        else:
+            getattr(self._policy, "forget", self._policy.remove)(key)
+        self.arena.free(held.entry)
+
+    def _make_room(self, n: int, key: Key) -> list[int]:
+        """n pages, evicting unpinned adapters (policy order), waiting for pins to drop if need be."""
+        if n > self.arena.num_pages:
+            raise ResourceExhausted(
+                f"adapter {key[0]!r} v{key[1]} needs {n * self.arena.page_bytes} bytes, more than the "
+                f"whole host arena ({self.arena.capacity_bytes} bytes); raise --host-cache-bytes")
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            if self._closed:
+                raise Unavailable("executor is shutting down")
+            ids = self.arena.allocate(n)
+            if ids is not None:
+                return ids
+            idle = [k for k, h in self._held.items() if h.pins == 0]
+            victim = self._policy.victim(idle)
+            if victim is not None:
+                self._free(victim)
+                continue
+            if time.monotonic() > deadline:
+                raise ResourceExhausted(
+                    f"adapter {key[0]!r}: the host arena ({self.arena.capacity_bytes} bytes) stayed "
+                    f"full of adapters in use for {self.wait_s:.0f} s; retry later or raise "
+                    "--host-cache-bytes")
+            self._cond.wait(1.0)
+
+    def _finish(self, req: Key, load: _Load, key: Key, load_ms: float, tier: str) -> None:
+        held = self._held[key]
+        for fut in load.waiters:
+            held.pins += 1
+            fut.set_result(Lease(key, held.entry, load_ms, tier))
+        self._loads.pop(req, None)
+
+    # -- the background load -----------------------------------------------------------------
+    def _load(self, adapter_id: str, version: int, load: _Load, gen: int) -> None:
+        t0 = time.perf_counter()
+        req = (adapter_id, version)
+        try:
+            resolved, host, tier = self.source.read(
+                adapter_id, version, lambda path: read_adapter(path, self.cfg, self.max_rank))
+            key = (adapter_id, resolved)
+            with self._cond:
+                if version == 0:
+                    self._latest[adapter_id] = (resolved, time.monotonic())
+                if key in self._held:
+                    self._finish(req, load, key, 0.0, "host")
+                    return
+                ids = self._make_room(self.arena.pages_needed(host), key)
+            try:
+                entry = self.arena.write(ids, host)      # pages nobody else reads: no lock
+            except BaseException:
+                with self._cond:
+                    self.arena.release_pages(ids)
+                    self._cond.notify_all()
+                raise
+            load_s = time.perf_counter() - t0
+            with self._cond:
+                if key in self._held:          # a twin load (another version request) won: use it
+                    self.arena.free(entry)
+                    self._finish(req, load, key, 0.0, "host")
+                    return
+                self._held[key] = _Held(entry)
+                self._load_cost[key] = load_s
+                self._policy.touch(key, entry.nbytes, load_s)
+                self.host.loads += 1
+                self._finish(req, load, key, load_s * 1000, tier)
+                if self._gen.get(adapter_id, 0) != gen:    # unloaded while it loaded: serve, then go
+                    self._drain(key)
+                self._cond.notify_all()
+            if self.on_load is not None:
+                self.on_load(tier, load_s)
+            log.info("adapter_loaded", adapter=adapter_id, version=resolved, source_tier=tier,
+                     bytes=entry.nbytes, load_ms=round(load_s * 1000, 2))
+        except BaseException as exc:  # every waiter learns why
+            with self._cond:
+                self._loads.pop(req, None)
+                for fut in load.waiters:
+                    if not fut.done():
+                        fut.set_exception(exc)

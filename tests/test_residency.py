@@ -1,0 +1,230 @@
+"""The residency owner and its eviction policies, without servers: eviction-order tables, pins,
+single flight, unload while in use, latest served at once, failures isolated, memory stable."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import pytest
+import torch
+
+from services.common.errors import AdapterNotFound, ResourceExhausted
+from services.executor.adapters.arena import ArenaLayout, HostArena
+from services.executor.adapters.cache import LocalDirSource
+from services.executor.adapters.policy import GDSFPolicy, LRUPolicy, simulate
+from services.executor.adapters.residency import Residency
+from services.executor.model.loader import read_config
+from services.synthetic import AdapterSpec, write_adapter
+
+from conftest import TINY
+
+# -- policies: who goes first -------------------------------------------------------------------
+
+LRU_CASES = [  # (touches in order, candidates, expected victim)
+    (["a", "b", "c"], ["a", "b", "c"], "a"),
+    (["a", "b", "c", "a"], ["a", "b", "c"], "b"),
+    (["a", "b", "c", "a", "b"], ["a", "b", "c"], "c"),
+    (["a", "b", "c"], ["b", "c"], "b"),                 # a pinned: the next least recent
+    (["a"], [], None),
+]
+
+
+@pytest.mark.parametrize("touches,candidates,victim", LRU_CASES)
+def test_lru_evicts_the_least_recently_used(touches, candidates, victim):
+    p = LRUPolicy()
+    for k in touches:
+        p.touch(k)
+    assert p.victim(candidates) == victim
+
+
+GDSF_CASES = [  # (touches as (key, size, cost), candidates, expected victim)
+    ([("a", 1, 1), ("b", 1, 1), ("a", 1, 1)], ["a", "b"], "b"),           # b used less
+    ([("a", 1, 1), ("a", 1, 1), ("b", 1, 1)], ["a", "b"], "b"),           # recency alone does not save b
+    ([("big", 10, 1), ("small", 1, 1)], ["big", "small"], "big"),       # same use: the larger goes
+    ([("cheap", 1, 1), ("dear", 1, 50)], ["cheap", "dear"], "cheap"),   # registry-fetched stays
+    ([("a", 1, 1), ("b", 1, 1), ("c", 1, 1)], ["a", "b", "c"], "a"),    # ties: least recent
+]
+
+
+@pytest.mark.parametrize("touches,candidates,victim", GDSF_CASES)
+def test_gdsf_evicts_lowest_frequency_times_cost_per_byte(touches, candidates, victim):
+    p = GDSFPolicy()
+    for key, size, cost in touches:
+        p.touch(key, size, cost)
+    assert p.victim(candidates) == victim
+
+
+def test_gdsf_ages_an_old_favourite_out():
+    """A key hot long ago loses to fresh keys once the clock has risen past it (ageing)."""
+    p = GDSFPolicy()
+    for _ in range(5):
+        p.touch("old", 1, 1)
+    for i in range(12):          # a stream of new keys, each evicted in turn: the clock rises
+        p.touch(f"n{i}", 1, 1)
+        p.touch(f"n{i}", 1, 1)
+        p.remove(p.victim([f"n{i}", "old"]) if i < 3 else f"n{i - 1}")
+    p.touch("fresh", 1, 1)
+    p.touch("fresh", 1, 1)
+    assert p.victim(["old", "fresh"]) == "old"
+
+
+def test_gdsf_beats_lru_on_a_skewed_trace():
+    import random
+    rng = random.Random(0)
+    keys = list(range(256))
+    weights = [1 / (k + 1) for k in keys]
+    trace = rng.choices(keys, weights, k=20_000)
+    gdsf, lru = simulate(trace, 48, GDSFPolicy()), simulate(trace, 48, LRUPolicy())
+    assert gdsf > lru
+
+
+# -- the residency owner ------------------------------------------------------------------------
+
+class CountingSource(LocalDirSource):
+    def __init__(self, root, delay=0.0, gate: threading.Event | None = None):
+        super().__init__(root)
+        self.delay, self.gate, self.reads = delay, gate, []
+
+    def read(self, adapter_id, version, reader):
+        self.reads.append(adapter_id)
+        if self.gate is not None:
+            self.gate.wait(10)
+        time.sleep(self.delay)
+        return super().read(adapter_id, version, reader)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("res-adapters")
+    for i in range(6):
+        write_adapter(r / f"a{i}", TINY["llama"], AdapterSpec(rank=4, seed=500 + i))
+    write_adapter(r / "big", TINY["llama"], AdapterSpec(rank=16, seed=600))
+    return r
+
+
+@pytest.fixture
+def make(llama_dir, root):
+    _, cfg = read_config(llama_dir)
+    made = []
+
+    def build(n_adapters: float = 3, source=None, **kw) -> Residency:
+        layout = ArenaLayout.for_model(cfg)
+        probe = HostArena(layout, 64 << 20, torch.float32)
+        from services.executor.adapters.reader import read_adapter
+        per = probe.pages_needed(read_adapter(root / "a0", cfg, 16)) * probe.page_bytes
+        arena = HostArena(layout, int(n_adapters * per), torch.float32)
+        res = Residency(arena, source or CountingSource(root), cfg, 16, **kw)
+        made.append(res)
+        return res
+
+    yield build
+    for r in made:
+        r.close()
+
+
+def test_a_pinned_adapter_is_never_evicted_and_a_load_waits_for_room(make):
+    res = make(2, wait_s=5)
+    a, b = res.acquire("a0", 0).result(10), res.acquire("a1", 0).result(10)
+    fut = res.acquire("a2", 0)                 # no room: both in use
+    time.sleep(0.3)
+    assert not fut.done()
+    res.release(a)                             # a0 is now the only candidate
+    c = fut.result(10)
+    held = {a for a, _, _ in res.residency()}
+    assert held == {"a1", "a2"} and res.host.evictions == 1
+    res.release(b)
+    res.release(c)
+
+
+def test_a_full_arena_of_pinned_adapters_gives_resource_exhausted(make):
+    res = make(1, wait_s=0.5)
+    a = res.acquire("a0", 0).result(10)
+    with pytest.raises(ResourceExhausted, match="--host-cache-bytes"):
+        res.acquire("a1", 0).result(10)
+    res.release(a)
+
+
+def test_an_adapter_larger_than_the_arena_is_refused_at_once(make):
+    res = make(1)
+    with pytest.raises(ResourceExhausted, match="more than the whole host arena"):
+        res.acquire("big", 0).result(10)
+
+
+def test_eviction_takes_the_least_recently_used_not_the_most(make):
+    res = make(3, policy="lru")
+    for name in ("a0", "a1", "a2"):
+        res.preload(name, 0)
+    res.release(res.acquire("a0", 0).result(10))        # a0 used again: a1 is now the oldest
+    res.preload("a3", 0)
+    assert {a for a, _, _ in res.residency()} == {"a0", "a2", "a3"}
+
+
+def test_single_flight_one_read_for_concurrent_acquires(make, root):
+    gate = threading.Event()
+    src = CountingSource(root, gate=gate)
+    res = make(3, source=src)
+    futs = [res.acquire("a0", 0) for _ in range(16)]
+    gate.set()
+    leases = [f.result(10) for f in futs]
+    assert src.reads == ["a0"] and len({id(le.entry) for le in leases}) == 1
+    assert res.residency() == [("a0", 1, 16)]
+    for le in leases:
+        res.release(le)
+    assert res.residency() == [("a0", 1, 0)]
+
+
+def test_unload_while_in_use_frees_pages_at_the_last_release(make):
+    res = make(3)
+    free0 = res.arena.free_pages
+    lease = res.acquire("a0", 0).result(10)
+    res.unload("a0")
+    assert res.residency() == []                         # no new request finds it
+    assert res.arena.free_pages < free0                  # but its pages are still read
+    res.release(lease)
+    assert res.arena.free_pages == free0
+
+
+def test_a_failed_load_fails_only_its_own_requests(make):
+    res = make(3)
+    bad = res.acquire("missing", 0)
+    good = res.acquire("a0", 0)
+    with pytest.raises(AdapterNotFound):
+        bad.result(10)
+    res.release(good.result(10))
+
+
+def test_latest_is_served_at_once_and_refreshed_in_the_background(make, root):
+    src = CountingSource(root)
+    res = make(3, source=src, latest_ttl_s=0.0)
+    res.preload("a0", 0)
+    slow = threading.Event()
+    src.latest = lambda adapter_id: (slow.wait(10), 1)[1]      # a registry that hangs
+    t0 = time.perf_counter()
+    lease = res.acquire("a0", 0).result(1)                     # stale, yet served at once
+    assert time.perf_counter() - t0 < 0.5 and lease.version == 1
+    res.release(lease)
+    slow.set()
+
+
+def test_ten_thousand_load_unload_cycles_keep_memory_stable(make):
+    res = make(3)
+
+    def cycles(n):
+        for _ in range(n):
+            res.release(res.acquire("a0", 0).result(10))
+            res.unload("a0")
+
+    cycles(500)
+    gc.collect()
+    rss0 = _rss()
+    cycles(10_000)
+    gc.collect()
+    assert _rss() <= rss0 * 1.05, (rss0, _rss())
+    assert res.arena.free_pages == res.arena.num_pages and res.host.loads == 10_500
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
