@@ -29,6 +29,13 @@ long contexts (16 sequences of ~2048 tokens; 8 of ~1024 with 28 heads / 4 kv hea
 7B Qwen2): the old gather + masked SDPA path of kv_cache.paged_attention vs the fused
 paged_attention_decode op.
 
+--mixed-ranks instead times the adapter arena's op (lora_paged_add_, the executor's CPU path: A and B
+read in place from arena pages at their true ranks) at the engine's shapes (hidden 512, intermediate
+1376; decode T = 64 over 32 adapters, prefill T = 512 over 8): a batch of mixed ranks {1, 8, 16, 64}
+against the same batch with every adapter at rank 64, and the slot stacks' lora_linear with the mixed
+ranks in r_max = 64 slots; the LoRA's cost only (each op's time minus the base matmul's). A batch costs
+what its true ranks cost: mixed / all-64 near the ratio of their mean ranks (22.25 / 64 = 0.35).
+
 --layer-ops instead times the decoder layer's elementwise ops at the engine's shapes (T = 64 and
 2048 tokens; hidden 512, intermediate 1376, 8 heads of 64): each C++ op (add_rms_norm, silu_mul,
 rotary) against its eager PyTorch reference, which is what the model ran before.
@@ -285,6 +292,58 @@ def bench_layer_ops(dtype: torch.dtype, T: int, rounds: int) -> None:
         f"({med[(name, 'eager')] / med[(name, 'op')]:.1f}x)" for name in cases))
 
 
+def bench_mixed_ranks(T: int, G: int, d_in: int, d_out: int, rounds: int) -> None:
+    """LoRA cost (op - base mm) of mixed ranks {1, 8, 16, 64} vs all rank 64, arena vs slot stacks."""
+    from services.executor.adapters.arena import ArenaLayout, HostArena
+    from services.executor.adapters.reader import HostAdapter
+    g = torch.Generator().manual_seed(0)
+
+    layout = ArenaLayout((((d_out, d_in),) * 7), 256)
+    x = torch.randn(T, d_in, generator=g)
+    w = torch.randn(d_out, d_in, generator=g) * 0.02
+    indptr = torch.arange(0, T + 1, T // G, dtype=torch.int32)
+    out = {}
+    for label, ranks in (("mixed", [(1, 8, 16, 64)[i % 4] for i in range(G)]), ("all-64", [64] * G)):
+        arena = HostArena(layout, sum(r * sum(layout.chunks(0)) for r in ranks) * 256 * 4, torch.float32)
+        entries = []
+        for r in ranks:
+            host = HostAdapter({(0, "q_proj"): (torch.randn(r, d_in, generator=g) * 0.02,
+                                                torch.randn(d_out, r, generator=g) * 0.02, 2.0)}, r)
+            entries.append(arena.write(arena.allocate(arena.pages_needed(host)), host))
+        pb = arena.batch(entries)
+        out[label] = (pb, ranks)
+    slots_a = torch.zeros(G, 64, d_in)
+    slots_b = torch.zeros(G, 64, d_out).transpose(1, 2)
+    scal = torch.full((G,), 2.0)
+    mixed_ranks = torch.tensor(out["mixed"][1], dtype=torch.int32)
+    seg_slots = torch.arange(G, dtype=torch.int32)
+
+    def paged(label):
+        pb = out[label][0]
+        y = torch.mm(x, w.t())
+        ops.lora_paged_add_(y, x, pb.arena, pb.page_index, pb.seg_meta, pb.seg_scalings, 0, indptr)
+        return y
+
+    cases = {"mm": lambda: torch.mm(x, w.t()), "arena mixed": lambda: paged("mixed"),
+             "arena all-64": lambda: paged("all-64"),
+             "slots mixed (r_max 64)": lambda: lora_linear(x, w, None, slots_a, slots_b, scal, mixed_ranks,
+                                                            indptr, seg_slots)}
+    times = {k: [] for k in cases}
+    for _ in range(3):
+        for f in cases.values():
+            f()
+    for _ in range(rounds):
+        for k, f in cases.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    extra = {k: med[k] - med["mm"] for k in cases if k != "mm"}
+    print(f"T={T:<4} G={G:<3} {d_in}->{d_out}: mm {med['mm'] * 1e6:8.1f} us; LoRA cost "
+          + ", ".join(f"{k} {v * 1e6:7.1f} us" for k, v in extra.items())
+          + f"; mixed / all-64 = {extra['arena mixed'] / extra['arena all-64']:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=30)
@@ -292,9 +351,18 @@ def main() -> None:
     p.add_argument("--engine-shapes", action="store_true", help="time the executor engine's shapes instead")
     p.add_argument("--attention", action="store_true", help="time decode attention: gather+SDPA vs fused")
     p.add_argument("--layer-ops", action="store_true", help="time the layer's elementwise ops vs eager torch")
+    p.add_argument("--mixed-ranks", action="store_true",
+                   help="time the arena op: mixed ranks vs all at the maximum rank")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: the kernel cases (and --attention) on the GPU, with the async ops")
     args = p.parse_args()
+    if args.mixed_ranks:
+        print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
+              f"fp32, ranks cycling 1, 8, 16, 64 vs all 64, rounds={args.rounds} (medians)")
+        for T, G in ((64, 32), (512, 8)):
+            for d_in, d_out in ((512, 512), (512, 1376), (1376, 512)):
+                bench_mixed_ranks(T, G, d_in, d_out, args.rounds)
+        return
     if args.layer_ops:
         print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
               f"rounds={args.rounds} (each op once per layer; medians)")

@@ -93,6 +93,8 @@ inline float to_f(T v) { return static_cast<float>(v); }
 // Work item: up to kTile tokens of one segment. shrink t[i, k] = x[i] . A[k]; then
 // y[i, :] += sum_k (s * t[i, k]) * Bt[k, :], one P-chunk of y at a time in an fp32 buffer.
 constexpr int64_t kTile = 16;
+// Segments of at least this many tokens go through two GEMMs on the gathered weights.
+constexpr int64_t kGemmRows = 32;
 
 template <typename scalar_t>
 void paged_tile(scalar_t* y, const scalar_t* x, const scalar_t* arena, const int32_t* A_pages,
@@ -155,10 +157,31 @@ void lora_paged_add_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& are
   const int32_t* pages = page_index.data_ptr<int32_t>();
   struct Item { int64_t g, row0, m; };
   std::vector<Item> items;
+  std::vector<int64_t> long_segs;
   for (int64_t g = 0; g < G; ++g) {
-    if (meta[(g * LM + lm) * 2 + 1] == 0) continue;
+    if (meta[(g * LM + lm) * 2 + 1] == 0 || ip[g + 1] == ip[g]) continue;
+    if (ip[g + 1] - ip[g] >= kGemmRows) {
+      long_segs.push_back(g);
+      continue;
+    }
     for (int64_t row = ip[g]; row < ip[g + 1]; row += kTile) {
       items.push_back({g, row, std::min<int64_t>(kTile, ip[g + 1] - row)});
+    }
+  }
+  // long segments (prefill): gather A and B^T out of the pages once (r * (d_in + d_out) elements,
+  // small next to the segment's m * r * (d_in + d_out) multiply-adds) and run two GEMMs
+  for (int64_t g : long_segs) {
+    const int64_t off = meta[(g * LM + lm) * 2], r = meta[(g * LM + lm) * 2 + 1];
+    auto idx = page_index.narrow(0, off, r * (ca + cb)).to(at::kLong);
+    auto a = arena.index_select(0, idx.narrow(0, 0, r * ca)).view({r, ca * P}).narrow(1, 0, d_in);
+    auto bt = arena.index_select(0, idx.narrow(0, r * ca, r * cb)).view({r, cb * P}).narrow(1, 0, d_out);
+    const auto rows = y.narrow(0, ip[g], ip[g + 1] - ip[g]);
+    const auto xs = x.narrow(0, ip[g], ip[g + 1] - ip[g]);
+    if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) {
+      rows.addmm_(at::mm(xs, a.t()), bt, 1.0, scal[g * LM + lm]);
+    } else {   // fp32 accumulation, one rounding, as the short path does
+      auto t = at::mm(xs.to(at::kFloat), a.t().to(at::kFloat));
+      rows.copy_(rows.to(at::kFloat).addmm_(t, bt.to(at::kFloat), 1.0, scal[g * LM + lm]));
     }
   }
   if (items.empty()) return;

@@ -60,7 +60,7 @@ def test_mixed_ranks_in_one_batch_match_dense_math(dtype, page_elems):
     hosts = [random_adapter(cfg, r, seed=r) for r in (1, 8, 16, 64)]
     entries = [place(arena, h) for h in hosts]
     order = [0, None, 1, 2, 3, 1, None]            # segments: adapter index or base only
-    counts = [3, 2, 1, 17, 5, 1, 4]
+    counts = [3, 2, 1, 40, 5, 33, 4]           # 40 and 33: the GEMM path for long segments
     T = sum(counts)
     seg_indptr = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
     batch = arena.batch([entries[i] if i is not None else None for i in order])
