@@ -84,3 +84,23 @@ def test_the_disk_index_survives_a_restart(registry, tmp_path):
     store = DiskAdapterStore(tmp_path)
     assert store.held() == [("t/a0", 1), ("t/a1", 1), ("t/a2", 1)]
     assert store.stats()["adapters"] == 3
+
+
+def test_files_come_straight_from_the_blob_store_when_it_is_reachable(registry, tmp_path):
+    """--blob-url: the registry's blob directory read directly (verified), no FetchAdapter stream;
+    a store without the blobs falls back to FetchAdapter."""
+    from services.executor.blob_direct import DirectBlobReader
+    reg, _ = registry
+    blobs = pathlib.Path(reg.args[reg.args.index("--data-dir") + 1]) / "blobs"
+    assert blobs.is_dir()
+    src = RegistryAdapterSource(reg.address, DiskAdapterStore(tmp_path / "d1"),
+                                direct=DirectBlobReader(f"file://{blobs}"))
+    v, data, tier = src.read("t/a3", 0, read_bytes)
+    assert (v, tier, src.direct_reads) == (1, "registry", 1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fallback = RegistryAdapterSource(reg.address, DiskAdapterStore(tmp_path / "d2"),
+                                     direct=DirectBlobReader(f"file://{empty}"))
+    assert fallback.read("t/a3", 0, read_bytes)[1] == data and fallback.direct_reads == 0
+    src.close()
+    fallback.close()

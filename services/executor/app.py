@@ -24,7 +24,11 @@ async def build(config: ExecutorConfig):
 
     disk = pathlib.Path(config.disk_cache_dir or tempfile.mkdtemp(prefix="openlora-adapters-"))
     store = DiskAdapterStore(disk, config.disk_cache_bytes, config.adapter_eviction_policy)
-    source = RegistryAdapterSource(config.registry, store, config.registry_timeout_s)
+    direct = None
+    if config.blob_url:
+        from services.executor.blob_direct import DirectBlobReader
+        direct = DirectBlobReader(config.blob_url)
+    source = RegistryAdapterSource(config.registry, store, config.registry_timeout_s, direct=direct)
     holder = ExecutorServicer(engine=None, executor_id="",   # the engine is set once loaded
                               host_cache_bytes=config.host_cache_bytes)
     server, port = await create_server(

@@ -42,6 +42,9 @@ class ExecutorConfig(ServerConfig):
     enable_prefix_caching: bool = flag(True, "reuse the KV blocks of a prompt prefix already computed "
                                        "for the same adapter and version (full blocks only)")
     default_max_new_tokens: int = flag(64, "max_new_tokens when a request gives 0")
+    blob_url: str = flag("", "the registry's blob store (its --blob-url: s3://BUCKET/PREFIX, or a shared "
+                         "blob directory): adapter files are read straight from it, verified by digest, "
+                         "with FetchAdapter as the fallback (empty -> FetchAdapter only)")
     registry_timeout_s: float = flag(30.0, "deadline of each registry call, seconds")
     adapter_latest_ttl_s: float = flag(5.0, "age after which a resident 'latest' adapter is re-resolved in "
                                        "the background (it is served at once meanwhile), seconds")
