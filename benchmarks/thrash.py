@@ -7,9 +7,10 @@ The CPU benchmark model (4 layers, hidden 512, fp32; benchmarks/throughput.py's)
 adapters on all seven projections (2.3 MiB each). Printed, side by side, medians of interleaved rounds:
 
 1. Zipf(1) over 256 adapters, closed loop at --concurrency requests in flight (32-token prompts,
-   16 new tokens): an engine whose host arena holds 48 adapters (the rest on its disk tier; on CPU
-   there are no device slots, the arena is what the kernel reads) against one holding all 256,
-   preloaded. Throughput (generated tokens/s) and median / p90 time to first token, and the ratios
+   16 new tokens): an engine whose host arena holds 48 adapters (the rest on its disk tier, which a
+   real registry subprocess filled, in steady state: every adapter fetched and packed once) against
+   one holding all 256, preloaded; on CPU there are no device slots, the arena is what the kernel
+   reads. Throughput (generated tokens/s) and median / p90 time to first token, and the ratios
    (goals: throughput >= 0.90x, median TTFT <= 1.2x). The tiered engine's measured host hit rate.
 2. The eviction policy: hit rates of GDSF and plain LRU replaying the same Zipf trace with room for
    48 adapters.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -130,11 +132,33 @@ def make_engine(model_dir, source, host_bytes, **kw) -> Engine:
     return e
 
 
-def tiers_section(args, model_dir, root, names, per_adapter):
-    tiered = make_engine(model_dir, LocalDirSource(root), HOST_SLOTS * per_adapter)
-    resident = make_engine(model_dir, LocalDirSource(root), (N_ADAPTERS + 2) * per_adapter)
+def registry_source(reg, disk: pathlib.Path):
+    from services.executor.registry_source import DiskAdapterStore, RegistryAdapterSource
+    return RegistryAdapterSource(reg.address, DiskAdapterStore(disk))
+
+
+def start_registry(work: pathlib.Path, root: pathlib.Path, names: list[str]):
+    import grpc
+
+    from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+    from servers import Service
+    reg = Service("registry", "--data-dir", str(work / "registry")).start()
+    with grpc.insecure_channel(reg.address) as ch:
+        stub = registry_pb2_grpc.AdapterRegistryStub(ch)
+        for n in names:
+            stub.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+                adapter_id=n, source=f"file://{root / n}"), timeout=60)
+    return reg
+
+
+def tiers_section(args, model_dir, work, reg, names, per_adapter):
+    tiered = make_engine(model_dir, registry_source(reg, work / "disk-tiered"), HOST_SLOTS * per_adapter)
+    resident = make_engine(model_dir, registry_source(reg, work / "disk-resident"),
+                           (N_ADAPTERS + 2) * per_adapter)
     for n in names:
         resident.load_adapter(n, 0)
+        tiered.load_adapter(n, 0)       # steady state: on its disk tier, packed image made once
     engines = {"tiered": tiered, "all-resident": resident}
     warm = [names[k] for k in zipf_trace(N_ADAPTERS, args.requests, seed=999)]
     for e in engines.values():
@@ -174,38 +198,26 @@ def idle_ttft(engine: Engine, adapter: str, seed: int) -> float:
     return run_closed_loop(engine, [adapter], 1, seed)[1][0]
 
 
-def idle_section(args, model_dir, root, names, per_adapter, resident):
-    from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
-    from services.executor.registry_source import DiskAdapterStore, RegistryAdapterSource
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-    import grpc
-    from servers import Service
-    work = pathlib.Path(tempfile.mkdtemp(prefix="thrash-reg-"))
-    reg = Service("registry", "--data-dir", str(work / "registry")).start()
-    try:
-        ids = [f"bench/{n}" for n in names[:args.idle_samples * 3]]
-        with grpc.insecure_channel(reg.address) as ch:
-            stub = registry_pb2_grpc.AdapterRegistryStub(ch)
-            for aid, n in zip(ids, names):
-                stub.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
-                    adapter_id=aid, source=f"file://{root / n}"), timeout=60)
-        src = RegistryAdapterSource(reg.address, DiskAdapterStore(work / "disk"))
-        e = make_engine(model_dir, src, 8 * per_adapter)
-        samples = {"host": [], "disk": [], "registry": [], "all-resident": []}
-        k = args.idle_samples
-        for i in range(k):
-            a_reg, a_disk = ids[i], ids[k + i]
-            src.read(a_disk, 0, lambda p: None)              # on disk, not in the arena
-            samples["registry"].append(idle_ttft(e, a_reg, i))
-            samples["disk"].append(idle_ttft(e, a_disk, i))
-            samples["host"].append(idle_ttft(e, a_reg, 100 + i))  # now in the arena
-            samples["all-resident"].append(idle_ttft(resident, names[i], 100 + i))
-            e.adapters.unload(a_reg)                          # keep the arena from filling
-            e.adapters.unload(a_disk)
-        e.stop()
-        src.close()
-    finally:
-        reg.stop()
+def idle_section(args, model_dir, work, reg, names, per_adapter, resident):
+    disk = work / f"disk-idle-{time.time_ns()}"
+    src = registry_source(reg, disk)
+    e = make_engine(model_dir, src, 8 * per_adapter)
+    samples = {"host": [], "disk": [], "disk (packed)": [], "registry": [], "all-resident": []}
+    k = args.idle_samples
+    for i in range(k):
+        a_reg, a_disk, a_packed = names[i], names[k + i], names[2 * k + i]
+        src.read(a_disk, 0, lambda p: None)                  # on disk, never parsed here
+        e.load_adapter(a_packed, 0)                           # on disk with its packed image
+        e.adapters.unload(a_packed)
+        samples["registry"].append(idle_ttft(e, a_reg, i))
+        samples["disk"].append(idle_ttft(e, a_disk, i))
+        samples["disk (packed)"].append(idle_ttft(e, a_packed, i))
+        samples["host"].append(idle_ttft(e, a_reg, 100 + i))  # now in the arena
+        samples["all-resident"].append(idle_ttft(resident, a_reg, 100 + i))
+        for a in (a_reg, a_disk, a_packed):                  # keep the arena from filling
+            e.adapters.unload(a)
+    e.stop()
+    src.close()
     med = {t: statistics.median(v) * 1e3 for t, v in samples.items()}
     print(f"\n3. idle TTFT by the tier holding the adapter (medians of {args.idle_samples}; "
           "CPU: no device tier, the host arena is what the kernel reads)")
@@ -247,6 +259,8 @@ def main() -> None:
     ap.add_argument("--work-dir", default="", help="reuse the model and adapters written there")
     args = ap.parse_args()
     work = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="thrash-"))
+    for old in [*work.glob("disk-*"), work / "registry"]:   # an earlier run's tiers: start cold
+        shutil.rmtree(old, ignore_errors=True)
     model_dir = work / "model"
     if not (model_dir / "config.json").exists():
         write_model(model_dir, SPEC)
@@ -261,12 +275,15 @@ def main() -> None:
     probe.stop()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {work / 'model'}; "
           f"one rank-16 adapter takes {per_adapter / 2**20:.2f} MiB of arena")
-    resident = None
     if not args.skip_tiers:
-        tiered, resident = tiers_section(args, model_dir, root, names, per_adapter)
-        tiered.stop()
-        idle_section(args, model_dir, root, names, per_adapter, resident)
-        resident.stop()
+        reg = start_registry(work, root, names)
+        try:
+            tiered, resident = tiers_section(args, model_dir, work, reg, names, per_adapter)
+            tiered.stop()
+            idle_section(args, model_dir, work, reg, names, per_adapter, resident)
+            resident.stop()
+        finally:
+            reg.stop()
     if not args.skip_many:
         many_section(args, model_dir, root, names, per_adapter)
 

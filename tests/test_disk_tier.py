@@ -104,3 +104,45 @@ def test_files_come_straight_from_the_blob_store_when_it_is_reachable(registry, 
     assert fallback.read("t/a3", 0, read_bytes)[1] == data and fallback.direct_reads == 0
     src.close()
     fallback.close()
+
+
+def test_a_packed_image_beside_the_disk_copy_skips_the_parse_and_a_corrupt_one_is_rebuilt(
+        registry, tmp_path, llama_dir):
+    import torch
+
+    from services.executor.adapters.arena import ArenaLayout, HostArena
+    from services.executor.adapters.residency import Residency
+    from services.executor.model.loader import read_config
+    reg, _ = registry
+    _, cfg = read_config(llama_dir)
+    arena = HostArena(ArenaLayout.for_model(cfg), 8 << 20, torch.float32)
+    src = RegistryAdapterSource(reg.address, DiskAdapterStore(tmp_path))
+    res = Residency(arena, src, cfg, 16)
+    try:
+        first = res.preload("t/a1", 0)
+        want = [t.clone() for t in arena.read_back(first.entry, 0)]
+        images = list(tmp_path.glob("t%2Fa1/1/arena-*.pt"))
+        assert len(images) == 1
+        assert src.store.stats()["bytes_used"] > sum(
+            f.stat().st_size for f in images[0].parent.iterdir() if f != images[0])  # counted
+        calls = []
+        import services.executor.adapters.residency as residency
+        orig = residency.read_adapter
+        residency.read_adapter = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+        try:
+            res.unload("t/a1")
+            again = res.preload("t/a1", 0)                 # from the image: no parse
+            assert calls == []
+            assert all(torch.equal(a, b) for a, b in zip(arena.read_back(again.entry, 0), want))
+            res.unload("t/a1")
+            data = bytearray(images[0].read_bytes())
+            data[len(data) // 2] ^= 0xFF                   # bit rot inside the rows
+            images[0].write_bytes(bytes(data))
+            third = res.preload("t/a1", 0)                 # discarded and rebuilt from the files
+            assert calls == [1]
+            assert all(torch.equal(a, b) for a, b in zip(arena.read_back(third.entry, 0), want))
+        finally:
+            residency.read_adapter = orig
+    finally:
+        res.close()
+        src.close()

@@ -156,6 +156,19 @@ class DiskAdapterStore:
             if e.readers == 0 and e.doomed:
                 self._delete(key, e)
 
+    def resize(self, adapter_id: str, version: int) -> None:
+        """Count files added beside a copy since it was put (the arena's packed image)."""
+        with self._lock:
+            e = self._index.get((adapter_id, version))
+            if e is None or e.doomed:
+                return
+            try:
+                size = sum(f.stat().st_size for f in e.path.iterdir())
+            except OSError:
+                return
+            self._bytes += size - e.size
+            e.size = size
+
     # -- changes ---------------------------------------------------------------------------------
     def remove(self, adapter_id: str) -> None:
         """Drop every version of adapter_id (a version being read goes when its reader ends)."""
@@ -278,6 +291,11 @@ class RegistryAdapterSource:
     def stats(self) -> dict[str, int]:
         return self.store.stats()
 
+    def packed_path(self, path: pathlib.Path, signature: str) -> pathlib.Path | None:
+        """Where the arena's packed image of the copy at `path` lives: beside its files in the disk
+        tier (evicted and removed with them; versions are immutable)."""
+        return path / f"arena-{signature}.pt" if path.parent.parent == self.store.root else None
+
     def latest(self, adapter_id: str) -> int:
         """The registry's latest version of adapter_id (raises AdapterNotFound / Unavailable)."""
         if self._stub is None:
@@ -315,6 +333,7 @@ class RegistryAdapterSource:
             try:
                 return v, reader(path), tier
             finally:
+                self.store.resize(adapter_id, v)     # the reader may have added a packed image
                 self.store.release(adapter_id, v)
         raise errors.Unavailable(f"adapter {adapter_id!r}: its disk copy kept disappearing; "
                                  "raise --disk-cache-bytes")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from services.common.errors import InvalidAdapter
 from services.executor.adapters.reader import HostAdapter
 from services.executor.model.llama import LORA_MODULES, ModelConfig
 
@@ -74,6 +75,16 @@ class ArenaEntry:
 
 
 @dataclass(frozen=True)
+class PackedAdapter:
+    """An adapter laid out as the arena's pages hold it, ready to copy in (one index_copy_)."""
+
+    rows: Tensor        # [n, P]: its pages in logical order
+    meta: Tensor        # [LM, 2] int32
+    scalings: Tensor    # [LM] float32
+    rank: int
+
+
+@dataclass(frozen=True)
 class PagedBatch:
     """One step's view of the arena for ops.lora_paged_add_ (G segments)."""
 
@@ -120,15 +131,13 @@ class HostArena:
             del self._free[len(self._free) - n:]
             return taken
 
-    def write(self, ids: list[int], host: HostAdapter) -> ArenaEntry:
-        """Lay `host` out in pages `ids` (from allocate, exactly pages_needed(host) of them)."""
+    def pack(self, host: HostAdapter) -> PackedAdapter:
+        """`host` laid out as its pages will hold it (rows [n, P] in logical page order); raises
+        InvalidAdapter for NaN or infinite weights."""
         p = self.layout.page_elems
         meta = torch.zeros((self._lm, 2), dtype=torch.int32)
         scalings = torch.zeros(self._lm, dtype=torch.float32)
-        if self.layout.pages_needed(host) != len(ids):
-            raise ValueError(f"adapter needs {self.layout.pages_needed(host)} pages, {len(ids)} were given")
-        index = torch.tensor(ids, dtype=torch.int32)
-        dest = index.long()
+        rows = torch.zeros((self.layout.pages_needed(host), p), dtype=self.dtype)
         offset = 0
         for (layer, module), (a, b, scaling) in sorted(host.weights.items()):
             lm = self.layout.lm(layer, module)
@@ -138,17 +147,34 @@ class HostArena:
                 continue
             meta[lm, 0], meta[lm, 1], scalings[lm] = offset, r, scaling
             for mat, c in ((a, ca), (b.t(), cb)):             # lora_A rows, then lora_B^T rows
-                n = mat.shape[1]
-                if n == c * p and mat.dtype == self.dtype:    # whole pages: straight from the tensor
-                    rows = mat.contiguous().view(r * c, p)
-                else:                                         # the last page of each row partly used
-                    rows = torch.zeros((r, c * p), dtype=self.dtype)
-                    rows[:, :n] = mat
-                    rows = rows.view(r * c, p)
-                self.pages.index_copy_(0, dest[offset:offset + r * c], rows)
+                n = mat.shape[1]                              # the last page of each row partly used
+                rows[offset:offset + r * c].view(r, c * p)[:, :n] = mat
                 offset += r * c
-        return ArenaEntry(uid=next(self._uids), pages=index, meta=meta, scalings=scalings,
-                          nbytes=len(ids) * self.page_bytes, rank=host.rank)
+        if not torch.isfinite(rows).all():
+            raise InvalidAdapter("the adapter's weights hold NaN or infinite values")
+        return PackedAdapter(rows=rows, meta=meta, scalings=scalings, rank=host.rank)
+
+    def write(self, ids: list[int], host: HostAdapter | PackedAdapter) -> ArenaEntry:
+        """Copy an adapter (packed or not) into pages `ids` (from allocate, exactly its page count)."""
+        packed = host if isinstance(host, PackedAdapter) else self.pack(host)
+        if packed.rows.shape != (len(ids), self.layout.page_elems) or packed.rows.dtype != self.dtype:
+            raise ValueError(f"adapter needs {packed.rows.shape[0]} pages of {self.layout.page_elems} "
+                             f"{self.dtype}, {len(ids)} pages were given")
+        index = torch.tensor(ids, dtype=torch.int32)
+        if ids:
+            self.pages.index_copy_(0, index.long(), packed.rows)
+        return ArenaEntry(uid=next(self._uids), pages=index, meta=packed.meta.clone(),
+                          scalings=packed.scalings.clone(), nbytes=len(ids) * self.page_bytes,
+                          rank=packed.rank)
+
+    def pages_of(self, item: HostAdapter | PackedAdapter) -> int:
+        return item.rows.shape[0] if isinstance(item, PackedAdapter) else self.pages_needed(item)
+
+    def signature(self) -> str:
+        """What a packed image depends on: page size, dtype and the model's projection shapes."""
+        import hashlib
+        return hashlib.sha256(repr((self.layout.page_elems, str(self.dtype), self.layout.shapes))
+                              .encode()).hexdigest()[:16]
 
     def free(self, entry: ArenaEntry) -> None:
         self.release_pages(entry.pages.tolist())

@@ -35,7 +35,8 @@ class HostAdapter:
         return sum(a.nbytes + b.nbytes for a, b, _ in self.weights.values())
 
 
-def read_adapter(path: pathlib.Path, cfg: ModelConfig, max_rank: int) -> HostAdapter:
+def read_adapter(path: pathlib.Path, cfg: ModelConfig, max_rank: int,
+                 check_finite: bool = True) -> HostAdapter:
     """Read and check a PEFT adapter directory against this model.
 
     Malformed files -> InvalidAdapter; a module, layer or shape this model does not have, or a rank
@@ -84,7 +85,7 @@ def read_adapter(path: pathlib.Path, cfg: ModelConfig, max_rank: int) -> HostAda
         if r > max_rank:
             raise AdapterMismatch(f"adapter rank {r} ({key.path}) is above this executor's "
                                   f"max_lora_rank {max_rank}")
-        if not torch.isfinite(t).all():
+        if check_finite and not torch.isfinite(t).all():   # (the arena checks its packed rows at once)
             raise InvalidAdapter(f"tensor {name!r} holds NaN or infinite values")
         max_r = max(max_r, r)
         parts.setdefault((layer, key.module), {})[key.part] = t

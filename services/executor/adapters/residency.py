@@ -269,12 +269,25 @@ class Residency:
         self._loads.pop(req, None)
 
     # -- the background load -----------------------------------------------------------------
+    def _read_packed(self, path):
+        """The adapter at `path` parsed, validated and laid out in pages, off the engine thread. A
+        disk tier that keeps a packed image beside the files (source.packed_path) skips the parse on
+        the next miss: one read of exactly the bytes the pages hold."""
+        image = getattr(self.source, "packed_path", lambda p, sig: None)(path, self.arena.signature())
+        if image is not None:
+            packed = _load_image(image, self.arena)
+            if packed is not None:
+                return packed
+        packed = self.arena.pack(read_adapter(path, self.cfg, self.max_rank, check_finite=False))
+        if image is not None:
+            _save_image(image, packed)
+        return packed
+
     def _load(self, adapter_id: str, version: int, load: _Load, gen: int) -> None:
         t0 = time.perf_counter()
         req = (adapter_id, version)
         try:
-            resolved, host, tier = self.source.read(
-                adapter_id, version, lambda path: read_adapter(path, self.cfg, self.max_rank))
+            resolved, host, tier = self.source.read(adapter_id, version, self._read_packed)
             key = (adapter_id, resolved)
             with self._cond:
                 if version == 0:
@@ -282,7 +295,7 @@ class Residency:
                 if key in self._held:
                     self._finish(req, load, key, 0.0, "host")
                     return
-                ids = self._make_room(self.arena.pages_needed(host), key)
+                ids = self._make_room(self.arena.pages_of(host), key)
             try:
                 entry = self.arena.write(ids, host)      # pages nobody else reads: no lock
             except BaseException:
@@ -314,3 +327,50 @@ class Residency:
                 for fut in load.waiters:
                     if not fut.done():
                         fut.set_exception(exc)
+
+
+def _load_image(path, arena: HostArena):
+    """A packed image written by _save_image, or None (absent, unreadable or not this layout)."""
+    import torch
+    from services.executor.adapters.arena import PackedAdapter
+    try:
+        d = torch.load(path, weights_only=True)
+        rows = d["rows"]
+        if rows.dtype != arena.dtype or rows.dim() != 2 or rows.shape[1] != arena.layout.page_elems:
+            return None
+        if int(d["checksum"]) != _checksum(rows):
+            log.warning("packed_image_corrupt_discarded", path=str(path))
+            path.unlink(missing_ok=True)
+            return None
+        return PackedAdapter(rows=rows, meta=d["meta"], scalings=d["scalings"], rank=int(d["rank"]))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:   # a torn or foreign file: rebuilt from the adapter's own files
+        log.warning("packed_image_unreadable", path=str(path), error=str(exc))
+        return None
+
+
+def _save_image(path, packed) -> None:
+    import os
+
+    import torch
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        torch.save({"rows": packed.rows, "meta": packed.meta, "scalings": packed.scalings,
+                    "rank": packed.rank, "checksum": _checksum(packed.rows)}, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:     # the disk tier is gone or full: the next miss parses again
+        log.info("packed_image_not_saved", path=str(path), error=str(exc))
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _checksum(rows) -> int:
+    """A cheap content check (bit rot, torn writes): sums of the rows' bytes as int64 words."""
+    import torch
+    flat = rows.contiguous().view(-1).view(torch.uint8)
+    n = flat.numel() // 8 * 8
+    words = flat[:n].view(torch.int64)
+    return int(words.sum()) ^ int(words[::7].sum()) * 31 ^ n
