@@ -13,6 +13,7 @@ import grpc
 
 from services.common.config import OneLineParser
 from services.common.gen.openlora.v1 import (common_pb2, executor_pb2_grpc, router_pb2_grpc)
+from services.common.tls import add_client_flags, channel_from_args
 
 DEFAULT_ROUTER = "127.0.0.1:50050"
 
@@ -22,6 +23,7 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
                    help="router address [env OPENLORA_ROUTER]")
     p.add_argument("--executor", default=os.environ.get("OPENLORA_EXECUTOR", ""),
                    help="talk to one executor directly instead of the router")
+    add_client_flags(p)
 
 
 def _stub(args, channel):
@@ -46,7 +48,7 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
     p.add_argument("prompt")
     args = p.parse_args(argv)
-    with grpc.insecure_channel(args.executor or args.router) as channel:
+    with channel_from_args(args, args.executor or args.router, "openlora generate") as channel:
         stub = _stub(args, channel)
         try:
             if args.stream:
@@ -73,7 +75,7 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.")
     args = p.parse_args(argv)
     adapters = args.adapter or [""]
-    with grpc.insecure_channel(args.executor or args.router) as channel:
+    with channel_from_args(args, args.executor or args.router, "openlora bench") as channel:
         stub = _stub(args, channel)
 
         def one(i: int) -> tuple[float, int]:

@@ -20,9 +20,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def health(address: str, service: str = "") -> int | None:
-    """The health status of `address`, or None when it does not answer."""
-    with grpc.insecure_channel(address) as ch:
+def health(address: str, service: str = "", security=None) -> int | None:
+    """The health status of `address`, or None when it does not answer (`security`: a
+    services.common.tls.ClientSecurity for a TLS server)."""
+    from services.common.tls import channel
+    with channel(address, security) as ch:
         try:
             return health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=1).status
@@ -34,8 +36,9 @@ class Service:
     """`openlora <kind> --port P ...` running in a subprocess."""
 
     def __init__(self, kind: str, *args: str, port: int | None = None, env: dict | None = None,
-                 log_path=None):
+                 log_path=None, security=None):
         self.kind = kind
+        self.security = security
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "services.cli", kind, "--port", str(self.port), *args]
@@ -51,7 +54,7 @@ class Service:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} exited with {self.proc.returncode} while starting"
                                    + (f"; log: {self.log_path}" if self.log_path else ""))
-            if health(self.address) == health_pb2.HealthCheckResponse.SERVING:
+            if health(self.address, security=self.security) == health_pb2.HealthCheckResponse.SERVING:
                 return self
             time.sleep(0.2)
         self.kill()

@@ -150,8 +150,22 @@ class ServerConfig:
     port: int = flag(0, "port to listen on (0 -> any free port)")
     grace_seconds: float = flag(10.0, "how long SIGTERM waits for in-flight calls")
     log_level: str = flag("info", "log level", choices=("debug", "info", "warning", "error"))
+    # auth and TLS (services.common.auth, services.common.tls; README "Auth and TLS")
+    auth_file: str = flag("", "JSON token file {\"tokens\": [{\"token_sha256\", \"tenant\", \"role\"}]}, "
+                          "re-read on change (empty -> open access, every caller admin)")
+    auth_tokens: str = flag("", "tokens inline, the auth file's JSON (for containers' env)")
+    token: str = flag("", "bearer token this service sends to the services it calls")
+    tls_cert: str = flag("", "PEM certificate: serve TLS (also the client certificate for mutual TLS)")
+    tls_key: str = flag("", "PEM private key of --tls-cert")
+    tls_ca: str = flag("", "PEM CA: require client certificates it signed, and verify servers called")
+    max_receive_message_bytes: int = flag(MAX_MESSAGE_BYTES, "largest request message accepted")
 
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, "port", f"must be 0..65535, got {self.port}")
+        check(self.max_receive_message_bytes >= 1024, "max_receive_message_bytes", "must be >= 1024")
+        check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert" if not self.tls_cert else "tls_key",
+              "--tls-cert and --tls-key go together")
+        check(not self.tls_ca or bool(self.tls_cert), "tls_ca",
+              "needs --tls-cert and --tls-key (a server with a CA verifies its clients over TLS)")
         check(self.grace_seconds >= 0, "grace_seconds", "must be >= 0")
         check(bool(self.host), "host", "must not be empty")

@@ -52,6 +52,18 @@ class Cancelled(OpenLoraError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unauthenticated(OpenLoraError):
+    """No token, or one the server does not know (services.common.auth)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(OpenLoraError):
+    """A known caller asking for what its role does not allow."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 # Names the domain speaks in; each is one of the codes above.
 class InvalidAdapter(InvalidArgument):
     """The adapter's files are malformed (bad config, bad safetensors, pickle weights...)."""

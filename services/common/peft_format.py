@@ -106,6 +106,49 @@ class LoraConfig:
         return list(self.target_modules)
 
 
+MAX_REGEX_CHARS = 1024
+
+
+def _check_regex(pattern: str, what: str) -> None:
+    """A config's regex must compile and must not nest repeats, nor repeat alternatives ((a+)+ and
+    (a|aa)* take exponential time on a module path that almost matches): InvalidAdapter otherwise."""
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise InvalidAdapter(f"{CONFIG_FILE}: {what} is longer than {MAX_REGEX_CHARS} characters")
+    try:
+        parsed = re._parser.parse(pattern)                 # noqa: SLF001 - what re.compile parses
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise InvalidAdapter(f"{CONFIG_FILE}: {what} is not a valid regex: {exc}") from None
+    if _nested_repeat(parsed, inside=False):
+        raise InvalidAdapter(f"{CONFIG_FILE}: {what} nests repeats (like (a+)+), which can take "
+                             "exponential time; write it without a repeat inside a repeat")
+
+
+_REPEATS = {re._constants.MAX_REPEAT, re._constants.MIN_REPEAT,          # noqa: SLF001
+            getattr(re._constants, "POSSESSIVE_REPEAT", None)} - {None}  # noqa: SLF001
+
+
+def _nested_repeat(items, inside: bool) -> bool:
+    for op, arg in items:
+        if op in _REPEATS:
+            lo, hi, sub = arg
+            unbounded = hi == re._constants.MAXREPEAT or hi > 1            # noqa: SLF001
+            if unbounded and inside:
+                return True
+            if _nested_repeat(sub, inside or unbounded):
+                return True
+        elif op in (re._constants.SUBPATTERN,):                           # noqa: SLF001
+            if _nested_repeat(arg[-1], inside):
+                return True
+        elif op is re._constants.BRANCH:                                  # noqa: SLF001
+            if inside or any(_nested_repeat(b, inside) for b in arg[1]):
+                return True
+        elif op in (re._constants.ASSERT, re._constants.ASSERT_NOT):     # noqa: SLF001
+            if _nested_repeat(arg[1], inside):
+                return True
+    return False
+
+
 def _pattern_value(pattern: dict, module_path: str, default):
     """PEFT's get_pattern_key: the first key k with re.match(rf"(.*\\.)?({k})$", path)."""
     for key, value in pattern.items():
@@ -165,11 +208,7 @@ def parse_adapter_config(data: bytes) -> LoraConfig:
     targets = raw.get("target_modules")
     if isinstance(targets, str):
         if targets != "all-linear":
-            try:
-                re.compile(targets)
-            except re.error as exc:
-                raise InvalidAdapter(f"{CONFIG_FILE}: target_modules regex {targets!r} is "
-                                     f"invalid: {exc}") from None
+            _check_regex(targets, "target_modules regex")
         target_modules: tuple[str, ...] | str = targets
     elif isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets):
         target_modules = tuple(sorted(set(targets)))
@@ -196,6 +235,10 @@ def parse_adapter_config(data: bytes) -> LoraConfig:
     if not isinstance(alpha_pattern, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in alpha_pattern.values()):
         raise InvalidAdapter(f"{CONFIG_FILE}: alpha_pattern must map names to numbers")
+    if not all(math.isfinite(v) for v in alpha_pattern.values()):
+        raise InvalidAdapter(f"{CONFIG_FILE}: alpha_pattern values must be finite numbers")
+    for key in (*rank_pattern, *alpha_pattern):
+        _check_regex(rf"(.*\.)?({key})$", f"rank_pattern/alpha_pattern key {key!r}")
 
     base_model = raw.get("base_model_name_or_path") or ""
     if not isinstance(base_model, str):

@@ -12,8 +12,9 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.config import MAX_MESSAGE_BYTES, ServerConfig
-from services.common.errors import ErrorInterceptor
+from services.common import auth, tls
+from services.common.config import MAX_MESSAGE_BYTES, ConfigError, ServerConfig
+from services.common.errors import ErrorInterceptor, InvalidArgument
 
 log = structlog.get_logger(__name__)
 
@@ -109,7 +110,16 @@ async def create_server(config: ServerConfig, services: Sequence[Service],
     Health answers for "" and each service's name: SERVING now if `serving`, else NOT_SERVING until
     `server.set_serving(True)`. The server is not started; call `await server.start()`.
     """
-    grpc_server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=GRPC_OPTIONS)
+    try:
+        table = auth.TokenTable.from_config(config)
+        credentials = tls.server_credentials(config)
+    except (InvalidArgument, ConfigError) as exc:
+        raise StartupError(str(exc)) from None
+    auth.log_mode(table, ",".join(svc.name for svc in services))
+    options = [*(o for o in GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"),
+               ("grpc.max_receive_message_length", config.max_receive_message_bytes)]
+    grpc_server = grpc.aio.server(interceptors=[ErrorInterceptor(), auth.AuthInterceptor(table)],
+                                  options=options)
     for svc in services:
         svc.add_to_server(svc.servicer, grpc_server)
     health_servicer = health.aio.HealthServicer()
@@ -118,7 +128,8 @@ async def create_server(config: ServerConfig, services: Sequence[Service],
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                         grpc_server)
     address = f"{config.host}:{config.port}"
-    port = grpc_server.add_insecure_port(address)
+    port = (grpc_server.add_secure_port(address, credentials) if credentials
+            else grpc_server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server = Server(grpc_server, port, health_servicer, names)

@@ -10,6 +10,7 @@ import structlog
 
 from services.common.gen.openlora.v1 import executor_pb2_grpc
 from services.common.server import Service, StartupError, create_server
+from services.common.tls import ClientSecurity
 from services.executor.config import ExecutorConfig
 from services.executor.registry_source import DiskAdapterStore, RegistryAdapterSource
 
@@ -28,7 +29,8 @@ async def build(config: ExecutorConfig):
     if config.blob_url:
         from services.executor.blob_direct import DirectBlobReader
         direct = DirectBlobReader(config.blob_url)
-    source = RegistryAdapterSource(config.registry, store, config.registry_timeout_s, direct=direct)
+    source = RegistryAdapterSource(config.registry, store, config.registry_timeout_s, direct=direct,
+                                   security=ClientSecurity.from_config(config))
     holder = ExecutorServicer(engine=None, executor_id="",   # the engine is set once loaded
                               host_cache_bytes=config.host_cache_bytes)
     server, port = await create_server(

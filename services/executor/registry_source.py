@@ -28,6 +28,7 @@ import structlog
 from services.common import errors
 from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
 from services.common.peft_format import ADAPTER_FILES, manifest_digest
+from services.common.tls import ClientSecurity, channel
 from services.executor.adapters.cache import ResolvedAdapter
 from services.executor.adapters.policy import make_policy
 
@@ -269,13 +270,13 @@ class RegistryAdapterSource:
     """AdapterSource backed by a registry address and a DiskAdapterStore."""
 
     def __init__(self, address: str, store: DiskAdapterStore, timeout_s: float = 30.0,
-                 direct=None):
+                 direct=None, security: ClientSecurity | None = None):
         self.address = address
         self.store = store
         self.timeout_s = timeout_s
         self.direct = direct      # a blob_direct.DirectBlobReader, or None: FetchAdapter only
         self.direct_reads = 0
-        self._channel = grpc.insecure_channel(address, options=[
+        self._channel = channel(address, security, options=[
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             # adapters arrive as MiB chunks: read the socket in large pieces (gRPC starts at 8 KiB)
             ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),

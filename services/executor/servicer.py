@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import structlog
 
-from services.common import errors
+from services.common import auth, errors
 from services.common.gen.openlora.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from services.common.logging import bind_request
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions, TokenEvent
@@ -98,6 +98,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 self.engine.cancel(req.request_id)
 
     async def Generate(self, request, context):
+        auth.require_adapter(request.adapter_id)
         req = to_request(request)
         ids, lps, text, tops, last = [], [], [], [], None
         async for ev in self._events(req):
@@ -112,6 +113,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             executor_id=self.executor_id, top_logprobs=tops)
 
     async def GenerateStream(self, request, context):
+        auth.require_adapter(request.adapter_id)
         req = to_request(request)
         async for ev in self._events(req):
             final = ev.finish_reason is not None
@@ -122,6 +124,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 top_logprobs=_tops(ev))
 
     async def LoadAdapter(self, request, context):
+        auth.require_adapter(request.adapter_id)
         start = time.perf_counter()
         tier = {executor_pb2.ADAPTER_TIER_DISK: "disk",
                 executor_pb2.ADAPTER_TIER_HOST: "host"}.get(request.tier, "device")
@@ -131,6 +134,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             tier=TIERS[reached], load_ms=(time.perf_counter() - start) * 1e3)
 
     async def UnloadAdapter(self, request, context):
+        auth.require_adapter(request.adapter_id)
         await asyncio.to_thread(self.engine.unload_adapter, request.adapter_id)
         return executor_pb2.UnloadAdapterResponse()
 
@@ -152,4 +156,4 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             adapters=[executor_pb2.AdapterResidency(adapter_id=a.adapter_id, version=a.version,
                                                     tier=TIERS.get(a.tier, 0),
                                                     active_requests=a.active_requests)
-                      for a in st.adapters])
+                      for a in st.adapters if auth.current().owns(a.adapter_id)])

@@ -13,6 +13,7 @@ from google.protobuf import json_format
 
 from services.common.gen.openlora.v1 import registry_pb2 as pb
 from services.common.gen.openlora.v1 import registry_pb2_grpc
+from services.common.tls import add_client_flags, channel_from_args
 
 TIMEOUT_S = 600.0
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--registry", default=os.environ.get("OPENLORA_REGISTRY", "127.0.0.1:50051"),
                         help="registry address [env OPENLORA_REGISTRY]")
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_client_flags(common)
     p = _Parser(prog="openlora adapters", description="Manage adapters in a registry.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     add = sub.add_parser("add", parents=[common], help="import an adapter from a source URI")
@@ -123,7 +125,7 @@ def main(argv: list[str]) -> int:
     if getattr(ns, "version", 0) < 0:
         print("openlora adapters: error: --version must be >= 0", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(ns.registry) as channel:
+    with channel_from_args(ns, ns.registry, "openlora adapters") as channel:
         try:
             print(run(ns, registry_pb2_grpc.AdapterRegistryStub(channel)))
         except grpc.RpcError as exc:

@@ -14,6 +14,7 @@ from services.registry.core import AdapterRegistry
 from services.registry.metrics import RegistryMetrics
 from services.registry.servicer import AdapterRegistryServicer, add_to_server
 from services.registry.sources import default_sources
+from services.registry.sources.file import FileSource
 from services.registry.stores import BlobStore, MetadataStore
 
 log = structlog.get_logger(__name__)
@@ -45,7 +46,8 @@ def build_core(config: RegistryConfig) -> AdapterRegistry:
     try:
         core = AdapterRegistry(metadata, open_blobs(config), config.max_adapter_bytes,
                                work_dir=data / "work",
-                               sources=default_sources(config.s3_addressing_style),
+                               sources={**default_sources(config.s3_addressing_style),
+                                        "file": FileSource(config.allow_local_dir)},
                                on_demand_source=config.on_demand_source)
         core.recover()
     except BaseException:

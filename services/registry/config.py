@@ -26,6 +26,9 @@ class RegistryConfig(ServerConfig):
     on_demand_source: str = flag("", "import unknown adapter ids on first request from: hf "
                                  "(hf://ID) or s3://BUCKET/PREFIX (PREFIX/ID/...); empty -> off")
     watch_poll_seconds: float = flag(0.2, "how often WatchAdapters polls the change table")
+    allow_local_dir: list[str] = flag(help="a directory file:// sources may read, symlinks resolved "
+                                      "(none -> admins only, or anyone on an open registry)",
+                                      multiple=True)
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)

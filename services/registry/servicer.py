@@ -6,12 +6,14 @@ import asyncio
 
 import grpc
 
+from services.common import auth
 from services.common.config import CHUNK_BYTES
 from services.common.errors import Cancelled, InvalidArgument, Unavailable
 from services.common.gen.openlora.v1 import registry_pb2 as pb
 from services.common.gen.openlora.v1 import registry_pb2_grpc
 from services.registry.changes import ChangeFeed
 from services.registry.core import AdapterRegistry
+from services.registry.tenancy import auth_list
 from services.registry.metrics import RegistryMetrics
 from services.registry.stores import CREATED, AdapterRecord, Change
 
@@ -74,6 +76,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
         self.feed = feed or ChangeFeed(core.metadata)
 
     async def RegisterAdapter(self, request: pb.RegisterAdapterRequest, context) -> pb.Adapter:
+        auth.require_adapter(request.adapter_id, create=True)
         record = await asyncio.to_thread(self.core.register, request.adapter_id, request.source,
                                          request.base_model, dict(request.labels))
         return to_pb(record)
@@ -83,6 +86,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
         if first is None or first.WhichOneof("item") != "header":
             raise InvalidArgument("an upload starts with a header message (adapter_id, ...)")
         h = first.header
+        auth.require_adapter(h.adapter_id, create=True)
         session = self.core.begin_upload(h.adapter_id, h.base_model, dict(h.labels))
         try:
             async for msg in request_iterator:
@@ -98,19 +102,22 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
             await asyncio.to_thread(session.abort)
 
     async def GetAdapter(self, request: pb.GetAdapterRequest, context) -> pb.Adapter:
+        auth.require_adapter(request.adapter_id)
         return to_pb(await asyncio.to_thread(self.core.get, request.adapter_id, request.version,
                                              _deadline(context)))
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
-        rows, token = await asyncio.to_thread(self.core.list, request.page_size, request.page_token,
+        rows, token = await asyncio.to_thread(auth_list, self.core, request.page_size, request.page_token,
                                               request.base_model, request.label_selector)
         return pb.ListAdaptersResponse(adapters=[to_pb(r) for r in rows], next_page_token=token)
 
     async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context) -> pb.DeleteAdapterResponse:
+        auth.require_adapter(request.adapter_id)
         await asyncio.to_thread(self.core.delete, request.adapter_id, request.version)
         return pb.DeleteAdapterResponse()
 
     async def FetchAdapter(self, request: pb.FetchAdapterRequest, context):
+        auth.require_adapter(request.adapter_id)
         stream = await asyncio.to_thread(self.core.fetch, request.adapter_id, request.version,
                                          _deadline(context))
         try:

@@ -16,7 +16,13 @@ class RouterConfig(ServerConfig):
     prefix_affinity: bool = flag(True, "prefer the executor that last served a prompt's longest known "
                                  "prefix (its KV blocks are in that executor's prefix cache)")
 
+    tenant_rate: float = flag(0.0, "requests per second per tenant (token bucket; 0 -> no limit)")
+    tenant_burst: int = flag(0, "requests a tenant may send at once above its rate (0 -> ceil(rate))")
+    tenant_max_concurrent: int = flag(0, "requests in flight per tenant (0 -> no limit)")
+
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
+        for name in ("tenant_rate", "tenant_burst", "tenant_max_concurrent"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(len(self.executor) > 0, "executor", "at least one is required")
         check(self.poll_interval_s > 0, "poll_interval_s", "must be > 0")

@@ -10,6 +10,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.gen.openlora.v1 import executor_pb2, executor_pb2_grpc
+from services.common.tls import ClientSecurity, aio_channel
 from services.router.placement import ExecutorView
 
 log = structlog.get_logger(__name__)
@@ -20,11 +21,12 @@ class ExecutorPool:
     """One channel per executor address, and the latest view of each."""
 
     def __init__(self, addresses: list[str], poll_interval_s: float = 0.5, timeout_s: float = 2.0,
-                 on_poll: Callable[[list[ExecutorView]], Awaitable[None]] | None = None):
+                 on_poll: Callable[[list[ExecutorView]], Awaitable[None]] | None = None,
+                 security: ClientSecurity | None = None):
         self.addresses = list(dict.fromkeys(addresses))
         self.poll_interval_s = poll_interval_s
         self.timeout_s = timeout_s
-        self.channels = {a: grpc.aio.insecure_channel(a) for a in self.addresses}
+        self.channels = {a: aio_channel(a, security) for a in self.addresses}
         self.stubs = {a: executor_pb2_grpc.ExecutorStub(c) for a, c in self.channels.items()}
         self.status: dict[str, executor_pb2.ExecutorStatus] = {}
         self.views: dict[str, ExecutorView] = {a: ExecutorView(a, healthy=True) for a in self.addresses}

@@ -8,13 +8,17 @@ requests with that prefix go where its KV blocks are cached.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import grpc
 import structlog
 
-from services.common import errors
+from services.common import auth, errors
 from services.common.gen.openlora.v1 import router_pb2, router_pb2_grpc
 from services.router.discovery import ExecutorPool
 from services.router.placement import PrefixIndex, prefix_chunks, rank, tie_key
+from services.router.limits import RETRY_AFTER_KEY, RateLimited, TenantLimits
 from services.router.registry_check import AdapterCheck
 
 log = structlog.get_logger(__name__)
@@ -33,8 +37,10 @@ def _reraise(exc: grpc.aio.AioRpcError) -> None:
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, pool: ExecutorPool, adapters: AdapterCheck | None = None,
-                 prefixes: PrefixIndex | None = None, prefix_affinity: bool = True):
+                 prefixes: PrefixIndex | None = None, prefix_affinity: bool = True,
+                 limits: TenantLimits | None = None):
         self.pool = pool
+        self.limits = limits or TenantLimits()
         self.adapters = adapters or AdapterCheck("")
         self.prefixes = prefixes or PrefixIndex()
         self.prefix_affinity = prefix_affinity
@@ -55,12 +61,39 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.pool.recheck(address)
         self.prefixes.forget(address)   # if it restarts, its cache starts empty
 
+    @contextlib.contextmanager
+    def _admitted(self, request, context):
+        """The caller may use the adapter (else NOT_FOUND) and is within its tenant's limits."""
+        ident = auth.require_adapter(request.adapter_id)
+        if not self.limits.enabled or not (ident.role == "tenant" or ident is auth.OPEN):
+            yield
+            return
+        try:
+            self.limits.acquire(ident.tenant)
+        except RateLimited as exc:
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(math.ceil(exc.retry_after_s * 1e3))),))
+            raise
+        try:
+            yield
+        finally:
+            self.limits.release(ident.tenant)
+
     async def Generate(self, request, context):
+        with self._admitted(request, context):
+            return await self._generate(request, context)
+
+    async def GenerateStream(self, request, context):
+        with self._admitted(request, context):
+            async for chunk in self._generate_stream(request, context):
+                yield chunk
+
+    async def _generate(self, request, context):
         last = None
         order, chunks = await self._candidates(request)
         for address in order:
             try:
-                response = await self.pool.stubs[address].Generate(request, timeout=_timeout(context))
+                response = await self.pool.stubs[address].Generate(
+                    request, timeout=_timeout(context), metadata=auth.caller_metadata())
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE:
                     _reraise(exc)
@@ -71,13 +104,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             return response
         raise errors.Unavailable(f"no executor could serve the request: {last.details()}")
 
-    async def GenerateStream(self, request, context):
+    async def _generate_stream(self, request, context):
         last = None
         order, chunks = await self._candidates(request)
         for address in order:
             started = False
             try:
-                call = self.pool.stubs[address].GenerateStream(request, timeout=_timeout(context))
+                call = self.pool.stubs[address].GenerateStream(
+                    request, timeout=_timeout(context), metadata=auth.caller_metadata())
                 async for chunk in call:
                     if not started:   # the prompt is in its KV cache from here on
                         started = True
@@ -95,5 +129,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         await self.pool.poll_once()
         return router_pb2.ListExecutorsResponse(executors=[
             router_pb2.ExecutorInfo(address=v.address, healthy=v.healthy,
-                                    status=self.pool.status.get(v.address))
+                                    status=_visible(self.pool.status.get(v.address)))
             for v in self.pool.snapshot()])
+
+
+def _visible(status):
+    """A tenant sees its own adapters' residency only."""
+    ident = auth.current()
+    if status is None or ident.sees_all:
+        return status
+    out = type(status)()
+    out.CopyFrom(status)
+    del out.adapters[:]
+    out.adapters.extend(a for a in status.adapters if ident.owns(a.adapter_id))
+    return out

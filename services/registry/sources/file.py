@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import urllib.parse
 
-from services.common.errors import InvalidAdapter, InvalidArgument
+from services.common import auth
+from services.common.errors import InvalidAdapter, InvalidArgument, PermissionDenied
 from services.common.peft_format import ADAPTER_FILES, PICKLE_FILES, PICKLE_MESSAGE
 
 
 class FileSource:
+    """`allowed_dirs`: the only trees file:// may read (--allow-local-dir). Empty: any directory
+    for admins (and on an open registry), none for tenants and services."""
+
+    def __init__(self, allowed_dirs=()):
+        self.allowed_dirs = [pathlib.Path(os.path.realpath(d)) for d in allowed_dirs]
+
     def fetch(self, uri: str, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
         parsed = urllib.parse.urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
@@ -17,9 +25,25 @@ class FileSource:
         path = pathlib.Path(urllib.parse.unquote(parsed.path))
         if not path.is_absolute():
             raise InvalidArgument(f"{uri!r}: the path must be absolute (file:///ABS/DIR)")
+        path = self._allowed(path, uri)
         if not path.is_dir():
             raise InvalidArgument(f"{uri!r}: {path} is not a directory on the registry's host")
-        return local_adapter_files(path, uri)
+        # each file resolved and checked again: a symlinked file must not lead out either
+        return {name: self._allowed(p, uri) for name, p in local_adapter_files(path, uri).items()}
+
+    def _allowed(self, path: pathlib.Path, uri: str) -> pathlib.Path:
+        """`path` with symlinks and '..' resolved, if it lies under an allowed directory."""
+        real = pathlib.Path(os.path.realpath(path))
+        if not self.allowed_dirs:
+            if auth.current().role == "admin":
+                return real
+            raise PermissionDenied(f"{uri!r}: this registry reads no local directory for "
+                                   "tenants (an operator allows some with --allow-local-dir); "
+                                   "upload the adapter instead (UploadAdapter)")
+        if any(real == d or real.is_relative_to(d) for d in self.allowed_dirs):
+            return real
+        raise PermissionDenied(f"{uri!r}: {real} is outside the directories this registry may read "
+                               f"(--allow-local-dir: {', '.join(map(str, self.allowed_dirs))})")
 
 
 def local_adapter_files(path: pathlib.Path, where: str) -> dict[str, pathlib.Path]:
