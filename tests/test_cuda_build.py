@@ -42,6 +42,10 @@ def test_cuda_sources_compile_with_every_kernel_instantiated():
     for kernel in ("norm_kernel", "silu_mul_kernel", "rotary_kernel"):
         for dtype in ("float", "c10::Half", "c10::BFloat16"):
             assert f"{kernel}<{dtype}>" in symbols, (kernel, dtype)
+    symbols = subprocess.run(["nm", "-C", str(objects[3])], capture_output=True, text=True,
+                             check=True).stdout
+    for dtype in ("float", "c10::Half", "c10::BFloat16"):
+        assert f"lora_paged_kernel<{dtype}>" in symbols, dtype
 
 
 @needs_nvcc

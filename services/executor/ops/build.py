@@ -7,7 +7,7 @@ fraction of a second. The directory is $OPENLORA_BUILD_DIR, else ~/.cache/openlo
 build_cuda_emulation() builds the same CUDA sources as plain C++ over cpp/cuda/emulation.h, where
 CPU threads play CUDA's blocks, warps and threads: torch.ops.openlora_emu.{lora_linear,
 lora_linear_async, paged_attention_decode, paged_attention_decode_async, rms_norm, add_rms_norm,
-silu_mul, rotary} run the CUDA kernels (and their host code) on CPU tensors, for the tests.
+silu_mul, rotary, lora_paged_add_} run the CUDA kernels (and their host code) on CPU tensors, for the tests.
 
 compile_cuda_check() compiles the CUDA sources with nvcc into objects (no link, no GPU, no CUDA build
 of torch needed), so a machine that has nvcc but no GPU still checks that cpp/cuda builds:
@@ -33,13 +33,14 @@ CPP_DIR = Path(__file__).resolve().parents[3] / "cpp"
 CPU_SOURCES = [CPP_DIR / "lora_linear.cpp", CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp",
                CPP_DIR / "lora_paged.cpp"]
 CUDA_SOURCES = [CPP_DIR / "cuda" / "lora_linear.cu", CPP_DIR / "cuda" / "paged_attention.cu",
-                CPP_DIR / "cuda" / "layer_ops.cu"]
+                CPP_DIR / "cuda" / "layer_ops.cu", CPP_DIR / "cuda" / "lora_paged.cu"]
 HEADERS = [CPP_DIR / "lora_linear_checks.h", CPP_DIR / "paged_attention_checks.h",
            CPP_DIR / "layer_ops_checks.h", CPP_DIR / "simd512.h", CPP_DIR / "cuda" / "compat.cuh"]
 # The CUDA sources as plain C++ over a CPU emulation of CUDA's threads (build_cuda_emulation; tests only).
 EMULATION_SOURCES = [CPP_DIR / "cuda" / "emulation_lora_linear.cpp",
                      CPP_DIR / "cuda" / "emulation_paged_attention.cpp",
-                     CPP_DIR / "cuda" / "emulation_layer_ops.cpp"]
+                     CPP_DIR / "cuda" / "emulation_layer_ops.cpp",
+                     CPP_DIR / "cuda" / "emulation_lora_paged.cpp"]
 # -march=native: the cache key includes the CPU's flags, so a build never runs on a CPU it wasn't made for.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CUDA_CFLAGS = ["-O3"]
