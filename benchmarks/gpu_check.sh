@@ -21,7 +21,7 @@ LOG="${OUT:-/tmp}/gpu_check.log"
   "$PY" -c "from services.executor import ops; print('kernel backend:', ops.kernel_backend())"
   echo "build: $((SECONDS - start)) s"
   "$PY" -m pytest -q -x -p no:cacheprovider -k "cuda" tests/test_kernel.py tests/test_paged_attention.py \
-      tests/test_layer_ops.py tests/test_engine_oracle.py
+      tests/test_layer_ops.py tests/test_engine_oracle.py tests/test_lora_paged.py
   echo "tests done at $((SECONDS - start)) s"
   "$PY" benchmarks/kernel.py --device cuda --rounds 50
   "$PY" benchmarks/kernel.py --device cuda --attention --bf16 --rounds 30

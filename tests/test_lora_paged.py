@@ -51,9 +51,12 @@ def dense_delta(x, host: HostAdapter, layer, module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_elems", [0, 7, 32])
-def test_mixed_ranks_in_one_batch_match_dense_math(dtype, page_elems):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_mixed_ranks_in_one_batch_match_dense_math(device, dtype, page_elems):
     """Ranks {1, 8, 16, 64} and base-only segments in one call, any page size (rows spanning pages,
-    last page partly used); every (layer, module), including one the adapters skip."""
+    last page partly used); every (layer, module), including one the adapters skip. On CUDA the
+    arena and tables are copied to the GPU and cpp/cuda/lora_paged.cu runs."""
     cfg = tiny_cfg()
     layout = ArenaLayout.for_model(cfg, page_elems)
     arena = HostArena(layout, 4 * 1024 * 1024, dtype)
@@ -71,9 +74,11 @@ def test_mixed_ranks_in_one_batch_match_dense_math(dtype, page_elems):
             lm = layout.lm(layer, module)
             x = torch.randn(T, d_in, generator=g).to(dtype)
             base = torch.randn(T, d_out, generator=g).to(dtype)
-            y = base.clone()
-            ops.lora_paged_add_(y, x, batch.arena, batch.page_index, batch.seg_meta, batch.seg_scalings,
-                                lm, seg_indptr)
+            y = base.clone().to(device)
+            ops.lora_paged_add_(y, x.to(device), batch.arena.to(device), batch.page_index.to(device),
+                                batch.seg_meta.to(device), batch.seg_scalings.to(device), lm,
+                                seg_indptr.to(device))
+            y = y.cpu()
             want = base.double().clone()
             row = 0
             for i, n in zip(order, counts):
