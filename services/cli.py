@@ -13,6 +13,7 @@ import sys
 
 from services.common.config import ConfigError, OneLineParser, add_flags, from_args
 from services.executor.config import ExecutorConfig
+from services.gateway.config import GatewayConfig
 from services.registry.config import RegistryConfig
 from services.router.config import RouterConfig
 
@@ -22,6 +23,7 @@ SERVERS = {
     "registry": (RegistryConfig, "services.registry.app:serve"),
     "executor": (ExecutorConfig, "services.executor.app:serve"),
     "router": (RouterConfig, "services.router.app:serve"),
+    "gateway": (GatewayConfig, "services.gateway.app:serve"),
 }
 # subcommands whose implementation parses its own arguments: "module:function(argv) -> exit code"
 TOOLS = {

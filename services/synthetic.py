@@ -19,6 +19,10 @@ from safetensors.torch import save_file
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BOS, EOS = "<|bos|>", "<|eos|>"
+# A simple chat template (Jinja, as transformers renders tokenizer_config.json's chat_template)
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                 "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
 _CORPUS = """openlora serves many fine tuned adapters over one shared base model.
 The quick brown fox jumps over the lazy dog. Hello world, hello adapters!
@@ -131,7 +135,8 @@ def write_tokenizer(path: pathlib.Path, vocab: int) -> None:
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": BOS, "eos_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast"}))
+        {"bos_token": BOS, "eos_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast",
+         "chat_template": CHAT_TEMPLATE}))
 
 
 def write_model(path: str | pathlib.Path, spec: ModelSpec = ModelSpec()) -> pathlib.Path:

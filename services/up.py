@@ -1,4 +1,4 @@
-"""`openlora up`: a whole deployment on one machine — registry, N executors and a router.
+"""`openlora up`: a whole deployment on one machine — registry, N executors, a router and the gateway.
 
 Ports: the router on --port (the one clients use), the registry on --port+1, executors on
 --port+2 ... With no --base-model it serves a small built-in demo model with random weights, written
@@ -30,11 +30,13 @@ class UpConfig:
     base_model: str = flag("", "base model directory or hub id (empty -> the built-in demo model)")
     executors: int = flag(1, "how many executors")
     startup_timeout_s: float = flag(600.0, "how long each service may take to answer SERVING")
+    http_port: int = flag(8000, "the OpenAI-compatible HTTP gateway's port (0 -> no gateway)")
 
     def __post_init__(self) -> None:
         check(1 <= self.executors <= 64, "executors", f"must be 1..64, got {self.executors}")
         check(0 < self.port < 65535 - self.executors - 1, "port", f"out of range: {self.port}")
         check(self.startup_timeout_s > 0, "startup_timeout_s", "must be > 0")
+        check(0 <= self.http_port <= 65535, "http_port", f"must be 0..65535, got {self.http_port}")
 
 
 def demo_model(data_dir: pathlib.Path) -> pathlib.Path:
@@ -64,6 +66,23 @@ def wait_serving(address: str, timeout_s: float, procs: list[subprocess.Popen]) 
                 pass
             time.sleep(0.2)
     raise SystemExit(f"openlora up: {address} not SERVING after {timeout_s:.0f}s")
+
+
+def wait_http(url: str, timeout_s: float, procs: list[subprocess.Popen]) -> None:
+    """Until GET url answers 200 (the gateway's /health)."""
+    import urllib.request
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit(f"openlora up: a service exited while starting ({url})")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"openlora up: {url} not answering after {timeout_s:.0f}s")
 
 
 def main(argv: list[str]) -> int:
@@ -97,8 +116,15 @@ def main(argv: list[str]) -> int:
         for address, cmd in plan:
             procs.append(subprocess.Popen(cmd))
             wait_serving(address, args.startup_timeout_s, procs)
-        print(f"openlora up: router {h}:{port}  registry {registry}  executors {' '.join(executors)}",
-              file=sys.stderr, flush=True)
+        gateway = ""
+        if args.http_port:
+            procs.append(subprocess.Popen([*cli, "gateway", "--host", h, "--port", str(args.http_port),
+                                           "--router", f"{h}:{port}", "--registry", registry,
+                                           "--base-model", base if pathlib.Path(base).is_dir() else ""]))
+            wait_http(f"http://{h}:{args.http_port}/health", args.startup_timeout_s, procs)
+            gateway = f"  gateway http://{h}:{args.http_port}/v1"
+        print(f"openlora up: router {h}:{port}  registry {registry}  executors {' '.join(executors)}"
+              f"{gateway}", file=sys.stderr, flush=True)
         while not stopping and all(p.poll() is None for p in procs):
             time.sleep(0.2)
     finally:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 from services.synthetic import ALL_MODULES, AdapterSpec, ModelSpec, write_adapter
 from tests.servers import free_port, health
@@ -20,9 +22,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_up_adapters_generate_and_sigterm(tmp_path, llama_dir):
     # ports: router P, registry P+1, executor P+2 -- pick P with the next two free too
-    port = free_port()
+    port, http_port = free_port(), free_port()
     up = subprocess.Popen([*CLI, "up", "--port", str(port), "--data-dir", str(tmp_path / "data"),
-                           "--base-model", str(llama_dir)],
+                           "--base-model", str(llama_dir), "--http-port", str(http_port)],
                           stdout=subprocess.DEVNULL, stderr=open(tmp_path / "up.log", "wb"))
     router, registry = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
     try:
@@ -46,6 +48,17 @@ def test_up_adapters_generate_and_sigterm(tmp_path, llama_dir):
         assert tuned.stdout == streamed.stdout and tuned.stdout.strip()
         missing = _cli("generate", "--router", router, "--adapter", "team/none", "x")
         assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+        # the gateway `up` started: the base model by its directory's name, and the adapter
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=5) as r:
+                    models = {m["id"]: m["parent"] for m in json.load(r)["data"]}
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.3)
+        assert models[llama_dir.name] is None and models["team/a"] == llama_dir.name
     finally:
         up.send_signal(signal.SIGTERM)
         code = up.wait(timeout=60)

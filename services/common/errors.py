@@ -148,3 +148,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 def _is_async(fn) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+
+
+# The HTTP status of each gRPC code, for the OpenAI-compatible gateway (services/gateway).
+# A client's own cancellation is 499 (nginx's "client closed request"); an upstream bug is 502.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 502,
+    grpc.StatusCode.UNKNOWN: 502,
+    grpc.StatusCode.DATA_LOSS: 502,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.ABORTED: 409,
+}

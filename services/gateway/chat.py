@@ -1,0 +1,96 @@
+"""Chat templates, rendered as transformers renders them, and the base model's tokenizer.
+
+The template is tokenizer_config.json's `chat_template` (a string, or a list of {name, template}
+where "default" is used) or a `chat_template.jinja` file beside it; it is rendered in Jinja's
+immutable sandbox with trim_blocks and lstrip_blocks, the `loopcontrols` extension, `tojson`,
+`raise_exception` and `strftime_now`, and the variables messages, add_generation_prompt,
+bos_token, eos_token (+ a request's chat_template_kwargs), exactly as
+transformers' apply_chat_template does. The rendered text is tokenized without adding special
+tokens (the template writes them), as transformers and vLLM do.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from datetime import datetime
+from functools import lru_cache
+
+from tokenizers import Tokenizer as HFTokenizer
+
+
+class TemplateError(ValueError):
+    """The template refused the messages (raise_exception) or failed to render."""
+
+
+def _special(cfg: dict, name: str) -> str:
+    value = cfg.get(name)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str):
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class ModelFiles:
+    """What the gateway reads from the base model's directory: tokenizer and chat template."""
+
+    def __init__(self, path: str | pathlib.Path | None):
+        self.path = pathlib.Path(path) if path else None
+        self.tokenizer: HFTokenizer | None = None
+        self.chat_template: str | None = None
+        self.bos_token = self.eos_token = ""
+        if self.path is None or not self.path.is_dir():
+            return
+        if (self.path / "tokenizer.json").is_file():
+            self.tokenizer = HFTokenizer.from_file(str(self.path / "tokenizer.json"))
+        cfg_file = self.path / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        self.bos_token, self.eos_token = _special(cfg, "bos_token"), _special(cfg, "eos_token")
+        template = cfg.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if not template and (self.path / "chat_template.jinja").is_file():
+            template = (self.path / "chat_template.jinja").read_text()
+        self.chat_template = template if isinstance(template, str) and template else None
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               extra: dict | None = None) -> str:
+        """The chat prompt as text; TemplateError when the template refuses or fails."""
+        assert self.chat_template is not None
+        try:
+            return _compile(self.chat_template).render(
+                **(extra or {}), messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateError:
+            raise
+        except Exception as exc:   # jinja2 errors: a template that does not fit these messages
+            raise TemplateError(f"the chat template failed: {type(exc).__name__}: {exc}") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    @lru_cache(maxsize=65536)
+    def token_str(self, token_id: int) -> str:
+        """One token as text (for logprobs); `token_id:N` without a tokenizer, as vLLM writes it."""
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -1,0 +1,243 @@
+"""OpenAI request bodies -> openlora GenerateRequests, and replies -> OpenAI JSON; the error shape.
+
+Pure functions (no I/O): every bad field is an ApiError(400) naming the field in `param`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import grpc
+
+from services.common.errors import HTTP_STATUS
+from services.common.gen.openlora.v1 import common_pb2
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+FINISH = {common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_STOP: "stop",
+          common_pb2.FINISH_REASON_EOS: "stop", common_pb2.FINISH_REASON_UNSPECIFIED: None}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 499: "cancelled", 501: "not_implemented",
+               503: "service_unavailable", 504: "timeout_error"}
+MAX_TOP_LOGPROBS = 20
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message,
+                          "type": ERROR_TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code or str(self.status)}}
+
+    def json_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+
+def from_rpc(exc: grpc.aio.AioRpcError, model: str | None = None) -> ApiError:
+    """An upstream gRPC status as the matching HTTP error (one table: common.errors.HTTP_STATUS)."""
+    code = exc.code()
+    status = HTTP_STATUS.get(code, 502)
+    message = exc.details() or code.name
+    if code == grpc.StatusCode.NOT_FOUND and model is not None:
+        return ApiError(404, f"The model `{model}` does not exist: {message}", "model", "model_not_found")
+    return ApiError(status, message, None, code.name.lower())
+
+
+# --- typed fields -----------------------------------------------------------------------------
+
+def _bad(param: str, what: str) -> ApiError:
+    return ApiError(400, f"`{param}` {what}", param, "invalid_value")
+
+
+def number(body: dict, name: str, default, lo=None, hi=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(name, f"must be a number, got {json.dumps(v)}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise _bad(name, f"must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def integer(body: dict, name: str, default, lo=None, hi=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(name, f"must be an integer, got {json.dumps(v)}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise _bad(name, f"must be in [{lo}, {'inf' if hi is None else hi}], got {v}")
+    return v
+
+
+def boolean(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _bad(name, f"must be true or false, got {json.dumps(v)}")
+    return v
+
+
+def string(body: dict, name: str, required: bool = False) -> str | None:
+    v = body.get(name)
+    if v is None:
+        if required:
+            raise ApiError(400, f"`{name}` is required", name, "missing_field")
+        return None
+    if not isinstance(v, str):
+        raise _bad(name, f"must be a string, got {json.dumps(v)[:80]}")
+    return v
+
+
+def sampling(body: dict, default_max_tokens: int, chat: bool) -> common_pb2.SamplingParams:
+    """OpenAI's and vLLM's sampling fields -> SamplingParams (ranges the executor checks again)."""
+    max_tokens = integer(body, "max_tokens", None, 1)
+    if chat and body.get("max_completion_tokens") is not None:
+        max_tokens = integer(body, "max_completion_tokens", None, 1)
+    top_k = integer(body, "top_k", 0, -1)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    elif stop is None:
+        stop = []
+    elif not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise _bad("stop", "must be a string or a list of non-empty strings")
+    stop_ids = body.get("stop_token_ids") or []
+    if not (isinstance(stop_ids, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                               and t >= 0 for t in stop_ids)):
+        raise _bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
+    params = common_pb2.SamplingParams(
+        max_new_tokens=max_tokens or default_max_tokens,
+        temperature=number(body, "temperature", 1.0, 0, 100),
+        top_p=number(body, "top_p", 1.0, 0, 1),
+        top_k=max(top_k, 0),
+        stop=stop,
+        ignore_eos=boolean(body, "ignore_eos"),
+        repetition_penalty=number(body, "repetition_penalty", 1.0, 0, 100),
+        stop_token_ids=stop_ids,
+        min_new_tokens=integer(body, "min_tokens", 0, 0),
+        presence_penalty=number(body, "presence_penalty", 0.0, -2, 2),
+        frequency_penalty=number(body, "frequency_penalty", 0.0, -2, 2))
+    if params.top_p <= 0:
+        raise _bad("top_p", "must be in (0, 1]")
+    seed = integer(body, "seed", None, 0, 2**64 - 1)
+    if seed is not None:
+        params.seed = seed
+    return params
+
+
+def completion_logprobs_k(body: dict) -> int | None:
+    """/v1/completions' `logprobs` (an int: how many alternatives per token), or None."""
+    return integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+
+
+def chat_logprobs_k(body: dict) -> int | None:
+    """/v1/chat/completions' `logprobs` (bool) + `top_logprobs` (int), or None when off."""
+    top = integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if not boolean(body, "logprobs"):
+        if top:
+            raise _bad("top_logprobs", "needs `logprobs: true`")
+        return None
+    return top or 0
+
+
+def prompts(body: dict) -> list[str | list[int]]:
+    """`prompt`: a string, a list of strings, a list of token ids or a list of such lists."""
+    p = body.get("prompt")
+    if p is None:
+        raise ApiError(400, "`prompt` is required", "prompt", "missing_field")
+
+    def ids(x) -> bool:
+        return isinstance(x, list) and len(x) > 0 and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
+
+    if isinstance(p, str):
+        return [p]
+    if ids(p):
+        return [p]
+    if isinstance(p, list) and p and all(isinstance(x, str) or ids(x) for x in p):
+        return list(p)
+    raise _bad("prompt", "must be a string, a list of strings, a list of token ids or a list of lists "
+                         "of token ids (none of them empty)")
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """`messages`, checked, with list-of-parts content joined into text."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("messages", "must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _bad("messages", f"[{i}] must be an object with a string `role`")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
+                        part.get("text"), str):
+                    raise _bad("messages", f"[{i}].content: only text parts are supported "
+                                           f"({{\"type\": \"text\", \"text\": ...}})")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise _bad("messages", f"[{i}].content must be a string or a list of text parts")
+        out.append({**m, "content": content})
+    return out
+
+
+def unsupported(body: dict, names: tuple[str, ...]) -> None:
+    for name in names:
+        if body.get(name) not in (None, False, [], ""):
+            raise ApiError(400, f"`{name}` is not supported by openlora", name, "unsupported_parameter")
+
+
+# --- replies ----------------------------------------------------------------------------------
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(token_str, token_ids, lps, tops, k: int, offset: int = 0) -> dict:
+    """The legacy completions logprobs object for some tokens (text_offset from `offset`)."""
+    tokens, offsets, top_dicts = [], [], []
+    for i, (t, lp) in enumerate(zip(token_ids, lps)):
+        s = token_str(t)
+        tokens.append(s)
+        offsets.append(offset)
+        offset += len(s)
+        d = {s: lp}
+        if k and i < len(tops):
+            d = {token_str(a): b for a, b in zip(tops[i].token_ids[:k], tops[i].logprobs[:k])}
+            d.setdefault(s, lp)
+        top_dicts.append(d)
+    return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top_dicts,
+            "text_offset": offsets}
+
+
+def chat_logprobs(token_str, token_ids, lps, tops, k: int) -> dict:
+    def entry(t, lp):
+        s = token_str(t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    content = []
+    for i, (t, lp) in enumerate(zip(token_ids, lps)):
+        e = entry(t, lp)
+        e["top_logprobs"] = ([entry(a, b) for a, b in zip(tops[i].token_ids[:k], tops[i].logprobs[:k])]
+                             if k and i < len(tops) else [])
+        content.append(e)
+    return {"content": content}
