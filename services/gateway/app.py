@@ -642,7 +642,10 @@ async def serve(config: GatewayConfig) -> None:
     from services.common.server import StartupError
     gw = Gateway(config)
     await gw.learn_base(timeout=2.0)
-    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (else each
+    # reply's second write waits ~40 ms for the client's delayed ACK)
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((config.host, config.port))
