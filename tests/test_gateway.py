@@ -182,6 +182,9 @@ def test_completions_equal_grpc_token_for_token(stack, model):
     assert "".join(c.choices[0].text for c in body) == want.text
     assert body[-1].choices[0].finish_reason == "length"
     assert all(c.usage is None for c in body)
+    plain = client.completions.create(model=model, prompt="Hello adapters", max_tokens=12, stream=True,
+                                      extra_body={"top_k": 20, "ignore_eos": True}, **SAMPLED)
+    assert "".join(c.choices[0].text for c in plain) == want.text
 
 
 @pytest.mark.parametrize("model", [BASE, "org/qv"])
@@ -208,6 +211,9 @@ def test_chat_equal_grpc_token_for_token(stack, model):
         list(want.token_ids)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
     assert chunks[-1].choices[0].finish_reason == "length"
+    plain = client.chat.completions.create(model=model, messages=messages, max_tokens=10, stream=True,
+                                           extra_body={"top_k": 20, "ignore_eos": True}, **SAMPLED)
+    assert "".join(c.choices[0].delta.content or "" for c in plain) == want.text
 
 
 def test_logprobs_match_grpc(stack):
@@ -434,3 +440,19 @@ def test_health_and_metrics(stack):
     status, payload = http(url + "/v1/nothing")
     assert status == 404
     assert_error_shape(payload, 404)
+
+
+def test_gateway_never_imports_torch_and_checks_its_flags():
+    """Its container image (deploy/gateway.Dockerfile) ships without torch."""
+    import subprocess
+    import sys
+    code = ("import sys, services.cli, services.gateway.app; assert 'torch' not in sys.modules, 'torch'; "
+            "assert 'transformers' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for args, flag in ([[], "--router"], [["--router", "x:1", "--max-n", "0"], "--max-n"],
+                       [["--router", "x:1", "--request-timeout-s", "0"], "--request-timeout-s"]):
+        proc = subprocess.run([sys.executable, "-m", "services.cli", "gateway", *args], capture_output=True,
+                              text=True, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and flag in lines[0], proc.stderr

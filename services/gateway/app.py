@@ -416,6 +416,16 @@ class Gateway:
                         lp = api.completion_logprobs(self.files.token_str, c.token_ids, c.logprobs,
                                                      c.top_logprobs, k, offsets[i])
                         offsets[i] += sum(len(t) for t in lp["tokens"])
+                if finish:
+                    if i % n == 0:
+                        prompt_tokens += c.usage.prompt_tokens
+                    completion_tokens += c.usage.completion_tokens
+                elif lp is None and not token_ids:   # the common case, without building a dict
+                    text = _dumps(c.text)
+                    yield ("data: " + head + (f'{{"index":{i},"delta":{{"content":{text}}},' if chat else
+                                              f'{{"index":{i},"text":{text},')
+                           + '"logprobs":null,"finish_reason":null}]' + tail).encode()
+                    continue
                 if chat:
                     choice = {"index": i, "delta": {"content": c.text} if c.text else {},
                               "logprobs": lp, "finish_reason": finish}
@@ -423,10 +433,6 @@ class Gateway:
                     choice = {"index": i, "text": c.text, "logprobs": lp, "finish_reason": finish}
                 if token_ids:
                     choice["token_ids"] = list(c.token_ids)
-                if finish:
-                    if i % n == 0:
-                        prompt_tokens += c.usage.prompt_tokens
-                    completion_tokens += c.usage.completion_tokens
                 yield ("data: " + head + _dumps(choice) + "]" + tail).encode()
         except grpc.aio.AioRpcError as exc:   # after the 200: an error event, then [DONE]
             yield ("data: " + api.from_rpc(exc, model).json_bytes().decode() + "\n\n").encode()
