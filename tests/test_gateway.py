@@ -3,7 +3,8 @@
 registry + one executor + router + gateway as subprocesses (module-scoped: started once); every
 answer is compared token for token with the router's gRPC answer for the same request and seed.
 Two more gateways (no torch, a second each) cover a model without a chat template, a short request
-deadline, a small body limit and a router that is down.
+deadline, a small body limit and a router that is down. The deployment runs with --auth-file: the
+gateway passes each caller's own bearer token on (the SDK's api_key), never its own service token.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ ADAPTERS = {"org/qv": AdapterSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"),
             "org/mlp": AdapterSpec(rank=8, alpha=16, targets=("gate_proj", "up_proj", "down_proj"), seed=302)}
 SAMPLED = {"temperature": 0.8, "top_p": 0.9, "seed": 7}
 EXTRA = {"top_k": 20, "ignore_eos": True, "return_token_ids": True}
+TOKENS = {"admin": "admin-tok", "service": "service-tok", "a": "tenant-a-tok"}
+ADMIN = (("authorization", f"Bearer {TOKENS['admin']}"),)
 
 
 class Gateway:
@@ -61,10 +64,12 @@ class Gateway:
         self.service.stop()
 
 
-def http(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
-    """(status, parsed JSON or text) of one raw HTTP request."""
-    req = urllib.request.Request(url, data=body, method=method,
-                                 headers={"content-type": "application/json", **(headers or {})})
+def http(url: str, method: str = "GET", body: bytes | None = None, token: str | None = TOKENS["admin"]):
+    """(status, parsed JSON or text) of one raw HTTP request (as admin unless `token` says otherwise)."""
+    headers = {"content-type": "application/json"}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             status, raw = r.status, r.read()
@@ -89,27 +94,34 @@ def stack(llama_dir, tmp_path_factory):
     adapter_dirs = {aid: write_adapter(root / aid.replace("/", "_"), TINY["llama"], spec)
                     for aid, spec in ADAPTERS.items()}
     started: list = []
+    auth_file = root / "tokens.json"
+    auth_file.write_text(json.dumps({"tokens": [
+        {"token": TOKENS["admin"], "tenant": "ops", "role": "admin"},
+        {"token": TOKENS["service"], "tenant": "cluster", "role": "service"},
+        {"token": TOKENS["a"], "tenant": "a", "role": "tenant"}]}))
+    secured = ("--auth-file", str(auth_file), "--token", TOKENS["service"])
 
     def start(service, timeout=600):
         started.append(service)
         return service.start(timeout=timeout)
 
     try:
-        registry = start(Service("registry", "--data-dir", str(root / "registry"),
+        registry = start(Service("registry", "--data-dir", str(root / "registry"), *secured,
                                  log_path=root / "registry.log"))
         executor = start(Service("executor", "--registry", registry.address, "--base-model", str(llama_dir),
                                  "--disk-cache-dir", str(root / "disk"), "--max-batch-size", "8",
-                                 "--max-queue", "4", log_path=root / "executor.log"))
+                                 "--max-queue", "4", *secured, log_path=root / "executor.log"))
         router = start(Service("router", "--registry", registry.address, "--executor", executor.address,
-                               "--poll-interval-s", "0.2", log_path=root / "router.log"))
+                               "--poll-interval-s", "0.2", *secured, log_path=root / "router.log"))
         with grpc.insecure_channel(registry.address) as ch:
             stub = registry_pb2_grpc.AdapterRegistryStub(ch)
             for aid, path in adapter_dirs.items():
                 stub.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
-                    adapter_id=aid, source=f"file://{path}"), timeout=30)
+                    adapter_id=aid, source=f"file://{path}"), timeout=30, metadata=ADMIN)
         # the gateway learns the base model (name, tokenizer, chat template) from the executors
         gateway = start(Gateway("--router", router.address, "--registry", registry.address,
-                                "--models-cache-s", "0", log_path=root / "gateway.log"))
+                                "--token", TOKENS["service"], "--models-cache-s", "0",
+                                log_path=root / "gateway.log"))
         plain = root / "no-template"
         shutil.copytree(llama_dir, plain)
         cfg = json.loads((plain / "tokenizer_config.json").read_text())
@@ -129,7 +141,8 @@ def stack(llama_dir, tmp_path_factory):
         yield {"registry": registry, "executor": executor, "router": router, "gateway": gateway,
                "strict": strict, "orphan": orphan, "root": root, "llama": llama_dir,
                "rpc": router_pb2_grpc.RouterStub(channel),
-               "client": openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)}
+               "client": openai.OpenAI(base_url=gateway.url + "/v1", api_key=TOKENS["admin"],
+                                       max_retries=0)}
     finally:
         channel.close()
         for s in reversed(started):
@@ -143,7 +156,7 @@ def grpc_answer(stack, adapter: str, sampling: dict, prompt: str = "", prompt_id
     s = common_pb2.SamplingParams(**sampling)
     req = common_pb2.GenerateRequest(adapter_id=adapter, prompt=prompt, prompt_token_ids=prompt_ids or [],
                                      sampling=s)
-    return stack["rpc"].Generate(req, timeout=120)
+    return stack["rpc"].Generate(req, timeout=120, metadata=ADMIN)
 
 
 def grpc_sampling(max_tokens: int, **extra) -> dict:
@@ -363,7 +376,8 @@ def test_http_status_of_every_grpc_code():
 
 def executor_status(stack):
     with grpc.insecure_channel(stack["executor"].address) as ch:
-        return executor_pb2_grpc.ExecutorStub(ch).GetStatus(executor_pb2.GetStatusRequest(), timeout=10)
+        return executor_pb2_grpc.ExecutorStub(ch).GetStatus(executor_pb2.GetStatusRequest(), timeout=10,
+                                                            metadata=ADMIN)
 
 
 def test_client_disconnect_mid_stream_frees_kv_blocks(stack):
@@ -372,7 +386,7 @@ def test_client_disconnect_mid_stream_frees_kv_blocks(stack):
     conn = httpclient.HTTPConnection("127.0.0.1", stack["gateway"].port, timeout=60)
     conn.request("POST", "/v1/completions", json.dumps(
         {"model": "org/qv", "prompt": "Hello", "max_tokens": 500, "ignore_eos": True, "stream": True}),
-        {"content-type": "application/json"})
+        {"content-type": "application/json", "authorization": f"Bearer {TOKENS['admin']}"})
     resp = conn.getresponse()
     assert resp.status == 200
     first = resp.readline()
@@ -456,3 +470,22 @@ def test_gateway_never_imports_torch_and_checks_its_flags():
                               text=True, timeout=60)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and flag in lines[0], proc.stderr
+
+
+def test_the_callers_own_token_is_passed_on(stack):
+    url = stack["gateway"].url
+    body = json.dumps({"model": BASE, "prompt": "Hi", "max_tokens": 2}).encode()
+    for token in (None, "wrong"):   # the gateway's own service token is not lent to callers
+        status, payload = http(url + "/v1/completions", "POST", body, token=token)
+        assert status == 401, payload
+        assert_error_shape(payload, status)
+        assert payload["error"]["type"] == "authentication_error"
+    tenant = openai.OpenAI(base_url=url + "/v1", api_key=TOKENS["a"], max_retries=0)
+    assert {m.id for m in tenant.models.list()} == {BASE}     # org/* belongs to another tenant
+    assert tenant.completions.create(model=BASE, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    with pytest.raises(openai.NotFoundError):
+        tenant.completions.create(model="org/qv", prompt="Hi", max_tokens=2)
+    status, payload = http(url + "/v1/load_lora_adapter", "POST", json.dumps(
+        {"lora_name": "org/theirs", "lora_path": str(stack["root"] / "org_qv")}).encode(), token=TOKENS["a"])
+    assert status == 403, payload
+    assert_error_shape(payload, status)

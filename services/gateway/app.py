@@ -6,11 +6,18 @@ them on every executor the router knows. `model` is an adapter id (`ID` or `ID@V
 base model's served name. A client that goes away cancels its gRPC calls, and so the executors'
 requests (their KV blocks are freed). Every error is OpenAI's {"error": {...}} with the HTTP status
 of the upstream gRPC code (services.common.errors.HTTP_STATUS).
+
+Auth: a request's own `Authorization: Bearer TOKEN` header is passed on as gRPC metadata, so the
+router and registry see (and check) the caller, never more: a call without one carries no token,
+whatever the gateway's own --token (which only its own calls send: learning the base model).
+--tls-ca/--tls-cert/--tls-key secure the gRPC channels; --tls-cert/--tls-key also serve HTTPS
+(and --tls-ca then requires client certificates).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import pathlib
@@ -28,6 +35,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from services.common.config import MAX_MESSAGE_BYTES
+from services.common.tls import ClientSecurity, aio_channel
 from services.common.gen.openlora.v1 import (common_pb2, executor_pb2, executor_pb2_grpc, registry_pb2,
                                              registry_pb2_grpc, router_pb2, router_pb2_grpc)
 from services.gateway import openai_api as api
@@ -151,6 +159,12 @@ class EventStream:
             await self.events.aclose()
 
 
+def caller(request: Request) -> tuple[tuple[str, str], ...]:
+    """The HTTP caller's own Authorization header, as gRPC metadata (none -> no token at all)."""
+    value = request.headers.get("authorization")
+    return (("authorization", value),) if value else ()
+
+
 def _error(exc: ApiError) -> Response:
     return Response(exc.json_bytes(), status_code=exc.status, media_type="application/json")
 
@@ -159,10 +173,13 @@ class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.metrics = Metrics()
-        self.router_channel = grpc.aio.insecure_channel(config.router, options=CHANNEL_OPTIONS)
+        security = ClientSecurity.from_config(config)
+        self.own_metadata = security.metadata()       # only for the gateway's own calls
+        self.security = dataclasses.replace(security, token="")
+        self.router_channel = aio_channel(config.router, self.security, CHANNEL_OPTIONS)
         self.router = router_pb2_grpc.RouterStub(self.router_channel)
         self.router_health = health_pb2_grpc.HealthStub(self.router_channel)
-        self.registry_channel = (grpc.aio.insecure_channel(config.registry, options=CHANNEL_OPTIONS)
+        self.registry_channel = (aio_channel(config.registry, self.security, CHANNEL_OPTIONS)
                                  if config.registry else None)
         self.registry = (registry_pb2_grpc.AdapterRegistryStub(self.registry_channel)
                          if self.registry_channel else None)
@@ -172,7 +189,7 @@ class Gateway:
         self.base_aliases: set[str] = {self.base_name} if self.base_name else set()
         self.base_root = config.base_model
         self.files = ModelFiles(config.base_model or None)
-        self._models_cache: tuple[float, list[dict]] | None = None
+        self._models_cache: dict[tuple, tuple[float, list[dict]]] = {}   # per caller
         self.created = int(time.time())
 
     async def close(self) -> None:
@@ -186,7 +203,8 @@ class Gateway:
         if self.base_name and self.files.path is not None:
             return
         try:
-            listed = await self.router.ListExecutors(router_pb2.ListExecutorsRequest(), timeout=timeout)
+            listed = await self.router.ListExecutors(router_pb2.ListExecutorsRequest(), timeout=timeout,
+                                                     metadata=self.own_metadata)
         except grpc.aio.AioRpcError as exc:
             log.warning("base_model_unknown", error=exc.details())
             return
@@ -250,17 +268,18 @@ class Gateway:
                 reqs.append(req)
         return reqs
 
-    async def _unary(self, reqs) -> list:
-        calls = [self.router.Generate(r, timeout=self.config.request_timeout_s) for r in reqs]
+    async def _unary(self, reqs, md) -> list:
+        calls = [self.router.Generate(r, timeout=self.config.request_timeout_s, metadata=md) for r in reqs]
         try:
             return list(await asyncio.gather(*calls))
         finally:
             for call in calls:
                 call.cancel()
 
-    async def _open_streams(self, reqs):
+    async def _open_streams(self, reqs, md):
         """Start every stream and wait for each one's first chunk (errors surface before 200)."""
-        calls = [self.router.GenerateStream(r, timeout=self.config.request_timeout_s) for r in reqs]
+        calls = [self.router.GenerateStream(r, timeout=self.config.request_timeout_s, metadata=md)
+                 for r in reqs]
         try:
             firsts = await asyncio.gather(*(c.read() for c in calls))
         except BaseException:
@@ -332,9 +351,10 @@ class Gateway:
         reqs = self._requests(rid, adapter, version, prompts, n, sampling)
         try:
             if not stream:
-                replies = await _unless_disconnected(request.receive, self._unary(reqs))
+                replies = await _unless_disconnected(request.receive, self._unary(reqs, caller(request)))
                 return self._reply(route, rid, model, chat, replies, n, k, token_ids)
-            calls, firsts = await _unless_disconnected(request.receive, self._open_streams(reqs))
+            calls, firsts = await _unless_disconnected(request.receive,
+                                                       self._open_streams(reqs, caller(request)))
         except grpc.aio.AioRpcError as exc:
             raise api.from_rpc(exc, model) from None
         events = self._events(route, rid, model, chat, calls, firsts, n, k, token_ids, include_usage)
@@ -445,13 +465,13 @@ class Gateway:
         yield DONE
 
     # -- models --------------------------------------------------------------------------------
-    async def _adapters(self) -> list[registry_pb2.Adapter]:
+    async def _adapters(self, md) -> list[registry_pb2.Adapter]:
         if self.registry is None:
             return []
         out, token = [], ""
         while True:
             page = await self.registry.ListAdapters(
-                registry_pb2.ListAdaptersRequest(page_size=1000, page_token=token), timeout=30)
+                registry_pb2.ListAdaptersRequest(page_size=1000, page_token=token), timeout=30, metadata=md)
             out.extend(page.adapters)
             token = page.next_page_token
             if not token:
@@ -461,28 +481,32 @@ class Gateway:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "openlora",
                 "root": root, "parent": parent, "permission": []}
 
-    async def models(self) -> list[dict]:
+    async def models(self, md) -> list[dict]:
+        """The base model and the adapters this caller may see (cached --models-cache-s per caller)."""
         now = time.monotonic()
-        if self._models_cache and now - self._models_cache[0] < self.config.models_cache_s:
-            return self._models_cache[1]
+        cached = self._models_cache.get(md)
+        if cached and now - cached[0] < self.config.models_cache_s:
+            return cached[1]
         await self.learn_base()
         cards = [self._card(self.base_name, self.created, self.base_root, None)] if self.base_name else []
         cards += [self._card(a.adapter_id, a.created_at.seconds or self.created, a.source,
-                             self.base_name or None) for a in await self._adapters()]
-        self._models_cache = (now, cards)
+                             self.base_name or None) for a in await self._adapters(md)]
+        if len(self._models_cache) > 1000:
+            self._models_cache.clear()
+        self._models_cache[md] = (now, cards)
         return cards
 
     # -- runtime adapters ----------------------------------------------------------------------
-    async def executor_stubs(self) -> list[tuple[str, executor_pb2_grpc.ExecutorStub]]:
-        listed = await self.router.ListExecutors(router_pb2.ListExecutorsRequest(), timeout=30)
+    async def executor_stubs(self, md) -> list[tuple[str, executor_pb2_grpc.ExecutorStub]]:
+        listed = await self.router.ListExecutors(router_pb2.ListExecutorsRequest(), timeout=30, metadata=md)
         out = []
         for e in listed.executors:
             if not e.healthy:
                 continue
             ch = self._executor_channels.get(e.address)
             if ch is None:
-                ch = self._executor_channels[e.address] = grpc.aio.insecure_channel(
-                    e.address, options=CHANNEL_OPTIONS)
+                ch = self._executor_channels[e.address] = aio_channel(e.address, self.security,
+                                                                      CHANNEL_OPTIONS)
             out.append((e.address, executor_pb2_grpc.ExecutorStub(ch)))
         return out
 
@@ -539,7 +563,7 @@ def build_app(gw: Gateway) -> Starlette:
 
     @endpoint
     async def list_models(request):
-        return JSONResponse({"object": "list", "data": await gw.models()})
+        return JSONResponse({"object": "list", "data": await gw.models(caller(request))})
 
     @endpoint
     async def get_model(request):
@@ -552,7 +576,7 @@ def build_app(gw: Gateway) -> Starlette:
                            "model_not_found")
         try:
             a = await gw.registry.GetAdapter(registry_pb2.GetAdapterRequest(
-                adapter_id=adapter, version=version), timeout=30)
+                adapter_id=adapter, version=version), timeout=30, metadata=caller(request))
         except grpc.aio.AioRpcError as exc:
             raise api.from_rpc(exc, name) from None
         return JSONResponse(gw._card(name, a.created_at.seconds or gw.created, a.source, gw.base_name))
@@ -569,15 +593,16 @@ def build_app(gw: Gateway) -> Starlette:
             raise ApiError(400, f"`lora_name` {name!r} is not a valid adapter id "
                                 "([A-Za-z0-9][A-Za-z0-9._/-]{0,127}, no '..')", "lora_name")
         source = path if "://" in path else "file://" + os.path.abspath(path)
+        md = caller(request)
         adapter = await gw.registry.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
             adapter_id=name, source=source, base_model=api.string(body, "base_model") or ""),
-            timeout=cfg.request_timeout_s)
+            timeout=cfg.request_timeout_s, metadata=md)
         loaded = []
-        for address, stub in await gw.executor_stubs():
+        for address, stub in await gw.executor_stubs(md):
             await stub.LoadAdapter(executor_pb2.LoadAdapterRequest(
-                adapter_id=name, version=adapter.version), timeout=cfg.request_timeout_s)
+                adapter_id=name, version=adapter.version), timeout=cfg.request_timeout_s, metadata=md)
             loaded.append(address)
-        gw._models_cache = None
+        gw._models_cache.clear()
         log.info("lora_loaded", adapter_id=name, version=adapter.version, executors=loaded)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully "
                                  f"(version {adapter.version}, loaded on {len(loaded)} executor(s)).")
@@ -588,17 +613,20 @@ def build_app(gw: Gateway) -> Starlette:
         name = api.string(body, "lora_name", required=True)
         if gw.registry is None:
             raise ApiError(503, "this gateway was started without --registry", None, "no_registry")
+        md = caller(request)
         try:
-            await gw.registry.DeleteAdapter(registry_pb2.DeleteAdapterRequest(adapter_id=name), timeout=30)
+            await gw.registry.DeleteAdapter(registry_pb2.DeleteAdapterRequest(adapter_id=name), timeout=30,
+                                            metadata=md)
         except grpc.aio.AioRpcError as exc:
             raise api.from_rpc(exc, name) from None
-        for _, stub in await gw.executor_stubs():
+        for _, stub in await gw.executor_stubs(md):
             try:
-                await stub.UnloadAdapter(executor_pb2.UnloadAdapterRequest(adapter_id=name), timeout=30)
+                await stub.UnloadAdapter(executor_pb2.UnloadAdapterRequest(adapter_id=name), timeout=30,
+                                         metadata=md)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise
-        gw._models_cache = None
+        gw._models_cache.clear()
         log.info("lora_unloaded", adapter_id=name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
@@ -658,10 +686,17 @@ async def serve(config: GatewayConfig) -> None:
     except OSError as exc:
         raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
     port = sock.getsockname()[1]
+    tls = {}
+    if config.tls_cert:
+        import ssl
+        tls = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key}
+        if config.tls_ca:
+            tls.update(ssl_ca_certs=config.tls_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
     server = uvicorn.Server(uvicorn.Config(
         build_app(gw), http="httptools", lifespan="off", access_log=False, log_config=None,
-        log_level=config.log_level, timeout_graceful_shutdown=int(config.grace_seconds) or None))
-    log.info("gateway_listening", url=f"http://{config.host}:{port}", router=config.router,
+        log_level=config.log_level, timeout_graceful_shutdown=int(config.grace_seconds) or None, **tls))
+    scheme = "https" if tls else "http"
+    log.info("gateway_listening", url=f"{scheme}://{config.host}:{port}", router=config.router,
              registry=config.registry, base_model=gw.base_name or "(not known yet)")
     try:
         await server.serve(sockets=[sock])
