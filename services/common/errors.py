@@ -7,9 +7,12 @@ with the exception's message, so servicers never call `context.abort` for expect
 from __future__ import annotations
 
 import inspect
+import re
 
 import grpc
 import structlog
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 log = structlog.get_logger(__name__)
 
@@ -18,6 +21,11 @@ class OpenLoraError(Exception):
     """Base of every expected error; `code` is its gRPC status."""
 
     code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, *args, field: str | None = None):
+        super().__init__(*args)
+        # The request field at fault, sent as a google.rpc.BadRequest detail (see `status_details`).
+        self.field = field
 
 
 class InvalidArgument(OpenLoraError):
@@ -96,13 +104,75 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
+# The `domain` of every google.rpc.ErrorInfo this project sends.
+ERROR_DOMAIN = "openlora.dev"
+# The trailer gRPC clients read structured details from (grpcio-status, grpc-js, grpc-go's status).
+DETAILS_KEY = "grpc-status-details-bin"
+_LEADING_WORD = re.compile(r"([a-z][a-z0-9_]*)\b")
+
+
+def _snake_upper(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()
+
+
+def _request_fields() -> frozenset[str]:
+    """Every field name of the openlora.v1 messages: what a message's leading word may name."""
+    from services.common.gen.openlora.v1 import common_pb2, executor_pb2, registry_pb2, router_pb2
+    names: set[str] = set()
+    for module in (common_pb2, executor_pb2, registry_pb2, router_pb2):
+        for message in module.DESCRIPTOR.message_types_by_name.values():
+            names.update(f.name for f in message.fields)
+    return frozenset(names)
+
+
+_FIELDS: frozenset[str] | None = None
+
+
+def field_of(exc: BaseException) -> str | None:
+    """The request field an INVALID_ARGUMENT names: the exception's `field`, else the message's
+    leading word when that is a field of the API ("max_new_tokens must be >= 1" -> max_new_tokens)."""
+    global _FIELDS
+    field = getattr(exc, "field", None)
+    if field or not isinstance(exc, InvalidArgument):
+        return field
+    if _FIELDS is None:
+        _FIELDS = _request_fields()
+    match = _LEADING_WORD.match(str(exc))
+    return match.group(1) if match and match.group(1) in _FIELDS else None
+
+
+def status_details(exc: BaseException, method: str) -> status_pb2.Status:
+    """The google.rpc.Status sent beside the code and message: an ErrorInfo always (reason is the
+    exception's class in UPPER_SNAKE, e.g. ADAPTER_NOT_FOUND; for a passed-through status, the
+    code's name), and a BadRequest naming the field when one is known."""
+    code, message = status_of(exc)
+    if isinstance(exc, OpenLoraError) and type(exc) is not Upstream:
+        reason = _snake_upper(type(exc).__name__)
+    else:
+        reason = code.name
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN,
+                                       metadata={"method": method})
+    details = [info]
+    field = field_of(exc)
+    if field:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]))
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    return status_pb2.Status(code=code.value[0], message=message, details=packed)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
     code, message = status_of(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("rpc_failed", method=method)
     else:
         log.info("rpc_error", method=method, code=code.name, error=message)
-    await context.abort(code, message)
+    status = status_details(exc, method)
+    await context.abort(code, message, trailing_metadata=((DETAILS_KEY, status.SerializeToString()),))
 
 
 def _wrap(behavior, kind: str, method: str):
@@ -116,6 +186,18 @@ def _wrap(behavior, kind: str, method: str):
             except Exception as exc:  # one place maps them all
                 await _abort(context, exc, method)
         return unary
+
+    if inspect.iscoroutinefunction(behavior):
+        # A streaming handler written with `await context.write(...)` (grpc's health Watch): a
+        # coroutine, not an async generator, so it is awaited, never iterated.
+        async def writing(request, context):
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, exc, method)
+        return writing
 
     async def streaming(request, context):
         try:

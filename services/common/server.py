@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from services.common import auth, tls
 from services.common.config import MAX_MESSAGE_BYTES, ConfigError, ServerConfig
@@ -44,6 +45,50 @@ def defer_signals() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, remember)
+
+
+# grpcio-reflection serves only grpc.reflection.v1alpha; v1 (what `buf curl` and newer grpcurl ask
+# for first) has the same messages under another package, so one servicer answers both.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _register_reflection_v1() -> None:
+    """Put grpc/reflection/v1/reflection.proto in the default pool (a copy of v1alpha's with the v1
+    package), so reflection can describe its own v1 service too."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    for message in proto.message_type:
+        for field in message.field:
+            if field.type_name:
+                field.type_name = field.type_name.replace(".grpc.reflection.v1alpha.",
+                                                          ".grpc.reflection.v1.")
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace("v1alpha", "v1")
+            method.output_type = method.output_type.replace("v1alpha", "v1")
+    pool.Add(proto)
+
+
+def _enable_reflection(names: list[str], grpc_server: grpc.aio.Server) -> None:
+    """Serve reflection as grpc.reflection.v1alpha and grpc.reflection.v1 (wire-identical)."""
+    _register_reflection_v1()
+    servicer = reflection.aio.ReflectionServicer(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1])
+    for service_name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
+        }),))
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +170,7 @@ async def create_server(config: ServerConfig, services: Sequence[Service],
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     names = [svc.name for svc in services]
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME],
-                                        grpc_server)
+    _enable_reflection(names, grpc_server)
     address = f"{config.host}:{config.port}"
     port = (grpc_server.add_secure_port(address, credentials) if credentials
             else grpc_server.add_insecure_port(address))
