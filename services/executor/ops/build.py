@@ -17,6 +17,8 @@ of torch needed), so a machine that has nvcc but no GPU still checks that cpp/cu
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -84,8 +86,10 @@ def _load(prefix: str, sources: list[Path], key_extra: tuple, verbose: bool, inc
     directory = build_dir() / name
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        cpp_extension.load(name=name, sources=[str(p) for p in sources], build_directory=str(directory),
-                           is_python_module=False, verbose=verbose, **load_args)
+        with _build_lock(directory):
+            cpp_extension.load(name=name, sources=[str(p) for p in sources],
+                               build_directory=str(directory), is_python_module=False, verbose=verbose,
+                               **load_args)
     except Exception as exc:  # the compiler's output is in the message (and its __cause__)
         cause = exc.__cause__
         detail = getattr(cause, "output", None)
@@ -96,6 +100,21 @@ def _load(prefix: str, sources: list[Path], key_extra: tuple, verbose: bool, inc
             message += "\n" + detail
         raise KernelBuildError(message) from exc
     return directory / f"{name}.so"
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """One builder per build directory at a time, through an flock the kernel releases when its
+    holder dies. torch's own lock (a `lock` file it polls for forever) outlives a build killed
+    mid-way (a SIGTERM during start-up), and would hang every later build of this tree; under the
+    flock no live builder holds it, so a leftover one is stale and removed."""
+    with open(directory / ".openlora-build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build(verbose: bool = False) -> Path:
