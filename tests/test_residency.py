@@ -228,3 +228,16 @@ def test_ten_thousand_load_unload_cycles_keep_memory_stable(make):
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
+
+
+def test_a_recently_confirmed_latest_reloads_without_asking_the_source(make, root):
+    """Evicted, then wanted again within the TTL: the load asks for the version it knows."""
+    src = CountingSource(root)
+    asked = []
+    orig = src.read
+    src.read = lambda adapter_id, version, reader: (asked.append(version), orig(adapter_id, version, reader))[1]
+    res = make(1, source=src, latest_ttl_s=60)
+    res.preload("a0", 0)
+    res.preload("a1", 0)          # evicts a0
+    res.preload("a0", 0)
+    assert asked == [0, 0, 1]

@@ -287,7 +287,13 @@ class Residency:
         t0 = time.perf_counter()
         req = (adapter_id, version)
         try:
-            resolved, host, tier = self.source.read(adapter_id, version, self._read_packed)
+            want = version
+            if version == 0:      # a recently confirmed latest (evicted since): no registry round trip
+                with self._cond:
+                    latest = self._latest.get(adapter_id)
+                    if latest is not None and time.monotonic() - latest[1] <= self.latest_ttl_s:
+                        want = latest[0]
+            resolved, host, tier = self.source.read(adapter_id, want, self._read_packed)
             key = (adapter_id, resolved)
             with self._cond:
                 if version == 0:
