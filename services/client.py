@@ -26,6 +26,29 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
     add_client_flags(p)
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= minimum (a bad one is argparse's one-line error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def split_adapter(ref: str) -> tuple[str, int]:
+    """"team/sql@3" -> ("team/sql", 3); "team/sql" -> ("team/sql", 0), 0 meaning the latest."""
+    adapter_id, at, version = ref.rpartition("@")
+    if not at:
+        return ref, 0
+    if not version.isdigit() or int(version) < 1:
+        raise argparse.ArgumentTypeError(f"{ref!r}: the version after @ must be an integer >= 1")
+    return adapter_id, int(version)
+
+
 def _stub(args, channel):
     if args.executor:
         return executor_pb2_grpc.ExecutorStub(channel)
@@ -33,8 +56,9 @@ def _stub(args, channel):
 
 
 def _request(args, prompt: str) -> common_pb2.GenerateRequest:
+    adapter_id, version = split_adapter(args.adapter)
     return common_pb2.GenerateRequest(
-        adapter_id=args.adapter, prompt=prompt,
+        adapter_id=adapter_id, adapter_version=version, prompt=prompt,
         sampling=common_pb2.SamplingParams(max_new_tokens=args.max_new_tokens,
                                            temperature=args.temperature))
 
@@ -42,12 +66,19 @@ def _request(args, prompt: str) -> common_pb2.GenerateRequest:
 def generate_main(argv: list[str]) -> int:
     p = OneLineParser(prog="openlora generate", description="Generate text through the router.")
     _target_flags(p)
-    p.add_argument("--adapter", default="", help="adapter id (default: base model)")
-    p.add_argument("--max-new-tokens", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--adapter", default="",
+                   help="adapter id, optionally @version (team/sql@2); default: the base model alone")
+    p.add_argument("--max-new-tokens", type=_count(0), default=0,
+                   help="most tokens to generate (0 -> the server's default)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature (0 -> greedy, the same text every time)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt text")
     args = p.parse_args(argv)
+    try:
+        split_adapter(args.adapter)
+    except argparse.ArgumentTypeError as exc:
+        p.error(f"argument --adapter: {exc}")
     with channel_from_args(args, args.executor or args.router, "openlora generate") as channel:
         stub = _stub(args, channel)
         try:
@@ -67,13 +98,21 @@ def generate_main(argv: list[str]) -> int:
 def bench_main(argv: list[str]) -> int:
     p = OneLineParser(prog="openlora bench", description="Closed-loop load: N requests, C at a time.")
     _target_flags(p)
-    p.add_argument("--adapter", action="append", default=[], help="adapter ids, used round-robin")
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.")
+    p.add_argument("--adapter", action="append", default=[],
+                   help="adapter id (repeat it; used round-robin; id@version picks a version)")
+    p.add_argument("--requests", type=_count(1), default=32, help="how many requests in all")
+    p.add_argument("--concurrency", type=_count(1), default=8, help="how many in flight at once")
+    p.add_argument("--max-new-tokens", type=_count(0), default=32,
+                   help="tokens per request (0 -> the server's default)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 -> greedy)")
+    p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.",
+                   help="the prompt every request sends")
     args = p.parse_args(argv)
+    for ref in args.adapter:
+        try:
+            split_adapter(ref)
+        except argparse.ArgumentTypeError as exc:
+            p.error(f"argument --adapter: {exc}")
     adapters = args.adapter or [""]
     with channel_from_args(args, args.executor or args.router, "openlora bench") as channel:
         stub = _stub(args, channel)

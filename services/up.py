@@ -2,15 +2,21 @@
 
 Ports: the router on --port (the one clients use), the registry on --port+1, executors on
 --port+2 ... With no --base-model it serves a small built-in demo model with random weights, written
-under --data-dir on first start, so it runs on a machine with no network.
+under --data-dir on first start (so it runs on a machine with no network), and registers a few demo
+adapters for it under `demo/`. Each service logs to --data-dir/logs/NAME.log (JSON lines, each with
+a `service` field); `up` itself prints one line per service as it becomes ready.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -20,6 +26,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.config import check, flag, parse_config
 
 DEMO = "demo-model"
+# every file a finished demo model has; one missing means an interrupted write (rewritten)
+DEMO_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# the demo adapters `up` registers for the demo model: id -> seed (non-zero B: each changes output)
+DEMO_ADAPTERS = {"demo/pirate": 11, "demo/poet": 12, "demo/sql": 13}
+# services still starting when `up` is stopped get this long after SIGTERM before SIGKILL
+STARTING_GRACE_S = 5.0
+READY_GRACE_S = 30.0
+# fast reconnects while a service comes up (gRPC's default backoff grows to minutes, so a slow
+# executor start used to cost another 10-26 s after it was already listening)
+_PROBE_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                  ("grpc.max_reconnect_backoff_ms", 500)]
 
 
 @dataclass(slots=True)
@@ -39,101 +56,261 @@ class UpConfig:
         check(0 <= self.http_port <= 65535, "http_port", f"must be 0..65535, got {self.http_port}")
 
 
+class UpFailed(Exception):
+    """One line saying what failed (and where its log is); `up` prints it and exits `code`."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived; raised from the signal handler so start-up stops at once."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def say(line: str) -> None:
+    print(f"openlora up: {line}", file=sys.stderr, flush=True)
+
+
+def demo_spec():
+    from services.synthetic import ModelSpec
+    return ModelSpec(arch="llama", hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4,
+                     vocab=1024, max_positions=2048, seed=0)
+
+
 def demo_model(data_dir: pathlib.Path) -> pathlib.Path:
-    """The built-in demo model (random weights), written once."""
-    from services.synthetic import ModelSpec, write_model
+    """The built-in demo model (random weights), written once: into a temp dir then renamed, so an
+    interrupted write never leaves a half model; one left by an older version is rewritten."""
+    from services.synthetic import write_model
     path = data_dir / DEMO
-    if not (path / "config.json").exists():
-        print(f"openlora up: writing the demo model (RANDOM weights, for trying openlora out) to {path}",
-              file=sys.stderr)
-        write_model(path, ModelSpec(arch="llama", hidden=256, intermediate=688, layers=4, heads=8,
-                                    kv_heads=4, vocab=1024, max_positions=2048, seed=0))
+    if path.is_dir() and all((path / name).exists() for name in DEMO_FILES):
+        return path
+    if path.exists():
+        missing = [name for name in DEMO_FILES if not (path / name).exists()]
+        say(f"{path} is a half-written demo model (no {', '.join(missing)}): writing it again")
+        shutil.rmtree(path)
+    say(f"writing the demo model (RANDOM weights, for trying openlora out) to {path}")
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{DEMO}.", dir=data_dir))
+    try:
+        write_model(tmp, demo_spec())
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
-def wait_serving(address: str, timeout_s: float, procs: list[subprocess.Popen]) -> None:
+def check_ports(host: str, ports: dict[int, str]) -> None:
+    """Each port free on host, or UpFailed naming the first that is taken (exit 1)."""
+    for port, who in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                hint = "--http-port" if who == "gateway" else "--port"
+                raise UpFailed(f"port {port} on {host} (for the {who}) is already in use "
+                               f"({exc.strerror}); stop what holds it or choose another {hint}")
+
+
+@dataclass(slots=True)
+class Proc:
+    """One started service: its name, address, process and log file."""
+
+    name: str
+    address: str
+    popen: subprocess.Popen
+    log: pathlib.Path
+    ready: bool = False
+
+
+def _last_line(path: pathlib.Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def _check_alive(procs: list[Proc]) -> None:
+    for p in procs:
+        code = p.popen.poll()
+        if code is not None:
+            last = _last_line(p.log)
+            raise UpFailed(f"the {p.name} ({p.address}) exited with code {code}"
+                           f"{' while starting' if not p.ready else ''}; its log: {p.log}"
+                           + (f"; last line: {last}" if last else ""))
+
+
+def wait_serving(proc: Proc, timeout_s: float, procs: list[Proc]) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(proc.address, options=_PROBE_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs):
-                raise SystemExit(f"openlora up: a service exited while starting ({address})")
+            _check_alive(procs)
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=False).status \
+                        == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
-            time.sleep(0.2)
-    raise SystemExit(f"openlora up: {address} not SERVING after {timeout_s:.0f}s")
+            time.sleep(0.1)
+    raise UpFailed(f"the {proc.name} ({proc.address}) is not SERVING after {timeout_s:.0f}s; "
+                   f"its log: {proc.log}")
 
 
-def wait_http(url: str, timeout_s: float, procs: list[subprocess.Popen]) -> None:
+def wait_http(proc: Proc, url: str, timeout_s: float, procs: list[Proc]) -> None:
     """Until GET url answers 200 (the gateway's /health)."""
     import urllib.request
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise SystemExit(f"openlora up: a service exited while starting ({url})")
+        _check_alive(procs)
         try:
             with urllib.request.urlopen(url, timeout=1) as reply:
                 if reply.status == 200:
                     return
         except OSError:
             pass
-        time.sleep(0.2)
-    raise SystemExit(f"openlora up: {url} not answering after {timeout_s:.0f}s")
+        time.sleep(0.1)
+    raise UpFailed(f"the {proc.name} ({url}) is not answering after {timeout_s:.0f}s; its log: {proc.log}")
+
+
+def register_demo_adapters(data: pathlib.Path, registry: str) -> list[str]:
+    """Write and register the demo adapters (random, non-zero B) unless already registered."""
+    from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
+    from services.synthetic import ALL_MODULES, AdapterSpec, write_adapter
+    added = []
+    with grpc.insecure_channel(registry) as channel:
+        stub = registry_pb2_grpc.AdapterRegistryStub(channel)
+        for adapter_id, seed in DEMO_ADAPTERS.items():
+            try:
+                stub.GetAdapter(registry_pb2.GetAdapterRequest(adapter_id=adapter_id), timeout=30)
+                continue
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise UpFailed(f"cannot read demo adapter {adapter_id}: {exc.details()}") from None
+            path = data / "demo-adapters" / adapter_id.replace("/", "--")
+            if path.exists():
+                shutil.rmtree(path)
+            write_adapter(path, demo_spec(), AdapterSpec(rank=8, alpha=16.0, targets=ALL_MODULES,
+                                                         seed=seed, base_model=DEMO))
+            try:
+                stub.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+                    adapter_id=adapter_id, source=path.resolve().as_uri(), labels={"demo": "true"}),
+                    timeout=120)
+            except grpc.RpcError as exc:
+                raise UpFailed(f"cannot register demo adapter {adapter_id}: {exc.details()}") from None
+            added.append(adapter_id)
+    return added
+
+
+def _stop_all(procs: list[Proc]) -> None:
+    """SIGTERM every service (newest first); wait for ready ones to drain, kill starting ones soon."""
+    for p in reversed(procs):
+        if p.popen.poll() is None:
+            p.popen.send_signal(signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.popen.wait(timeout=READY_GRACE_S if p.ready else STARTING_GRACE_S)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.popen.pid, signal.SIGKILL)   # with its compiler, if it was building
+            except OSError:
+                p.popen.kill()
+            p.popen.wait()
 
 
 def main(argv: list[str]) -> int:
     args = parse_config("openlora up", UpConfig, argv, __doc__.splitlines()[0])
-    data = pathlib.Path(args.data_dir).resolve()
-    data.mkdir(parents=True, exist_ok=True)
-    base = args.base_model or str(demo_model(data))
+
+    def on_signal(signum, _frame):
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    procs: list[Proc] = []
+    try:
+        return _run(args, procs)
+    except Stopped as stop:
+        say("stopping" + (" (Ctrl-C)" if stop.signum == signal.SIGINT else ""))
+        # Ctrl-C once everything is up is the normal way to stop (0); during start-up it is 130
+        started = len(procs) == len(_plan_names(args)) and all(p.ready for p in procs)
+        return 130 if stop.signum == signal.SIGINT and not started else 0
+    except UpFailed as exc:
+        say(f"error: {exc}")
+        return exc.code
+    finally:
+        # a second Ctrl-C while stopping is remembered, not a traceback
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        _stop_all(procs)
+
+
+def _plan_names(args: UpConfig) -> list[str]:
+    return ["registry", *(f"executor-{i}" for i in range(args.executors)), "router",
+            *(["gateway"] if args.http_port else [])]
+
+
+def _run(args: UpConfig, procs: list[Proc]) -> int:
     h, port = args.host, args.port
     registry = f"{h}:{port + 1}"
     executors = [f"{h}:{port + 2 + i}" for i in range(args.executors)]
+    ports = {port: "router", port + 1: "registry",
+             **{port + 2 + i: f"executor-{i}" for i in range(args.executors)}}
+    if args.http_port:
+        if args.http_port in ports:
+            raise UpFailed(f"--http-port {args.http_port} is one of the gRPC ports "
+                           f"{port}..{port + 1 + args.executors}; choose another", code=2)
+        ports[args.http_port] = "gateway"
+    check_ports(h, ports)
+    data = pathlib.Path(args.data_dir).resolve()
+    logs = data / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    demo = not args.base_model
+    base = args.base_model or str(demo_model(data))
     cli = [sys.executable, "-m", "services.cli"]
-    plan = [(registry, [*cli, "registry", "--host", h, "--port", str(port + 1),
-                        "--data-dir", str(data / "registry")])]
-    plan += [(addr, [*cli, "executor", "--host", h, "--port", addr.rsplit(":", 1)[1],
-                     "--registry", registry, "--base-model", base,
-                     "--disk-cache-dir", str(data / f"executor-{i}")])
+    plan = [("registry", registry, [*cli, "registry", "--host", h, "--port", str(port + 1),
+                                    "--data-dir", str(data / "registry")])]
+    plan += [(f"executor-{i}", addr, [*cli, "executor", "--host", h, "--port", addr.rsplit(":", 1)[1],
+                                      "--registry", registry, "--base-model", base,
+                                      "--disk-cache-dir", str(data / f"executor-{i}")])
              for i, addr in enumerate(executors)]
-    plan.append((f"{h}:{port}", [*cli, "router", "--host", h, "--port", str(port),
-                                 "--registry", registry,
-                                 *[x for e in executors for x in ("--executor", e)]]))
-    procs: list[subprocess.Popen] = []
-    stopping = False
+    plan.append(("router", f"{h}:{port}", [*cli, "router", "--host", h, "--port", str(port),
+                                            "--registry", registry,
+                                            *[x for e in executors for x in ("--executor", e)]]))
+    if args.http_port:
+        plan.append(("gateway", f"{h}:{args.http_port}",
+                     [*cli, "gateway", "--host", h, "--port", str(args.http_port),
+                      "--router", f"{h}:{port}", "--registry", registry,
+                      "--base-model", base if pathlib.Path(base).is_dir() else ""]))
+    for name, address, cmd in plan:
+        procs.append(_start(name, address, cmd, logs))
+        proc = procs[-1]
+        if name == "gateway":
+            wait_http(proc, f"http://{address}/health", args.startup_timeout_s, procs)
+        else:
+            wait_serving(proc, args.startup_timeout_s, procs)
+        proc.ready = True
+        say(f"{name} ready on {address}  (log {proc.log})")
+        if name == "registry" and demo:
+            added = register_demo_adapters(data, registry)
+            if added:
+                say(f"registered demo adapters {', '.join(added)} for the demo model (random weights; "
+                    f"each changes the output): openlora generate --adapter {added[0]} 'Hello'")
+    gateway = f"  gateway http://{h}:{args.http_port}/v1" if args.http_port else ""
+    say(f"ready: router {h}:{port}  registry {registry}  executors {' '.join(executors)}{gateway}"
+        f"  (Ctrl-C stops)")
+    while True:
+        _check_alive(procs)
+        time.sleep(0.2)
 
-    def stop(*_):
-        nonlocal stopping
-        stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        for address, cmd in plan:
-            procs.append(subprocess.Popen(cmd))
-            wait_serving(address, args.startup_timeout_s, procs)
-        gateway = ""
-        if args.http_port:
-            procs.append(subprocess.Popen([*cli, "gateway", "--host", h, "--port", str(args.http_port),
-                                           "--router", f"{h}:{port}", "--registry", registry,
-                                           "--base-model", base if pathlib.Path(base).is_dir() else ""]))
-            wait_http(f"http://{h}:{args.http_port}/health", args.startup_timeout_s, procs)
-            gateway = f"  gateway http://{h}:{args.http_port}/v1"
-        print(f"openlora up: router {h}:{port}  registry {registry}  executors {' '.join(executors)}"
-              f"{gateway}", file=sys.stderr, flush=True)
-        while not stopping and all(p.poll() is None for p in procs):
-            time.sleep(0.2)
-    finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    return 0 if stopping else 1
+def _start(name: str, address: str, cmd: list[str], logs: pathlib.Path) -> Proc:
+    log = logs / f"{name}.log"
+    with open(log, "ab") as out:
+        # its own session: a terminal's Ctrl-C reaches `up` alone, which stops the services in
+        # order (a compiler killed by the same Ctrl-C used to make the executor fall back to slow ops)
+        popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, env={**os.environ, "OPENLORA_LOG_SERVICE": name})
+    return Proc(name, address, popen, log)

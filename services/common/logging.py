@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -11,8 +12,17 @@ import structlog
 def configure_logging(level: str = "info", json: bool = True) -> None:
     """Route structlog and stdlib logging through one JSON renderer on stderr."""
     lvl = getattr(logging, level.upper(), logging.INFO)
+    service = os.environ.get("OPENLORA_LOG_SERVICE", "")
+
+    def add_service(_logger, _name, event: dict) -> dict:
+        # which process wrote the line when several share a terminal or a log pipeline (`openlora up`)
+        if service:
+            event.setdefault("service", service)
+        return event
+
     processors = [
         structlog.contextvars.merge_contextvars,
+        add_service,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
@@ -21,13 +31,15 @@ def configure_logging(level: str = "info", json: bool = True) -> None:
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # one write() per record (message + newline together, under a lock): print() writes the
+        # newline separately, so two threads' records could share a line
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-        foreign_pre_chain=[structlog.stdlib.add_logger_name, *processors[:3]]))
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *processors[:4]]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(lvl)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 import time
 
@@ -30,6 +31,13 @@ def _label(text: str) -> tuple[str, str]:
     return k, v
 
 
+def source_uri(source: str) -> str:
+    """A plain local path (./my-adapter, /abs/dir, ~/dir) becomes file:///ABS/DIR; URIs pass as they are."""
+    if "://" in source:
+        return source
+    return pathlib.Path(source).expanduser().resolve().as_uri()
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--registry", default=os.environ.get("OPENLORA_REGISTRY", "127.0.0.1:50051"),
@@ -39,16 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="openlora adapters", description="Manage adapters in a registry.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     add = sub.add_parser("add", parents=[common], help="import an adapter from a source URI")
-    add.add_argument("id")
-    add.add_argument("source", help="hf://ORG/NAME[@REV][/SUB] | file:///ABS/DIR | s3://...")
+    add.add_argument("id", help="the adapter id to register it as, e.g. team/sql")
+    add.add_argument("source", type=source_uri,
+                     help="hf://ORG/NAME[@REV][/SUB] | file:///ABS/DIR | a plain local directory | s3://...")
     add.add_argument("--label", type=_label, action="append", default=[], help="k=v (repeatable)")
     add.add_argument("--base-model", default="", help="override adapter_config's base model")
     ls = sub.add_parser("list", parents=[common], help="list adapters (latest versions)")
-    ls.add_argument("--base-model", default="")
+    ls.add_argument("--base-model", default="", help="only adapters for this base model")
     ls.add_argument("--selector", default="", help="label selector k=v,k2=v2")
     for name, text in (("show", "show one adapter"), ("rm", "delete an adapter")):
         s = sub.add_parser(name, parents=[common], help=text)
-        s.add_argument("id")
+        s.add_argument("id", help="the adapter id")
         s.add_argument("--version", type=int, default=0, help="0 -> latest (show) / every (rm)")
     return p
 

@@ -1,7 +1,9 @@
 """Builds the C++ (and, where CUDA is usable, CUDA) extension that registers torch.ops.openlora.
 
-Built with torch.utils.cpp_extension.load and ninja into a cache directory keyed by a hash of the
-sources, the flags, torch's version and the CPU, so an edit rebuilds and an unchanged tree loads in a
+Built with torch.utils.cpp_extension.load and ninja into a cache directory keyed by a hash of
+everything that changes the binary: the sources (contents and where they are: ninja rebuilds when a
+path changes, so two checkouts must not share a directory), the flags, torch's version and location,
+the Python interpreter and the CPU, so an edit rebuilds and an unchanged tree loads in a
 fraction of a second. The directory is $OPENLORA_BUILD_DIR, else ~/.cache/openlora.
 
 build_cuda_emulation() builds the same CUDA sources as plain C++ over cpp/cuda/emulation.h, where
@@ -26,8 +28,10 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
+import structlog
 import torch
 from torch.utils import cpp_extension
 
@@ -49,6 +53,10 @@ CUDA_CFLAGS = ["-O3"]
 # The architecture compile_cuda_check builds for (the real build targets the GPU it runs on): sm_90, the
 # H100/H200 that sessions are lent; $OPENLORA_CUDA_ARCH overrides it (e.g. 80 for an A100).
 CUDA_CHECK_ARCH = "90"
+# What a first build takes (seconds, low..high) on a small, busy machine, said in the log beforehand.
+EXPECTED_BUILD_S = (20, 180)
+
+log = structlog.get_logger(__name__)
 
 
 class KernelBuildError(RuntimeError):
@@ -78,13 +86,17 @@ def _load(prefix: str, sources: list[Path], key_extra: tuple, verbose: bool, inc
     """Compile (if needed) and load `sources` as extension `prefix`_<hash of the sources, the files
     they include (HEADERS and `included`) and key_extra>, in its own directory under build_dir();
     returns the .so's path. A failure raises KernelBuildError with the compiler's output."""
-    key = hashlib.sha256()
-    for path in [*sources, *HEADERS, *included]:
-        key.update(path.name.encode() + path.read_bytes())
-    key.update(repr((key_extra, torch.__version__, _cpu_flags())).encode())
+    key = hashlib.sha256(build_key(sources, key_extra, included).encode())
     name = f"{prefix}_{key.hexdigest()[:16]}"
     directory = build_dir() / name
     directory.mkdir(parents=True, exist_ok=True)
+    cached = (directory / f"{name}.so").exists()
+    if not cached:
+        log.info("kernel_build_started", extension=prefix, directory=str(directory),
+                 expected_seconds=f"{EXPECTED_BUILD_S[0]}-{EXPECTED_BUILD_S[1]}",
+                 detail="compiling the C++ kernels once for this checkout, interpreter and torch; "
+                        "later starts load them in well under a second")
+    t0 = time.monotonic()
     try:
         with _build_lock(directory):
             cpp_extension.load(name=name, sources=[str(p) for p in sources],
@@ -99,6 +111,8 @@ def _load(prefix: str, sources: list[Path], key_extra: tuple, verbose: bool, inc
         if detail and detail not in message:
             message += "\n" + detail
         raise KernelBuildError(message) from exc
+    if not cached:
+        log.info("kernel_build_done", extension=prefix, seconds=round(time.monotonic() - t0, 1))
     return directory / f"{name}.so"
 
 
@@ -115,6 +129,18 @@ def _build_lock(directory: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_key(sources: list[Path], key_extra: tuple, included: tuple[Path, ...] = ()) -> str:
+    """Everything the binary depends on, as one string to hash: each source's and header's absolute
+    path and contents, the flags (key_extra), torch's version and install location, the Python
+    interpreter (path and version) and the CPU's flags (-march=native)."""
+    parts = []
+    for path in [*sources, *HEADERS, *included]:
+        parts.append(f"{path.resolve()}:{hashlib.sha256(path.read_bytes()).hexdigest()}")
+    parts.append(repr((key_extra, torch.__version__, str(Path(torch.__file__).resolve().parent),
+                       sys.executable, sys.version, _cpu_flags())))
+    return "\n".join(parts)
 
 
 def build(verbose: bool = False) -> Path:

@@ -1,0 +1,183 @@
+"""Issue 14: a newcomer's first run of `openlora up` and the CLI, as a person types it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from services.registry.admin import source_uri
+from tests.servers import free_port, health
+
+CLI = [sys.executable, "-m", "services.cli"]
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["generate", "--max-new-tokens", "-5", "hi"], "--max-new-tokens"),
+    (["generate", "--adapter", "team/sql@x", "hi"], "--adapter"),
+    (["generate", "--adapter", "team/sql@0", "hi"], "--adapter"),
+    (["bench", "--requests", "0"], "--requests"),
+    (["bench", "--concurrency", "0"], "--concurrency"),
+    (["bench", "--max-new-tokens", "-1"], "--max-new-tokens"),
+])
+def test_bad_client_flags_are_one_line_and_exit_2(args, flag):
+    proc = _cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_every_client_flag_has_help():
+    for cmd in (["generate"], ["bench"], ["adapters", "add"], ["adapters", "list"], ["adapters", "rm"],
+                ["up"]):
+        out = _cli(*cmd, "--help").stdout
+        import re
+        # argparse lists each option on its own line; one without help has nothing after its name
+        for line in out.splitlines():
+            m = re.match(r"^  (-{1,2}[\w-]+(?: [A-Z_{},.\[\]]+)?)\s*$", line)
+            if m:
+                # a long option whose help wraps to the next line is fine; find that next line
+                nxt = out.splitlines()[out.splitlines().index(line) + 1]
+                assert nxt.startswith(" " * 10), f"{cmd}: {m.group(1)} has no help"
+
+
+def test_plain_paths_become_file_uris(tmp_path, monkeypatch):
+    assert source_uri(str(tmp_path)) == f"file://{tmp_path}"
+    monkeypatch.chdir(tmp_path)
+    assert source_uri("./a") == f"file://{tmp_path}/a"
+    assert source_uri("hf://org/name") == "hf://org/name"
+
+
+def test_up_names_a_port_in_use(tmp_path):
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port + 1))
+        busy.listen()
+        proc = _cli("up", "--port", str(port), "--data-dir", str(tmp_path / "d"), "--http-port", "0")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert f"port {port + 1}" in lines[-1] and "in use" in lines[-1] and "registry" in lines[-1]
+    assert "ready on" not in proc.stderr and "Traceback" not in proc.stderr and len(lines) == 1
+
+
+def test_up_names_the_service_that_died_and_its_log(tmp_path):
+    port = free_port()
+    proc = _cli("up", "--port", str(port), "--data-dir", str(tmp_path / "d"), "--http-port", "0",
+                "--base-model", str(tmp_path / "no-such-model"), timeout=180)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    log = tmp_path / "d" / "logs" / "executor-0.log"
+    assert "executor-0" in last and str(log) in last and "no such directory" in last
+    assert "registry ready" in proc.stderr and "Traceback" not in proc.stderr
+    assert health(f"127.0.0.1:{port + 1}") is None     # the registry was stopped too
+
+
+def _wait_for(up: subprocess.Popen, log_path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log_path.read_text():
+        assert up.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_up_stops_at_once_on_a_signal_during_start_up(tmp_path, sig, code):
+    port = free_port()
+    err = tmp_path / "up.err"
+    up = subprocess.Popen([*CLI, "up", "--port", str(port), "--data-dir", str(tmp_path / "d"),
+                           "--http-port", "0"], stdout=subprocess.DEVNULL, stderr=open(err, "wb"))
+    _wait_for(up, err, "writing the demo model", 60)
+    up.send_signal(sig)
+    t0 = time.monotonic()
+    assert up.wait(timeout=30) == code, err.read_text()
+    assert time.monotonic() - t0 < 20
+    text = err.read_text()
+    assert "Traceback" not in text and "stopping" in text.strip().splitlines()[-1]
+    # the interrupted write left no demo model behind (only its temp dir, removed)
+    d = tmp_path / "d"
+    assert not (d / "demo-model").exists() and not list(d.glob(".demo-model.*"))
+
+
+@pytest.mark.slow
+def test_up_demo_model_demo_adapters_and_ctrl_c(tmp_path):
+    """The first minute: `up` with no flags, `generate --adapter demo/...`, Ctrl-C."""
+    port = free_port()
+    data = tmp_path / "d"
+    (data / "demo-model").mkdir(parents=True)          # a half-written one from an older crash
+    (data / "demo-model" / "config.json").write_text("{}")
+    err = tmp_path / "up.err"
+    up = subprocess.Popen([*CLI, "up", "--port", str(port), "--data-dir", str(data), "--http-port", "0"],
+                          stdout=subprocess.DEVNULL, stderr=open(err, "wb"))
+    router = f"127.0.0.1:{port}"
+    try:
+        _wait_for(up, err, "openlora up: ready", 600)
+        text = err.read_text()
+        assert "half-written demo model" in text and "registered demo adapters demo/" in text
+        for name in ("registry", "executor-0", "router"):
+            assert f"{name} ready on" in text
+        base = _cli("generate", "--router", router, "--max-new-tokens", "8", "Hello")
+        tuned = _cli("generate", "--router", router, "--adapter", "demo/pirate", "--max-new-tokens",
+                     "8", "Hello")
+        pinned = _cli("generate", "--router", router, "--adapter", "demo/pirate@1",
+                      "--max-new-tokens", "8", "Hello")
+        absent = _cli("generate", "--router", router, "--adapter", "demo/pirate@9", "Hello")
+        assert base.returncode == tuned.returncode == pinned.returncode == 0, tuned.stderr
+        assert tuned.stdout == pinned.stdout and tuned.stdout != base.stdout
+        assert absent.returncode == 1 and "NOT_FOUND" in absent.stderr
+        # every log line is one JSON record saying which service wrote it
+        for name in ("registry", "executor-0", "router"):
+            for line in (data / "logs" / f"{name}.log").read_text().splitlines():
+                if line.startswith("{"):
+                    assert "service" in json.loads(line), line
+    finally:
+        up.send_signal(signal.SIGINT)
+        code = up.wait(timeout=60)
+    assert code == 0 and "Traceback" not in err.read_text()
+    assert health(router) is None
+
+
+def test_the_kernel_cache_key_covers_everything_that_changes_the_binary(tmp_path, monkeypatch):
+    from services.executor.ops import build
+    sources = build.CPU_SOURCES
+    base = build.build_key(sources, (build.CFLAGS,))
+    assert build.build_key(sources, (build.CFLAGS,)) == base
+    assert build.build_key(sources, (["-O2"],)) != base                       # flags
+    copies = []
+    for src in sources:                                                        # another checkout
+        (tmp_path / src.name).write_bytes(src.read_bytes())
+        copies.append(tmp_path / src.name)
+    assert build.build_key(copies, (build.CFLAGS,)) != base
+    monkeypatch.setattr(sys, "executable", "/other/venv/bin/python")          # another interpreter
+    assert build.build_key(sources, (build.CFLAGS,)) != base
+    monkeypatch.undo()
+    monkeypatch.setattr(build.torch, "__version__", "0.0.1")                   # another torch
+    assert build.build_key(sources, (build.CFLAGS,)) != base
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+def test_a_kernel_build_announces_itself_with_its_expected_duration(tmp_path):
+    code = ("from services.common.logging import configure_logging; configure_logging(); "
+            "from services.executor.ops import build; build.build()")
+    env = {**os.environ, "OPENLORA_BUILD_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                           timeout=900)
+    assert first.returncode == 0, first.stderr
+    records = [json.loads(line) for line in first.stderr.splitlines() if line.startswith("{")]
+    events = [r["event"] for r in records]
+    assert events.index("kernel_build_started") < events.index("kernel_build_done")
+    started = records[events.index("kernel_build_started")]
+    assert started["expected_seconds"] and str(tmp_path) in started["directory"]
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert again.returncode == 0 and "kernel_build_started" not in again.stderr
