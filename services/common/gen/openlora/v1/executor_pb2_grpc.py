@@ -28,6 +28,11 @@ if _version_not_supported:
 
 class ExecutorStub:
     """Runs generations over the base model and its adapters.
+
+    Every error carries a google.rpc.Status in the grpc-status-details-bin trailer: an ErrorInfo
+    (domain "openlora.dev", reason such as ADAPTER_NOT_FOUND) and, for INVALID_ARGUMENT that names
+    a field, a BadRequest with that field. With --auth-file: UNAUTHENTICATED without a known
+    bearer token, PERMISSION_DENIED for what the caller's role may not do.
     """
 
     def __init__(self, channel):
@@ -65,10 +70,20 @@ class ExecutorStub:
 
 class ExecutorServicer:
     """Runs generations over the base model and its adapters.
+
+    Every error carries a google.rpc.Status in the grpc-status-details-bin trailer: an ErrorInfo
+    (domain "openlora.dev", reason such as ADAPTER_NOT_FOUND) and, for INVALID_ARGUMENT that names
+    a field, a BadRequest with that field. With --auth-file: UNAUTHENTICATED without a known
+    bearer token, PERMISSION_DENIED for what the caller's role may not do.
     """
 
     def Generate(self, request, context):
         """Generates a whole completion.
+        Status codes: INVALID_ARGUMENT for a malformed request (an empty prompt, bad sampling
+        values, a prompt longer than the context; BadRequest names the field), NOT_FOUND for an
+        unknown adapter or version, FAILED_PRECONDITION for an adapter that does not fit the base
+        model, RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE while no executor can serve it,
+        DEADLINE_EXCEEDED past the call's deadline, CANCELLED when the client cancels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,27 +91,31 @@ class ExecutorServicer:
 
     def GenerateStream(self, request, context):
         """Generates a completion as a stream of chunks; cancelling frees the request's memory at once.
+        Status codes: as Generate; an error after the first chunk ends the stream with its code.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LoadAdapter(self, request, context):
-        """Loads an adapter into a tier ahead of requests.
+        """Loads an adapter into a tier ahead of requests (requests load it on demand anyway).
+        Status codes: INVALID_ARGUMENT for a malformed adapter, NOT_FOUND for an unknown adapter or
+        version, FAILED_PRECONDITION when it does not fit the base model, RESOURCE_EXHAUSTED when the
+        tier has no room, UNAVAILABLE when the registry cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnloadAdapter(self, request, context):
-        """Drops an adapter from every tier.
+        """Drops an adapter from every tier; requests using it finish first. NOT_FOUND if it is not held.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
-        """Reports load, memory and adapter residency.
+        """Reports load, memory and adapter residency. Always OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +159,11 @@ def add_ExecutorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Executor:
     """Runs generations over the base model and its adapters.
+
+    Every error carries a google.rpc.Status in the grpc-status-details-bin trailer: an ErrorInfo
+    (domain "openlora.dev", reason such as ADAPTER_NOT_FOUND) and, for INVALID_ARGUMENT that names
+    a field, a BadRequest with that field. With --auth-file: UNAUTHENTICATED without a known
+    bearer token, PERMISSION_DENIED for what the caller's role may not do.
     """
 
     @staticmethod

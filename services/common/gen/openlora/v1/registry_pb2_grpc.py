@@ -27,6 +27,11 @@ if _version_not_supported:
 
 class AdapterRegistryStub:
     """Stores, versions and serves PEFT LoRA adapters.
+
+    Every error carries a google.rpc.Status in the grpc-status-details-bin trailer: an ErrorInfo
+    (domain "openlora.dev", reason such as ADAPTER_NOT_FOUND) and, for INVALID_ARGUMENT that names
+    a field, a BadRequest with that field. With --auth-file: UNAUTHENTICATED without a known
+    bearer token, PERMISSION_DENIED for what the caller's role may not do.
     """
 
     def __init__(self, channel):
@@ -74,10 +79,19 @@ class AdapterRegistryStub:
 
 class AdapterRegistryServicer:
     """Stores, versions and serves PEFT LoRA adapters.
+
+    Every error carries a google.rpc.Status in the grpc-status-details-bin trailer: an ErrorInfo
+    (domain "openlora.dev", reason such as ADAPTER_NOT_FOUND) and, for INVALID_ARGUMENT that names
+    a field, a BadRequest with that field. With --auth-file: UNAUTHENTICATED without a known
+    bearer token, PERMISSION_DENIED for what the caller's role may not do.
     """
 
     def RegisterAdapter(self, request, context):
         """Imports an adapter from a source URI (hf://, file://, s3://); same content -> same version.
+        Status codes: INVALID_ARGUMENT for a bad id, source URI or malformed adapter files (BadRequest
+        names the field), NOT_FOUND when the source has no such adapter, FAILED_PRECONDITION for an
+        adapter made for another base model than the registry's --base-model, RESOURCE_EXHAUSTED over
+        --max-adapter-bytes, UNAVAILABLE or DEADLINE_EXCEEDED when the source cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,34 +99,37 @@ class AdapterRegistryServicer:
 
     def UploadAdapter(self, request_iterator, context):
         """Uploads an adapter as a client stream: one header, then file chunks.
+        Status codes: as RegisterAdapter; INVALID_ARGUMENT also for a stream without a header first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAdapter(self, request, context):
-        """Returns one version of an adapter (0 -> latest).
+        """Returns one version of an adapter (0 -> latest). NOT_FOUND for an unknown id or version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """Lists the latest version of each adapter, filtered and paged.
+        """Lists the latest version of each adapter, filtered and paged. INVALID_ARGUMENT for a bad
+        page_token or label_selector.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteAdapter(self, request, context):
-        """Deletes one version, or every version (version 0).
+        """Deletes one version, or every version (version 0). NOT_FOUND for an unknown id or version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FetchAdapter(self, request, context):
-        """Streams an adapter: its metadata with the file manifest first, then the files' chunks.
+        """Streams an adapter: its metadata with the file manifest first, then the files' chunks (each at
+        most 1 MiB). NOT_FOUND for an unknown id or version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +137,7 @@ class AdapterRegistryServicer:
 
     def WatchAdapters(self, request, context):
         """Streams changes to the adapters (a new version, a deletion) as they happen, until cancelled.
+        Changes made before the call are not replayed: list first, then watch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,6 +191,11 @@ def add_AdapterRegistryServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AdapterRegistry:
     """Stores, versions and serves PEFT LoRA adapters.
+
+    Every error carries a google.rpc.Status in the grpc-status-details-bin trailer: an ErrorInfo
+    (domain "openlora.dev", reason such as ADAPTER_NOT_FOUND) and, for INVALID_ARGUMENT that names
+    a field, a BadRequest with that field. With --auth-file: UNAUTHENTICATED without a known
+    bearer token, PERMISSION_DENIED for what the caller's role may not do.
     """
 
     @staticmethod

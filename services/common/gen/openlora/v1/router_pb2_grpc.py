@@ -28,6 +28,11 @@ if _version_not_supported:
 
 class RouterStub:
     """Sends each request to the executor best placed to serve it.
+
+    Every error carries a google.rpc.Status in the grpc-status-details-bin trailer: an ErrorInfo
+    (domain "openlora.dev", reason such as ADAPTER_NOT_FOUND) and, for INVALID_ARGUMENT that names
+    a field, a BadRequest with that field. With --auth-file: UNAUTHENTICATED without a known
+    bearer token, PERMISSION_DENIED for what the caller's role may not do.
     """
 
     def __init__(self, channel):
@@ -55,24 +60,37 @@ class RouterStub:
 
 class RouterServicer:
     """Sends each request to the executor best placed to serve it.
+
+    Every error carries a google.rpc.Status in the grpc-status-details-bin trailer: an ErrorInfo
+    (domain "openlora.dev", reason such as ADAPTER_NOT_FOUND) and, for INVALID_ARGUMENT that names
+    a field, a BadRequest with that field. With --auth-file: UNAUTHENTICATED without a known
+    bearer token, PERMISSION_DENIED for what the caller's role may not do.
     """
 
     def Generate(self, request, context):
-        """Generates a whole completion on the best executor.
+        """Generates a whole completion on the best executor (the one already holding the adapter, else
+        the least loaded).
+        Status codes: INVALID_ARGUMENT for a malformed request (an empty prompt, bad sampling
+        values, a prompt longer than the context; BadRequest names the field), NOT_FOUND for an
+        unknown adapter or version, FAILED_PRECONDITION for an adapter that does not fit the base
+        model, RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE while no executor can serve it,
+        DEADLINE_EXCEEDED past the call's deadline, CANCELLED when the client cancels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Streams a completion from the best executor.
+        """Streams a completion from the best executor: one chunk per decoding step or group of steps,
+        the last with finish_reason and usage. Cancelling the call frees the request's memory at once.
+        Status codes: as Generate; an error after the first chunk ends the stream with its code.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListExecutors(self, request, context):
-        """Lists the executors the router knows, with their last status.
+        """Lists the executors the router knows, with their last status. Always OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +124,11 @@ def add_RouterServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Router:
     """Sends each request to the executor best placed to serve it.
+
+    Every error carries a google.rpc.Status in the grpc-status-details-bin trailer: an ErrorInfo
+    (domain "openlora.dev", reason such as ADAPTER_NOT_FOUND) and, for INVALID_ARGUMENT that names
+    a field, a BadRequest with that field. With --auth-file: UNAUTHENTICATED without a known
+    bearer token, PERMISSION_DENIED for what the caller's role may not do.
     """
 
     @staticmethod

@@ -1,0 +1,65 @@
+"""Issue 14: a Node.js client generated from protos/ alone (@grpc/grpc-js + @grpc/proto-loader)
+against a real deployment: registry + executor + router subprocesses on loopback."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+
+import grpc
+import pytest
+
+from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
+from services.synthetic import AdapterSpec, write_adapter
+from tests.conftest import TINY
+from tests.servers import Service
+
+NODE_DIR = pathlib.Path(__file__).parent / "node"
+
+
+def node_ready() -> str | None:
+    """Why the Node client cannot run here, or None. .ci/run installs its packages (npm ci)."""
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        return "tests/node has no node_modules: run `npm install --prefix tests/node` (.ci/run does)"
+    return None
+
+
+@pytest.mark.slow
+def test_node_client_watch_generate_stream_and_errors(llama_dir, tmp_path):
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    assert node_ready() is None, node_ready()
+    adapter = write_adapter(tmp_path / "adapter", TINY["llama"], AdapterSpec(seed=301))
+    registry = Service("registry", "--data-dir", str(tmp_path / "registry"),
+                       log_path=tmp_path / "registry.log").start()
+    executor = router = None
+    try:
+        executor = Service("executor", "--registry", registry.address, "--base-model", str(llama_dir),
+                           "--disk-cache-dir", str(tmp_path / "disk"),
+                           log_path=tmp_path / "executor.log").start()
+        router = Service("router", "--registry", registry.address, "--executor", executor.address,
+                         log_path=tmp_path / "router.log").start()
+        with grpc.insecure_channel(registry.address) as ch:
+            registry_pb2_grpc.AdapterRegistryStub(ch).RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+                adapter_id="node/a", source=f"file://{adapter}"), timeout=60)
+        proc = subprocess.run(["node", str(NODE_DIR / "client.js"), router.address, "node/a"],
+                              capture_output=True, text=True, timeout=180)
+    finally:
+        for s in (router, executor, registry):
+            if s is not None:
+                s.stop()
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["watch"] == "SERVING"
+    assert out["generate"]["code"] == 0 and out["generate"]["tokens"] == 8
+    assert out["generate"]["finish_reason"] == "FINISH_REASON_LENGTH"
+    assert out["stream"]["text"] == out["generate"]["text"] and out["stream"]["chunks"] >= 1
+    assert out["stream"]["finish_reason"] == "FINISH_REASON_LENGTH"
+    assert out["not_found"]["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert out["not_found"]["has_status_details"]
+    assert out["invalid"]["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "prompt" in out["invalid"]["message"]
