@@ -229,6 +229,20 @@ def test_chat_equal_grpc_token_for_token(stack, model):
     assert "".join(c.choices[0].delta.content or "" for c in plain) == want.text
 
 
+def test_every_sampling_field_reaches_the_executor(stack):
+    fields = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.2}
+    want = grpc_answer(stack, "org/mlp", {**grpc_sampling(12, ignore_eos=False), **fields,
+                                          "min_new_tokens": 3, "stop_token_ids": [13, 17]},
+                       prompt="Hello world")
+    reply = stack["client"].completions.create(
+        model="org/mlp", prompt="Hello world", max_tokens=12, user="someone", **SAMPLED,
+        presence_penalty=0.5, frequency_penalty=0.3,
+        extra_body={"top_k": 20, "repetition_penalty": 1.2, "min_tokens": 3, "stop_token_ids": [13, 17],
+                    "return_token_ids": True})
+    assert reply.choices[0].model_extra["token_ids"] == list(want.token_ids)
+    assert reply.choices[0].finish_reason == {1: "length", 2: "stop", 3: "stop"}[want.finish_reason]
+
+
 def test_logprobs_match_grpc(stack):
     client = stack["client"]
     want = grpc_answer(stack, "org/qv", grpc_sampling(6, top_logprobs=3), prompt="The quick brown")
@@ -381,7 +395,13 @@ def executor_status(stack):
 
 
 def test_client_disconnect_mid_stream_frees_kv_blocks(stack):
-    before = executor_status(stack)
+    channel = grpc.insecure_channel(stack["executor"].address)   # opened now: status calls are quick
+    stub = executor_pb2_grpc.ExecutorStub(channel)
+
+    def status():
+        return stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10, metadata=ADMIN)
+
+    before = status()
     assert before.running_requests == 0
     conn = httpclient.HTTPConnection("127.0.0.1", stack["gateway"].port, timeout=60)
     conn.request("POST", "/v1/completions", json.dumps(
@@ -392,13 +412,13 @@ def test_client_disconnect_mid_stream_frees_kv_blocks(stack):
     first = resp.readline()
     assert first.startswith(b"data: ")
     request_id = json.loads(first[len(b"data: "):])["id"] + "-0"   # the executor's request id
-    during = executor_status(stack)
+    during = status()
     conn.sock.shutdown(2)
     conn.close()
     assert during.running_requests == 1 and during.kv_blocks_free < before.kv_blocks_free
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        now = executor_status(stack)
+        now = status()
         if now.running_requests == 0 and now.kv_blocks_free == now.kv_blocks_total:
             break
         time.sleep(0.05)
@@ -406,6 +426,7 @@ def test_client_disconnect_mid_stream_frees_kv_blocks(stack):
     log = (stack["root"] / "executor.log").read_text()   # cancelled, not finished
     cancelled = [json.loads(line) for line in log.splitlines() if '"request_cancelled"' in line]
     assert request_id in {e.get("request_id") for e in cancelled}
+    channel.close()
 
 
 def test_load_and_unload_lora_adapter(stack):
