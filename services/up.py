@@ -270,8 +270,10 @@ def _run(args: UpConfig, procs: list[Proc]) -> int:
     demo = not args.base_model
     base = args.base_model or str(demo_model(data))
     cli = [sys.executable, "-m", "services.cli"]
+    # the registry refuses adapters that cannot fit the model the executors serve
+    fit = ["--base-model", base] if pathlib.Path(base, "config.json").is_file() else []
     plan = [("registry", registry, [*cli, "registry", "--host", h, "--port", str(port + 1),
-                                    "--data-dir", str(data / "registry")])]
+                                    "--data-dir", str(data / "registry"), *fit])]
     plan += [(f"executor-{i}", addr, [*cli, "executor", "--host", h, "--port", addr.rsplit(":", 1)[1],
                                       "--registry", registry, "--base-model", base,
                                       "--disk-cache-dir", str(data / f"executor-{i}")])

@@ -181,3 +181,29 @@ def test_a_kernel_build_announces_itself_with_its_expected_duration(tmp_path):
     again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                            timeout=300)
     assert again.returncode == 0 and "kernel_build_started" not in again.stderr
+
+
+def test_adapters_add_refuses_an_adapter_for_another_base_model(tmp_path, llama_dir):
+    from services.synthetic import AdapterSpec, ModelSpec, write_adapter
+    from tests.conftest import TINY
+    from tests.servers import Service
+    fits = write_adapter(tmp_path / "fits", TINY["llama"], AdapterSpec(seed=5))
+    other = write_adapter(tmp_path / "other", ModelSpec(hidden=96, heads=4, kv_heads=2), AdapterSpec(seed=6))
+    deep = write_adapter(tmp_path / "deep", ModelSpec(**{**TINY["llama"].__dict__, "layers": 9}),
+                         AdapterSpec(seed=7))
+    registry = Service("registry", "--data-dir", str(tmp_path / "reg"), "--base-model", str(llama_dir),
+                       log_path=tmp_path / "registry.log").start()
+    try:
+        ok = _cli("adapters", "add", "t/fits", str(fits), "--registry", registry.address)   # plain path
+        assert ok.returncode == 0, ok.stderr
+        for name, path in (("t/other", other), ("t/deep", deep)):
+            bad = _cli("adapters", "add", name, str(path), "--registry", registry.address)
+            assert bad.returncode == 1 and "FAILED_PRECONDITION" in bad.stderr, bad.stderr
+            assert "does not fit the base model" in bad.stderr and str(llama_dir) in bad.stderr
+    finally:
+        registry.stop()
+
+
+def test_registry_base_model_flag_needs_a_model_config(tmp_path):
+    proc = _cli("registry", "--data-dir", str(tmp_path / "r"), "--base-model", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and "--base-model" in proc.stderr

@@ -8,6 +8,7 @@ import structlog
 
 from services.common.memory import tune_malloc
 from services.common.server import Service, Server, create_server
+from services.registry.base_models import BaseModelShape
 from services.registry.changes import ChangeFeed
 from services.registry.config import RegistryConfig
 from services.registry.core import AdapterRegistry
@@ -48,7 +49,8 @@ def build_core(config: RegistryConfig) -> AdapterRegistry:
                                work_dir=data / "work",
                                sources={**default_sources(config.s3_addressing_style),
                                         "file": FileSource(config.allow_local_dir)},
-                               on_demand_source=config.on_demand_source)
+                               on_demand_source=config.on_demand_source,
+                               base_models=[BaseModelShape.from_dir(p) for p in config.base_model])
         core.recover()
     except BaseException:
         metadata.close()

@@ -29,6 +29,9 @@ class RegistryConfig(ServerConfig):
     allow_local_dir: list[str] = flag(help="a directory file:// sources may read, symlinks resolved "
                                       "(none -> admins only, or anyone on an open registry)",
                                       multiple=True)
+    base_model: list[str] = flag(help="a base model directory (its config.json) that adapters must fit; "
+                                 "repeatable; one that fits none is FAILED_PRECONDITION (none -> no check)",
+                                 multiple=True)
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
@@ -56,3 +59,9 @@ class RegistryConfig(ServerConfig):
             except ValueError as exc:
                 check(False, "on_demand_source", str(exc))
         check(self.watch_poll_seconds > 0, "watch_poll_seconds", "must be > 0")
+        for path in self.base_model:
+            from services.registry.base_models import BaseModelShape
+            try:
+                BaseModelShape.from_dir(path)
+            except ValueError as exc:
+                check(False, "base_model", str(exc))

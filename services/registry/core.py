@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import structlog
 
@@ -27,6 +27,7 @@ from services.common.errors import (AdapterNotFound, InvalidAdapter, InvalidArgu
 from services.common.peft_format import (ADAPTER_FILES, check_adapter_id, manifest_digest, CONFIG_FILE, MAX_HEADER_BYTES, PICKLE_FILES, PICKLE_MESSAGE,
                                          WEIGHTS_FILE, parse_adapter_config,
                                          read_safetensors_header, validate_adapter)
+from services.registry.base_models import BaseModelShape, check_fits
 from services.registry.sources import Source, default_sources, fetch_source
 from services.registry.stores import AdapterRecord, BlobStore, FileEntry, MetadataStore
 
@@ -110,6 +111,7 @@ class UploadSession:
             raise InvalidAdapter(f"{WEIGHTS_FILE} has {weights.size} bytes but its safetensors "
                                  f"header describes {expected}: truncated or corrupt")
         validate_adapter(config, tensors)
+        check_fits(self._registry.base_models, self.adapter_id, tensors)
         files = [FileEntry(name, self._writers[name].size, self._writers[name].finish())
                  for name in ADAPTER_FILES]
         return AdapterRecord(
@@ -153,8 +155,9 @@ class FetchStream:
 class AdapterRegistry:
     def __init__(self, metadata: MetadataStore, blobs: BlobStore, max_adapter_bytes: int,
                  work_dir: pathlib.Path, sources: dict[str, Source] | None = None,
-                 on_demand_source: str = ""):
+                 on_demand_source: str = "", base_models: Sequence[BaseModelShape] = ()):
         self.metadata = metadata
+        self.base_models = tuple(base_models)              # adapters must fit one (none: no check)
         self.blobs = blobs
         self.max_adapter_bytes = max_adapter_bytes
         self._work_dir = pathlib.Path(work_dir)
