@@ -144,7 +144,8 @@ def field_of(exc: BaseException) -> str | None:
 def status_details(exc: BaseException, method: str) -> status_pb2.Status:
     """The google.rpc.Status sent beside the code and message: an ErrorInfo always (reason is the
     exception's class in UPPER_SNAKE, e.g. ADAPTER_NOT_FOUND; for a passed-through status, the
-    code's name), and a BadRequest naming the field when one is known."""
+    code's name), a RetryInfo when the error says when to retry, and a BadRequest naming the field
+    when one is known."""
     code, message = status_of(exc)
     if isinstance(exc, OpenLoraError) and type(exc) is not Upstream:
         reason = _snake_upper(type(exc).__name__)
@@ -153,6 +154,11 @@ def status_details(exc: BaseException, method: str) -> status_pb2.Status:
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN,
                                        metadata={"method": method})
     details = [info]
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(retry_after_s * 1e9))
+        details.append(retry)
     field = field_of(exc)
     if field:
         details.append(error_details_pb2.BadRequest(field_violations=[
@@ -172,7 +178,10 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     else:
         log.info("rpc_error", method=method, code=code.name, error=message)
     status = status_details(exc, method)
-    await context.abort(code, message, trailing_metadata=((DETAILS_KEY, status.SerializeToString()),))
+    # keep what the handler already set (the router's retry-after-ms hint): abort's replaces it
+    kept = tuple((k, v) for k, v in (context.trailing_metadata() or ()) if k != DETAILS_KEY)
+    await context.abort(code, message,
+                        trailing_metadata=(*kept, (DETAILS_KEY, status.SerializeToString())))
 
 
 def _wrap(behavior, kind: str, method: str):
