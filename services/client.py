@@ -1,13 +1,11 @@
-"""`openlora generate` and `openlora bench`: clients of the router (or of one executor directly)."""
+"""`openlora generate` (and `openlora bench`, in services/bench.py): clients of the router (or of one
+executor directly)."""
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import os
-import statistics
 import sys
-import time
 
 import grpc
 
@@ -96,44 +94,6 @@ def generate_main(argv: list[str]) -> int:
 
 
 def bench_main(argv: list[str]) -> int:
-    p = OneLineParser(prog="openlora bench", description="Closed-loop load: N requests, C at a time.")
-    _target_flags(p)
-    p.add_argument("--adapter", action="append", default=[],
-                   help="adapter id (repeat it; used round-robin; id@version picks a version)")
-    p.add_argument("--requests", type=_count(1), default=32, help="how many requests in all")
-    p.add_argument("--concurrency", type=_count(1), default=8, help="how many in flight at once")
-    p.add_argument("--max-new-tokens", type=_count(0), default=32,
-                   help="tokens per request (0 -> the server's default)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 -> greedy)")
-    p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.",
-                   help="the prompt every request sends")
-    args = p.parse_args(argv)
-    for ref in args.adapter:
-        try:
-            split_adapter(ref)
-        except argparse.ArgumentTypeError as exc:
-            p.error(f"argument --adapter: {exc}")
-    adapters = args.adapter or [""]
-    with channel_from_args(args, args.executor or args.router, "openlora bench") as channel:
-        stub = _stub(args, channel)
-
-        def one(i: int) -> tuple[float, int]:
-            args_i = argparse.Namespace(**{**vars(args), "adapter": adapters[i % len(adapters)]})
-            t0 = time.perf_counter()
-            resp = stub.Generate(_request(args_i, args.prompt), timeout=600)
-            return time.perf_counter() - t0, len(resp.token_ids)
-
-        t0 = time.perf_counter()
-        try:
-            with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-                results = list(pool.map(one, range(args.requests)))
-        except grpc.RpcError as exc:
-            print(f"openlora bench: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-        wall = time.perf_counter() - t0
-    tokens = sum(n for _, n in results)
-    lat = sorted(t for t, _ in results)
-    print(f"requests {args.requests}  concurrency {args.concurrency}  adapters {len(adapters)}")
-    print(f"tokens/s {tokens / wall:.1f}  latency p50 {statistics.median(lat) * 1e3:.0f} ms  "
-          f"p95 {lat[int(0.95 * (len(lat) - 1))] * 1e3:.0f} ms")
-    return 0
+    """`openlora bench`: see services/bench.py."""
+    from services.bench import main
+    return main(argv)

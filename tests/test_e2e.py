@@ -105,14 +105,14 @@ def test_stream_equals_unary(stack):
 def test_adapter_requests_stick_to_the_executor_holding_it(stack):
     with grpc.insecure_channel(stack["router"].address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
-        first = stub.Generate(_req("org/all-rs", 2), timeout=120).executor_id
+        stub.Generate(_req("org/all-rs", 2), timeout=120)
         time.sleep(0.6)  # a status poll sees the adapter resident
         later = {stub.Generate(_req("org/all-rs", 2), timeout=120).executor_id for _ in range(4)}
         listed = stub.ListExecutors(router_pb2.ListExecutorsRequest(), timeout=10)
-    assert later == {first}
+    assert len(later) == 1          # one adapter, one executor (its home: placement partitions adapters)
     holders = [e.status.executor_id for e in listed.executors
                if any(a.adapter_id == "org/all-rs" for a in e.status.adapters)]
-    assert first in holders and all(e.healthy for e in listed.executors)
+    assert later <= set(holders) and all(e.healthy for e in listed.executors)
 
 
 @pytest.mark.parametrize("request_, code", [

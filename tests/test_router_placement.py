@@ -1,15 +1,23 @@
 """Placement is a pure function of a snapshot and a request: table tests, no servers."""
 
+import collections
+import math
+from dataclasses import replace
+
 import pytest
 
 from services.router.placement import (
+    BOUND,
     PREFIX_CHUNK,
     PREFIX_CHUNKS,
     ExecutorView,
     PrefixIndex,
+    bound,
+    home_order,
     prefix_chunks,
     rank,
     tie_key,
+    width,
 )
 
 DEVICE, HOST, DISK = 1, 2, 3
@@ -20,18 +28,86 @@ def view(addr, healthy=True, running=0, waiting=0, batch=8, **adapters):
                         {k.replace("_", "/"): v for k, v in adapters.items()})
 
 
+def home(snapshot, adapter):
+    return home_order(snapshot, adapter)[0].address
+
+
+def test_adapters_partition_over_executors_by_home():
+    """Idle fleet: every adapter goes to its own home, and the homes split the adapters evenly."""
+    snapshot = [view(f"e{i}") for i in range(4)]
+    firsts = {f"a{i}": rank(snapshot, f"a{i}")[0] for i in range(400)}
+    assert all(firsts[a] == home(snapshot, a) for a in firsts)
+    counts = collections.Counter(firsts.values())
+    assert len(counts) == 4 and min(counts.values()) > 60          # ~100 each
+    assert {rank(snapshot, "org/x")[0] for _ in range(10)} == {home(snapshot, "org/x")}
+
+
+def test_leaving_executor_moves_only_its_own_adapters():
+    four = [view(f"e{i}") for i in range(4)]
+    three = four[:3]
+    for i in range(200):
+        before, after = rank(four, f"a{i}")[0], rank(three, f"a{i}")[0]
+        assert after == before or before == "e3"
+
+
+def test_residency_elsewhere_does_not_pull_an_adapter_from_its_home():
+    """The partition wins over a stray copy: the home is not full, so it serves."""
+    snapshot = [view("a"), view("b")]
+    aid = next(f"x{i}" for i in range(100) if home(snapshot, f"x{i}") == "a")
+    snapshot = [view("a", running=1), view("b", **{aid: DEVICE})]
+    assert rank(snapshot, aid)[0] == "a"
+
+
+@pytest.mark.parametrize("loads, expect_home", [
+    ((0, 0), True),
+    ((4, 3), True),       # a little busier: still home (bound = ceil(1.25 * 8 / 2) = 5)
+    ((6, 1), False),      # home at the bound: walk on to the next
+    ((20, 30), True),     # both busy, home the less: home
+])
+def test_bounded_load_walks_past_a_full_home(loads, expect_home):
+    names = ("a", "b")
+    aid = next(f"x{i}" for i in range(100) if home([view(n) for n in names], f"x{i}") == "a")
+    snapshot = [view("a", running=loads[0]), view("b", running=loads[1])]
+    assert (rank(snapshot, aid)[0] == "a") == expect_home
+    assert bound(snapshot) == max(1, math.ceil(BOUND * (sum(loads) + 1) / 2))
+
+
+def test_inflight_counts_as_load_before_the_status_says_so():
+    v = view("a", running=1)
+    assert replace(v, inflight=5).requests == 5 and replace(v, inflight=0).requests == 1
+
+
+def test_hot_adapter_spreads_and_comes_home_when_it_cools():
+    names = [f"e{i}" for i in range(4)]
+    idle = [view(n) for n in names]
+    aid = "org/hot"
+    order = [v.address for v in home_order(idle, aid)]
+    # busy fleet, 24 in flight: bound = ceil(1.25 * 25 / 4) = 8; the hot adapter has 12 in flight
+    snapshot = [view(order[0], running=7, **{"org/hot": HOST}),
+                view(order[1], running=5, **{"org/hot": HOST}),
+                view(order[2], running=6), view(order[3], running=6)]
+    assert width(12, bound(snapshot)) == 2
+    # width 2: the less loaded of its first two executors; never one outside them
+    picks = rank(snapshot, aid, adapter_load=12)
+    assert picks[0] == order[1] and set(picks[:2]) == set(order[:2])
+    # cooled down (nothing in flight for it): home again, though home is the busier of the two
+    assert rank(snapshot, aid, adapter_load=0)[0] == order[0]
+    # hotter: width 3, still preferring where it is held when loads are close
+    assert width(20, bound(snapshot)) == 3
+    assert rank(snapshot, aid, adapter_load=20)[0] in order[:3]
+
+
+def test_width_grows_with_the_adapters_own_load():
+    assert [width(n, 8) for n in (0, 6, 7, 8, 15, 16)] == [1, 1, 1, 2, 2, 3]
+
+
 @pytest.mark.parametrize("snapshot, adapter, first", [
-    # the adapter is resident on b: go there even though b is a little busier
-    ([view("a"), view("b", running=4, org_x=DEVICE)], "org/x", "b"),
-    # b holds it but is swamped (3 full batches queued): spill to idle a
-    ([view("a"), view("b", running=8, waiting=16, org_x=DEVICE)], "org/x", "a"),
-    # device beats host beats disk at equal load
-    ([view("a", org_x=DISK), view("b", org_x=DEVICE), view("c", org_x=HOST)], "org/x", "b"),
-    ([view("a", org_x=DISK), view("c", org_x=HOST)], "org/x", "c"),
     # base-only: least loaded
     ([view("a", running=5), view("b", running=1), view("c", running=3)], "", "b"),
     # unhealthy executors are never first while a healthy one exists
     ([view("a", healthy=False, org_x=DEVICE), view("b", running=7)], "org/x", "b"),
+    # a single executor takes everything, however busy
+    ([view("a", running=100)], "org/x", "a"),
 ])
 def test_rank_first_choice(snapshot, adapter, first):
     assert rank(snapshot, adapter)[0] == first
@@ -40,14 +116,8 @@ def test_rank_first_choice(snapshot, adapter, first):
 def test_rank_lists_every_executor_unhealthy_last():
     order = rank([view("a", healthy=False), view("b"), view("c")], "x")
     assert sorted(order[:2]) == ["b", "c"] and order[2] == "a"
-
-
-def test_an_unplaced_adapter_sticks_to_one_executor():
-    snapshot = [view(f"e{i}") for i in range(4)]
-    firsts = {rank(snapshot, "org/x")[0] for _ in range(10)}
-    assert len(firsts) == 1
-    spread = {rank(snapshot, f"adapter-{i}")[0] for i in range(64)}
-    assert len(spread) == 4   # different adapters land on different executors
+    order = rank([view("a", healthy=False), view("b"), view("c")], "")
+    assert sorted(order[:2]) == ["b", "c"] and order[2] == "a"
 
 
 def test_empty_snapshot():
@@ -102,15 +172,18 @@ def test_prefix_index_evicts_least_recently_used():
     ([view("a"), view("b")], "", "a", "a"),
     # the holder is busier by more than the bonus: spread
     ([view("a"), view("b", running=8)], "", "b", "a"),
-    # the adapter on device elsewhere outweighs the prefix (the adapter would have to load)
-    ([view("a", org_x=DEVICE), view("b")], "org/x", "b", "a"),
-    # both hold the adapter: the prefix holder, though a little busier
-    ([view("a", running=2, org_x=DEVICE), view("b", org_x=DEVICE)], "org/x", "a", "a"),
     # an unhealthy holder is never first
     ([view("a"), view("b", healthy=False)], "", "b", "a"),
 ])
 def test_rank_prefers_the_prefix_holder(snapshot, adapter, holder, first):
     assert rank(snapshot, adapter, holder)[0] == first
+
+
+def test_a_spread_adapter_prefers_its_prefix_holder():
+    """Width 2 (hot): between its two executors, the one holding the prompt's prefix, though busier."""
+    snapshot = [view("a", running=1, org_x=DEVICE), view("b", org_x=DEVICE)]
+    assert rank(snapshot, "org/x", "a", adapter_load=4)[0] == "a"
+    assert rank(snapshot, "org/x", "b", adapter_load=4)[0] == "b"
 
 
 def test_base_only_prompts_spread_by_their_first_chunk():

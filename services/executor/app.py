@@ -12,7 +12,9 @@ from services.common.gen.openlora.v1 import executor_pb2_grpc
 from services.common.server import Service, StartupError, create_server
 from services.common.tls import ClientSecurity
 from services.executor.config import ExecutorConfig
+from services.executor.metrics import ExecutorMetrics
 from services.executor.registry_source import DiskAdapterStore, RegistryAdapterSource
+from services.executor.watch import start_executor_watch
 
 log = structlog.get_logger(__name__)
 SERVICE = "openlora.v1.Executor"
@@ -31,14 +33,17 @@ async def build(config: ExecutorConfig):
         direct = DirectBlobReader(config.blob_url)
     source = RegistryAdapterSource(config.registry, store, config.registry_timeout_s, direct=direct,
                                    security=ClientSecurity.from_config(config))
+    metrics = ExecutorMetrics(max_lora=config.max_device_adapters)
     holder = ExecutorServicer(engine=None, executor_id="",   # the engine is set once loaded
-                              host_cache_bytes=config.host_cache_bytes)
+                              host_cache_bytes=config.host_cache_bytes, metrics=metrics)
     server, port = await create_server(
         config, [Service(SERVICE, holder, executor_pb2_grpc.add_ExecutorServicer_to_server)],
         serving=False)
     holder.executor_id = config.executor_id or f"{config.host}:{port}"
     server.handle_signals()   # a SIGTERM while the model loads still exits 0
     await server.start()
+    if config.metrics_port:
+        metrics.serve_http(config.host, config.metrics_port)
     log.info("executor_loading", port=port, base_model=config.base_model)
     try:
         engine = await asyncio.to_thread(Engine, config, source)
@@ -47,8 +52,12 @@ async def build(config: ExecutorConfig):
         raise StartupError(f"cannot load the base model: {exc}") from exc
     engine.start()
     holder.engine = engine
+    metrics.engine = engine
+    engine.metrics = metrics   # observe_adapter_load(tier, s) for the engine's adapter loads
+    server.watch = start_executor_watch(config.registry, engine, ClientSecurity.from_config(config))
     await server.set_serving(True)
-    log.info("executor_serving", port=port, executor_id=holder.executor_id)
+    log.info("executor_serving", port=port, executor_id=holder.executor_id,
+             metrics_port=config.metrics_port or None)
     return server, engine
 
 
@@ -57,4 +66,6 @@ async def serve(config: ExecutorConfig) -> None:
     try:
         await server.run_until_signal(config.grace_seconds)
     finally:
+        if server.watch is not None:
+            await server.watch.close()
         await asyncio.to_thread(engine.stop)

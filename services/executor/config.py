@@ -46,6 +46,7 @@ class ExecutorConfig(ServerConfig):
                          "blob directory): adapter files are read straight from it, verified by digest, "
                          "with FetchAdapter as the fallback (empty -> FetchAdapter only)")
     registry_timeout_s: float = flag(30.0, "deadline of each registry call, seconds")
+    metrics_port: int = flag(0, "Prometheus metrics HTTP port (0 -> off)")
     adapter_latest_ttl_s: float = flag(5.0, "age after which a resident 'latest' adapter is re-resolved in "
                                        "the background (it is served at once meanwhile), seconds")
 
@@ -63,4 +64,5 @@ class ExecutorConfig(ServerConfig):
         check(self.registry_timeout_s > 0, "registry_timeout_s", "must be > 0")
         check(not (self.dtype == "float16" and self.device == "cpu"), "dtype",
               "float16 runs on CUDA only; use float32 or bfloat16 with --device cpu")
+        check(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0..65535")
         check(self.adapter_latest_ttl_s >= 0, "adapter_latest_ttl_s", "must be >= 0")

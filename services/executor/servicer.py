@@ -51,11 +51,26 @@ def _usage(ev: TokenEvent) -> common_pb2.Usage:
     return common_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens)
 
 
+def _observe_tokens(m, adapter_id: str, t0: float, last: float | None, n: int) -> float:
+    """Record TTFT for a request's first tokens, ITL (split evenly) for later ones; returns now."""
+    now = time.perf_counter()
+    if last is None:
+        m.observe_ttft(now - t0)
+        m.first_token(adapter_id)
+        n -= 1
+        last = now
+    for _ in range(n):
+        m.observe_itl((now - last) / n)
+    return now
+
+
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, engine: Engine | None, executor_id: str, host_cache_bytes: int = 0):
+    def __init__(self, engine: Engine | None, executor_id: str, host_cache_bytes: int = 0,
+                 metrics=None):
         self._engine = engine
         self.executor_id = executor_id
         self.host_cache_bytes = host_cache_bytes
+        self.metrics = metrics   # services.executor.metrics.ExecutorMetrics, or None
 
     @property
     def engine(self) -> Engine:
@@ -81,6 +96,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 pass
 
         self.engine.submit(req, sink)
+        m, t0 = self.metrics, time.perf_counter()
+        last = None      # when the previous token came (None: none yet)
+        if m is not None:
+            m.request_started(req.adapter_id)
         done = False
         try:
             while True:
@@ -88,11 +107,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 if ev.error is not None:
                     done = True
                     raise ev.error
+                if m is not None and ev.token_ids:
+                    last = _observe_tokens(m, req.adapter_id, t0, last, len(ev.token_ids))
                 yield ev
                 if ev.finish_reason is not None:
                     done = True
+                    if m is not None:
+                        m.observe_e2e(time.perf_counter() - t0)
                     return
         finally:
+            if m is not None:
+                m.request_finished(req.adapter_id, started=last is not None)
             if not done:
                 log.info("request_cancelled", request_id=req.request_id)
                 self.engine.cancel(req.request_id)

@@ -1,22 +1,32 @@
 """Pure placement: an immutable snapshot of executors + a request -> executors in preference order.
 
-    rank(snapshot, adapter_id, prefix_holder=None, key=None) -> [address, ...]  # first is the choice
+    rank(snapshot, adapter_id, prefix_holder=None, key=None, adapter_load=0) -> [address, ...]
 
-Send a request where its adapter already is (device > host > disk), unless that executor is much
-busier than the least busy one; otherwise spread by load, breaking ties with rendezvous hashing on the
-adapter id so one adapter keeps landing on the same executor (it loads once, then stays warm).
+The executors together are one adapter cache, so the adapter space is partitioned over them:
 
-Prefix affinity: the executors keep the KV blocks of prompts they served (prefix caching), so a
-request whose prompt starts as an earlier one's did goes, at a smaller bonus, to the executor that
-served that earlier one. prefix_chunks() keys a prompt's prefix as a chain of hashes of its 64-byte
-chunks (after the adapter id, since an adapter changes the K/V), and PrefixIndex remembers which
-executor last served each chain, so the longest match wins. Base-only requests with no match spread
-by the hash of their first chunk, so different system prompts land on different executors.
+- **Home.** Each adapter has a preference order over the executors, rendezvous (HRW) hashing of
+  (adapter id, address): its home is the first. Executors joining or leaving move only the adapters
+  whose home they are (1/N of them).
+- **Bounded load** (Mirrokni et al., consistent hashing with bounded loads). An executor is full when
+  it carries at least `BOUND` x the fleet's mean load (in requests, counting this one; never less than
+  one request): the request walks on down its adapter's order to the first executor that is not full.
+- **As many executors as its load needs.** An adapter with `adapter_load` requests in flight needs
+  ceil((adapter_load + 1) / per-executor bound) executors: a hot adapter spreads over the first few
+  of its order, chosen among them by load minus a bonus for already holding the adapter (device >
+  host > disk), and comes home when it cools (its width falls back to one).
+- **Base-only requests** need no adapter: they go by load, minus a bonus for the executor that last
+  served the longest matching prompt prefix (prefix affinity: its KV blocks are cached there), ties
+  hashed on the prompt's first chunk so different system prompts spread.
+
+prefix_chunks() keys a prompt's prefix as a chain of hashes of its 64-byte chunks (after the adapter
+id, since an adapter changes the K/V), and PrefixIndex remembers which executor last served each
+chain, so the longest match wins; among an adapter's candidates the prefix holder gets the same bonus.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,6 +37,7 @@ TIER_BONUS = {1: 1.0, 2: 0.6, 3: 0.3}   # ADAPTER_TIER_DEVICE, _HOST, _DISK
 PREFIX_BONUS = 0.5      # for the executor that last served the longest matching prompt prefix
 PREFIX_CHUNK = 64       # bytes of prompt per prefix hash: ~16 tokens of text, or 16 token ids
 PREFIX_CHUNKS = 64      # prefix hashes kept per request (its first 4 KiB)
+BOUND = 1.25            # an executor is full at BOUND x the mean load (bounded-load hashing's c)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +50,17 @@ class ExecutorView:
     waiting: int = 0
     max_batch_size: int = 1
     adapters: dict[str, int] = field(default_factory=dict)   # adapter_id -> best tier held
+    inflight: int = 0       # requests this router has sent there and not yet seen finish
+
+    @property
+    def requests(self) -> int:
+        """Requests it carries: what it reported, or what this router knows it sent, if more."""
+        return max(self.running + self.waiting, self.inflight)
 
     @property
     def load(self) -> float:
         """Queued work in units of full batches."""
-        return (self.running + self.waiting) / max(self.max_batch_size, 1)
+        return self.requests / max(self.max_batch_size, 1)
 
 
 def _hash(adapter_id: str, address: str) -> float:
@@ -61,15 +78,47 @@ def score(view: ExecutorView, adapter_id: str, prefix_holder: str | None = None,
     return view.load - bonus + 0.01 * _hash(adapter_id if key is None else key, view.address)
 
 
+def bound(snapshot: Sequence[ExecutorView]) -> int:
+    """Requests at which a healthy executor counts as full: ceil(BOUND x mean load with this one)."""
+    healthy = [v for v in snapshot if v.healthy]
+    if not healthy:
+        return 1
+    total = sum(v.requests for v in healthy) + 1
+    return max(1, math.ceil(BOUND * total / len(healthy)))
+
+
+def home_order(snapshot: Sequence[ExecutorView], key: str) -> list[ExecutorView]:
+    """The healthy executors in key's rendezvous order: its home first."""
+    return sorted((v for v in snapshot if v.healthy), key=lambda v: -_hash(key, v.address))
+
+
+def width(adapter_load: int, cap: int) -> int:
+    """Executors an adapter with adapter_load requests in flight needs (this request included)."""
+    return max(1, math.ceil((adapter_load + 1) / max(cap, 1)))
+
+
 def rank(snapshot: list[ExecutorView], adapter_id: str, prefix_holder: str | None = None,
-         key: str | None = None) -> list[str]:
+         key: str | None = None, adapter_load: int = 0) -> list[str]:
     """Healthy executors best-first, then unhealthy ones (tried last, in case the view is stale).
+
     prefix_holder: the executor that last served this prompt's longest known prefix (PrefixIndex);
-    key: what ties are hashed on (default the adapter id; see tie_key)."""
-    healthy = sorted((v for v in snapshot if v.healthy),
-                     key=lambda v: score(v, adapter_id, prefix_holder, key))
+    key: what ties are hashed on (default the adapter id; see tie_key); adapter_load: requests for
+    this adapter in flight now (not counting this one)."""
     rest = sorted((v for v in snapshot if not v.healthy), key=lambda v: _hash(adapter_id, v.address))
-    return [v.address for v in healthy + rest]
+    if not adapter_id:
+        healthy = sorted((v for v in snapshot if v.healthy),
+                         key=lambda v: score(v, adapter_id, prefix_holder, key))
+        return [v.address for v in healthy + rest]
+    order = home_order(snapshot, adapter_id)
+    cap = bound(snapshot)
+    n = min(width(adapter_load, cap), len(order))
+    open_ = [v for v in order if v.requests < cap]
+    chosen = open_[:n] or order[:n]     # everyone full: the adapter's own first n, by load
+    pos = {v.address: i for i, v in enumerate(order)}
+    chosen.sort(key=lambda v: (score(v, adapter_id, prefix_holder) if n > 1 else 0.0, pos[v.address]))
+    picked = {v.address for v in chosen}
+    return [v.address for v in chosen] + [v.address for v in order if v.address not in picked] \
+        + [v.address for v in rest]
 
 
 def prefix_chunks(adapter_id: str, prompt: str, token_ids: Sequence[int] = ()) -> list[bytes]:

@@ -1,15 +1,19 @@
 """The Router service: pick an executor (placement.rank), forward, fail over on UNAVAILABLE.
 
 A unary call fails over to the next executor when one is unreachable; a stream fails over only
-before its first chunk reached the client (after that, a retry would repeat tokens). The executor
-that serves a request is recorded as holding its prompt's prefix (placement.PrefixIndex), so later
-requests with that prefix go where its KV blocks are cached.
+before its first chunk reached the client (after that, a retry would repeat tokens). Streams pass
+through chunk by chunk: each `yield` waits for the client's flow-control window, and so does the
+read from the executor behind it. The executor that serves a request is recorded as holding its
+prompt's prefix (placement.PrefixIndex), and counted (pool.begin/end) with its adapter noted as held
+there, so the next decision already sees this one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
+import time
 
 import grpc
 import structlog
@@ -17,8 +21,9 @@ import structlog
 from services.common import auth, errors
 from services.common.gen.openlora.v1 import router_pb2, router_pb2_grpc
 from services.router.discovery import ExecutorPool
-from services.router.placement import PrefixIndex, prefix_chunks, rank, tie_key
+from services.router.metrics import RouterMetrics
 from services.router.limits import RETRY_AFTER_KEY, RateLimited, TenantLimits
+from services.router.placement import PrefixIndex, prefix_chunks, rank, tie_key
 from services.router.registry_check import AdapterCheck
 
 log = structlog.get_logger(__name__)
@@ -35,15 +40,30 @@ def _reraise(exc: grpc.aio.AioRpcError) -> None:
     raise errors.Upstream(exc.code(), exc.details()) from None
 
 
+def _code(exc: BaseException | None) -> str:
+    if exc is None:
+        return "OK"
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"
+    code = getattr(exc, "code", None)
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if callable(code):
+        return code().name
+    return "ERROR"
+
+
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, pool: ExecutorPool, adapters: AdapterCheck | None = None,
                  prefixes: PrefixIndex | None = None, prefix_affinity: bool = True,
-                 limits: TenantLimits | None = None):
+                 metrics: RouterMetrics | None = None, limits: TenantLimits | None = None):
         self.pool = pool
         self.limits = limits or TenantLimits()
         self.adapters = adapters or AdapterCheck("")
         self.prefixes = prefixes or PrefixIndex()
         self.prefix_affinity = prefix_affinity
+        self.metrics = metrics or RouterMetrics()
+        self.adapter_inflight: dict[str, int] = {}
 
     async def _candidates(self, request) -> tuple[list[str], list[bytes]]:
         await self.adapters.check(request.adapter_id, request.adapter_version)
@@ -51,13 +71,33 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         chunks = (prefix_chunks(request.adapter_id, request.prompt, request.prompt_token_ids)
                   if self.prefix_affinity else [])
         holder, _ = self.prefixes.lookup(chunks)
-        order = rank(self.pool.snapshot(), request.adapter_id, holder, tie_key(request.adapter_id, chunks))
+        snapshot = self.pool.snapshot()
+        order = rank(snapshot, request.adapter_id, holder, tie_key(request.adapter_id, chunks),
+                     self.adapter_inflight.get(request.adapter_id, 0))
         if not order:
-            raise errors.Unavailable("no executors configured")
+            raise errors.Unavailable("no executors known yet: check the router's --executor targets")
+        if request.adapter_id:
+            held = next((v for v in snapshot if v.address == order[0]), None)
+            (self.metrics.hit if held and request.adapter_id in held.adapters else self.metrics.miss).inc()
         return order, chunks
+
+    def _begin(self, address: str, adapter_id: str) -> None:
+        self.pool.begin(address, adapter_id)
+        if adapter_id:
+            self.adapter_inflight[adapter_id] = self.adapter_inflight.get(adapter_id, 0) + 1
+
+    def _end(self, address: str, adapter_id: str) -> None:
+        self.pool.end(address)
+        if adapter_id:
+            n = self.adapter_inflight.get(adapter_id, 1) - 1
+            if n > 0:
+                self.adapter_inflight[adapter_id] = n
+            else:
+                self.adapter_inflight.pop(adapter_id, None)
 
     def _failed_over(self, address: str, exc: grpc.aio.AioRpcError) -> None:
         log.warning("executor_failover", address=address, error=exc.details())
+        self.metrics.failovers.inc()
         self.pool.recheck(address)
         self.prefixes.forget(address)   # if it restarts, its cache starts empty
 
@@ -79,43 +119,69 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self.limits.release(ident.tenant)
 
     async def Generate(self, request, context):
-        with self._admitted(request, context):
-            return await self._generate(request, context)
-
-    async def GenerateStream(self, request, context):
-        with self._admitted(request, context):
-            async for chunk in self._generate_stream(request, context):
-                yield chunk
+        t0, failure = time.perf_counter(), None
+        try:
+            with self._admitted(request, context):
+                return await self._generate(request, context)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            self.metrics.finished("Generate", _code(failure), time.perf_counter() - t0)
 
     async def _generate(self, request, context):
         last = None
         order, chunks = await self._candidates(request)
         for address in order:
+            e = self.pool.executors.get(address)
+            if e is None:   # it left since the ranking
+                continue
+            self._begin(address, request.adapter_id)
             try:
-                response = await self.pool.stubs[address].Generate(
-                    request, timeout=_timeout(context), metadata=auth.caller_metadata())
+                response = await e.stub.Generate(request, timeout=_timeout(context),
+                                                 metadata=auth.caller_metadata())
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE:
                     _reraise(exc)
                 self._failed_over(address, exc)
                 last = exc
                 continue
+            finally:
+                self._end(address, request.adapter_id)
             self.prefixes.record(chunks, address)
             return response
-        raise errors.Unavailable(f"no executor could serve the request: {last.details()}")
+        raise errors.Unavailable(f"no executor could serve the request: "
+                                 f"{last.details() if last else 'every executor left'}")
 
-    async def _generate_stream(self, request, context):
+    async def GenerateStream(self, request, context):
+        t0, failure = time.perf_counter(), None
+        try:
+            with self._admitted(request, context):
+                async for chunk in self._generate_stream(request, context, t0):
+                    yield chunk
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            self.metrics.finished("GenerateStream", _code(failure), time.perf_counter() - t0)
+
+    async def _generate_stream(self, request, context, t0: float):
         last = None
         order, chunks = await self._candidates(request)
         for address in order:
+            e = self.pool.executors.get(address)
+            if e is None:
+                continue
             started = False
+            self._begin(address, request.adapter_id)
             try:
-                call = self.pool.stubs[address].GenerateStream(
-                    request, timeout=_timeout(context), metadata=auth.caller_metadata())
+                call = e.stub.GenerateStream(request, timeout=_timeout(context),
+                                             metadata=auth.caller_metadata())
                 async for chunk in call:
                     if not started:   # the prompt is in its KV cache from here on
                         started = True
                         self.prefixes.record(chunks, address)
+                        self.metrics.ttft.observe(time.perf_counter() - t0)
                     yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
@@ -123,13 +189,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     _reraise(exc)
                 self._failed_over(address, exc)
                 last = exc
-        raise errors.Unavailable(f"no executor could serve the request: {last.details()}")
+            finally:
+                self._end(address, request.adapter_id)
+        raise errors.Unavailable(f"no executor could serve the request: "
+                                 f"{last.details() if last else 'every executor left'}")
 
     async def ListExecutors(self, request, context):
         await self.pool.poll_once()
+        status = self.pool.status
         return router_pb2.ListExecutorsResponse(executors=[
             router_pb2.ExecutorInfo(address=v.address, healthy=v.healthy,
-                                    status=_visible(self.pool.status.get(v.address)))
+                                    status=_visible(status.get(v.address)))
             for v in self.pool.snapshot()])
 
 

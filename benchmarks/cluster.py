@@ -1,0 +1,163 @@
+"""The router against round-robin straight to the executors (what a plain Kubernetes Service does).
+
+Two stacks side by side, each a registry + 2 executors (one thread each) with the same 128 adapters;
+one stack is used through a router, the other round-robin by `openlora bench --executor A
+--executor B`. Each executor's adapter tiers hold about a quarter of the adapters (--max-device-
+adapters 8, --host-cache-bytes for 16, --disk-cache-bytes for 24). Traffic: Zipf(1) over the 128,
+closed loop. Runs alternate between the stacks (after one warm-up run each); per run, the registry
+fetches (its openlora_registry_fetches counter), output tokens/s and p90 TTFT; medians printed side
+by side. Then the router's own cost: 1-token requests one at a time (a warm adapter), straight to an
+executor vs through the router, alternated; medians of the runs' p50s.
+
+    .venv/bin/python benchmarks/cluster.py [--rounds 3] [--requests 200] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import asyncio
+import pathlib
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+
+import grpc
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services import bench  # noqa: E402
+from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc  # noqa: E402
+from services.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model  # noqa: E402
+from tests.servers import Service, free_port  # noqa: E402
+
+SPEC = ModelSpec(arch="llama", hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=1024,
+                 seed=5)
+ADAPTER = AdapterSpec(rank=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+def fetches(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        m = re.search(r"^openlora_registry_fetches_total (\S+)", r.read().decode(), re.M)
+    return float(m.group(1))
+
+
+def bench_args(argv: list[str]):
+    p = bench.build_parser()
+    args = p.parse_args([*argv, "--no-progress"])
+    bench.check_args(p, args)
+    return args
+
+
+def run_bench(argv: list[str]) -> dict:
+    args = bench_args(argv)
+    t0 = time.perf_counter()
+    results = asyncio.run(bench.run(args))
+    return bench.report(results, args, time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--output-len", default="4:16")
+    ap.add_argument("--prompt-len", default="16:48")
+    ap.add_argument("--latency-requests", type=int, default=60)
+    args = ap.parse_args()
+    work = pathlib.Path(tempfile.mkdtemp(prefix="openlora-cluster-"))
+    model = write_model(work / "model", SPEC)
+    dirs = [write_adapter(work / "adapters" / f"a{i}", SPEC, dataclasses.replace(ADAPTER, seed=1000 + i))
+            for i in range(args.adapters)]
+    size = sum(f.stat().st_size for f in dirs[0].iterdir())
+    tiers = ["--max-device-adapters", "8", "--host-cache-bytes", str(16 * size),
+             "--disk-cache-bytes", str(24 * size)]
+    env = {"OMP_NUM_THREADS": "1"}
+    services: list[Service] = []
+    try:
+        stacks = {}
+        for name in ("router", "round-robin"):
+            mport = free_port()
+            reg = Service("registry", "--data-dir", str(work / name / "registry"), "--metrics-port", str(mport),
+                          log_path=work / f"{name}-registry.log").start()
+            services.append(reg)
+            with grpc.insecure_channel(reg.address) as ch:
+                stub = registry_pb2_grpc.AdapterRegistryStub(ch)
+                for i, d in enumerate(dirs):
+                    stub.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+                        adapter_id=f"bench/a{i}", source=f"file://{d}"), timeout=60)
+            exes = [Service("executor", "--registry", reg.address, "--base-model", str(model),
+                            "--device", "cpu", "--dtype", "float32", "--max-batch-size", "16",
+                            "--disk-cache-dir", str(work / name / f"disk{i}"), *tiers, env=env,
+                            log_path=work / f"{name}-executor{i}.log") for i in range(2)]
+            stacks[name] = {"registry": reg, "metrics": mport, "executors": exes}
+            services += exes
+        for s in stacks.values():
+            for e in s["executors"]:
+                e.start()
+        rs = stacks["router"]
+        router = Service("router", "--registry", rs["registry"].address,
+                         *[x for e in rs["executors"] for x in ("--executor", e.address)],
+                         log_path=work / "router.log").start()
+        services.append(router)
+        targets = {"router": ["--router", router.address],
+                   "round-robin": [x for e in stacks["round-robin"]["executors"] for x in ("--executor", e.address)]}
+        load = ["--adapters", str(args.adapters), "--zipf", "1", "--requests", str(args.requests),
+                "--concurrency", str(args.concurrency), "--prompt-len", args.prompt_len,
+                "--output-len", args.output_len, "--token-id-max", str(SPEC.vocab)]
+        print(f"2 executors per stack (1 thread each); {args.adapters} adapters (rank {ADAPTER.rank}, "
+              f"{size / 1024:.0f} KiB), tiers per executor: 8 device slots, host {16 * size // 1024} KiB "
+              f"(16), disk {24 * size // 1024} KiB (24); Zipf(1), {args.requests} requests a run, "
+              f"concurrency {args.concurrency}, prompt {args.prompt_len}, output {args.output_len} tokens; "
+              f"medians of {args.rounds} alternated runs after one warm-up each", flush=True)
+        for name in targets:                                      # warm-up: caches reach steady state
+            run_bench([*targets[name], *load, "--seed", "999"])
+        rows = {name: [] for name in targets}
+        for r in range(args.rounds):
+            for name in targets:
+                before = fetches(stacks[name]["metrics"])
+                rep = run_bench([*targets[name], *load, "--seed", str(r)])
+                rep["fetches"] = fetches(stacks[name]["metrics"]) - before
+                rows[name].append(rep)
+                print(f"  round {r} {name:<12} fetches {rep['fetches']:4.0f}  "
+                      f"{rep['output_tokens_per_s']:7.1f} tok/s  p90 TTFT {rep['ttft_s']['p90'] * 1e3:7.1f} ms"
+                      f"  errors {rep['errors'] or 0}", flush=True)
+        med = {n: {"fetches": statistics.median(r["fetches"] for r in rs_),
+                   "tok_s": statistics.median(r["output_tokens_per_s"] for r in rs_),
+                   "req_s": statistics.median(r["requests_per_s"] for r in rs_),
+                   "ttft90": statistics.median(r["ttft_s"]["p90"] for r in rs_),
+                   "e2e90": statistics.median(r["e2e_s"]["p90"] for r in rs_)} for n, rs_ in rows.items()}
+        for n, m in med.items():
+            print(f"{n:<12} registry fetches {m['fetches']:5.0f}  {m['tok_s']:7.1f} output tok/s  "
+                  f"{m['req_s']:5.2f} req/s  p90 TTFT {m['ttft90'] * 1e3:7.1f} ms  p90 e2e {m['e2e90'] * 1e3:7.1f} ms")
+        a, b = med["router"], med["round-robin"]
+        print(f"router / round-robin: registry fetches {a['fetches'] / max(b['fetches'], 1):.2f}x "
+              f"(goal <= 0.5x), throughput {a['tok_s'] / b['tok_s']:.2f}x (goal >= 1.2x), "
+              f"p90 TTFT {a['ttft90'] * 1e3:.0f} ms vs {b['ttft90'] * 1e3:.0f} ms", flush=True)
+
+        # the router's own cost: 1-token requests, one at a time, a warm adapter
+        direct = rs["executors"][0].address
+        one = ["--adapter", "bench/a0", "--requests", str(args.latency_requests), "--concurrency", "1",
+               "--prompt-len", "8", "--output-len", "1", "--token-id-max", str(SPEC.vocab)]
+        run_bench(["--executor", direct, *one])
+        run_bench(["--router", router.address, *one])
+        p50 = {"direct": [], "router": []}
+        for r in range(max(args.rounds, 3) * 2):
+            p50["direct"].append(run_bench(["--executor", direct, *one, "--seed", str(r)])["e2e_s"]["p50"])
+            p50["router"].append(run_bench(["--router", router.address, *one, "--seed", str(r)])["e2e_s"]["p50"])
+        d, t = statistics.median(p50["direct"]) * 1e3, statistics.median(p50["router"]) * 1e3
+        print(f"1-token requests, p50: direct {d:.2f} ms, through the router {t:.2f} ms = {t / d:.3f}x "
+              f"(+{t - d:.2f} ms; goal <= 1.05x + 1 ms = {1.05 * d + 1:.2f} ms); medians of "
+              f"{len(p50['direct'])} alternated runs of {args.latency_requests}")
+    finally:
+        for s in reversed(services):
+            s.stop()
+
+
+if __name__ == "__main__":
+    main()
