@@ -98,3 +98,30 @@ def backend(request) -> Backend:
         return Backend(request.param)
     return Backend(request.param, request.getfixturevalue("pg_server"),
                    request.getfixturevalue("s3_server"))
+
+
+# The quick loop, `python -m pytest -m "not slow"` (README, "Set up and test"), skips what takes
+# minutes: whole deployments and real PostgreSQL/S3 servers, compiles from scratch, and every
+# parameter combination of the kernel sweeps but the first of each test (which still runs each
+# test's code path once). The plain `python -m pytest` (what .ci/run calls) runs everything.
+SLOW_MODULES = {"test_e2e", "test_gateway", "test_auth_e2e", "test_registry_storage",
+                "test_registry_process", "test_engine_oracle", "test_disk_tier", "test_residency"}
+COMPILE_MODULES = {"test_cuda_build", "test_cuda_emulation"}
+SWEEP_MODULES = {"test_paged_attention", "test_kernel", "test_packed_weights", "test_layer_ops",
+                 "test_lora_paged", "test_kv_cache"}
+
+
+def pytest_collection_modifyitems(config, items):
+    first_of_sweep: set[tuple[str, str]] = set()
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in COMPILE_MODULES:
+            item.add_marker(pytest.mark.compile)
+            item.add_marker(pytest.mark.slow)
+        elif module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        elif module in SWEEP_MODULES and hasattr(item, "callspec"):
+            key = (module, item.originalname)
+            if key in first_of_sweep:
+                item.add_marker(pytest.mark.slow)
+            first_of_sweep.add(key)

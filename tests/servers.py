@@ -20,6 +20,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(n: int) -> int:
+    """A port P with P..P+n-1 all free now (`openlora up` takes --port and the next ones)."""
+    for _ in range(200):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {n} free ports")
+
+
 def health(address: str, service: str = "", security=None) -> int | None:
     """The health status of `address`, or None when it does not answer (`security`: a
     services.common.tls.ClientSecurity for a TLS server)."""

@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 from services.synthetic import ALL_MODULES, AdapterSpec, ModelSpec, write_adapter
-from tests.servers import free_port, health
+from tests.servers import free_port, free_port_block, health
 
 CLI = [sys.executable, "-m", "services.cli"]
 
@@ -22,7 +22,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_up_adapters_generate_and_sigterm(tmp_path, llama_dir):
     # ports: router P, registry P+1, executor P+2 -- pick P with the next two free too
-    port, http_port = free_port(), free_port()
+    port, http_port = free_port_block(3), free_port()
     up = subprocess.Popen([*CLI, "up", "--port", str(port), "--data-dir", str(tmp_path / "data"),
                            "--base-model", str(llama_dir), "--http-port", str(http_port)],
                           stdout=subprocess.DEVNULL, stderr=open(tmp_path / "up.log", "wb"))

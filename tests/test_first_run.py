@@ -13,7 +13,7 @@ import time
 import pytest
 
 from services.registry.admin import source_uri
-from tests.servers import free_port, health
+from tests.servers import free_port_block, health
 
 CLI = [sys.executable, "-m", "services.cli"]
 
@@ -59,7 +59,7 @@ def test_plain_paths_become_file_uris(tmp_path, monkeypatch):
 
 
 def test_up_names_a_port_in_use(tmp_path):
-    port = free_port()
+    port = free_port_block(3)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port + 1))
         busy.listen()
@@ -71,7 +71,7 @@ def test_up_names_a_port_in_use(tmp_path):
 
 
 def test_up_names_the_service_that_died_and_its_log(tmp_path):
-    port = free_port()
+    port = free_port_block(3)
     proc = _cli("up", "--port", str(port), "--data-dir", str(tmp_path / "d"), "--http-port", "0",
                 "--base-model", str(tmp_path / "no-such-model"), timeout=180)
     assert proc.returncode == 1
@@ -92,7 +92,7 @@ def _wait_for(up: subprocess.Popen, log_path, text: str, timeout: float) -> None
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
 def test_up_stops_at_once_on_a_signal_during_start_up(tmp_path, sig, code):
-    port = free_port()
+    port = free_port_block(3)
     err = tmp_path / "up.err"
     up = subprocess.Popen([*CLI, "up", "--port", str(port), "--data-dir", str(tmp_path / "d"),
                            "--http-port", "0"], stdout=subprocess.DEVNULL, stderr=open(err, "wb"))
@@ -111,7 +111,7 @@ def test_up_stops_at_once_on_a_signal_during_start_up(tmp_path, sig, code):
 @pytest.mark.slow
 def test_up_demo_model_demo_adapters_and_ctrl_c(tmp_path):
     """The first minute: `up` with no flags, `generate --adapter demo/...`, Ctrl-C."""
-    port = free_port()
+    port = free_port_block(3)
     data = tmp_path / "d"
     (data / "demo-model").mkdir(parents=True)          # a half-written one from an older crash
     (data / "demo-model" / "config.json").write_text("{}")
