@@ -69,14 +69,17 @@ def main() -> None:
     ap.add_argument("--output-len", default="4:16")
     ap.add_argument("--prompt-len", default="16:48")
     ap.add_argument("--latency-requests", type=int, default=60)
+    ap.add_argument("--disk-factor", type=int, default=2, help="disk bytes per adapter / its file size "
+                    "(its files + the packed image the disk tier keeps beside them)")
     args = ap.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="openlora-cluster-"))
     model = write_model(work / "model", SPEC)
     dirs = [write_adapter(work / "adapters" / f"a{i}", SPEC, dataclasses.replace(ADAPTER, seed=1000 + i))
             for i in range(args.adapters)]
     size = sum(f.stat().st_size for f in dirs[0].iterdir())
+    # the disk tier keeps each adapter's files and the arena's packed image beside them: ~2x its size
     tiers = ["--max-device-adapters", "8", "--host-cache-bytes", str(16 * size),
-             "--disk-cache-bytes", str(24 * size)]
+             "--disk-cache-bytes", str(24 * size * args.disk_factor)]
     env = {"OMP_NUM_THREADS": "1"}
     services: list[Service] = []
     try:
@@ -112,7 +115,7 @@ def main() -> None:
                 "--output-len", args.output_len, "--token-id-max", str(SPEC.vocab)]
         print(f"2 executors per stack (1 thread each); {args.adapters} adapters (rank {ADAPTER.rank}, "
               f"{size / 1024:.0f} KiB), tiers per executor: 8 device slots, host {16 * size // 1024} KiB "
-              f"(16), disk {24 * size // 1024} KiB (24); Zipf(1), {args.requests} requests a run, "
+              f"(16), disk {24 * size * args.disk_factor // 1024} KiB (24 with packed images); Zipf(1), {args.requests} requests a run, "
               f"concurrency {args.concurrency}, prompt {args.prompt_len}, output {args.output_len} tokens; "
               f"medians of {args.rounds} alternated runs after one warm-up each", flush=True)
         for name in targets:                                      # warm-up: caches reach steady state
