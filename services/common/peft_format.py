@@ -33,6 +33,7 @@ PICKLE_MESSAGE = (
     "or PEFT's `model.save_pretrained(dir, safe_serialization=True)`")
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024              # safetensors' own limit
+MAX_TENSORS = 65536                               # 80 layers x 7 modules x 2 is 1,120
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -168,7 +169,7 @@ def parse_adapter_config(data: bytes) -> LoraConfig:
     """adapter_config.json bytes -> LoraConfig; refuses what openlora cannot serve exactly."""
     try:
         raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:          # RecursionError: [[[[...
         raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must be a JSON object")
@@ -316,10 +317,13 @@ def read_safetensors_header(f: BinaryIO | bytes) -> tuple[dict[str, TensorInfo],
                              f"{len(raw)}")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:    # RecursionError: [[[[...
         raise InvalidAdapter(f"{WEIGHTS_FILE}: safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise InvalidAdapter(f"{WEIGHTS_FILE}: safetensors header must be a JSON object")
+    if len(header) > MAX_TENSORS + 1:
+        raise InvalidAdapter(f"{WEIGHTS_FILE}: {len(header)} tensors; an adapter holds at most "
+                             f"{MAX_TENSORS}")
     base = 8 + n
     spans = []
     tensors: dict[str, TensorInfo] = {}
@@ -330,7 +334,7 @@ def read_safetensors_header(f: BinaryIO | bytes) -> tuple[dict[str, TensorInfo],
         if not isinstance(info, dict):
             raise InvalidAdapter(f"{where}: entry must be an object")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise InvalidAdapter(f"{where}: unknown dtype {dtype!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool)
                                                 and d >= 0 for d in shape)):

@@ -525,7 +525,7 @@ async def read_json(request: Request, limit: int) -> dict:
                            None, "request_too_large")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:    # RecursionError: [[[[...
         raise ApiError(400, f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")

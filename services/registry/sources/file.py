@@ -19,10 +19,15 @@ class FileSource:
         self.allowed_dirs = [pathlib.Path(os.path.realpath(d)) for d in allowed_dirs]
 
     def fetch(self, uri: str, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
-        parsed = urllib.parse.urlparse(uri)
+        try:
+            parsed = urllib.parse.urlparse(uri)
+        except ValueError as exc:                            # "file://h[/x": Invalid IPv6 URL
+            raise InvalidArgument(f"{uri!r} is not a file:///ABS/DIR URI: {exc}") from None
         if parsed.netloc not in ("", "localhost"):
             raise InvalidArgument(f"{uri!r}: file:// URIs name a local path: file:///ABS/DIR")
         path = pathlib.Path(urllib.parse.unquote(parsed.path))
+        if "\0" in str(path):
+            raise InvalidArgument(f"{uri!r}: a path has no NUL characters")
         if not path.is_absolute():
             raise InvalidArgument(f"{uri!r}: the path must be absolute (file:///ABS/DIR)")
         path = self._allowed(path, uri)
