@@ -227,6 +227,10 @@ def test_executor_metrics_present_and_moving_under_load(cluster):
     assert _value(after, "openlora_executor_e2e_request_latency_seconds_count") == e0 + 16
     assert _value(after, "openlora_executor_inter_token_latency_seconds_count") == i0 + 16 * 31
     assert 'openlora_executor_tier_adapters{tier=' in after
+    # every adapter load placed into the arena is timed, labelled by the tier it came from
+    loads = sum(float(v) for v in re.findall(
+        r'^openlora_executor_adapter_load_seconds_count\{tier="(?:disk|registry|host)"\} (\S+)', after, re.M))
+    assert loads >= 1, "no adapter load was timed"
     m = re.search(r'vllm:lora_requests_info\{([^}]*)\} (\S+)', after)
     assert abs(float(m.group(2)) - time.time()) < 60          # the value is a Unix timestamp
 

@@ -53,7 +53,8 @@ async def build(config: ExecutorConfig):
     engine.start()
     holder.engine = engine
     metrics.engine = engine
-    engine.metrics = metrics   # observe_adapter_load(tier, s) for the engine's adapter loads
+    engine.metrics = metrics
+    engine.adapter_load_observer = metrics.observe_adapter_load   # load latency by source tier
     server.watch = start_executor_watch(config.registry, engine, ClientSecurity.from_config(config))
     await server.set_serving(True)
     log.info("executor_serving", port=port, executor_id=holder.executor_id,
