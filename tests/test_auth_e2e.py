@@ -83,26 +83,41 @@ def dep(llama_dir, pki, tmp_path_factory):
     tls_args = ["--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]), "--tls-ca", str(pki["ca"])]
     common = [*tls_args, "--auth-file", str(auth_file)]
     probe = security(pki, None)
-    registry = Service("registry", "--data-dir", str(root / "reg"), "--allow-local-dir", str(allowed),
-                       *common, log_path=root / "registry.log", security=probe).start()
-    executor = Service("executor", "--registry", registry.address, "--base-model", str(llama_dir),
-                       "--disk-cache-dir", str(root / "disk"), "--token", TOKENS["service"], *common,
-                       log_path=root / "executor.log", security=probe).start()
-    routers = [Service("router", "--registry", registry.address, "--executor", executor.address,
-                       "--poll-interval-s", "0.2", "--token", TOKENS["service"], *common, *extra,
-                       log_path=root / f"router{i}.log", security=probe).start()
-               for i, extra in enumerate([[], ["--tenant-rate", "2", "--tenant-burst", "3",
-                                               "--tenant-max-concurrent", "1"]])]
+    started: list[Service] = []
+
+    def start(service: Service) -> Service:
+        started.append(service)
+        return service.start()
+
+    try:
+        registry = start(Service("registry", "--data-dir", str(root / "reg"), "--allow-local-dir",
+                                 str(allowed), *common, log_path=root / "registry.log", security=probe))
+        executor = start(Service("executor", "--registry", registry.address, "--base-model",
+                                 str(llama_dir), "--disk-cache-dir", str(root / "disk"), "--token",
+                                 TOKENS["service"], *common, log_path=root / "executor.log",
+                                 security=probe))
+        routers = [start(Service("router", "--registry", registry.address, "--executor",
+                                 executor.address, "--poll-interval-s", "0.2", "--token",
+                                 TOKENS["service"], *common, *extra, log_path=root / f"router{i}.log",
+                                 security=probe))
+                   for i, extra in enumerate([[], ["--tenant-rate", "2", "--tenant-burst", "3",
+                                                   "--tenant-max-concurrent", "1"]])]
+    except BaseException:                 # a server that did not start: stop the ones that did
+        for s in reversed(started):
+            s.stop()
+        raise
     d = {"registry": registry, "executor": executor, "router": routers[0], "limited": routers[1],
          "root": root, "allowed": allowed, "outside": outside, "auth_file": auth_file, "pki": pki}
-    admin = stubs(d, "admin")
-    for aid, src in (("a/x", "x"), ("b/y", "y")):
-        admin["registry"].RegisterAdapter(registry_pb2.RegisterAdapterRequest(
-            adapter_id=aid, source=f"file://{allowed / src}"), timeout=60)
-    admin["executor"].LoadAdapter(executor_pb2.LoadAdapterRequest(adapter_id="b/y"), timeout=120)
-    yield d
-    for s in [*routers, executor, registry]:
-        s.stop()
+    try:
+        admin = stubs(d, "admin")
+        for aid, src in (("a/x", "x"), ("b/y", "y")):
+            admin["registry"].RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+                adapter_id=aid, source=f"file://{allowed / src}"), timeout=60)
+        admin["executor"].LoadAdapter(executor_pb2.LoadAdapterRequest(adapter_id="b/y"), timeout=120)
+        yield d
+    finally:
+        for s in reversed(started):
+            s.stop()
 
 
 def stubs(d, who, client_cert=True):
