@@ -318,24 +318,19 @@ def test_bf16_lora_update_rounded_once_cpu(dims):
 @pytest.mark.slow
 def test_a_build_killed_midway_does_not_block_later_builds(tmp_path, monkeypatch):
     """torch's `lock` file left by a killed build is removed under our flock (no live builder holds
-    it), so the next build goes on instead of waiting for it forever."""
-    from services.executor.ops import build
-    monkeypatch.setenv("OPENLORA_BUILD_DIR", str(tmp_path))
-    src = tmp_path / "tiny.cpp"
-    src.write_text('#include <torch/library.h>\\nTORCH_LIBRARY(openlora_lock_test, m) {}\\n')
-    import hashlib
-    # the directory _load will pick: make it first, with a stale torch lock in it
-    key = hashlib.sha256()
-    for path in [src, *build.HEADERS]:
-        key.update(path.name.encode() + path.read_bytes())
-    key.update(repr(((), torch.__version__, build._cpu_flags())).encode())
-    stale = tmp_path / f"lock_test_{key.hexdigest()[:16]}"
-    stale.mkdir()
-    (stale / "lock").write_text("")
+    it), so the next build (or cached load) goes on instead of waiting for it forever."""
     import threading
+
+    from services.executor.ops import build
+    monkeypatch.setenv("OPENLORA_BUILD_DIR", str(tmp_path / "builds"))
+    src = tmp_path / "tiny.cpp"
+    src.write_text('#include <torch/library.h>\nTORCH_LIBRARY(openlora_lock_test, m) {}\n')
+    build._load("lock_test", [src], (), False)
+    (directory,) = (tmp_path / "builds").iterdir()
+    (directory / "lock").write_text("")             # what a build killed mid-way leaves behind
     done = threading.Event()
     t = threading.Thread(target=lambda: (build._load("lock_test", [src], (), False), done.set()),
                          daemon=True)
     t.start()
     assert done.wait(300), "the build waited on a stale lock"
-    assert not (stale / "lock").exists()
+    assert not (directory / "lock").exists()
