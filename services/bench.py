@@ -72,16 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-prefix", default="bench/a", help="prefix of the --adapters ids")
     p.add_argument("--zipf", type=float, default=1.0, help="adapter popularity exponent (0: uniform)")
     p.add_argument("--base-fraction", type=float, default=0.0, help="share of requests with no adapter")
-    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--requests", type=int, default=32, help="how many requests to send (>= 1)")
     p.add_argument("--concurrency", type=int, default=8, help="closed-loop clients (without --rate)")
     p.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second (open loop)")
-    p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.")
+    p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.",
+                   help="the prompt text of every request (without --prompt-len)")
     p.add_argument("--prompt-len", default="", help="MIN[:MAX] random prompt token ids instead of --prompt")
     p.add_argument("--token-id-max", type=int, default=1000, help="random prompt ids are in [2, this)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="output length (see --output-len)")
     p.add_argument("--output-len", default="", help="MIN[:MAX] output tokens (ignore_eos)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload's random choices")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--plot", default="", metavar="FILE.png", help="latency over time (needs matplotlib)")
@@ -91,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    for name in ("requests", "concurrency"):
+    for name in ("requests", "concurrency", "max_new_tokens"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.rate < 0 or args.zipf < 0 or args.adapters < 0 or not 0 <= args.base_fraction <= 1:
         p.error("--rate, --zipf and --adapters must be >= 0, --base-fraction in [0, 1]")
     try:
