@@ -8,6 +8,7 @@ import pytest
 
 from services.router.placement import (
     BOUND,
+    MIN_CAP,
     PREFIX_CHUNK,
     PREFIX_CHUNKS,
     ExecutorView,
@@ -60,6 +61,7 @@ def test_residency_elsewhere_does_not_pull_an_adapter_from_its_home():
 
 @pytest.mark.parametrize("loads, expect_home", [
     ((0, 0), True),
+    ((1, 0), True),       # near idle, one (perhaps already finished) request at home: still home
     ((4, 3), True),       # a little busier: still home (bound = ceil(1.25 * 8 / 2) = 5)
     ((6, 1), False),      # home at the bound: walk on to the next
     ((20, 30), True),     # both busy, home the less: home
@@ -69,7 +71,7 @@ def test_bounded_load_walks_past_a_full_home(loads, expect_home):
     aid = next(f"x{i}" for i in range(100) if home([view(n) for n in names], f"x{i}") == "a")
     snapshot = [view("a", running=loads[0]), view("b", running=loads[1])]
     assert (rank(snapshot, aid)[0] == "a") == expect_home
-    assert bound(snapshot) == max(1, math.ceil(BOUND * (sum(loads) + 1) / 2))
+    assert bound(snapshot) == max(MIN_CAP, math.ceil(BOUND * (sum(loads) + 1) / 2))
 
 
 def test_inflight_counts_as_load_before_the_status_says_so():

@@ -38,6 +38,9 @@ PREFIX_BONUS = 0.5      # for the executor that last served the longest matching
 PREFIX_CHUNK = 64       # bytes of prompt per prefix hash: ~16 tokens of text, or 16 token ids
 PREFIX_CHUNKS = 64      # prefix hashes kept per request (its first 4 KiB)
 BOUND = 1.25            # an executor is full at BOUND x the mean load (bounded-load hashing's c)
+MIN_CAP = 4             # ...and never below this many requests: at near-idle load one request (or a
+                        # status poll that still counts a finished one) must not push an adapter off
+                        # its home; an executor batches a few more requests at almost no cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +87,7 @@ def bound(snapshot: Sequence[ExecutorView]) -> int:
     if not healthy:
         return 1
     total = sum(v.requests for v in healthy) + 1
-    return max(1, math.ceil(BOUND * total / len(healthy)))
+    return max(MIN_CAP, math.ceil(BOUND * total / len(healthy)))
 
 
 def home_order(snapshot: Sequence[ExecutorView], key: str) -> list[ExecutorView]:
