@@ -5,6 +5,12 @@ Ports: the router on --port (the one clients use), the registry on --port+1, exe
 under --data-dir on first start (so it runs on a machine with no network), and registers a few demo
 adapters for it under `demo/`. Each service logs to --data-dir/logs/NAME.log (JSON lines, each with
 a `service` field); `up` itself prints one line per service as it becomes ready.
+
+Security: --tls-cert/--tls-key (and --tls-ca: mutual TLS) are given to every service, so each serves
+TLS (the gateway HTTPS) and calls the others over TLS; `up`'s own health checks and demo-adapter
+registration use them too. --auth-file turns auth on everywhere; --token (env OPENLORA_TOKEN, passed
+to the services in their environment, never on a command line) is what the services and `up` send:
+with an auth file, an admin token.
 """
 
 from __future__ import annotations
@@ -48,12 +54,36 @@ class UpConfig:
     executors: int = flag(1, "how many executors")
     startup_timeout_s: float = flag(600.0, "how long each service may take to answer SERVING")
     http_port: int = flag(8000, "the OpenAI-compatible HTTP gateway's port (0 -> no gateway)")
+    tls_cert: str = flag("", "PEM certificate every service serves TLS with (and presents as a client)")
+    tls_key: str = flag("", "PEM private key of --tls-cert")
+    tls_ca: str = flag("", "PEM CA every service verifies its peers with; turns on mutual TLS")
+    auth_file: str = flag("", "the token file every service checks callers against (see README)")
+    token: str = flag("", "the token the services and `up` send (an admin token with --auth-file)")
 
     def __post_init__(self) -> None:
         check(1 <= self.executors <= 64, "executors", f"must be 1..64, got {self.executors}")
         check(0 < self.port < 65535 - self.executors - 1, "port", f"out of range: {self.port}")
         check(self.startup_timeout_s > 0, "startup_timeout_s", "must be > 0")
         check(0 <= self.http_port <= 65535, "http_port", f"must be 0..65535, got {self.http_port}")
+        check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert" if not self.tls_cert else "tls_key",
+              "--tls-cert and --tls-key go together")
+        check(not self.tls_ca or bool(self.tls_cert), "tls_ca", "needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_ca", "auth_file"):
+            path = getattr(self, name)
+            check(not path or os.path.isfile(path), name, f"no such file: {path}")
+
+    def security(self):
+        """How `up` itself calls the services (services.common.tls.ClientSecurity)."""
+        from services.common.tls import ClientSecurity
+        return ClientSecurity.from_config(self)
+
+    def service_args(self) -> list[str]:
+        """The TLS and auth flags every service gets (absolute paths: services run elsewhere)."""
+        out = []
+        for name in ("tls_cert", "tls_key", "tls_ca", "auth_file"):
+            if getattr(self, name):
+                out += [f"--{name.replace('_', '-')}", os.path.abspath(getattr(self, name))]
+        return out
 
 
 class UpFailed(Exception):
@@ -144,9 +174,10 @@ def _check_alive(procs: list[Proc]) -> None:
                            + (f"; last line: {last}" if last else ""))
 
 
-def wait_serving(proc: Proc, timeout_s: float, procs: list[Proc]) -> None:
+def wait_serving(proc: Proc, timeout_s: float, procs: list[Proc], security=None) -> None:
+    from services.common.tls import channel as open_channel
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(proc.address, options=_PROBE_OPTIONS) as channel:
+    with open_channel(proc.address, security, options=_PROBE_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             _check_alive(procs)
@@ -161,14 +192,22 @@ def wait_serving(proc: Proc, timeout_s: float, procs: list[Proc]) -> None:
                    f"its log: {proc.log}")
 
 
-def wait_http(proc: Proc, url: str, timeout_s: float, procs: list[Proc]) -> None:
+def https_context(args: UpConfig):
+    """An ssl context that trusts --tls-ca (else --tls-cert itself) and presents --tls-cert."""
+    import ssl
+    ctx = ssl.create_default_context(cafile=args.tls_ca or args.tls_cert)
+    ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    return ctx
+
+
+def wait_http(proc: Proc, url: str, timeout_s: float, procs: list[Proc], context=None) -> None:
     """Until GET url answers 200 (the gateway's /health)."""
     import urllib.request
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         _check_alive(procs)
         try:
-            with urllib.request.urlopen(url, timeout=1) as reply:
+            with urllib.request.urlopen(url, timeout=1, context=context) as reply:
                 if reply.status == 200:
                     return
         except OSError:
@@ -177,12 +216,13 @@ def wait_http(proc: Proc, url: str, timeout_s: float, procs: list[Proc]) -> None
     raise UpFailed(f"the {proc.name} ({url}) is not answering after {timeout_s:.0f}s; its log: {proc.log}")
 
 
-def register_demo_adapters(data: pathlib.Path, registry: str) -> list[str]:
+def register_demo_adapters(data: pathlib.Path, registry: str, security=None) -> list[str]:
     """Write and register the demo adapters (random, non-zero B) unless already registered."""
     from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
+    from services.common.tls import channel as open_channel
     from services.synthetic import ALL_MODULES, AdapterSpec, write_adapter
     added = []
-    with grpc.insecure_channel(registry) as channel:
+    with open_channel(registry, security) as channel:
         stub = registry_pb2_grpc.AdapterRegistryStub(channel)
         for adapter_id, seed in DEMO_ADAPTERS.items():
             try:
@@ -270,49 +310,57 @@ def _run(args: UpConfig, procs: list[Proc]) -> int:
     demo = not args.base_model
     base = args.base_model or str(demo_model(data))
     cli = [sys.executable, "-m", "services.cli"]
+    secure = args.service_args()                     # TLS and auth flags, the same for every service
+    security = args.security()
+    scheme = "https" if args.tls_cert else "http"
     # the registry refuses adapters that cannot fit the model the executors serve
     fit = ["--base-model", base] if pathlib.Path(base, "config.json").is_file() else []
     plan = [("registry", registry, [*cli, "registry", "--host", h, "--port", str(port + 1),
-                                    "--data-dir", str(data / "registry"), *fit])]
+                                    "--data-dir", str(data / "registry"), *fit, *secure])]
     plan += [(f"executor-{i}", addr, [*cli, "executor", "--host", h, "--port", addr.rsplit(":", 1)[1],
                                       "--registry", registry, "--base-model", base,
-                                      "--disk-cache-dir", str(data / f"executor-{i}")])
+                                      "--disk-cache-dir", str(data / f"executor-{i}"), *secure])
              for i, addr in enumerate(executors)]
     plan.append(("router", f"{h}:{port}", [*cli, "router", "--host", h, "--port", str(port),
                                             "--registry", registry,
-                                            *[x for e in executors for x in ("--executor", e)]]))
+                                            *[x for e in executors for x in ("--executor", e)], *secure]))
     if args.http_port:
         plan.append(("gateway", f"{h}:{args.http_port}",
                      [*cli, "gateway", "--host", h, "--port", str(args.http_port),
                       "--router", f"{h}:{port}", "--registry", registry,
-                      "--base-model", base if pathlib.Path(base).is_dir() else ""]))
+                      "--base-model", base if pathlib.Path(base).is_dir() else "", *secure]))
+    env = {"OPENLORA_TOKEN": args.token} if args.token else {}
     for name, address, cmd in plan:
-        procs.append(_start(name, address, cmd, logs))
+        procs.append(_start(name, address, cmd, logs, env))
         proc = procs[-1]
         if name == "gateway":
-            wait_http(proc, f"http://{address}/health", args.startup_timeout_s, procs)
+            wait_http(proc, f"{scheme}://{address}/health", args.startup_timeout_s, procs,
+                      https_context(args) if args.tls_cert else None)
         else:
-            wait_serving(proc, args.startup_timeout_s, procs)
+            wait_serving(proc, args.startup_timeout_s, procs, security)
         proc.ready = True
-        say(f"{name} ready on {address}  (log {proc.log})")
+        say(f"{name} ready on {address}{' (TLS)' if args.tls_cert else ''}  (log {proc.log})")
         if name == "registry" and demo:
-            added = register_demo_adapters(data, registry)
+            added = register_demo_adapters(data, registry, security)
             if added:
                 say(f"registered demo adapters {', '.join(added)} for the demo model (random weights; "
                     f"each changes the output): openlora generate --adapter {added[0]} 'Hello'")
-    gateway = f"  gateway http://{h}:{args.http_port}/v1" if args.http_port else ""
+    gateway = f"  gateway {scheme}://{h}:{args.http_port}/v1" if args.http_port else ""
+    tls = (f"  TLS{' (mutual)' if args.tls_ca else ''}: clients pass --tls-ca"
+           f"{' --tls-cert --tls-key' if args.tls_ca else ''}") if args.tls_cert else ""
     say(f"ready: router {h}:{port}  registry {registry}  executors {' '.join(executors)}{gateway}"
-        f"  (Ctrl-C stops)")
+        f"{tls}  (Ctrl-C stops)")
     while True:
         _check_alive(procs)
         time.sleep(0.2)
 
 
-def _start(name: str, address: str, cmd: list[str], logs: pathlib.Path) -> Proc:
+def _start(name: str, address: str, cmd: list[str], logs: pathlib.Path, env=None) -> Proc:
     log = logs / f"{name}.log"
     with open(log, "ab") as out:
         # its own session: a terminal's Ctrl-C reaches `up` alone, which stops the services in
         # order (a compiler killed by the same Ctrl-C used to make the executor fall back to slow ops)
         popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, env={**os.environ, "OPENLORA_LOG_SERVICE": name})
+                                 start_new_session=True,
+                                 env={**os.environ, **(env or {}), "OPENLORA_LOG_SERVICE": name})
     return Proc(name, address, popen, log)

@@ -1,14 +1,20 @@
-"""A real deployment with auth and mutual TLS on: registry + executor + router as subprocesses.
+"""A real deployment with auth and mutual TLS on: registry + executor + router + gateway (HTTPS) as
+subprocesses.
 
-Tenant A must not see, run, fetch, delete or overwrite tenant B's adapter by any RPC: every RPC of
-every service is enumerated from the proto descriptors, so a new RPC without an entry (and a check)
-fails here. Certificates are made in the test (trustme).
+Tenant A must not see, run, fetch, delete or overwrite tenant B's adapter by any RPC or HTTP route:
+every RPC of every service is enumerated from the proto descriptors, and every route of the gateway
+from its Starlette route table, so a new RPC or route without an entry (and a check) fails here.
+Public adapters: every tenant lists and runs them, only the owner changes them. Certificates are
+made in the test (trustme).
 """
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -25,7 +31,7 @@ from services.common.gen.openlora.v1 import (common_pb2, executor_pb2, executor_
 from services.common.tls import ClientSecurity, channel
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
-from tests.servers import Service
+from tests.servers import Service, free_port
 
 TOKENS = {"admin": "adm-7f1c", "a": "tenant-a-93b2", "b": "tenant-b-44d0", "service": "svc-1e8a"}
 PROMPT = [5, 17, 42, 99, 7, 3]
@@ -102,12 +108,18 @@ def dep(llama_dir, pki, tmp_path_factory):
                                  security=probe))
                    for i, extra in enumerate([[], ["--tenant-rate", "2", "--tenant-burst", "3",
                                                    "--tenant-max-concurrent", "1"]])]
+        gateway = Service("gateway", "--router", routers[0].address, "--registry", registry.address,
+                          "--token", TOKENS["service"], "--models-cache-s", "0", *tls_args,
+                          port=free_port(), log_path=root / "gateway.log")
+        started.append(gateway)
+        _start_https(gateway, pki)
     except BaseException:                 # a server that did not start: stop the ones that did
         for s in reversed(started):
             s.stop()
         raise
     d = {"registry": registry, "executor": executor, "router": routers[0], "limited": routers[1],
-         "root": root, "allowed": allowed, "outside": outside, "auth_file": auth_file, "pki": pki}
+         "gateway": gateway, "root": root, "allowed": allowed, "outside": outside,
+         "auth_file": auth_file, "pki": pki}
     try:
         admin = stubs(d, "admin")
         for aid, src in (("a/x", "x"), ("b/y", "y")):
@@ -118,6 +130,93 @@ def dep(llama_dir, pki, tmp_path_factory):
     finally:
         for s in reversed(started):
             s.stop()
+
+
+def _ssl(pki, client_cert: bool = True) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    if client_cert:
+        ctx.load_cert_chain(str(pki["cert"]), str(pki["key"]))
+    return ctx
+
+
+def https(gateway: Service, pki, method: str, path: str, body=None, token: str | None = None,
+          client_cert: bool = True):
+    """(status, parsed JSON or text) of one HTTPS request to the gateway (mutual TLS)."""
+    conn = http.client.HTTPSConnection("127.0.0.1", gateway.port, timeout=60, context=_ssl(pki, client_cert))
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    try:
+        conn.request(method, path, body=None if body is None else json.dumps(body).encode(), headers=headers)
+        r = conn.getresponse()
+        text = r.read().decode()
+    finally:
+        conn.close()
+    try:
+        return r.status, json.loads(text)
+    except ValueError:
+        return r.status, text
+
+
+def _start_https(gateway: Service, pki, timeout: float = 90) -> None:
+    log = open(gateway.log_path, "ab")
+    gateway.proc = subprocess.Popen(gateway.args, env=gateway.env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gateway.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {gateway.proc.returncode}; log {gateway.log_path}")
+        try:
+            if https(gateway, pki, "GET", "/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"gateway on {gateway.address} not answering over HTTPS")
+
+
+def gateway_routes() -> set[tuple[str, str]]:
+    """(METHOD, path) of every route in the gateway's Starlette app."""
+    from starlette.routing import Route
+
+    from services.gateway.app import Gateway, build_app
+    from services.gateway.config import GatewayConfig
+
+    async def routes():
+        gw = Gateway(GatewayConfig(router="127.0.0.1:1", registry="127.0.0.1:1"))
+        try:
+            app = build_app(gw)
+            return {(m, r.path) for r in app.routes if isinstance(r, Route)
+                    for m in (r.methods or ()) if m != "HEAD"}
+        finally:
+            await gw.close()
+    return asyncio.run(routes())
+
+
+# answered to anyone: probes and metrics hold no tenant's data
+OPEN_ROUTES = {("GET", "/health"), ("GET", "/health/ready"), ("GET", "/metrics")}
+
+
+def http_attacks(d, token: str) -> dict:
+    """Tenant A (`token`) against tenant B's adapter b/y, one entry per gateway route ->
+    a call returning (status, body)."""
+    g, pki = d["gateway"], d["pki"]
+
+    def call(method, path, body=None):
+        return lambda: https(g, pki, method, path, body, token)
+    return {
+        ("POST", "/v1/completions"): call("POST", "/v1/completions",
+                                          {"model": "b/y", "prompt": [5, 17, 42], "max_tokens": 1}),
+        ("POST", "/v1/chat/completions"): call("POST", "/v1/chat/completions", {
+            "model": "b/y", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
+        ("GET", "/v1/models"): call("GET", "/v1/models"),
+        ("GET", "/v1/models/{model:path}"): call("GET", "/v1/models/b/y"),
+        ("POST", "/v1/load_lora_adapter"): call("POST", "/v1/load_lora_adapter", {
+            "lora_name": "b/y", "lora_path": str(d["allowed"] / "own")}),
+        ("POST", "/v1/unload_lora_adapter"): call("POST", "/v1/unload_lora_adapter", {"lora_name": "b/y"}),
+        ("GET", "/health"): call("GET", "/health"),
+        ("GET", "/health/ready"): call("GET", "/health/ready"),
+        ("GET", "/metrics"): call("GET", "/metrics"),
+    }
 
 
 def stubs(d, who, client_cert=True):
@@ -220,6 +319,96 @@ def test_tenant_a_cannot_touch_tenant_b_by_any_rpc(dep):
     unknown = _details(lambda: a["registry"].GetAdapter(registry_pb2.GetAdapterRequest(adapter_id="b/zz")))
     hidden = _details(lambda: a["registry"].GetAdapter(registry_pb2.GetAdapterRequest(adapter_id="b/y")))
     assert unknown.replace("b/zz", "ID") == hidden.replace("b/y", "ID")
+
+
+def test_tenant_a_cannot_touch_tenant_b_by_any_http_route(dep):
+    """The gateway over HTTPS (mutual TLS): every route of its app, as tenant A against b/y."""
+    table = http_attacks(dep, TOKENS["a"])
+    assert set(table) == gateway_routes(), "every gateway route needs an entry here (and a check)"
+    got = {route: call() for route, call in table.items()}
+    for route in OPEN_ROUTES:
+        status, body = got[route]
+        assert status == 200 and "b/y" not in json.dumps(body), route
+    status, models = got[("GET", "/v1/models")]
+    assert status == 200 and not any(m["id"].startswith("b/") for m in models["data"]), models
+    for route in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                  ("GET", "/v1/models/{model:path}"), ("POST", "/v1/unload_lora_adapter")):
+        status, body = got[route]
+        assert status == 404, (route, body)
+    assert got[("POST", "/v1/load_lora_adapter")][0] == 403
+    admin = stubs(dep, "admin")
+    assert admin["registry"].GetAdapter(registry_pb2.GetAdapterRequest(adapter_id="b/y"), timeout=10).version == 1
+    assert "b/y" in _ids(admin["executor"].GetStatus(executor_pb2.GetStatusRequest(), timeout=10).adapters)
+    # no token, or a wrong one: 401 on every route but the open ones
+    for token in (None, "not-a-token"):
+        for route, call in http_attacks(dep, token).items():
+            status, body = call()
+            assert status == (200 if route in OPEN_ROUTES else 401), (route, token, status, body)
+    # TLS: a client without a certificate, or a plaintext one, gets no answer at all
+    with pytest.raises((ssl.SSLError, OSError)):
+        https(dep["gateway"], dep["pki"], "GET", "/v1/models", token=TOKENS["admin"], client_cert=False)
+    conn = http.client.HTTPConnection("127.0.0.1", dep["gateway"].port, timeout=10)
+    with pytest.raises(OSError):
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+    conn.close()
+
+
+def test_public_adapters(dep):
+    """A public adapter: every tenant lists, reads and runs it (router, executor, gateway); only its
+    owner (or an admin) changes, deletes or unloads it; the weights stay service/admin only."""
+    R, E = registry_pb2, executor_pb2
+    a, b = stubs(dep, "a"), stubs(dep, "b")
+    src, other = f"file://{dep['allowed'] / 'y'}", f"file://{dep['allowed'] / 'own'}"
+    g, pki = dep["gateway"], dep["pki"]
+    pub = b["registry"].RegisterAdapter(R.RegisterAdapterRequest(adapter_id="b/pub", source=src,
+                                                                 public=True), timeout=60)
+    assert pub.public
+    try:
+        ids = _ids(a["registry"].ListAdapters(R.ListAdaptersRequest(), timeout=10).adapters)
+        assert "b/pub" in ids and "b/y" not in ids
+        assert a["registry"].GetAdapter(R.GetAdapterRequest(adapter_id="b/pub"), timeout=10).public
+        assert len(a["router"].Generate(gen("b/pub", 2), timeout=120).token_ids) == 2
+        assert code_of(lambda: a["router"].GenerateStream(gen("b/pub", 2), timeout=120)) == C.OK
+        assert len(a["executor"].Generate(gen("b/pub", 2), timeout=120).token_ids) == 2
+        assert code_of(lambda: a["executor"].LoadAdapter(E.LoadAdapterRequest(adapter_id="b/pub"),
+                                                         timeout=60)) == C.OK
+        status, models = https(g, pki, "GET", "/v1/models", token=TOKENS["a"])
+        assert status == 200 and "b/pub" in {m["id"] for m in models["data"]}
+        assert https(g, pki, "GET", "/v1/models/b/pub", token=TOKENS["a"])[0] == 200
+        status, body = https(g, pki, "POST", "/v1/completions", {"model": "b/pub", "prompt": [5, 17, 42],
+                                                                 "max_tokens": 2}, TOKENS["a"])
+        assert status == 200 and body["usage"]["completion_tokens"] == 2, body
+        denied = {
+            "register": lambda: a["registry"].RegisterAdapter(R.RegisterAdapterRequest(
+                adapter_id="b/pub", source=other), timeout=30),
+            "make private": lambda: a["registry"].RegisterAdapter(R.RegisterAdapterRequest(
+                adapter_id="b/pub", source=src, public=False), timeout=30),
+            "upload": lambda: a["registry"].UploadAdapter(upload("b/pub", dep["allowed"] / "own"), timeout=30),
+            "delete": lambda: a["registry"].DeleteAdapter(R.DeleteAdapterRequest(adapter_id="b/pub"), timeout=10),
+            "fetch": lambda: a["registry"].FetchAdapter(R.FetchAdapterRequest(adapter_id="b/pub"), timeout=10),
+            "unload": lambda: a["executor"].UnloadAdapter(E.UnloadAdapterRequest(adapter_id="b/pub"),
+                                                          timeout=30),
+        }
+        assert {k: code_of(f) for k, f in denied.items()} == {k: C.PERMISSION_DENIED for k in denied}
+        assert https(g, pki, "POST", "/v1/unload_lora_adapter", {"lora_name": "b/pub"}, TOKENS["a"])[0] == 403
+        after = b["registry"].GetAdapter(R.GetAdapterRequest(adapter_id="b/pub"), timeout=10)
+        assert (after.version, after.digest, after.public) == (pub.version, pub.digest, True)
+        # private again: NOT_FOUND for a everywhere (router and executor remember a public answer
+        # for a few seconds at most)
+        b["registry"].RegisterAdapter(R.RegisterAdapterRequest(adapter_id="b/pub", source=src,
+                                                               public=False), timeout=60)
+        assert code_of(lambda: a["registry"].GetAdapter(R.GetAdapterRequest(adapter_id="b/pub"),
+                                                        timeout=10)) == C.NOT_FOUND
+        assert "b/pub" not in _ids(a["registry"].ListAdapters(R.ListAdaptersRequest(), timeout=10).adapters)
+        for stub in (a["router"], a["executor"]):
+            deadline = time.monotonic() + 30
+            while code_of(lambda: stub.Generate(gen("b/pub", 1), timeout=60)) != C.NOT_FOUND:  # noqa: B023
+                assert time.monotonic() < deadline, "a private adapter still runs for another tenant"
+                time.sleep(0.5)
+        assert len(b["router"].Generate(gen("b/pub", 1), timeout=120).token_ids) == 1   # its owner
+    finally:
+        b["registry"].DeleteAdapter(R.DeleteAdapterRequest(adapter_id="b/pub"), timeout=10)
 
 
 def _details(fn) -> str:

@@ -433,3 +433,29 @@ def test_admin_cli(registry, make_adapter, capsys):
     with pytest.raises(SystemExit) as exit_info:
         admin.main(["frobnicate"])
     assert exit_info.value.code == 2
+
+
+def test_public_flag_is_kept_per_id_in_both_stores(registry, make_adapter):
+    """RegisterAdapter/UploadHeader.public: set, kept (unset leaves it), cleared, shared by every
+    version of the id, reset when the id's last version goes; stored by SQLite and PostgreSQL."""
+    s = registry.stub
+    one, two = make_adapter(seed=1), make_adapter(seed=2)
+    a = s.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="t/p", source=f"file://{one}", public=True))
+    assert a.public and a.version == 1
+    assert s.GetAdapter(pb.GetAdapterRequest(adapter_id="t/p")).public
+    b = s.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="t/p", source=f"file://{two}"))   # unset
+    assert b.version == 2 and b.public
+    assert s.GetAdapter(pb.GetAdapterRequest(adapter_id="t/p", version=1)).public    # per id
+    listed = {x.adapter_id: x.public for x in s.ListAdapters(pb.ListAdaptersRequest()).adapters}
+    assert listed == {"t/p": True}
+    c = s.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="t/p", source=f"file://{two}", public=False))
+    assert c.version == 2 and not c.public                    # same content: no new version, flag off
+    up = s.UploadAdapter(iter([pb.UploadAdapterRequest(header=pb.UploadHeader(adapter_id="t/u", public=True)),
+                               *list(upload_msgs("t/u", files_of(one)))[1:]]), timeout=30)
+    assert up.public
+    assert registry.core.metadata.set_public("t/u", False) and not registry.core.metadata.get("t/u").public
+    assert not registry.core.metadata.set_public("t/none", True)                  # no such id
+    s.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="t/u", source=f"file://{one}", public=True))
+    s.DeleteAdapter(pb.DeleteAdapterRequest(adapter_id="t/u"))
+    again = s.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="t/u", source=f"file://{one}"))
+    assert again.version == 2 and not again.public         # a new adapter under an old id starts private

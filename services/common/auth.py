@@ -6,11 +6,14 @@
 
 A token file is JSON `{"tokens": [{"token_sha256": HEX, "tenant": NAME, "role": ROLE}]}` (`"token"` in
 clear is accepted too, for local use; `"expires_at"`, unix seconds or ISO 8601, is optional); it is re-read when it changes (checked at most once a second),
-and a file that no longer parses keeps the previous table (logged). Roles:
+and a file that no longer parses keeps the previous table (logged). An optional `"tenants"` object
+gives each tenant its credentials for hf:// and s3:// sources (see SourceCredentials): the registry
+uses a tenant's own, and only its own, when that tenant registers from those sources. Roles:
 
     admin    everything, every tenant's adapters
     tenant   its own adapters (id's first path segment == its tenant): register, upload, list, get,
-             delete, run; another tenant's adapter is NOT_FOUND to it
+             delete, run; and those marked public: list, get, run (changing or deleting one is
+             PERMISSION_DENIED); another tenant's private adapter is NOT_FOUND to it
     service  what executors, routers and gateways need: read and fetch every adapter, run, status
 
 Without a token table every call is admin (the open local default, logged loudly at start).
@@ -89,6 +92,42 @@ _authorization: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "openlora_authorization", default=None)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SourceCredentials:
+    """A tenant's credentials for RegisterAdapter's hf:// and s3:// sources, from the auth file:
+    `"tenants": {"acme": {"hf_token": ..., "s3_access_key_id": ..., "s3_secret_access_key": ...,
+    "s3_endpoint_url": ...}}`. Empty fields are anonymous: a tenant never borrows the registry's
+    own credentials (HF_TOKEN, AWS_*) nor another tenant's."""
+
+    hf_token: str = ""
+    hf_endpoint: str = ""                  # empty -> HF_ENDPOINT or the public Hub
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    s3_session_token: str = ""
+    s3_endpoint_url: str = ""              # empty -> AWS_ENDPOINT_URL(_S3) or AWS
+    s3_region: str = ""
+
+    def __repr__(self) -> str:             # never log a secret
+        return (f"SourceCredentials(hf_token={'***' if self.hf_token else ''!r}, "
+                f"s3_access_key_id={self.s3_access_key_id!r}, s3_endpoint_url={self.s3_endpoint_url!r})")
+
+
+ANONYMOUS = SourceCredentials()
+_CREDENTIAL_KEYS = tuple(f.name for f in dataclasses.fields(SourceCredentials))
+_table: contextvars.ContextVar[TokenTable | None] = contextvars.ContextVar("openlora_token_table",
+                                                                        default=None)
+
+
+def source_credentials() -> SourceCredentials | None:
+    """The credentials an import by the current caller uses: a tenant's own (ANONYMOUS when the auth
+    file gives it none); None for admins, services and open servers (the registry's environment)."""
+    ident = current()
+    if ident.role != "tenant":
+        return None
+    table = _table.get()
+    return table.credentials(ident.tenant) if table is not None else ANONYMOUS
+
+
 def current() -> Identity:
     """The caller of the RPC being handled (OPEN outside of one, or on an open server)."""
     return _current.get()
@@ -124,16 +163,65 @@ def require_adapter(adapter_id: str, *, create: bool = False) -> Identity:
     return ident
 
 
+def owns_checked(adapter_id: str) -> bool:
+    """Whether the caller owns `adapter_id` (admins and services: every id; the base model's empty
+    id: everyone), after checking its form. False: another tenant's, which this caller may read and
+    run only if it is public (the registry knows; ask it with caller_metadata())."""
+    ident = current()
+    if adapter_id and not ident.sees_all:
+        check_adapter_id(adapter_id)
+    return not adapter_id or ident.owns(adapter_id)
+
+
+def not_yours(adapter_id: str) -> PermissionDenied:
+    """For a public adapter of another tenant that the caller tried to change, delete or unload."""
+    return PermissionDenied(f"adapter {adapter_id!r} is public, but only its owner (tenant "
+                            f"{owner_of(adapter_id)!r}) or an admin may change, delete or unload it")
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
 def parse_tokens(text: str, where: str) -> dict[str, Identity]:
     """The auth file's JSON -> {sha256 hex of token: Identity}; InvalidArgument naming the entry."""
+    return parse_auth_file(text, where)[0]
+
+
+def parse_auth_file(text: str, where: str) -> tuple[dict[str, Identity], dict[str, SourceCredentials]]:
+    """The auth file's JSON -> ({sha256 hex of token: Identity}, {tenant: SourceCredentials})."""
     try:
         doc = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise InvalidArgument(f"{where}: not valid JSON: {exc}") from None
+    return _parse_tokens(doc, where), _parse_tenants(doc, where)
+
+
+def _parse_tenants(doc, where: str) -> dict[str, SourceCredentials]:
+    tenants = doc.get("tenants", {}) if isinstance(doc, dict) else {}
+    if not isinstance(tenants, dict):
+        raise InvalidArgument(f'{where}: "tenants" must be an object {{TENANT: {{"hf_token": ..., '
+                              f'"s3_access_key_id": ..., ...}}}}')
+    out = {}
+    for tenant, entry in tenants.items():
+        at = f"{where}: tenants[{tenant!r}]"
+        if not _TENANT.fullmatch(tenant):
+            raise InvalidArgument(f"{at}: a tenant name is 1-64 of [A-Za-z0-9._-]")
+        if not isinstance(entry, dict):
+            raise InvalidArgument(f"{at}: must be an object")
+        unknown = sorted(set(entry) - set(_CREDENTIAL_KEYS))
+        if unknown:
+            raise InvalidArgument(f"{at}: unknown keys {unknown}; expected {', '.join(_CREDENTIAL_KEYS)}")
+        if not all(isinstance(v, str) for v in entry.values()):
+            raise InvalidArgument(f"{at}: every value must be a string")
+        creds = SourceCredentials(**entry)
+        if bool(creds.s3_access_key_id) != bool(creds.s3_secret_access_key):
+            raise InvalidArgument(f"{at}: s3_access_key_id and s3_secret_access_key go together")
+        out[tenant] = creds
+    return out
+
+
+def _parse_tokens(doc, where: str) -> dict[str, Identity]:
     entries = doc.get("tokens") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
         raise InvalidArgument(f'{where}: expected {{"tokens": [{{"token_sha256": HEX, "tenant": NAME, '
@@ -180,8 +268,10 @@ class TokenTable:
 
     def __init__(self, path: str = "", inline: str = ""):
         self.path = path
-        self._inline = parse_tokens(inline, "--auth-tokens") if inline else {}
+        self._inline, self._inline_tenants = (parse_auth_file(inline, "--auth-tokens") if inline
+                                              else ({}, {}))
         self._file: dict[str, Identity] = {}
+        self._tenants: dict[str, SourceCredentials] = {}
         self._signature = None
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -205,14 +295,18 @@ class TokenTable:
             if signature == self._signature:
                 return
             with open(self.path, encoding="utf-8") as f:
-                table = parse_tokens(f.read(), self.path)
+                table, tenants = parse_auth_file(f.read(), self.path)
         except (OSError, InvalidArgument) as exc:
             if initial:
                 raise InvalidArgument(f"--auth-file: {exc}") from None
             log.error("auth_file_reload_failed_keeping_previous", path=self.path, error=str(exc))
             return
-        self._file, self._signature = table, signature
-        log.info("auth_file_loaded", path=self.path, tokens=len(table))
+        self._file, self._tenants, self._signature = table, tenants, signature
+        log.info("auth_file_loaded", path=self.path, tokens=len(table), tenant_credentials=len(tenants))
+
+    def credentials(self, tenant: str) -> SourceCredentials:
+        """`tenant`'s own source credentials (ANONYMOUS when it has none)."""
+        return self._tenants.get(tenant) or self._inline_tenants.get(tenant) or ANONYMOUS
 
     def lookup(self, token: str) -> Identity | None:
         now = time.monotonic()
@@ -284,6 +378,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             ident = OPEN if table is None else table.identify(header)
             check_role(method, ident)
             _current.set(ident)
+            _table.set(table)
             _authorization.set(header)
 
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):

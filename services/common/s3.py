@@ -43,18 +43,36 @@ def blob_key(prefix: str, sha256: str) -> str:
 
 
 def client(addressing_style: str = "auto", connect_timeout: float = 5.0, read_timeout: float = 60.0,
-           max_attempts: int = 3, max_pool: int = 32):
-    """A boto3 S3 client configured from the environment (see the module docstring)."""
+           max_attempts: int = 3, max_pool: int = 32, *, access_key_id: str = "",
+           secret_access_key: str = "", session_token: str = "", endpoint_url: str = "",
+           region: str = "", anonymous: bool = False):
+    """A boto3 S3 client configured from the environment (see the module docstring); explicit
+    keys, endpoint and region (a tenant's) override it, and `anonymous` sends unsigned requests."""
     import boto3
+    from botocore import UNSIGNED
     from botocore.config import Config
 
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
     session = boto3.session.Session()
     config = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
                     retries={"max_attempts": max_attempts, "mode": "standard"},
-                    max_pool_connections=max_pool, s3={"addressing_style": addressing_style})
+                    max_pool_connections=max_pool, s3={"addressing_style": addressing_style},
+                    **({"signature_version": UNSIGNED} if anonymous else {}))
+    keys = {}
+    if access_key_id and not anonymous:
+        keys = {"aws_access_key_id": access_key_id, "aws_secret_access_key": secret_access_key,
+                "aws_session_token": session_token or None}
     return session.client("s3", region_name=region or session.region_name or "us-east-1",
-                          config=config)
+                          config=config, endpoint_url=endpoint_url or None, **keys)
+
+
+def is_denied(exc: BaseException) -> bool:
+    """True for a botocore ClientError that means "these credentials may not" (403, bad keys)."""
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                    "Forbidden") or status == 403
 
 
 def is_missing(exc: BaseException) -> bool:

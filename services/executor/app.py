@@ -34,8 +34,12 @@ async def build(config: ExecutorConfig):
     source = RegistryAdapterSource(config.registry, store, config.registry_timeout_s, direct=direct,
                                    security=ClientSecurity.from_config(config))
     metrics = ExecutorMetrics(max_lora=config.max_device_adapters)
+    from services.router.registry_check import AdapterCheck
+    public_check = AdapterCheck(config.registry, security=ClientSecurity.from_config(config)) \
+        if config.registry else None
     holder = ExecutorServicer(engine=None, executor_id="",   # the engine is set once loaded
-                              host_cache_bytes=config.host_cache_bytes, metrics=metrics)
+                              host_cache_bytes=config.host_cache_bytes, metrics=metrics,
+                              adapters=public_check)
     server, port = await create_server(
         config, [Service(SERVICE, holder, executor_pb2_grpc.add_ExecutorServicer_to_server)],
         serving=False)

@@ -66,8 +66,11 @@ def _observe_tokens(m, adapter_id: str, t0: float, last: float | None, n: int) -
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, engine: Engine | None, executor_id: str, host_cache_bytes: int = 0,
-                 metrics=None):
+                 metrics=None, adapters=None):
         self._engine = engine
+        # services.router.registry_check.AdapterCheck: asks the registry, with the caller's own
+        # token, whether another tenant's adapter is public (None: never, for tenants)
+        self.adapters = adapters
         self.executor_id = executor_id
         self.host_cache_bytes = host_cache_bytes
         self.metrics = metrics   # services.executor.metrics.ExecutorMetrics, or None
@@ -122,8 +125,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 log.info("request_cancelled", request_id=req.request_id)
                 self.engine.cancel(req.request_id)
 
+    async def _may_use(self, adapter_id: str, version: int = 0) -> None:
+        """The caller's own adapter, or another tenant's the registry shows it (public); else
+        NOT_FOUND, as for an unknown id."""
+        if auth.owns_checked(adapter_id):
+            return
+        if self.adapters is None:
+            raise auth.not_found(adapter_id)
+        await self.adapters.check(adapter_id, version, strict=True)
+
     async def Generate(self, request, context):
-        auth.require_adapter(request.adapter_id)
+        await self._may_use(request.adapter_id, request.adapter_version)
         req = to_request(request)
         ids, lps, text, tops, last = [], [], [], [], None
         async for ev in self._events(req):
@@ -138,7 +150,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             executor_id=self.executor_id, top_logprobs=tops)
 
     async def GenerateStream(self, request, context):
-        auth.require_adapter(request.adapter_id)
+        await self._may_use(request.adapter_id, request.adapter_version)
         req = to_request(request)
         async for ev in self._events(req):
             final = ev.finish_reason is not None
@@ -149,7 +161,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 top_logprobs=_tops(ev))
 
     async def LoadAdapter(self, request, context):
-        auth.require_adapter(request.adapter_id)
+        await self._may_use(request.adapter_id, request.version)
         start = time.perf_counter()
         tier = {executor_pb2.ADAPTER_TIER_DISK: "disk",
                 executor_pb2.ADAPTER_TIER_HOST: "host"}.get(request.tier, "device")
@@ -159,7 +171,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             tier=TIERS[reached], load_ms=(time.perf_counter() - start) * 1e3)
 
     async def UnloadAdapter(self, request, context):
-        auth.require_adapter(request.adapter_id)
+        if not auth.owns_checked(request.adapter_id):
+            await self._may_use(request.adapter_id)          # NOT_FOUND unless public
+            raise auth.not_yours(request.adapter_id)         # public: others may use, not unload
         await asyncio.to_thread(self.engine.unload_adapter, request.adapter_id)
         return executor_pb2.UnloadAdapterResponse()
 

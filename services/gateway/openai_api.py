@@ -21,6 +21,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                429: "rate_limit_error", 499: "cancelled", 501: "not_implemented",
                503: "service_unavailable", 504: "timeout_error"}
 MAX_TOP_LOGPROBS = 20
+U32 = 2**32 - 1          # the proto fields these land in are uint32
 
 
 class ApiError(Exception):
@@ -102,10 +103,10 @@ def string(body: dict, name: str, required: bool = False) -> str | None:
 
 def sampling(body: dict, default_max_tokens: int, chat: bool) -> common_pb2.SamplingParams:
     """OpenAI's and vLLM's sampling fields -> SamplingParams (ranges the executor checks again)."""
-    max_tokens = integer(body, "max_tokens", None, 1)
+    max_tokens = integer(body, "max_tokens", None, 1, U32)
     if chat and body.get("max_completion_tokens") is not None:
-        max_tokens = integer(body, "max_completion_tokens", None, 1)
-    top_k = integer(body, "top_k", 0, -1)
+        max_tokens = integer(body, "max_completion_tokens", None, 1, U32)
+    top_k = integer(body, "top_k", 0, -1, U32)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -115,8 +116,8 @@ def sampling(body: dict, default_max_tokens: int, chat: bool) -> common_pb2.Samp
         raise _bad("stop", "must be a string or a list of non-empty strings")
     stop_ids = body.get("stop_token_ids") or []
     if not (isinstance(stop_ids, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                               and t >= 0 for t in stop_ids)):
-        raise _bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
+                                               and 0 <= t <= U32 for t in stop_ids)):
+        raise _bad("stop_token_ids", f"must be a list of token ids (integers in [0, {U32}])")
     params = common_pb2.SamplingParams(
         max_new_tokens=max_tokens or default_max_tokens,
         temperature=number(body, "temperature", 1.0, 0, 100),
@@ -126,7 +127,7 @@ def sampling(body: dict, default_max_tokens: int, chat: bool) -> common_pb2.Samp
         ignore_eos=boolean(body, "ignore_eos"),
         repetition_penalty=number(body, "repetition_penalty", 1.0, 0, 100),
         stop_token_ids=stop_ids,
-        min_new_tokens=integer(body, "min_tokens", 0, 0),
+        min_new_tokens=integer(body, "min_tokens", 0, 0, U32),
         presence_penalty=number(body, "presence_penalty", 0.0, -2, 2),
         frequency_penalty=number(body, "frequency_penalty", 0.0, -2, 2))
     if params.top_p <= 0:
@@ -160,7 +161,7 @@ def prompts(body: dict) -> list[str | list[int]]:
 
     def ids(x) -> bool:
         return isinstance(x, list) and len(x) > 0 and all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= U32 for t in x)
 
     if isinstance(p, str):
         return [p]

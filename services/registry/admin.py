@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hf://ORG/NAME[@REV][/SUB] | file:///ABS/DIR | a plain local directory | s3://...")
     add.add_argument("--label", type=_label, action="append", default=[], help="k=v (repeatable)")
     add.add_argument("--base-model", default="", help="override adapter_config's base model")
+    vis = add.add_mutually_exclusive_group()
+    vis.add_argument("--public", dest="public", action="store_const", const=True, default=None,
+                     help="every tenant may list and run it (only you or an admin may change it)")
+    vis.add_argument("--private", dest="public", action="store_const", const=False,
+                     help="only its owner may see it (the default for a new adapter)")
     ls = sub.add_parser("list", parents=[common], help="list adapters (latest versions)")
     ls.add_argument("--base-model", default="", help="only adapters for this base model")
     ls.add_argument("--selector", default="", help="label selector k=v,k2=v2")
@@ -89,7 +94,7 @@ def _show(a: pb.Adapter) -> str:
             ["alpha", f"{a.lora_alpha:g}"], ["targets", ",".join(a.target_modules)],
             ["rslora", str(a.use_rslora).lower()], ["size", _size(a.size_bytes)],
             ["source", a.source], ["labels", ",".join(f"{k}={v}" for k, v in sorted(a.labels.items())) or "-"],
-            ["created", _created(a) + " UTC"]]
+            ["created", _created(a) + " UTC"], ["public", str(a.public).lower()]]
     rows += [["file", f"{f.name}  {_size(f.size_bytes)}  sha256:{f.sha256}"] for f in a.files]
     return "\n".join(f"{k + ':':<12}{v}" for k, v in rows)
 
@@ -97,8 +102,8 @@ def _show(a: pb.Adapter) -> str:
 def run(ns, stub) -> str:
     if ns.cmd == "add":
         a = stub.RegisterAdapter(pb.RegisterAdapterRequest(
-            adapter_id=ns.id, source=ns.source, base_model=ns.base_model, labels=dict(ns.label)),
-            timeout=TIMEOUT_S)
+            adapter_id=ns.id, source=ns.source, base_model=ns.base_model, labels=dict(ns.label),
+            public=ns.public), timeout=TIMEOUT_S)
         return json.dumps(_as_dict(a)) if ns.json else \
             f"added {a.adapter_id} version {a.version} ({a.digest}, {_size(a.size_bytes)})"
     if ns.cmd == "list":
@@ -115,9 +120,10 @@ def run(ns, stub) -> str:
             return json.dumps([_as_dict(a) for a in adapters])
         if not adapters:
             return "no adapters"
-        rows = [["ID", "VERSION", "BASE MODEL", "RANK", "SIZE", "LABELS", "CREATED (UTC)"]]
+        rows = [["ID", "VERSION", "BASE MODEL", "RANK", "SIZE", "LABELS", "CREATED (UTC)", "PUBLIC"]]
         rows += [[a.adapter_id, str(a.version), a.base_model or "-", str(a.rank), _size(a.size_bytes),
-                  ",".join(f"{k}={v}" for k, v in sorted(a.labels.items())) or "-", _created(a)]
+                  ",".join(f"{k}={v}" for k, v in sorted(a.labels.items())) or "-", _created(a),
+                  "yes" if a.public else "-"]
                  for a in adapters]
         return _table(rows)
     if ns.cmd == "show":

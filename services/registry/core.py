@@ -28,7 +28,7 @@ from services.common.peft_format import (ADAPTER_FILES, check_adapter_id, manife
                                          WEIGHTS_FILE, parse_adapter_config,
                                          read_safetensors_header, validate_adapter)
 from services.registry.base_models import BaseModelShape, check_fits
-from services.registry.sources import Source, default_sources, fetch_source
+from services.registry.sources import Source, SourceCredentials, default_sources, fetch_source
 from services.registry.stores import AdapterRecord, BlobStore, FileEntry, MetadataStore
 
 log = structlog.get_logger(__name__)
@@ -59,8 +59,9 @@ class UploadSession:
     """Files of one adapter streaming into temp blobs; nothing is visible until commit."""
 
     def __init__(self, registry: AdapterRegistry, adapter_id: str, base_model: str,
-                 labels: dict[str, str], source: str):
+                 labels: dict[str, str], source: str, public: bool | None = None):
         self.adapter_id = check_adapter_id(adapter_id)
+        self.public = public                        # None: leave the id's flag as it is
         self.base_model = base_model
         self.labels = check_labels(labels)
         self.source = source
@@ -183,13 +184,13 @@ class AdapterRegistry:
     # --- writes ---------------------------------------------------------------------------------
 
     def begin_upload(self, adapter_id: str, base_model: str = "", labels: dict[str, str] | None = None,
-                     source: str = "upload") -> UploadSession:
-        return UploadSession(self, adapter_id, base_model, labels or {}, source)
+                     source: str = "upload", public: bool | None = None) -> UploadSession:
+        return UploadSession(self, adapter_id, base_model, labels or {}, source, public)
 
     def upload(self, adapter_id: str, files: dict[str, bytes], base_model: str = "",
-               labels: dict[str, str] | None = None) -> AdapterRecord:
+               labels: dict[str, str] | None = None, public: bool | None = None) -> AdapterRecord:
         """Whole-file upload (tests, tools)."""
-        session = self.begin_upload(adapter_id, base_model, labels)
+        session = self.begin_upload(adapter_id, base_model, labels, public=public)
         try:
             for name, data in files.items():
                 session.write(name, data)
@@ -198,11 +199,14 @@ class AdapterRegistry:
             session.abort()
 
     def register(self, adapter_id: str, source: str, base_model: str = "",
-                 labels: dict[str, str] | None = None) -> AdapterRecord:
-        session = self.begin_upload(adapter_id, base_model, labels, source=source)
+                 labels: dict[str, str] | None = None, public: bool | None = None,
+                 credentials: SourceCredentials | None = None) -> AdapterRecord:
+        """Import from `source`, with `credentials` (the registering tenant's, for hf:// and s3://;
+        None: the registry's own environment)."""
+        session = self.begin_upload(adapter_id, base_model, labels, source=source, public=public)
         work = pathlib.Path(tempfile.mkdtemp(dir=self._work_dir, prefix="import-"))
         try:
-            files = fetch_source(source, work, self._sources)
+            files = fetch_source(source, work, self._sources, credentials)
             total = sum(p.stat().st_size for p in files.values())
             if total > self.max_adapter_bytes:
                 raise ResourceExhausted(f"{source}: {total} bytes is over the registry's size "
@@ -219,8 +223,12 @@ class AdapterRegistry:
             for w in session._writers.values():     # noqa: SLF001
                 w.commit()
             stored, created = self.metadata.create_version(record)
+        if session.public is not None:
+            self.metadata.set_public(stored.adapter_id, session.public)
+        stored = self.metadata.get(stored.adapter_id, stored.version) or stored
         log.info("adapter_stored" if created else "adapter_unchanged",
-                 adapter_id=stored.adapter_id, version=stored.version, digest=stored.digest)
+                 adapter_id=stored.adapter_id, version=stored.version, digest=stored.digest,
+                 public=stored.public)
         return stored
 
     def delete(self, adapter_id: str, version: int = 0) -> list[AdapterRecord]:

@@ -13,7 +13,7 @@ from services.common.gen.openlora.v1 import registry_pb2 as pb
 from services.common.gen.openlora.v1 import registry_pb2_grpc
 from services.registry.changes import ChangeFeed
 from services.registry.core import AdapterRegistry
-from services.registry.tenancy import auth_list
+from services.registry.tenancy import auth_delete, auth_get, auth_list
 from services.registry.metrics import RegistryMetrics
 from services.registry.stores import CREATED, AdapterRecord, Change
 
@@ -48,7 +48,8 @@ def to_pb(r: AdapterRecord) -> pb.Adapter:
         adapter_id=r.adapter_id, version=r.version, base_model=r.base_model, rank=r.rank,
         lora_alpha=r.alpha, target_modules=list(r.target_modules), use_rslora=r.use_rslora,
         digest=r.digest, size_bytes=r.size_bytes, source=r.source, labels=r.labels,
-        files=[pb.AdapterFile(name=f.name, size_bytes=f.size, sha256=f.sha256) for f in r.files])
+        files=[pb.AdapterFile(name=f.name, size_bytes=f.size, sha256=f.sha256) for f in r.files],
+        public=r.public)
     msg.created_at.FromNanoseconds(int(r.created_at * 1e9))
     return msg
 
@@ -78,7 +79,8 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
     async def RegisterAdapter(self, request: pb.RegisterAdapterRequest, context) -> pb.Adapter:
         auth.require_adapter(request.adapter_id, create=True)
         record = await asyncio.to_thread(self.core.register, request.adapter_id, request.source,
-                                         request.base_model, dict(request.labels))
+                                         request.base_model, dict(request.labels),
+                                         _public(request), auth.source_credentials())
         return to_pb(record)
 
     async def UploadAdapter(self, request_iterator, context) -> pb.Adapter:
@@ -87,7 +89,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
             raise InvalidArgument("an upload starts with a header message (adapter_id, ...)")
         h = first.header
         auth.require_adapter(h.adapter_id, create=True)
-        session = self.core.begin_upload(h.adapter_id, h.base_model, dict(h.labels))
+        session = self.core.begin_upload(h.adapter_id, h.base_model, dict(h.labels), public=_public(h))
         try:
             async for msg in request_iterator:
                 if msg.WhichOneof("item") != "chunk":
@@ -102,8 +104,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
             await asyncio.to_thread(session.abort)
 
     async def GetAdapter(self, request: pb.GetAdapterRequest, context) -> pb.Adapter:
-        auth.require_adapter(request.adapter_id)
-        return to_pb(await asyncio.to_thread(self.core.get, request.adapter_id, request.version,
+        return to_pb(await asyncio.to_thread(auth_get, self.core, request.adapter_id, request.version,
                                              _deadline(context)))
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
@@ -112,8 +113,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
         return pb.ListAdaptersResponse(adapters=[to_pb(r) for r in rows], next_page_token=token)
 
     async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context) -> pb.DeleteAdapterResponse:
-        auth.require_adapter(request.adapter_id)
-        await asyncio.to_thread(self.core.delete, request.adapter_id, request.version)
+        await asyncio.to_thread(auth_delete, self.core, request.adapter_id, request.version)
         return pb.DeleteAdapterResponse()
 
     async def FetchAdapter(self, request: pb.FetchAdapterRequest, context):
@@ -141,6 +141,11 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
                 record = await asyncio.to_thread(self.core.metadata.get, change.adapter_id,
                                                  change.version)
             yield change_to_pb(change, record)
+
+
+def _public(msg) -> bool | None:
+    """RegisterAdapterRequest/UploadHeader.public: True, False, or None when unset (unchanged)."""
+    return msg.public if msg.HasField("public") else None
 
 
 async def _read(reader, offset: int, buf: memoryview) -> memoryview:

@@ -5,6 +5,10 @@ A confirmed (adapter, version) is remembered, so a known adapter costs no regist
 deletion or a new version then arrives within the feed's poll, and drops the entry at once). When
 the registry cannot be reached the request goes on (executors may still hold a copy and serve it,
 as the contract allows).
+
+`strict` checks (a tenant using another tenant's adapter, which it may only when the registry says
+it is public) are remembered for `ttl_s` only, and fail closed: an unreachable registry is
+UNAVAILABLE, never a pass.
 """
 
 from __future__ import annotations
@@ -51,14 +55,15 @@ class AdapterCheck:
         if change.kind == DELETED and change.latest_version == 0 and self.on_deleted is not None:
             self.on_deleted(aid)
 
-    async def check(self, adapter_id: str, version: int) -> None:
-        """Raise AdapterNotFound / InvalidArgument for adapters the registry says are bad."""
+    async def check(self, adapter_id: str, version: int, strict: bool = False) -> None:
+        """Raise AdapterNotFound / InvalidArgument for adapters the registry says are bad (or, with
+        `strict`, does not show this caller)."""
         if self._stub is None or not adapter_id:
             return
         key = (adapter_id, version, auth.current())   # asked with the caller's own token
         seen = self._known.get(key)
         if seen is not None and time.monotonic() - seen < (
-                self.watched_ttl_s if self.watch.connected else self.ttl_s):
+                self.watched_ttl_s if self.watch.connected and not strict else self.ttl_s):
             return
         self.lookups += 1
         try:
@@ -72,6 +77,10 @@ class AdapterCheck:
                 raise errors.InvalidArgument(exc.details()) from None
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 raise errors.Upstream(exc.code(), f"registry: {exc.details()}") from None
+            if strict:
+                raise errors.Unavailable(f"cannot ask the registry at {self.address} whether "
+                                         f"{adapter_id!r} is public ({exc.code().name}); retry "
+                                         "later") from None
             log.warning("registry_check_skipped", registry=self.address, error=exc.code().name)
             return
         self._known[key] = time.monotonic()

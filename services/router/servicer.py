@@ -66,7 +66,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.adapter_inflight: dict[str, int] = {}
 
     async def _candidates(self, request) -> tuple[list[str], list[bytes]]:
-        await self.adapters.check(request.adapter_id, request.adapter_version)
+        # another tenant's adapter: only if the registry shows it to this caller (public)
+        await self.adapters.check(request.adapter_id, request.adapter_version,
+                                  strict=not auth.owns_checked(request.adapter_id))
         # without prefix affinity there are no chunks: no holder, and ties break on the adapter id
         chunks = (prefix_chunks(request.adapter_id, request.prompt, request.prompt_token_ids)
                   if self.prefix_affinity else [])
@@ -103,8 +105,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     @contextlib.contextmanager
     def _admitted(self, request, context):
-        """The caller may use the adapter (else NOT_FOUND) and is within its tenant's limits."""
-        ident = auth.require_adapter(request.adapter_id)
+        """The adapter id is well formed and the caller within its tenant's limits (whether it may
+        use the adapter, its own or a public one, is _candidates' registry check, then the
+        executor's)."""
+        auth.owns_checked(request.adapter_id)
+        ident = auth.current()
         if not self.limits.enabled or not (ident.role == "tenant" or ident is auth.OPEN):
             yield
             return

@@ -18,7 +18,7 @@ class FileSource:
     def __init__(self, allowed_dirs=()):
         self.allowed_dirs = [pathlib.Path(os.path.realpath(d)) for d in allowed_dirs]
 
-    def fetch(self, uri: str, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+    def fetch(self, uri: str, workdir: pathlib.Path, credentials=None) -> dict[str, pathlib.Path]:
         try:
             parsed = urllib.parse.urlparse(uri)
         except ValueError as exc:                            # "file://h[/x": Invalid IPv6 URL

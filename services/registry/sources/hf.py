@@ -1,7 +1,8 @@
 """hf://ORG/NAME[@REVISION][/SUBFOLDER]: a Hugging Face Hub model repo, through huggingface_hub.
 
-Downloads only adapter_config.json and adapter_model.safetensors. Honours HF_ENDPOINT and
-HF_TOKEN at call time (not only at import).
+Downloads only adapter_config.json and adapter_model.safetensors. With a tenant's credentials (the
+auth file's "tenants"), its hf_token (none: anonymous) and hf_endpoint; without (admins, open
+registries, on-demand imports) HF_ENDPOINT and HF_TOKEN, read at call time.
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 class HfSource:
-    def fetch(self, uri: str, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+    def fetch(self, uri: str, workdir: pathlib.Path, credentials=None) -> dict[str, pathlib.Path]:
         import huggingface_hub
         from huggingface_hub import errors as hf_errors
 
         repo, revision, subfolder = parse_hf_uri(uri)
         endpoint = os.environ.get("HF_ENDPOINT") or None
-        token = os.environ.get("HF_TOKEN") or None
+        if credentials is None:
+            token = os.environ.get("HF_TOKEN") or None
+        else:                          # a tenant's token, or none at all (False: not even a saved one)
+            endpoint = credentials.hf_endpoint or endpoint
+            token = credentials.hf_token or False
         out: dict[str, pathlib.Path] = {}
         for name in ADAPTER_FILES:
             try:
@@ -39,8 +44,9 @@ class HfSource:
                     repo, name, subfolder=subfolder, revision=revision, endpoint=endpoint,
                     token=token, local_dir=workdir)
             except hf_errors.RepositoryNotFoundError:
-                raise NotFound(f"{uri}: Hugging Face repo {repo!r} not found (or private: set "
-                               "HF_TOKEN on the registry)") from None
+                raise NotFound(f"{uri}: Hugging Face repo {repo!r} not found (or private: the "
+                               "registering tenant's hf_token in the auth file, or HF_TOKEN on the "
+                               "registry for admins)") from None
             except hf_errors.RevisionNotFoundError:
                 raise NotFound(f"{uri}: revision {revision!r} not found in {repo!r}") from None
             except hf_errors.LocalEntryNotFoundError as exc:

@@ -40,6 +40,7 @@ class AdapterRecord:
     labels: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0                        # unix seconds
     files: tuple[FileEntry, ...] = ()
+    public: bool = False                           # every tenant may read and run it (per id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,11 @@ class MetadataStore(Protocol):
         """Latest version of each id > after_id, ordered by id, filtered, at most `limit`."""
 
     def delete(self, adapter_id: str, version: int = 0) -> list[AdapterRecord]:
-        """Delete one version (0 -> all); returns what was deleted (empty when nothing matched)."""
+        """Delete one version (0 -> all); returns what was deleted (empty when nothing matched).
+        An id left with no version becomes private again."""
+
+    def set_public(self, adapter_id: str, public: bool) -> bool:
+        """Mark every version of the id public or private; False when the id has no version."""
 
     def unreferenced(self, sha256s: set[str]) -> set[str]:
         """The subset of sha256s no stored version references."""

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from services.common.errors import Unavailable
 from services.registry.stores import (CREATED, DELETED, AdapterRecord, Change, FileEntry,
                                       StoreStats)
-from services.registry.stores.metadata_sqlite import _COLUMNS, _replace, _row
+from services.registry.stores.metadata_sqlite import _COLUMNS, _PUBLIC, _replace, _row
 
 # Advisory lock keys (any two distinct bigints; "olra" + purpose).
 LOCK_MIGRATE, LOCK_BLOBS, LOCK_CHANGES = 0x6F6C7261_0001, 0x6F6C7261_0002, 0x6F6C7261_0003
@@ -62,6 +62,8 @@ MIGRATIONS = [
         created_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # public adapters: every tenant may list, read and run them; a property of the id
+    "ALTER TABLE ids ADD COLUMN public BOOLEAN NOT NULL DEFAULT FALSE",
 ]
 
 
@@ -227,6 +229,8 @@ class PostgresMetadataStore:
             latest = c.execute("UPDATE ids SET latest=(SELECT max(version) FROM versions WHERE "
                                "adapter_id=%s) WHERE adapter_id=%s RETURNING latest",
                                (adapter_id, adapter_id)).fetchone()[0]
+            if not latest:                            # gone: a later adapter of that id starts private
+                c.execute("UPDATE ids SET public=FALSE WHERE adapter_id=%s", (adapter_id,))
             self._change(c, DELETED, adapter_id, version, latest or 0)
             return sorted(gone, key=lambda r: r.version)
 
@@ -234,14 +238,14 @@ class PostgresMetadataStore:
 
     @staticmethod
     def _get(c, adapter_id: str, version: int) -> AdapterRecord | None:
-        r = c.execute(f"SELECT {_COLUMNS} FROM versions WHERE adapter_id=%s AND version=%s",
+        r = c.execute(f"SELECT {_COLUMNS}, {_PUBLIC} FROM versions WHERE adapter_id=%s AND version=%s",
                       (adapter_id, version)).fetchone()
         return _row(r) if r else None
 
     def get(self, adapter_id: str, version: int = 0) -> AdapterRecord | None:
         with self._conn() as c:
             if version == 0:
-                r = c.execute(f"SELECT {', '.join('v.' + x.strip() for x in _COLUMNS.split(','))} "
+                r = c.execute(f"SELECT {', '.join('v.' + x.strip() for x in _COLUMNS.split(','))}, i.public "
                               "FROM ids i JOIN versions v ON v.adapter_id=i.adapter_id AND "
                               "v.version=i.latest WHERE i.adapter_id=%s", (adapter_id,)).fetchone()
                 return _row(r) if r else None
@@ -249,7 +253,7 @@ class PostgresMetadataStore:
 
     def list_latest(self, limit: int, after_id: str = "", base_model: str = "",
                     labels: dict[str, str] | None = None) -> list[AdapterRecord]:
-        sql = [f"SELECT {', '.join('v.' + c.strip() for c in _COLUMNS.split(','))} FROM ids i "
+        sql = [f"SELECT {', '.join('v.' + c.strip() for c in _COLUMNS.split(','))}, i.public FROM ids i "
                "JOIN versions v ON v.adapter_id=i.adapter_id AND v.version=i.latest "
                "WHERE i.adapter_id > %s"]
         args: list = [after_id]
@@ -264,6 +268,11 @@ class PostgresMetadataStore:
         args.append(limit)
         with self._conn() as c:
             return [_row(r) for r in c.execute(" ".join(sql), args)]
+
+    def set_public(self, adapter_id: str, public: bool) -> bool:
+        with self._tx() as c:
+            return c.execute("UPDATE ids SET public=%s WHERE adapter_id=%s AND latest IS NOT NULL",
+                             (bool(public), adapter_id)).rowcount > 0
 
     def unreferenced(self, sha256s: set[str]) -> set[str]:
         if not sha256s:

@@ -54,10 +54,14 @@ MIGRATIONS = [
     """CREATE TABLE changes (               -- the change feed (WatchAdapters), in commit order
         seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, adapter_id TEXT NOT NULL,
         version INTEGER NOT NULL, latest_version INTEGER NOT NULL, created_at REAL NOT NULL);""",
+    # public adapters: every tenant may list, read and run them; a property of the id
+    "ALTER TABLE ids ADD COLUMN public INTEGER NOT NULL DEFAULT 0",
 ]
 
 _COLUMNS = ("adapter_id, version, digest, base_model, rank, alpha, target_modules, use_rslora, "
             "size_bytes, source, labels, created_at, files")
+# the id's public flag, selected after _COLUMNS from `versions` (ids keeps it: one per id)
+_PUBLIC = "(SELECT ids.public FROM ids WHERE ids.adapter_id = versions.adapter_id)"
 
 
 def _row(r) -> AdapterRecord:
@@ -65,7 +69,8 @@ def _row(r) -> AdapterRecord:
         adapter_id=r[0], version=r[1], digest=r[2], base_model=r[3], rank=r[4], alpha=r[5],
         target_modules=tuple(json.loads(r[6])), use_rslora=bool(r[7]), size_bytes=r[8],
         source=r[9], labels=json.loads(r[10]), created_at=r[11],
-        files=tuple(FileEntry(*f) for f in json.loads(r[12])))
+        files=tuple(FileEntry(*f) for f in json.loads(r[12])),
+        public=bool(r[13]) if len(r) > 13 else False)
 
 
 class SqliteMetadataStore:
@@ -168,7 +173,7 @@ class SqliteMetadataStore:
 
     @staticmethod
     def _get(db, adapter_id: str, version: int) -> AdapterRecord | None:
-        r = db.execute(f"SELECT {_COLUMNS} FROM versions WHERE adapter_id=? AND version=?",
+        r = db.execute(f"SELECT {_COLUMNS}, {_PUBLIC} FROM versions WHERE adapter_id=? AND version=?",
                        (adapter_id, version)).fetchone()
         return _row(r) if r else None
 
@@ -184,7 +189,7 @@ class SqliteMetadataStore:
 
     def list_latest(self, limit: int, after_id: str = "", base_model: str = "",
                     labels: dict[str, str] | None = None) -> list[AdapterRecord]:
-        sql = [f"SELECT {', '.join('v.' + c.strip() for c in _COLUMNS.split(','))} FROM ids i "
+        sql = [f"SELECT {', '.join('v.' + c.strip() for c in _COLUMNS.split(','))}, i.public FROM ids i "
                "JOIN versions v ON v.adapter_id=i.adapter_id AND v.version=i.latest "
                "WHERE i.adapter_id > ?"]
         args: list = [after_id]
@@ -213,8 +218,15 @@ class SqliteMetadataStore:
             db.execute("UPDATE ids SET latest=(SELECT max(version) FROM versions WHERE "
                        "adapter_id=?) WHERE adapter_id=?", (adapter_id, adapter_id))
             latest = db.execute("SELECT latest FROM ids WHERE adapter_id=?", (adapter_id,)).fetchone()
+            if not (latest and latest[0]):              # gone: a later adapter of that id starts private
+                db.execute("UPDATE ids SET public=0 WHERE adapter_id=?", (adapter_id,))
             self._change(db, DELETED, adapter_id, version, (latest and latest[0]) or 0)
             return gone
+
+    def set_public(self, adapter_id: str, public: bool) -> bool:
+        with self._tx() as db:
+            return db.execute("UPDATE ids SET public=? WHERE adapter_id=? AND latest IS NOT NULL",
+                              (int(public), adapter_id)).rowcount > 0
 
     def unreferenced(self, sha256s: set[str]) -> set[str]:
         with self._lock:

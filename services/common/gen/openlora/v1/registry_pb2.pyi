@@ -30,7 +30,7 @@ class AdapterFile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("adapter_id", "version", "base_model", "rank", "lora_alpha", "target_modules", "use_rslora", "digest", "size_bytes", "source", "labels", "created_at", "files")
+    __slots__ = ("adapter_id", "version", "base_model", "rank", "lora_alpha", "target_modules", "use_rslora", "digest", "size_bytes", "source", "labels", "created_at", "files", "public")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class Adapter(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     version: int
     base_model: str
@@ -64,10 +65,11 @@ class Adapter(_message.Message):
     labels: _containers.ScalarMap[str, str]
     created_at: _timestamp_pb2.Timestamp
     files: _containers.RepeatedCompositeFieldContainer[AdapterFile]
-    def __init__(self, adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., use_rslora: _Optional[bool] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., source: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., files: _Optional[_Iterable[_Union[AdapterFile, _Mapping]]] = ...) -> None: ...
+    public: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., use_rslora: _Optional[bool] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., source: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., files: _Optional[_Iterable[_Union[AdapterFile, _Mapping]]] = ..., public: _Optional[bool] = ...) -> None: ...
 
 class RegisterAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "source", "base_model", "labels")
+    __slots__ = ("adapter_id", "source", "base_model", "labels", "public")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,14 +81,16 @@ class RegisterAdapterRequest(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     source: str
     base_model: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, adapter_id: _Optional[str] = ..., source: _Optional[str] = ..., base_model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    public: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., source: _Optional[str] = ..., base_model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., public: _Optional[bool] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("adapter_id", "base_model", "labels")
+    __slots__ = ("adapter_id", "base_model", "labels", "public")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,10 +101,12 @@ class UploadHeader(_message.Message):
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     base_model: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, adapter_id: _Optional[str] = ..., base_model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    public: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., base_model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., public: _Optional[bool] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("file_name", "data")
