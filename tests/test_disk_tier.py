@@ -146,3 +146,21 @@ def test_a_packed_image_beside_the_disk_copy_skips_the_parse_and_a_corrupt_one_i
     finally:
         res.close()
         src.close()
+
+
+def test_the_disk_evicts_what_the_host_tier_holds_first(registry, tmp_path):
+    """The disk sees no use of an adapter served from the host arena, so by its own order the hottest
+    adapters look the coldest. A copy the host tier also holds goes first: the two tiers then hold
+    mostly different adapters, and an adapter only the disk holds survives."""
+    reg, sizes = registry
+    budget = int(max(sizes.values()) * 2.5)                 # room for two adapters
+    src = RegistryAdapterSource(reg.address, DiskAdapterStore(tmp_path, budget, "lru"))
+    in_host = {("t/a1", 1)}
+    src.set_covered(in_host.__contains__)
+    for aid in ("t/a0", "t/a1", "t/a2"):                   # a0 is the least recent, a1 in the host
+        src.read(aid, 0, read_bytes)
+    assert src.holds("t/a0", 1) and not src.holds("t/a1", 1) and src.holds("t/a2", 1)
+    in_host.clear()                                        # nothing covered: plain LRU again
+    src.read("t/a3", 0, read_bytes)
+    assert not src.holds("t/a0", 1) and src.holds("t/a2", 1) and src.holds("t/a3", 1)
+    src.close()

@@ -56,6 +56,38 @@ def test_gdsf_evicts_lowest_frequency_times_cost_per_byte(touches, candidates, v
     assert p.victim(candidates) == victim
 
 
+def test_gdsf_remembers_an_evicted_keys_frequency():
+    """A hot key evicted once (say it was reloaded cheaply from disk, and a registry-fetched stranger
+    outranked it) comes back with its frequency: the next victim is a one-off, not the hot key again.
+    Plain GDSF forgets it and evicts it at once, which is how the hottest adapters thrashed."""
+    p = GDSFPolicy()
+    for _ in range(10):
+        p.touch("hot", 1, 1)
+    p.remove("hot")                       # evicted
+    p.touch("stranger", 1, 5)             # one use, dearer to reload
+    p.touch("hot", 1, 1)                  # back: frequency 11, not 1
+    assert p.victim(["hot", "stranger"]) == "stranger"
+    forgetful = GDSFPolicy(ghosts=0)
+    for _ in range(10):
+        forgetful.touch("hot", 1, 1)
+    forgetful.remove("hot")
+    forgetful.touch("stranger", 1, 5)
+    forgetful.touch("hot", 1, 1)
+    assert forgetful.victim(["hot", "stranger"]) == "hot"
+
+
+def test_gdsf_unload_forgets_the_frequency():
+    """An unload (forget) is not an eviction: a re-registered adapter starts afresh."""
+    p = GDSFPolicy()
+    for _ in range(10):
+        p.touch("x", 1, 1)
+    p.forget("x")
+    p.touch("y", 1, 1)
+    p.touch("y", 1, 1)
+    p.touch("x", 1, 1)
+    assert p.victim(["x", "y"]) == "x"
+
+
 def test_gdsf_ages_an_old_favourite_out():
     """A key hot long ago loses to fresh keys once the clock has risen past it (ageing)."""
     p = GDSFPolicy()
@@ -241,3 +273,40 @@ def test_a_recently_confirmed_latest_reloads_without_asking_the_source(make, roo
     res.preload("a1", 0)          # evicts a0
     res.preload("a0", 0)
     assert asked == [0, 0, 1]
+
+
+def test_gdsf_clock_never_passes_a_key_still_held():
+    """A victim forced out while cheaper keys were pinned must not lift the clock above them: if it
+    did, every new key would outrank the held hot key, and it would be the next victim."""
+    p = GDSFPolicy()
+    p.touch("cold", 1, 1)                        # priority 1, pinned when "busy" is evicted
+    for _ in range(5):
+        p.touch("hot", 1, 1)                     # priority 5, pinned too
+    for _ in range(20):
+        p.touch("busy", 1, 1)                    # priority 20, the only unpinned one
+    p.remove(p.victim(["busy"]))
+    assert p.clock_l == 1                        # not 20
+    p.touch("oneoff", 1, 1)                      # clock + 1 = 2
+    assert p.victim(["hot", "oneoff"]) == "oneoff"
+
+
+def test_the_reload_cost_is_where_a_copy_is_now_not_what_the_last_load_took(make, root):
+    """GDSF's cost for an arena entry: the disk tier's rate if a disk copy exists now, else the
+    registry's, times its size; a hot adapter last reloaded from disk in 2 ms is not cheap to evict
+    once its disk copy is gone."""
+    on_disk: set = set()
+
+    class TieredSource(CountingSource):
+        def holds(self, adapter_id, version):
+            return (adapter_id, version) in on_disk
+
+    res = make(3, source=TieredSource(root))
+    assert res._cost(("a0", 1), 1000) == 1e-3              # nothing observed yet: the fallback
+    res._observe("disk", 0.002, 1000)
+    res._observe("registry", 0.040, 1000)
+    res._observe("host", 5.0, 1000)                         # not a source tier: ignored
+    on_disk.add(("a0", 1))
+    assert res._cost(("a0", 1), 1000) == pytest.approx(0.002)
+    on_disk.clear()
+    assert res._cost(("a0", 1), 1000) == pytest.approx(0.040)
+    assert res._cost(("a0", 1), 2000) == pytest.approx(0.080)

@@ -17,6 +17,7 @@ from services.router.placement import (
     home_order,
     prefix_chunks,
     rank,
+    room,
     tie_key,
     width,
 )
@@ -69,7 +70,8 @@ def test_residency_elsewhere_does_not_pull_an_adapter_from_its_home():
 def test_bounded_load_walks_past_a_full_home(loads, expect_home):
     names = ("a", "b")
     aid = next(f"x{i}" for i in range(100) if home([view(n) for n in names], f"x{i}") == "a")
-    snapshot = [view("a", running=loads[0]), view("b", running=loads[1])]
+    # batch 1: no batch room, the fleet's bound alone decides (see the batch-room test below)
+    snapshot = [view("a", running=loads[0], batch=1), view("b", running=loads[1], batch=1)]
     assert (rank(snapshot, aid)[0] == "a") == expect_home
     assert bound(snapshot) == max(MIN_CAP, math.ceil(BOUND * (sum(loads) + 1) / 2))
 
@@ -184,8 +186,8 @@ def test_rank_prefers_the_prefix_holder(snapshot, adapter, holder, first):
 def test_a_spread_adapter_prefers_its_prefix_holder():
     """Width 2 (hot): between its two executors, the one holding the prompt's prefix, though busier."""
     snapshot = [view("a", running=1, org_x=DEVICE), view("b", org_x=DEVICE)]
-    assert rank(snapshot, "org/x", "a", adapter_load=4)[0] == "a"
-    assert rank(snapshot, "org/x", "b", adapter_load=4)[0] == "b"
+    assert rank(snapshot, "org/x", "a", adapter_load=12)[0] == "a"
+    assert rank(snapshot, "org/x", "b", adapter_load=12)[0] == "b"
 
 
 def test_base_only_prompts_spread_by_their_first_chunk():
@@ -197,3 +199,20 @@ def test_base_only_prompts_spread_by_their_first_chunk():
             for q in ("a?", "b?", "c?")}
     assert len(same) == 1                           # one system prompt, one executor
     assert tie_key("org/x", prefix_chunks("org/x", SYSTEM)) == "org/x"   # adapters stick by adapter
+
+
+@pytest.mark.parametrize("home_load, other_load, max_batch, expect_home", [
+    (6, 1, 1, False),     # no batch room: the fleet's bound (5) decides, as before
+    (6, 1, 16, True),     # below its batch (16): the home takes it; the partition holds
+    (15, 0, 16, True),
+    (16, 0, 16, False),   # its batch is full and it is above the bound: walk on
+    (40, 30, 16, True),   # busy fleet: the bound (ceil(1.25 * 71 / 2) = 45) decides
+    (52, 30, 16, False),  # at the bound (ceil(1.25 * 83 / 2) = 52)
+])
+def test_an_executor_with_batch_room_keeps_its_adapters(home_load, other_load, max_batch, expect_home):
+    names = ("a", "b")
+    aid = next(f"x{i}" for i in range(100) if home([view(n) for n in names], f"x{i}") == "a")
+    snapshot = [replace(view("a", running=home_load), max_batch_size=max_batch),
+                replace(view("b", running=other_load), max_batch_size=max_batch)]
+    assert (rank(snapshot, aid)[0] == "a") == expect_home
+    assert room(snapshot[0], bound(snapshot)) == max(bound(snapshot), max_batch)

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -65,6 +66,9 @@ class DiskAdapterStore:
         self._lock = threading.Lock()
         self._index: dict[tuple[str, int], _DiskEntry] = {}
         self._policy = make_policy(policy)
+        # (adapter_id, version) -> True while a faster tier (the host arena) holds it: such a copy is
+        # evicted first, so the two tiers hold mostly different adapters (about exclusive caching)
+        self.covered: Callable[[tuple[str, int]], bool] = lambda key: False
         self.hits = self.misses = self.loads = self.evictions = 0
         self._bytes = 0
         for stale in self.root.glob(".fetch-*"):   # fetches cut off by a crash
@@ -106,6 +110,10 @@ class DiskAdapterStore:
                 return None
             self._policy.touch((adapter_id, version), e.size, 1.0)
             return e.path
+
+    def holds(self, adapter_id: str, version: int) -> bool:
+        e = self._index.get((adapter_id, version))
+        return e is not None and not e.doomed
 
     def versions(self, adapter_id: str) -> list[int]:
         with self._lock:
@@ -223,7 +231,9 @@ class DiskAdapterStore:
             return
         while self._bytes > self.capacity_bytes:
             candidates = [k for k, e in self._index.items() if k != keep and not e.doomed and e.readers == 0]
-            victim = self._policy.victim(candidates)
+            # a copy the host tier also holds first: the disk sees no use of an adapter served from
+            # the host, so by its own count the hottest adapters look cold and would go first
+            victim = self._policy.victim([k for k in candidates if self.covered(k)] or candidates)
             if victim is None:   # everything else is being read: over budget until they finish
                 log.info("disk_cache_over_budget", bytes=self._bytes, capacity=self.capacity_bytes)
                 return
@@ -285,6 +295,14 @@ class RegistryAdapterSource:
 
     def held(self) -> list[tuple[str, int]]:
         return self.store.held()
+
+    def holds(self, adapter_id: str, version: int) -> bool:
+        """Whether the disk tier has a copy now (not a use: nothing moves in its eviction order)."""
+        return self.store.holds(adapter_id, version)
+
+    def set_covered(self, covered: Callable[[tuple[str, int]], bool]) -> None:
+        """Tell the disk tier which copies a faster tier holds (it evicts those first)."""
+        self.store.covered = covered
 
     def forget(self, adapter_id: str) -> None:
         self.store.remove(adapter_id)

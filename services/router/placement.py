@@ -9,7 +9,10 @@ The executors together are one adapter cache, so the adapter space is partitione
   whose home they are (1/N of them).
 - **Bounded load** (Mirrokni et al., consistent hashing with bounded loads). An executor is full when
   it carries at least `BOUND` x the fleet's mean load (in requests, counting this one; never less than
-  one request): the request walks on down its adapter's order to the first executor that is not full.
+  MIN_CAP) and at least its batch (room()): the request walks on down its adapter's order to the
+  first executor that is not full. Below a full batch, one more request joins the running batch and
+  queues for nothing, while spilling it would copy its adapter into a second executor's tiers and
+  evict something there: the partition holds until an executor really queues.
 - **As many executors as its load needs.** An adapter with `adapter_load` requests in flight needs
   ceil((adapter_load + 1) / per-executor bound) executors: a hot adapter spreads over the first few
   of its order, chosen among them by load minus a bonus for already holding the adapter (device >
@@ -90,6 +93,14 @@ def bound(snapshot: Sequence[ExecutorView]) -> int:
     return max(MIN_CAP, math.ceil(BOUND * total / len(healthy)))
 
 
+def room(view: ExecutorView, cap: int) -> int:
+    """Requests at which this executor counts as full: the fleet's bound, but never below its batch
+    (until then a request joins the running batch and waits for nothing, while a request sent
+    elsewhere pulls its adapter into a second executor's tiers and evicts something there; the
+    Gateway API Inference Extension's picker likewise keeps LoRA affinity until a queue forms)."""
+    return max(cap, view.max_batch_size)
+
+
 def home_order(snapshot: Sequence[ExecutorView], key: str) -> list[ExecutorView]:
     """The healthy executors in key's rendezvous order: its home first."""
     return sorted((v for v in snapshot if v.healthy), key=lambda v: -_hash(key, v.address))
@@ -114,8 +125,8 @@ def rank(snapshot: list[ExecutorView], adapter_id: str, prefix_holder: str | Non
         return [v.address for v in healthy + rest]
     order = home_order(snapshot, adapter_id)
     cap = bound(snapshot)
-    n = min(width(adapter_load, cap), len(order))
-    open_ = [v for v in order if v.requests < cap]
+    n = min(width(adapter_load, room(order[0], cap)) if order else 1, len(order))
+    open_ = [v for v in order if v.requests < room(v, cap)]
     chosen = open_[:n] or order[:n]     # everyone full: the adapter's own first n, by load
     pos = {v.address: i for i, v in enumerate(order)}
     chosen.sort(key=lambda v: (score(v, adapter_id, prefix_holder) if n > 1 else 0.0, pos[v.address]))

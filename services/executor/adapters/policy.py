@@ -9,12 +9,17 @@ GDSF (Greedy-Dual-Size-Frequency, Cherkasova 1998): priority = L + frequency * c
 evicted key's priority becomes the clock L, so keys not touched since sink below newly touched ones
 (ageing); a key that is expensive to reload (it came from the registry, not the disk) or small stays
 longer than a cheap or large one with the same frequency. Frequencies also halve every `halve_every`
-touches, so yesterday's hot adapter does not squat forever. Pure: table-tested without servers.
+touches, so yesterday's hot adapter does not squat forever. An evicted key's frequency is remembered
+(a bounded ghost table, halved with the rest): a hot adapter pushed out once, say while it was pinned
+by nothing for a moment, comes back with its frequency instead of as a stranger, so it is not evicted
+again at once (plain GDSF forgets it and thrashes the hottest adapters whose reload is cheap).
+Pure: table-tested without servers.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from typing import Protocol
 
@@ -45,9 +50,11 @@ class LRUPolicy:
 class GDSFPolicy:
     """Lowest L + frequency * cost / size first (ties: least recently touched)."""
 
-    def __init__(self, halve_every: int = 4096) -> None:
+    def __init__(self, halve_every: int = 4096, ghosts: int = 4096) -> None:
         self.clock_l = 0.0
         self.halve_every = halve_every
+        self.ghosts = ghosts
+        self._ghost: OrderedDict[Hashable, float] = OrderedDict()   # evicted key -> its frequency
         self._touches = 0
         self._freq: dict[Hashable, float] = {}
         self._value: dict[Hashable, float] = {}      # cost / size, per key
@@ -59,21 +66,32 @@ class GDSFPolicy:
         self._touches += 1
         if self.halve_every and self._touches % self.halve_every == 0:
             self._freq = {k: f / 2 for k, f in self._freq.items()}
-        self._freq[key] = self._freq.get(key, 0.0) + 1.0
+            self._ghost = OrderedDict((k, f / 2) for k, f in self._ghost.items() if f >= 1.0)
+        if key not in self._freq:
+            self._freq[key] = self._ghost.pop(key, 0.0)
+        self._freq[key] += 1.0
         self._value[key] = max(cost, 1e-9) / max(size, 1)
         self._prio[key] = self.clock_l + self._freq[key] * self._value[key]
         self._last[key] = next(self._order)
 
     def remove(self, key: Hashable) -> None:
         prio = self._prio.pop(key, None)
-        if prio is not None:       # evicted or unloaded: the clock rises to its priority (ageing)
-            self.clock_l = max(self.clock_l, prio)
-        self._freq.pop(key, None)
+        if prio is not None:       # evicted: the clock rises to its priority (ageing), but never past
+            # a key still held: a victim chosen among the unpinned few can rank above keys pinned at
+            # the time, and a clock above those would make every new key outrank the hottest ones
+            self.clock_l = max(self.clock_l, min(prio, min(self._prio.values(), default=prio)))
+        freq = self._freq.pop(key, None)
+        if freq is not None and self.ghosts:
+            self._ghost[key] = freq
+            self._ghost.move_to_end(key)
+            while len(self._ghost) > self.ghosts:
+                self._ghost.popitem(last=False)
         self._value.pop(key, None)
         self._last.pop(key, None)
 
     def forget(self, key: Hashable) -> None:
-        """Drop a key without ageing the others (an unload, not an eviction)."""
+        """Drop a key without ageing the others and forget its frequency (an unload, not an eviction)."""
+        self._ghost.pop(key, None)
         self._prio.pop(key, None)
         self._freq.pop(key, None)
         self._value.pop(key, None)

@@ -83,13 +83,18 @@ class Residency:
         self._cond = threading.Condition()
         self._held: dict[Key, _Held] = {}
         self._draining: dict[int, _Held] = {}   # unloaded while in use: freed at their last release
-        self._load_cost: dict[Key, float] = {}  # seconds the last load took (GDSF's reload cost)
+        self._load_cost: dict[Key, float] = {}  # seconds the last load took (GDSF's fallback cost)
+        self._rate: dict[str, float] = {}       # source tier -> seconds per byte to load (moving average)
+        self._holds = getattr(source, "holds", None)   # (id, version) -> on the disk tier now?
         self._latest: dict[str, tuple[int, float]] = {}
         self._refreshing: set[str] = set()
         self._loads: dict[Key, _Load] = {}
         self._gen: dict[str, int] = {}          # bumped by unload: loads started before it don't stay
         self._workers = ThreadPoolExecutor(workers, thread_name_prefix="adapter-load")
         self._closed = False
+        set_covered = getattr(source, "set_covered", None)
+        if set_covered is not None:   # the disk tier evicts what the arena holds first
+            set_covered(self._held.__contains__)
 
     # -- requests ----------------------------------------------------------------------------
     def acquire(self, adapter_id: str, version: int) -> Future:
@@ -104,7 +109,7 @@ class Residency:
                 held = self._held[key]
                 held.pins += 1
                 self.host.hits += 1
-                self._policy.touch(key, held.entry.nbytes, self._cost(key))
+                self._policy.touch(key, held.entry.nbytes, self._cost(key, held.entry.nbytes))
                 fut.set_result(Lease(key, held.entry, 0.0, "host"))
                 return fut
             self.host.misses += 1
@@ -213,8 +218,20 @@ class Residency:
 
         self._workers.submit(refresh)
 
-    def _cost(self, key: Key) -> float:
-        return self._load_cost.get(key, 1e-3)
+    def _cost(self, key: Key, nbytes: int) -> float:
+        """GDSF's reload cost: what reloading it would take now, from the disk tier if a copy is there,
+        else from the registry (a moving average per tier x its size). Not the last load's own time: a
+        hot adapter last reloaded from disk in 2 ms would otherwise rank below a one-off fetched in
+        40 ms, be evicted again, and by then its disk copy may be gone too."""
+        tier = "disk" if self._holds is not None and self._holds(*key) else "registry"
+        rate = self._rate.get(tier)
+        return rate * nbytes if rate is not None else self._load_cost.get(key, 1e-3)
+
+    def _observe(self, tier: str, seconds: float, nbytes: int) -> None:
+        if tier in ("disk", "registry") and nbytes:
+            old = self._rate.get(tier)
+            rate = seconds / nbytes
+            self._rate[tier] = rate if old is None else 0.9 * old + 0.1 * rate
 
     def _drain(self, key: Key) -> None:
         """Out of the table at once (no new user finds it); its pages go at its last release."""
@@ -317,7 +334,8 @@ class Residency:
                     return
                 self._held[key] = _Held(entry)
                 self._load_cost[key] = load_s
-                self._policy.touch(key, entry.nbytes, load_s)
+                self._observe(tier, load_s, entry.nbytes)
+                self._policy.touch(key, entry.nbytes, self._cost(key, entry.nbytes))
                 self.host.loads += 1
                 self._finish(req, load, key, load_s * 1000, tier)
                 if self._gen.get(adapter_id, 0) != gen:    # unloaded while it loaded: serve, then go
