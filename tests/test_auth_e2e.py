@@ -41,11 +41,21 @@ C = grpc.StatusCode
 
 
 def all_methods() -> dict[str, object]:
-    """'/pkg.Service/Method' -> MethodDescriptor, for every RPC in our protos."""
+    """'/pkg.Service/Method' -> MethodDescriptor, for every RPC of every service in every generated
+    module of protos/ (a new service, not only a new RPC, lands here too)."""
+    import importlib
+    import pkgutil
+
+    import services.common.gen.openlora.v1 as gen
     out = {}
-    for name, module in MODULES.items():
-        for m in module.DESCRIPTOR.services_by_name[name.split(".")[-1]].methods:
-            out[f"/{name}/{m.name}"] = m
+    for info in pkgutil.iter_modules(gen.__path__):
+        if not info.name.endswith("_pb2"):
+            continue
+        module = importlib.import_module(f"{gen.__name__}.{info.name}")
+        for svc in module.DESCRIPTOR.services_by_name.values():
+            for m in svc.methods:
+                out[f"/{svc.full_name}/{m.name}"] = m
+    assert {p.split("/")[1] for p in out} == set(MODULES), "a new service: add it to MODULES and the tests"
     return out
 
 
@@ -185,8 +195,9 @@ def gateway_routes() -> set[tuple[str, str]]:
         gw = Gateway(GatewayConfig(router="127.0.0.1:1", registry="127.0.0.1:1"))
         try:
             app = build_app(gw)
-            return {(m, r.path) for r in app.routes if isinstance(r, Route)
-                    for m in (r.methods or ()) if m != "HEAD"}
+            others = [r for r in app.routes if not isinstance(r, Route)]
+            assert not others, f"a mount or websocket route: enumerate it here too: {others}"
+            return {(m, r.path) for r in app.routes for m in (r.methods or ()) if m != "HEAD"}
         finally:
             await gw.close()
     return asyncio.run(routes())

@@ -3,9 +3,11 @@
     .venv/bin/pip install atheris             # the `fuzz` extra
     .venv/bin/python tests/fuzz/run.py peft_config --seconds 600
     .venv/bin/python tests/fuzz/run.py all --seconds 120
+    .venv/bin/python tests/fuzz/run.py all --minimize    # shrink the corpora (libFuzzer -merge=1)
 
 New inputs that reach new code are copied into tests/fuzz/corpus/<target>/ (which the test suite
-replays); a crash stops the run and leaves `crash-*` with the input under --artifacts.
+replays); a crash stops the run and leaves `crash-*` with the input under --artifacts (copy it into
+the corpus as crash-NAME once fixed: named inputs, seed-* and crash-*, survive --minimize).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def _child(target: str, libfuzzer_args: list[str]) -> None:
         import services.registry.sources.file  # noqa: F401
         import services.registry.sources.hf  # noqa: F401
     fn = TARGETS[target]
-    atheris.Setup([sys.argv[0], *libfuzzer_args], fn)
+    # argv[0] is how libFuzzer re-runs this target (-merge=1 runs it through the shell): the whole command
+    atheris.Setup([f"{sys.executable} {__file__} {target} --child --", *libfuzzer_args], fn)
     atheris.Fuzz()
 
 
@@ -54,7 +57,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("target", choices=[*TARGETS, "all"])
     p.add_argument("--seconds", type=int, default=600)
     p.add_argument("--artifacts", default=str(ROOT / "fuzz-artifacts"))
+    p.add_argument("--minimize", action="store_true",
+                   help="instead of fuzzing: keep only the inputs that add coverage (and the named ones)")
     args = p.parse_args(argv)
+    if args.minimize:
+        return minimize(TARGETS if args.target == "all" else [args.target], CORPUS)
     pathlib.Path(args.artifacts).mkdir(parents=True, exist_ok=True)
     status = 0
     for target in (TARGETS if args.target == "all" else [args.target]):
@@ -71,6 +78,30 @@ def main(argv: list[str]) -> int:
             shutil.copyfile(f, corpus / f.name)
         shutil.rmtree(work, ignore_errors=True)
         print(f"{target}: exit {rc}, corpus {len(list(corpus.iterdir()))} inputs", flush=True)
+    return status
+
+
+def minimize(targets, corpus_root: pathlib.Path) -> int:
+    status = 0
+    for target in targets:
+        corpus = corpus_root / target
+        out = pathlib.Path(tempfile.mkdtemp(prefix=f"fuzz-min-{target}-"))
+        try:
+            rc = subprocess.run([sys.executable, __file__, target, "--child", "--", "-merge=1", str(out),
+                                 str(corpus)], cwd=ROOT, capture_output=True).returncode
+            if rc != 0 or not any(out.iterdir()):    # an empty merge is a failed one: keep the corpus
+                print(f"{target}: merge failed (exit {rc}); corpus left as it was", flush=True)
+                status = status or rc or 1
+                continue
+            before = len(list(corpus.iterdir()))
+            for f in corpus.iterdir():
+                if not f.name.startswith(("seed-", "crash-")):
+                    f.unlink()
+            for f in out.iterdir():
+                shutil.copyfile(f, corpus / f.name)
+            print(f"{target}: corpus {before} -> {len(list(corpus.iterdir()))} inputs", flush=True)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
     return status
 
 
