@@ -12,7 +12,11 @@ fetches (its openlora_registry_fetches counter), output tokens/s and p90 TTFT; m
 by side. Then the router's own cost: 1-token requests one at a time (a warm adapter), straight to an
 executor vs through the router, alternated; medians of the runs' p50s.
 
-    .venv/bin/python benchmarks/cluster.py [--rounds 3] [--requests 200] [--concurrency 8]
+    .venv/bin/python benchmarks/cluster.py [--rounds 3] [--requests 200] [--concurrency 8] [--blobs s3]
+
+--blobs s3 keeps each registry's blobs in an S3 bucket (moto's server, a subprocess on loopback) instead
+of files under its data directory, so a registry fetch is what it is in production: a read from object
+storage (here a local one; a real bucket is further away still).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import asyncio
 import pathlib
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,8 +81,29 @@ def main() -> None:
     ap.add_argument("--latency-requests", type=int, default=60)
     ap.add_argument("--disk-factor", type=int, default=2, help="disk bytes per adapter / its file size "
                     "(its files + the packed image the disk tier keeps beside them)")
+    ap.add_argument("--blobs", choices=("files", "s3"), default="files",
+                    help="where the registries keep adapter blobs: files, or S3 buckets on a moto server")
     args = ap.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="openlora-cluster-"))
+    s3 = None
+    reg_env: dict[str, str] = {}
+    if args.blobs == "s3":
+        import boto3
+        port = free_port()
+        s3 = subprocess.Popen([str(pathlib.Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        reg_env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        client = boto3.client("s3", endpoint_url=reg_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        for _ in range(100):
+            try:
+                client.list_buckets()
+                break
+            except Exception:
+                time.sleep(0.1)
+        for name in ("router", "round-robin"):
+            client.create_bucket(Bucket=f"cluster-{name}")
     model = write_model(work / "model", SPEC)
     dirs = [write_adapter(work / "adapters" / f"a{i}", SPEC, dataclasses.replace(ADAPTER, seed=1000 + i))
             for i in range(args.adapters)]
@@ -91,8 +117,9 @@ def main() -> None:
         stacks = {}
         for name in ("router", "round-robin"):
             mport = free_port()
+            blobs = ["--blob-url", f"s3://cluster-{name}"] if s3 else []
             reg = Service("registry", "--data-dir", str(work / name / "registry"), "--metrics-port", str(mport),
-                          log_path=work / f"{name}-registry.log").start()
+                          *blobs, env=reg_env, log_path=work / f"{name}-registry.log").start()
             services.append(reg)
             with grpc.insecure_channel(reg.address) as ch:
                 stub = registry_pb2_grpc.AdapterRegistryStub(ch)
@@ -118,7 +145,7 @@ def main() -> None:
         load = ["--adapters", str(args.adapters), "--zipf", "1", "--requests", str(args.requests),
                 "--concurrency", str(args.concurrency), "--prompt-len", args.prompt_len,
                 "--output-len", args.output_len, "--token-id-max", str(SPEC.vocab)]
-        print(f"2 executors per stack (1 thread each); {args.adapters} adapters (rank {ADAPTER.rank}, "
+        print(f"blobs: {args.blobs}; 2 executors per stack (1 thread each); {args.adapters} adapters (rank {ADAPTER.rank}, "
               f"{size / 1024:.0f} KiB), tiers per executor: 8 device slots, host {16 * size // 1024} KiB "
               f"(16), disk {24 * size * args.disk_factor // 1024} KiB (24 with packed images); Zipf(1), {args.requests} requests a run, "
               f"concurrency {args.concurrency}, prompt {args.prompt_len}, output {args.output_len} tokens; "
@@ -165,8 +192,11 @@ def main() -> None:
               f"(+{t - d:.2f} ms; goal <= 1.05x + 1 ms = {1.05 * d + 1:.2f} ms); medians of "
               f"{len(p50['direct'])} alternated runs of {args.latency_requests}")
     finally:
-        for s in reversed(services):
-            s.stop()
+        for svc in reversed(services):
+            svc.stop()
+        if s3 is not None:
+            s3.terminate()
+            s3.wait(10)
 
 
 if __name__ == "__main__":
