@@ -158,3 +158,35 @@ def test_field_of_names_only_real_fields():
     assert errors.field_of(errors.InvalidArgument("the prompt is empty")) is None
     assert errors.field_of(errors.InvalidArgument("bad", field="prompt")) == "prompt"
     assert errors.field_of(errors.NotFound("adapter_id x")) is None
+
+
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+def test_buf_curl_reflects_with_either_protocol(protocol):
+    """`buf curl` (from npm, tests/node) finds the schema by reflection and calls an RPC."""
+    import json
+    import shutil
+
+    from tests.test_node_client import NODE_DIR, node_ready
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed (buf comes from npm: @bufbuild/buf)")
+    problem = node_ready()
+    assert problem is None, problem
+
+    async def scenario():
+        server, port = await _serve()
+        await server.set_serving(True)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                str(NODE_DIR / "node_modules" / ".bin" / "buf"), "curl", "--protocol", "grpc",
+                "--http2-prior-knowledge", "--reflect-protocol", protocol,
+                "--data", '{"service": "openlora.v1.Executor"}',
+                f"http://127.0.0.1:{port}/grpc.health.v1.Health/Check",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            return proc.returncode, out.decode(), err.decode()
+        finally:
+            await server.stop(0)
+
+    code, out, err = asyncio.run(scenario())
+    assert code == 0, err
+    assert json.loads(out) == {"status": "SERVING"}
