@@ -23,8 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.common.auth import hash_token  # noqa: E402
-from services.common.gen.openlora.v1 import (common_pb2, registry_pb2, registry_pb2_grpc,  # noqa: E402
-                                             router_pb2_grpc)
+from services.common.gen.openlora.v1 import common_pb2, registry_pb2, registry_pb2_grpc, router_pb2_grpc  # noqa: E402
 from services.common.tls import ClientSecurity, channel  # noqa: E402
 from services.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model  # noqa: E402
 from tests.servers import Service  # noqa: E402

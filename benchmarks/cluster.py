@@ -22,8 +22,8 @@ storage (here a local one; a real bucket is further away still).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
 import pathlib
 import re
 import statistics

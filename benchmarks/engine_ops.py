@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import throughput as tp  # noqa: E402
+import throughput as tp
 
-from services.executor.adapters.cache import LocalDirSource  # noqa: E402
-from services.executor.config import ExecutorConfig  # noqa: E402
-from services.executor.engine import Engine  # noqa: E402
-from services.executor.model import llama  # noqa: E402
-from services.synthetic import ALL_MODULES, AdapterSpec, write_adapter, write_model  # noqa: E402
+from services.executor.adapters.cache import LocalDirSource
+from services.executor.config import ExecutorConfig
+from services.executor.engine import Engine
+from services.executor.model import llama
+from services.synthetic import ALL_MODULES, AdapterSpec, write_adapter, write_model
 
 
 def _timed(fn, name: str, acc: dict, rows_of=lambda args: args[0].shape[0]):

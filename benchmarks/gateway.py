@@ -171,7 +171,7 @@ async def measure(args, router: str, http_port: int) -> None:
     print(f"  1-token completion p50   gateway {g * 1e3:7.2f} ms   gRPC {p * 1e3:7.2f} ms   "
           f"overhead {(g - p) * 1e3:+.2f} ms = {g / p:.2f}x   goal <= 1.1x + 2 ms "
           f"({(1.1 * p + 0.002) * 1e3:.2f} ms): {'met' if g <= 1.1 * p + 0.002 else 'NOT met'}")
-    ratio = statistics.median(a / b for a, b in zip(tps_gw, tps_rpc))
+    ratio = statistics.median(a / b for a, b in zip(tps_gw, tps_rpc, strict=False))
     print(f"  {args.streams} streams x {args.stream_tokens} tokens   gateway {tg:7.0f} tok/s   "
           f"gRPC {tr:7.0f} tok/s   ratio of medians {tg / tr:.3f}, median of per-round ratios {ratio:.3f}   "
           f"goal >= 0.95: {'met' if tg >= 0.95 * tr else 'NOT met'}")

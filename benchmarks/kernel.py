@@ -52,8 +52,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from services.executor import ops  # noqa: E402
-from services.executor.ops import kernel_backend, lora_linear, paged_attention_decode  # noqa: E402
+from services.executor import ops
+from services.executor.ops import kernel_backend, lora_linear, paged_attention_decode
 
 D, S, R_MAX, RANKS = 2048, 64, 32, (8, 16, 32)
 

@@ -224,14 +224,18 @@ def main() -> None:
                                          "FetchAdapter + sha256": [],
                                          "sha256 of the file alone": []}
         for _ in range(args.rounds):
-            t = time.perf_counter(); read_disk(weights); read_disk(big / "adapter_config.json")
+            t = time.perf_counter()
+            read_disk(weights)
+            read_disk(big / "adapter_config.json")
             times["page cache read"].append(time.perf_counter() - t)
             for name, (reader, meta) in readers.items():
                 times[name].append(direct(reader, meta, work))
             times["sha256 of the file alone"].append(sha256_only(weights))
-            t = time.perf_counter(); assert fetch(stub, "big", buf) == size
+            t = time.perf_counter()
+            assert fetch(stub, "big", buf) == size
             times["FetchAdapter (files store)"].append(time.perf_counter() - t)
-            t = time.perf_counter(); assert fetch_verified(stub, "big", buf) == size
+            t = time.perf_counter()
+            assert fetch_verified(stub, "big", buf) == size
             times["FetchAdapter + sha256"].append(time.perf_counter() - t)
         base = statistics.median(times["page cache read"])
         print(f"adapter: {size / MiB:.1f} MiB, {args.rounds} interleaved rounds, medians "
@@ -244,10 +248,13 @@ def main() -> None:
         cold_disk, cold_net = [], []
         for _ in range(3):
             drop_cache(weights, big / "adapter_config.json")
-            t = time.perf_counter(); read_disk(weights); read_disk(big / "adapter_config.json")
+            t = time.perf_counter()
+            read_disk(weights)
+            read_disk(big / "adapter_config.json")
             cold_disk.append(time.perf_counter() - t)
             drop_cache(*blobs)
-            t = time.perf_counter(); assert fetch(stub, "big", buf) == size
+            t = time.perf_counter()
+            assert fetch(stub, "big", buf) == size
             cold_net.append(time.perf_counter() - t)
         disk, net = statistics.median(cold_disk), statistics.median(cold_net)
         print("  cold(ish), page cache dropped first (POSIX_FADV_DONTNEED), 3 rounds, medians:")

@@ -28,8 +28,7 @@ import grpc
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.common.gen.openlora.v1 import (common_pb2, executor_pb2, executor_pb2_grpc,  # noqa: E402
-                                             router_pb2_grpc)
+from services.common.gen.openlora.v1 import common_pb2, executor_pb2, executor_pb2_grpc, router_pb2_grpc  # noqa: E402
 from services.synthetic import ModelSpec, write_model  # noqa: E402
 from tests.servers import Service  # noqa: E402
 

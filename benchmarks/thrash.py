@@ -39,12 +39,13 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from services.executor.adapters.cache import LocalDirSource  # noqa: E402
-from services.executor.adapters.policy import GDSFPolicy, LRUPolicy, simulate  # noqa: E402
-from services.executor.config import ExecutorConfig  # noqa: E402
-from services.executor.engine import Engine, GenerationRequest, SamplingOptions  # noqa: E402
-from services.synthetic import ALL_MODULES, AdapterSpec, write_adapter, write_model  # noqa: E402
-from throughput import SPEC  # noqa: E402
+from throughput import SPEC
+
+from services.executor.adapters.cache import LocalDirSource
+from services.executor.adapters.policy import GDSFPolicy, LRUPolicy, simulate
+from services.executor.config import ExecutorConfig
+from services.executor.engine import Engine, GenerationRequest, SamplingOptions
+from services.synthetic import ALL_MODULES, AdapterSpec, write_adapter, write_model
 
 N_ADAPTERS, HOST_SLOTS = 256, 48
 PROMPT, NEW = 32, 16

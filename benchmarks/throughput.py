@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from services.executor.adapters.cache import LocalDirSource  # noqa: E402
-from services.executor.config import ExecutorConfig  # noqa: E402
-from services.executor.engine import Engine, GenerationRequest, SamplingOptions  # noqa: E402
-from services.synthetic import ALL_MODULES, AdapterSpec, ModelSpec, write_adapter, write_model  # noqa: E402
+from services.executor.adapters.cache import LocalDirSource
+from services.executor.config import ExecutorConfig
+from services.executor.engine import Engine, GenerationRequest, SamplingOptions
+from services.synthetic import ALL_MODULES, AdapterSpec, ModelSpec, write_adapter, write_model
 
 SPEC = ModelSpec(arch="llama", hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=4,
                  vocab=4096, max_positions=512, seed=3)
@@ -59,7 +59,7 @@ def run_engine(engine: Engine, prompts, adapters, new_tokens) -> tuple[float, di
                     done.set()
 
     t0 = time.perf_counter()
-    for i, (p, a) in enumerate(zip(prompts, adapters)):
+    for i, (p, a) in enumerate(zip(prompts, adapters, strict=False)):
         engine.submit(GenerationRequest(f"r{i}-{t0}", prompt_token_ids=p, adapter_id=a,
                                         sampling=SamplingOptions(max_new_tokens=new_tokens,
                                                                  ignore_eos=True)), on_event)

@@ -17,7 +17,6 @@ from services.gateway.config import GatewayConfig
 from services.registry.config import RegistryConfig
 from services.router.config import RouterConfig
 
-
 # subcommand -> (config class, "module:function" that serves it)
 SERVERS = {
     "registry": (RegistryConfig, "services.registry.app:serve"),

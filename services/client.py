@@ -10,7 +10,7 @@ import sys
 import grpc
 
 from services.common.config import OneLineParser
-from services.common.gen.openlora.v1 import (common_pb2, executor_pb2_grpc, router_pb2_grpc)
+from services.common.gen.openlora.v1 import common_pb2, executor_pb2_grpc, router_pb2_grpc
 from services.common.tls import add_client_flags, channel_from_args
 
 DEFAULT_ROUTER = "127.0.0.1:50050"

@@ -142,7 +142,7 @@ def check_ports(host: str, ports: dict[int, str]) -> None:
             except OSError as exc:
                 hint = "--http-port" if who == "gateway" else "--port"
                 raise UpFailed(f"port {port} on {host} (for the {who}) is already in use "
-                               f"({exc.strerror}); stop what holds it or choose another {hint}")
+                               f"({exc.strerror}); stop what holds it or choose another {hint}") from None
 
 
 @dataclass(slots=True)

@@ -56,7 +56,7 @@ class PostgresServer:
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
 
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                   "--no-sync", "--locale=C")
         opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
@@ -99,7 +99,7 @@ class S3Server:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.env = {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         self._server.start()
         deadline = time.time() + 30
         while time.time() < deadline:

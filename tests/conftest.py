@@ -62,6 +62,7 @@ def pg_server():
 @pytest.fixture(scope="session")
 def s3_server():
     import os
+
     from tests.backends import S3Server
     server = S3Server().start()
     saved = {k: os.environ.get(k) for k in server.env}

@@ -67,7 +67,7 @@ class Service:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> "Service":
+    def start(self, timeout: float = 180) -> Service:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout

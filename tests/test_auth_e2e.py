@@ -25,9 +25,15 @@ import trustme
 from google.protobuf import message_factory
 
 from services.common.auth import hash_token
-from services.common.gen.openlora.v1 import (common_pb2, executor_pb2, executor_pb2_grpc,
-                                             registry_pb2, registry_pb2_grpc, router_pb2,
-                                             router_pb2_grpc)
+from services.common.gen.openlora.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from services.common.tls import ClientSecurity, channel
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
@@ -509,8 +515,9 @@ def test_file_sources_stay_inside_allowed_dirs(dep):
     for uri in (f"file://{allowed}/../outside/secret", f"file://{allowed}/%2e%2e/outside/secret",
                 f"file://{allowed / 'link'}", f"file://{mixed}", "file:///etc", f"file://{outside}/secret"):
         for s in (a, admin):      # with --allow-local-dir, admins are bounded too
-            call = lambda: s["registry"].RegisterAdapter(registry_pb2.RegisterAdapterRequest(  # noqa: B023
-                adapter_id="a/evil", source=uri), timeout=30)
+            def call(s=s, uri=uri):
+                return s["registry"].RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+                    adapter_id="a/evil", source=uri), timeout=30)
             assert code_of(call) == C.PERMISSION_DENIED, uri
     assert code_of(lambda: admin["registry"].GetAdapter(
         registry_pb2.GetAdapterRequest(adapter_id="a/evil"), timeout=10)) == C.NOT_FOUND

@@ -16,8 +16,13 @@ import urllib.request
 import grpc
 import pytest
 
-from services.common.gen.openlora.v1 import (common_pb2, registry_pb2, registry_pb2_grpc, router_pb2,
-                                             router_pb2_grpc)
+from services.common.gen.openlora.v1 import (
+    common_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from services.router.app import build as build_router
 from services.router.config import RouterConfig
 from services.synthetic import AdapterSpec, write_adapter
@@ -347,7 +352,7 @@ def test_change_feed_reaches_every_executor_and_router_within_a_second(cluster, 
         def gone() -> bool:
             held = [a.adapter_id for ex in direct
                     for a in ex.GetStatus(executor_pb2.GetStatusRequest(), timeout=10).adapters]
-            return "team/feed" not in held and all(_code(lambda: s.Generate(_req("team/feed"), timeout=60))
+            return "team/feed" not in held and all(_code(lambda s=s: s.Generate(_req("team/feed"), timeout=60))
                                                    == grpc.StatusCode.NOT_FOUND for s in (routed, *direct))
         assert _wait(gone, 1.0, t0) < 1.0
     finally:

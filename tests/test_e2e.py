@@ -13,9 +13,15 @@ import grpc
 import pytest
 import torch
 
-from services.common.gen.openlora.v1 import (common_pb2, executor_pb2, executor_pb2_grpc,
-                                             registry_pb2, registry_pb2_grpc, router_pb2,
-                                             router_pb2_grpc)
+from services.common.gen.openlora.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
 from tests.servers import Service
@@ -75,7 +81,7 @@ def _oracle(model_dir, adapter_dir, n: int) -> tuple[list[int], list[float]]:
     out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=1)
     tokens = out.sequences[0, len(PROMPT):].tolist()
-    lps = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, tokens)]
+    lps = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(out.logits, tokens, strict=False)]
     return tokens, lps
 
 

@@ -6,15 +6,20 @@ import threading
 import time
 
 import pytest
+from conftest import TINY
 
-from services.common.errors import (AdapterMismatch, AdapterNotFound, Cancelled, InvalidAdapter,
-                                    InvalidArgument, QueueFull)
+from services.common.errors import (
+    AdapterMismatch,
+    AdapterNotFound,
+    Cancelled,
+    InvalidAdapter,
+    InvalidArgument,
+    QueueFull,
+)
 from services.executor.adapters.cache import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
 from services.synthetic import AdapterSpec, ModelSpec, write_adapter
-
-from conftest import TINY
 
 
 class Collector:

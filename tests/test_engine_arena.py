@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY
+from test_engine_oracle import MAX_NEW, check_against_oracle, run
 
 from services.executor.adapters.cache import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
 from services.synthetic import ALL_MODULES, AdapterSpec, write_adapter
-from test_engine_oracle import MAX_NEW, check_against_oracle, run
-
-from conftest import TINY
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +92,7 @@ def test_forty_adapters_through_an_arena_for_four_answer_as_all_resident(llama_d
         small.stop()
     # room for four of the rank-8 adapters (five when rank-4 ones mix in): 40 loads, 35+ evictions
     assert host.bytes_used <= host.bytes_capacity and host.loads == 40 and host.evictions >= 35, host
-    for (r, _), (r2, _) in zip(reqs, reqs2):
+    for (r, _), (r2, _) in zip(reqs, reqs2, strict=False):
         a, b = want[r.request_id], got[r2.request_id]
         assert a["error"] is None and b["error"] is None, (a["error"], b["error"])
         assert a["tokens"] == b["tokens"], r.adapter_id

@@ -16,6 +16,7 @@ import threading
 
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import save_file
 
 from services.executor.adapters.cache import LocalDirSource
@@ -23,8 +24,6 @@ from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
 from services.executor.model.llama import ModelConfig
 from services.synthetic import ALL_MODULES, AdapterSpec, ModelSpec, adapter_config, write_adapter, write_model
-
-from conftest import TINY
 
 ADAPTERS = {
     "q-v-r8": AdapterSpec(rank=8, alpha=16, targets=("q_proj", "v_proj")),

@@ -67,9 +67,10 @@ def test_bad_flags_give_one_line_and_exit_2(args, env, flag):
 
 
 def test_env_variables_feed_flags():
+    import os
+
     from services.cli import build_parser
     from services.common.config import from_args
-    import os
     os.environ["OPENLORA_MAX_BATCH_SIZE"] = "7"
     try:
         ns = build_parser().parse_args(["executor", "--base-model", "m"])

@@ -22,8 +22,14 @@ import openai
 import pytest
 
 from services.common.errors import HTTP_STATUS
-from services.common.gen.openlora.v1 import (common_pb2, executor_pb2, executor_pb2_grpc, registry_pb2,
-                                             registry_pb2_grpc, router_pb2_grpc)
+from services.common.gen.openlora.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    router_pb2_grpc,
+)
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
 from tests.servers import Service, free_port
@@ -44,7 +50,7 @@ class Gateway:
         self.url = f"http://127.0.0.1:{self.port}"
         self.service = Service("gateway", *args, port=self.port, log_path=log_path)
 
-    def start(self, timeout: float = 60) -> "Gateway":
+    def start(self, timeout: float = 60) -> Gateway:
         import subprocess
         s = self.service
         s.proc = subprocess.Popen(s.args, env=s.env, stdout=open(s.log_path, "ab"),

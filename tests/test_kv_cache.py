@@ -6,8 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.executor.kv_cache import (AttnMetadata, KVBlockAllocator, auto_num_blocks,
-                                        block_hash, blocks_needed, build_group, paged_attention)
+from services.executor.kv_cache import (
+    AttnMetadata,
+    KVBlockAllocator,
+    auto_num_blocks,
+    block_hash,
+    blocks_needed,
+    build_group,
+    paged_attention,
+)
 
 
 @pytest.mark.parametrize("ops, free_after", [
@@ -76,10 +83,10 @@ def test_paged_attention_matches_dense(kv_heads, window):
             vc[tables[-1][p // bs], p % bs] = full_v[-1][p]
     qs = [torch.randn(new, H, D) for _, new in seqs]
     q = torch.cat(qs)
-    k = torch.cat([fk[c:] for fk, (c, _) in zip(full_k, seqs)])
-    v = torch.cat([fv[c:] for fv, (c, _) in zip(full_v, seqs)])
+    k = torch.cat([fk[c:] for fk, (c, _) in zip(full_k, seqs, strict=False)])
+    v = torch.cat([fv[c:] for fv, (c, _) in zip(full_v, seqs, strict=False)])
     slot_mapping, starts, row = [], [], 0
-    for t, (c, new) in zip(tables, seqs):
+    for t, (c, new) in zip(tables, seqs, strict=False):
         slot_mapping += [t[p // bs] * bs + p % bs for p in range(c, c + new)]
         starts.append(row)
         row += new

@@ -81,7 +81,7 @@ def test_mixed_ranks_in_one_batch_match_dense_math(device, dtype, page_elems):
             y = y.cpu()
             want = base.double().clone()
             row = 0
-            for i, n in zip(order, counts):
+            for i, n in zip(order, counts, strict=False):
                 if i is not None:
                     want[row:row + n] += dense_delta(x[row:row + n], hosts[i], layer, module)
                 row += n
@@ -100,7 +100,7 @@ def test_work_is_the_true_rank_not_a_maximum():
     arena = HostArena(layout, 4 * 1024 * 1024, torch.float32)
     for r in (1, 8, 64):
         host = random_adapter(cfg, r, seed=r, skip=())
-        want = sum(r * sum(layout.chunks(layout.lm(l, m))) for l in range(cfg.layers) for m in LORA_MODULES)
+        want = sum(r * sum(layout.chunks(layout.lm(layer, m))) for layer in range(cfg.layers) for m in LORA_MODULES)
         assert arena.pages_needed(host) == want
     before = arena.free_pages
     e = place(arena, random_adapter(cfg, 8, seed=1))

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kernel import ARGS, LAYOUTS, TOL, call, make_args
 
 from services.executor import ops
 from services.executor.ops import lora_linear_packed, lora_linear_ref, pack_weight
-
-from test_kernel import ARGS, LAYOUTS, TOL, call, make_args
 
 packing = pytest.mark.skipif(pack_weight(torch.ones(2, 2)) is None,
                              reason="weight packing needs the compiled extension and MKL")

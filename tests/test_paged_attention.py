@@ -10,8 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.executor.ops import (paged_attention_decode, paged_attention_decode_async,
-                                   paged_attention_decode_ref)
+from services.executor.ops import (
+    paged_attention_decode,
+    paged_attention_decode_async,
+    paged_attention_decode_ref,
+)
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}

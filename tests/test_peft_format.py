@@ -8,8 +8,13 @@ import struct
 import pytest
 
 from services.common.errors import InvalidAdapter
-from services.common.peft_format import (LoraConfig, parse_adapter_config, parse_lora_key,
-                                         read_safetensors_header, validate_adapter)
+from services.common.peft_format import (
+    LoraConfig,
+    parse_adapter_config,
+    parse_lora_key,
+    read_safetensors_header,
+    validate_adapter,
+)
 from services.synthetic import AdapterSpec, adapter_config
 
 

@@ -15,8 +15,7 @@ import pytest
 
 from services.common.gen.openlora.v1 import registry_pb2 as pb
 from services.registry.stores.blobs_s3 import S3BlobStore
-from tests.test_registry_api import (RunningRegistry, code_of, fake_hub, fetch, files_of,  # noqa: F401
-                                     upload)
+from tests.test_registry_api import RunningRegistry, code_of, fake_hub, fetch, files_of, upload  # noqa: F401
 
 CODE = grpc.StatusCode
 

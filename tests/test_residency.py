@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import TINY
 
 from services.common.errors import AdapterNotFound, ResourceExhausted
 from services.executor.adapters.arena import ArenaLayout, HostArena
@@ -17,8 +18,6 @@ from services.executor.adapters.policy import GDSFPolicy, LRUPolicy, simulate
 from services.executor.adapters.residency import Residency
 from services.executor.model.loader import read_config
 from services.synthetic import AdapterSpec, write_adapter
-
-from conftest import TINY
 
 # -- policies: who goes first -------------------------------------------------------------------
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.executor.sampler import (SamplingOptions, SamplingRow, StopText, _filter,
-                                       make_generator, sample)
+from services.executor.sampler import SamplingOptions, SamplingRow, StopText, _filter, make_generator, sample
 
 
 def row(**kw):

@@ -16,7 +16,7 @@ def step(s: Scheduler, sampled_token=7):
     b = s.schedule()
     samples = [i.samples for i in b.items]
     s.advance(b)
-    for item, smp in zip(b.items, samples):
+    for item, smp in zip(b.items, samples, strict=False):
         if smp:
             item.seq.token_ids.append(sampled_token)
     return b

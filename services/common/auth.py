@@ -36,8 +36,7 @@ import time
 import grpc
 import structlog
 
-from services.common.errors import (InvalidArgument, NotFound, PermissionDenied, Unauthenticated,
-                                    Upstream)
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Upstream
 from services.common.peft_format import check_adapter_id
 
 log = structlog.get_logger(__name__)
@@ -335,7 +334,7 @@ class TokenTable:
 
 
 def _utc(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
 
 
 def _authorization_of(metadata) -> str | None:

@@ -116,7 +116,7 @@ def _check_regex(pattern: str, what: str) -> None:
     if len(pattern) > MAX_REGEX_CHARS:
         raise InvalidAdapter(f"{CONFIG_FILE}: {what} is longer than {MAX_REGEX_CHARS} characters")
     try:
-        parsed = re._parser.parse(pattern)                 # noqa: SLF001 - what re.compile parses
+        parsed = re._parser.parse(pattern)
         re.compile(pattern)
     except (re.error, RecursionError, OverflowError) as exc:
         raise InvalidAdapter(f"{CONFIG_FILE}: {what} is not a valid regex: {exc}") from None
@@ -125,26 +125,26 @@ def _check_regex(pattern: str, what: str) -> None:
                              "exponential time; write it without a repeat inside a repeat")
 
 
-_REPEATS = {re._constants.MAX_REPEAT, re._constants.MIN_REPEAT,          # noqa: SLF001
-            getattr(re._constants, "POSSESSIVE_REPEAT", None)} - {None}  # noqa: SLF001
+_REPEATS = {re._constants.MAX_REPEAT, re._constants.MIN_REPEAT,
+            getattr(re._constants, "POSSESSIVE_REPEAT", None)} - {None}
 
 
 def _nested_repeat(items, inside: bool) -> bool:
     for op, arg in items:
         if op in _REPEATS:
             lo, hi, sub = arg
-            unbounded = hi == re._constants.MAXREPEAT or hi > 1            # noqa: SLF001
+            unbounded = hi == re._constants.MAXREPEAT or hi > 1
             if unbounded and inside:
                 return True
             if _nested_repeat(sub, inside or unbounded):
                 return True
-        elif op in (re._constants.SUBPATTERN,):                           # noqa: SLF001
+        elif op in (re._constants.SUBPATTERN,):
             if _nested_repeat(arg[-1], inside):
                 return True
-        elif op is re._constants.BRANCH:                                  # noqa: SLF001
+        elif op is re._constants.BRANCH:
             if inside or any(_nested_repeat(b, inside) for b in arg[1]):
                 return True
-        elif op in (re._constants.ASSERT, re._constants.ASSERT_NOT):     # noqa: SLF001
+        elif op in (re._constants.ASSERT, re._constants.ASSERT_NOT):
             if _nested_repeat(arg[1], inside):
                 return True
     return False

@@ -16,15 +16,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
 
 import structlog
 import torch
 
-from services.common.errors import (Cancelled, InvalidArgument, OpenLoraError, QueueFull,
-                                    Unavailable)
+from services.common.errors import Cancelled, InvalidArgument, OpenLoraError, QueueFull, Unavailable
 from services.common.memory import tune_malloc
 from services.common.peft_format import check_adapter_id
 from services.executor import ops
@@ -33,13 +32,33 @@ from services.executor.adapters.cache import AdapterCache, AdapterSource
 from services.executor.adapters.pool import AdapterPool
 from services.executor.adapters.residency import Residency
 from services.executor.config import ExecutorConfig
-from services.executor.kv_cache import (AttnGroup, AttnMetadata, KVBlockAllocator, KVCache,
-                                        auto_num_blocks, build_group)
+from services.executor.kv_cache import (
+    AttnGroup,
+    AttnMetadata,
+    KVBlockAllocator,
+    KVCache,
+    auto_num_blocks,
+    build_group,
+)
 from services.executor.model.llama import ForwardBatch
-from services.executor.model.loader import (load_model, read_config, resolve_device,
-                                             resolve_dtype, resolve_model_dir)
-from services.executor.sampler import (EOS, LENGTH, STOP, SamplingOptions, SamplingRow, StopText,
-                                       Top, make_generator, sample_with_top)
+from services.executor.model.loader import (
+    load_model,
+    read_config,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_dir,
+)
+from services.executor.sampler import (
+    EOS,
+    LENGTH,
+    STOP,
+    SamplingOptions,
+    SamplingRow,
+    StopText,
+    Top,
+    make_generator,
+    sample_with_top,
+)
 from services.executor.scheduler import Batch, Scheduler, Sequence
 from services.executor.tokenizer import Detokenizer, Tokenizer
 
@@ -438,7 +457,7 @@ class Engine:
                 self._finish(r, None, error=InternalError(f"internal error in the forward pass: "
                                                           f"{type(exc).__name__}: {exc}"))
             return
-        sampled = [r for r, item in zip(reqs, batch.items) if item.samples]
+        sampled = [r for r, item in zip(reqs, batch.items, strict=False) if item.samples]
         self.scheduler.advance(batch)
         try:
             tokens, logprobs, tops = sample_with_top(logits, [r.row for r in sampled])
@@ -454,7 +473,7 @@ class Engine:
                 tokens += t
                 logprobs += lp
                 tops += top
-        for r, token, lp, top in zip(sampled, tokens, logprobs, tops):
+        for r, token, lp, top in zip(sampled, tokens, logprobs, tops, strict=False):
             if r.done:
                 continue
             try:
@@ -497,7 +516,7 @@ class Engine:
         paged = None
         if self.arena is not None:   # each segment's arena entry, in segment order
             entries, last = [], None
-            for item, n in zip(batch.items, counts):
+            for item, n in zip(batch.items, counts, strict=False):
                 if n and (not entries or item.seq.slot != last):
                     lease = self._active[item.seq.seq_id].lease
                     entries.append(lease.entry if lease is not None else None)

@@ -42,7 +42,7 @@ def _tier_name(tier) -> str:
 class _EngineCollector:
     """Reads engine.status() once per scrape."""
 
-    def __init__(self, metrics: "ExecutorMetrics"):
+    def __init__(self, metrics: ExecutorMetrics):
         self.metrics = metrics
 
     def collect(self):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import pathlib
+import re
 import shutil
 import tempfile
 import threading

@@ -20,7 +20,7 @@ class Tokenizer:
         self.eos_token_ids = eos_token_ids
 
     @classmethod
-    def from_dir(cls, path: pathlib.Path, eos_token_ids: tuple[int, ...] = ()) -> "Tokenizer | None":
+    def from_dir(cls, path: pathlib.Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer | None:
         file = pathlib.Path(path) / "tokenizer.json"
         if not file.is_file():
             return None

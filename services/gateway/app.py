@@ -35,9 +35,16 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from services.common.config import MAX_MESSAGE_BYTES
+from services.common.gen.openlora.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from services.common.tls import ClientSecurity, aio_channel
-from services.common.gen.openlora.v1 import (common_pb2, executor_pb2, executor_pb2_grpc, registry_pb2,
-                                             registry_pb2_grpc, router_pb2, router_pb2_grpc)
 from services.gateway import openai_api as api
 from services.gateway.chat import ModelFiles, TemplateError
 from services.gateway.config import GatewayConfig
@@ -306,10 +313,10 @@ class Gateway:
                     queue.put_nowait((i, chunk))
                     chunk = await call.read()
                 queue.put_nowait((i, None))
-            except BaseException as exc:   # noqa: BLE001 - handed to the consumer
+            except BaseException as exc:
                 queue.put_nowait((i, exc))
 
-        tasks = [asyncio.ensure_future(drain(i, c, f)) for i, (c, f) in enumerate(zip(calls, firsts))]
+        tasks = [asyncio.ensure_future(drain(i, c, f)) for i, (c, f) in enumerate(zip(calls, firsts, strict=False))]
         try:
             left = len(calls)
             while left:

@@ -88,7 +88,7 @@ class ModelFiles:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    @lru_cache(maxsize=65536)
+    @lru_cache(maxsize=65536)  # noqa: B019 (one tokenizer per gateway process, kept for its life)
     def token_str(self, token_id: int) -> str:
         """One token as text (for logprobs); `token_id:N` without a tokenizer, as vLLM writes it."""
         if self.tokenizer is None:

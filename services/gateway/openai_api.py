@@ -216,14 +216,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def completion_logprobs(token_str, token_ids, lps, tops, k: int, offset: int = 0) -> dict:
     """The legacy completions logprobs object for some tokens (text_offset from `offset`)."""
     tokens, offsets, top_dicts = [], [], []
-    for i, (t, lp) in enumerate(zip(token_ids, lps)):
+    for i, (t, lp) in enumerate(zip(token_ids, lps, strict=False)):
         s = token_str(t)
         tokens.append(s)
         offsets.append(offset)
         offset += len(s)
         d = {s: lp}
         if k and i < len(tops):
-            d = {token_str(a): b for a, b in zip(tops[i].token_ids[:k], tops[i].logprobs[:k])}
+            d = {token_str(a): b for a, b in zip(tops[i].token_ids[:k], tops[i].logprobs[:k], strict=False)}
             d.setdefault(s, lp)
         top_dicts.append(d)
     return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top_dicts,
@@ -236,9 +236,9 @@ def chat_logprobs(token_str, token_ids, lps, tops, k: int) -> dict:
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
 
     content = []
-    for i, (t, lp) in enumerate(zip(token_ids, lps)):
+    for i, (t, lp) in enumerate(zip(token_ids, lps, strict=False)):
         e = entry(t, lp)
-        e["top_logprobs"] = ([entry(a, b) for a, b in zip(tops[i].token_ids[:k], tops[i].logprobs[:k])]
+        e["top_logprobs"] = ([entry(a, b) for a, b in zip(tops[i].token_ids[:k], tops[i].logprobs[:k], strict=False)]
                              if k and i < len(tops) else [])
         content.append(e)
     return {"content": content}

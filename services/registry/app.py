@@ -7,7 +7,7 @@ import pathlib
 import structlog
 
 from services.common.memory import tune_malloc
-from services.common.server import Service, Server, create_server
+from services.common.server import Server, Service, create_server
 from services.registry.base_models import BaseModelShape
 from services.registry.changes import ChangeFeed
 from services.registry.config import RegistryConfig

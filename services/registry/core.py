@@ -22,11 +22,27 @@ from collections.abc import Iterator, Sequence
 import structlog
 
 from services.common.config import CHUNK_BYTES
-from services.common.errors import (AdapterNotFound, InvalidAdapter, InvalidArgument, NotFound,
-                                    ResourceExhausted, Unavailable)
-from services.common.peft_format import (ADAPTER_FILES, check_adapter_id, manifest_digest, CONFIG_FILE, MAX_HEADER_BYTES, PICKLE_FILES, PICKLE_MESSAGE,
-                                         WEIGHTS_FILE, parse_adapter_config,
-                                         read_safetensors_header, validate_adapter)
+from services.common.errors import (
+    AdapterNotFound,
+    InvalidAdapter,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from services.common.peft_format import (
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    MAX_HEADER_BYTES,
+    PICKLE_FILES,
+    PICKLE_MESSAGE,
+    WEIGHTS_FILE,
+    check_adapter_id,
+    manifest_digest,
+    parse_adapter_config,
+    read_safetensors_header,
+    validate_adapter,
+)
 from services.registry.base_models import BaseModelShape, check_fits
 from services.registry.sources import Source, SourceCredentials, default_sources, fetch_source
 from services.registry.stores import AdapterRecord, BlobStore, FileEntry, MetadataStore
@@ -125,11 +141,11 @@ class UploadSession:
     def _read_weights_head(self, n: int) -> bytes:
         writer = self._writers[WEIGHTS_FILE]
         writer.finish()
-        with open(writer._tmp, "rb") as f:                       # noqa: SLF001 - header > 1 MiB
+        with open(writer._tmp, "rb") as f:
             return f.read(n)
 
     def commit(self, record: AdapterRecord) -> AdapterRecord:
-        return self._registry._commit(self, record)            # noqa: SLF001
+        return self._registry._commit(self, record)
 
     def abort(self) -> None:
         for w in self._writers.values():
@@ -220,7 +236,7 @@ class AdapterRegistry:
 
     def _commit(self, session: UploadSession, record: AdapterRecord) -> AdapterRecord:
         with self.metadata.blob_lock(exclusive=False):
-            for w in session._writers.values():     # noqa: SLF001
+            for w in session._writers.values():
                 w.commit()
             stored, created = self.metadata.create_version(record)
         if session.public is not None:

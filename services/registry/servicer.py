@@ -13,9 +13,9 @@ from services.common.gen.openlora.v1 import registry_pb2 as pb
 from services.common.gen.openlora.v1 import registry_pb2_grpc
 from services.registry.changes import ChangeFeed
 from services.registry.core import AdapterRegistry
-from services.registry.tenancy import auth_delete, auth_get, auth_list
 from services.registry.metrics import RegistryMetrics
 from services.registry.stores import CREATED, AdapterRecord, Change
+from services.registry.tenancy import auth_delete, auth_get, auth_list
 
 # FetchAdapter streams tens of MiB: its chunk messages are written as wire bytes (the exact encoding
 # protobuf gives FetchAdapterResponse{chunk: FileChunk{file_name, data}}) straight from one read of
@@ -124,7 +124,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServicer):
             yield pb.FetchAdapterResponse(adapter=to_pb(stream.record))
             if self.metrics:
                 self.metrics.fetches.inc()
-            readers = {f.name: r for f, r in zip(stream.record.files, stream.readers)}
+            readers = {f.name: r for f, r in zip(stream.record.files, stream.readers, strict=False)}
             buf = memoryview(bytearray(CHUNK_BYTES))
             for name, off, ln in stream.chunks(CHUNK_BYTES):
                 yield b"".join((chunk_header(name, ln), await _read(readers[name], off, buf[:ln])))

@@ -21,8 +21,8 @@ import structlog
 from services.common import auth, errors
 from services.common.gen.openlora.v1 import router_pb2, router_pb2_grpc
 from services.router.discovery import ExecutorPool
-from services.router.metrics import RouterMetrics
 from services.router.limits import RETRY_AFTER_KEY, RateLimited, TenantLimits
+from services.router.metrics import RouterMetrics
 from services.router.placement import PrefixIndex, prefix_chunks, rank, tie_key
 from services.router.registry_check import AdapterCheck
 

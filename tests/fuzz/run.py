@@ -34,13 +34,13 @@ def _child(target: str, libfuzzer_args: list[str]) -> None:
     with atheris.instrument_imports(include=["services"]):
         from tests.fuzz.targets import TARGETS
         if target == "generate_request":
-            import services.executor.servicer  # noqa: F401
+            import services.executor.servicer
         if target == "gateway_json":
-            import services.gateway.app  # noqa: F401
-        import services.common.auth  # noqa: F401
-        import services.common.peft_format  # noqa: F401
-        import services.registry.core  # noqa: F401
-        import services.registry.sources.file  # noqa: F401
+            import services.gateway.app
+        import services.common.auth
+        import services.common.peft_format
+        import services.registry.core
+        import services.registry.sources.file
         import services.registry.sources.hf  # noqa: F401
     fn = TARGETS[target]
     # argv[0] is how libFuzzer re-runs this target (-merge=1 runs it through the shell): the whole command

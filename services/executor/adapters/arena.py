@@ -37,7 +37,7 @@ class ArenaLayout:
     page_elems: int
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, page_elems: int = 0) -> "ArenaLayout":
+    def for_model(cls, cfg: ModelConfig, page_elems: int = 0) -> ArenaLayout:
         shapes = tuple(cfg.module_shape(m) for _ in range(cfg.layers) for m in LORA_MODULES)
         if page_elems <= 0:  # S-LoRA's page: a vector; the smallest row here (k/v's d_out) wastes nothing
             dims = [d for shape in shapes for d in shape]

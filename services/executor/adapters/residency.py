@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Callable
 
 import structlog
 
@@ -356,6 +356,7 @@ class Residency:
 def _load_image(path, arena: HostArena):
     """A packed image written by _save_image, or None (absent, unreadable or not this layout)."""
     import torch
+
     from services.executor.adapters.arena import PackedAdapter
     try:
         d = torch.load(path, weights_only=True)

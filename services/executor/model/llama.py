@@ -55,7 +55,7 @@ class ModelConfig:
         return self.layer_windows[layer] if self.layer_windows else self.sliding_window
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelConfig":
+    def from_hf(cls, cfg: dict) -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch = next((ARCHS[a] for a in archs if a in ARCHS), None) or (
             cfg.get("model_type") if cfg.get("model_type") in ARCHS.values() else None)
@@ -204,7 +204,7 @@ class ForwardBatch:
     seg_indptr: Tensor   # [G+1] int32
     seg_slots: Tensor    # [G] int32
     logits_rows: Tensor  # [N] long: rows whose next-token logits are wanted
-    paged: "PagedBatch | None" = None   # set when adapters are read from the host arena (CPU)
+    paged: PagedBatch | None = None   # set when adapters are read from the host arena (CPU)
 
 
 class RMSNorm(nn.Module):

@@ -21,8 +21,15 @@ import torch
 from torch import Tensor
 
 from . import build as _build
-from .reference import (add_rms_norm_ref, lora_linear_ref, lora_paged_add_ref, paged_attention_decode_ref,
-                        rms_norm_ref, rotary_ref, silu_mul_ref)
+from .reference import (
+    add_rms_norm_ref,
+    lora_linear_ref,
+    lora_paged_add_ref,
+    paged_attention_decode_ref,
+    rms_norm_ref,
+    rotary_ref,
+    silu_mul_ref,
+)
 from .segments import build_segments
 
 __all__ = ["lora_linear", "lora_linear_async", "lora_linear_ref", "lora_paged_add_", "lora_paged_add_ref", "pack_weight", "lora_linear_packed",

@@ -22,7 +22,7 @@ def build_segments(slots_per_seq: list[int], tokens_per_seq: list[int],
         raise ValueError(f"slots_per_seq and tokens_per_seq differ in length: "
                          f"{len(slots_per_seq)} != {len(tokens_per_seq)}")
     indptr, slots = [0], []
-    for slot, n in zip(slots_per_seq, tokens_per_seq):
+    for slot, n in zip(slots_per_seq, tokens_per_seq, strict=False):
         if n < 0:
             raise ValueError(f"tokens_per_seq must be >= 0, got {n}")
         if slot < -1:

@@ -12,8 +12,7 @@ import pathlib
 import threading
 
 from services.common import s3
-from services.common.errors import (InvalidAdapter, InvalidArgument, NotFound, PermissionDenied,
-                                    Unavailable)
+from services.common.errors import InvalidAdapter, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from services.common.peft_format import ADAPTER_FILES, CONFIG_FILE, PICKLE_FILES, PICKLE_MESSAGE
 
 

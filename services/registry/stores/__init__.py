@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import ContextManager, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +92,7 @@ class MetadataStore(Protocol):
 
     def stats(self) -> StoreStats: ...
 
-    def blob_lock(self, exclusive: bool) -> ContextManager[None]:
+    def blob_lock(self, exclusive: bool) -> AbstractContextManager[None]:
         """Shared: publishing blobs + create_version. Exclusive: deleting blobs (see module doc)."""
 
     def last_change(self) -> int:
@@ -125,7 +126,7 @@ class BlobStore(Protocol):
 
     def exists(self, sha256: str) -> bool: ...
 
-    def open(self, sha256: str) -> "BlobReader":
+    def open(self, sha256: str) -> BlobReader:
         """Raises FileNotFoundError when absent."""
 
     def delete(self, sha256: str) -> None: ...

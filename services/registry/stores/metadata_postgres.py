@@ -21,8 +21,7 @@ import time
 from collections.abc import Iterable
 
 from services.common.errors import Unavailable
-from services.registry.stores import (CREATED, DELETED, AdapterRecord, Change, FileEntry,
-                                      StoreStats)
+from services.registry.stores import CREATED, DELETED, AdapterRecord, Change, StoreStats
 from services.registry.stores.metadata_sqlite import _COLUMNS, _PUBLIC, _replace, _row
 
 # Advisory lock keys (any two distinct bigints; "olra" + purpose).

@@ -12,8 +12,15 @@ import threading
 import time
 from collections.abc import Iterable
 
-from services.registry.stores import (CREATED, DELETED, AdapterRecord, Change, FileEntry,
-                                      SharedLock, StoreStats)
+from services.registry.stores import (
+    CREATED,
+    DELETED,
+    AdapterRecord,
+    Change,
+    FileEntry,
+    SharedLock,
+    StoreStats,
+)
 
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS ids (
