@@ -87,3 +87,43 @@ def test_waiting_for_a_slot_is_bounded(cache_factory):
     cache.release(held.slot)
     lease = cache.acquire("b", 0).result(10)           # free now: it loads
     cache.release(lease.slot)
+
+
+# -- mutants the suite used to let through ------------------------------------------------------------
+
+def test_a_slot_rewritten_by_an_adapter_with_fewer_targets_keeps_nothing_of_the_old_one(llama_dir,
+                                                                                     make_adapter):
+    """AdapterPool.write clears the slot first: an adapter on q,k,v,o evicted for one on q only must
+    leave k, v and o at rank 0 (a no-op clear left the old adapter's k/v/o deltas active: silently
+    wrong output for the new adapter)."""
+    from services.executor.adapters.reader import read_adapter
+    _, cfg = read_config(llama_dir)
+    pool = AdapterPool(cfg, 2, 8, torch.float32, torch.device("cpu"))
+    wide = read_adapter(make_adapter(rank=4, targets=("q_proj", "k_proj", "v_proj", "o_proj")), cfg, 8)
+    narrow = read_adapter(make_adapter(rank=2, targets=("q_proj",)), cfg, 8)
+    pool.write(1, wide)
+    pool.write(1, narrow)
+    for layer in range(cfg.layers):
+        assert int(pool.stacks[layer]["q_proj"].ranks[1]) == 2
+        for module in ("k_proj", "v_proj", "o_proj"):
+            s = pool.stacks[layer][module]
+            assert int(s.ranks[1]) == 0 and float(s.scalings[1]) == 0.0, (layer, module)
+    pool.clear(1)
+    assert all(int(pool.stacks[layer][m].ranks[1]) == 0 for layer in range(cfg.layers)
+               for m in pool.stacks[layer])
+
+
+@pytest.mark.parametrize("touch_again, evicted", [("a", "b"), ("b", "a")])
+def test_a_full_cache_evicts_the_least_recently_used_idle_slot(cache_factory, tmp_path, make_adapter,
+                                                               touch_again, evicted):
+    """Two slots hold a and b; one of them is used again; loading a third evicts the other (the least
+    recently used), never the one just used."""
+    cache = cache_factory(slots=2)
+    root = cache.source.root
+    make_adapter(rank=4).rename(root / "c")
+    for name in ("a", "b", touch_again):
+        cache.release(cache.acquire(name, 0).result(10))
+        time.sleep(0.002)       # distinct last-use stamps on a coarse clock
+    cache.release(cache.acquire("c", 0).result(10))
+    held = {key for key, _, _ in cache.residency()}
+    assert held == {touch_again, "c"} and evicted not in held
