@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         want = generate(pathlib.Path(tmp))
-    have = {str(p.relative_to(GEN)): p.read_text() for p in GEN.rglob("*.py*")} if GEN.exists() else {}
+    # .py and .pyi only: a __pycache__ of compiled stubs is not part of what is generated
+    have = ({str(p.relative_to(GEN)): p.read_text() for p in GEN.rglob("*") if p.suffix in (".py", ".pyi")}
+            if GEN.exists() else {})
     if args.check:
         stale = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
         if stale:
