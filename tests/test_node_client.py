@@ -10,6 +10,7 @@ import subprocess
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
 from services.synthetic import AdapterSpec, write_adapter
@@ -54,6 +55,16 @@ def test_node_client_watch_generate_stream_and_errors(llama_dir, tmp_path):
                 adapter_id="node/a", source=f"file://{adapter}"), timeout=60)
         proc = subprocess.run(["node", str(NODE_DIR / "client.js"), router.address, "node/a"],
                               capture_output=True, text=True, timeout=180)
+        # health Watch (what clients with health checking turned on call) on every service; it failed
+        # with INTERNAL everywhere before (issue 14)
+        for service, name in ((registry, "openlora.v1.AdapterRegistry"), (executor, "openlora.v1.Executor"),
+                              (router, "openlora.v1.Router")):
+            for asked in ("", name):
+                with grpc.insecure_channel(service.address) as ch:
+                    watch = health_pb2_grpc.HealthStub(ch).Watch(
+                        health_pb2.HealthCheckRequest(service=asked), timeout=30)
+                    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING, (name, asked)
+                    watch.cancel()
     finally:
         for s in (router, executor, registry):
             if s is not None:

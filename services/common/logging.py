@@ -17,7 +17,10 @@ def configure_logging(level: str = "info", json: bool = True) -> None:
     def add_service(_logger, _name, event: dict) -> dict:
         # which process wrote the line when several share a terminal or a log pipeline (`openlora up`)
         if service:
-            event.setdefault("service", service)
+            other = event.get("service")
+            if other is not None and other != service:
+                event["grpc_service"] = other         # a record naming the gRPC service it is about
+            event["service"] = service
         return event
 
     processors = [

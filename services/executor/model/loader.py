@@ -24,11 +24,20 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
     if name_or_path.startswith(("/", ".", "~")) or path.exists():
         raise FileNotFoundError(f"base model {name_or_path!r}: no such directory (a model directory "
                                 "holds config.json and *.safetensors)")
-    from huggingface_hub import snapshot_download
+    from services.common.hub import endpoint_of, import_hub, unreachable
+    hub = import_hub()
+    endpoint = endpoint_of()
+    # without network: the hub's cache at once (or a clear error), not five retries (~25 s) first
+    why = unreachable(endpoint)
     try:
-        return pathlib.Path(snapshot_download(
-            name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+        return pathlib.Path(hub.snapshot_download(
+            name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"], endpoint=endpoint,
+            local_files_only=why is not None))
     except Exception as exc:
+        if why is not None:
+            raise FileNotFoundError(f"base model {name_or_path!r} is not a local directory, not in "
+                                    f"the Hugging Face cache, and the hub ({endpoint}) cannot be "
+                                    f"reached: {why}") from None
         raise FileNotFoundError(f"base model {name_or_path!r} is not a local directory and could "
                                 f"not be fetched from the hub: {type(exc).__name__}: {exc}") from None
 

@@ -12,6 +12,7 @@ import pathlib
 import re
 
 from services.common.errors import InvalidAdapter, InvalidArgument, NotFound, Unavailable
+from services.common.hub import endpoint_of, import_hub, unreachable
 from services.common.peft_format import ADAPTER_FILES, CONFIG_FILE, PICKLE_FILES, PICKLE_MESSAGE
 
 _URI = re.compile(r"hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.+))?")
@@ -27,7 +28,7 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 class HfSource:
     def fetch(self, uri: str, workdir: pathlib.Path, credentials=None) -> dict[str, pathlib.Path]:
-        import huggingface_hub
+        huggingface_hub = import_hub()
         from huggingface_hub import errors as hf_errors
 
         repo, revision, subfolder = parse_hf_uri(uri)
@@ -37,6 +38,11 @@ class HfSource:
         else:                          # a tenant's token, or none at all (False: not even a saved one)
             endpoint = credentials.hf_endpoint or endpoint
             token = credentials.hf_token or False
+        # at once, not after huggingface_hub's five retries (~25 s) on a machine without network
+        why = unreachable(endpoint)
+        if why is not None:
+            raise Unavailable(f"{uri}: cannot reach the Hugging Face Hub ({endpoint_of(endpoint)}): "
+                              f"{why}")
         out: dict[str, pathlib.Path] = {}
         for name in ADAPTER_FILES:
             try:
@@ -69,7 +75,7 @@ class HfSource:
 
     @staticmethod
     def _has_pickle(repo, revision, subfolder, endpoint, token) -> bool:
-        import huggingface_hub
+        huggingface_hub = import_hub()
         name = PICKLE_FILES[0]
         url = huggingface_hub.hf_hub_url(repo, f"{subfolder}/{name}" if subfolder else name,
                                          revision=revision, endpoint=endpoint)
