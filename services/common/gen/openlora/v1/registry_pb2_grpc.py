@@ -137,7 +137,9 @@ class AdapterRegistryServicer:
 
     def WatchAdapters(self, request, context):
         """Streams changes to the adapters (a new version, a deletion) as they happen, until cancelled.
-        Changes made before the call are not replayed: list first, then watch.
+        Changes made before the call are not replayed: list first, then watch. Status codes: CANCELLED
+        when the caller cancels; UNAVAILABLE (or CANCELLED) when the registry stops: reconnect, then
+        list again; with --auth-file, PERMISSION_DENIED for a tenant's token (services and admins only).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

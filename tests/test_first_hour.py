@@ -1,0 +1,113 @@
+"""Issue 14, the points that the first-run and API tests left without a test of their own: every RPC
+documents its status codes, every flag of every subcommand has help, the demo model's write is
+atomic when interrupted, and the README's first-run commands work without activating the venv.
+(docs/first-hour.md maps every point of the issue to the test that covers it.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STATUS_CODES = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+                "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+                "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+                "UNAUTHENTICATED"}
+
+
+def _rpc_comments() -> dict[str, str]:
+    """'file.proto Service.Rpc' -> the leading comment above that rpc (comment lines joined)."""
+    out = {}
+    for proto in sorted((ROOT / "protos").rglob("*.proto")):
+        lines = proto.read_text().splitlines()
+        service = None
+        for i, line in enumerate(lines):
+            if m := re.match(r"\s*service (\w+)", line):
+                service = m.group(1)
+            if m := re.match(r"\s*rpc (\w+)", line):
+                j, comment = i - 1, []
+                while j >= 0 and lines[j].strip().startswith("//"):
+                    comment.insert(0, lines[j].strip()[2:].strip())
+                    j -= 1
+                out[f"{proto.name} {service}.{m.group(1)}"] = " ".join(comment)
+    return out
+
+
+def test_every_rpc_documents_its_status_codes():
+    """Status codes were documented only in the README: each RPC's own comment says which codes it
+    returns (or "as Generate" for a stream that returns the same), so generated clients show them."""
+    rpcs = _rpc_comments()
+    assert len(rpcs) >= 14, rpcs
+    for rpc, comment in rpcs.items():
+        named = set(re.findall(r"\b[A-Z_]{2,}\b", comment)) & STATUS_CODES
+        assert named or re.search(r"Status codes: as \w+", comment), f"{rpc}: no status code in {comment!r}"
+
+
+def test_every_flag_of_every_subcommand_has_help():
+    """Every config field is a flag (`flag(default, help)`); one with an empty help showed a bare
+    option in --help. The client tools are checked through --help in test_first_run."""
+    from services.cli import SERVERS
+    from services.up import UpConfig
+    configs = {name: cls for name, (cls, _) in SERVERS.items()} | {"up": UpConfig}
+    for name, cls in configs.items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"openlora {name} --{f.name.replace('_', '-')} has no help"
+    out = subprocess.run([sys.executable, "-m", "services.cli", "router", "--help"], capture_output=True,
+                         text=True, timeout=120).stdout
+    assert "--executor" in out and "--registry" in out
+
+
+def test_an_interrupted_demo_model_write_leaves_nothing_and_the_next_start_writes_it(tmp_path,
+                                                                                       monkeypatch):
+    """Ctrl-C while the demo model was first written left it without tokenizer.json for good."""
+    import services.synthetic
+    from services import up
+    real = services.synthetic.write_model
+
+    def interrupted(path, spec):
+        path = pathlib.Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text("{}")          # part of the model, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(services.synthetic, "write_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        up.demo_model(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []       # no demo-model, no temp dir
+    monkeypatch.setattr(services.synthetic, "write_model", real)
+    model = up.demo_model(tmp_path)
+    assert all((model / name).is_file() for name in up.DEMO_FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [up.DEMO]
+    # a half-written one (from a version before the atomic write) is written again
+    (model / "tokenizer.json").unlink()
+    assert (up.demo_model(tmp_path) / "tokenizer.json").is_file()
+
+
+def _readme_block_after(heading: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n{heading}\n", 1)[1]
+    block = section.split("```", 2)[1]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_first_run_commands_need_no_activated_venv():
+    """Bare `openlora` in the README was not on PATH after the set-up command (no activation): the
+    first-run commands name .venv/bin/openlora, the script the set-up command installs."""
+    setup = _readme_block_after("## Set up and test")
+    assert setup[0].startswith("python3 -m venv .venv") and "pip install -e" in setup[0]
+    first_run = _readme_block_after("## Running")
+    assert first_run and all(line.startswith(".venv/bin/openlora ") for line in first_run), first_run
+    assert any(" up" in line for line in first_run)
+    assert any("generate --adapter demo/" in line for line in first_run)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^\[project\.scripts\]\nopenlora = "services\.cli:main"', pyproject, re.M)
+    # the demo adapters the README names are the ones `up` registers
+    from services.up import DEMO_ADAPTERS
+    for line in first_run:
+        for adapter in re.findall(r"--adapter (demo/\w+)", line):
+            assert adapter in DEMO_ADAPTERS, line
