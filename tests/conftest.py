@@ -110,6 +110,8 @@ SLOW_MODULES = {"test_e2e", "test_gateway", "test_auth_e2e", "test_registry_stor
 COMPILE_MODULES = {"test_cuda_build", "test_cuda_emulation"}
 SWEEP_MODULES = {"test_paged_attention", "test_kernel", "test_packed_weights", "test_layer_ops",
                  "test_lora_paged", "test_kv_cache"}
+# fixtures that start a deployment or a real PostgreSQL / S3 server: a test using one is slow
+SLOW_FIXTURES = {"cluster", "pg_server", "s3_server", "iam_s3"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -119,7 +121,7 @@ def pytest_collection_modifyitems(config, items):
         if module in COMPILE_MODULES:
             item.add_marker(pytest.mark.compile)
             item.add_marker(pytest.mark.slow)
-        elif module in SLOW_MODULES:
+        elif module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
         elif module in SWEEP_MODULES and hasattr(item, "callspec"):
             key = (module, item.originalname)

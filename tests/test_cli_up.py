@@ -11,6 +11,8 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 from services.synthetic import ALL_MODULES, AdapterSpec, ModelSpec, write_adapter
 from tests.servers import free_port, free_port_block, health
 
@@ -21,6 +23,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_up_adapters_generate_and_sigterm(tmp_path, llama_dir):
     # ports: router P, registry P+1, executor P+2 -- pick P with the next two free too
     port, http_port = free_port_block(3), free_port()
@@ -75,6 +78,7 @@ def test_up_refuses_bad_flags():
     assert env_bad.returncode == 2 and "OPENLORA_PORT" in env_bad.stderr
 
 
+@pytest.mark.slow
 def test_up_with_mutual_tls_and_auth(tmp_path, llama_dir):
     """`openlora up --tls-cert --tls-key --tls-ca --auth-file`: every service serves TLS and calls the
     others over it (health checks too), the ready line comes, and the CLI and the gateway (HTTPS with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -211,3 +212,129 @@ def test_adapters_add_refuses_an_adapter_for_another_base_model(tmp_path, llama_
 def test_registry_base_model_flag_needs_a_model_config(tmp_path):
     proc = _cli("registry", "--data-dir", str(tmp_path / "r"), "--base-model", str(tmp_path / "nope"))
     assert proc.returncode == 2 and "--base-model" in proc.stderr
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention `text` (a compiler building into a directory)."""
+    found = []
+    for proc in pathlib.Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+def test_ctrl_c_during_the_kernel_build_stops_everything(tmp_path):
+    """Ctrl-C while the executor compiles its kernels used to reach the compiler too: the executor
+    fell back to the slow reference ops (three tracebacks) and then served. Now `up` alone gets it
+    and stops the executor with its compiler: 130, no traceback, no compiler left behind."""
+    port = free_port_block(3)
+    build_dir = tmp_path / "kernels"
+    data = tmp_path / "d"
+    err = tmp_path / "up.err"
+    up = subprocess.Popen([*CLI, "up", "--port", str(port), "--data-dir", str(data), "--http-port", "0"],
+                          stdout=subprocess.DEVNULL, stderr=open(err, "wb"), start_new_session=True,
+                          env={**os.environ, "OPENLORA_BUILD_DIR": str(build_dir)})
+    log = data / "logs" / "executor-0.log"
+    try:
+        deadline = time.monotonic() + 300
+        while not (log.exists() and "kernel_build_started" in log.read_text()):
+            assert up.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.1)
+        time.sleep(1.0)                                  # the compiler is running now
+        os.killpg(up.pid, signal.SIGINT)                 # as a terminal's Ctrl-C: the whole group
+        t0 = time.monotonic()
+        assert up.wait(timeout=60) == 130, err.read_text()
+        assert time.monotonic() - t0 < 30
+    finally:
+        if up.poll() is None:
+            up.kill()
+    text = err.read_text()
+    assert "Traceback" not in text and "stopping (Ctrl-C)" in text.strip().splitlines()[-1]
+    executor_log = log.read_text()
+    assert "Traceback" not in executor_log and "executor_serving" not in executor_log
+    assert "reference" not in executor_log.split("kernel_build_started", 1)[1], executor_log
+    time.sleep(0.5)
+    assert _processes_mentioning(str(build_dir)) == []
+
+
+def test_every_server_flag_has_help():
+    """Each service's config dataclass field is a flag; every one says what it does."""
+    import dataclasses
+
+    from services.cli import SERVERS
+    from services.up import UpConfig
+    for config in [*(c for c, _ in SERVERS.values()), UpConfig]:
+        for f in dataclasses.fields(config):
+            if "help" in f.metadata:
+                assert f.metadata["help"].strip(), f"{config.__name__}.{f.name} has no help"
+        out = _cli(*(["up"] if config is UpConfig else
+                     [k for k, (c, _) in SERVERS.items() if c is config]), "--help").stdout
+        assert "--port" in out
+
+
+@pytest.mark.slow
+def test_up_sees_a_slow_service_within_a_second_of_it_serving():
+    """`up` used to wait another 10-26 s after a slow executor start (gRPC's reconnect backoff had
+    grown while it was loading) before it started the router."""
+    import asyncio
+    import threading
+
+    from services.common.config import ServerConfig
+    from services.common.server import create_server
+    from services.up import Proc, wait_serving
+    port = free_port_block(1)
+    served = {}
+
+    def serve_later():
+        async def run():
+            time.sleep(12)                             # a slow start: the model loading
+            server, _ = await create_server(ServerConfig(host="127.0.0.1", port=port), [])
+            await server.start()
+            served["at"] = time.monotonic()
+            await asyncio.sleep(20)
+            await server.stop(0)
+        asyncio.run(run())
+
+    thread = threading.Thread(target=serve_later, daemon=True)
+    thread.start()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        wait_serving(Proc("executor-0", f"127.0.0.1:{port}", sleeper, pathlib.Path("/dev/null")), 60,
+                     [])
+        seen = time.monotonic()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert seen - served["at"] < 2.5, f"saw it serving {seen - served['at']:.1f}s late"
+
+
+def test_readme_first_run_commands_exist():
+    """The README's first-run commands are `.venv/bin/openlora ...` (what its set-up command
+    installs; bare `openlora` is not on PATH without activating the venv), each a real subcommand."""
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    setup = re.search(r"```\n(python3 -m venv \.venv[^\n]*)\n```", readme)
+    assert setup and "pip install -e" in setup.group(1)
+    import tomllib
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["openlora"] == "services.cli:main"
+    running = readme[readme.index("## Running"):]
+    running = running[:running.index("Or each service on its own")]
+    commands = [line.split("#")[0].split() for line in running.splitlines()
+                if line.startswith(".venv/bin/openlora")]
+    assert any(c[1] == "up" for c in commands) and any("demo/" in " ".join(c) for c in commands)
+    assert not re.search(r"^openlora ", running, re.M), "bare `openlora` in the first-run section"
+    for command in commands:
+        sub = command[1:3] if command[1] == "adapters" else command[1:2]
+        proc = _cli(*sub, "--help")
+        assert proc.returncode == 0, (command, proc.stderr)
