@@ -215,14 +215,6 @@ at::Tensor rotary_cpu(const at::Tensor& x_, const at::Tensor& cos_, const at::Te
 
 }  // namespace
 
-// The schemas are a fragment of the library TORCH_LIBRARY(openlora) declares in lora_linear.cpp.
-TORCH_LIBRARY_FRAGMENT(openlora, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
-  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(openlora, CPU, m) {
   m.impl("rms_norm", &NormOps<norm_cpu>::rms_norm);
   m.impl("add_rms_norm", &NormOps<norm_cpu>::add_rms_norm);

@@ -47,6 +47,7 @@
 #include "simd512.h"
 
 namespace openlora {
+bool packing_available();  // declared in ops.cpp
 namespace {
 
 constexpr int64_t kGroup = 4;           // tokens per shrink work item
@@ -1015,11 +1016,6 @@ std::array<uint32_t, kFingerprint> fingerprint(const at::Tensor& weight) {
   return out;
 }
 
-bool packing_available() {
-  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
-         cblas_sgemm_compute != nullptr;
-}
-
 at::Tensor pack_weight_cpu(const at::Tensor& weight) {
   TORCH_CHECK(packing_available(),
               "pack_weight needs MKL's packed GEMM (cblas_sgemm_pack), which this torch build lacks; "
@@ -1198,25 +1194,9 @@ at::Tensor linear_packed_cpu(const at::Tensor& x_, const at::Tensor& weight, con
 
 }  // namespace
 
-// The schemas, declared once; each backend registers its kernels with TORCH_LIBRARY_IMPL.
-TORCH_LIBRARY(openlora, m) {
-  // y = x @ weight.T + bias, plus scalings[s] * (x @ lora_a[s,:r].T) @ lora_b[s,:,:r].T per segment.
-  m.def(
-      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor");
-  // The same, for callers whose index tensors are right by construction (the executor): on CUDA it
-  // never copies them to the host (no sync), bounding them on the device instead of raising; on CPU
-  // it is lora_linear.
-  m.def(
-      "lora_linear_async(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor");
-  // The same as lora_linear, with the base matmul through pack_weight(weight) (CPU, float32, MKL).
-  m.def(
-      "lora_linear_packed(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias, Tensor lora_a, "
-      "Tensor lora_b, Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor");
-  m.def("linear_packed(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias) -> Tensor");
-  m.def("pack_weight(Tensor weight) -> Tensor");
-  m.def("packing_available() -> bool", &packing_available);
+bool packing_available() {
+  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+         cblas_sgemm_compute != nullptr;
 }
 
 TORCH_LIBRARY_IMPL(openlora, CPU, m) {

@@ -204,13 +204,6 @@ void lora_paged_add_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& are
 
 }  // namespace
 
-// The schema is a fragment of the library TORCH_LIBRARY(openlora) declares in lora_linear.cpp.
-TORCH_LIBRARY_FRAGMENT(openlora, m) {
-  // y[seg] += scaling * (x[seg] @ A.T) @ Bt with each segment's A and B^T read in place from arena pages
-  m.def("lora_paged_add_(Tensor(a!) y, Tensor x, Tensor arena, Tensor page_index, Tensor seg_meta, "
-        "Tensor seg_scalings, int lm, Tensor seg_indptr) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(openlora, CPU, m) {
   m.impl("lora_paged_add_", &lora_paged_add_cpu);
 }

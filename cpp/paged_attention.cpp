@@ -324,19 +324,6 @@ at::Tensor paged_attention_decode_cpu(const at::Tensor& q_, const at::Tensor& k_
 
 }  // namespace
 
-// The schema is a fragment of the library TORCH_LIBRARY(openlora) declares in lora_linear.cpp.
-TORCH_LIBRARY_FRAGMENT(openlora, m) {
-  // out[n, h] = softmax(scale * q[n, h] @ K_n.T) @ V_n over n's last context_lens[n] (or window) keys.
-  m.def(
-      "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor context_lens, float scale, int sliding_window) -> Tensor");
-  // The same, for index values right by construction (the executor's): on CUDA no host copy (no
-  // sync), the values bounded on the device instead of checked; on CPU paged_attention_decode.
-  m.def(
-      "paged_attention_decode_async(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor context_lens, float scale, int sliding_window) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(openlora, CPU, m) {
   m.impl("paged_attention_decode", &paged_attention_decode_cpu);
   m.impl("paged_attention_decode_async", &paged_attention_decode_cpu);

@@ -30,6 +30,7 @@ from .reference import (
     rotary_ref,
     silu_mul_ref,
 )
+from .schemas import parse_schemas
 from .segments import build_segments
 
 __all__ = ["lora_linear", "lora_linear_async", "lora_linear_ref", "lora_paged_add_", "lora_paged_add_ref", "pack_weight", "lora_linear_packed",
@@ -40,29 +41,23 @@ __all__ = ["lora_linear", "lora_linear_async", "lora_linear_ref", "lora_paged_ad
 
 log = logging.getLogger(__name__)
 
-SCHEMAS = {  # op name -> (schema, reference); the C++ declares the same schemas
-    "lora_linear": (("(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-                     "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor"),
-                    lora_linear_ref),
-    "lora_linear_packed": (("(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias, "
-                            "Tensor lora_a, Tensor lora_b, Tensor scalings, Tensor ranks, "
-                            "Tensor seg_indptr, Tensor seg_slots) -> Tensor"),
-                           lambda x, weight, packed_weight, *rest: lora_linear_ref(x, weight, *rest)),
-    "linear_packed": ("(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias) -> Tensor",
-                      lambda x, weight, packed_weight, bias: torch.nn.functional.linear(x, weight, bias)),
-    "paged_attention_decode": (("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-                                "Tensor context_lens, float scale, int sliding_window) -> Tensor"),
-                               paged_attention_decode_ref),
-    "lora_paged_add_": (("(Tensor(a!) y, Tensor x, Tensor arena, Tensor page_index, Tensor seg_meta, "
-                         "Tensor seg_scalings, int lm, Tensor seg_indptr) -> ()"), lora_paged_add_ref),
-    "rms_norm": ("(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm_ref),
-    "add_rms_norm": ("(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
-                     add_rms_norm_ref),
-    "silu_mul": ("(Tensor gate, Tensor up) -> Tensor", silu_mul_ref),
-    "rotary": ("(Tensor x, Tensor cos, Tensor sin) -> Tensor", rotary_ref),
+# Each op's pure-PyTorch reference, which serves it when the extension cannot; the async ops fall back
+# to their contract op's reference.
+REFERENCES = {
+    "lora_linear": lora_linear_ref,
+    "lora_linear_async": lora_linear_ref,
+    "lora_linear_packed": lambda x, weight, packed_weight, *rest: lora_linear_ref(x, weight, *rest),
+    "linear_packed": lambda x, weight, packed_weight, bias: torch.nn.functional.linear(x, weight, bias),
+    "paged_attention_decode": paged_attention_decode_ref,
+    "paged_attention_decode_async": paged_attention_decode_ref,
+    "lora_paged_add_": lora_paged_add_ref,
+    "rms_norm": rms_norm_ref,
+    "add_rms_norm": add_rms_norm_ref,
+    "silu_mul": silu_mul_ref,
+    "rotary": rotary_ref,
 }
-# the async ops take their contract op's schema; their fallback is the same reference
-SCHEMAS |= {f"{name}_async": SCHEMAS[name] for name in ("lora_linear", "paged_attention_decode")}
+# op name -> (schema, reference), the schemas read from cpp/ops.cpp, the one place that declares them
+SCHEMAS = {name: (schema, REFERENCES[name]) for name, schema in parse_schemas().items() if name in REFERENCES}
 _LAYER_FAKES = {  # the layer ops' fake kernels
     "rms_norm": lambda x, weight, eps: torch.empty_like(x),
     "add_rms_norm": lambda x, residual, weight, eps: (torch.empty_like(x), torch.empty_like(x)),

@@ -36,7 +36,7 @@ import torch
 from torch.utils import cpp_extension
 
 CPP_DIR = Path(__file__).resolve().parents[3] / "cpp"
-CPU_SOURCES = [CPP_DIR / "lora_linear.cpp", CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp",
+CPU_SOURCES = [CPP_DIR / "ops.cpp", CPP_DIR / "lora_linear.cpp", CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp",
                CPP_DIR / "lora_paged.cpp"]
 CUDA_SOURCES = [CPP_DIR / "cuda" / "lora_linear.cu", CPP_DIR / "cuda" / "paged_attention.cu",
                 CPP_DIR / "cuda" / "layer_ops.cu", CPP_DIR / "cuda" / "lora_paged.cu"]

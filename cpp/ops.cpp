@@ -1,0 +1,55 @@
+// Every schema of the openlora operator library, declared once, here. The kernels register in their
+// own files with TORCH_LIBRARY_IMPL (cpp/*.cpp for CPU, cpp/cuda/*.cu for CUDA); Python's
+// services.executor.ops reads its SCHEMAS (for the reference fallback) from this file, and
+// tests/test_ops_schemas.py checks them against torch.ops.openlora.<op>._schema.
+// One m.def per op, each after a comment saying what it computes.
+#include <torch/library.h>
+
+namespace openlora {
+
+bool packing_available();  // lora_linear_packed.cpp
+
+TORCH_LIBRARY(openlora, m) {
+  // y = x @ weight.T + bias, plus scalings[s] * (x @ lora_a[s,:r].T) @ lora_b[s,:,:r].T per segment.
+  m.def(
+      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor");
+  // lora_linear for index tensors right by construction (the executor's): on CUDA never copied to
+  // the host (no sync), bounded on the device instead of checked; on CPU it is lora_linear.
+  m.def(
+      "lora_linear_async(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor");
+  // lora_linear with the base matmul through pack_weight(weight) (CPU, float32, MKL).
+  m.def(
+      "lora_linear_packed(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias, Tensor lora_a, "
+      "Tensor lora_b, Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor");
+  // x @ weight.T + bias through pack_weight(weight) (CPU, float32, MKL): the lm_head.
+  m.def("linear_packed(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias) -> Tensor");
+  // weight copied once into MKL's GEMM layout, behind a header that ties it to this weight.
+  m.def("pack_weight(Tensor weight) -> Tensor");
+  // whether this torch's BLAS has MKL's packed GEMM (pack_weight works).
+  m.def("packing_available() -> bool", &packing_available);
+  // out[n, h] = softmax(scale * q[n, h] @ K_n.T) @ V_n over n's last context_lens[n] (or window) keys.
+  m.def(
+      "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale, int sliding_window) -> Tensor");
+  // paged_attention_decode for index values right by construction: on CUDA no host copy (no sync),
+  // the values bounded on the device instead of checked; on CPU it is paged_attention_decode.
+  m.def(
+      "paged_attention_decode_async(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale, int sliding_window) -> Tensor");
+  // y[seg] += scaling * (x[seg] @ A.T) @ Bt, each segment's A and B^T read in place from arena pages.
+  m.def(
+      "lora_paged_add_(Tensor(a!) y, Tensor x, Tensor arena, Tensor page_index, Tensor seg_meta, "
+      "Tensor seg_scalings, int lm, Tensor seg_indptr) -> ()");
+  // weight * (x * rsqrt(mean(x^2, -1) + eps)), the norm in fp32.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // (rms_norm(x + residual), x + residual): a residual add and the next norm in one pass.
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // silu(gate) * up.
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  // x * cos + rotate_half(x) * sin (Hugging Face's RoPE).
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+}
+
+}  // namespace openlora
