@@ -53,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.executor import ops
-from services.executor.ops import kernel_backend, lora_linear, paged_attention_decode
+from services.executor.ops import ensure_built, kernel_backend, lora_linear, paged_attention_decode
 
 D, S, R_MAX, RANKS = 2048, 64, 32, (8, 16, 32)
 
@@ -356,6 +356,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: the kernel cases (and --attention) on the GPU, with the async ops")
     args = p.parse_args()
+    ensure_built()   # importing ops builds nothing
     if args.mixed_ranks:
         print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} "
               f"fp32, ranks cycling 1, 8, 16, 64 vs all 64, rounds={args.rounds} (medians)")

@@ -128,3 +128,13 @@ def pytest_collection_modifyitems(config, items):
             if key in first_of_sweep:
                 item.add_marker(pytest.mark.slow)
             first_of_sweep.add(key)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_built():
+    """Importing services.executor.ops builds nothing (the engine builds the kernels at start-up); a
+    session whose tests import it, and call its ops directly, gets them built once here."""
+    import sys
+    ops = sys.modules.get("services.executor.ops")
+    if ops is not None:
+        ops.ensure_built()

@@ -30,8 +30,8 @@ from services.common import errors
 from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
 from services.common.peft_format import ADAPTER_FILES, manifest_digest
 from services.common.tls import ClientSecurity, channel
-from services.executor.adapters.cache import ResolvedAdapter
 from services.executor.adapters.policy import make_policy
+from services.executor.adapters.source import ResolvedAdapter
 
 log = structlog.get_logger(__name__)
 

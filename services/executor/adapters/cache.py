@@ -12,80 +12,23 @@ remembered for `latest_ttl_s` so hot adapters do not ask the source on every req
 
 from __future__ import annotations
 
-import pathlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import structlog
 
 from services.common.errors import ResourceExhausted, Unavailable
 from services.executor.adapters.pool import AdapterPool, read_adapter
+from services.executor.adapters.source import AdapterSource, LocalDirSource, ResolvedAdapter
 from services.executor.model.llama import ModelConfig
 
+# the sources live in source.py (no torch); re-exported for callers that import them from here
+__all__ = ["AdapterCache", "AdapterSource", "Lease", "LocalDirSource", "ResolvedAdapter"]
+
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class ResolvedAdapter:
-    adapter_id: str
-    version: int
-    path: pathlib.Path   # a directory holding adapter_config.json + adapter_model.safetensors
-
-
-class AdapterSource(Protocol):
-    def resolve(self, adapter_id: str, version: int) -> ResolvedAdapter:
-        """Blocking; raises AdapterNotFound / Unavailable / InvalidAdapter."""
-        ...
-
-    def held(self) -> list[tuple[str, int]]:
-        """(adapter_id, version) of every adapter this source keeps locally (the disk tier)."""
-        ...
-
-    def forget(self, adapter_id: str) -> None:
-        """Drop every local copy of adapter_id."""
-        ...
-
-
-class LocalDirSource:
-    """adapter_id -> root/adapter_id, always version 1 (tests, local runs).
-
-    Like a registry version, version 1 is taken to be immutable: a slot and the engine's prefix cache
-    (keyed by adapter@version) keep what they loaded. Changing the files under a loaded id needs a
-    restart; the registry instead makes every change a new version.
-    """
-
-    def __init__(self, root: str | pathlib.Path):
-        self.root = pathlib.Path(root)
-
-    def resolve(self, adapter_id: str, version: int) -> ResolvedAdapter:
-        from services.common.errors import AdapterNotFound
-        path = self.root / adapter_id
-        if ".." in pathlib.PurePath(adapter_id).parts or not path.is_dir():
-            raise AdapterNotFound(f"adapter {adapter_id!r} not found under {self.root}")
-        if version not in (0, 1):
-            raise AdapterNotFound(f"adapter {adapter_id!r} has no version {version} (only 1)")
-        return ResolvedAdapter(adapter_id, 1, path)
-
-    def held(self) -> list[tuple[str, int]]:
-        return []   # the directory is the source itself, not a cache
-
-    def forget(self, adapter_id: str) -> None:
-        pass
-
-    def latest(self, adapter_id: str) -> int:
-        return self.resolve(adapter_id, 0).version
-
-    def read(self, adapter_id: str, version: int, reader):
-        """(version, reader(path), "disk"): the directory is read in place."""
-        resolved = self.resolve(adapter_id, version)
-        return resolved.version, reader(resolved.path), "disk"
-
-    def stats(self) -> dict[str, int]:
-        return {}
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
-"""Kernels of the executor; importing this package makes torch.ops.openlora.{lora_linear,
+"""Kernels of the executor; ensure_built() (the engine calls it at start-up; importing builds nothing)
+makes torch.ops.openlora.{lora_linear,
 lora_linear_async (lora_linear without the host-side value checks, so without a sync on CUDA),
 paged_attention_decode, paged_attention_decode_async (the same for it), rms_norm, add_rms_norm,
 silu_mul, rotary} available, and on CPU {pack_weight, lora_linear_packed, linear_packed}: fp32 base
 weights packed once into MKL's GEMM layout.
 
-The ops come from the C++/CUDA extension (cpp/, built on first import by build.py), or, if that cannot
+The ops come from the C++/CUDA extension (cpp/, built by ensure_built() through build.py), or, if that cannot
 be built, from the pure-PyTorch references — logged as an error, never silent. Every op but the
 CPU-only packed ones has a CUDA kernel (cpp/cuda), built where torch sees a GPU and nvcc is present;
 on a GPU without nvcc the references run. $OPENLORA_KERNEL forces
@@ -258,6 +259,3 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x * cos + rotate_half(x) * sin (Hugging Face's RoPE): x [T, H, D], cos/sin [T, D], x's dtype."""
     return torch.ops.openlora.rotary.default(x, cos, sin)
-
-
-ensure_built()
