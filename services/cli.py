@@ -69,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"openlora {argv[0] if argv else ''}: error: {exc}", file=sys.stderr)
         return 2
-    serve = _resolve(target, ns.command)
+    # logging first: importing a service may log (the executor's first kernel build does), and a
+    # record before configure_logging came out as console text, not JSON with its `service`
     from services.common.logging import configure_logging
     configure_logging(config.log_level)
+    serve = _resolve(target, ns.command)
     from services.common.server import StartupError
     try:
         asyncio.run(serve(config))

@@ -174,13 +174,55 @@ def _check_alive(procs: list[Proc]) -> None:
                            + (f"; last line: {last}" if last else ""))
 
 
+def command_name() -> str:
+    """How to call openlora in a hint: `openlora` where PATH finds this one, else the path the person
+    typed (`.venv/bin/openlora` in a venv that is not activated: bare `openlora` is not found)."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) != "openlora":
+        return "openlora"                              # python -m services.cli
+    found = shutil.which("openlora")
+    if found and os.path.realpath(found) == os.path.realpath(argv0):
+        return "openlora"
+    return argv0
+
+
+def build_announcement(log: pathlib.Path, offset: int) -> tuple[str | None, int]:
+    """The executor's kernel_build_started record, said on `up`'s terminal (the person watching it
+    otherwise sees nothing for the build's 20-180 s): (a line to say or None, the new log offset)."""
+    import json
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except OSError:
+        return None, offset
+    end = chunk.rfind(b"\n") + 1                      # whole lines only
+    for line in chunk[:end].decode(errors="replace").splitlines():
+        if "kernel_build_started" not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = {}
+        expected = record.get("expected_seconds", "20-180")
+        return (f"compiling the C++ kernels (once for this checkout, interpreter and torch; expected "
+                f"{expected} s; later starts load them in under a second)"), offset + end
+    return None, offset + end
+
+
 def wait_serving(proc: Proc, timeout_s: float, procs: list[Proc], security=None) -> None:
     from services.common.tls import channel as open_channel
     deadline = time.monotonic() + timeout_s
+    offset, announced = 0, False
     with open_channel(proc.address, security, options=_PROBE_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             _check_alive(procs)
+            if not announced:
+                line, offset = build_announcement(proc.log, offset)
+                if line:
+                    say(f"{proc.name} is {line}")
+                    announced = True
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=False).status \
                         == health_pb2.HealthCheckResponse.SERVING:
@@ -343,8 +385,10 @@ def _run(args: UpConfig, procs: list[Proc]) -> int:
         if name == "registry" and demo:
             added = register_demo_adapters(data, registry, security)
             if added:
+                router = "" if (h, port) == ("127.0.0.1", 50050) else f" --router {h}:{port}"
                 say(f"registered demo adapters {', '.join(added)} for the demo model (random weights; "
-                    f"each changes the output): openlora generate --adapter {added[0]} 'Hello'")
+                    f"each changes the output); once ready, try: {command_name()} generate{router} "
+                    f"--adapter {added[0]} 'Hello'")
     gateway = f"  gateway {scheme}://{h}:{args.http_port}/v1" if args.http_port else ""
     tls = (f"  TLS{' (mutual)' if args.tls_ca else ''}: clients pass --tls-ca"
            f"{' --tls-cert --tls-key' if args.tls_ca else ''}") if args.tls_cert else ""

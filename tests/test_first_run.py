@@ -128,6 +128,7 @@ def test_up_demo_model_demo_adapters_and_ctrl_c(tmp_path):
         _wait_for(up, err, "openlora up: ready", 600)
         text = err.read_text()
         assert "half-written demo model" in text and "registered demo adapters demo/" in text
+        assert f"try: openlora generate --router {router} --adapter demo/" in text
         for name in ("registry", "executor-0", "router"):
             assert f"{name} ready on" in text
         base = _cli("generate", "--router", router, "--max-new-tokens", "8", "Hello")
@@ -244,11 +245,9 @@ def test_ctrl_c_during_the_kernel_build_stops_everything(tmp_path):
                           env={**os.environ, "OPENLORA_BUILD_DIR": str(build_dir)})
     log = data / "logs" / "executor-0.log"
     try:
-        deadline = time.monotonic() + 300
-        while not (log.exists() and "kernel_build_started" in log.read_text()):
-            assert up.poll() is None, err.read_text()
-            assert time.monotonic() < deadline, err.read_text()
-            time.sleep(0.1)
+        # the build is said on up's own terminal, with its expected duration (not only in a log)
+        _wait_for(up, err, "executor-0 is compiling the C++ kernels", 300)
+        assert "expected 20-180 s" in err.read_text()
         time.sleep(1.0)                                  # the compiler is running now
         os.killpg(up.pid, signal.SIGINT)                 # as a terminal's Ctrl-C: the whole group
         t0 = time.monotonic()
@@ -261,6 +260,8 @@ def test_ctrl_c_during_the_kernel_build_stops_everything(tmp_path):
     assert "Traceback" not in text and "stopping (Ctrl-C)" in text.strip().splitlines()[-1]
     executor_log = log.read_text()
     assert "Traceback" not in executor_log and "executor_serving" not in executor_log
+    for line in executor_log.splitlines():          # the build's records too: JSON, with the service
+        assert json.loads(line)["service"] == "executor-0", line
     assert "reference" not in executor_log.split("kernel_build_started", 1)[1], executor_log
     time.sleep(0.5)
     assert _processes_mentioning(str(build_dir)) == []
@@ -338,3 +339,38 @@ def test_readme_first_run_commands_exist():
         sub = command[1:3] if command[1] == "adapters" else command[1:2]
         proc = _cli(*sub, "--help")
         assert proc.returncode == 0, (command, proc.stderr)
+
+
+def test_the_default_data_dir_is_ignored_by_git():
+    """`openlora up` in a clone writes ./openlora-data (the demo model, logs, caches): git status
+    must not offer it for a commit."""
+    from services.up import UpConfig
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    default = UpConfig().data_dir
+    proc = subprocess.run(["git", "check-ignore", "-q", f"{default}/demo-model/config.json"], cwd=root)
+    assert proc.returncode == 0, f"{default} is not in .gitignore"
+
+
+def test_up_hints_name_the_command_as_the_person_can_run_it(tmp_path, monkeypatch):
+    """`up` said "try: openlora generate ..." to someone who ran .venv/bin/openlora (bare `openlora`
+    is not on PATH without activating the venv), and without --router when --port was not 50050."""
+    from services import up
+    script = tmp_path / "venv" / "bin" / "openlora"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), "up"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert up.command_name() == str(script)
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
+    assert up.command_name() == "openlora"
+    monkeypatch.setattr(sys, "argv", ["/x/services/cli.py", "up"])
+    assert up.command_name() == "openlora"
+    log = tmp_path / "executor-0.log"
+    log.write_text('{"event": "executor_loading"}\n{"event": "kernel_build_started", '
+                   '"expected_seconds": "20-180"}\n{"event": "kernel_bu')
+    line, offset = up.build_announcement(log, 0)
+    assert "compiling the C++ kernels" in line and "expected 20-180 s" in line
+    assert offset == log.read_text().rindex("\n") + 1          # the partial last line is read again
