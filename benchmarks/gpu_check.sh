@@ -23,6 +23,7 @@ LOG="${OUT:-/tmp}/gpu_check.log"
   "$PY" -m pytest -q -x -p no:cacheprovider -k "cuda" tests/test_kernel.py tests/test_paged_attention.py \
       tests/test_layer_ops.py tests/test_engine_oracle.py tests/test_lora_paged.py
   echo "tests done at $((SECONDS - start)) s"
+  # decode T=64 G=64, prefill T=512 G=8 and one adapter's T=2048 prefill, fp32/bf16/fp16
   "$PY" benchmarks/kernel.py --device cuda --rounds 50
   "$PY" benchmarks/kernel.py --device cuda --attention --bf16 --rounds 30
   echo "all done at $((SECONDS - start)) s"

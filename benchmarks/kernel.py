@@ -10,6 +10,7 @@ torch.addmm, gather+bmm; each call alone and in bursts), and with --attention th
 Cases (d_in = d_out = 2048, S = 64 slots, r_max = 32, ranks cycling 8, 16, 32):
   decode:  T = 64 tokens, 64 distinct adapters, one token each
   prefill: T = 512 tokens, 8 adapters, 64 tokens each
+  (--device cuda also) prefill: T = 2048 tokens of one adapter
 Prints the median time of each and the ratios fused/base and gather/base (ratios of the medians, and
 the medians of each round's own ratio: "paired"); fused runs with lora_b
 row-major and, in parentheses, stored transposed as the executor's CPU adapter pool keeps it.
@@ -398,6 +399,8 @@ def main() -> None:
             tag = str(dtype).removeprefix("torch.")
             bench_cuda(f"decode  T=64  G=64 {tag}", make_case(64, 64, dtype), args.rounds)
             bench_cuda(f"prefill T=512 G=8  {tag}", make_case(512, 8, dtype), args.rounds)
+            # one adapter's 2,048-token prefill: the async op spreads it over the grid (64 tokens a block)
+            bench_cuda(f"prefill T=2048 G=1 {tag}", make_case(2048, 1, dtype), args.rounds)
         return
     for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
         tag = str(dtype).removeprefix("torch.")

@@ -52,12 +52,30 @@ def test_lora_linear_kernels_match_reference(emu, dtype, layout, dims):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lora_linear_async_kernels_match_reference(emu, dtype, layout, dims):
-    """lora_linear_async (no host copy): every segment, 130 tokens included, through the kernels in
-    chunks of 8 tokens."""
+    """lora_linear_async (no host copy): every segment, 130 tokens included, through the kernels: 64
+    tokens of a segment per block (grid z), 8 at a time within it."""
     args = make_args(*LAYOUTS[layout], *dims, True, dtype, "cpu")
     y = emu.lora_linear_async(*lora_args(args))
     assert not y.isnan().any()
     torch.testing.assert_close(y, lora_linear_ref(*lora_args(args)), **TOL[dtype])
+
+
+@pytest.mark.parametrize("T", [1, 64, 65, 1000])
+def test_lora_linear_async_one_long_segment_spreads_over_the_grid(emu, T):
+    """One adapter, one segment of T tokens (a prefill): ceil(T / 64) blocks of the grid's z each take
+    64 of its tokens (it used to be one block walking all T); block edges at 64 and 65 included."""
+    g = torch.Generator().manual_seed(T)
+    d_in, d_out, r_max = 64, 48, 16
+    x = torch.randn(T, d_in, generator=g)
+    weight = torch.randn(d_out, d_in, generator=g) / 8
+    lora_a = torch.randn(2, r_max, d_in, generator=g)
+    lora_b = torch.randn(2, d_out, r_max, generator=g)
+    scalings, ranks = torch.tensor([0.5, 2.0]), torch.tensor([16, 5], dtype=torch.int32)
+    indptr, slots = torch.tensor([0, T], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
+    args = (x, weight, None, lora_a, lora_b, scalings, ranks, indptr, slots)
+    want = lora_linear_ref(x.double(), weight.double(), None, lora_a.double(), lora_b.double(),
+                           scalings, ranks, indptr, slots)
+    torch.testing.assert_close(emu.lora_linear_async(*args).double(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_lora_linear_async_bounds_bad_indices_on_the_device(emu):

@@ -36,6 +36,8 @@ namespace openlora {
 namespace {
 
 constexpr int kMaxTokens = 8;           // tokens of a short segment (the kernels keep one sum each)
+constexpr int kBlockTokens = 64;        // tokens of a segment one block covers (grid z: a long segment
+                                        // spreads over ceil(n / kBlockTokens) blocks, not one)
 constexpr int kWarps = 8;               // warps per block
 constexpr int kThreads = 32 * kWarps;
 constexpr int64_t kMaxShortRank = 1024; // expand_kernel keeps kMaxTokens x r_max floats in shared memory
@@ -83,9 +85,10 @@ __device__ __forceinline__ SegmentView segment(int g, const int32_t* __restrict_
   return sv;
 }
 
-// grid (G, ceil(r_max / kWarps)), kThreads threads; warp w of block (g, y) computes rank row
-// k = y * kWarps + w of segment g, kMaxTokens tokens at a time (each chunk re-reads the row, from
-// cache).  x [T, d_in], lora_a [S, r_max, d_in], v [T, r_max] fp32.
+// grid (G, ceil(r_max / kWarps), ceil(T / kBlockTokens)), kThreads threads; warp w of block (g, y, z)
+// computes rank row k = y * kWarps + w of segment g for its tokens [z * kBlockTokens, (z + 1) *
+// kBlockTokens), kMaxTokens at a time (each chunk re-reads the row, from cache); blocks past the
+// segment's end return at once.  x [T, d_in], lora_a [S, r_max, d_in], v [T, r_max] fp32.
 // VEC elements per load: 16 bytes' worth when d_in and the pointers allow, else 1.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
@@ -100,8 +103,10 @@ shrink_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lora_
   if (sv.n == 0 || k >= sv.r) return;  // uniform over the warp
   const scalar_t* a = lora_a + (static_cast<int64_t>(sv.s) * r_max + k) * d_in;
   const float scaling = scalings[sv.s];
-  for (int64_t t0 = 0; t0 < sv.n; t0 += kMaxTokens) {
-    const int64_t nt = sv.n - t0 < kMaxTokens ? sv.n - t0 : kMaxTokens;
+  const int64_t z0 = static_cast<int64_t>(blockIdx.z) * kBlockTokens;
+  const int64_t z1 = sv.n < z0 + kBlockTokens ? sv.n : z0 + kBlockTokens;
+  for (int64_t t0 = z0; t0 < z1; t0 += kMaxTokens) {
+    const int64_t nt = z1 - t0 < kMaxTokens ? z1 - t0 : kMaxTokens;
     const scalar_t* xs = x + (sv.begin + t0) * d_in;
     float acc[kMaxTokens] = {};
     for (int64_t i = static_cast<int64_t>(lane) * VEC; i < d_in; i += 32 * VEC) {
@@ -129,9 +134,9 @@ shrink_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lora_
   }
 }
 
-// grid (G, ceil(d_out / kThreads)), kThreads threads, kMaxTokens * r_max floats of shared memory;
-// thread o of segment g adds v[t, :r] @ lora_b[s, o, :r] to y[t, o] for the segment's tokens t,
-// kMaxTokens at a time (each chunk's v in shared memory; the row of lora_b re-read from cache).
+// grid (G, ceil(d_out / kThreads), ceil(T / kBlockTokens)), kThreads threads, kMaxTokens * r_max
+// floats of shared memory; thread o of block (g, y, z) adds v[t, :r] @ lora_b[s, o, :r] to y[t, o] for
+// the segment's tokens t in [z * kBlockTokens, (z + 1) * kBlockTokens), kMaxTokens at a time (each chunk's v in shared memory; the row of lora_b re-read from cache).
 // v [T, r_max] fp32, lora_b [S, d_out, r_max], y [T, d_out].
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
@@ -146,8 +151,10 @@ expand_kernel(const float* __restrict__ v, const scalar_t* __restrict__ lora_b,
   const int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const bool active = o < d_out;  // every thread still takes part in the barriers
   const scalar_t* b = lora_b + (static_cast<int64_t>(sv.s) * d_out + (active ? o : 0)) * r_max;
-  for (int64_t t0 = 0; t0 < sv.n; t0 += kMaxTokens) {
-    const int64_t nt = sv.n - t0 < kMaxTokens ? sv.n - t0 : kMaxTokens;
+  const int64_t z0 = static_cast<int64_t>(blockIdx.z) * kBlockTokens;
+  const int64_t z1 = sv.n < z0 + kBlockTokens ? sv.n : z0 + kBlockTokens;  // uniform over the block
+  for (int64_t t0 = z0; t0 < z1; t0 += kMaxTokens) {
+    const int64_t nt = z1 - t0 < kMaxTokens ? z1 - t0 : kMaxTokens;
     __syncthreads();  // the previous chunk's reads of vs are done
     for (int64_t i = threadIdx.x; i < nt * r; i += blockDim.x)
       vs[i] = v[(sv.begin + t0 + i / r) * r_max + i % r];
@@ -195,14 +202,16 @@ void launch_kernels(const at::Tensor& x, const at::Tensor& lora_a, const at::Ten
   const auto* xp = x.data_ptr<scalar_t>();
   const auto* ap = lora_a.data_ptr<scalar_t>();
   const auto* bp = lora_b.data_ptr<scalar_t>();
-  const dim3 shrink_grid(G, (r_max + kWarps - 1) / kWarps);
+  // grid z: T bounds every segment's length (the async op knows no segment's length on the host)
+  const int64_t Z = std::max<int64_t>(1, (std::min(T, max_tokens) + kBlockTokens - 1) / kBlockTokens);
+  const dim3 shrink_grid(G, (r_max + kWarps - 1) / kWarps, Z);
   const bool vec_a = d_in % kVec == 0 && aligned16(xp) && aligned16(ap);
   auto shrink = vec_a ? shrink_kernel<scalar_t, kVec> : shrink_kernel<scalar_t, 1>;
   OPENLORA_LAUNCH(shrink, shrink_grid, kThreads, 0, stream)(
       xp, ap, scalings.data_ptr<float>(), ranks.data_ptr<int32_t>(), seg_indptr.data_ptr<int32_t>(),
       seg_slots.data_ptr<int32_t>(), v.data_ptr<float>(), T, S, d_in, r_max, max_tokens);
   OPENLORA_LAUNCH_CHECK();
-  const dim3 expand_grid(G, (d_out + kThreads - 1) / kThreads);
+  const dim3 expand_grid(G, (d_out + kThreads - 1) / kThreads, Z);
   const size_t smem = sizeof(float) * kMaxTokens * r_max;
   const bool vec_b = r_max % kVec == 0 && aligned16(bp);
   auto expand = vec_b ? expand_kernel<scalar_t, kVec> : expand_kernel<scalar_t, 1>;
