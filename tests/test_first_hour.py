@@ -6,10 +6,13 @@ atomic when interrupted, and the README's first-run commands work without activa
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import pathlib
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -111,3 +114,27 @@ def test_readme_first_run_commands_need_no_activated_venv():
     for line in first_run:
         for adapter in re.findall(r"--adapter (demo/\w+)", line):
             assert adapter in DEMO_ADAPTERS, line
+
+
+def test_a_service_logs_json_from_its_first_record(tmp_path):
+    """The executor's kernel build announced itself while its module was imported, before logging
+    was set up: that record (the one a person waits on) was console text naming no service."""
+    code = textwrap.dedent(f"""
+        import sys, structlog
+        import services.cli as cli
+        def resolve(target, what):
+            structlog.get_logger().info("kernel_build_started", expected_seconds="20-180")  # at import
+            async def serve(config):
+                structlog.get_logger().info("serving")
+            return serve
+        cli._resolve = resolve
+        sys.exit(cli.main(["registry", "--data-dir", {str(tmp_path / "r")!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OPENLORA_LOG_SERVICE": "executor-0"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    records = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert [r["event"] for r in records] == ["kernel_build_started", "serving"]
+    assert all(r["service"] == "executor-0" for r in records)
+
