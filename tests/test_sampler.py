@@ -93,3 +93,56 @@ def test_vanishing_temperature_is_greedy_not_an_error():
     rows = [SamplingRow(SamplingOptions(temperature=1e-45, seed=1),
                         make_generator(1, torch.device("cpu")), [1, 2]) for _ in range(2)]
     assert sample(logits, rows)[0] == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("edge", [
+    dict(max_new_tokens=0), dict(temperature=0.0), dict(top_p=0.0), dict(top_p=1.0), dict(top_k=0),
+    dict(repetition_penalty=0.0), dict(seed=-(2**63)), dict(seed=2**64 - 1), dict(min_new_tokens=0),
+    dict(min_new_tokens=4, max_new_tokens=4), dict(min_new_tokens=9, max_new_tokens=0),
+    dict(presence_penalty=-2.0), dict(presence_penalty=2.0), dict(frequency_penalty=-2.0),
+    dict(frequency_penalty=2.0), dict(top_logprobs=0), dict(top_logprobs=20), dict(stop_token_ids=(0,)),
+])
+def test_every_limit_itself_is_valid(edge):
+    """Each bound is inclusive: a value exactly at it is accepted."""
+    assert SamplingOptions(**edge).problems() == []
+
+
+@pytest.mark.parametrize("past, bad", [
+    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=-0.01), "top_p"), (dict(top_p=1.01), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(repetition_penalty=-0.01), "repetition_penalty"), (dict(seed=-(2**63) - 1), "seed"),
+    (dict(seed=2**64), "seed"), (dict(stop=("ok", "")), "stop"), (dict(min_new_tokens=-1), "min_new_tokens"),
+    (dict(min_new_tokens=5, max_new_tokens=4), "min_new_tokens (5)"),
+    (dict(presence_penalty=-2.01), "presence_penalty"), (dict(frequency_penalty=2.01), "frequency_penalty"),
+    (dict(presence_penalty=float("inf")), "presence_penalty"),
+    (dict(top_logprobs=-1), "top_logprobs"), (dict(top_logprobs=21), "top_logprobs"),
+    (dict(stop_token_ids=(3, -1)), "got -1"),
+])
+def test_just_past_each_limit_is_a_clear_problem(past, bad):
+    problems = SamplingOptions(**past).problems()
+    assert problems and bad in problems[0], problems
+
+
+@pytest.mark.parametrize("kw, history, prompt_len, special", [
+    (dict(), [1, 2], 2, False),                                   # greedy: the raw argmax
+    (dict(temperature=0.5), [], 0, True),
+    (dict(repetition_penalty=1.0), [1], 1, False),                # 1 is off, as 0 is
+    (dict(repetition_penalty=1.2), [1], 1, True),
+    (dict(presence_penalty=0.5), [1, 2], 2, False),               # nothing generated yet
+    (dict(presence_penalty=0.5), [1, 2, 3], 2, True),
+    (dict(frequency_penalty=-0.5), [1, 2, 3], 2, True),
+    (dict(min_new_tokens=2), [1, 2, 3], 2, True),                 # one generated, two asked: masked
+    (dict(min_new_tokens=1), [1, 2, 3], 2, False),                # reached: EOS may come
+])
+def test_which_rows_need_more_than_the_argmax(kw, history, prompt_len, special):
+    r = SamplingRow(SamplingOptions(**kw), None, history, prompt_len, held_back=(7,))
+    assert bool(r.special) is special
+    assert r.masked == (() if not special or "min_new_tokens" not in kw else (7,))
+
+
+def test_a_held_back_token_is_never_drawn_until_min_new_tokens():
+    logits = torch.tensor([[0.0, 1.0, 9.0]])             # 2 (say EOS) is far the most likely
+    r = SamplingRow(SamplingOptions(min_new_tokens=2), None, [5, 1], 1, held_back=(2,))
+    assert sample(logits, [r])[0] == [1]
+    r.history.append(1)                                    # two generated now
+    assert sample(logits, [r])[0] == [2]
