@@ -5,6 +5,8 @@
 // One m.def per op, each after a comment saying what it computes.
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+
 namespace openlora {
 
 bool packing_available();  // lora_linear_packed.cpp
@@ -50,6 +52,14 @@ TORCH_LIBRARY(openlora, m) {
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   // x * cos + rotate_half(x) * sin (Hugging Face's RoPE).
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  // the CPU kernels' instruction set in use: "avx512_bf16", "avx512", "avx2" or "generic".
+  m.def("cpu_isa() -> str", &cpu_isa_name);
+  // forces the CPU kernels' instruction set ("auto": the best this CPU supports); an ISA this CPU or
+  // build lacks raises. Set once (the executor's config, tests), never read from the environment.
+  m.def("set_cpu_isa(str isa) -> ()", &set_cpu_isa);
+  // whether few-token fp32 lora_linear calls interleave the base matmul with the LoRA phases:
+  // -1 = where it measured faster (CPUs without AVX-512), 0 = never, 1 = always. Set once.
+  m.def("set_interleave(int mode) -> ()", &set_interleave);
 }
 
 }  // namespace openlora

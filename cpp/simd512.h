@@ -4,7 +4,7 @@
 #pragma once
 
 #if defined(__AVX512F__)
-#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -52,7 +52,7 @@ inline __m512 exp16(__m512 x) {
 
 // 16 values (the first m lanes; the rest read as 0) widened to fp32, exactly.
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
   const __m256i raw = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
@@ -73,7 +73,7 @@ inline __m256i to_bf16(__m512 v) {
 
 // The first m lanes of v stored to p, rounded to p's dtype.
 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store16(at::BFloat16* p, __m512 v, __mmask16 m) {
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p), m, to_bf16(v));
 }
 

@@ -137,11 +137,12 @@ def test_work_split_between_threads_cpu(dtype, dims, threads, b_layout):
 @pytest.mark.parametrize("b_layout", ["rows", "transposed"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tokens", [1, 64, 512, 513])
-def test_interleaved_base_matmul_cpu(tokens, threads, b_layout, interleave, monkeypatch):
+def test_interleaved_base_matmul_cpu(tokens, threads, b_layout, interleave):
     """fp32 calls of up to 512 tokens may run the base matmul in column blocks between the LoRA phases
-    (OPENLORA_INTERLEAVE=1 forces it, =0 turns it off); at and around that size, with d_out not a
-    multiple of the block, the result is the same either way."""
-    monkeypatch.setenv("OPENLORA_INTERLEAVE", interleave)
+    (set_cpu_kernels(interleave="1") forces it, "0" turns it off: the executor's --interleave); at and
+    around that size, with d_out not a multiple of the block, the result is the same either way."""
+    from services.executor import ops
+    ops.set_cpu_kernels(interleave=interleave)
     lens = [1] * min(tokens, 40) + ([tokens - 40] if tokens > 40 else [])
     slots = [(i % 7) - 1 for i in range(len(lens))]
     old = torch.get_num_threads()
@@ -152,6 +153,7 @@ def test_interleaved_base_matmul_cpu(tokens, threads, b_layout, interleave, monk
                                      layout_args=(lens, slots), b_transposed=b_layout == "transposed")
     finally:
         torch.set_num_threads(old)
+        ops.set_cpu_kernels(interleave="auto")
 
 
 def _check_matches_by_hand(device):
@@ -291,6 +293,7 @@ def test_failed_build_raises_with_compiler_message(tmp_path, monkeypatch):
     broken = tmp_path / "broken.cpp"
     broken.write_text("int main() { return undeclared_name_42; }\n")
     monkeypatch.setattr(build, "CPU_SOURCES", [broken])
+    monkeypatch.setattr(build, "ISA_FLAGS", {})
     monkeypatch.setattr(build, "cuda_buildable", lambda: False)
     monkeypatch.setenv("OPENLORA_BUILD_DIR", str(tmp_path / "build"))
     with pytest.raises(build.KernelBuildError, match="undeclared_name_42"):

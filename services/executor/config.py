@@ -47,6 +47,18 @@ class ExecutorConfig(ServerConfig):
                          "with FetchAdapter as the fallback (empty -> FetchAdapter only)")
     registry_timeout_s: float = flag(30.0, "deadline of each registry call, seconds")
     metrics_port: int = flag(0, "Prometheus metrics HTTP port (0 -> off)")
+    kernel: str = flag("auto", "which kernels run the ops: the C++/CUDA extension, falling back to the "
+                       "PyTorch references (logged) if it cannot be built (auto); the extension, a failed "
+                       "build an error (cpp); or the slow references (reference)",
+                       choices=("auto", "cpp", "reference"))
+    build_dir: str = flag("", "where the kernels are compiled and cached (empty -> ~/.cache/openlora)")
+    cuda_arch: str = flag("", "GPU architecture the CUDA kernels are compiled for, e.g. 90 or 80 (empty -> "
+                          "the GPU present; the compile-only check without one: 90)")
+    cpu_isa: str = flag("auto", "instruction set of the CPU kernels (auto -> the best this CPU supports)",
+                        choices=("auto", "avx512_bf16", "avx512", "avx2", "generic"))
+    interleave: str = flag("auto", "fp32 calls of <= 512 tokens on CPU run the base matmul in column blocks "
+                           "between the LoRA phases: on (1), off (0), or auto (on without AVX-512, where "
+                           "it measured faster)", choices=("auto", "on", "off", "1", "0"))
     adapter_latest_ttl_s: float = flag(5.0, "age after which a resident 'latest' adapter is re-resolved in "
                                        "the background (it is served at once meanwhile), seconds")
 

@@ -156,7 +156,7 @@ class Engine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         tune_malloc()   # activations are MiB-sized: keep freed ones for reuse (see memory.py)
-        self.kernel_backend = ops.ensure_built()
+        self.kernel_backend = ops.load(config)
         path = resolve_model_dir(config.base_model)
         _, cfg = read_config(path)
         max_len = config.max_model_len or cfg.max_positions

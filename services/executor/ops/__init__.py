@@ -8,8 +8,10 @@ weights packed once into MKL's GEMM layout.
 The ops come from the C++/CUDA extension (cpp/, built by ensure_built() through build.py), or, if that cannot
 be built, from the pure-PyTorch references — logged as an error, never silent. Every op but the
 CPU-only packed ones has a CUDA kernel (cpp/cuda), built where torch sees a GPU and nvcc is present;
-on a GPU without nvcc the references run. $OPENLORA_KERNEL forces
-one: "cpp" (a failed build raises) or "reference"; unset or "auto" tries cpp, then falls back.
+on a GPU without nvcc the references run. The executor's --kernel ($OPENLORA_KERNEL) forces
+one: "cpp" (a failed build raises) or "reference"; "auto" tries cpp, then falls back. The schemas are
+declared once, in cpp/ops.cpp (SCHEMAS reads them from there). load(config) is the executor's
+start-up: the build, then the CPU kernels' instruction set and interleaving, set once.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ __all__ = ["lora_linear", "lora_linear_async", "lora_linear_ref", "lora_paged_ad
            "linear_packed", "paged_attention_decode", "paged_attention_decode_async",
            "paged_attention_decode_ref", "rms_norm", "rms_norm_ref",
            "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref", "rotary", "rotary_ref",
-           "build_segments", "ensure_built", "kernel_backend"]
+           "build_segments", "ensure_built", "kernel_backend", "load", "set_cpu_kernels", "cpu_isa"]
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,11 @@ def _register_reference(dispatch_keys: tuple[str, ...], names=tuple(SCHEMAS)) ->
         torch.library.impl(f"openlora::{name}", dispatch_keys, ref)
 
 
-def _load() -> str:
-    choice = os.environ.get("OPENLORA_KERNEL", "auto")
+def _load(choice: str) -> str:
     if choice not in ("auto", "cpp", "reference"):
-        raise ValueError(f"OPENLORA_KERNEL must be auto, cpp or reference, got {choice!r}")
+        raise ValueError(f"kernel must be auto, cpp or reference, got {choice!r}")
     if choice == "reference":
-        log.warning("OPENLORA_KERNEL=reference: the ops run the slow pure-PyTorch references")
+        log.warning("kernel=reference: the ops run the slow pure-PyTorch references")
         _register_reference(("CPU", "CUDA"))
         return "reference"
     try:
@@ -100,12 +101,13 @@ def _load() -> str:
     return "cpp"
 
 
-def ensure_built() -> str:
-    """Build/load the ops once per process (idempotent); returns kernel_backend()."""
+def ensure_built(kernel: str | None = None) -> str:
+    """Build/load the ops once per process (idempotent); returns kernel_backend(). kernel: auto, cpp or
+    reference (the executor's --kernel; None -> $OPENLORA_KERNEL, else auto), read by the first call."""
     global _backend
     with _lock:
         if _backend is None:
-            _backend = _load()
+            _backend = _load(kernel or os.environ.get("OPENLORA_KERNEL", "auto"))
             torch.library.register_fake("openlora::lora_linear")(_lora_linear_fake)
             torch.library.register_fake("openlora::lora_linear_async")(_lora_linear_fake)
             torch.library.register_fake("openlora::lora_linear_packed")(
@@ -118,6 +120,36 @@ def ensure_built() -> str:
             for name, fake in _LAYER_FAKES.items():
                 torch.library.register_fake(f"openlora::{name}")(fake)
     return _backend
+
+
+def load(config) -> str:
+    """The executor's start-up: builds/loads the kernels as its config says (kernel, build_dir,
+    cuda_arch) and sets the CPU kernels' knobs once (cpu_isa, interleave); returns kernel_backend()."""
+    if config.build_dir:
+        _build.BUILD_DIR = config.build_dir
+    if config.cuda_arch:
+        _build.CUDA_ARCH = config.cuda_arch
+    backend = ensure_built(config.kernel)
+    set_cpu_kernels(config.cpu_isa, config.interleave)
+    return backend
+
+
+_INTERLEAVE = {"auto": -1, "off": 0, "0": 0, "on": 1, "1": 1}
+
+
+def set_cpu_kernels(isa: str = "auto", interleave: str = "auto") -> None:
+    """The CPU kernels' instruction set (auto, avx512_bf16, avx512, avx2, generic; one this CPU lacks
+    raises) and whether few-token fp32 lora_linear calls interleave the base matmul (auto, on, off):
+    set once, never read per call. Nothing to set on the reference backend."""
+    if ensure_built() != "cpp":
+        return
+    torch.ops.openlora.set_cpu_isa(isa)
+    torch.ops.openlora.set_interleave(_INTERLEAVE[interleave])
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run ("reference" on the reference backend)."""
+    return torch.ops.openlora.cpu_isa() if ensure_built() == "cpp" else "reference"
 
 
 def kernel_backend() -> str:

@@ -3,8 +3,9 @@
 Built with torch.utils.cpp_extension.load and ninja into a cache directory keyed by a hash of
 everything that changes the binary: the sources (contents and where they are: ninja rebuilds when a
 path changes, so two checkouts must not share a directory), the flags, torch's version and location,
-the Python interpreter and the CPU, so an edit rebuilds and an unchanged tree loads in a
-fraction of a second. The directory is $OPENLORA_BUILD_DIR, else ~/.cache/openlora.
+the Python interpreter (not the CPU: nothing is built for the CPU it is built on; see ISA_FLAGS), so an edit rebuilds and an unchanged tree loads in a
+fraction of a second. The directory is the executor's --build-dir ($OPENLORA_BUILD_DIR), else
+~/.cache/openlora.
 
 build_cuda_emulation() builds the same CUDA sources as plain C++ over cpp/cuda/emulation.h, where
 CPU threads play CUDA's blocks, warps and threads: torch.ops.openlora_emu.{lora_linear,
@@ -23,7 +24,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,22 +36,34 @@ import torch
 from torch.utils import cpp_extension
 
 CPP_DIR = Path(__file__).resolve().parents[3] / "cpp"
-CPU_SOURCES = [CPP_DIR / "ops.cpp", CPP_DIR / "lora_linear.cpp", CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp",
+CPU_SOURCES = [CPP_DIR / "ops.cpp", CPP_DIR / "lora_linear.cpp", CPP_DIR / "cpu_isa.cpp",
+               CPP_DIR / "lora_linear_packed.cpp", CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp",
                CPP_DIR / "lora_paged.cpp"]
+# lora_linear's LoRA phases (cpp/lora_tiles.h), one file per instruction set, each compiled with its
+# own flags into the same binary; cpp/cpu_isa.cpp picks the best one this CPU supports at run time
+# (set_cpu_isa forces one). Generic first: the linker keeps the first copy of an inline function two
+# files share, and that one must run on any CPU.
+ISA_FLAGS = {
+    "generic": [],
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+    "avx512_bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma"],
+}
 CUDA_SOURCES = [CPP_DIR / "cuda" / "lora_linear.cu", CPP_DIR / "cuda" / "paged_attention.cu",
                 CPP_DIR / "cuda" / "layer_ops.cu", CPP_DIR / "cuda" / "lora_paged.cu"]
-HEADERS = [CPP_DIR / "lora_linear_checks.h", CPP_DIR / "paged_attention_checks.h",
+HEADERS = [CPP_DIR / "lora_linear_checks.h", CPP_DIR / "lora_linear_cpu.h", CPP_DIR / "lora_tiles.h",
+           CPP_DIR / "cpu_isa.h", CPP_DIR / "lora_linear_packed.h", CPP_DIR / "paged_attention_checks.h",
            CPP_DIR / "layer_ops_checks.h", CPP_DIR / "simd512.h", CPP_DIR / "cuda" / "compat.cuh"]
 # The CUDA sources as plain C++ over a CPU emulation of CUDA's threads (build_cuda_emulation; tests only).
 EMULATION_SOURCES = [CPP_DIR / "cuda" / "emulation_lora_linear.cpp",
                      CPP_DIR / "cuda" / "emulation_paged_attention.cpp",
                      CPP_DIR / "cuda" / "emulation_layer_ops.cpp",
                      CPP_DIR / "cuda" / "emulation_lora_paged.cpp"]
-# -march=native: the cache key includes the CPU's flags, so a build never runs on a CPU it wasn't made for.
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# No -march=native: the binary runs on any x86-64 CPU; the ISA-specific code is in the ISA_FLAGS files.
+CFLAGS = ["-O3", "-fopenmp"]
 CUDA_CFLAGS = ["-O3"]
 # The architecture compile_cuda_check builds for (the real build targets the GPU it runs on): sm_90, the
-# H100/H200 that sessions are lent; $OPENLORA_CUDA_ARCH overrides it (e.g. 80 for an A100).
+# H100/H200 that sessions are lent; --cuda-arch ($OPENLORA_CUDA_ARCH) overrides it (e.g. 80 for an A100).
 CUDA_CHECK_ARCH = "90"
 # What a first build takes (seconds, low..high) on a small, busy machine, said in the log beforehand.
 EXPECTED_BUILD_S = (20, 180)
@@ -67,25 +79,29 @@ def cuda_buildable() -> bool:
     return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
+# Set once by ops.load from the executor's config (--build-dir, --cuda-arch); None -> $OPENLORA_BUILD_DIR
+# / $OPENLORA_CUDA_ARCH (the same flags' environment variables, for tests and tools without a config).
+BUILD_DIR: str | None = None
+CUDA_ARCH: str | None = None
 
 
 def build_dir() -> Path:
-    return Path(os.environ.get("OPENLORA_BUILD_DIR", Path.home() / ".cache" / "openlora"))
+    return Path(BUILD_DIR or os.environ.get("OPENLORA_BUILD_DIR") or Path.home() / ".cache" / "openlora")
+
+
+def cuda_arch() -> str | None:
+    return CUDA_ARCH or os.environ.get("OPENLORA_CUDA_ARCH") or None
 
 
 def _load(prefix: str, sources: list[Path], key_extra: tuple, verbose: bool, included: tuple[Path, ...] = (),
-          **load_args) -> Path:
+          isa_objects: dict[Path, list[str]] | None = None, **load_args) -> Path:
     """Compile (if needed) and load `sources` as extension `prefix`_<hash of the sources, the files
     they include (HEADERS and `included`) and key_extra>, in its own directory under build_dir();
-    returns the .so's path. A failure raises KernelBuildError with the compiler's output."""
+    returns the .so's path. isa_objects: more sources, each compiled on its own with its own flags
+    (added to the common ones) and linked in. A failure raises KernelBuildError with the compiler's output."""
+    isa_objects = isa_objects or {}
+    included = (*included, *isa_objects)
+    key_extra = (*key_extra, [(path.name, flags) for path, flags in isa_objects.items()])
     key = hashlib.sha256(build_key(sources, key_extra, included).encode())
     name = f"{prefix}_{key.hexdigest()[:16]}"
     directory = build_dir() / name
@@ -99,11 +115,14 @@ def _load(prefix: str, sources: list[Path], key_extra: tuple, verbose: bool, inc
     t0 = time.monotonic()
     try:
         with _build_lock(directory):
+            objects = _compile_objects(directory, isa_objects, load_args, verbose)
+            if objects:
+                load_args["extra_ldflags"] = [*load_args.get("extra_ldflags", []), *map(str, objects)]
             cpp_extension.load(name=name, sources=[str(p) for p in sources],
                                build_directory=str(directory), is_python_module=False, verbose=verbose,
                                **load_args)
     except Exception as exc:  # the compiler's output is in the message (and its __cause__)
-        cause = exc.__cause__
+        cause = exc if isinstance(exc, _CompileError) else exc.__cause__
         detail = getattr(cause, "output", None)
         if isinstance(detail, bytes):
             detail = detail.decode(errors="replace")
@@ -114,6 +133,44 @@ def _load(prefix: str, sources: list[Path], key_extra: tuple, verbose: bool, inc
     if not cached:
         log.info("kernel_build_done", extension=prefix, seconds=round(time.monotonic() - t0, 1))
     return directory / f"{name}.so"
+
+
+class _CompileError(Exception):
+    def __init__(self, message: str, output: str):
+        super().__init__(message)
+        self.output = output
+
+
+def _compile_objects(directory: Path, isa_objects: dict[Path, list[str]], load_args: dict,
+                     verbose: bool) -> list[Path]:
+    """Compiles each source of isa_objects to an object in directory (in parallel; ones already there
+    are kept: the directory's name is the hash of them all), with the flags torch's extension build
+    gives the others plus its own; returns the objects in isa_objects' order."""
+    cxx = os.environ.get("CXX", "c++")
+    common = ["-std=c++17", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+              *load_args.get("extra_cflags", []),
+              *(f"-I{p}" for p in [*load_args.get("extra_include_paths", []), *cpp_extension.include_paths()])]
+    objects, running = [], []
+    for source, flags in isa_objects.items():
+        obj = directory / f"{source.stem}.o"
+        objects.append(obj)
+        if obj.exists():
+            continue
+        cmd = [cxx, "-c", str(source), "-o", f"{obj}.tmp", *common, *flags]
+        if verbose:
+            print(" ".join(cmd), file=sys.stderr)
+        running.append((source, obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True)))
+    failed = []
+    for source, obj, proc in running:
+        output = proc.communicate()[0]
+        if proc.returncode != 0:
+            failed.append(f"{source} (exit {proc.returncode}):\n{output}")
+        else:
+            os.replace(f"{obj}.tmp", obj)
+    if failed:
+        raise _CompileError(f"compiling {len(failed)} file(s) failed", "\n".join(failed))
+    return objects
 
 
 @contextlib.contextmanager
@@ -133,13 +190,13 @@ def _build_lock(directory: Path):
 
 def build_key(sources: list[Path], key_extra: tuple, included: tuple[Path, ...] = ()) -> str:
     """Everything the binary depends on, as one string to hash: each source's and header's absolute
-    path and contents, the flags (key_extra), torch's version and install location, the Python
-    interpreter (path and version) and the CPU's flags (-march=native)."""
+    path and contents, the flags (key_extra), torch's version and install location and the Python
+    interpreter (path and version). Not the CPU: nothing is built for the CPU it is built on."""
     parts = []
     for path in [*sources, *HEADERS, *included]:
         parts.append(f"{path.resolve()}:{hashlib.sha256(path.read_bytes()).hexdigest()}")
     parts.append(repr((key_extra, torch.__version__, str(Path(torch.__file__).resolve().parent),
-                       sys.executable, sys.version, _cpu_flags())))
+                       sys.executable, sys.version)))
     return "\n".join(parts)
 
 
@@ -147,8 +204,11 @@ def build(verbose: bool = False) -> Path:
     """Compile (if needed) and load the extension into this process; returns the .so's path."""
     with_cuda = cuda_buildable()
     sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
-    return _load("openlora_ops", sources, (CFLAGS, CUDA_CFLAGS, with_cuda), verbose,
-                 extra_cflags=CFLAGS, extra_cuda_cflags=CUDA_CFLAGS if with_cuda else None,
+    arch = cuda_arch()  # None: torch builds for the GPU present
+    cuda_cflags = CUDA_CFLAGS + ([f"-gencode=arch=compute_{arch},code=sm_{arch}"] if arch else [])
+    isa_objects = {CPP_DIR / f"lora_linear_{isa}.cpp": flags for isa, flags in ISA_FLAGS.items()}
+    return _load("openlora_ops", sources, (CFLAGS, cuda_cflags, with_cuda), verbose, isa_objects=isa_objects,
+                 extra_cflags=CFLAGS, extra_cuda_cflags=cuda_cflags if with_cuda else None,
                  extra_ldflags=["-fopenmp"], extra_include_paths=[str(CPP_DIR)])
 
 
@@ -196,7 +256,7 @@ def compile_cuda_check(sources: list[Path] | None = None, arch: str | None = Non
     if nvcc is None:
         raise KernelBuildError("no nvcc: set CUDA_HOME or put nvcc on PATH to compile cpp/cuda")
     sources = list(sources or CUDA_SOURCES)
-    arch = arch or os.environ.get("OPENLORA_CUDA_ARCH", CUDA_CHECK_ARCH)
+    arch = arch or cuda_arch() or CUDA_CHECK_ARCH
     version = subprocess.run([nvcc, "--version"], check=False, capture_output=True, text=True).stdout
     flags = (["-std=c++20", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
