@@ -27,7 +27,7 @@ with the weight prepacked (lora_linear_packed and linear_packed), as the engine 
 --attention instead times one layer's decode attention at the throughput benchmark's shapes (N = 64
 sequences of ~48 tokens, 8 heads / 4 kv heads, head_dim 64, block_size 16, scattered blocks), then at
 long contexts (16 sequences of ~2048 tokens; 8 of ~1024 with 28 heads / 4 kv heads of 128, as in a
-7B Qwen2): the old gather + masked SDPA path of kv_cache.paged_attention vs the fused
+7B Qwen2): the old gather + masked SDPA path of model.attention.paged_attention vs the fused
 paged_attention_decode op.
 
 --mixed-ranks instead times the adapter arena's op (lora_paged_add_, the executor's CPU path: A and B
@@ -237,7 +237,7 @@ def bench_attention(dtype: torch.dtype, rounds: int, N: int = 64, H: int = 8, KV
     tables_long, scale = tables.long(), D ** -0.5
     cuda = device != "cpu"
 
-    def gather_sdpa():  # kv_cache.paged_attention's old decode path
+    def gather_sdpa():  # model.attention.paged_attention's old decode path
         kg = kc[tables_long].flatten(1, 2).transpose(1, 2)  # [N, KVH, L, D]
         vg = vc[tables_long].flatten(1, 2).transpose(1, 2)
         return torch.nn.functional.scaled_dot_product_attention(

@@ -6,15 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.executor.kv_cache import (
-    AttnMetadata,
-    KVBlockAllocator,
-    auto_num_blocks,
-    block_hash,
-    blocks_needed,
-    build_group,
-    paged_attention,
-)
+from services.executor.kv_cache import KVBlockAllocator, auto_num_blocks, block_hash, blocks_needed
+from services.executor.model.attention import AttnMetadata, build_group, paged_attention
 
 
 @pytest.mark.parametrize("ops, free_after", [

@@ -32,14 +32,8 @@ from services.executor.adapters.cache import AdapterCache, AdapterSource
 from services.executor.adapters.pool import AdapterPool
 from services.executor.adapters.residency import Residency
 from services.executor.config import ExecutorConfig
-from services.executor.kv_cache import (
-    AttnGroup,
-    AttnMetadata,
-    KVBlockAllocator,
-    KVCache,
-    auto_num_blocks,
-    build_group,
-)
+from services.executor.kv_cache import KVBlockAllocator, KVCache, auto_num_blocks
+from services.executor.model.attention import AttnGroup, AttnMetadata, build_group
 from services.executor.model.llama import ForwardBatch
 from services.executor.model.loader import (
     load_model,

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from services.executor import ops
-from services.executor.kv_cache import AttnMetadata, KVCache, paged_attention
+from services.executor.kv_cache import KVCache
+from services.executor.model.attention import AttnMetadata, paged_attention
 
 if TYPE_CHECKING:
     from services.executor.adapters.arena import PagedBatch
