@@ -1,0 +1,135 @@
+"""The model runner: one step's scheduled sequences -> a ForwardBatch -> the model's logits.
+
+    runner = ModelRunner(model, model_config, kv, device, arena, max_tokens, max_seqs)
+    logits = runner.run(batch, entries)   # entries: each item's arena entry (CPU), else None
+
+The step's flat inputs (token ids, positions, KV slot mapping, logits rows, adapter segments) are
+written into buffers allocated once (InputBuffers; pinned host memory copied to device buffers on
+CUDA) instead of new tensors every step. Attention's per-group tables come from
+model/attention.build_group.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import torch
+from torch import Tensor
+
+from services.executor.kv_cache import KVCache
+from services.executor.model.attention import AttnGroup, AttnMetadata, build_group
+from services.executor.model.llama import ForwardBatch
+from services.executor.scheduler import Batch
+
+# name -> (dtype, array typecode, sized by tokens (True) or by sequences (False), extra rows)
+_BUFFERS = {
+    "input_ids": (torch.long, "q", True, 0),
+    "positions": (torch.long, "q", True, 0),
+    "slot_mapping": (torch.long, "q", True, 0),
+    "logits_rows": (torch.long, "q", False, 0),
+    "seg_indptr": (torch.int32, "i", False, 1),
+    "seg_slots": (torch.int32, "i", False, 0),
+}
+
+
+class InputBuffers:
+    """The step's flat input tensors, allocated once and refilled each step (grown if outgrown).
+
+    On CUDA the values go to pinned host buffers and are copied to device buffers without blocking;
+    the next fill first waits for the last copy, so a pinned buffer is never rewritten in flight.
+    """
+
+    def __init__(self, max_tokens: int, max_seqs: int, device: torch.device):
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self._copied = None              # the CUDA event recorded after the last copies
+        self._alloc(max(1, max_tokens), max(1, max_seqs))
+
+    def _alloc(self, tokens: int, seqs: int) -> None:
+        self.max_tokens, self.max_seqs = tokens, seqs
+        self.host: dict[str, Tensor] = {}
+        self.dev: dict[str, Tensor] = {}
+        for name, (dtype, _, by_tokens, extra) in _BUFFERS.items():
+            n = (tokens if by_tokens else seqs) + extra
+            self.host[name] = torch.empty(n, dtype=dtype, pin_memory=self.pinned)
+            self.dev[name] = torch.empty(n, dtype=dtype, device=self.device) if self.pinned \
+                else self.host[name]
+
+    def fill(self, values: dict[str, list[int]]) -> dict[str, Tensor]:
+        """values: name -> its ints this step -> name -> a view of that many rows on the device."""
+        tokens = len(values["input_ids"])
+        seqs = max(len(values["logits_rows"]), len(values["seg_slots"]))
+        if tokens > self.max_tokens or seqs > self.max_seqs:
+            self._alloc(max(tokens, 2 * self.max_tokens), max(seqs, 2 * self.max_seqs))
+        if self._copied is not None:
+            self._copied.synchronize()
+        out = {}
+        for name, vals in values.items():
+            dtype, code, _, _ = _BUFFERS[name]
+            n = len(vals)
+            host, dev = self.host[name][:n], self.dev[name][:n]
+            if n:
+                host.copy_(torch.frombuffer(array(code, vals), dtype=dtype))
+                if self.pinned:
+                    dev.copy_(host, non_blocking=True)
+            out[name] = dev
+        if self.pinned:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        return out
+
+
+class ModelRunner:
+    def __init__(self, model, model_config, kv: KVCache, device: torch.device, arena,
+                 max_tokens: int, max_seqs: int):
+        self.model, self.kv, self.device, self.arena = model, kv, device, arena
+        self.sliding_window = model_config.sliding_window
+        # layers' sliding windows other than the model-wide one: each step builds their groups too
+        self.other_windows = sorted({w for w in model_config.layer_windows
+                                     if w != model_config.sliding_window}, key=lambda w: w or 0)
+        self.buffers = InputBuffers(max_tokens, max_seqs, device)
+
+    def run(self, batch: Batch, entries: list) -> Tensor:
+        """-> next-token logits [sampled items, vocab] float32, in batch order."""
+        return self.model(self.prepare(batch, entries), self.kv)
+
+    def prepare(self, batch: Batch, entries: list) -> ForwardBatch:
+        """The step's ForwardBatch; entries[i]: batch.items[i]'s arena entry (CPU) or None."""
+        bs = self.kv.block_size
+        ids, positions, slot_mapping, logits_rows = [], [], [], []
+        decode, decode_rows, prefill, prefill_rows = [], [], [], []
+        seg_indptr, seg_slots, seg_entries = [0], [], []
+        row = 0
+        for item, entry in zip(batch.items, entries, strict=True):
+            seq, n = item.seq, item.num_new
+            a = seq.num_computed
+            ids += seq.token_ids[a:a + n]
+            positions += range(a, a + n)
+            blocks = seq.blocks
+            slot_mapping += [blocks[p // bs] * bs + p % bs for p in range(a, a + n)]
+            group, rows = (decode, decode_rows) if n == 1 else (prefill, prefill_rows)
+            group.append((blocks, a + n, n))
+            rows.append(row)
+            if item.samples:
+                logits_rows.append(row + n - 1)
+            if n and seg_slots and seg_slots[-1] == seq.slot:   # same adapter slot: one segment
+                seg_indptr[-1] += n
+            elif n:
+                seg_slots.append(seq.slot)
+                seg_indptr.append(seg_indptr[-1] + n)
+                seg_entries.append(entry)
+            row += n
+        t = self.buffers.fill({"input_ids": ids, "positions": positions,
+                               "slot_mapping": slot_mapping, "logits_rows": logits_rows,
+                               "seg_indptr": seg_indptr, "seg_slots": seg_slots})
+
+        def groups_for(window: int | None) -> list[AttnGroup]:
+            return [build_group(g, r, bs, window, self.device)
+                    for g, r in ((decode, decode_rows), (prefill, prefill_rows)) if g]
+
+        attn = AttnMetadata(t["slot_mapping"], groups_for(self.sliding_window),
+                            {w or 0: groups_for(w) for w in self.other_windows})
+        return ForwardBatch(input_ids=t["input_ids"], positions=t["positions"], attn=attn,
+                            seg_indptr=t["seg_indptr"], seg_slots=t["seg_slots"],
+                            logits_rows=t["logits_rows"],
+                            paged=self.arena.batch(seg_entries) if self.arena is not None else None)
