@@ -19,9 +19,16 @@ DEFAULT_ROUTER = "127.0.0.1:50050"
 def _target_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", default=os.environ.get("OPENLORA_ROUTER", DEFAULT_ROUTER),
                    help="router address [env OPENLORA_ROUTER]")
-    p.add_argument("--executor", default=os.environ.get("OPENLORA_EXECUTOR", ""),
-                   help="talk to one executor directly instead of the router")
+    p.add_argument("--executor", type=first_address, default=os.environ.get("OPENLORA_EXECUTOR", ""),
+                   help="talk to one executor HOST:PORT directly instead of the router [env "
+                        "OPENLORA_EXECUTOR: the router's comma-separated list; the first is used]")
     add_client_flags(p)
+
+
+def first_address(value: str) -> str:
+    """OPENLORA_EXECUTOR (or --executor) as a client reads it: the router takes a comma-separated
+    list of executors, a client talks to one, the list's first ("a:1, b:2" -> "a:1")."""
+    return next((part.strip() for part in value.split(",") if part.strip()), "")
 
 
 def _count(minimum: int):

@@ -30,7 +30,7 @@ async def build(config: ExecutorConfig):
     direct = None
     if config.blob_url:
         from services.executor.blob_direct import DirectBlobReader
-        direct = DirectBlobReader(config.blob_url)
+        direct = DirectBlobReader(config.blob_url, concurrency=config.blob_read_concurrency)
     source = RegistryAdapterSource(config.registry, store, config.registry_timeout_s, direct=direct,
                                    security=ClientSecurity.from_config(config))
     metrics = ExecutorMetrics(max_lora=config.max_device_adapters)
@@ -59,7 +59,8 @@ async def build(config: ExecutorConfig):
     metrics.engine = engine
     engine.metrics = metrics
     engine.adapter_load_observer = metrics.observe_adapter_load   # load latency by source tier
-    server.watch = start_executor_watch(config.registry, engine, ClientSecurity.from_config(config))
+    server.watch = start_executor_watch(config.registry, engine, ClientSecurity.from_config(config),
+                                        max_backoff_s=config.registry_watch_max_backoff_s)
     await server.set_serving(True)
     log.info("executor_serving", port=port, executor_id=holder.executor_id,
              metrics_port=config.metrics_port or None)

@@ -61,13 +61,23 @@ class ExecutorConfig(ServerConfig):
                            "it measured faster)", choices=("auto", "on", "off", "1", "0"))
     adapter_latest_ttl_s: float = flag(5.0, "age after which a resident 'latest' adapter is re-resolved in "
                                        "the background (it is served at once meanwhile), seconds")
+    load_adapter_timeout_s: float = flag(0.0, "how long a LoadAdapter call waits for its adapter, seconds "
+                                         "(0 -> 4 x --registry-timeout-s)")
+    blob_read_concurrency: int = flag(8, "parallel reads (S3 connections) of adapter files from --blob-url")
+    registry_watch_max_backoff_s: float = flag(5.0, "longest pause before reopening a broken registry "
+                                               "change feed (the pause starts at 0.1 s and doubles), seconds")
+    idle_poll_s: float = flag(0.5, "how long the idle engine thread sleeps between checks for work "
+                              "(new requests and cancels wake it at once), seconds")
+    empty_step_wait_s: float = flag(0.005, "how long the engine waits after a step that could schedule "
+                                    "nothing (every KV block in use, an adapter still loading), seconds")
+    error_backoff_s: float = flag(0.01, "pause of the engine loop after an unexpected error, seconds")
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
         check(bool(self.base_model), "base_model", "is required")
         for name in ("max_batch_size", "max_queue", "max_device_adapters", "max_lora_rank",
                      "kv_block_size", "max_prefill_tokens", "default_max_new_tokens",
-                     "adapter_load_workers"):
+                     "adapter_load_workers", "blob_read_concurrency"):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         check(self.adapter_wait_s > 0, "adapter_wait_s", "must be > 0")
         for name in ("host_cache_bytes", "disk_cache_bytes", "kv_cache_bytes", "max_model_len",
@@ -78,3 +88,7 @@ class ExecutorConfig(ServerConfig):
               "float16 runs on CUDA only; use float32 or bfloat16 with --device cpu")
         check(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0..65535")
         check(self.adapter_latest_ttl_s >= 0, "adapter_latest_ttl_s", "must be >= 0")
+        check(self.load_adapter_timeout_s >= 0, "load_adapter_timeout_s", "must be >= 0")
+        for name in ("registry_watch_max_backoff_s", "idle_poll_s", "empty_step_wait_s",
+                     "error_backoff_s"):
+            check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")

@@ -200,8 +200,8 @@ class Engine:
         check_adapter_id(adapter_id)
         if tier == "disk":
             return self.source.resolve(adapter_id, version).version, "disk"
-        lease = self.adapters.preload(adapter_id, version,
-                                      timeout=self.config.registry_timeout_s * 4)
+        timeout = self.config.load_adapter_timeout_s or 4 * self.config.registry_timeout_s
+        lease = self.adapters.preload(adapter_id, version, timeout=timeout)
         return lease.version, "host" if self.arena is not None else "device"
 
     def unload_adapter(self, adapter_id: str) -> None:
@@ -266,13 +266,13 @@ class Engine:
                 try:
                     self._intake()
                     if not self.scheduler.has_work():
-                        self._wake.wait(0.5)
+                        self._wake.wait(self.config.idle_poll_s)
                         self._wake.clear()
                         continue
                     self.step()
                 except Exception:  # never let the loop die
                     log.exception("engine_loop_error")
-                    time.sleep(0.01)
+                    time.sleep(self.config.error_backoff_s)
 
     def _intake(self) -> None:
         """New requests and cancels from other threads; requests whose adapter became ready."""
@@ -294,7 +294,7 @@ class Engine:
         batch = self.scheduler.schedule()
         self._log_preempted(batch)
         if not batch.items:
-            self._wake.wait(0.005)
+            self._wake.wait(self.config.empty_step_wait_s)
             return
         reqs = [self._active[item.seq.seq_id] for item in batch.items]
         logits = self._run_model(batch, reqs)

@@ -107,7 +107,8 @@ class ChangeWatch:
             await self._channel.close()
 
 
-def start_executor_watch(registry: str, engine, security: ClientSecurity | None = None) -> ChangeWatch | None:
+def start_executor_watch(registry: str, engine, security: ClientSecurity | None = None,
+                         max_backoff_s: float = 5.0) -> ChangeWatch | None:
     """Subscribe the executor's engine to the registry's changes (None without a registry)."""
     if not registry:
         return None
@@ -119,6 +120,6 @@ def start_executor_watch(registry: str, engine, security: ClientSecurity | None 
         await asyncio.to_thread(engine.adapter_changed, change.adapter_id, change.version,
                                 change.latest_version, deleted)
 
-    watch = ChangeWatch(registry, on_change, security=security)
+    watch = ChangeWatch(registry, on_change, max_backoff_s=max_backoff_s, security=security)
     watch.start()
     return watch

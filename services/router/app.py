@@ -24,7 +24,8 @@ async def build(config: RouterConfig, resolve=None):
     extra = {"resolve": resolve} if resolve is not None else {}
     security = ClientSecurity.from_config(config)
     pool = ExecutorPool(config.executor, poll_interval_s=config.poll_interval_s,
-                        resolve_interval_s=config.resolve_interval_s, security=security, **extra)
+                        timeout_s=config.status_timeout_s, resolve_interval_s=config.resolve_interval_s,
+                        sent_ttl_s=config.sent_adapter_ttl_s, security=security, **extra)
     check = AdapterCheck(config.registry, ttl_s=config.adapter_check_ttl_s, on_deleted=pool.forget_adapter,
                          security=security)
     metrics = RouterMetrics(pool)

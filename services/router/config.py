@@ -18,6 +18,9 @@ class RouterConfig(ServerConfig):
     poll_interval_s: float = flag(0.25, "how often each executor's status (load, adapter tiers) is "
                                   "polled; health is streamed")
     resolve_interval_s: float = flag(5.0, "how often dns:/// executor targets are re-resolved")
+    status_timeout_s: float = flag(2.0, "deadline of each executor health and status call, seconds")
+    sent_adapter_ttl_s: float = flag(2.0, "how long an adapter just sent to an executor counts as held "
+                                     "there before the executor's status shows it, seconds")
     adapter_check_ttl_s: float = flag(5.0, "how long a confirmed adapter skips the registry while the "
                                       "registry's change feed is not connected")
     metrics_port: int = flag(0, "Prometheus metrics HTTP port (0 -> off)")
@@ -40,5 +43,7 @@ class RouterConfig(ServerConfig):
                 check(False, "executor", str(exc))
         check(self.poll_interval_s > 0, "poll_interval_s", "must be > 0")
         check(self.resolve_interval_s > 0, "resolve_interval_s", "must be > 0")
+        check(self.status_timeout_s > 0, "status_timeout_s", "must be > 0")
+        check(self.sent_adapter_ttl_s >= 0, "sent_adapter_ttl_s", "must be >= 0")
         check(self.adapter_check_ttl_s >= 0, "adapter_check_ttl_s", "must be >= 0")
         check(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0..65535")

@@ -30,7 +30,6 @@ from services.router.placement import ExecutorView
 log = structlog.get_logger(__name__)
 EXECUTOR_SERVICE = "openlora.v1.Executor"
 DNS = "dns:///"
-SENT_TTL_S = 2.0     # an adapter sent to an executor counts as held there this long without a status
 # Resolve(host, port) -> ["HOST:PORT", ...]; injectable so tests can play DNS.
 Resolve = Callable[[str, int], Awaitable[list[str]]]
 
@@ -82,8 +81,9 @@ class ExecutorPool:
     def __init__(self, targets: list[str], poll_interval_s: float = 0.25, timeout_s: float = 2.0,
                  resolve_interval_s: float = 5.0, resolve: Resolve = resolve_dns,
                  on_poll: Callable[[list[ExecutorView]], Awaitable[None]] | None = None,
-                 security: ClientSecurity | None = None):
+                 security: ClientSecurity | None = None, sent_ttl_s: float = 2.0):
         self.security = security
+        self.sent_ttl_s = sent_ttl_s   # an adapter sent to an executor counts as held there this long
         self.targets = list(dict.fromkeys(targets))
         self.names = [n for n in map(parse_target, self.targets) if n is not None]
         self.fixed = [t for t in self.targets if parse_target(t) is None]
@@ -257,7 +257,7 @@ class ExecutorPool:
                 adapters[a.adapter_id] = min(adapters.get(a.adapter_id, a.tier), a.tier)
         now = time.monotonic()
         for adapter_id, when in list(e.sent.items()):   # sent since: being loaded, not yet reported
-            if now - when > SENT_TTL_S:
+            if now - when > self.sent_ttl_s:
                 del e.sent[adapter_id]
             elif adapters.get(adapter_id, 9) > e.loaded_tier:
                 adapters[adapter_id] = e.loaded_tier
