@@ -216,3 +216,72 @@ def test_an_executor_with_batch_room_keeps_its_adapters(home_load, other_load, m
                 replace(view("b", running=other_load), max_batch_size=max_batch)]
     assert (rank(snapshot, aid)[0] == "a") == expect_home
     assert room(snapshot[0], bound(snapshot)) == max(bound(snapshot), max_batch)
+
+
+@pytest.mark.parametrize("tier_first, tier_second", [
+    (DEVICE, HOST), (DEVICE, DISK), (DEVICE, None), (HOST, DISK), (HOST, None), (DISK, None),
+])
+def test_a_spread_adapter_prefers_the_better_tier_at_equal_load(tier_first, tier_second):
+    """Width 2, equal loads: the executor holding the adapter in the faster tier is chosen first
+    (device > host > disk > not held), whichever of the two is its home."""
+    aid = "org/hot"
+    for swap in (False, True):
+        tiers = (tier_second, tier_first) if swap else (tier_first, tier_second)
+        snapshot = [view(n, running=6, **({"org/hot": t} if t else {})) for n, t in zip("ab", tiers, strict=True)]
+        assert width(9, room(snapshot[0], bound(snapshot))) == 2
+        assert rank(snapshot, aid, adapter_load=9)[0] == ("b" if swap else "a")
+
+
+def test_prefix_index_lookup_of_no_chunks_finds_nothing():
+    """A prompt shorter than one chunk has no chunks: nothing matched, whatever the index holds."""
+    index = PrefixIndex()
+    assert index.lookup([]) == (None, 0)
+    index.record(prefix_chunks("", "x" * PREFIX_CHUNK), "e0")
+    assert index.lookup([]) == (None, 0)
+
+
+@pytest.mark.parametrize("differs_at", range(6))
+def test_prefix_chunks_diverge_exactly_at_the_first_differing_chunk(differs_at):
+    """Two prompts that differ only inside chunk k share exactly their first k hashes, for every k."""
+    base = bytearray(b"".join(bytes([65 + i]) * PREFIX_CHUNK for i in range(6)))
+    other = bytearray(base)
+    other[differs_at * PREFIX_CHUNK + PREFIX_CHUNK // 2] ^= 1
+    a, b = prefix_chunks("", base.decode()), prefix_chunks("", other.decode())
+    assert len(a) == len(b) == 6
+    assert [x == y for x, y in zip(a, b, strict=True)] == [i < differs_at for i in range(6)]
+
+
+@pytest.mark.parametrize("loads, expect", [
+    ((), 1),                       # no healthy executor: nothing to bound
+    ((0, 0), MIN_CAP),             # near idle: never below MIN_CAP
+    ((3, 3, 3, 3), 5),             # ceil(1.25 x (12 + this one) / 4) = 5, not 4: this request counts
+    ((10, 10), 14),                # ceil(1.25 x 21 / 2)
+])
+def test_bound_counts_this_request(loads, expect):
+    assert bound([view(f"e{i}", running=n) for i, n in enumerate(loads)]) == expect
+
+
+def test_requests_are_running_plus_waiting_and_a_bare_view_is_idle():
+    assert view("a", running=3, waiting=2).requests == 5
+    assert view("a", running=3, waiting=2).load == 5 / 8
+    bare = ExecutorView("a", True)
+    assert bare.requests == 0 and bare.load == 0 and bare.adapters == {}
+    assert ExecutorView("a", True, waiting=2).requests == 2      # nothing running, two queued
+
+
+def test_width_is_measured_by_the_homes_batch():
+    """An adapter's width comes from its home's room: a home with a 16-request batch serves 12 of its
+    requests alone, though the next executor's batch is 4."""
+    aid = "org/x"
+    order = [v.address for v in home_order([view("a"), view("b")], aid)]
+    snapshot = [replace(view(order[0], running=5), max_batch_size=16),
+                replace(view(order[1], running=0), max_batch_size=4)]
+    assert rank(snapshot, aid, adapter_load=11)[0] == order[0]      # width 1: home, though busier
+
+
+def test_an_executor_without_the_adapter_gets_no_penalty_only_no_bonus():
+    """Width 2: half a batch less load beats a disk copy (0.3 of a batch), and the executor holding
+    nothing is scored by its load alone."""
+    snapshot = [view("a", running=6), view("b", running=10, org_x=DISK)]
+    assert width(11, room(snapshot[0], bound(snapshot))) == 2
+    assert rank(snapshot, "org/x", adapter_load=11)[0] == "a"
