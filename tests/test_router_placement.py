@@ -103,6 +103,8 @@ def test_hot_adapter_spreads_and_comes_home_when_it_cools():
 
 def test_width_grows_with_the_adapters_own_load():
     assert [width(n, 8) for n in (0, 6, 7, 8, 15, 16)] == [1, 1, 1, 2, 2, 3]
+    assert [width(n, 5) for n in (3, 4, 5, 9, 10)] == [1, 1, 2, 2, 3]     # this request counts
+    assert width(3, 0) == 4                                               # a zero bound is one
 
 
 @pytest.mark.parametrize("snapshot, adapter, first", [
@@ -267,6 +269,8 @@ def test_requests_are_running_plus_waiting_and_a_bare_view_is_idle():
     bare = ExecutorView("a", True)
     assert bare.requests == 0 and bare.load == 0 and bare.adapters == {}
     assert ExecutorView("a", True, waiting=2).requests == 2      # nothing running, two queued
+    assert ExecutorView("a", True, running=2).requests == 2      # two running, none queued
+    assert ExecutorView("a", True, running=2).load == 2.0        # a batch of one unless told
 
 
 def test_width_is_measured_by_the_homes_batch():
@@ -285,3 +289,35 @@ def test_an_executor_without_the_adapter_gets_no_penalty_only_no_bonus():
     snapshot = [view("a", running=6), view("b", running=10, org_x=DISK)]
     assert width(11, room(snapshot[0], bound(snapshot))) == 2
     assert rank(snapshot, "org/x", adapter_load=11)[0] == "a"
+
+
+def test_the_prefix_holder_is_matched_by_address_not_by_identity():
+    """Addresses arrive as different string objects (status, config, DNS): equal is enough."""
+    holder = "".join(["127.0.0.1:", "50052"])
+    # the holder is a little busier: only the prefix bonus puts it first
+    snapshot = [view("127.0.0.1:50051"), view("127.0.0.1:50052", running=1), view("127.0.0.1:50053")]
+    assert rank(snapshot, "", holder)[0] == "127.0.0.1:50052"
+    idx = PrefixIndex()
+    chunks = prefix_chunks("", SYSTEM)
+    idx.record(chunks, holder)
+    for other in ("127.0.0.1:50051", "127.0.0.1:50053"):
+        idx.record(prefix_chunks("", other * 10), other)
+    idx.forget("".join(["127.0.0.1:", "50052"]))          # an equal string, another object
+    assert idx.lookup(chunks) == (None, 0)
+    for other in ("127.0.0.1:50051", "127.0.0.1:50053"):  # the others' prefixes are kept
+        assert idx.lookup(prefix_chunks("", other * 10)) == (other, 2)
+
+
+def test_a_prompt_sharing_only_its_first_chunk_matches_one_chunk():
+    idx = PrefixIndex()
+    idx.record(prefix_chunks("", "p" * 64 + "q" * 64), "a")
+    assert idx.lookup(prefix_chunks("", "p" * 64 + "r" * 64)) == ("a", 1)
+
+
+def test_the_tie_hash_never_outweighs_a_tier():
+    """The hash term only breaks ties (< 0.01 of a batch): over many adapter ids, a device copy at
+    equal load always wins over a host copy, and equal views always tie-break the same way."""
+    for i in range(200):
+        aid = f"org/a{i}"
+        snapshot = [view("a", running=6, **{aid: HOST}), view("b", running=6, **{aid: DEVICE})]
+        assert rank(snapshot, aid, adapter_load=9)[0] == "b"
