@@ -27,6 +27,7 @@ LRU_CASES = [  # (touches in order, candidates, expected victim)
     (["a", "b", "c", "a", "b"], ["a", "b", "c"], "c"),
     (["a", "b", "c"], ["b", "c"], "b"),                 # a pinned: the next least recent
     (["a"], [], None),
+    (["a", "b"], ["b", "new", "a"], "new"),           # a candidate never touched goes first
 ]
 
 
@@ -109,6 +110,48 @@ def test_gdsf_beats_lru_on_a_skewed_trace():
     trace = rng.choices(keys, weights, k=20_000)
     gdsf, lru = simulate(trace, 48, GDSFPolicy()), simulate(trace, 48, LRUPolicy())
     assert gdsf > lru
+
+
+
+def test_gdsf_halves_frequencies_every_n_touches_ghosts_too():
+    """Every halve_every-th touch halves every frequency (the 2nd and 3rd time too), and the ghost
+    table's with them (a ghost below one use before a halving is dropped by it)."""
+    p = GDSFPolicy(halve_every=4)
+    for k in ("a", "a", "a"):
+        p.touch(k)
+    p.remove("a")                              # a ghost of frequency 3
+    p.touch("b")                               # touch 4: halve (ghost a 1.5), then b = 1
+    assert p._freq == {"b": 1.0} and dict(p._ghost) == {"a": 1.5}
+    for k in ("b", "b", "b", "c"):             # touches 5-8: b = 4, then halve at 8 (b 2, ghost a
+        p.touch(k)                             # 0.75), then c = 1
+    assert p._freq == {"b": 2.0, "c": 1.0} and dict(p._ghost) == {"a": 0.75}
+    for k in ("c", "c", "c", "b"):             # touches 9-12: c = 4, halve at 12: b 1 -> 2, c 2,
+        p.touch(k)                             # ghost a (0.75) dropped
+    assert p._freq == {"b": 2.0, "c": 2.0} and dict(p._ghost) == {}
+
+
+def test_gdsf_ghost_table_holds_exactly_its_size():
+    p = GDSFPolicy(ghosts=2)
+    for k in ("a", "b", "c"):
+        p.touch(k)
+        p.remove(k)
+    assert list(p._ghost) == ["b", "c"]
+    p.remove("never-touched")                  # nothing to remember: no ghost, no error
+    assert list(p._ghost) == ["b", "c"]
+    p.touch("never-touched")
+    assert p._freq["never-touched"] == 1.0
+
+
+@pytest.mark.parametrize("trace, capacity, size, expect", [
+    ([], 4, None, 0.0),                                    # nothing asked: no hits, not a division
+    (list("abab"), 2, None, 0.5),                          # two misses, then two hits
+    (list("abcabc"), 2, None, 0.0),                        # a cycle one longer than the room: LRU-ish
+    (list("aab"), 2, {"a": 2}, 1 / 3),                     # a fills the room; b evicts it
+    (list("bigbig"), 3, {"b": 4}, 2 / 6),                  # b never fits; i and g hit once each
+    (list("aaaa"), 1, {"a": 1}, 0.75),
+])
+def test_simulate_counts_hits_exactly(trace, capacity, size, expect):
+    assert simulate(trace, capacity, LRUPolicy(), size=size) == pytest.approx(expect)
 
 
 # -- the residency owner ------------------------------------------------------------------------

@@ -125,12 +125,13 @@ def simulate(trace: Iterable[Hashable], capacity: int, policy: EvictionPolicy,
             hits += 1
             policy.touch(key, s, c)
             continue
-        while used + s > capacity and held:
+        if s > capacity:       # can never fit: a miss that evicts nothing (as the arena refuses it)
+            continue
+        while used + s > capacity:      # s fits once enough is evicted: held is never empty here
             v = policy.victim(held)
             used -= held.pop(v)
             policy.remove(v)
-        if used + s <= capacity:
-            held[key] = s
-            used += s
-            policy.touch(key, s, c)
+        held[key] = s
+        used += s
+        policy.touch(key, s, c)
     return hits / total if total else 0.0
