@@ -321,3 +321,14 @@ def test_the_tie_hash_never_outweighs_a_tier():
         aid = f"org/a{i}"
         snapshot = [view("a", running=6, **{aid: HOST}), view("b", running=6, **{aid: DEVICE})]
         assert rank(snapshot, aid, adapter_load=9)[0] == "b"
+
+
+def test_base_only_requests_are_tied_on_the_first_chunk_only():
+    """One system prompt, long different questions: one executor (the key is the first chunk, not a
+    later one the questions change)."""
+    system = "You answer for the accounts team. " * 2                  # one full chunk, then more
+    prompts = [system[:PREFIX_CHUNK] + f" question {i}: " + "why " * (20 + i) for i in range(12)]
+    keys = {tie_key("", prefix_chunks("", p)) for p in prompts}
+    assert keys == {prefix_chunks("", prompts[0])[0].hex()}
+    snapshot = [view(f"e{i}") for i in range(4)]
+    assert len({rank(snapshot, "", None, k)[0] for k in keys}) == 1
