@@ -96,3 +96,30 @@ class Service:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.terminate(timeout=15)
             self.kill()
+
+
+@contextlib.contextmanager
+def deployment(tmp_path, base_model, adapters: dict[str, object]):
+    """A registry, an executor serving base_model and a router, each a subprocess logging under
+    tmp_path, with `adapters` (adapter id -> PEFT directory) registered; stopped on the way out."""
+    from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
+
+    registry = Service("registry", "--data-dir", str(tmp_path / "registry"),
+                       log_path=tmp_path / "registry.log").start()
+    executor = router = None
+    try:
+        executor = Service("executor", "--registry", registry.address, "--base-model", str(base_model),
+                           "--disk-cache-dir", str(tmp_path / "disk"),
+                           log_path=tmp_path / "executor.log").start()
+        router = Service("router", "--registry", registry.address, "--executor", executor.address,
+                         log_path=tmp_path / "router.log").start()
+        with grpc.insecure_channel(registry.address) as ch:
+            stub = registry_pb2_grpc.AdapterRegistryStub(ch)
+            for adapter_id, path in adapters.items():
+                stub.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+                    adapter_id=adapter_id, source=f"file://{path}"), timeout=60)
+        yield registry, executor, router
+    finally:
+        for s in (router, executor, registry):
+            if s is not None:
+                s.stop()

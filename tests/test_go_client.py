@@ -11,14 +11,12 @@ import pathlib
 import shutil
 import subprocess
 
-import grpc
 import pytest
 from grpc_tools import protoc
 
-from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
-from tests.servers import Service
+from tests.servers import deployment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GO_DIR = ROOT / "tests" / "go"
@@ -81,24 +79,9 @@ def test_go_client_health_checked_generate_stream_and_error_details(llama_dir, t
         pytest.skip(missing)
     binary = _build(tmp_path)
     adapter = write_adapter(tmp_path / "adapter", TINY["llama"], AdapterSpec(seed=302))
-    registry = Service("registry", "--data-dir", str(tmp_path / "registry"),
-                       log_path=tmp_path / "registry.log").start()
-    executor = router = None
-    try:
-        executor = Service("executor", "--registry", registry.address, "--base-model", str(llama_dir),
-                           "--disk-cache-dir", str(tmp_path / "disk"),
-                           log_path=tmp_path / "executor.log").start()
-        router = Service("router", "--registry", registry.address, "--executor", executor.address,
-                         log_path=tmp_path / "router.log").start()
-        with grpc.insecure_channel(registry.address) as ch:
-            registry_pb2_grpc.AdapterRegistryStub(ch).RegisterAdapter(registry_pb2.RegisterAdapterRequest(
-                adapter_id="go/a", source=f"file://{adapter}"), timeout=60)
+    with deployment(tmp_path, llama_dir, {"go/a": adapter}) as (registry, executor, router):
         proc = subprocess.run([str(binary), router.address, "go/a"], capture_output=True, text=True,
                               timeout=180)
-    finally:
-        for s in (router, executor, registry):
-            if s is not None:
-                s.stop()
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["generate"]["tokens"] == 8 and out["generate"]["finish_reason"] == "FINISH_REASON_LENGTH"

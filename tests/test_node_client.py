@@ -12,10 +12,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
-from tests.servers import Service
+from tests.servers import deployment
 
 NODE_DIR = pathlib.Path(__file__).parent / "node"
 
@@ -41,18 +40,7 @@ def test_node_client_watch_generate_stream_and_errors(llama_dir, tmp_path):
     problem = node_ready()
     assert problem is None, problem
     adapter = write_adapter(tmp_path / "adapter", TINY["llama"], AdapterSpec(seed=301))
-    registry = Service("registry", "--data-dir", str(tmp_path / "registry"),
-                       log_path=tmp_path / "registry.log").start()
-    executor = router = None
-    try:
-        executor = Service("executor", "--registry", registry.address, "--base-model", str(llama_dir),
-                           "--disk-cache-dir", str(tmp_path / "disk"),
-                           log_path=tmp_path / "executor.log").start()
-        router = Service("router", "--registry", registry.address, "--executor", executor.address,
-                         log_path=tmp_path / "router.log").start()
-        with grpc.insecure_channel(registry.address) as ch:
-            registry_pb2_grpc.AdapterRegistryStub(ch).RegisterAdapter(registry_pb2.RegisterAdapterRequest(
-                adapter_id="node/a", source=f"file://{adapter}"), timeout=60)
+    with deployment(tmp_path, llama_dir, {"node/a": adapter}) as (registry, executor, router):
         proc = subprocess.run(["node", str(NODE_DIR / "client.js"), router.address, "node/a"],
                               capture_output=True, text=True, timeout=180)
         # health Watch (what clients with health checking turned on call) on every service; it failed
@@ -65,10 +53,6 @@ def test_node_client_watch_generate_stream_and_errors(llama_dir, tmp_path):
                         health_pb2.HealthCheckRequest(service=asked), timeout=30)
                     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING, (name, asked)
                     watch.cancel()
-    finally:
-        for s in (router, executor, registry):
-            if s is not None:
-                s.stop()
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["watch"] == "SERVING"
