@@ -258,6 +258,7 @@ def test_prefix_chunks_diverge_exactly_at_the_first_differing_chunk(differs_at):
     ((0, 0), MIN_CAP),             # near idle: never below MIN_CAP
     ((3, 3, 3, 3), 5),             # ceil(1.25 x (12 + this one) / 4) = 5, not 4: this request counts
     ((10, 10), 14),                # ceil(1.25 x 21 / 2)
+    ((9, 10), 13),                 # ceil(1.25 x 20 / 2): an odd fleet total, plus this one
 ])
 def test_bound_counts_this_request(loads, expect):
     assert bound([view(f"e{i}", running=n) for i, n in enumerate(loads)]) == expect
