@@ -14,7 +14,7 @@ from conftest import TINY
 from services.common.errors import AdapterNotFound, ResourceExhausted
 from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.cache import LocalDirSource
-from services.executor.adapters.policy import GDSFPolicy, LRUPolicy, simulate
+from services.executor.adapters.policy import GDSFPolicy, LRUPolicy, make_policy, simulate
 from services.executor.adapters.residency import Residency
 from services.executor.model.loader import read_config
 from services.synthetic import AdapterSpec, write_adapter
@@ -149,9 +149,16 @@ def test_gdsf_ghost_table_holds_exactly_its_size():
     (list("aab"), 2, {"a": 2}, 1 / 3),                     # a fills the room; b evicts it
     (list("bigbig"), 3, {"b": 4}, 2 / 6),                  # b never fits; i and g hit once each
     (list("aaaa"), 1, {"a": 1}, 0.75),
+    (list("aba"), 1, None, 0.0),                           # b evicts a: room for one means one
 ])
 def test_simulate_counts_hits_exactly(trace, capacity, size, expect):
     assert simulate(trace, capacity, LRUPolicy(), size=size) == pytest.approx(expect)
+
+
+def test_make_policy_names_the_choices():
+    assert isinstance(make_policy("gdsf"), GDSFPolicy) and isinstance(make_policy("lru"), LRUPolicy)
+    with pytest.raises(ValueError, match=r"one of \['gdsf', 'lru'\], got 'lfu'"):
+        make_policy("lfu")
 
 
 # -- the residency owner ------------------------------------------------------------------------
