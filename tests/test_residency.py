@@ -27,7 +27,7 @@ LRU_CASES = [  # (touches in order, candidates, expected victim)
     (["a", "b", "c", "a", "b"], ["a", "b", "c"], "c"),
     (["a", "b", "c"], ["b", "c"], "b"),                 # a pinned: the next least recent
     (["a"], [], None),
-    (["a", "b"], ["b", "new", "a"], "new"),           # a candidate never touched goes first
+    (["a", "b"], ["a", "new", "b"], "new"),           # a candidate never touched goes first
 ]
 
 
