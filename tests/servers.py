@@ -98,12 +98,21 @@ class Service:
             self.kill()
 
 
+def register_adapters(registry_address: str, adapters: dict[str, object], timeout: float = 60) -> None:
+    """Register each adapter id -> PEFT directory with the registry as a file:// source."""
+    from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
+
+    with grpc.insecure_channel(registry_address) as ch:
+        stub = registry_pb2_grpc.AdapterRegistryStub(ch)
+        for adapter_id, path in adapters.items():
+            stub.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+                adapter_id=adapter_id, source=f"file://{path}"), timeout=timeout)
+
+
 @contextlib.contextmanager
 def deployment(tmp_path, base_model, adapters: dict[str, object]):
     """A registry, an executor serving base_model and a router, each a subprocess logging under
     tmp_path, with `adapters` (adapter id -> PEFT directory) registered; stopped on the way out."""
-    from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
-
     registry = Service("registry", "--data-dir", str(tmp_path / "registry"),
                        log_path=tmp_path / "registry.log").start()
     executor = router = None
@@ -113,11 +122,7 @@ def deployment(tmp_path, base_model, adapters: dict[str, object]):
                            log_path=tmp_path / "executor.log").start()
         router = Service("router", "--registry", registry.address, "--executor", executor.address,
                          log_path=tmp_path / "router.log").start()
-        with grpc.insecure_channel(registry.address) as ch:
-            stub = registry_pb2_grpc.AdapterRegistryStub(ch)
-            for adapter_id, path in adapters.items():
-                stub.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
-                    adapter_id=adapter_id, source=f"file://{path}"), timeout=60)
+        register_adapters(registry.address, adapters)
         yield registry, executor, router
     finally:
         for s in (router, executor, registry):

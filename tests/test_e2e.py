@@ -24,7 +24,7 @@ from services.common.gen.openlora.v1 import (
 )
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
-from tests.servers import Service
+from tests.servers import Service, register_adapters
 
 ADAPTERS = {
     "org/qv": AdapterSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"), seed=201),
@@ -53,11 +53,7 @@ def stack(llama_dir, tmp_path_factory):
     router = Service("router", "--registry", registry.address, "--poll-interval-s", "0.2",
                      *[x for e in executors for x in ("--executor", e.address)],
                      log_path=root / "router.log").start()
-    with grpc.insecure_channel(registry.address) as ch:
-        stub = registry_pb2_grpc.AdapterRegistryStub(ch)
-        for aid, path in adapter_dirs.items():
-            stub.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
-                adapter_id=aid, source=f"file://{path}"), timeout=30)
+    register_adapters(registry.address, adapter_dirs, timeout=30)
     yield {"registry": registry, "executors": executors, "router": router, "adapters": adapter_dirs,
            "root": root}
     for s in [router, *executors, registry]:
