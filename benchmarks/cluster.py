@@ -9,8 +9,10 @@ enough that nearly every adapter has been asked for once: under Zipf(1) the 128t
 traffic, so after 200 requests a third of a run's fetches are first-time fetches, the same for any
 placement, and the comparison measures the warm-up, not the steady state); per run, the registry
 fetches (its openlora_registry_fetches counter), output tokens/s and p90 TTFT; medians printed side
-by side. Then the router's own cost: 1-token requests one at a time (a warm adapter), straight to an
-executor vs through the router, alternated; medians of the runs' p50s.
+by side, and the CPU time the router process spent per run. Then the router's own cost: 1-token
+requests one at a time (a warm adapter), straight to an executor, through the router, and through
+benchmarks/bare_relay.py (a hop that only relays bytes to that executor: the floor of any Python gRPC
+hop on this machine), alternated; medians of the runs' p50s and the CPU time per request of each hop.
 
     .venv/bin/python benchmarks/cluster.py [--rounds 3] [--requests 200] [--concurrency 8] [--blobs s3]
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import pathlib
 import re
 import statistics
@@ -41,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from services import bench  # noqa: E402
 from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc  # noqa: E402
 from services.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model  # noqa: E402
-from tests.servers import Service, free_port  # noqa: E402
+from tests.servers import Service, free_port, health  # noqa: E402
 
 SPEC = ModelSpec(arch="llama", hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=1024,
                  seed=5)
@@ -52,6 +55,24 @@ def fetches(metrics_port: int) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
         m = re.search(r"^openlora_registry_fetches_total (\S+)", r.read().decode(), re.M)
     return float(m.group(1))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process pid so far."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_bare_relay(target: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "bare_relay.py"), str(port), target])
+    address = f"127.0.0.1:{port}"
+    for _ in range(300):
+        if health(address) is not None:
+            return proc, address
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("benchmarks/bare_relay.py did not start")
 
 
 def bench_args(argv: list[str]):
@@ -155,15 +176,19 @@ def main() -> None:
         for name in targets:                                      # warm-up: caches reach steady state
             run_bench([*targets[name], *warm, "--seed", "999"])
         rows = {name: [] for name in targets}
+        cores = os.cpu_count() or 1
         for r in range(args.rounds):
             for name in targets:
-                before = fetches(stacks[name]["metrics"])
+                before, cpu0 = fetches(stacks[name]["metrics"]), cpu_seconds(router.proc.pid)
                 rep = run_bench([*targets[name], *load, "--seed", str(r)])
                 rep["fetches"] = fetches(stacks[name]["metrics"]) - before
+                router_cpu = cpu_seconds(router.proc.pid) - cpu0
                 rows[name].append(rep)
+                used = (f"  router CPU {router_cpu:5.2f} s = {router_cpu / rep['wall_s'] / cores:4.0%} of the "
+                        f"{cores} cores" if name == "router" else "")
                 print(f"  round {r} {name:<12} fetches {rep['fetches']:4.0f}  "
                       f"{rep['output_tokens_per_s']:7.1f} tok/s  p90 TTFT {rep['ttft_s']['p90'] * 1e3:7.1f} ms"
-                      f"  errors {rep['errors'] or 0}", flush=True)
+                      f"  errors {rep['errors'] or 0}{used}", flush=True)
         med = {n: {"fetches": statistics.median(r["fetches"] for r in rs_),
                    "tok_s": statistics.median(r["output_tokens_per_s"] for r in rs_),
                    "req_s": statistics.median(r["requests_per_s"] for r in rs_),
@@ -179,21 +204,36 @@ def main() -> None:
 
         # the router's own cost: 1-token requests, one at a time, a warm adapter
         direct = rs["executors"][0].address
+        relay, relay_address = start_bare_relay(direct)
+        services.append(relay)
         one = ["--adapter", "bench/a0", "--requests", str(args.latency_requests), "--concurrency", "1",
                "--prompt-len", "8", "--output-len", "1", "--token-id-max", str(SPEC.vocab)]
-        run_bench(["--executor", direct, *one])
-        run_bench(["--router", router.address, *one])
-        p50 = {"direct": [], "router": []}
+        hops = {"direct": (["--executor", direct], None), "router": (["--router", router.address], router.proc),
+                "bare relay": (["--router", relay_address], relay)}
+        for target, _ in hops.values():
+            run_bench([*target, *one])
+        p50 = {name: [] for name in hops}
+        cpu = {name: [] for name in hops}
         for r in range(max(args.rounds, 3) * 2):
-            p50["direct"].append(run_bench(["--executor", direct, *one, "--seed", str(r)])["e2e_s"]["p50"])
-            p50["router"].append(run_bench(["--router", router.address, *one, "--seed", str(r)])["e2e_s"]["p50"])
-        d, t = statistics.median(p50["direct"]) * 1e3, statistics.median(p50["router"]) * 1e3
+            for name, (target, proc) in hops.items():
+                cpu0 = cpu_seconds(proc.pid) if proc else 0.0
+                p50[name].append(run_bench([*target, *one, "--seed", str(r)])["e2e_s"]["p50"])
+                if proc:
+                    cpu[name].append((cpu_seconds(proc.pid) - cpu0) / args.latency_requests)
+        d, t, b = (statistics.median(p50[n]) * 1e3 for n in hops)
+        tc, bc = (statistics.median(cpu[n]) * 1e3 for n in ("router", "bare relay"))
         print(f"1-token requests, p50: direct {d:.2f} ms, through the router {t:.2f} ms = {t / d:.3f}x "
               f"(+{t - d:.2f} ms; goal <= 1.05x + 1 ms = {1.05 * d + 1:.2f} ms); medians of "
               f"{len(p50['direct'])} alternated runs of {args.latency_requests}")
+        print(f"  the floor of a Python gRPC hop here: through benchmarks/bare_relay.py {b:.2f} ms (+{b - d:.2f} ms); "
+              f"CPU per request: router {tc:.2f} ms, bare relay {bc:.2f} ms")
     finally:
         for svc in reversed(services):
-            svc.stop()
+            if isinstance(svc, subprocess.Popen):
+                svc.terminate()
+                svc.wait(10)
+            else:
+                svc.stop()
         if s3 is not None:
             s3.terminate()
             s3.wait(10)
