@@ -4,7 +4,9 @@ an executor's error status is passed on as it came.
 
 benchmarks/cluster.py runs it beside the real router, so the router's own cost (what placement,
 auth and metrics add) and the cost of any Python gRPC hop on the machine (what the real router
-cannot go below) are printed side by side.
+cannot go below) are printed side by side; and, where Go and Debian's grpc-go are installed (.ci/run
+installs them), the same hop compiled (benchmarks/go_relay/main.go, built by build_go_relay): what a
+hop costs here when it is not a Python gRPC stack.
 
     .venv/bin/python benchmarks/bare_relay.py PORT EXECUTOR_ADDRESS
 """
@@ -12,11 +14,38 @@ cannot go below) are printed side by side.
 from __future__ import annotations
 
 import asyncio
+import os
+import pathlib
+import shutil
+import subprocess
 import sys
 
 import grpc
 from grpc_health.v1 import _async as health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+GO_SOURCE = pathlib.Path(__file__).resolve().parent / "go_relay" / "main.go"
+GOCODE = pathlib.Path("/usr/share/gocode")          # Debian's Go sources (golang-google-grpc-dev)
+
+
+def build_go_relay(workdir: pathlib.Path) -> pathlib.Path | str:
+    """benchmarks/go_relay built under workdir with Debian's grpc-go in GOPATH mode (no downloads):
+    the binary, or why it cannot be built here (a str)."""
+    if shutil.which("go") is None:
+        return "go is not installed"
+    if not (GOCODE / "src" / "google.golang.org" / "grpc" / "health").is_dir():
+        return f"grpc-go is not under {GOCODE} (apt-get install golang-google-grpc-dev)"
+    src = workdir / "gopath" / "src" / "openlora-go-relay"
+    src.mkdir(parents=True, exist_ok=True)
+    shutil.copy(GO_SOURCE, src / "main.go")
+    binary = workdir / "go_relay"
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": f"{workdir / 'gopath'}:{GOCODE}", "GOFLAGS": "",
+           "GOCACHE": os.environ.get("GOCACHE") or str(pathlib.Path.home() / ".cache" / "go-build")}
+    proc = subprocess.run(["go", "build", "-o", str(binary), "openlora-go-relay"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return f"go build failed: {proc.stderr.strip()[-500:]}"
+    return binary
 
 
 async def serve(port: int, target: str) -> None:

@@ -12,7 +12,8 @@ fetches (its openlora_registry_fetches counter), output tokens/s and p90 TTFT; m
 by side, and the CPU time the router process spent per run. Then the router's own cost: 1-token
 requests one at a time (a warm adapter), straight to an executor, through the router, and through
 benchmarks/bare_relay.py (a hop that only relays bytes to that executor: the floor of any Python gRPC
-hop on this machine), alternated; medians of the runs' p50s and the CPU time per request of each hop.
+hop on this machine), and, where Go and grpc-go are installed, through benchmarks/go_relay (the same
+hop compiled), alternated; medians of the runs' p50s and the CPU time per request of each hop.
 
     .venv/bin/python benchmarks/cluster.py [--rounds 3] [--requests 200] [--concurrency 8] [--blobs s3]
 
@@ -41,6 +42,7 @@ import grpc
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bare_relay import build_go_relay  # noqa: E402
 from services import bench  # noqa: E402
 from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc  # noqa: E402
 from services.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model  # noqa: E402
@@ -63,16 +65,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_bare_relay(target: str) -> tuple[subprocess.Popen, str]:
+def start_relay(command: list[str], target: str) -> tuple[subprocess.Popen, str]:
+    """A bare relay (benchmarks/bare_relay.py or the Go one) on a free port, relaying to target."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "bare_relay.py"), str(port), target])
+    proc = subprocess.Popen([*command, str(port), target])
     address = f"127.0.0.1:{port}"
     for _ in range(300):
         if health(address) is not None:
             return proc, address
         time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("benchmarks/bare_relay.py did not start")
+    raise RuntimeError(f"{command[-1]} did not start")
 
 
 def bench_args(argv: list[str]):
@@ -204,12 +207,19 @@ def main() -> None:
 
         # the router's own cost: 1-token requests, one at a time, a warm adapter
         direct = rs["executors"][0].address
-        relay, relay_address = start_bare_relay(direct)
+        relay, relay_address = start_relay([sys.executable, str(ROOT / "benchmarks" / "bare_relay.py")], direct)
         services.append(relay)
         one = ["--adapter", "bench/a0", "--requests", str(args.latency_requests), "--concurrency", "1",
                "--prompt-len", "8", "--output-len", "1", "--token-id-max", str(SPEC.vocab)]
         hops = {"direct": (["--executor", direct], None), "router": (["--router", router.address], router.proc),
                 "bare relay": (["--router", relay_address], relay)}
+        go = build_go_relay(work / "go")
+        if isinstance(go, str):
+            print(f"  (no Go relay: {go})")
+        else:
+            go_relay, go_address = start_relay([str(go)], direct)
+            services.append(go_relay)
+            hops["go relay"] = (["--router", go_address], go_relay)
         for target, _ in hops.values():
             run_bench([*target, *one])
         p50 = {name: [] for name in hops}
@@ -220,13 +230,17 @@ def main() -> None:
                 p50[name].append(run_bench([*target, *one, "--seed", str(r)])["e2e_s"]["p50"])
                 if proc:
                     cpu[name].append((cpu_seconds(proc.pid) - cpu0) / args.latency_requests)
-        d, t, b = (statistics.median(p50[n]) * 1e3 for n in hops)
+        d, t, b = (statistics.median(p50[n]) * 1e3 for n in ("direct", "router", "bare relay"))
         tc, bc = (statistics.median(cpu[n]) * 1e3 for n in ("router", "bare relay"))
         print(f"1-token requests, p50: direct {d:.2f} ms, through the router {t:.2f} ms = {t / d:.3f}x "
               f"(+{t - d:.2f} ms; goal <= 1.05x + 1 ms = {1.05 * d + 1:.2f} ms); medians of "
               f"{len(p50['direct'])} alternated runs of {args.latency_requests}")
         print(f"  the floor of a Python gRPC hop here: through benchmarks/bare_relay.py {b:.2f} ms (+{b - d:.2f} ms); "
               f"CPU per request: router {tc:.2f} ms, bare relay {bc:.2f} ms")
+        if "go relay" in hops:
+            g, gc = statistics.median(p50["go relay"]) * 1e3, statistics.median(cpu["go relay"]) * 1e3
+            print(f"  the same hop compiled (benchmarks/go_relay, grpc-go): {g:.2f} ms (+{g - d:.2f} ms), "
+                  f"CPU per request {gc:.2f} ms")
     finally:
         for svc in reversed(services):
             if isinstance(svc, subprocess.Popen):

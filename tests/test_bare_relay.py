@@ -1,6 +1,6 @@
-"""benchmarks/bare_relay.py, the floor benchmarks/cluster.py prints beside the router: it must relay
-faithfully (the same tokens as the router and the executor, errors passed through), or the floor it
-measures is the cost of something else."""
+"""benchmarks/bare_relay.py and benchmarks/go_relay, the bare hops benchmarks/cluster.py measures
+beside the router: each must relay faithfully (the same tokens as the router and the executor, errors
+passed through), or what it measures is the cost of something else."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 import grpc
 import pytest
 
+from benchmarks.bare_relay import build_go_relay
 from services.common.gen.openlora.v1 import common_pb2, executor_pb2_grpc, router_pb2_grpc
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
@@ -21,11 +22,19 @@ RELAY = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bare_relay
 
 
 @pytest.mark.slow
-def test_bare_relay_answers_as_the_router_and_the_executor_do(llama_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["python", "go"])
+def test_bare_relay_answers_as_the_router_and_the_executor_do(kind, llama_dir, tmp_path):
+    if kind == "go":
+        built = build_go_relay(tmp_path / "go")
+        if isinstance(built, str):
+            pytest.skip(built)
+        command = [str(built)]
+    else:
+        command = [sys.executable, str(RELAY)]
     adapter = write_adapter(tmp_path / "adapter", TINY["llama"], AdapterSpec(seed=401))
     with deployment(tmp_path, llama_dir, {"relay/a": adapter}) as (_, executor, router):
         port = free_port()
-        relay = subprocess.Popen([sys.executable, str(RELAY), str(port), executor.address])
+        relay = subprocess.Popen([*command, str(port), executor.address])
         try:
             address = f"127.0.0.1:{port}"
             deadline = time.monotonic() + 60
