@@ -164,3 +164,123 @@ def test_the_disk_evicts_what_the_host_tier_holds_first(registry, tmp_path):
     src.read("t/a3", 0, read_bytes)
     assert not src.holds("t/a0", 1) and src.holds("t/a2", 1) and src.holds("t/a3", 1)
     src.close()
+
+
+def _tiers(tmp_path, llama_dir, reg, write_back: bool = True):
+    """A host arena with room for one adapter over a disk tier with room for one full copy (files and
+    packed image) and one written-back image, not two full copies, on the registry fixture's adapters
+    (all rank 4: one size)."""
+    import torch
+
+    from services.executor.adapters.arena import ArenaLayout, HostArena
+    from services.executor.adapters.residency import Residency
+    from services.executor.model.loader import read_config
+    _, cfg = read_config(llama_dir)
+    probe_src = RegistryAdapterSource(reg.address, DiskAdapterStore(tmp_path / "probe"))
+    probe = Residency(HostArena(ArenaLayout.for_model(cfg), 8 << 20, torch.float32), probe_src, cfg, 16)
+    nbytes = probe.preload("t/a7", 0).entry.nbytes
+    copy = tmp_path / "probe" / "t%2Fa7" / "1"
+    full = sum(f.stat().st_size for f in copy.iterdir())
+    image = sum(f.stat().st_size for f in copy.glob("arena-*.pt")) + 512    # + its meta.json
+    assert image + 512 < full - 512
+    probe.close()
+    probe_src.close()
+    arena = HostArena(ArenaLayout.for_model(cfg), int(nbytes * 1.5), torch.float32)
+    src = RegistryAdapterSource(reg.address, DiskAdapterStore(tmp_path / "disk", full + image))
+    return arena, src, Residency(arena, src, cfg, 16, write_back=write_back)
+
+
+def _wait_for(condition, seconds: float = 20.0) -> bool:
+    import time
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_an_adapter_the_host_evicts_is_written_back_and_reloads_from_disk(registry, tmp_path, llama_dir):
+    """The disk drops the copies the host holds first, so an adapter the host then evicts was held
+    nowhere and came back only by a registry fetch. Now the host writes it back (its packed image
+    alone, smaller than a full copy) and the reload is a disk read, of the same weights, after a
+    restart too."""
+    import torch
+
+    from services.executor.adapters.residency import Residency
+    reg, _ = registry
+    arena, src, res = _tiers(tmp_path, llama_dir, reg)
+    try:
+        first = res.preload("t/a0", 0)
+        assert first.source_tier == "registry"
+        want = [t.clone() for t in arena.read_back(first.entry, 0)]
+        res.preload("t/a1", 0)                         # the disk drops a0 (covered); the host evicts it
+        assert _wait_for(lambda: src.holds("t/a0", 1)), "a0 was not written back"
+        copy = tmp_path / "disk" / "t%2Fa0" / "1"
+        assert not (copy / WEIGHTS_FILE).exists() and len(list(copy.glob("arena-*.pt"))) == 1
+        assert src.store.write_backs == 1 and src.holds("t/a1", 1)   # both fit: a full copy + an image
+        again = res.preload("t/a0", 0)                 # the host evicts a1, which the disk holds
+        assert again.source_tier == "disk"
+        assert all(torch.equal(a, b) for a, b in zip(arena.read_back(again.entry, 0), want, strict=True))
+        assert src.store.write_backs == 1               # a1 was still on disk: nothing to write
+    finally:
+        res.close()
+        src.close()
+    src = RegistryAdapterSource(reg.address, DiskAdapterStore(tmp_path / "disk"))   # a restart
+    res = Residency(arena.__class__(arena.layout, arena.capacity_bytes, torch.float32), src, res.cfg, 16)
+    try:
+        assert src.holds("t/a0", 1)
+        lease = res.preload("t/a0", 1)
+        assert lease.source_tier == "disk"
+        assert all(torch.equal(a, b) for a, b in zip(res.arena.read_back(lease.entry, 0), want, strict=True))
+    finally:
+        res.close()
+        src.close()
+
+
+def test_a_written_back_copy_the_arena_cannot_use_is_fetched_again(registry, tmp_path, llama_dir):
+    reg, _ = registry
+    arena, src, res = _tiers(tmp_path, llama_dir, reg)
+    try:
+        res.preload("t/a2", 0)
+        res.preload("t/a3", 0)
+        assert _wait_for(lambda: src.holds("t/a2", 1))
+        (image,) = (tmp_path / "disk" / "t%2Fa2" / "1").glob("arena-*.pt")
+        data = bytearray(image.read_bytes())
+        data[len(data) // 2] ^= 0xFF                   # bit rot inside the rows
+        image.write_bytes(bytes(data))
+        lease = res.preload("t/a2", 0)                 # discarded, fetched again, never served
+        assert lease.source_tier == "registry"
+        assert (tmp_path / "disk" / "t%2Fa2" / "1" / WEIGHTS_FILE).exists()
+    finally:
+        res.close()
+        src.close()
+
+
+def test_no_write_back_when_it_is_off(registry, tmp_path, llama_dir):
+    reg, _ = registry
+    _, src, res = _tiers(tmp_path, llama_dir, reg, write_back=False)
+    try:
+        res.preload("t/a4", 0)
+        res.preload("t/a5", 0)
+        assert not _wait_for(lambda: src.holds("t/a4", 1), seconds=1.0)
+        assert src.store.write_backs == 0
+    finally:
+        res.close()
+        src.close()
+
+
+def test_a_write_back_never_brings_back_a_removed_adapter_or_replaces_a_copy(tmp_path):
+    store = DiskAdapterStore(tmp_path)
+    image = lambda d: (d / "arena-x.pt").write_bytes(b"rows")    # noqa: E731
+    before = store.generation("t/gone")
+    store.remove("t/gone")                             # deleted while its image was being copied out
+    assert not store.put_image("t/gone", 1, image, before)
+    assert not store.holds("t/gone", 1) and not (tmp_path / "t%2Fgone").exists()
+    assert store.put_image("t/gone", 1, image, store.generation("t/gone"))   # a later eviction may
+    assert store.holds("t/gone", 1) and store.image_only("t/gone", 1)
+    assert not store.put_image("t/gone", 1, image, store.generation("t/gone"))   # already held
+    assert list(tmp_path.glob(".fetch-*")) == []       # no temp dir left behind
+    again = DiskAdapterStore(tmp_path)                 # a restart keeps it, as image-only
+    assert again.holds("t/gone", 1) and again.image_only("t/gone", 1)
+    assert again.acquire("t/gone", 1) is not None      # nothing to check against a digest

@@ -35,6 +35,11 @@ class ExecutorConfig(ServerConfig):
                                  "in use before RESOURCE_EXHAUSTED, seconds")
     disk_cache_dir: str = flag("", "disk tier directory (empty -> a temporary directory)")
     disk_cache_bytes: int = flag(20 * 1024**3, "disk tier capacity in bytes (least recently used versions go first)")
+    disk_write_back: bool = flag(True, "write an adapter the host arena evicts back to the disk tier (its "
+                                 "packed image) when the disk no longer holds it, so the two tiers hold "
+                                 "different adapters and a reload reads the disk instead of fetching")
+    disk_write_back_queue: int = flag(8, "write-backs waiting at most; under a burst of evictions the "
+                                      "rest are skipped (fetched again if asked for)")
     kv_cache_bytes: int = flag(0, "KV cache budget in bytes (0 -> automatic)")
     kv_block_size: int = flag(16, "tokens per KV cache block")
     max_model_len: int = flag(0, "longest prompt + completion (0 -> the model's)")

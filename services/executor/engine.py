@@ -117,7 +117,9 @@ class Engine:
                                       policy=config.adapter_eviction_policy,
                                       latest_ttl_s=config.adapter_latest_ttl_s,
                                       workers=config.adapter_load_workers, wait_s=config.adapter_wait_s,
-                                      on_load=self._on_adapter_load)
+                                      on_load=self._on_adapter_load,
+                                      write_back=config.disk_write_back,
+                                      write_back_queue=config.disk_write_back_queue)
         else:
             self.adapters = AdapterCache(self.pool, adapter_source, cfg, config.max_lora_rank,
                                          latest_ttl_s=config.adapter_latest_ttl_s,

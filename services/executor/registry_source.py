@@ -31,7 +31,7 @@ from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
 from services.common.peft_format import ADAPTER_FILES, manifest_digest
 from services.common.tls import ClientSecurity, channel
 from services.executor.adapters.policy import make_policy
-from services.executor.adapters.source import ResolvedAdapter
+from services.executor.adapters.source import ResolvedAdapter, UnusableCopy
 
 log = structlog.get_logger(__name__)
 
@@ -46,10 +46,13 @@ class _DiskEntry:
     readers: int = 0
     doomed: bool = False       # evicted or removed while read: deleted when its last reader ends
     verified: bool = False     # its bytes were checked against its digest since this process started
+    image_only: bool = False   # written back by the host tier: the arena's packed image, no PEFT files
 
 
 class DiskAdapterStore:
-    """The disk tier: root/<quoted id>/<version>/{adapter_config.json, adapter_model.safetensors, meta.json}.
+    """The disk tier: root/<quoted id>/<version>/{adapter_config.json, adapter_model.safetensors, meta.json}
+    and the arena's packed image beside them once read; or, for a copy the host tier wrote back as it
+    evicted the adapter (put_image), meta.json and the packed image only.
 
     Keyed by adapter@version (immutable, so by digest), at most `capacity_bytes` (0 -> unbounded),
     surviving restarts. An in-memory index (built by one walk at start) answers every lookup: no
@@ -70,7 +73,9 @@ class DiskAdapterStore:
         # evicted first, so the two tiers hold mostly different adapters (about exclusive caching)
         self.covered: Callable[[tuple[str, int]], bool] = lambda key: False
         self.hits = self.misses = self.loads = self.evictions = 0
+        self.write_backs = 0
         self._bytes = 0
+        self._removals: dict[str, int] = {}     # adapter_id -> times remove() dropped it (generation)
         for stale in self.root.glob(".fetch-*"):   # fetches cut off by a crash
             shutil.rmtree(stale, ignore_errors=True)
         self._scan()
@@ -86,13 +91,16 @@ class DiskAdapterStore:
                 if not (v.name.isdigit() and meta.is_file()):
                     continue
                 try:
-                    digest = json.loads(meta.read_text()).get("digest", "")
+                    info = json.loads(meta.read_text())
+                    digest, image_only = info.get("digest", ""), bool(info.get("image_only", False))
                     size = sum(f.stat().st_size for f in v.iterdir())
                     used = meta.stat().st_mtime
-                except (OSError, ValueError):
+                except (OSError, ValueError, AttributeError):
                     shutil.rmtree(v, ignore_errors=True)
                     continue
-                found.append((used, (adapter_id, int(v.name)), _DiskEntry(v, size, digest)))
+                # an image-only copy has no files to check: its image's checksum is checked on read
+                found.append((used, (adapter_id, int(v.name)),
+                              _DiskEntry(v, size, digest, verified=image_only, image_only=image_only)))
         for _, key, entry in sorted(found, key=lambda f: f[0]):   # oldest first: LRU order kept
             self._index[key] = entry
             self._bytes += entry.size
@@ -130,6 +138,10 @@ class DiskAdapterStore:
                         bytes_capacity=self.capacity_bytes, hits=self.hits, misses=self.misses,
                         loads=self.loads, evictions=self.evictions)
 
+    def image_only(self, adapter_id: str, version: int) -> bool:
+        e = self._index.get((adapter_id, version))
+        return e is not None and e.image_only
+
     # -- readers ---------------------------------------------------------------------------------
     def acquire(self, adapter_id: str, version: int) -> pathlib.Path | None:
         """Pin and return a verified copy, or None (missing, or corrupt and now deleted)."""
@@ -166,7 +178,8 @@ class DiskAdapterStore:
                 self._delete(key, e)
 
     def resize(self, adapter_id: str, version: int) -> None:
-        """Count files added beside a copy since it was put (the arena's packed image)."""
+        """Count files added beside a copy since it was put (the arena's packed image), and evict
+        down to the budget again."""
         with self._lock:
             e = self._index.get((adapter_id, version))
             if e is None or e.doomed:
@@ -177,13 +190,56 @@ class DiskAdapterStore:
                 return
             self._bytes += size - e.size
             e.size = size
+            self._evict(keep=(adapter_id, version))
 
     # -- changes ---------------------------------------------------------------------------------
     def remove(self, adapter_id: str) -> None:
         """Drop every version of adapter_id (a version being read goes when its reader ends)."""
         with self._lock:
+            self._removals[adapter_id] = self._removals.get(adapter_id, 0) + 1
             for key, e in [(k, e) for k, e in self._index.items() if k[0] == adapter_id]:
                 self._drop(key, e)
+
+    def generation(self, adapter_id: str) -> int:
+        """How many times remove() dropped adapter_id: a write-back taken before a removal is refused."""
+        with self._lock:
+            return self._removals.get(adapter_id, 0)
+
+    def discard(self, adapter_id: str, version: int) -> None:
+        """Drop one copy the reader could not use (deleted when its last reader ends)."""
+        with self._lock:
+            e = self._index.get((adapter_id, version))
+            if e is not None:
+                log.warning("disk_cache_unusable_discarded", adapter_id=adapter_id, version=version)
+                self._drop((adapter_id, version), e)
+
+    def put_image(self, adapter_id: str, version: int, write: Callable[[pathlib.Path], None],
+                  generation: int) -> bool:
+        """A copy written back by the host tier as it evicts the adapter: `write(dir)` puts the packed
+        image in a temp dir, which then moves into place like any copy. Refused (False) when the disk
+        already holds adapter@version, when remove() dropped the adapter since `generation` was read
+        (a deleted adapter never comes back), or when the image is larger than the whole tier."""
+        key = (adapter_id, version)
+        with self._lock:
+            if self.holds(adapter_id, version) or self._removals.get(adapter_id, 0) != generation:
+                return False
+        tmp = self.tempdir()
+        try:
+            write(tmp)
+            (tmp / "meta.json").write_text(json.dumps({"adapter_id": adapter_id, "version": version,
+                                                       "digest": "", "image_only": True}))
+            size = sum(f.stat().st_size for f in tmp.iterdir())
+            if self.capacity_bytes and size > self.capacity_bytes:
+                return False
+            with self._lock:
+                if self._index.get(key) is not None or self._removals.get(adapter_id, 0) != generation:
+                    return False        # a fetch landed, or a removal, while the image was written
+                self._install(key, tmp, _DiskEntry(tmp, size, "", verified=True, image_only=True))
+                self.write_backs += 1
+                return True
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def put(self, adapter_id: str, version: int, digest: str, tmp: pathlib.Path,
             verified: bool = True, pin: bool = False) -> pathlib.Path:
@@ -205,22 +261,31 @@ class DiskAdapterStore:
                 self._policy.touch(key, e.size, 1.0)
                 e.readers += pin
                 return e.path
-            final = self._dir(adapter_id) / str(version)
-            if e is not None:                        # a doomed copy still read: keep both apart
-                final = final.with_name(f"{version}.{os.getpid()}.{id(tmp)}")
-                # not indexable by a later scan (not a digit name): deleted at the next start's scan
-            else:
-                shutil.rmtree(final, ignore_errors=True)   # an orphan the index did not know
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(tmp, final)
-            if e is not None:
-                self._index.pop(key)
-            self._index[key] = _DiskEntry(final, size, digest, readers=int(pin), verified=verified)
-            self._bytes += size
-            self.loads += 1
-            self._policy.touch(key, size, 1.0)
-            self._evict(keep=key)
-            return final
+            return self._install(key, tmp, _DiskEntry(tmp, size, digest, readers=int(pin),
+                                                      verified=verified))
+
+    def _install(self, key: tuple[str, int], tmp: pathlib.Path, entry: _DiskEntry) -> pathlib.Path:
+        """Move the complete copy in tmp into place as `entry` (caller holds the lock), then evict
+        down to the budget."""
+        adapter_id, version = key
+        e = self._index.get(key)
+        final = self._dir(adapter_id) / str(version)
+        if e is not None:                        # a doomed copy still read: keep both apart
+            final = final.with_name(f"{version}.{os.getpid()}.{id(tmp)}")
+            # not indexable by a later scan (not a digit name): deleted at the next start's scan
+        else:
+            shutil.rmtree(final, ignore_errors=True)   # an orphan the index did not know
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, final)
+        if e is not None:
+            self._index.pop(key)
+        entry.path = final
+        self._index[key] = entry
+        self._bytes += entry.size
+        self.loads += 1
+        self._policy.touch(key, entry.size, 1.0)
+        self._evict(keep=key)
+        return final
 
     def tempdir(self) -> pathlib.Path:
         return pathlib.Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.root))
@@ -276,6 +341,11 @@ def _verify(path: pathlib.Path, digest: str) -> bool:
     return manifest_digest(got) == digest
 
 
+def image_name(signature: str) -> str:
+    """The file name of the arena's packed image (HostArena.signature) in a disk copy."""
+    return f"arena-{signature}.pt"
+
+
 class RegistryAdapterSource:
     """AdapterSource backed by a registry address and a DiskAdapterStore."""
 
@@ -313,7 +383,17 @@ class RegistryAdapterSource:
     def packed_path(self, path: pathlib.Path, signature: str) -> pathlib.Path | None:
         """Where the arena's packed image of the copy at `path` lives: beside its files in the disk
         tier (evicted and removed with them; versions are immutable)."""
-        return path / f"arena-{signature}.pt" if path.parent.parent == self.store.root else None
+        return path / image_name(signature) if path.parent.parent == self.store.root else None
+
+    def generation(self, adapter_id: str) -> int:
+        return self.store.generation(adapter_id)
+
+    def write_back(self, adapter_id: str, version: int, signature: str,
+                   save: Callable[[pathlib.Path], None], generation: int) -> bool:
+        """Keep on disk an adapter the host tier evicts and the disk no longer holds: `save(path)`
+        writes its packed image (an image-only copy; see DiskAdapterStore.put_image)."""
+        return self.store.put_image(adapter_id, version, lambda d: save(d / image_name(signature)),
+                                    generation)
 
     def latest(self, adapter_id: str) -> int:
         """The registry's latest version of adapter_id (raises AdapterNotFound / Unavailable)."""
@@ -331,10 +411,10 @@ class RegistryAdapterSource:
 
     def read(self, adapter_id: str, version: int, reader):
         """(version, reader(path), tier it came from: "disk" | "registry") with the copy pinned on
-        disk while `reader` runs (an eviction never deletes it under the reader). A corrupt disk copy
-        is discarded and fetched again."""
+        disk while `reader` runs (an eviction never deletes it under the reader). A corrupt disk copy,
+        or one the reader cannot use (UnusableCopy), is discarded and fetched again."""
         for _ in range(3):
-            tier = "disk"
+            tier, unusable = "disk", False
             try:
                 v = version
                 if v == 0:
@@ -351,9 +431,13 @@ class RegistryAdapterSource:
                 raise self._error(adapter_id, exc) from None
             try:
                 return v, reader(path), tier
+            except UnusableCopy:    # an image-only copy this arena cannot use
+                unusable = True
             finally:
                 self.store.resize(adapter_id, v)     # the reader may have added a packed image
                 self.store.release(adapter_id, v)
+            if unusable:            # after its release: dropped at once, and fetched again
+                self.store.discard(adapter_id, v)
         raise errors.Unavailable(f"adapter {adapter_id!r}: its disk copy kept disappearing; "
                                  "raise --disk-cache-bytes")
 

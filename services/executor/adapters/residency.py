@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 import structlog
 
 from services.common.errors import ResourceExhausted, Unavailable
-from services.executor.adapters.arena import ArenaEntry, HostArena
+from services.common.peft_format import WEIGHTS_FILE
+from services.executor.adapters.arena import ArenaEntry, HostArena, PackedAdapter
 from services.executor.adapters.policy import make_policy
 from services.executor.adapters.reader import read_adapter
+from services.executor.adapters.source import UnusableCopy
 from services.executor.model.llama import ModelConfig
 
 log = structlog.get_logger(__name__)
@@ -74,7 +76,8 @@ class _Load:
 class Residency:
     def __init__(self, arena: HostArena, source, cfg: ModelConfig, max_rank: int, *,
                  policy: str = "gdsf", latest_ttl_s: float = 5.0, workers: int = 4,
-                 wait_s: float = 120.0, on_load: Callable[[str, float], None] | None = None):
+                 wait_s: float = 120.0, on_load: Callable[[str, float], None] | None = None,
+                 write_back: bool = True, write_back_queue: int = 8):
         self.arena, self.source, self.cfg, self.max_rank = arena, source, cfg, max_rank
         self.latest_ttl_s, self.wait_s = latest_ttl_s, wait_s
         self.on_load = on_load
@@ -92,6 +95,12 @@ class Residency:
         self._gen: dict[str, int] = {}          # bumped by unload: loads started before it don't stay
         self._workers = ThreadPoolExecutor(workers, thread_name_prefix="adapter-load")
         self._closed = False
+        # an evicted adapter the disk no longer holds is written back there (its packed image), so
+        # the host and disk tiers hold different adapters and a reload is a disk read, not a fetch
+        self._write_back = getattr(source, "write_back", None) if write_back and self._holds else None
+        self._write_back_queue = write_back_queue
+        self._writing = 0                        # write-backs queued or running
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="adapter-write-back")
         set_covered = getattr(source, "set_covered", None)
         if set_covered is not None:   # the disk tier evicts what the arena holds first
             set_covered(self._held.__contains__)
@@ -184,6 +193,7 @@ class Residency:
             self._closed = True
             self._cond.notify_all()
         self._workers.shutdown(wait=False, cancel_futures=True)
+        self._writer.shutdown(wait=False, cancel_futures=True)
 
     # -- internals (callers hold self._cond) -----------------------------------------------------
     def _resident(self, adapter_id: str, version: int) -> Key | None:
@@ -249,9 +259,35 @@ class Residency:
             self._policy.remove(key)
             self.host.evictions += 1
             log.info("adapter_evicted", adapter_id=key[0], version=key[1], bytes=held.entry.nbytes)
+            self._queue_write_back(key, held.entry)
         else:
             getattr(self._policy, "forget", self._policy.remove)(key)
         self.arena.free(held.entry)
+
+    def _queue_write_back(self, key: Key, entry: ArenaEntry) -> None:
+        """(Caller holds the lock.) Copy an evicted adapter's pages out, to be written to the disk tier
+        in the background, when the disk no longer holds it. At most write_back_queue wait: under a
+        burst of evictions the rest are dropped (they are fetched again if asked for)."""
+        if (self._write_back is None or self._closed or self._holds(*key)
+                or self._writing >= self._write_back_queue):
+            return
+        packed = PackedAdapter(rows=self.arena.pages[entry.pages.long()].clone(),
+                               meta=entry.meta.clone(), scalings=entry.scalings.clone(), rank=entry.rank)
+        self._writing += 1
+        self._writer.submit(self._write, key, packed, self.source.generation(key[0]), self._gen.get(key[0], 0))
+
+    def _write(self, key: Key, packed: PackedAdapter, generation: int, gen: int) -> None:
+        try:
+            if self._gen.get(key[0], 0) == gen:         # not unloaded since
+                if self._write_back(key[0], key[1], self.arena.signature(),
+                                    lambda path: _save_image(path, packed), generation):
+                    log.info("adapter_written_back", adapter_id=key[0], version=key[1],
+                             bytes=packed.rows.numel() * packed.rows.element_size())
+        except Exception as exc:    # the disk tier is full of copies being read, gone, ...: skip it
+            log.info("adapter_write_back_skipped", adapter_id=key[0], version=key[1], error=str(exc))
+        finally:
+            with self._cond:
+                self._writing -= 1
 
     def _make_room(self, n: int, key: Key) -> list[int]:
         """n pages, evicting unpinned adapters (policy order), waiting for pins to drop if need be."""
@@ -295,6 +331,8 @@ class Residency:
             packed = _load_image(image, self.arena)
             if packed is not None:
                 return packed
+            if not (path / WEIGHTS_FILE).exists():    # a written-back copy: the image is all it has
+                raise UnusableCopy(f"{path}: no usable packed image and no adapter files")
         packed = self.arena.pack(read_adapter(path, self.cfg, self.max_rank, check_finite=False))
         if image is not None:
             _save_image(image, packed)

@@ -10,7 +10,12 @@ import pathlib
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["AdapterSource", "LocalDirSource", "ResolvedAdapter"]
+__all__ = ["AdapterSource", "LocalDirSource", "ResolvedAdapter", "UnusableCopy"]
+
+
+class UnusableCopy(Exception):
+    """A disk copy the reader cannot use (an image-only copy whose image is damaged or laid out for
+    another arena): the source drops it and fetches the adapter again."""
 
 
 @dataclass(frozen=True)
