@@ -3,7 +3,9 @@
 Two stacks side by side, each a registry + 2 executors (one thread each) with the same 128 adapters;
 one stack is used through a router, the other round-robin by `openlora bench --executor A
 --executor B`. Each executor's adapter tiers hold about a quarter of the adapters (--max-device-
-adapters 8, --host-cache-bytes for 16, --disk-cache-bytes for 24). Traffic: Zipf(1) over the 128,
+adapters 8, --host-cache-bytes for 16, --disk-cache-bytes for 24 full copies: files and packed image,
+about 2x an adapter's file size; --disk-factor 1 gives room for 24 of the image-only copies the host
+tier writes back, about 1x). Traffic: Zipf(1) over the 128,
 closed loop. Runs alternate between the stacks after one warm-up run each of --warmup-requests (long
 enough that nearly every adapter has been asked for once: under Zipf(1) the 128th adapter is 0.14% of
 traffic, so after 200 requests a third of a run's fetches are first-time fetches, the same for any
@@ -103,8 +105,9 @@ def main() -> None:
     ap.add_argument("--output-len", default="4:16")
     ap.add_argument("--prompt-len", default="16:48")
     ap.add_argument("--latency-requests", type=int, default=60)
-    ap.add_argument("--disk-factor", type=int, default=2, help="disk bytes per adapter / its file size "
-                    "(its files + the packed image the disk tier keeps beside them)")
+    ap.add_argument("--disk-factor", type=int, default=2, help="disk bytes per adapter / its file size: 2 "
+                    "holds 24 full copies (files + packed image) or about 48 written-back images, 1 holds "
+                    "24 written-back images")
     ap.add_argument("--blobs", choices=("files", "s3"), default="files",
                     help="where the registries keep adapter blobs: files, or S3 buckets on a moto server")
     args = ap.parse_args()
@@ -171,7 +174,7 @@ def main() -> None:
                 "--output-len", args.output_len, "--token-id-max", str(SPEC.vocab)]
         print(f"blobs: {args.blobs}; 2 executors per stack (1 thread each); {args.adapters} adapters (rank {ADAPTER.rank}, "
               f"{size / 1024:.0f} KiB), tiers per executor: 8 device slots, host {16 * size // 1024} KiB "
-              f"(16), disk {24 * size * args.disk_factor // 1024} KiB (24 with packed images); Zipf(1), {args.requests} requests a run, "
+              f"(16), disk {24 * size * args.disk_factor // 1024} KiB (x{args.disk_factor} of 24 adapters' files); Zipf(1), {args.requests} requests a run, "
               f"concurrency {args.concurrency}, prompt {args.prompt_len}, output {args.output_len} tokens; "
               f"medians of {args.rounds} alternated runs after one warm-up of {args.warmup_requests} each", flush=True)
         warm = [*load]

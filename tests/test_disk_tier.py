@@ -284,3 +284,38 @@ def test_a_write_back_never_brings_back_a_removed_adapter_or_replaces_a_copy(tmp
     again = DiskAdapterStore(tmp_path)                 # a restart keeps it, as image-only
     assert again.holds("t/gone", 1) and again.image_only("t/gone", 1)
     assert again.acquire("t/gone", 1) is not None      # nothing to check against a digest
+
+
+def test_concurrent_loads_evictions_and_write_backs_serve_the_right_weights(registry, tmp_path, llama_dir):
+    """8 threads ask for 8 adapters at random through an arena for one and a disk for a full copy and
+    an image: loads, evictions, write-backs and discards race, and every load serves its own adapter's
+    weights, never another's and never a failure."""
+    import random
+
+    import torch
+    reg, _ = registry
+    want = {}
+    arena, src, res = _tiers(tmp_path, llama_dir, reg)
+    try:
+        for i in range(N):
+            want[f"t/a{i}"] = [t.clone() for t in arena.read_back(res.preload(f"t/a{i}", 0).entry, 0)]
+        rng = random.Random(5)
+        asks = [f"t/a{rng.randrange(N)}" for _ in range(160)]
+
+        def load(adapter_id):
+            lease = res.acquire(adapter_id, 0).result(60)
+            try:
+                got = [t.clone() for t in arena.read_back(lease.entry, 0)]
+            finally:
+                res.release(lease)
+            return adapter_id, got, lease.source_tier
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(load, asks))
+        for adapter_id, got, _ in results:
+            assert all(torch.equal(a, b) for a, b in zip(got, want[adapter_id], strict=True)), adapter_id
+        assert {tier for *_, tier in results} >= {"disk"}    # some reloads came from written-back copies
+        assert src.store.write_backs > 0
+    finally:
+        res.close()
+        src.close()
