@@ -14,7 +14,6 @@ hop costs here when it is not a Python gRPC stack.
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
 import shutil
 import subprocess
@@ -24,8 +23,23 @@ import grpc
 from grpc_health.v1 import _async as health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-GO_SOURCE = pathlib.Path(__file__).resolve().parent / "go_relay" / "main.go"
-GOCODE = pathlib.Path("/usr/share/gocode")          # Debian's Go sources (golang-google-grpc-dev)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import GOCODE, free_port, go_build, wait_serving  # noqa: E402
+
+GO_SOURCE = ROOT / "benchmarks" / "go_relay" / "main.go"
+PYTHON_RELAY = [sys.executable, str(ROOT / "benchmarks" / "bare_relay.py")]
+
+
+def start_relay(command: list[str], target: str) -> tuple[subprocess.Popen, str]:
+    """A bare relay (PYTHON_RELAY, or build_go_relay's binary) on a free port, relaying to target,
+    serving: (its process, its address)."""
+    port = free_port()
+    proc = subprocess.Popen([*command, str(port), target])
+    address = f"127.0.0.1:{port}"
+    wait_serving(proc, address, command[-1], timeout=30)
+    return proc, address
 
 
 def build_go_relay(workdir: pathlib.Path) -> pathlib.Path | str:
@@ -39,10 +53,7 @@ def build_go_relay(workdir: pathlib.Path) -> pathlib.Path | str:
     src.mkdir(parents=True, exist_ok=True)
     shutil.copy(GO_SOURCE, src / "main.go")
     binary = workdir / "go_relay"
-    env = {**os.environ, "GO111MODULE": "off", "GOPATH": f"{workdir / 'gopath'}:{GOCODE}", "GOFLAGS": "",
-           "GOCACHE": os.environ.get("GOCACHE") or str(pathlib.Path.home() / ".cache" / "go-build")}
-    proc = subprocess.run(["go", "build", "-o", str(binary), "openlora-go-relay"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = go_build(workdir / "gopath", "openlora-go-relay", binary)
     if proc.returncode != 0:
         return f"go build failed: {proc.stderr.strip()[-500:]}"
     return binary

@@ -39,16 +39,13 @@ import tempfile
 import time
 import urllib.request
 
-import grpc
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bare_relay import build_go_relay  # noqa: E402
+from benchmarks.bare_relay import PYTHON_RELAY, build_go_relay, start_relay  # noqa: E402
 from services import bench  # noqa: E402
-from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc  # noqa: E402
 from services.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model  # noqa: E402
-from tests.servers import Service, free_port, health  # noqa: E402
+from tests.servers import Service, cpu_seconds, free_port, register_adapters  # noqa: E402
 
 SPEC = ModelSpec(arch="llama", hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=1024,
                  seed=5)
@@ -59,25 +56,6 @@ def fetches(metrics_port: int) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
         m = re.search(r"^openlora_registry_fetches_total (\S+)", r.read().decode(), re.M)
     return float(m.group(1))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process pid so far."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start_relay(command: list[str], target: str) -> tuple[subprocess.Popen, str]:
-    """A bare relay (benchmarks/bare_relay.py or the Go one) on a free port, relaying to target."""
-    port = free_port()
-    proc = subprocess.Popen([*command, str(port), target])
-    address = f"127.0.0.1:{port}"
-    for _ in range(300):
-        if health(address) is not None:
-            return proc, address
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{command[-1]} did not start")
 
 
 def bench_args(argv: list[str]):
@@ -148,11 +126,7 @@ def main() -> None:
             reg = Service("registry", "--data-dir", str(work / name / "registry"), "--metrics-port", str(mport),
                           *blobs, env=reg_env, log_path=work / f"{name}-registry.log").start()
             services.append(reg)
-            with grpc.insecure_channel(reg.address) as ch:
-                stub = registry_pb2_grpc.AdapterRegistryStub(ch)
-                for i, d in enumerate(dirs):
-                    stub.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
-                        adapter_id=f"bench/a{i}", source=f"file://{d}"), timeout=60)
+            register_adapters(reg.address, {f"bench/a{i}": d for i, d in enumerate(dirs)})
             exes = [Service("executor", "--registry", reg.address, "--base-model", str(model),
                             "--device", "cpu", "--dtype", "float32", "--max-batch-size", "16",
                             "--disk-cache-dir", str(work / name / f"disk{i}"), *tiers, env=env,
@@ -210,7 +184,7 @@ def main() -> None:
 
         # the router's own cost: 1-token requests, one at a time, a warm adapter
         direct = rs["executors"][0].address
-        relay, relay_address = start_relay([sys.executable, str(ROOT / "benchmarks" / "bare_relay.py")], direct)
+        relay, relay_address = start_relay(PYTHON_RELAY, direct)
         services.append(relay)
         one = ["--adapter", "bench/a0", "--requests", str(args.latency_requests), "--concurrency", "1",
                "--prompt-len", "8", "--output-len", "1", "--token-id-max", str(SPEC.vocab)]

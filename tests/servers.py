@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -53,6 +54,41 @@ def health(address: str, service: str = "", security=None) -> int | None:
             return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process pid so far."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_serving(proc: subprocess.Popen, address: str, what: str, timeout: float = 180,
+                 security=None, log_path=None) -> None:
+    """Wait until the process that is to serve `address` answers health SERVING; RuntimeError if it
+    exits first, TimeoutError (and killed) past `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} while starting"
+                               + (f"; log: {log_path}" if log_path else ""))
+        if health(address, security=security) == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    raise TimeoutError(f"{what} on {address} not SERVING after {timeout}s")
+
+
+GOCODE = pathlib.Path("/usr/share/gocode")          # Debian's Go sources (golang-*-dev packages)
+
+
+def go_build(gopath: pathlib.Path, package: str, binary: pathlib.Path) -> subprocess.CompletedProcess:
+    """`go build` of `package` under gopath with Debian's Go sources behind it (GOPATH mode: no
+    module downloads)."""
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": f"{gopath}:{GOCODE}", "GOFLAGS": "",
+           "GOCACHE": os.environ.get("GOCACHE") or str(pathlib.Path.home() / ".cache" / "go-build")}
+    return subprocess.run(["go", "build", "-o", str(binary), package], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
 class Service:
     """`openlora <kind> --port P ...` running in a subprocess."""
 
@@ -70,16 +106,8 @@ class Service:
     def start(self, timeout: float = 180) -> Service:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode} while starting"
-                                   + (f"; log: {self.log_path}" if self.log_path else ""))
-            if health(self.address, security=self.security) == health_pb2.HealthCheckResponse.SERVING:
-                return self
-            time.sleep(0.2)
-        self.kill()
-        raise TimeoutError(f"{self.kind} on {self.address} not SERVING after {timeout}s")
+        wait_serving(self.proc, self.address, self.kind, timeout, self.security, self.log_path)
+        return self
 
     def terminate(self, timeout: float = 30) -> int:
         """SIGTERM, then wait; returns the exit code."""

@@ -4,21 +4,14 @@ passed through), or what it measures is the cost of something else."""
 
 from __future__ import annotations
 
-import pathlib
-import subprocess
-import sys
-import time
-
 import grpc
 import pytest
 
-from benchmarks.bare_relay import build_go_relay
+from benchmarks.bare_relay import PYTHON_RELAY, build_go_relay, start_relay
 from services.common.gen.openlora.v1 import common_pb2, executor_pb2_grpc, router_pb2_grpc
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
-from tests.servers import deployment, free_port, health
-
-RELAY = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bare_relay.py"
+from tests.servers import deployment
 
 
 @pytest.mark.slow
@@ -30,17 +23,11 @@ def test_bare_relay_answers_as_the_router_and_the_executor_do(kind, llama_dir, t
             pytest.skip(built)
         command = [str(built)]
     else:
-        command = [sys.executable, str(RELAY)]
+        command = PYTHON_RELAY
     adapter = write_adapter(tmp_path / "adapter", TINY["llama"], AdapterSpec(seed=401))
     with deployment(tmp_path, llama_dir, {"relay/a": adapter}) as (_, executor, router):
-        port = free_port()
-        relay = subprocess.Popen([*command, str(port), executor.address])
+        relay, address = start_relay(command, executor.address)
         try:
-            address = f"127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while health(address) is None:
-                assert relay.poll() is None and time.monotonic() < deadline, "bare_relay.py did not start"
-                time.sleep(0.1)
             request = common_pb2.GenerateRequest(adapter_id="relay/a", prompt_token_ids=[1, 5, 9, 13],
                                                  sampling=common_pb2.SamplingParams(max_new_tokens=6, ignore_eos=True))
             answers = {}

@@ -6,7 +6,6 @@ Go import path": no go_package)."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -16,11 +15,10 @@ from grpc_tools import protoc
 
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
-from tests.servers import deployment
+from tests.servers import GOCODE, deployment, go_build
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GO_DIR = ROOT / "tests" / "go"
-GOCODE = pathlib.Path("/usr/share/gocode")          # Debian's Go sources (golang-*-dev packages)
 IMPORT = "github.com/openlora/openlora"
 # what .ci/run installs where missing (Debian 12: go 1.19, grpc-go 1.33; protobuf 1.5's APIv2 shim,
 # without which grpc-go's codec panics on the generated messages)
@@ -63,11 +61,7 @@ def _build(tmp_path: pathlib.Path) -> pathlib.Path:
     cmd.mkdir(parents=True)
     shutil.copy(GO_DIR / "client.go", cmd / "client.go")
     binary = tmp_path / "client"
-    env = {**os.environ, "GO111MODULE": "off", "GOPATH": f"{tmp_path / 'gopath'}:{GOCODE}",
-           "GOFLAGS": "", "GOCACHE": os.environ.get("GOCACHE") or
-           str(pathlib.Path.home() / ".cache" / "go-build")}
-    proc = subprocess.run(["go", "build", "-o", str(binary), f"{IMPORT}/cmd/client"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = go_build(tmp_path / "gopath", f"{IMPORT}/cmd/client", binary)
     assert proc.returncode == 0, proc.stderr
     return binary
 

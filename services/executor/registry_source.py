@@ -226,9 +226,7 @@ class DiskAdapterStore:
         tmp = self.tempdir()
         try:
             write(tmp)
-            (tmp / "meta.json").write_text(json.dumps({"adapter_id": adapter_id, "version": version,
-                                                       "digest": "", "image_only": True}))
-            size = sum(f.stat().st_size for f in tmp.iterdir())
+            size = _seal(tmp, adapter_id, version, "", image_only=True)
             if self.capacity_bytes and size > self.capacity_bytes:
                 return False
             with self._lock:
@@ -245,9 +243,7 @@ class DiskAdapterStore:
             verified: bool = True, pin: bool = False) -> pathlib.Path:
         """Move a verified temp dir into place atomically; returns the final path (pinned for the
         caller, who then calls release, when `pin`)."""
-        (tmp / "meta.json").write_text(json.dumps({"adapter_id": adapter_id, "version": version,
-                                                   "digest": digest}))
-        size = sum(f.stat().st_size for f in tmp.iterdir())
+        size = _seal(tmp, adapter_id, version, digest)
         if self.capacity_bytes and size > self.capacity_bytes:
             shutil.rmtree(tmp, ignore_errors=True)
             raise errors.ResourceExhausted(
@@ -322,6 +318,13 @@ class DiskAdapterStore:
             e.path.parent.rmdir()       # the id's directory, once empty
         except OSError:
             pass
+
+
+def _seal(tmp: pathlib.Path, adapter_id: str, version: int, digest: str, **extra) -> int:
+    """Write a copy's meta.json (what the start-up scan indexes it by); its size in bytes."""
+    (tmp / "meta.json").write_text(json.dumps({"adapter_id": adapter_id, "version": version,
+                                               "digest": digest, **extra}))
+    return sum(f.stat().st_size for f in tmp.iterdir())
 
 
 def _verify(path: pathlib.Path, digest: str) -> bool:
