@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18openlora/v1/common.proto\x12\x0bopenlora.v1\"\xb0\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x16\n\x0emin_new_tokens\x18\n \x01(\r\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x14\n\x0ctop_logprobs\x18\r \x01(\rB\x07\n\x05_seed\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xab\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\r\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.openlora.v1.SamplingParams\"\xf3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.openlora.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.openlora.v1.Usage\x12\x13\n\x0b\x65xecutor_id\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.openlora.v1.TopLogprobs\"\xf0\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.openlora.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.openlora.v1.Usage\x12\x13\n\x0b\x65xecutor_id\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.openlora.v1.TopLogprobs*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x42\x8d\x01\n\x0f\x64\x65v.openlora.v1B\x0b\x43ommonProtoP\x01Z:github.com/openlora/openlora/gen/go/openlora/v1;openlorav1\xa2\x02\x03OLX\xaa\x02\x0bOpenLora.V1\xca\x02\x0bOpenLora\\V1\xea\x02\x0cOpenLora::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18openlora/v1/common.proto\x12\x0bopenlora.v1\"\xc6\x03\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x16\n\x0emin_new_tokens\x18\n \x01(\r\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x14\n\x0ctop_logprobs\x18\r \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\x01\x88\x01\x01\x12\x38\n\x11structured_output\x18\x0f \x01(\x0b\x32\x1d.openlora.v1.StructuredOutput\x12\x18\n\x0bspeculative\x18\x10 \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05_seedB\x12\n\x10_prompt_logprobsB\x0e\n\x0c_speculative\"\x97\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.openlora.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"w\n\x0eMergedAdapters\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x02\x12\x18\n\x10\x63ombination_type\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x04 \x01(\x02\x12\x1c\n\x14majority_sign_method\x18\x05 \x01(\t\"Y\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x01(\x0b\x32\x18.openlora.v1.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xe1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\r\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.openlora.v1.SamplingParams\x12\x34\n\x0fmerged_adapters\x18\x07 \x01(\x0b\x32\x1b.openlora.v1.MergedAdapters\"\xa8\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.openlora.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.openlora.v1.Usage\x12\x13\n\x0b\x65xecutor_id\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.openlora.v1.TopLogprobs\x12\x33\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1a.openlora.v1.PromptLogprob\"\xa5\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.openlora.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.openlora.v1.Usage\x12\x13\n\x0b\x65xecutor_id\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.openlora.v1.TopLogprobs\x12\x33\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1a.openlora.v1.PromptLogprob*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x42\x8d\x01\n\x0f\x64\x65v.openlora.v1B\x0b\x43ommonProtoP\x01Z:github.com/openlora/openlora/gen/go/openlora/v1;openlorav1\xa2\x02\x03OLX\xaa\x02\x0bOpenLora.V1\xca\x02\x0bOpenLora\\V1\xea\x02\x0cOpenLora::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,18 +32,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'openlora.v1.common_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.openlora.v1B\013CommonProtoP\001Z:github.com/openlora/openlora/gen/go/openlora/v1;openlorav1\242\002\003OLX\252\002\013OpenLora.V1\312\002\013OpenLora\\V1\352\002\014OpenLora::V1'
-  _globals['_FINISHREASON']._serialized_start=1122
-  _globals['_FINISHREASON']._serialized_end=1240
+  _globals['_FINISHREASON']._serialized_start=1829
+  _globals['_FINISHREASON']._serialized_end=1947
   _globals['_SAMPLINGPARAMS']._serialized_start=42
-  _globals['_SAMPLINGPARAMS']._serialized_end=346
-  _globals['_TOPLOGPROBS']._serialized_start=348
-  _globals['_TOPLOGPROBS']._serialized_end=398
-  _globals['_USAGE']._serialized_start=400
-  _globals['_USAGE']._serialized_end=457
-  _globals['_GENERATEREQUEST']._serialized_start=460
-  _globals['_GENERATEREQUEST']._serialized_end=631
-  _globals['_GENERATERESPONSE']._serialized_start=634
-  _globals['_GENERATERESPONSE']._serialized_end=877
-  _globals['_GENERATECHUNK']._serialized_start=880
-  _globals['_GENERATECHUNK']._serialized_end=1120
+  _globals['_SAMPLINGPARAMS']._serialized_end=496
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=499
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=650
+  _globals['_CHOICELIST']._serialized_start=652
+  _globals['_CHOICELIST']._serialized_end=681
+  _globals['_MERGEDADAPTERS']._serialized_start=683
+  _globals['_MERGEDADAPTERS']._serialized_end=802
+  _globals['_PROMPTLOGPROB']._serialized_start=804
+  _globals['_PROMPTLOGPROB']._serialized_end=893
+  _globals['_TOPLOGPROBS']._serialized_start=895
+  _globals['_TOPLOGPROBS']._serialized_end=945
+  _globals['_USAGE']._serialized_start=947
+  _globals['_USAGE']._serialized_end=1004
+  _globals['_GENERATEREQUEST']._serialized_start=1007
+  _globals['_GENERATEREQUEST']._serialized_end=1232
+  _globals['_GENERATERESPONSE']._serialized_start=1235
+  _globals['_GENERATERESPONSE']._serialized_end=1531
+  _globals['_GENERATECHUNK']._serialized_start=1534
+  _globals['_GENERATECHUNK']._serialized_end=1827
 # @@protoc_insertion_point(module_scope)
