@@ -194,6 +194,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 evictions=t.evictions) for t in st.tier_stats],
             kv_blocks_cached=st.kv_blocks_cached, prefix_cache_hit_tokens=st.prefix_cache_hit_tokens,
             prefill_tokens_computed=st.prefill_tokens_computed,
+            max_model_len=self.engine.max_model_len,
             adapters=[executor_pb2.AdapterResidency(adapter_id=a.adapter_id, version=a.version,
                                                     tier=TIERS.get(a.tier, 0),
                                                     active_requests=a.active_requests)
