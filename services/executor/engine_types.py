@@ -76,6 +76,9 @@ class EngineStatus:
     tier_stats: list[TierStat] = field(default_factory=list)   # device, host, disk
     host_cache_bytes: int = 0          # the host arena's capacity
     host_cache_used_bytes: int = 0     # its pages in use
+    device_cache_bytes: int = 0        # the device page pool's capacity (0: none)
+    device_cache_used_bytes: int = 0
+    unified_kv_adapter_pool: bool = False
 
 
 class InternalError(OpenLoraError):
@@ -94,7 +97,7 @@ class RequestState:
     detok: Detokenizer | None
     stop_text: StopText
     lease_future: Future | None = None
-    lease: object | None = None        # the pinned adapter (a residency or slot lease)
+    lease: object | None = None        # the pinned adapter (a residency lease)
     slot: int | None = None            # its batch sort key
     completion: int = 0
     done: bool = False

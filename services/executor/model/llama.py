@@ -21,7 +21,6 @@ from services.executor.model.layers import (  # noqa: F401
     DecoderLayer,
     ForwardBatch,
     LoraProj,
-    LoraStack,
     RMSNorm,
     rope_inv_freq,
     rope_tables,
