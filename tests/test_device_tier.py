@@ -32,9 +32,9 @@ __all__ = ["adapter_roots"]   # a module fixture, used below
 
 
 def test_a_batch_read_from_the_device_tier_matches_transformers_peft(model_dirs, adapter_roots):
-    root = adapter_roots["llama"]
-    names = sorted(p.name for p in root.iterdir())
-    e = engine_for(model_dirs["llama"], root, device_cache_bytes=4 << 20)
+    adapters = adapter_roots["llama"]
+    names = sorted(p.name for p in adapters.iterdir())
+    e = engine_for(model_dirs["llama"], adapters, device_cache_bytes=4 << 20)
     assert e.runner.pool is e.device_pool and e.device_pool is not e.arena
     for name in names:
         assert e.load_adapter(name, 0) == (1, "device")
@@ -46,7 +46,7 @@ def test_a_batch_read_from_the_device_tier_matches_transformers_peft(model_dirs,
         reply = asyncio.run(ExecutorServicer(e, "x").GetStatus(executor_pb2.GetStatusRequest(), None))
     finally:
         e.stop()
-    check_against_oracle(model_dirs["llama"], root, out, requests)
+    check_against_oracle(model_dirs["llama"], adapters, out, requests)
     dev = next(t for t in st.tier_stats if t.tier == "device")
     host = next(t for t in st.tier_stats if t.tier == "host")
     assert dev.adapters == host.adapters == len(names) and dev.loads == len(names) and dev.evictions == 0
