@@ -101,6 +101,8 @@ class ExecutorConfig(ServerConfig):
         for name in ("host_cache_bytes", "disk_cache_bytes", "kv_cache_bytes", "max_model_len",
                      "arena_page_elems"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(self.speculative_method in ("none", "ngram"), "speculative_method",
+              f"must be none or ngram, got {self.speculative_method!r}")
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         check(self.prompt_lookup_min <= self.prompt_lookup_max, "prompt_lookup_min",
