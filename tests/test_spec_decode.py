@@ -16,7 +16,7 @@ import pytest
 import torch
 from prometheus_client import generate_latest
 
-from services.executor.adapters.cache import LocalDirSource
+from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
 from services.executor.kv_cache import KVBlockAllocator, block_hash

@@ -18,13 +18,19 @@ class ExecutorConfig(ServerConfig):
                       choices=("auto", "float32", "bfloat16", "float16"))
     max_batch_size: int = flag(64, "most sequences in one step")
     max_queue: int = flag(1024, "most requests waiting before RESOURCE_EXHAUSTED")
-    max_device_adapters: int = flag(32, "adapter slots on the device")
+    max_device_adapters: int = flag(32, "most adapters the device tier holds at once (a cap on top of "
+                                    "--device-cache-bytes)")
     max_lora_rank: int = flag(64, "largest adapter rank accepted")
     prepack_weights: bool = flag(True, "float32 on CPU: copy each base weight once into MKL's GEMM "
                                  "layout (faster decode steps, more memory)")
     host_cache_bytes: int = flag(2 * 1024**3, "host adapter arena in bytes, allocated once (pinned on CUDA): "
                                  "adapters at their true rank in fixed-size pages; on CPU the kernel "
                                  "reads them in place, so it bounds how many adapters one batch mixes")
+    device_cache_bytes: int = flag(0, "device tier: a page pool in accelerator memory, filled from the host "
+                                   "arena by page copies, read in place by the kernel (0 -> on CUDA the "
+                                   "smaller of --host-cache-bytes and a tenth of the free GPU memory; on "
+                                   "CPU none: the kernel reads the arena. > 0 on CPU: a second host pool "
+                                   "filled by copy, so the device tier runs in tests as on a GPU)")
     arena_page_elems: int = flag(0, "elements per arena page (0 -> the smallest projection dimension, "
                                  "S-LoRA's vector-sized page)")
     adapter_eviction_policy: str = flag("gdsf", "which adapter a full arena or disk tier evicts: gdsf "
@@ -98,7 +104,7 @@ class ExecutorConfig(ServerConfig):
                      "adapter_load_workers", "blob_read_concurrency"):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         check(self.adapter_wait_s > 0, "adapter_wait_s", "must be > 0")
-        for name in ("host_cache_bytes", "disk_cache_bytes", "kv_cache_bytes", "max_model_len",
+        for name in ("host_cache_bytes", "device_cache_bytes", "disk_cache_bytes", "kv_cache_bytes", "max_model_len",
                      "arena_page_elems"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.speculative_method in ("none", "ngram"), "speculative_method",

@@ -185,8 +185,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             dtype=st.dtype, running_requests=st.running, waiting_requests=st.waiting,
             max_batch_size=st.max_batch_size, kv_blocks_total=st.kv_blocks_total,
             kv_blocks_free=st.kv_blocks_free, device_adapter_slots=st.device_adapter_slots,
-            host_cache_bytes=st.host_cache_bytes or self.host_cache_bytes,
-            host_cache_used_bytes=st.host_cache_used_bytes,
+            host_cache_bytes=st.host_cache_bytes, host_cache_used_bytes=st.host_cache_used_bytes,
+            device_cache_bytes=st.device_cache_bytes,
+            device_cache_used_bytes=st.device_cache_used_bytes,
+            unified_kv_adapter_pool=st.unified_kv_adapter_pool,
             tier_stats=[executor_pb2.TierStats(
                 tier=TIERS[t.tier], adapters=t.adapters, bytes_used=t.bytes_used,
                 bytes_capacity=t.bytes_capacity, hits=t.hits, misses=t.misses, loads=t.loads,
