@@ -7,8 +7,9 @@
 
 Each turn of the loop: intake (new requests, cancels; adapter intake in intake.py admits those whose
 adapter is pinned) -> step(): schedule (scheduler.py) -> run the model over every scheduled sequence,
-prefill chunks and decode tokens together, sorted by adapter placement (model_runner.py) -> process the
-outputs: sample, stop conditions, events (output.py). An error in one request's processing fails
+prefill chunks, decode tokens and speculative drafts together, sorted by adapter placement
+(model_runner.py) -> sample (verifying drafts) -> advance the sequences (rolling back rejected draft
+positions) -> emit: stop conditions, events (output.py). An error in one request's processing fails
 only that request; an error in the forward pass fails that step's requests and the engine goes on.
 """
 
@@ -54,6 +55,7 @@ from services.executor.model_runner import ModelRunner
 from services.executor.output import OutputProcessor, deliver
 from services.executor.sampler import SamplingOptions
 from services.executor.scheduler import Batch, Scheduler
+from services.executor.spec_decode import Speculator
 from services.executor.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
@@ -104,8 +106,14 @@ class Engine:
                           kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
                           device=self.device)
         self.allocator = KVBlockAllocator(num_blocks)
+        self.speculator = None if config.speculative_method == "none" else Speculator(
+            config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
+            min_acceptance=config.speculative_min_acceptance,
+            disable_by_batch_size=config.speculative_disable_by_batch_size,
+            max_batch_tokens=config.speculative_max_batch_tokens)
         self.scheduler = Scheduler(self.allocator, block, config.max_batch_size,
-                                   config.max_prefill_tokens, config.enable_prefix_caching)
+                                   config.max_prefill_tokens, config.enable_prefix_caching,
+                                   self.speculator)
         self.source = adapter_source
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -175,6 +183,8 @@ class Engine:
                               max_model_len=self.max_model_len,
                               default_max_new_tokens=self.config.default_max_new_tokens,
                               eos_token_ids=self.eos_token_ids, device=self.device)
+        if self.speculator is not None and req.sampling.speculative:
+            r.seq.spec = self.speculator.new_state(min(r.seq.prompt_len + r.max_new, self.max_model_len))
         with self._lock:
             if req.request_id in self._active:
                 raise InvalidArgument(f"request_id {req.request_id!r} is already in flight")
@@ -227,6 +237,8 @@ class Engine:
         """
         if deleted:
             self.unload_adapter(adapter_id, version)
+            if version and latest_version:    # one version went: "latest" may now be an older one
+                self.adapters.set_latest(adapter_id, latest_version)
         else:
             self.adapters.set_latest(adapter_id, latest_version)
 
@@ -245,7 +257,16 @@ class Engine:
             tier_stats=self._tier_stats(),
             host_cache_bytes=self.arena.capacity_bytes, host_cache_used_bytes=self.arena.used_bytes,
             device_cache_bytes=dev.capacity_bytes if dev is not None else 0,
-            device_cache_used_bytes=dev.used_bytes if dev is not None else 0)
+            device_cache_used_bytes=dev.used_bytes if dev is not None else 0,
+            **self._spec_status())
+
+    def _spec_status(self) -> dict:
+        sp = self.speculator
+        if sp is None:
+            return {}
+        return dict(speculative_method=self.config.speculative_method,
+                    spec_draft_tokens=sp.draft_tokens, spec_accepted_tokens=sp.accepted_tokens,
+                    spec_emitted_tokens=sp.emitted_tokens, spec_acceptance_rate=sp.acceptance_rate)
 
     def _residency(self) -> list[AdapterResidency]:
         held = [AdapterResidency(a, v, tier, n) for a, v, tier, n in self.adapters.placements()]
@@ -297,10 +318,17 @@ class Engine:
             return
         reqs = [self._active[item.seq.seq_id] for item in batch.items]
         logits = self._run_model(batch, reqs)
-        if logits is not None:
-            sampled = [r for r, item in zip(reqs, batch.items, strict=True) if item.samples]
-            self.scheduler.advance(batch)
-            self.outputs.process(logits, sampled)
+        if logits is None:
+            return
+        items = [item for item in batch.items if item.samples]
+        sampled = [r for r, item in zip(reqs, batch.items, strict=True) if item.samples]
+        outs = self.outputs.sample(logits, sampled, [item.draft for item in items])
+        for item, out in zip(items, outs, strict=True):
+            if item.draft and out is not None:     # verified: out = the accepted drafts + 1
+                item.accepted = len(out[0]) - 1
+                self.speculator.record(item.seq.spec, len(item.draft), item.accepted, len(out[0]))
+        self.scheduler.advance(batch)
+        self.outputs.emit(sampled, outs)
 
     def _run_model(self, batch: Batch, reqs: list[RequestState]) -> torch.Tensor | None:
         """The step's logits, or None when the forward pass failed (its requests fail with it)."""

@@ -92,7 +92,8 @@ class ModelRunner:
         self.buffers = InputBuffers(max_tokens, max_seqs, device)
 
     def run(self, batch: Batch, entries: list) -> Tensor:
-        """-> next-token logits [sampled items, vocab] float32, in batch order."""
+        """-> next-token logits [sampled rows, vocab] float32, in batch order: one row per sampling
+        item, 1 + len(draft) for an item verifying a draft."""
         return self.model(self.prepare(batch, entries), self.kv)
 
     def prepare(self, batch: Batch, entries: list) -> ForwardBatch:
@@ -105,15 +106,15 @@ class ModelRunner:
         for item, entry in zip(batch.items, entries, strict=True):
             seq, n = item.seq, item.num_new
             a = seq.num_computed
-            ids += seq.token_ids[a:a + n]
+            ids += (seq.token_ids + item.draft if item.draft else seq.token_ids)[a:a + n]
             positions += range(a, a + n)
             blocks = seq.blocks
             slot_mapping += [blocks[p // bs] * bs + p % bs for p in range(a, a + n)]
             group, rows = (decode, decode_rows) if n == 1 else (prefill, prefill_rows)
             group.append((blocks, a + n, n))
             rows.append(row)
-            if item.samples:
-                logits_rows.append(row + n - 1)
+            if item.samples:   # a draft of d tokens: logits at its last d + 1 positions
+                logits_rows += range(row + n - 1 - len(item.draft), row + n)
             if n and seg_slots and seg_slots[-1] == seq.slot:   # same adapter slot: one segment
                 seg_indptr[-1] += n
             elif n:

@@ -40,7 +40,8 @@ def to_request(pb: common_pb2.GenerateRequest) -> GenerationRequest:
             ignore_eos=s.ignore_eos, repetition_penalty=s.repetition_penalty,
             stop_token_ids=tuple(s.stop_token_ids), min_new_tokens=s.min_new_tokens,
             presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-            top_logprobs=s.top_logprobs))
+            top_logprobs=s.top_logprobs,
+            speculative=s.speculative if s.HasField("speculative") else True))
 
 
 def _tops(ev: TokenEvent) -> list[common_pb2.TopLogprobs]:
@@ -194,6 +195,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 evictions=t.evictions) for t in st.tier_stats],
             kv_blocks_cached=st.kv_blocks_cached, prefix_cache_hit_tokens=st.prefix_cache_hit_tokens,
             prefill_tokens_computed=st.prefill_tokens_computed,
+            speculative_method=st.speculative_method, spec_draft_tokens=st.spec_draft_tokens,
+            spec_accepted_tokens=st.spec_accepted_tokens, spec_emitted_tokens=st.spec_emitted_tokens,
+            spec_acceptance_rate=st.spec_acceptance_rate,
             max_model_len=self.engine.max_model_len,
             adapters=[executor_pb2.AdapterResidency(adapter_id=a.adapter_id, version=a.version,
                                                     tier=TIERS.get(a.tier, 0),
