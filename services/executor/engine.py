@@ -28,6 +28,7 @@ from services.common.peft_format import check_adapter_id
 from services.executor import ops
 from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.cache import AdapterCache, AdapterSource
+from services.executor.adapters.forms import BaseWeights
 from services.executor.adapters.pool import AdapterPool
 from services.executor.adapters.residency import Residency
 from services.executor.config import ExecutorConfig
@@ -85,6 +86,7 @@ class Engine:
         if self.device.type == "cpu":
             layout = ArenaLayout.for_model(cfg, config.arena_page_elems)
             self.arena = HostArena(layout, config.host_cache_bytes, self.dtype)
+            self.arena.base = BaseWeights(self.model, tag=str(path))   # DoRA norms are taken against it
             for layer, module, proj in self.model.projections():
                 proj.lm = layout.lm(layer, module)
         else:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from services.common.errors import InvalidAdapter
+from services.executor.adapters import forms
 from services.executor.adapters.reader import HostAdapter
 from services.executor.model.llama import LORA_MODULES, ModelConfig
 
@@ -42,7 +43,8 @@ class ArenaLayout:
         if page_elems <= 0:  # S-LoRA's page: a vector; the smallest row here (k/v's d_out) wastes nothing
             dims = [d for shape in shapes for d in shape]
             page_elems = max(min(dims), min(64, max(dims)))
-        return cls(shapes, page_elems)
+        # then the adapter forms' virtual modules (DoRA scales, lm_head/embed_tokens): see forms.py
+        return cls(shapes + forms.extra_shapes(cfg, shapes), page_elems)
 
     @staticmethod
     def lm(layer: int, module: str) -> int:
@@ -58,6 +60,9 @@ class ArenaLayout:
         total = 0
         for (layer, module), (a, _, _) in host.weights.items():
             ca, cb = self.chunks(self.lm(layer, module))
+            total += a.shape[0] * (ca + cb)
+        for lm, (a, _, _) in forms.extra_rows(host, self, None, shapes_only=True).items():
+            ca, cb = self.chunks(lm)
             total += a.shape[0] * (ca + cb)
         return total
 
@@ -93,6 +98,7 @@ class PagedBatch:
     seg_meta: Tensor      # [G, LM, 2] int32
     seg_scalings: Tensor  # [G, LM] float32
     any_lora: bool        # False: every segment is base-only (the op can be skipped)
+    forms: forms.BatchForms | None = None   # segments with DoRA, lm_head/embed_tokens forms
 
 
 class HostArena:
@@ -112,6 +118,7 @@ class HostArena:
         self._uids = itertools.count(1)
         self._lm = len(layout.shapes)
         self._batch_cache: tuple[tuple, PagedBatch] | None = None
+        self.base: forms.BaseWeights | None = None   # set by the engine: what DoRA norms are taken against
 
     @property
     def free_pages(self) -> int:
@@ -139,16 +146,19 @@ class HostArena:
         p = self.layout.page_elems
         meta = torch.zeros((self._lm, 2), dtype=torch.int32)
         scalings = torch.zeros(self._lm, dtype=torch.float32)
-        rows = torch.zeros((self.layout.pages_needed(host), p), dtype=self.dtype)
+        items = [(self.layout.lm(layer, module), w) for (layer, module), w in host.weights.items()]
+        items += forms.extra_rows(host, self.layout, self.base).items()
+        n = sum(a.shape[0] * sum(self.layout.chunks(lm)) for lm, (a, _, _) in items)
+        rows = torch.zeros((n, p), dtype=self.dtype)
         offset = 0
-        for (layer, module), (a, b, scaling) in sorted(host.weights.items()):
-            lm = self.layout.lm(layer, module)
+        for lm, (a, b, scaling) in sorted(items, key=lambda kv: kv[0]):
             ca, cb = self.layout.chunks(lm)
             r = a.shape[0]
             if r == 0:
                 continue
             meta[lm, 0], meta[lm, 1], scalings[lm] = offset, r, scaling
-            for mat, c in ((a, ca), (b.t(), cb)):             # lora_A rows, then lora_B^T rows
+            parts = ((a, ca),) if b is None else ((a, ca), (b.t(), cb))
+            for mat, c in parts:                              # lora_A rows, then lora_B^T rows
                 n = mat.shape[1]                              # the last page of each row partly used
                 rows[offset:offset + r * c].view(r, c * p)[:, :n] = mat
                 offset += r * c
@@ -175,7 +185,8 @@ class HostArena:
     def signature(self) -> str:
         """What a packed image depends on: page size, dtype and the model's projection shapes."""
         import hashlib
-        return hashlib.sha256(repr((self.layout.page_elems, str(self.dtype), self.layout.shapes))
+        return hashlib.sha256(repr((self.layout.page_elems, str(self.dtype), self.layout.shapes,
+                                    getattr(self.base, "fingerprint", "")))
                               .encode()).hexdigest()[:16]
 
     def free(self, entry: ArenaEntry) -> None:
@@ -221,11 +232,12 @@ class HostArena:
             metas.append(m)
             scals.append(e.scalings)
         G = len(entries)
+        seg_meta = torch.stack(metas) if G else torch.zeros((0, self._lm, 2), dtype=torch.int32)
         out = PagedBatch(
             arena=self.pages,
             page_index=torch.cat(index) if index else torch.zeros(0, dtype=torch.int32),
-            seg_meta=torch.stack(metas) if G else torch.zeros((0, self._lm, 2), dtype=torch.int32),
+            seg_meta=seg_meta,
             seg_scalings=torch.stack(scals) if G else torch.zeros((0, self._lm), dtype=torch.float32),
-            any_lora=bool(index))
+            any_lora=bool(index), forms=forms.batch_forms(self.layout, seg_meta))
         self._batch_cache = (key, out)
         return out
