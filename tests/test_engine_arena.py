@@ -12,7 +12,7 @@ import torch
 from conftest import TINY
 from test_engine_oracle import MAX_NEW, check_against_oracle, run
 
-from services.executor.adapters.cache import LocalDirSource
+from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
 from services.synthetic import ALL_MODULES, AdapterSpec, write_adapter

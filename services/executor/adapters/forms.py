@@ -165,8 +165,8 @@ class BaseWeights:
 
 def dora_scale(weight: Tensor, a: Tensor, b: Tensor, scaling: float, magnitude: Tensor) -> Tensor:
     """magnitude / ||W + scaling * B @ A||_row  [d_out] float32 (PEFT's DoraLinearLayer.get_weight_norm,
-    computed in float64)."""
-    w = weight.double() + scaling * (b.double() @ a.double())
+    computed in float64 on the host)."""
+    w = weight.detach().to("cpu", torch.float64) + scaling * (b.double() @ a.double())
     return (magnitude.double() / torch.linalg.norm(w, dim=1)).float()
 
 
@@ -224,75 +224,50 @@ class BatchForms:
     """One batch's (arena.batch's) forms: which segments need an epilogue, per module."""
 
     n: int                                         # projections
-    dora: dict[int, tuple[int, ...]]               # projection lm -> its DoRA segments
-    lm_head: tuple[int, ...] = ()                  # segments with LoRA on lm_head
-    lm_head_dora: tuple[int, ...] = ()
-    embed: tuple[int, ...] = ()
-    lm_head_full: tuple[int, ...] = ()
-    embed_full: tuple[int, ...] = ()
-    _rows: dict = field(default_factory=dict)      # (segments, indptr) -> (rows, row_seg) of the step
-    _ip: tuple[int, list[int]] | None = None
-
-    def indptr(self, seg_indptr: Tensor) -> list[int]:
-        ip = seg_indptr.tolist()
-        return ip
-
-    def rows(self, segs: tuple[int, ...], ip: list[int]) -> tuple[Tensor, Tensor]:
-        """(row ids [R] long, each row's index into segs [R] long) of the segments' rows."""
-        key = (segs, tuple(ip))
-        hit = self._rows.get(key)
-        if hit is None:
-            if len(self._rows) > 64:
-                self._rows.clear()
-            lens = torch.tensor([ip[g + 1] - ip[g] for g in segs])
-            rows = torch.cat([torch.arange(ip[g], ip[g + 1]) for g in segs])
-            hit = self._rows[key] = (rows, torch.repeat_interleave(torch.arange(len(segs)), lens))
-        return hit
+    dora: dict[int, Tensor]                        # projection lm -> its DoRA segments [S] long
 
 
-def batch_forms(layout, seg_meta: Tensor) -> BatchForms | None:
-    """seg_meta [G, LM, 2] -> the batch's forms, or None when no segment has any."""
+def batch_forms(layout, seg_meta: Tensor, device: torch.device) -> BatchForms | None:
+    """seg_meta [G, LM, 2] (on the host) -> the batch's forms, or None when no segment has any."""
     n = num_projections(layout)
     if seg_meta.shape[0] == 0 or seg_meta.shape[1] <= n:
         return None
-    ranks = seg_meta[:, n:, 1]
-    if not bool((ranks > 0).any()):
+    dora_ranks = seg_meta[:, n:2 * n, 1]                                           # [G, n]
+    if not bool((dora_ranks > 0).any()):
         return None
-
-    def segs(lm: int) -> tuple[int, ...]:
-        return tuple(torch.nonzero(seg_meta[:, lm, 1] > 0).flatten().tolist())
-
-    has = (ranks[:, :n] > 0).any(0)
-    dora = {lm: segs(n + lm) for lm in torch.nonzero(has).flatten().tolist()}
-    return BatchForms(n=n, dora=dora, lm_head=segs(2 * n + LM_HEAD),
-                      lm_head_dora=segs(2 * n + LM_HEAD_DORA), embed=segs(2 * n + EMBED),
-                      lm_head_full=segs(2 * n + LM_HEAD_FULL), embed_full=segs(2 * n + EMBED_FULL))
+    dora = {lm: torch.nonzero(dora_ranks[:, lm] > 0).flatten().to(device)
+            for lm in torch.nonzero((dora_ranks > 0).any(0)).flatten().tolist()}
+    return BatchForms(n=n, dora=dora)
 
 
-def gather_rows(paged, segs: tuple[int, ...], lm: int, d: int) -> Tensor:
-    """Each segment's first row of virtual module lm (a rows kind of width d) -> [len(segs), d]."""
+def gather_rows(paged, segs: Tensor, lm: int, d: int) -> Tensor:
+    """Each segment's first row of virtual module lm (a rows kind of width d) -> [S, d]."""
     arena, P = paged.arena, paged.arena.shape[1]
     c = -(-d // P)
-    off = paged.seg_meta[list(segs), lm, 0].long()                                 # [S]
-    idx = paged.page_index[(off[:, None] + torch.arange(c)).flatten()].long()      # [S * c]
-    return arena[idx].view(len(segs), c * P)[:, :d]
+    off = paged.seg_meta[segs, lm, 0].long()                                       # [S]
+    idx = paged.page_index[(off[:, None] + torch.arange(c, device=off.device)).flatten()].long()
+    return arena[idx].view(segs.numel(), c * P)[:, :d]
+
+
+def row_segments(seg_indptr: Tensor, T: int) -> Tensor:
+    """[T] long: the segment of each row (no host sync on a device)."""
+    rows = torch.arange(T, dtype=seg_indptr.dtype, device=seg_indptr.device)
+    return torch.searchsorted(seg_indptr[1:], rows, right=True).clamp_(max=seg_indptr.numel() - 2)
 
 
 def dora_epilogue(y: Tensor, bias: Tensor | None, lm: int, paged, seg_indptr: Tensor) -> None:
-    """In place, for each DoRA segment g of projection lm: y[seg] = bias + scale_g * (y[seg] - bias)
-    (PEFT's DoRA output; y already holds the base output and the segment's LoRA delta)."""
-    f: BatchForms = paged.forms
-    segs = f.dora.get(lm)
-    if not segs:
+    """In place, for the rows of each DoRA segment g of projection lm (PEFT's DoRA output; y holds
+    the base output and the segment's LoRA delta already):
+
+        y[seg] += (scale_g - 1) * (y[seg] - bias)        scale_g = magnitude / ||W + s B A||_row
+
+    Other rows get + 0 (unchanged)."""
+    segs = paged.forms.dora.get(lm)
+    if segs is None:
         return
-    ip = f.indptr(seg_indptr)
-    rows, row_seg = f.rows(segs, ip)
-    if rows.numel() == 0:
-        return
-    scale = gather_rows(paged, segs, f.n + lm, y.shape[1])[row_seg]                # [R, d_out]
-    part = y.index_select(0, rows)
-    if bias is None:
-        part.mul_(scale)
-    else:
-        part.sub_(bias).mul_(scale).add_(bias)
-    y.index_copy_(0, rows, part)
+    T, d = y.shape
+    factor = torch.zeros((paged.seg_meta.shape[0], d), dtype=torch.float32, device=y.device)
+    factor[segs] = gather_rows(paged, segs, paged.forms.n + lm, d).float() - 1     # [G, d_out]
+    yf = y.float()
+    base = yf if bias is None else yf - bias.float()
+    y.copy_(yf.addcmul_(base, factor[row_segments(seg_indptr, T)]))
