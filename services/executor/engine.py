@@ -29,6 +29,7 @@ from services.common.peft_format import check_adapter_id
 from services.executor import ops
 from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.device import DevicePool
+from services.executor.adapters.forms import BaseWeights
 from services.executor.adapters.residency import Residency
 from services.executor.adapters.source import AdapterSource
 from services.executor.config import ExecutorConfig
@@ -125,6 +126,7 @@ class Engine:
             else:
                 self.arena = HostArena(layout, config.host_cache_bytes, self.dtype, pages=pages,
                                        lender=lender)
+        self.arena.base = BaseWeights(self.model, tag=str(path))   # DoRA norms are taken against it
         self.kv = KVCache(layers=cfg.layers, num_blocks=num_blocks, block_size=block,
                           kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
                           device=self.device, buffer=kv_buffer)
