@@ -50,6 +50,7 @@ from services.executor.model.loader import (
     resolve_dtype,
     resolve_model_dir,
 )
+from services.executor.model.quant import base_weight_bytes
 from services.executor.model_runner import ModelRunner
 from services.executor.output import OutputProcessor, deliver
 from services.executor.sampler import SamplingOptions
@@ -73,8 +74,10 @@ class Engine:
         _, cfg = read_config(path)
         max_len = config.max_model_len or cfg.max_positions
         block = config.kv_block_size
-        self.model, self.model_config, self.model_path = load_model(str(path), self.device,
-                                                                    self.dtype, max_len)
+        self.model, self.model_config, self.model_path = load_model(
+            str(path), self.device, self.dtype, max_len, config.quantization, config.quantization_group_size)
+        self.base_weight_bytes = base_weight_bytes(self.model)
+        log.info("base_model_loaded", quantization=self.model.quantization, bytes=self.base_weight_bytes)
         if config.prepack_weights:
             packed = self.model.prepack()
             if packed:
@@ -245,7 +248,8 @@ class Engine:
             prefill_tokens_computed=self.scheduler.prefill_tokens,
             tier_stats=self._tier_stats(),
             host_cache_bytes=self.arena.capacity_bytes if self.arena is not None else 0,
-            host_cache_used_bytes=self.arena.used_bytes if self.arena is not None else 0)
+            host_cache_used_bytes=self.arena.used_bytes if self.arena is not None else 0,
+            quantization=self.model.quantization, base_weight_bytes=self.base_weight_bytes)
 
     def _residency(self) -> list[AdapterResidency]:
         fast = "host" if self.arena is not None else "device"

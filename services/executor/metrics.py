@@ -71,6 +71,10 @@ class _EngineCollector:
                                   value=g(st, "prefix_cache_hit_tokens", 0))
         yield CounterMetricFamily("openlora_executor_prefill_tokens_computed",
                                   "prompt tokens run through the model", value=g(st, "prefill_tokens_computed", 0))
+        base = GaugeMetricFamily("openlora_executor_base_weight_bytes", "the base model's weights as served "
+                                 "(quantized projections at their packed size)", labels=["quantization"])
+        base.add_metric([g(st, "quantization", "none")], g(st, "base_weight_bytes", 0))
+        yield base
         yield from self._tiers(st)
 
     def _tiers(self, st):

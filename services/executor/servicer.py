@@ -193,6 +193,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             kv_blocks_cached=st.kv_blocks_cached, prefix_cache_hit_tokens=st.prefix_cache_hit_tokens,
             prefill_tokens_computed=st.prefill_tokens_computed,
             max_model_len=self.engine.max_model_len,
+            quantization=st.quantization, base_weight_bytes=st.base_weight_bytes,
             adapters=[executor_pb2.AdapterResidency(adapter_id=a.adapter_id, version=a.version,
                                                     tier=TIERS.get(a.tier, 0),
                                                     active_requests=a.active_requests)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from services.executor import ops
 from services.executor.kv_cache import KVCache
 from services.executor.model.attention import AttnMetadata, paged_attention
+from services.executor.model.quant import BaseLinear, Prepacked
 
 if TYPE_CHECKING:
     from services.executor.adapters.arena import PagedBatch
@@ -230,15 +231,13 @@ class LoraProj(nn.Module):
         self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
         self.lora: LoraStack | None = None
         self.packed: Tensor | None = None   # ops.pack_weight(self.weight), see LlamaForCausalLM.prepack
+        self.base: BaseLinear | None = None  # the base GEMM when not F.linear: prepacked or quantized (quant.py)
         self.lm = 0                         # (layer, module) index in the arena's tables
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
         p = batch.paged
         if p is not None:   # the base matmul, then each segment's adapter read in place from the arena
-            if self.packed is not None:
-                y = ops.linear_packed(x, self.weight, self.packed, self.bias)
-            else:
-                y = torch.nn.functional.linear(x, self.weight, self.bias)
+            y = self.base(x) if self.base is not None else torch.nn.functional.linear(x, self.weight, self.bias)
             if p.any_lora:
                 ops.lora_paged_add_(y, x.contiguous(), p.arena, p.page_index, p.seg_meta, p.seg_scalings,
                                     self.lm, batch.seg_indptr)
@@ -340,7 +339,10 @@ class LlamaForCausalLM(nn.Module):
         float32 CPU with MKL; elsewhere a no-op). Call after the weights are loaded. -> bytes packed."""
         total = 0
         for _, _, proj in self.projections():
+            if proj.weight is None:   # quantized (quant.py)
+                continue
             proj.packed = ops.pack_weight(proj.weight)
+            proj.base = None if proj.packed is None else Prepacked(proj.weight, proj.packed, proj.bias)
             total += 0 if proj.packed is None else proj.packed.numel()
         self.lm_packed = ops.pack_weight(self._lm_weight())
         return total + (0 if self.lm_packed is None else self.lm_packed.numel())
