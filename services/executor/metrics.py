@@ -75,6 +75,12 @@ class _EngineCollector:
                                  "(quantized projections at their packed size)", labels=["quantization"])
         base.add_metric([g(st, "quantization", "none")], g(st, "base_weight_bytes", 0))
         yield base
+        for name, field, what in (("num_draft_tokens", "spec_draft_tokens", "Number of draft tokens."),
+                                  ("num_accepted_tokens", "spec_accepted_tokens",
+                                   "Number of accepted tokens."),
+                                  ("num_emitted_tokens", "spec_emitted_tokens",
+                                   "Number of emitted tokens.")):   # vLLM's speculative decoding names
+            yield CounterMetricFamily(f"vllm:spec_decode_{name}", what, value=g(st, field, 0))
         yield from self._tiers(st)
 
     def _tiers(self, st):
