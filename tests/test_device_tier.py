@@ -188,3 +188,15 @@ def test_unload_frees_device_and_host_pages(tiers):
     res.release(lease)
     assert res.device.used_bytes == 0 and res.arena.used_bytes == 0
     assert res.device_stats()["adapters"] == 0
+
+
+def test_a_superseded_version_goes_first_from_both_tiers_however_hot(tiers):
+    res = tiers(3, 2)
+    for name in ("a0", "a1", "a0", "a0", "a0", "a2"):      # a0 the hottest by far
+        res.preload(name, 0)
+    assert placed(res) == {"a0": "device", "a1": "host", "a2": "device"}
+    res.set_latest("a0", 2)                                 # a new version exists: v1 is superseded
+    res.preload("a1", 0)                                    # device room: a0 v1 goes, not a2
+    assert placed(res) == {"a0": "host", "a1": "device", "a2": "device"}
+    res.preload("a3", 0)                                    # host room: a0 v1 goes again
+    assert set(placed(res)) == {"a1", "a2", "a3"}

@@ -240,6 +240,8 @@ class Engine:
         """
         if deleted:
             self.unload_adapter(adapter_id, version)
+            if version and latest_version:    # one version went: "latest" may now be an older one
+                self.adapters.set_latest(adapter_id, latest_version)
         else:
             self.adapters.set_latest(adapter_id, latest_version)
 
