@@ -71,8 +71,9 @@ def test_int4_linear_matches_float64_reference(group, act_order):
         wt = Int4Weight(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8), wt.s,
                         torch.randint(0, 16, wt.z.shape, generator=g).float(), group,
                         torch.randperm(k, generator=g))
-    y = Int4Linear(wt, b, torch.float32, CPU)(x)
-    torch.testing.assert_close(y.double(), _ref(x, wt.dequantize(), b), atol=2e-4 * k ** 0.5, rtol=0)
+    lin = Int4Linear(wt, b, torch.float32, CPU)
+    torch.testing.assert_close(lin(x).double(), _ref(x, wt.dequantize(), b), atol=2e-4 * k ** 0.5, rtol=0)
+    torch.testing.assert_close(lin.dequantize(), wt.dequantize(), atol=1e-6, rtol=0)   # DoRA's norms
 
 
 def test_int4_refuses_shapes_the_kernel_cannot_take():
@@ -141,6 +142,19 @@ def test_quantized_engine_matches_transformers_peft_on_dequantized_weights(
                  for n, k in map(spec.module_shape, ALL_MODULES))
     packed = proj if method == "int8" else proj // 2
     assert status.base_weight_bytes == fp32 - 4 * proj + packed + scales
+
+
+def test_dora_over_an_int4_base_matches_peft_on_the_dequantized_weights(model_dirs, tmp_path):
+    """DoRA's norms are taken against the weight served: the quantized one."""
+    from test_forms import peft_adapter
+    arch, root = "llama", tmp_path / "adapters"
+    reference = tmp_path / "dequantized"
+    quant.write_dequantized(model_dirs[arch], reference, "int4", 32, ALL_MODULES)
+    peft_adapter(reference, root / "dora", 1, r=4, lora_alpha=8, use_dora=True,
+                 target_modules=["q_proj", "v_proj", "down_proj"])
+    write_adapter(root / "plain", TINY[arch], AdapterSpec(rank=8, alpha=16, targets=ALL_MODULES, seed=4))
+    _serve_and_check(model_dirs[arch], reference, root, arch, quantization="int4",
+                     quantization_group_size=32)
 
 
 def test_quality_against_the_fp32_model(tmp_path):

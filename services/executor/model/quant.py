@@ -39,6 +39,8 @@ class BaseLinear(Protocol):
     @property
     def nbytes(self) -> int: ...                           # bytes the GEMM reads (weights, scales, bias)
 
+    def dequantize(self) -> Tensor: ...                    # the weight it multiplies by [d_out, d_in]
+
 
 @dataclass
 class Prepacked:
@@ -54,6 +56,9 @@ class Prepacked:
 
     def __call__(self, x: Tensor) -> Tensor:
         return ops.linear_packed(x, self.weight, self.packed, self.bias)
+
+    def dequantize(self) -> Tensor:
+        return self.weight
 
 
 # --- int8, per output channel ---------------------------------------------------------------------
@@ -90,7 +95,7 @@ class Int8Linear:
         return y if self.bias is None else y.add_(self.bias)
 
     def dequantize(self) -> Tensor:
-        return dequantize_int8(self.q, self.s)
+        return dequantize_int8(self.q, self.s).to(self.s.dtype)
 
 
 # --- int4, group-wise with zero points --------------------------------------------------------------
@@ -185,6 +190,18 @@ class Int4Linear:
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.sz)
         return y if self.bias is None else y.add_(self.bias)
+
+    def dequantize(self) -> Tensor:
+        """The weight the kernel multiplies by [d_out, d_in], read back through it (the packed layout
+        is the kernel's own): rows of W.T = the kernel applied to rows of the identity."""
+        bias, self.bias = self.bias, None
+        try:
+            eye = torch.eye(self.d_in, dtype=self.dtype, device=self.packed.device)
+            cols = [self(eye[i:i + 1024]) for i in range(0, self.d_in, 1024)]
+        finally:
+            self.bias = bias
+        w_t = torch.cat(cols)                                     # [d_in (x's order), d_out]
+        return w_t.T.contiguous()
 
 
 # --- the model --------------------------------------------------------------------------------------
