@@ -57,7 +57,7 @@ class UpConfig:
     tls_cert: str = flag("", "PEM certificate every service serves TLS with (and presents as a client)")
     tls_key: str = flag("", "PEM private key of --tls-cert")
     tls_ca: str = flag("", "PEM CA every service verifies its peers with; turns on mutual TLS")
-    auth_file: str = flag("", "the token file every service checks callers against (see README)")
+    auth_file: str = flag("", "the token file every service checks callers against (see docs/reference.md)")
     token: str = flag("", "the token the services and `up` send (an admin token with --auth-file)")
 
     def __post_init__(self) -> None:
@@ -134,9 +134,14 @@ def demo_model(data_dir: pathlib.Path) -> pathlib.Path:
 
 
 def check_ports(host: str, ports: dict[int, str]) -> None:
-    """Each port free on host, or UpFailed naming the first that is taken (exit 1)."""
+    """Each port free on host, or UpFailed naming the first that is taken (exit 1).
+
+    SO_REUSEADDR, as the servers themselves bind: a port whose only sockets are the last run's
+    connections in TIME_WAIT is free (without it `up` refused to start for a minute after Ctrl-C);
+    a live listener still makes the bind fail."""
     for port, who in ports.items():
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError as exc:
@@ -154,13 +159,18 @@ class Proc:
     popen: subprocess.Popen
     log: pathlib.Path
     ready: bool = False
+    log_start: int = 0          # the log's size when this run started it: earlier runs' lines are before
 
 
-def _last_line(path: pathlib.Path) -> str:
+def _last_line(path: pathlib.Path, start: int = 0) -> str:
+    """The last non-empty line written at or after byte `start` (this run's part of the log)."""
     try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
+    lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
 
 
@@ -168,7 +178,7 @@ def _check_alive(procs: list[Proc]) -> None:
     for p in procs:
         code = p.popen.poll()
         if code is not None:
-            last = _last_line(p.log)
+            last = _last_line(p.log, p.log_start)
             raise UpFailed(f"the {p.name} ({p.address}) exited with code {code}"
                            f"{' while starting' if not p.ready else ''}; its log: {p.log}"
                            + (f"; last line: {last}" if last else ""))
@@ -213,7 +223,7 @@ def build_announcement(log: pathlib.Path, offset: int) -> tuple[str | None, int]
 def wait_serving(proc: Proc, timeout_s: float, procs: list[Proc], security=None) -> None:
     from services.common.tls import channel as open_channel
     deadline = time.monotonic() + timeout_s
-    offset, announced = 0, False
+    offset, announced = proc.log_start, False      # this run's records only, not the last run's
     with open_channel(proc.address, security, options=_PROBE_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
@@ -402,9 +412,10 @@ def _run(args: UpConfig, procs: list[Proc]) -> int:
 def _start(name: str, address: str, cmd: list[str], logs: pathlib.Path, env=None) -> Proc:
     log = logs / f"{name}.log"
     with open(log, "ab") as out:
+        start = out.tell()
         # its own session: a terminal's Ctrl-C reaches `up` alone, which stops the services in
         # order (a compiler killed by the same Ctrl-C used to make the executor fall back to slow ops)
         popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True,
                                  env={**os.environ, **(env or {}), "OPENLORA_LOG_SERVICE": name})
-    return Proc(name, address, popen, log)
+    return Proc(name, address, popen, log, log_start=start)

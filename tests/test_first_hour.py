@@ -91,29 +91,24 @@ def test_an_interrupted_demo_model_write_leaves_nothing_and_the_next_start_write
     assert (up.demo_model(tmp_path) / "tokenizer.json").is_file()
 
 
-def _readme_block_after(heading: str) -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split(f"\n{heading}\n", 1)[1]
-    block = section.split("```", 2)[1]
-    return [line for line in block.splitlines() if line.strip()]
-
-
 def test_readme_first_run_commands_need_no_activated_venv():
     """Bare `openlora` in the README was not on PATH after the set-up command (no activation): the
     first-run commands name .venv/bin/openlora, the script the set-up command installs."""
-    setup = _readme_block_after("## Set up and test")
+    from tests.readme import blocks
+    quick = [b for b in blocks() if b.section == "Quick start" and b.lang == ""]
+    setup = quick[0].lines
     assert setup[0].startswith("python3 -m venv .venv") and "pip install -e" in setup[0]
-    first_run = _readme_block_after("## Running")
-    assert first_run and all(line.startswith(".venv/bin/openlora ") for line in first_run), first_run
-    assert any(" up" in line for line in first_run)
+    first_run = [line for b in quick[1:] for line in b.commands]
+    assert first_run and all(line.startswith((".venv/bin/openlora ", "curl ")) for line in first_run), first_run
+    assert any(line.startswith(".venv/bin/openlora up") for line in first_run)
     assert any("generate --adapter demo/" in line for line in first_run)
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^\[project\.scripts\]\nopenlora = "services\.cli:main"', pyproject, re.M)
     # the demo adapters the README names are the ones `up` registers
     from services.up import DEMO_ADAPTERS
-    for line in first_run:
-        for adapter in re.findall(r"--adapter (demo/\w+)", line):
-            assert adapter in DEMO_ADAPTERS, line
+    for block in blocks():
+        for adapter in re.findall(r"(demo/[a-z]+)", block.text):
+            assert adapter in DEMO_ADAPTERS, block.text
 
 
 def test_a_service_logs_json_from_its_first_record(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from conftest import TINY
 
 from services.common.errors import InvalidArgument
-from services.executor.adapters.cache import LocalDirSource
+from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
 from services.synthetic import AdapterSpec, write_adapter

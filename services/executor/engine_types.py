@@ -79,6 +79,14 @@ class EngineStatus:
     tier_stats: list[TierStat] = field(default_factory=list)   # device, host, disk
     host_cache_bytes: int = 0          # the host arena's capacity
     host_cache_used_bytes: int = 0     # its pages in use
+    speculative_method: str = ""       # "" (off) or "ngram"
+    spec_draft_tokens: int = 0         # draft tokens proposed and verified, since start
+    spec_accepted_tokens: int = 0      # of those, accepted
+    spec_emitted_tokens: int = 0       # tokens emitted by steps that verified drafts
+    spec_acceptance_rate: float = 0.0  # accepted / drafted (0 with no drafts)
+    device_cache_bytes: int = 0        # the device page pool's capacity (0: none)
+    device_cache_used_bytes: int = 0
+    unified_kv_adapter_pool: bool = False
 
 
 class InternalError(OpenLoraError):
@@ -97,7 +105,7 @@ class RequestState:
     detok: Detokenizer | None
     stop_text: StopText
     lease_future: Future | None = None
-    lease: object | None = None        # the pinned adapter (a residency or slot lease)
+    lease: object | None = None        # the pinned adapter (a residency lease)
     slot: int | None = None            # its batch sort key
     completion: int = 0
     done: bool = False

@@ -71,6 +71,12 @@ class _EngineCollector:
                                   value=g(st, "prefix_cache_hit_tokens", 0))
         yield CounterMetricFamily("openlora_executor_prefill_tokens_computed",
                                   "prompt tokens run through the model", value=g(st, "prefill_tokens_computed", 0))
+        for name, field, what in (("num_draft_tokens", "spec_draft_tokens", "Number of draft tokens."),
+                                  ("num_accepted_tokens", "spec_accepted_tokens",
+                                   "Number of accepted tokens."),
+                                  ("num_emitted_tokens", "spec_emitted_tokens",
+                                   "Number of emitted tokens.")):   # vLLM's speculative decoding names
+            yield CounterMetricFamily(f"vllm:spec_decode_{name}", what, value=g(st, field, 0))
         yield from self._tiers(st)
 
     def _tiers(self, st):

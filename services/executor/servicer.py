@@ -41,7 +41,8 @@ def to_request(pb: common_pb2.GenerateRequest) -> GenerationRequest:
             stop_token_ids=tuple(s.stop_token_ids), min_new_tokens=s.min_new_tokens,
             presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
             top_logprobs=s.top_logprobs,
-            prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None))
+            prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
+            speculative=s.speculative if s.HasField("speculative") else True))
 
 
 def _tops(ev: TokenEvent) -> list[common_pb2.TopLogprobs]:
@@ -193,14 +194,19 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             dtype=st.dtype, running_requests=st.running, waiting_requests=st.waiting,
             max_batch_size=st.max_batch_size, kv_blocks_total=st.kv_blocks_total,
             kv_blocks_free=st.kv_blocks_free, device_adapter_slots=st.device_adapter_slots,
-            host_cache_bytes=st.host_cache_bytes or self.host_cache_bytes,
-            host_cache_used_bytes=st.host_cache_used_bytes,
+            host_cache_bytes=st.host_cache_bytes, host_cache_used_bytes=st.host_cache_used_bytes,
+            device_cache_bytes=st.device_cache_bytes,
+            device_cache_used_bytes=st.device_cache_used_bytes,
+            unified_kv_adapter_pool=st.unified_kv_adapter_pool,
             tier_stats=[executor_pb2.TierStats(
                 tier=TIERS[t.tier], adapters=t.adapters, bytes_used=t.bytes_used,
                 bytes_capacity=t.bytes_capacity, hits=t.hits, misses=t.misses, loads=t.loads,
                 evictions=t.evictions) for t in st.tier_stats],
             kv_blocks_cached=st.kv_blocks_cached, prefix_cache_hit_tokens=st.prefix_cache_hit_tokens,
             prefill_tokens_computed=st.prefill_tokens_computed,
+            speculative_method=st.speculative_method, spec_draft_tokens=st.spec_draft_tokens,
+            spec_accepted_tokens=st.spec_accepted_tokens, spec_emitted_tokens=st.spec_emitted_tokens,
+            spec_acceptance_rate=st.spec_acceptance_rate,
             max_model_len=self.engine.max_model_len,
             adapters=[executor_pb2.AdapterResidency(adapter_id=a.adapter_id, version=a.version,
                                                     tier=TIERS.get(a.tier, 0),
