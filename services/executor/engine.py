@@ -29,6 +29,7 @@ from services.common.peft_format import check_adapter_id
 from services.executor import ops, prompt_logprobs
 from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.device import DevicePool
+from services.executor.adapters.forms import BaseWeights
 from services.executor.adapters.residency import Residency
 from services.executor.adapters.source import AdapterSource
 from services.executor.config import ExecutorConfig
@@ -88,6 +89,7 @@ class Engine:
             proj.lm = layout.lm(layer, module)
         self.arena = HostArena(layout, config.host_cache_bytes, self.dtype,
                                pin=self.device.type == "cuda")
+        self.arena.base = BaseWeights(self.model, tag=str(path))   # DoRA norms are taken against it
         device_bytes = device_cache_bytes(config, self.device)
         self.device_pool = DevicePool(layout, device_bytes, self.dtype, self.device) \
             if device_bytes else None

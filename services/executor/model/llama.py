@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from services.executor import ops
+from services.executor.adapters.forms import dora_epilogue
 from services.executor.kv_cache import KVCache
 from services.executor.model.attention import AttnMetadata, paged_attention
 
@@ -231,6 +232,8 @@ class LoraProj(nn.Module):
         if p is not None and p.any_lora:
             ops.lora_paged_add_(y, x.contiguous(), p.arena, p.page_index, p.seg_meta, p.seg_scalings,
                                 self.lm, batch.seg_indptr)
+            if p.forms is not None:   # DoRA: scale its segments' rows (adapters/forms.py)
+                dora_epilogue(y, self.bias, self.lm, p, batch.seg_indptr)
         return y
 
 
