@@ -26,7 +26,7 @@ import torch
 from services.common.errors import Cancelled, InvalidArgument, QueueFull, Unavailable
 from services.common.memory import tune_malloc
 from services.common.peft_format import check_adapter_id
-from services.executor import ops
+from services.executor import ops, prompt_logprobs
 from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.device import DevicePool
 from services.executor.adapters.forms import BaseWeights
@@ -323,9 +323,14 @@ class Engine:
             self._wake.wait(self.config.empty_step_wait_s)
             return
         reqs = [self._active[item.seq.seq_id] for item in batch.items]
-        logits = self._run_model(batch, reqs)
+        spans = prompt_logprobs.prompt_spans(batch)
+        logits = self._run_model(batch, reqs, spans)
         if logits is None:
             return
+        if spans:                       # the prompt rows come after the sampling rows
+            rows = logits.shape[0] - sum(k for _, k in spans)
+            prompt_logprobs.collect(logits[rows:], spans, batch, reqs)
+            logits = logits[:rows]
         items = [item for item in batch.items if item.samples]
         sampled = [r for r, item in zip(reqs, batch.items, strict=True) if item.samples]
         outs = self.outputs.sample(logits, sampled, [item.draft for item in items])
@@ -334,13 +339,29 @@ class Engine:
                 item.accepted = len(out[0]) - 1
                 self.speculator.record(item.seq.spec, len(item.draft), item.accepted, len(out[0]))
         self.scheduler.advance(batch)
+        for r in sampled:
+            if r.seq.prompt_logits and not r.done:
+                self._send_prompt_logprobs(r)
         self.outputs.emit(sampled, outs)
 
-    def _run_model(self, batch: Batch, reqs: list[RequestState]) -> torch.Tensor | None:
+    def _send_prompt_logprobs(self, r: RequestState) -> None:
+        """The event before the first token: every prompt token's logprob (prompt_logprobs.py)."""
+        r.seq.prompt_logits = False         # sent once; a recompute after preemption needs no rows
+        try:
+            lps = prompt_logprobs.finished(r)
+        except Exception as exc:
+            log.exception("prompt_logprobs_failed", request_id=r.req.request_id)
+            self._finish(r, None, InternalError(f"internal error in prompt logprobs: {exc}"))
+            return
+        r.prompt_lps = None
+        deliver(r, TokenEvent(r.req.request_id, [], "", [], None, r.seq.prompt_len, 0,
+                              prompt_logprobs=lps))
+
+    def _run_model(self, batch: Batch, reqs: list[RequestState], spans=()) -> torch.Tensor | None:
         """The step's logits, or None when the forward pass failed (its requests fail with it)."""
         entries = [r.lease.entry if r.lease is not None else None for r in reqs]
         try:
-            return self.runner.run(batch, entries)
+            return self.runner.run(batch, entries, spans)
         except Exception as exc:
             log.exception("step_failed", requests=[r.req.request_id for r in reqs])
             for r in reqs:
