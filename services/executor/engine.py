@@ -26,7 +26,7 @@ import torch
 from services.common.errors import Cancelled, InvalidArgument, QueueFull, Unavailable
 from services.common.memory import tune_malloc
 from services.common.peft_format import check_adapter_id
-from services.executor import ops
+from services.executor import ops, prompt_logprobs
 from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.device import DevicePool
 from services.executor.adapters.forms import BaseWeights
@@ -58,6 +58,7 @@ from services.executor.model.loader import (
     resolve_dtype,
     resolve_model_dir,
 )
+from services.executor.model.quant import base_weight_bytes
 from services.executor.model_runner import ModelRunner
 from services.executor.output import OutputProcessor, deliver
 from services.executor.sampler import SamplingOptions
@@ -82,8 +83,10 @@ class Engine:
         _, cfg = read_config(path)
         max_len = config.max_model_len or cfg.max_positions
         block = config.kv_block_size
-        self.model, self.model_config, self.model_path = load_model(str(path), self.device,
-                                                                    self.dtype, max_len)
+        self.model, self.model_config, self.model_path = load_model(
+            str(path), self.device, self.dtype, max_len, config.quantization, config.quantization_group_size)
+        self.base_weight_bytes = base_weight_bytes(self.model)
+        log.info("base_model_loaded", quantization=self.model.quantization, bytes=self.base_weight_bytes)
         if config.prepack_weights:
             packed = self.model.prepack()
             if packed:
@@ -286,6 +289,7 @@ class Engine:
             device_cache_bytes=dev.capacity_bytes if dev is not None else 0,
             device_cache_used_bytes=dev.used_bytes if dev is not None else 0,
             unified_kv_adapter_pool=self.config.unified_kv_adapter_pool,
+            quantization=self.model.quantization, base_weight_bytes=self.base_weight_bytes,
             **self._spec_status())
 
     def _spec_status(self) -> dict:
@@ -345,9 +349,14 @@ class Engine:
             self._wake.wait(self.config.empty_step_wait_s)
             return
         reqs = [self._active[item.seq.seq_id] for item in batch.items]
-        logits = self._run_model(batch, reqs)
+        spans = prompt_logprobs.prompt_spans(batch)
+        logits = self._run_model(batch, reqs, spans)
         if logits is None:
             return
+        if spans:                       # the prompt rows come after the sampling rows
+            rows = logits.shape[0] - sum(k for _, k in spans)
+            prompt_logprobs.collect(logits[rows:], spans, batch, reqs)
+            logits = logits[:rows]
         items = [item for item in batch.items if item.samples]
         sampled = [r for r, item in zip(reqs, batch.items, strict=True) if item.samples]
         outs = self.outputs.sample(logits, sampled, [item.draft for item in items])
@@ -356,13 +365,29 @@ class Engine:
                 item.accepted = len(out[0]) - 1
                 self.speculator.record(item.seq.spec, len(item.draft), item.accepted, len(out[0]))
         self.scheduler.advance(batch)
+        for r in sampled:
+            if r.seq.prompt_logits and not r.done:
+                self._send_prompt_logprobs(r)
         self.outputs.emit(sampled, outs)
 
-    def _run_model(self, batch: Batch, reqs: list[RequestState]) -> torch.Tensor | None:
+    def _send_prompt_logprobs(self, r: RequestState) -> None:
+        """The event before the first token: every prompt token's logprob (prompt_logprobs.py)."""
+        r.seq.prompt_logits = False         # sent once; a recompute after preemption needs no rows
+        try:
+            lps = prompt_logprobs.finished(r)
+        except Exception as exc:
+            log.exception("prompt_logprobs_failed", request_id=r.req.request_id)
+            self._finish(r, None, InternalError(f"internal error in prompt logprobs: {exc}"))
+            return
+        r.prompt_lps = None
+        deliver(r, TokenEvent(r.req.request_id, [], "", [], None, r.seq.prompt_len, 0,
+                              prompt_logprobs=lps))
+
+    def _run_model(self, batch: Batch, reqs: list[RequestState], spans=()) -> torch.Tensor | None:
         """The step's logits, or None when the forward pass failed (its requests fail with it)."""
         entries = [r.lease.entry if r.lease is not None else None for r in reqs]
         try:
-            return self.runner.run(batch, entries)
+            return self.runner.run(batch, entries, spans)
         except Exception as exc:
             log.exception("step_failed", requests=[r.req.request_id for r in reqs])
             for r in reqs:

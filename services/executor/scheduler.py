@@ -51,6 +51,7 @@ class Sequence:
     cache_key: str = ""           # what its K/V depend on besides the tokens: adapter@version
     block_hashes: list[bytes] = field(default_factory=list)   # of its first full blocks
     num_registered: int = 0       # its first blocks registered with the prefix cache
+    prompt_logits: bool = False   # wants every prompt position's logits (prompt logprobs): no cached prefix
     spec: SpecState | None = None  # its speculation state (None: it never drafts)
 
     def hashes(self, n: int, block_size: int) -> list[bytes]:
@@ -126,7 +127,7 @@ class Scheduler:
 
     def _take_cached_prefix(self, seq: Sequence) -> None:
         """A sequence with no K/V: hold the cached blocks of its longest registered prefix."""
-        if not self.prefix_caching or seq.blocks:
+        if not self.prefix_caching or seq.blocks or seq.prompt_logits:
             return
         full = (seq.num_tokens - 1) // self.block_size     # the last token is always computed
         seq.blocks = self.allocator.lookup(seq.hashes(full, self.block_size))
