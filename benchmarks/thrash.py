@@ -41,8 +41,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from throughput import SPEC
 
-from services.executor.adapters.cache import LocalDirSource
 from services.executor.adapters.policy import GDSFPolicy, LRUPolicy, simulate
+from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
 from services.synthetic import ALL_MODULES, AdapterSpec, write_adapter, write_model

@@ -15,6 +15,8 @@ with an auth file, an admin token.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import pathlib
 import shutil
@@ -34,6 +36,7 @@ from services.common.config import check, flag, parse_config
 DEMO = "demo-model"
 # every file a finished demo model has; one missing means an interrupted write (rewritten)
 DEMO_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+DEMO_VOCAB_TARGET = 1024           # the demo tokenizer's BPE target; it stops at the corpus's size
 # the demo adapters `up` registers for the demo model: id -> seed (non-zero B: each changes output)
 DEMO_ADAPTERS = {"demo/pirate": 11, "demo/poet": 12, "demo/sql": 13}
 # services still starting when `up` is stopped get this long after SIGTERM before SIGKILL
@@ -57,7 +60,7 @@ class UpConfig:
     tls_cert: str = flag("", "PEM certificate every service serves TLS with (and presents as a client)")
     tls_key: str = flag("", "PEM private key of --tls-cert")
     tls_ca: str = flag("", "PEM CA every service verifies its peers with; turns on mutual TLS")
-    auth_file: str = flag("", "the token file every service checks callers against (see README)")
+    auth_file: str = flag("", "the token file every service checks callers against (see docs/reference.md)")
     token: str = flag("", "the token the services and `up` send (an admin token with --auth-file)")
 
     def __post_init__(self) -> None:
@@ -109,24 +112,79 @@ def say(line: str) -> None:
 def demo_spec():
     from services.synthetic import ModelSpec
     return ModelSpec(arch="llama", hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4,
-                     vocab=1024, max_positions=2048, seed=0)
+                     vocab=demo_vocab(), max_positions=2048, seed=0)
+
+
+@functools.cache
+def demo_vocab() -> int:
+    """The demo tokenizer's own size (its BPE, trained on a small corpus, stops at a few hundred
+    tokens): the model's vocabulary is exactly that, so no id decodes to nothing."""
+    from tokenizers import Tokenizer
+
+    from services.synthetic import write_tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(pathlib.Path(tmp), DEMO_VOCAB_TARGET)
+        return Tokenizer.from_file(f"{tmp}/tokenizer.json").get_vocab_size()
+
+
+def invisible_token_ids(tokenizer_json: pathlib.Path) -> list[int]:
+    """Ids that decode alone to no visible text: special tokens, control bytes, and the lone bytes of
+    multi-byte characters (which decode to U+FFFD). Spaces and newlines count as visible."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    out = []
+    for i in range(tok.get_vocab_size()):
+        text = tok.decode([i])
+        if not text or "\ufffd" in text or not text.replace("\n", " ").isprintable():
+            out.append(i)
+    return out
+
+
+def _write_demo_model(path: pathlib.Path) -> None:
+    """The demo model, whose greedy text is visible: lm_head rows of invisible tokens are zero (a
+    logit of 0 never beats the best of the other random logits), but for EOS (it may end a text)."""
+    from safetensors.torch import load_file, save_file
+
+    import services.synthetic
+    spec = demo_spec()
+    services.synthetic.write_model(path, spec)
+    weights = path / "model.safetensors"
+    tensors = load_file(str(weights))
+    head = tensors["lm_head.weight"]
+    eos = json.loads((path / "config.json").read_text())["eos_token_id"]
+    for i in invisible_token_ids(path / "tokenizer.json"):
+        if i != eos:
+            head[i] = 0
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+
+def _demo_is_current(path: pathlib.Path) -> bool:
+    """A whole demo model of this version: every file, and a vocabulary equal to its tokenizer's (an
+    older one had 1024 ids for a 468-token tokenizer: most ids decoded to nothing)."""
+    if not all((path / name).exists() for name in DEMO_FILES):
+        return False
+    try:
+        return json.loads((path / "config.json").read_text())["vocab_size"] == demo_vocab()
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def demo_model(data_dir: pathlib.Path) -> pathlib.Path:
     """The built-in demo model (random weights), written once: into a temp dir then renamed, so an
     interrupted write never leaves a half model; one left by an older version is rewritten."""
-    from services.synthetic import write_model
     path = data_dir / DEMO
-    if path.is_dir() and all((path / name).exists() for name in DEMO_FILES):
+    if path.is_dir() and _demo_is_current(path):
         return path
     if path.exists():
         missing = [name for name in DEMO_FILES if not (path / name).exists()]
-        say(f"{path} is a half-written demo model (no {', '.join(missing)}): writing it again")
+        why = f"a half-written demo model (no {', '.join(missing)})" if missing else \
+            "a demo model from an older version"
+        say(f"{path} is {why}: writing it again")
         shutil.rmtree(path)
     say(f"writing the demo model (RANDOM weights, for trying openlora out) to {path}")
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{DEMO}.", dir=data_dir))
     try:
-        write_model(tmp, demo_spec())
+        _write_demo_model(tmp)
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,9 +192,14 @@ def demo_model(data_dir: pathlib.Path) -> pathlib.Path:
 
 
 def check_ports(host: str, ports: dict[int, str]) -> None:
-    """Each port free on host, or UpFailed naming the first that is taken (exit 1)."""
+    """Each port free on host, or UpFailed naming the first that is taken (exit 1).
+
+    SO_REUSEADDR, as the servers themselves bind: a port whose only sockets are the last run's
+    connections in TIME_WAIT is free (without it `up` refused to start for a minute after Ctrl-C);
+    a live listener still makes the bind fail."""
     for port, who in ports.items():
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError as exc:
@@ -154,13 +217,18 @@ class Proc:
     popen: subprocess.Popen
     log: pathlib.Path
     ready: bool = False
+    log_start: int = 0          # the log's size when this run started it: earlier runs' lines are before
 
 
-def _last_line(path: pathlib.Path) -> str:
+def _last_line(path: pathlib.Path, start: int = 0) -> str:
+    """The last non-empty line written at or after byte `start` (this run's part of the log)."""
     try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
+    lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
 
 
@@ -168,7 +236,7 @@ def _check_alive(procs: list[Proc]) -> None:
     for p in procs:
         code = p.popen.poll()
         if code is not None:
-            last = _last_line(p.log)
+            last = _last_line(p.log, p.log_start)
             raise UpFailed(f"the {p.name} ({p.address}) exited with code {code}"
                            f"{' while starting' if not p.ready else ''}; its log: {p.log}"
                            + (f"; last line: {last}" if last else ""))
@@ -213,7 +281,7 @@ def build_announcement(log: pathlib.Path, offset: int) -> tuple[str | None, int]
 def wait_serving(proc: Proc, timeout_s: float, procs: list[Proc], security=None) -> None:
     from services.common.tls import channel as open_channel
     deadline = time.monotonic() + timeout_s
-    offset, announced = 0, False
+    offset, announced = proc.log_start, False      # this run's records only, not the last run's
     with open_channel(proc.address, security, options=_PROBE_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
@@ -402,9 +470,10 @@ def _run(args: UpConfig, procs: list[Proc]) -> int:
 def _start(name: str, address: str, cmd: list[str], logs: pathlib.Path, env=None) -> Proc:
     log = logs / f"{name}.log"
     with open(log, "ab") as out:
+        start = out.tell()
         # its own session: a terminal's Ctrl-C reaches `up` alone, which stops the services in
         # order (a compiler killed by the same Ctrl-C used to make the executor fall back to slow ops)
         popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True,
                                  env={**os.environ, **(env or {}), "OPENLORA_LOG_SERVICE": name})
-    return Proc(name, address, popen, log)
+    return Proc(name, address, popen, log, log_start=start)

@@ -101,7 +101,7 @@ def backend(request) -> Backend:
                    request.getfixturevalue("s3_server"))
 
 
-# The quick loop, `python -m pytest -m "not slow"` (README, "Set up and test"), skips what takes
+# The quick loop, `python -m pytest -m "not slow"` (README, "Tests"), skips what takes
 # minutes: whole deployments and real PostgreSQL/S3 servers, compiles from scratch, and every
 # parameter combination of the kernel sweeps but the first of each test (which still runs each
 # test's code path once). The plain `python -m pytest` (what .ci/run calls) runs everything.

@@ -142,7 +142,7 @@ def test_up_with_mutual_tls_and_auth(tmp_path, llama_dir):
 
 
 def test_readme_self_signed_certificate_works(tmp_path):
-    """README's one-command self-signed set-up (the certificate is its own CA, server and client
+    """docs/reference.md's one-command self-signed set-up (the certificate is its own CA, server and client
     certificate): a registry with it serves mutual TLS, and the CLI talks to it."""
     import re
     import shutil
@@ -150,9 +150,9 @@ def test_readme_self_signed_certificate_works(tmp_path):
     import pytest
     if shutil.which("openssl") is None:
         pytest.skip("no openssl binary")
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "reference.md").read_text()
     m = re.search(r"^(openssl req -x509 .*?-out cert\.pem)$", readme, re.M | re.S)
-    assert m, "README lost its one-command self-signed certificate"
+    assert m, "docs/reference.md lost its one-command self-signed certificate"
     command = m.group(1).replace("\\\n", " ")
     made = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr

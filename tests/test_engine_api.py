@@ -16,7 +16,7 @@ from services.common.errors import (
     InvalidArgument,
     QueueFull,
 )
-from services.executor.adapters.cache import LocalDirSource
+from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
 from services.synthetic import AdapterSpec, ModelSpec, write_adapter

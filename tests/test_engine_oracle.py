@@ -19,7 +19,7 @@ import torch
 from conftest import TINY
 from safetensors.torch import save_file
 
-from services.executor.adapters.cache import LocalDirSource
+from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
 from services.executor.model.llama import ModelConfig

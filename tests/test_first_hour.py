@@ -91,29 +91,24 @@ def test_an_interrupted_demo_model_write_leaves_nothing_and_the_next_start_write
     assert (up.demo_model(tmp_path) / "tokenizer.json").is_file()
 
 
-def _readme_block_after(heading: str) -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split(f"\n{heading}\n", 1)[1]
-    block = section.split("```", 2)[1]
-    return [line for line in block.splitlines() if line.strip()]
-
-
 def test_readme_first_run_commands_need_no_activated_venv():
     """Bare `openlora` in the README was not on PATH after the set-up command (no activation): the
     first-run commands name .venv/bin/openlora, the script the set-up command installs."""
-    setup = _readme_block_after("## Set up and test")
+    from tests.readme import blocks
+    quick = [b for b in blocks() if b.section == "Quick start" and b.lang == ""]
+    setup = quick[0].lines
     assert setup[0].startswith("python3 -m venv .venv") and "pip install -e" in setup[0]
-    first_run = _readme_block_after("## Running")
-    assert first_run and all(line.startswith(".venv/bin/openlora ") for line in first_run), first_run
-    assert any(" up" in line for line in first_run)
+    first_run = [line for b in quick[1:] for line in b.commands]
+    assert first_run and all(line.startswith((".venv/bin/openlora ", "curl ")) for line in first_run), first_run
+    assert any(line.startswith(".venv/bin/openlora up") for line in first_run)
     assert any("generate --adapter demo/" in line for line in first_run)
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^\[project\.scripts\]\nopenlora = "services\.cli:main"', pyproject, re.M)
     # the demo adapters the README names are the ones `up` registers
     from services.up import DEMO_ADAPTERS
-    for line in first_run:
-        for adapter in re.findall(r"--adapter (demo/\w+)", line):
-            assert adapter in DEMO_ADAPTERS, line
+    for block in blocks():
+        for adapter in re.findall(r"(demo/[a-z]+)", block.text):
+            assert adapter in DEMO_ADAPTERS, block.text
 
 
 def test_a_service_logs_json_from_its_first_record(tmp_path):
@@ -138,3 +133,34 @@ def test_a_service_logs_json_from_its_first_record(tmp_path):
     assert [r["event"] for r in records] == ["kernel_build_started", "serving"]
     assert all(r["service"] == "executor-0" for r in records)
 
+
+
+def test_the_demo_model_vocabulary_is_its_tokenizers_and_its_greedy_text_is_visible(tmp_path):
+    """The demo model had 1024 ids for a 468-token tokenizer: 54% of ids decoded to "" (garbage text,
+    empty logprob tokens). Its vocabulary is now the tokenizer's, and greedy generation (the oracle,
+    transformers) gives visible tokens only; a demo model of the older shape is written again."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from services import up
+    model_dir = up.demo_model(tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    assert config["vocab_size"] == tok.get_vocab_size() == up.demo_vocab()
+    invisible = set(up.invisible_token_ids(model_dir / "tokenizer.json"))
+    assert 0 < len(invisible) < tok.get_vocab_size() // 2
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for prompt in ("Hello", "SELECT * FROM", "The quick brown fox"):
+        ids = torch.tensor([tok.encode(prompt).ids])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=config["eos_token_id"])
+        new = [i for i in out[0, ids.shape[1]:].tolist() if i != config["eos_token_id"]]
+        assert new and not invisible & set(new), (prompt, [tok.decode([i]) for i in new])
+        assert tok.decode(new).strip(), prompt
+    # a demo model written by an older version (vocabulary 1024) is replaced
+    config["vocab_size"] = 1024
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert json.loads((up.demo_model(tmp_path) / "config.json").read_text())["vocab_size"] == up.demo_vocab()

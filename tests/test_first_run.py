@@ -319,26 +319,30 @@ def test_up_sees_a_slow_service_within_a_second_of_it_serving():
 
 
 def test_readme_first_run_commands_exist():
-    """The README's first-run commands are `.venv/bin/openlora ...` (what its set-up command
-    installs; bare `openlora` is not on PATH without activating the venv), each a real subcommand."""
+    """The README's commands are `.venv/bin/openlora ...` (what its set-up command installs; bare
+    `openlora` is not on PATH without activating the venv), each a real subcommand taking the flags
+    the README gives it."""
     import re
-    root = pathlib.Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    setup = re.search(r"```\n(python3 -m venv \.venv[^\n]*)\n```", readme)
-    assert setup and "pip install -e" in setup.group(1)
     import tomllib
+
+    from tests.readme import blocks
+    root = pathlib.Path(__file__).resolve().parents[1]
     scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["openlora"] == "services.cli:main"
-    running = readme[readme.index("## Running"):]
-    running = running[:running.index("Or each service on its own")]
-    commands = [line.split("#")[0].split() for line in running.splitlines()
-                if line.startswith(".venv/bin/openlora")]
-    assert any(c[1] == "up" for c in commands) and any("demo/" in " ".join(c) for c in commands)
-    assert not re.search(r"^openlora ", running, re.M), "bare `openlora` in the first-run section"
+    commands = [line for b in blocks() for line in b.commands if line.startswith(".venv/bin/openlora")]
+    assert any(c.split()[1] == "up" for c in commands) and any("demo/" in c for c in commands)
+    assert not any(re.match(r"openlora ", line) for b in blocks() for line in b.commands), \
+        "bare `openlora` in the README"
+    helps: dict[tuple[str, ...], str] = {}
     for command in commands:
-        sub = command[1:3] if command[1] == "adapters" else command[1:2]
-        proc = _cli(*sub, "--help")
-        assert proc.returncode == 0, (command, proc.stderr)
+        words = command.split("#")[0].split()
+        sub = tuple(words[1:3] if words[1] == "adapters" else words[1:2])
+        if sub not in helps:
+            proc = _cli(*sub, "--help")
+            assert proc.returncode == 0, (command, proc.stderr)
+            helps[sub] = proc.stdout
+        for flag in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", command):
+            assert flag in helps[sub], f"{command}: {flag} is not a flag of openlora {' '.join(sub)}"
 
 
 def test_the_default_data_dir_is_ignored_by_git():
@@ -374,3 +378,33 @@ def test_up_hints_name_the_command_as_the_person_can_run_it(tmp_path, monkeypatc
     line, offset = up.build_announcement(log, 0)
     assert "compiling the C++ kernels" in line and "expected 20-180 s" in line
     assert offset == log.read_text().rindex("\n") + 1          # the partial last line is read again
+
+
+def test_up_port_probe_treats_time_wait_as_free_and_a_listener_as_taken():
+    """`up` refused to restart for a minute after Ctrl-C: its probe bound without SO_REUSEADDR and
+    tripped on the last run's connections in TIME_WAIT. Such a port is free; a live listener is not."""
+    from services.up import UpFailed, check_ports
+    port = free_port_block(1)
+    listener = socket.create_server(("127.0.0.1", port))
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()                       # the server side closes first: its end goes to TIME_WAIT
+    client.close()
+    with pytest.raises(UpFailed, match=f"port {port} .* in use"):
+        check_ports("127.0.0.1", {port: "router"})
+    listener.close()
+    check_ports("127.0.0.1", {port: "router"})     # the TIME_WAIT socket alone: free
+
+
+def test_up_announces_only_this_runs_kernel_build(tmp_path):
+    """Every warm `up` said it was compiling the kernels: the log is appended to, and the last run's
+    kernel_build_started record was read as this run's. Only lines after this run's start count."""
+    from services.up import build_announcement
+    log = tmp_path / "executor-0.log"
+    log.write_text(json.dumps({"event": "kernel_build_started", "expected_seconds": "20-180"}) + "\n")
+    start = log.stat().st_size
+    assert build_announcement(log, 0)[0] is not None
+    with open(log, "a") as f:
+        f.write(json.dumps({"event": "kernels_loaded"}) + "\n")
+    line, offset = build_announcement(log, start)
+    assert line is None and offset == log.stat().st_size

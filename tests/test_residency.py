@@ -13,9 +13,9 @@ from conftest import TINY
 
 from services.common.errors import AdapterNotFound, ResourceExhausted
 from services.executor.adapters.arena import ArenaLayout, HostArena
-from services.executor.adapters.cache import LocalDirSource
 from services.executor.adapters.policy import GDSFPolicy, LRUPolicy, make_policy, simulate
 from services.executor.adapters.residency import Residency
+from services.executor.adapters.source import LocalDirSource
 from services.executor.model.loader import read_config
 from services.synthetic import AdapterSpec, write_adapter
 

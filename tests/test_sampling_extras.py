@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from services.common.errors import InvalidArgument
-from services.executor.adapters.cache import LocalDirSource
+from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
 from services.executor.sampler import SamplingRow, make_generator, sample, sample_with_top

@@ -423,6 +423,6 @@ def log_mode(table: TokenTable | None, service: str) -> None:
     if table is None:
         log.warning("AUTH_DISABLED_OPEN_ACCESS", service=service,
                     detail="no --auth-file: every caller is admin (fine on a laptop, never on a "
-                           "shared network); see README 'Auth and TLS'")
+                           "shared network); see docs/reference.md, 'Auth, tenants and TLS'")
     else:
         log.info("auth_enabled", service=service, auth_file=table.path or None)

@@ -117,8 +117,25 @@ def from_args(cls: type, ns: argparse.Namespace):
     return cls(**values)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help says each option's default (argparse's ArgumentDefaultsHelpFormatter, minus the noise:
+    no "(default: None)" for unset options, "" or [] or store_true's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or not action.option_strings or action.default in (None, "", []) \
+                or action.default is argparse.SUPPRESS \
+                or (action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (exit 2) instead of usage + error."""
+    """argparse whose errors are one line (exit 2) instead of usage + error; --help shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -150,7 +167,7 @@ class ServerConfig:
     port: int = flag(0, "port to listen on (0 -> any free port)")
     grace_seconds: float = flag(10.0, "how long SIGTERM waits for in-flight calls")
     log_level: str = flag("info", "log level", choices=("debug", "info", "warning", "error"))
-    # auth and TLS (services.common.auth, services.common.tls; README "Auth and TLS")
+    # auth and TLS (services.common.auth, services.common.tls; docs/reference.md, "Auth, tenants and TLS")
     auth_file: str = flag("", "JSON token file {\"tokens\": [{\"token_sha256\", \"tenant\", \"role\"}]}, "
                           "re-read on change (empty -> open access, every caller admin)")
     auth_tokens: str = flag("", "tokens inline, the auth file's JSON (for containers' env)")

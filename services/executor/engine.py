@@ -7,8 +7,9 @@
 
 Each turn of the loop: intake (new requests, cancels; adapter intake in intake.py admits those whose
 adapter is pinned) -> step(): schedule (scheduler.py) -> run the model over every scheduled sequence,
-prefill chunks and decode tokens together, sorted by adapter slot (model_runner.py) -> process the
-outputs: sample, stop conditions, events (output.py). An error in one request's processing fails
+prefill chunks, decode tokens and speculative drafts together, sorted by adapter placement
+(model_runner.py) -> sample (verifying drafts) -> advance the sequences (rolling back rejected draft
+positions) -> emit: stop conditions, events (output.py). An error in one request's processing fails
 only that request; an error in the forward pass fails that step's requests and the engine goes on.
 """
 
@@ -25,11 +26,12 @@ import torch
 from services.common.errors import Cancelled, InvalidArgument, QueueFull, Unavailable
 from services.common.memory import tune_malloc
 from services.common.peft_format import check_adapter_id
-from services.executor import ops
+from services.executor import ops, prompt_logprobs
 from services.executor.adapters.arena import ArenaLayout, HostArena
-from services.executor.adapters.cache import AdapterCache, AdapterSource
-from services.executor.adapters.pool import AdapterPool
+from services.executor.adapters.device import DevicePool
+from services.executor.adapters.forms import BaseWeights
 from services.executor.adapters.residency import Residency
+from services.executor.adapters.source import AdapterSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine_types import (
     AdapterResidency,
@@ -50,10 +52,12 @@ from services.executor.model.loader import (
     resolve_dtype,
     resolve_model_dir,
 )
+from services.executor.model.quant import base_weight_bytes
 from services.executor.model_runner import ModelRunner
 from services.executor.output import OutputProcessor, deliver
 from services.executor.sampler import SamplingOptions
 from services.executor.scheduler import Batch, Scheduler
+from services.executor.spec_decode import Speculator
 from services.executor.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
@@ -73,26 +77,26 @@ class Engine:
         _, cfg = read_config(path)
         max_len = config.max_model_len or cfg.max_positions
         block = config.kv_block_size
-        self.model, self.model_config, self.model_path = load_model(str(path), self.device,
-                                                                    self.dtype, max_len)
+        self.model, self.model_config, self.model_path = load_model(
+            str(path), self.device, self.dtype, max_len, config.quantization, config.quantization_group_size)
+        self.base_weight_bytes = base_weight_bytes(self.model)
+        log.info("base_model_loaded", quantization=self.model.quantization, bytes=self.base_weight_bytes)
         if config.prepack_weights:
             packed = self.model.prepack()
             if packed:
                 log.info("weights_prepacked", bytes=packed)
-        # CPU: the host arena is what the kernel reads (no device slots). CUDA: device slots.
-        self.arena: HostArena | None = None
-        self.pool: AdapterPool | None = None
-        if self.device.type == "cpu":
-            layout = ArenaLayout.for_model(cfg, config.arena_page_elems)
-            self.arena = HostArena(layout, config.host_cache_bytes, self.dtype)
-            for layer, module, proj in self.model.projections():
-                proj.lm = layout.lm(layer, module)
-        else:
-            self.pool = AdapterPool(cfg, config.max_device_adapters, config.max_lora_rank, self.dtype,
-                                    self.device)
-            for layer, module, proj in self.model.projections():
-                proj.lora = self.pool.stacks[layer][module]
-        num_blocks = auto_num_blocks(      # after weights and slots: CUDA sizes from what is free
+        # one paged layout on both devices: the host arena (pinned on CUDA) and, where the kernel
+        # reads device memory or --device-cache-bytes asks for one, a device page pool filled from it
+        layout = ArenaLayout.for_model(cfg, config.arena_page_elems)
+        for layer, module, proj in self.model.projections():
+            proj.lm = layout.lm(layer, module)
+        self.arena = HostArena(layout, config.host_cache_bytes, self.dtype,
+                               pin=self.device.type == "cuda")
+        self.arena.base = BaseWeights(self.model, tag=str(path))   # DoRA norms are taken against it
+        device_bytes = device_cache_bytes(config, self.device)
+        self.device_pool = DevicePool(layout, device_bytes, self.dtype, self.device) \
+            if device_bytes else None
+        num_blocks = auto_num_blocks(      # after weights and pools: CUDA sizes from what is free
             config.kv_cache_bytes, layers=cfg.layers, block_size=block, kv_heads=cfg.kv_heads,
             head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
             max_batch_size=config.max_batch_size, max_model_len=max_len)
@@ -107,25 +111,28 @@ class Engine:
                           kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
                           device=self.device)
         self.allocator = KVBlockAllocator(num_blocks)
+        self.speculator = None if config.speculative_method == "none" else Speculator(
+            config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
+            min_acceptance=config.speculative_min_acceptance,
+            disable_by_batch_size=config.speculative_disable_by_batch_size,
+            max_batch_tokens=config.speculative_max_batch_tokens)
         self.scheduler = Scheduler(self.allocator, block, config.max_batch_size,
-                                   config.max_prefill_tokens, config.enable_prefix_caching)
+                                   config.max_prefill_tokens, config.enable_prefix_caching,
+                                   self.speculator)
         self.source = adapter_source
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        if self.arena is not None:
-            self.adapters = Residency(self.arena, adapter_source, cfg, config.max_lora_rank,
-                                      policy=config.adapter_eviction_policy,
-                                      latest_ttl_s=config.adapter_latest_ttl_s,
-                                      workers=config.adapter_load_workers, wait_s=config.adapter_wait_s,
-                                      on_load=self._on_adapter_load,
-                                      write_back=config.disk_write_back,
-                                      write_back_queue=config.disk_write_back_queue)
-        else:
-            self.adapters = AdapterCache(self.pool, adapter_source, cfg, config.max_lora_rank,
-                                         latest_ttl_s=config.adapter_latest_ttl_s,
-                                         workers=config.adapter_load_workers,
-                                         slot_wait_s=config.adapter_wait_s)
-        self.runner = ModelRunner(self.model, self.model_config, self.kv, self.device, self.arena,
+        self.adapters = Residency(self.arena, adapter_source, cfg, config.max_lora_rank,
+                                  device=self.device_pool,
+                                  max_device_adapters=config.max_device_adapters,
+                                  policy=config.adapter_eviction_policy,
+                                  latest_ttl_s=config.adapter_latest_ttl_s,
+                                  workers=config.adapter_load_workers, wait_s=config.adapter_wait_s,
+                                  on_load=self._on_adapter_load,
+                                  write_back=config.disk_write_back,
+                                  write_back_queue=config.disk_write_back_queue)
+        self.runner = ModelRunner(self.model, self.model_config, self.kv, self.device,
+                                  self.adapters.kernel_pool,
                                   config.max_prefill_tokens + config.max_batch_size,
                                   config.max_batch_size)
         self.outputs = OutputProcessor(eos_token_ids, max_len, self._finish)
@@ -181,6 +188,8 @@ class Engine:
                               max_model_len=self.max_model_len,
                               default_max_new_tokens=self.config.default_max_new_tokens,
                               eos_token_ids=self.eos_token_ids, device=self.device)
+        if self.speculator is not None and req.sampling.speculative:
+            r.seq.spec = self.speculator.new_state(min(r.seq.prompt_len + r.max_new, self.max_model_len))
         with self._lock:
             if req.request_id in self._active:
                 raise InvalidArgument(f"request_id {req.request_id!r} is already in flight")
@@ -198,19 +207,22 @@ class Engine:
 
     def load_adapter(self, adapter_id: str, version: int = 0, tier: str = "device") -> tuple[int, str]:
         """Blocking load of an adapter into `tier` ("device", "host" or "disk") -> (version, tier
-        reached). On CPU the host arena is what the kernel reads: "device" reaches "host"."""
+        reached). Without a device tier (CPU) the host arena is what the kernel reads: "device"
+        reaches "host"."""
         check_adapter_id(adapter_id)
         if tier == "disk":
             return self.source.resolve(adapter_id, version).version, "disk"
         timeout = self.config.load_adapter_timeout_s or 4 * self.config.registry_timeout_s
-        lease = self.adapters.preload(adapter_id, version, timeout=timeout)
-        return lease.version, "host" if self.arena is not None else "device"
+        to_device = tier == "device" and self.device_pool is not None
+        lease = self.adapters.preload(adapter_id, version, timeout=timeout, device=to_device)
+        return lease.version, "device" if to_device else "host"
 
-    def unload_adapter(self, adapter_id: str) -> None:
-        """Drop adapter_id from every tier (copies in use are freed when their requests end)."""
+    def unload_adapter(self, adapter_id: str, version: int = 0) -> None:
+        """Drop adapter_id's `version` (0: every version) from every tier, its disk copy included
+        (copies in use are freed when their requests end)."""
         check_adapter_id(adapter_id)
-        self.adapters.unload(adapter_id)
-        self.source.forget(adapter_id)
+        self.adapters.unload(adapter_id, version)
+        self.source.forget(adapter_id, version)
 
     def _on_adapter_load(self, source_tier: str, seconds: float) -> None:
         observer = self.adapter_load_observer
@@ -224,42 +236,54 @@ class Engine:
                         deleted: bool) -> None:
         """A registry change (AdapterRegistry.WatchAdapters); thread-safe.
 
-        deleted: the adapter leaves every tier (version 0: every version; in-use slots go when their
-        requests end). Otherwise a new version exists: "latest" resolves to `latest_version` at once.
+        deleted: that version (0: every version) leaves every tier at once, its pages and disk copy
+        freed (copies in use go when their requests end). Otherwise a new version exists: "latest"
+        resolves to `latest_version` at once, and older versions go first when a tier needs room.
         """
         if deleted:
-            self.unload_adapter(adapter_id)
+            self.unload_adapter(adapter_id, version)
+            if version and latest_version:    # one version went: "latest" may now be an older one
+                self.adapters.set_latest(adapter_id, latest_version)
         else:
             self.adapters.set_latest(adapter_id, latest_version)
 
     def status(self) -> EngineStatus:
         with self._lock:
             running, waiting = len(self.scheduler.running), len(self._inbox) + self._waiting_count
+        dev = self.device_pool
         return EngineStatus(
             running=running, waiting=waiting, max_batch_size=self.config.max_batch_size,
             kv_blocks_total=self.allocator.num_blocks, kv_blocks_free=self.allocator.num_free,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            device_adapter_slots=self.pool.num_slots if self.pool is not None else 0,
+            device_adapter_slots=self.config.max_device_adapters if dev is not None else 0,
             adapters=self._residency(), kv_blocks_cached=self.allocator.num_cached,
             prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
             prefill_tokens_computed=self.scheduler.prefill_tokens,
             tier_stats=self._tier_stats(),
-            host_cache_bytes=self.arena.capacity_bytes if self.arena is not None else 0,
-            host_cache_used_bytes=self.arena.used_bytes if self.arena is not None else 0)
+            host_cache_bytes=self.arena.capacity_bytes, host_cache_used_bytes=self.arena.used_bytes,
+            device_cache_bytes=dev.capacity_bytes if dev is not None else 0,
+            device_cache_used_bytes=dev.used_bytes if dev is not None else 0,
+            quantization=self.model.quantization, base_weight_bytes=self.base_weight_bytes,
+            **self._spec_status())
+
+    def _spec_status(self) -> dict:
+        sp = self.speculator
+        if sp is None:
+            return {}
+        return dict(speculative_method=self.config.speculative_method,
+                    spec_draft_tokens=sp.draft_tokens, spec_accepted_tokens=sp.accepted_tokens,
+                    spec_emitted_tokens=sp.emitted_tokens, spec_acceptance_rate=sp.acceptance_rate)
 
     def _residency(self) -> list[AdapterResidency]:
-        fast = "host" if self.arena is not None else "device"
-        held = [AdapterResidency(a, v, fast, n) for a, v, n in self.adapters.residency()]
+        held = [AdapterResidency(a, v, tier, n) for a, v, tier, n in self.adapters.placements()]
         seen = {(a.adapter_id, a.version) for a in held}
         return held + [AdapterResidency(a, v, "disk", 0) for a, v in self.source.held()
                        if (a, v) not in seen]
 
     def _tier_stats(self) -> list[TierStat]:
         disk = TierStat("disk", **(self.source.stats() if hasattr(self.source, "stats") else {}))
-        if self.arena is not None:
-            return [TierStat("device"), TierStat("host", **self.adapters.host_stats()), disk]
-        resident = self.adapters.residency()
-        return [TierStat("device", adapters=len(resident), bytes_capacity=0), TierStat("host"), disk]
+        return [TierStat("device", **self.adapters.device_stats()),
+                TierStat("host", **self.adapters.host_stats()), disk]
 
     # -- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -299,18 +323,45 @@ class Engine:
             self._wake.wait(self.config.empty_step_wait_s)
             return
         reqs = [self._active[item.seq.seq_id] for item in batch.items]
-        logits = self._run_model(batch, reqs)
-        if logits is not None:
-            sampled = [r for r, item in zip(reqs, batch.items, strict=True) if item.samples]
-            self.scheduler.advance(batch)
-            self.outputs.process(logits, sampled)
+        spans = prompt_logprobs.prompt_spans(batch)
+        logits = self._run_model(batch, reqs, spans)
+        if logits is None:
+            return
+        if spans:                       # the prompt rows come after the sampling rows
+            rows = logits.shape[0] - sum(k for _, k in spans)
+            prompt_logprobs.collect(logits[rows:], spans, batch, reqs)
+            logits = logits[:rows]
+        items = [item for item in batch.items if item.samples]
+        sampled = [r for r, item in zip(reqs, batch.items, strict=True) if item.samples]
+        outs = self.outputs.sample(logits, sampled, [item.draft for item in items])
+        for item, out in zip(items, outs, strict=True):
+            if item.draft and out is not None:     # verified: out = the accepted drafts + 1
+                item.accepted = len(out[0]) - 1
+                self.speculator.record(item.seq.spec, len(item.draft), item.accepted, len(out[0]))
+        self.scheduler.advance(batch)
+        for r in sampled:
+            if r.seq.prompt_logits and not r.done:
+                self._send_prompt_logprobs(r)
+        self.outputs.emit(sampled, outs)
 
-    def _run_model(self, batch: Batch, reqs: list[RequestState]) -> torch.Tensor | None:
-        """The step's logits, or None when the forward pass failed (its requests fail with it)."""
-        entries = [r.lease.entry if self.arena is not None and r.lease is not None else None
-                   for r in reqs]
+    def _send_prompt_logprobs(self, r: RequestState) -> None:
+        """The event before the first token: every prompt token's logprob (prompt_logprobs.py)."""
+        r.seq.prompt_logits = False         # sent once; a recompute after preemption needs no rows
         try:
-            return self.runner.run(batch, entries)
+            lps = prompt_logprobs.finished(r)
+        except Exception as exc:
+            log.exception("prompt_logprobs_failed", request_id=r.req.request_id)
+            self._finish(r, None, InternalError(f"internal error in prompt logprobs: {exc}"))
+            return
+        r.prompt_lps = None
+        deliver(r, TokenEvent(r.req.request_id, [], "", [], None, r.seq.prompt_len, 0,
+                              prompt_logprobs=lps))
+
+    def _run_model(self, batch: Batch, reqs: list[RequestState], spans=()) -> torch.Tensor | None:
+        """The step's logits, or None when the forward pass failed (its requests fail with it)."""
+        entries = [r.lease.entry if r.lease is not None else None for r in reqs]
+        try:
+            return self.runner.run(batch, entries, spans)
         except Exception as exc:
             log.exception("step_failed", requests=[r.req.request_id for r in reqs])
             for r in reqs:
@@ -348,3 +399,13 @@ class Engine:
             if r.lease_future is not None and r.slot is None and not r.done:
                 self.intake.release_when_ready(r)
             self._finish(r, None, error)
+
+
+def device_cache_bytes(config: ExecutorConfig, device: torch.device) -> int:
+    """The device pool's size: --device-cache-bytes; on CUDA 0 means the smaller of the host arena
+    and a tenth of the free GPU memory (the kernel reads device memory there); on CPU 0 means none
+    (the kernel reads the host arena in place)."""
+    if config.device_cache_bytes or device.type == "cpu":
+        return config.device_cache_bytes
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(config.host_cache_bytes, free // 10)

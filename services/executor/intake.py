@@ -1,6 +1,6 @@
 """Adapter intake: requests wait here until their adapter is pinned, then join the scheduler.
 
-The residency (adapters/residency.py on CPU, adapters/cache.py on CUDA) stays the single owner of
+The residency (adapters/residency.py, on CPU and CUDA) stays the single owner of
 which adapters are loaded: intake only asks it for a lease (`acquire` -> a Future), keeps the
 request aside until the Future is done, and gives the pin back (`release`) of a request that ended
 first. Engine thread only, except the Futures' callbacks (which only wake the engine).

@@ -193,11 +193,13 @@ class DiskAdapterStore:
             self._evict(keep=(adapter_id, version))
 
     # -- changes ---------------------------------------------------------------------------------
-    def remove(self, adapter_id: str) -> None:
-        """Drop every version of adapter_id (a version being read goes when its reader ends)."""
+    def remove(self, adapter_id: str, version: int = 0) -> None:
+        """Drop adapter_id's `version` (0: every version; a copy being read goes when its reader
+        ends)."""
         with self._lock:
             self._removals[adapter_id] = self._removals.get(adapter_id, 0) + 1
-            for key, e in [(k, e) for k, e in self._index.items() if k[0] == adapter_id]:
+            for key, e in [(k, e) for k, e in self._index.items()
+                           if k[0] == adapter_id and version in (0, k[1])]:
                 self._drop(key, e)
 
     def generation(self, adapter_id: str) -> int:
@@ -377,8 +379,9 @@ class RegistryAdapterSource:
         """Tell the disk tier which copies a faster tier holds (it evicts those first)."""
         self.store.covered = covered
 
-    def forget(self, adapter_id: str) -> None:
-        self.store.remove(adapter_id)
+    def forget(self, adapter_id: str, version: int = 0) -> None:
+        """Drop adapter_id's `version` (0: every version) from the disk tier."""
+        self.store.remove(adapter_id, version)
 
     def stats(self) -> dict[str, int]:
         return self.store.stats()

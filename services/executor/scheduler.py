@@ -1,6 +1,6 @@
 """Continuous batching: which sequences run this step, and how many tokens each.
 
-    sched.add(seq); batch = sched.schedule(); ...forward...; sched.advance(batch, sampled)
+    sched.add(seq); batch = sched.schedule(); ...forward, sample...; sched.advance(batch)
 
 Every step: running sequences first, oldest first (decode = 1 token; an unfinished prompt continues
 in chunks), then waiting ones are admitted while the batch, max_prefill_tokens and KV blocks allow.
@@ -14,6 +14,14 @@ hash of its tokens, all tokens before it and the sequence's cache_key (adapter a
 adapter changes the K/V). A sequence admitted with no K/V yet (new, or preempted) first takes the
 cached blocks of its longest registered prefix and computes only the rest, always at least its last
 token, whose logits it needs.
+
+Speculative decoding (speculator set, see spec_decode.py): once the step's batch is chosen, decoding
+sequences get drafts while the speculator's room allows and free KV blocks hold them (a draft never
+preempts anything). A drafting sequence computes its last token plus the draft as one short chunk,
+with logits at each position; advance() then keeps the K/V of the accepted tokens only: the rejected
+positions are rolled back (num_computed stops after the last accepted token, blocks holding nothing
+but rejected positions are freed) and blocks are registered with the prefix cache only once every
+token in them is accepted and appended.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from services.executor.kv_cache import KVBlockAllocator, block_hash, blocks_needed
+from services.executor.spec_decode import SpecState, Speculator
 
 _arrival = itertools.count()
 
@@ -40,6 +49,8 @@ class Sequence:
     cache_key: str = ""           # what its K/V depend on besides the tokens: adapter@version
     block_hashes: list[bytes] = field(default_factory=list)   # of its first full blocks
     num_registered: int = 0       # its first blocks registered with the prefix cache
+    prompt_logits: bool = False   # wants every prompt position's logits (prompt logprobs): no cached prefix
+    spec: SpecState | None = None  # its speculation state (None: it never drafts)
 
     def hashes(self, n: int, block_size: int) -> list[bytes]:
         """The hashes of its first n full blocks (computed once, kept)."""
@@ -58,8 +69,10 @@ class Sequence:
 @dataclass
 class Scheduled:
     seq: Sequence
-    num_new: int                  # computes token_ids[num_computed : num_computed + num_new]
+    num_new: int                  # computes (token_ids + draft)[num_computed : num_computed + num_new]
     samples: bool = field(init=False)   # the step reaches the end of the sequence's tokens
+    draft: list[int] = field(default_factory=list)   # speculated tokens after token_ids, verified
+    accepted: int = 0             # how many of the draft the sampler accepted (set before advance)
 
     def __post_init__(self) -> None:
         self.samples = self.seq.num_computed + self.num_new == self.seq.num_tokens
@@ -77,8 +90,10 @@ class Batch:
 
 class Scheduler:
     def __init__(self, allocator: KVBlockAllocator, block_size: int, max_batch_size: int,
-                 max_prefill_tokens: int, prefix_caching: bool = False):
+                 max_prefill_tokens: int, prefix_caching: bool = False,
+                 speculator: Speculator | None = None):
         self.allocator, self.block_size = allocator, block_size
+        self.speculator = speculator
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.prefix_caching = prefix_caching
         self.prefix_hit_tokens = 0    # prompt (or recomputed) tokens taken from the prefix cache
@@ -107,7 +122,7 @@ class Scheduler:
 
     def _take_cached_prefix(self, seq: Sequence) -> None:
         """A sequence with no K/V: hold the cached blocks of its longest registered prefix."""
-        if not self.prefix_caching or seq.blocks:
+        if not self.prefix_caching or seq.blocks or seq.prompt_logits:
             return
         full = (seq.num_tokens - 1) // self.block_size     # the last token is always computed
         seq.blocks = self.allocator.lookup(seq.hashes(full, self.block_size))
@@ -167,19 +182,43 @@ class Scheduler:
             items.append(Scheduled(seq, n))
             self.prefix_hit_tokens += seq.num_computed
             budget -= n
+        if self.speculator is not None and items:
+            self._add_drafts(items)
         items.sort(key=lambda s: (s.seq.slot, s.seq.arrival))
         return Batch(items, preempted)
 
+    def _add_drafts(self, items: list[Scheduled]) -> None:
+        """Drafts for the batch's decoding sequences, oldest first, within the speculator's room."""
+        room = self.speculator.room(len(items), sum(s.num_new for s in items))
+        for item in items:
+            if room <= 0:
+                break
+            seq = item.seq
+            if seq.spec is None or item.num_new != 1 or not item.samples:
+                continue
+            draft = self.speculator.propose(seq.token_ids, seq.spec, room)
+            if draft and self._grow(seq, 1 + len(draft)):
+                item.draft, item.num_new = draft, 1 + len(draft)
+                room -= len(draft)
+
     def advance(self, batch: Batch) -> None:
-        """After the forward pass: the scheduled tokens' K/V are now in the cache (and the blocks
-        they filled are registered with the prefix cache)."""
+        """After the forward pass (and the sampler, which sets each item's `accepted`): the scheduled
+        tokens' K/V are now in the cache, a draft's rejected positions rolled back, and the blocks
+        filled with appended tokens are registered with the prefix cache."""
         for item in batch.items:
             seq = item.seq
+            if not seq.blocks:            # finished (failed) while its output was sampled
+                continue
             decodes = item.samples and seq.num_tokens > seq.prompt_len   # its last: a generated token
-            self.prefill_tokens += item.num_new - decodes
-            seq.num_computed += item.num_new
-            if self.prefix_caching:
-                full = seq.num_computed // self.block_size
+            if not item.draft:
+                self.prefill_tokens += item.num_new - decodes
+            seq.num_computed += item.num_new - (len(item.draft) - item.accepted)
+            keep = blocks_needed(seq.num_computed + 1, self.block_size)
+            if item.draft and len(seq.blocks) > keep:   # blocks only rejected positions reached
+                self.allocator.free(seq.blocks[keep:])
+                del seq.blocks[keep:]
+            if self.prefix_caching:       # accepted drafts are appended after this: register later
+                full = min(seq.num_computed, seq.num_tokens) // self.block_size
                 if full > seq.num_registered:
                     hashes = seq.hashes(full, self.block_size)
                     for i in range(seq.num_registered, full):

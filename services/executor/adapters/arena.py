@@ -1,11 +1,15 @@
-"""The host adapter arena: one region allocated once, adapters at their true rank in fixed-size pages.
+"""Page pools: adapters at their true rank in fixed-size pages, in the layout the kernel reads.
 
     layout = ArenaLayout.for_model(model_cfg)              # (layer, module) order, page size P
     arena = HostArena(layout, capacity_bytes, dtype, pin=cuda)
     ids = arena.allocate(arena.pages_needed(host))         # None: not enough free pages (evict first)
-    entry = arena.write(ids, host)                         # the kernel reads it in place from now on
+    entry = arena.write(ids, host)                         # the kernel may read it in place from now on
     meta = arena.batch([entry, None, entry2])              # one step's page index and segment meta
     arena.free(entry)                                      # only once no step reads it
+
+PagePool is the page memory and its free stack; HostArena (the host tier) adds packing, and
+device.DevicePool (the device tier) is filled from the arena by page copies. Both have the same
+page size and layout, so a placement in either is the same pages in a different place.
 
 A page is P elements of the model's dtype. One (layer, module) of an adapter of rank r over a
 projection [d_out, d_in] takes r * ceil(d_in / P) pages for lora_A (row k: pages k*ca .. k*ca+ca-1)
@@ -25,6 +29,7 @@ import torch
 from torch import Tensor
 
 from services.common.errors import InvalidAdapter
+from services.executor.adapters import forms
 from services.executor.adapters.reader import HostAdapter
 from services.executor.model.llama import LORA_MODULES, ModelConfig
 
@@ -42,7 +47,8 @@ class ArenaLayout:
         if page_elems <= 0:  # S-LoRA's page: a vector; the smallest row here (k/v's d_out) wastes nothing
             dims = [d for shape in shapes for d in shape]
             page_elems = max(min(dims), min(64, max(dims)))
-        return cls(shapes, page_elems)
+        # then the adapter forms' virtual modules (DoRA scales, lm_head/embed_tokens): see forms.py
+        return cls(shapes + forms.extra_shapes(cfg, shapes), page_elems)
 
     @staticmethod
     def lm(layer: int, module: str) -> int:
@@ -58,6 +64,9 @@ class ArenaLayout:
         total = 0
         for (layer, module), (a, _, _) in host.weights.items():
             ca, cb = self.chunks(self.lm(layer, module))
+            total += a.shape[0] * (ca + cb)
+        for lm, (a, _, _) in forms.extra_rows(host, self, None, shapes_only=True).items():
+            ca, cb = self.chunks(lm)
             total += a.shape[0] * (ca + cb)
         return total
 
@@ -93,111 +102,140 @@ class PagedBatch:
     seg_meta: Tensor      # [G, LM, 2] int32
     seg_scalings: Tensor  # [G, LM] float32
     any_lora: bool        # False: every segment is base-only (the op can be skipped)
+    forms: forms.BatchForms | None = None   # segments with DoRA, lm_head/embed_tokens forms
 
 
-class HostArena:
-    def __init__(self, layout: ArenaLayout, capacity_bytes: int, dtype: torch.dtype, pin: bool = False):
-        self.layout = layout
-        self.dtype = dtype
-        elem = torch.empty((), dtype=dtype).element_size()
-        self.page_bytes = layout.page_elems * elem
-        self.num_pages = capacity_bytes // self.page_bytes
-        self.capacity_bytes = self.num_pages * self.page_bytes
-        # uninitialised: a page is written before any kernel reads it, and untouched pages cost no
-        # resident memory (a 2 GiB arena of which 100 MiB is used holds 100 MiB)
-        self.pages = torch.empty((self.num_pages, layout.page_elems), dtype=dtype,
-                                 pin_memory=pin and torch.cuda.is_available())
-        self._free = list(range(self.num_pages - 1, -1, -1))   # a stack: O(1) per page
+class PageLender:
+    """Whole KV blocks lent to a page pool (kv_cache.UnifiedKV): the unified KV/adapter budget."""
+
+    pages_per_block: int
+
+    def lend(self, n: int) -> list[int] | None: ...          # n free blocks, or None
+    def give_back(self, block: int) -> None: ...
+    def block_pages(self, block: int) -> list[int]: ...      # its page ids in the pool's pages
+    def block_of(self, page: int) -> int: ...
+    def max_blocks(self) -> int: ...
+
+
+class PagePool:
+    """Pages [num_pages, P] of one dtype on one device, a free stack, and the kernel's tables.
+
+    The first `num_fixed` pages are the pool's own; with a lender (the unified KV/adapter budget)
+    the pool also borrows whole KV blocks when its own pages run out, and gives a block back the
+    moment none of its pages is in use. Thread-safe.
+    """
+
+    def __init__(self, layout: ArenaLayout, dtype: torch.dtype, pages: Tensor, num_fixed: int,
+                 lender: PageLender | None = None):
+        self.layout, self.dtype, self.pages = layout, dtype, pages
+        self.device = pages.device
+        self.page_bytes = layout.page_elems * pages.element_size()
+        self.num_fixed = num_fixed
+        self._free = list(range(num_fixed - 1, -1, -1))   # a stack: O(1) per page
+        self._lender = lender
+        self._lent: dict[int, list[int]] = {}              # borrowed block -> its free pages
+        self._used = 0
         self._lock = threading.Lock()
         self._uids = itertools.count(1)
         self._lm = len(layout.shapes)
         self._batch_cache: tuple[tuple, PagedBatch] | None = None
 
     @property
+    def num_pages(self) -> int:
+        """Pages it holds now (its own and borrowed ones)."""
+        return self.num_fixed + len(self._lent) * (self._lender.pages_per_block if self._lender else 0)
+
+    @property
+    def max_pages(self) -> int:
+        """Most pages it could ever hold (with every KV block borrowed)."""
+        lender = self._lender
+        return self.num_fixed + (lender.max_blocks() * lender.pages_per_block if lender else 0)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    @property
     def free_pages(self) -> int:
-        return len(self._free)
+        return self.num_pages - self._used
 
     @property
     def used_bytes(self) -> int:
-        return (self.num_pages - len(self._free)) * self.page_bytes
+        return self._used * self.page_bytes
 
-    def pages_needed(self, host: HostAdapter) -> int:
-        return self.layout.pages_needed(host)
+    @property
+    def borrowed_blocks(self) -> int:
+        return len(self._lent)
+
+    def holds_borrowed(self, pages: Tensor) -> bool:
+        """Does a placement with these page ids sit (partly) in borrowed KV blocks?"""
+        return self._lender is not None and bool(pages.numel()) and int(pages.max()) >= self.num_fixed
 
     def allocate(self, n: int) -> list[int] | None:
-        """n free pages, or None when fewer are free (nothing is taken then)."""
+        """n free pages, or None when fewer are free (nothing is taken then). Own pages first, then
+        the borrowed blocks' (fullest first), then newly borrowed blocks."""
         with self._lock:
-            if n > len(self._free):
-                return None
-            taken = self._free[len(self._free) - n:]
-            del self._free[len(self._free) - n:]
+            spare = len(self._free) + sum(len(f) for f in self._lent.values())
+            if n > spare:
+                if self._lender is None:
+                    return None
+                per = self._lender.pages_per_block
+                blocks = self._lender.lend(-(-(n - spare) // per))
+                if blocks is None:
+                    return None
+                for b in blocks:
+                    self._lent[b] = list(reversed(self._lender.block_pages(b)))
+            take = min(n, len(self._free))
+            taken = self._free[len(self._free) - take:]
+            del self._free[len(self._free) - take:]
+            for b in sorted(self._lent, key=lambda b: len(self._lent[b])):
+                if len(taken) == n:
+                    break
+                free = self._lent[b]
+                k = min(n - len(taken), len(free))
+                taken += free[len(free) - k:]
+                del free[len(free) - k:]
+            self._used += n
             return taken
 
-    def pack(self, host: HostAdapter) -> PackedAdapter:
-        """`host` laid out as its pages will hold it (rows [n, P] in logical page order); raises
-        InvalidAdapter for NaN or infinite weights."""
-        p = self.layout.page_elems
-        meta = torch.zeros((self._lm, 2), dtype=torch.int32)
-        scalings = torch.zeros(self._lm, dtype=torch.float32)
-        rows = torch.zeros((self.layout.pages_needed(host), p), dtype=self.dtype)
-        offset = 0
-        for (layer, module), (a, b, scaling) in sorted(host.weights.items()):
-            lm = self.layout.lm(layer, module)
-            ca, cb = self.layout.chunks(lm)
-            r = a.shape[0]
-            if r == 0:
-                continue
-            meta[lm, 0], meta[lm, 1], scalings[lm] = offset, r, scaling
-            for mat, c in ((a, ca), (b.t(), cb)):             # lora_A rows, then lora_B^T rows
-                n = mat.shape[1]                              # the last page of each row partly used
-                rows[offset:offset + r * c].view(r, c * p)[:, :n] = mat
-                offset += r * c
-        if not torch.isfinite(rows).all():
-            raise InvalidAdapter("the adapter's weights hold NaN or infinite values")
-        return PackedAdapter(rows=rows, meta=meta, scalings=scalings, rank=host.rank)
-
-    def write(self, ids: list[int], host: HostAdapter | PackedAdapter) -> ArenaEntry:
-        """Copy an adapter (packed or not) into pages `ids` (from allocate, exactly its page count)."""
-        packed = host if isinstance(host, PackedAdapter) else self.pack(host)
-        if packed.rows.shape != (len(ids), self.layout.page_elems) or packed.rows.dtype != self.dtype:
-            raise ValueError(f"adapter needs {packed.rows.shape[0]} pages of {self.layout.page_elems} "
-                             f"{self.dtype}, {len(ids)} pages were given")
-        index = torch.tensor(ids, dtype=torch.int32)
-        if ids:
-            self.pages.index_copy_(0, index.long(), packed.rows)
-        return ArenaEntry(uid=next(self._uids), pages=index, meta=packed.meta.clone(),
-                          scalings=packed.scalings.clone(), nbytes=len(ids) * self.page_bytes,
-                          rank=packed.rank)
-
-    def pages_of(self, item: HostAdapter | PackedAdapter) -> int:
-        return item.rows.shape[0] if isinstance(item, PackedAdapter) else self.pages_needed(item)
-
-    def signature(self) -> str:
-        """What a packed image depends on: page size, dtype and the model's projection shapes."""
-        import hashlib
-        return hashlib.sha256(repr((self.layout.page_elems, str(self.dtype), self.layout.shapes))
-                              .encode()).hexdigest()[:16]
+    def release_pages(self, ids: list[int]) -> None:
+        with self._lock:
+            self._used -= len(ids)
+            for i in ids:
+                if i < self.num_fixed:
+                    self._free.append(i)
+                    continue
+                b = self._lender.block_of(i)
+                free = self._lent[b]
+                free.append(i)
+                if len(free) == self._lender.pages_per_block:   # all free: KV may have it back
+                    del self._lent[b]
+                    self._lender.give_back(b)
 
     def free(self, entry: ArenaEntry) -> None:
         self.release_pages(entry.pages.tolist())
         entry.pages = entry.pages[:0]
 
-    def release_pages(self, ids: list[int]) -> None:
-        with self._lock:
-            self._free.extend(ids)
+    def place(self, ids: list[int], meta: Tensor, scalings: Tensor, rank: int) -> ArenaEntry:
+        """An entry for an adapter whose pages (logical order) are `ids`."""
+        return ArenaEntry(uid=next(self._uids), pages=torch.tensor(ids, dtype=torch.int32),
+                          meta=meta.clone(), scalings=scalings.clone(),
+                          nbytes=len(ids) * self.page_bytes, rank=rank)
 
     def read_back(self, entry: ArenaEntry, lm: int) -> tuple[Tensor, Tensor]:
-        """(lora_A [r, d_in], lora_B [d_out, r]) of one (layer, module), gathered (tests, CUDA slots)."""
+        """(lora_A [r, d_in], lora_B [d_out, r]) of one (layer, module), gathered (tests)."""
         off, r = (int(v) for v in entry.meta[lm])
         d_out, d_in = self.layout.shapes[lm]
         ca, cb = self.layout.chunks(lm)
         p = self.layout.page_elems
-        a = self.pages[entry.pages[off:off + r * ca].long()].reshape(r, ca * p)[:, :d_in]
-        bt = self.pages[entry.pages[off + r * ca:off + r * (ca + cb)].long()].reshape(r, cb * p)[:, :d_out]
+        idx = entry.pages.to(self.device).long()
+        a = self.pages[idx[off:off + r * ca]].reshape(r, ca * p)[:, :d_in]
+        bt = self.pages[idx[off + r * ca:off + r * (ca + cb)]].reshape(r, cb * p)[:, :d_out]
         return a, bt.t()
 
     def batch(self, entries: list[ArenaEntry | None]) -> PagedBatch:
-        """The kernel's tables for segments using `entries` in order (None: base only)."""
+        """The kernel's tables for segments using `entries` in order (None: base only), built once
+        per step (the same entries as the last step: the same tables) and moved to the pool's device."""
         key = tuple(e.uid if e is not None else 0 for e in entries)
         cached = self._batch_cache
         if cached is not None and cached[0] == key:
@@ -221,11 +259,81 @@ class HostArena:
             metas.append(m)
             scals.append(e.scalings)
         G = len(entries)
-        out = PagedBatch(
-            arena=self.pages,
-            page_index=torch.cat(index) if index else torch.zeros(0, dtype=torch.int32),
-            seg_meta=torch.stack(metas) if G else torch.zeros((0, self._lm, 2), dtype=torch.int32),
-            seg_scalings=torch.stack(scals) if G else torch.zeros((0, self._lm), dtype=torch.float32),
-            any_lora=bool(index))
+        tables = (torch.cat(index) if index else torch.zeros(0, dtype=torch.int32),
+                  torch.stack(metas) if G else torch.zeros((0, self._lm, 2), dtype=torch.int32),
+                  torch.stack(scals) if G else torch.zeros((0, self._lm), dtype=torch.float32))
+        batch_forms = forms.batch_forms(self.layout, tables[1], self.device)
+        if self.device.type != "cpu":
+            tables = tuple(t.to(self.device, non_blocking=True) for t in tables)
+        out = PagedBatch(arena=self.pages, page_index=tables[0], seg_meta=tables[1],
+                         seg_scalings=tables[2], any_lora=bool(index), forms=batch_forms)
         self._batch_cache = (key, out)
         return out
+
+
+class HostArena(PagePool):
+    """The host tier: pages in host memory (pinned on CUDA), what the CPU kernel reads in place when
+    there is no device tier. `pages` (unified pool on CPU): the page view of KVCache's buffer, whose
+    first capacity_bytes are the arena's own pages."""
+
+    def __init__(self, layout: ArenaLayout, capacity_bytes: int, dtype: torch.dtype, pin: bool = False,
+                 pages: Tensor | None = None, lender: PageLender | None = None):
+        elem = torch.empty((), dtype=dtype).element_size()
+        num = capacity_bytes // (layout.page_elems * elem)
+        if pages is None:
+            # uninitialised: a page is written before any kernel reads it, and untouched pages cost
+            # no resident memory (a 2 GiB arena of which 100 MiB is used holds 100 MiB)
+            pages = torch.empty((num, layout.page_elems), dtype=dtype,
+                                pin_memory=pin and torch.cuda.is_available())
+        super().__init__(layout, dtype, pages, num, lender)
+        self.base: forms.BaseWeights | None = None   # set by the engine: what DoRA norms are taken against
+
+    def pages_needed(self, host: HostAdapter) -> int:
+        return self.layout.pages_needed(host)
+
+    def pack(self, host: HostAdapter) -> PackedAdapter:
+        """`host` laid out as its pages will hold it (rows [n, P] in logical page order); raises
+        InvalidAdapter for NaN or infinite weights."""
+        p = self.layout.page_elems
+        meta = torch.zeros((self._lm, 2), dtype=torch.int32)
+        scalings = torch.zeros(self._lm, dtype=torch.float32)
+        items = [(self.layout.lm(layer, module), w) for (layer, module), w in host.weights.items()]
+        items += forms.extra_rows(host, self.layout, self.base).items()
+        n = sum(a.shape[0] * sum(self.layout.chunks(lm)) for lm, (a, _, _) in items)
+        rows = torch.zeros((n, p), dtype=self.dtype)
+        offset = 0
+        for lm, (a, b, scaling) in sorted(items, key=lambda kv: kv[0]):
+            ca, cb = self.layout.chunks(lm)
+            r = a.shape[0]
+            if r == 0:
+                continue
+            meta[lm, 0], meta[lm, 1], scalings[lm] = offset, r, scaling
+            parts = ((a, ca),) if b is None else ((a, ca), (b.t(), cb))
+            for mat, c in parts:                              # lora_A rows, then lora_B^T rows
+                n = mat.shape[1]                              # the last page of each row partly used
+                rows[offset:offset + r * c].view(r, c * p)[:, :n] = mat
+                offset += r * c
+        if not torch.isfinite(rows).all():
+            raise InvalidAdapter("the adapter's weights hold NaN or infinite values")
+        return PackedAdapter(rows=rows, meta=meta, scalings=scalings, rank=host.rank)
+
+    def write(self, ids: list[int], host: HostAdapter | PackedAdapter) -> ArenaEntry:
+        """Copy an adapter (packed or not) into pages `ids` (from allocate, exactly its page count)."""
+        packed = host if isinstance(host, PackedAdapter) else self.pack(host)
+        if packed.rows.shape != (len(ids), self.layout.page_elems) or packed.rows.dtype != self.dtype:
+            raise ValueError(f"adapter needs {packed.rows.shape[0]} pages of {self.layout.page_elems} "
+                             f"{self.dtype}, {len(ids)} pages were given")
+        entry = self.place(ids, packed.meta, packed.scalings, packed.rank)
+        if ids:
+            self.pages.index_copy_(0, entry.pages.long(), packed.rows)
+        return entry
+
+    def pages_of(self, item: HostAdapter | PackedAdapter) -> int:
+        return item.rows.shape[0] if isinstance(item, PackedAdapter) else self.pages_needed(item)
+
+    def signature(self) -> str:
+        """What a packed image depends on: page size, dtype and the model's projection shapes."""
+        import hashlib
+        return hashlib.sha256(repr((self.layout.page_elems, str(self.dtype), self.layout.shapes,
+                                    getattr(self.base, "fingerprint", "")))
+                              .encode()).hexdigest()[:16]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pathlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from services.common import peft_format
 from services.common.errors import AdapterMismatch, InvalidAdapter
+from services.executor.adapters.forms import Extras, read_extras
 from services.executor.model.llama import ATTN_MODULES, LORA_MODULES, ModelConfig
 
 _PATH = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
@@ -29,6 +30,7 @@ class HostAdapter:
 
     weights: dict[tuple[int, str], tuple[Tensor, Tensor, float]]
     rank: int
+    extras: Extras = field(default_factory=Extras)   # DoRA, lm_head/embed_tokens LoRA, saved modules
 
     @property
     def nbytes(self) -> int:
@@ -54,7 +56,7 @@ def read_adapter(path: pathlib.Path, cfg: ModelConfig, max_rank: int,
         raise InvalidAdapter(f"{weights_file.name} is {weights_file.stat().st_size} bytes, its header "
                              f"says {size}")
     if not isinstance(lcfg.target_modules, str):
-        unknown = sorted(set(lcfg.target_modules) - set(LORA_MODULES))
+        unknown = sorted(set(lcfg.target_modules) - set(LORA_MODULES) - {"embed_tokens", "lm_head"})
         if unknown:
             raise AdapterMismatch(f"adapter targets {unknown}, which this {cfg.arch} model does not "
                                   f"have (its projections: {', '.join(LORA_MODULES)})")
@@ -65,7 +67,12 @@ def read_adapter(path: pathlib.Path, cfg: ModelConfig, max_rank: int,
         raise InvalidAdapter(f"{weights_file.name} cannot be read: {exc}") from None
     parts: dict[tuple[int, str], dict[str, Tensor]] = {}
     max_r = 0
+    others = []
     for name, t in tensors.items():
+        tkey = peft_format.parse_tensor_key(name)
+        if tkey.kind != "lora" or tkey.layer is None:     # DoRA, lm_head, embed_tokens, saved modules
+            others.append((tkey, name, t))
+            continue
         key = peft_format.parse_lora_key(name)
         m = _PATH.match(key.path)
         if m is None or m[3] not in LORA_MODULES or (m[2] == "self_attn") != (m[3] in ATTN_MODULES):
@@ -94,4 +101,5 @@ def read_adapter(path: pathlib.Path, cfg: ModelConfig, max_rank: int,
         kind = "self_attn" if module in ATTN_MODULES else "mlp"
         scaling = lcfg.scaling_for(f"model.layers.{layer}.{kind}.{module}")
         weights[(layer, module)] = (ab["A"], ab["B"], scaling)
-    return HostAdapter(weights=weights, rank=max_r)
+    extras = read_extras(others, lcfg, cfg, max_rank, check_finite)
+    return HostAdapter(weights=weights, rank=max_r, extras=extras)

@@ -34,8 +34,8 @@ class AdapterSource(Protocol):
         """(adapter_id, version) of every adapter this source keeps locally (the disk tier)."""
         ...
 
-    def forget(self, adapter_id: str) -> None:
-        """Drop every local copy of adapter_id."""
+    def forget(self, adapter_id: str, version: int = 0) -> None:
+        """Drop the local copies of adapter_id's `version` (0: every version)."""
         ...
 
 
@@ -62,7 +62,7 @@ class LocalDirSource:
     def held(self) -> list[tuple[str, int]]:
         return []   # the directory is the source itself, not a cache
 
-    def forget(self, adapter_id: str) -> None:
+    def forget(self, adapter_id: str, version: int = 0) -> None:
         pass
 
     def latest(self, adapter_id: str) -> int:

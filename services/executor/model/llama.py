@@ -1,10 +1,10 @@
 """Llama-family decoders (Llama, Mistral, Qwen2) where every projection is a multi-LoRA linear.
 
-    logits = model(batch, kv_cache)      # batch: a step's tokens, flat [T], sorted by adapter slot
+    logits = model(batch, kv_cache)      # batch: a step's tokens, flat [T], grouped by adapter
 
 Parameter names match Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so a
-checkpoint loads with load_state_dict. Each of q/k/v/o/gate/up/down calls ops.lora_linear with the
-adapter pool's stacks for its (layer, module) and the step's segments.
+checkpoint loads with load_state_dict. Each of q/k/v/o/gate/up/down is the base GEMM, then
+ops.lora_paged_add_ over the step's segments and page tables for its (layer, module).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from services.executor import ops
+from services.executor.adapters.forms import dora_epilogue
 from services.executor.kv_cache import KVCache
 from services.executor.model.attention import AttnMetadata, paged_attention
+from services.executor.model.quant import BaseLinear, Prepacked
 
 if TYPE_CHECKING:
     from services.executor.adapters.arena import PagedBatch
@@ -186,16 +188,6 @@ def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[Tensor, Tensor]:
 
 
 @dataclass
-class LoraStack:
-    """One (layer, module)'s adapter slots, shaped as ops.lora_linear expects."""
-
-    a: Tensor          # [S, r_max, d_in]
-    b: Tensor          # [S, d_out, r_max]
-    scalings: Tensor   # [S] float32
-    ranks: Tensor      # [S] int32
-
-
-@dataclass
 class ForwardBatch:
     """One step's tokens. T = sum of every scheduled sequence's new tokens, sorted by adapter slot."""
 
@@ -205,7 +197,7 @@ class ForwardBatch:
     seg_indptr: Tensor   # [G+1] int32
     seg_slots: Tensor    # [G] int32
     logits_rows: Tensor  # [N] long: rows whose next-token logits are wanted
-    paged: PagedBatch | None = None   # set when adapters are read from the host arena (CPU)
+    paged: PagedBatch | None = None   # the segments' page tables (None: base model only)
 
 
 class RMSNorm(nn.Module):
@@ -222,35 +214,26 @@ class RMSNorm(nn.Module):
 
 
 class LoraProj(nn.Module):
-    """y = x @ W.T + b plus each segment's adapter (ops.lora_linear)."""
+    """y = x @ W.T + b, then each segment's adapter read in place from page memory
+    (ops.lora_paged_add_ over the kernel's page pool: the device pool, else the host arena)."""
 
     def __init__(self, d_in: int, d_out: int, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
         self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
-        self.lora: LoraStack | None = None
         self.packed: Tensor | None = None   # ops.pack_weight(self.weight), see LlamaForCausalLM.prepack
-        self.lm = 0                         # (layer, module) index in the arena's tables
+        self.base: BaseLinear | None = None  # the base GEMM when not F.linear: prepacked or quantized (quant.py)
+        self.lm = 0                         # (layer, module) index in the page tables
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
+        y = self.base(x) if self.base is not None else torch.nn.functional.linear(x, self.weight, self.bias)
         p = batch.paged
-        if p is not None:   # the base matmul, then each segment's adapter read in place from the arena
-            if self.packed is not None:
-                y = ops.linear_packed(x, self.weight, self.packed, self.bias)
-            else:
-                y = torch.nn.functional.linear(x, self.weight, self.bias)
-            if p.any_lora:
-                ops.lora_paged_add_(y, x.contiguous(), p.arena, p.page_index, p.seg_meta, p.seg_scalings,
-                                    self.lm, batch.seg_indptr)
-            return y
-        s = self.lora
-        if self.packed is not None:
-            return ops.lora_linear_packed(x, self.weight, self.packed, self.bias, s.a, s.b, s.scalings,
-                                          s.ranks, batch.seg_indptr, batch.seg_slots)
-        # lora_linear_async: the engine's segments are right by construction, and on CUDA the checked
-        # op would wait for the GPU (a device->host copy) in every projection
-        return ops.lora_linear_async(x, self.weight, self.bias, s.a, s.b, s.scalings, s.ranks,
-                                     batch.seg_indptr, batch.seg_slots)
+        if p is not None and p.any_lora:
+            ops.lora_paged_add_(y, x.contiguous(), p.arena, p.page_index, p.seg_meta, p.seg_scalings,
+                                self.lm, batch.seg_indptr)
+            if p.forms is not None:   # DoRA: scale its segments' rows (adapters/forms.py)
+                dora_epilogue(y, self.bias, self.lm, p, batch.seg_indptr)
+        return y
 
 
 class Attention(nn.Module):
@@ -340,7 +323,10 @@ class LlamaForCausalLM(nn.Module):
         float32 CPU with MKL; elsewhere a no-op). Call after the weights are loaded. -> bytes packed."""
         total = 0
         for _, _, proj in self.projections():
+            if proj.weight is None:   # quantized (quant.py)
+                continue
             proj.packed = ops.pack_weight(proj.weight)
+            proj.base = None if proj.packed is None else Prepacked(proj.weight, proj.packed, proj.bias)
             total += 0 if proj.packed is None else proj.packed.numel()
         self.lm_packed = ops.pack_weight(self._lm_weight())
         return total + (0 if self.lm_packed is None else self.lm_packed.numel())
