@@ -188,3 +188,81 @@ def write_adapter(path: str | pathlib.Path, model: ModelSpec, spec: AdapterSpec)
     save_file(adapter_tensors(model, spec), str(path / "adapter_model.safetensors"),
               metadata={"format": "pt"})
     return path
+
+
+def copy_model_tensors(spec: ModelSpec, noise: float = 0.0) -> dict[str, torch.Tensor]:
+    """Weights set by hand so that greedy decoding copies from the context, as an extraction or
+    editing fine-tune quoting its input does: after a token seen before, the model predicts the token
+    that followed it there (an induction circuit, two layers):
+
+        layer 0, head 0: attends to the previous position (RoPE's fastest frequencies, query and key
+                         from a constant coordinate, the key rotated one position ahead) and writes
+                         that token's embedding e(t-1) into a second subspace P;
+        layer 1, head 0: query e(t), key P = e(n-1) (RoPE's slowest frequencies: position-blind),
+                         so position n after an earlier occurrence of t wins; writes e(token n) into C;
+        lm_head:         logits = e(v) . C.
+
+    Embeddings are random unit vectors in A (a dims). Every other head, the MLPs and any layer past
+    the second are random, scaled by `noise` (0: zero). Needs kv_heads == heads, head_dim >= 32 and
+    a large rope_theta (1e6) so that some frequencies are fast and some slow over max_positions.
+    """
+    if spec.kv_heads != spec.heads or spec.layers < 2 or spec.tie_embeddings:
+        raise ValueError("the copying model needs kv_heads == heads, >= 2 layers, an untied lm_head")
+    g = torch.Generator().manual_seed(spec.seed)
+    d, dh = spec.hidden, spec.head_dim
+    half = dh // 2
+    theta = spec.rope_theta ** (-torch.arange(half, dtype=torch.float64) * 2 / dh)   # per pair
+    fast = [j for j in range(half) if theta[j] >= 0.04]
+    slow = [j for j in range(half) if theta[j] * spec.max_positions <= 0.2]
+    slow_dims = slow + [j + half for j in slow]
+    a = min(len(slow_dims), (d - 1) // 3)
+    if len(fast) < 4 or a < 16:
+        raise ValueError(f"rope_theta {spec.rope_theta} and head_dim {dh} leave {len(fast)} fast "
+                         f"and {len(slow)} slow frequencies; need >= 4 and >= 8")
+    A, P, C, const = torch.arange(a), torch.arange(a, 2 * a), torch.arange(2 * a, 3 * a), 3 * a
+    s = math.sqrt(d / 2)                  # |A| = const = s: the embedding's RMS is 1
+    t = {k: noise * v for k, v in model_tensors(ModelSpec(**{**spec.__dict__, "dtype": torch.float32})).items()}
+    for k in t:
+        if k.endswith("layernorm.weight") or k == "model.norm.weight":
+            t[k] = torch.ones(d)
+    e = torch.randn(spec.vocab, a, generator=g, dtype=torch.float64)
+    e /= e.norm(dim=1, keepdim=True)
+    emb = torch.zeros(spec.vocab, d, dtype=torch.float64)
+    emb[:, A], emb[:, const] = s * e, s
+    t["model.embed_tokens.weight"] = emb
+    for i in (0, 1):
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            t[f"model.layers.{i}.self_attn.{m}.weight"][:dh].zero_() if m != "o_proj" else \
+                t[f"model.layers.{i}.self_attn.{m}.weight"][:, :dh].zero_()
+        for m in ("gate_proj", "up_proj", "down_proj"):
+            t[f"model.layers.{i}.mlp.{m}.weight"].zero_()
+    # layer 0: input normalised to itself (RMS 1); score(m, n) = wq^2 / sqrt(dh) * sum cos((n-m+1) theta)
+    wq = math.sqrt(40 * math.sqrt(dh) / sum(1 - math.cos(theta[j]) for j in fast))
+    p0 = "model.layers.0.self_attn."
+    for j in fast:
+        t[p0 + "q_proj.weight"][j, const] = wq / s
+        t[p0 + "k_proj.weight"][j, const] = wq * math.cos(theta[j]) / s
+        t[p0 + "k_proj.weight"][j + half, const] = wq * math.sin(theta[j]) / s
+    t[p0 + "v_proj.weight"][torch.arange(a), A] = 1.0
+    t[p0 + "o_proj.weight"][P, torch.arange(a)] = 1.0
+    # layer 1: the stream is (s e(t), s e(t-1), 0, s): RMS sqrt(3/2)
+    r1 = 1 / math.sqrt(1.5)
+    beta = math.sqrt(120 * math.sqrt(dh))
+    p1 = "model.layers.1.self_attn."
+    sd = torch.tensor(slow_dims[:a])
+    t[p1 + "q_proj.weight"][sd, A] = beta / (s * r1)
+    t[p1 + "k_proj.weight"][sd, P] = beta / (s * r1)
+    t[p1 + "v_proj.weight"][torch.arange(a), A] = 1 / r1
+    t[p1 + "o_proj.weight"][C, torch.arange(a)] = 1.0
+    # final stream (s e(t), s e(t-1), s e(copied), s): RMS sqrt(2); logits 20 e(v) . e(copied)
+    lm = torch.zeros(spec.vocab, d, dtype=torch.float64)
+    lm[:, C] = 20 * e / (s / math.sqrt(2))
+    t["lm_head.weight"] = lm + noise * t["lm_head.weight"]
+    return {k: v.to(spec.dtype).contiguous() for k, v in t.items()}
+
+
+def write_copy_model(path: str | pathlib.Path, spec: ModelSpec, noise: float = 0.0) -> pathlib.Path:
+    """write_model with copy_model_tensors' weights (a model whose greedy output quotes its context)."""
+    path = write_model(path, spec)
+    save_file(copy_model_tensors(spec, noise), str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path

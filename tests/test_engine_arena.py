@@ -2,7 +2,8 @@
 
 Mixed ranks {1, 8, 16, 64} in one batch against transformers+peft; 40 adapters through an arena that
 holds 4 answer exactly as with all of them resident (an evicted adapter's pages are reused by the
-next one, so stale weights would change the answer); status reports the arena as tier HOST.
+next one, so stale weights would change the answer), also through a device tier for 4 over an
+arena for 10 (--device-cache-bytes on CPU); status reports the arena as tier HOST.
 """
 
 from __future__ import annotations
@@ -92,7 +93,26 @@ def test_forty_adapters_through_an_arena_for_four_answer_as_all_resident(llama_d
         small.stop()
     # room for four of the rank-8 adapters (five when rank-4 ones mix in): 40 loads, 35+ evictions
     assert host.bytes_used <= host.bytes_capacity and host.loads == 40 and host.evictions >= 35, host
-    for (r, _), (r2, _) in zip(reqs, reqs2, strict=False):
+    same_answers(want, got, reqs, reqs2)
+    # the same through a device tier for four over a host arena for ten (CPU: a second page pool
+    # filled by copy): adapters leave the device tier while the host keeps them, and leave both
+    tiered = engine(llama_dir, many_root, host_cache_bytes=10 * per_adapter,
+                    device_cache_bytes=4 * per_adapter, adapter_wait_s=60)
+    try:
+        reqs3 = requests_for(names, TINY["llama"].vocab, seed=9, n_new=4)
+        got = run(tiered, [r for r, _ in reqs3], timeout=300)
+        st = tiered.status()
+    finally:
+        tiered.stop()
+    dev, host = (next(t for t in st.tier_stats if t.tier == tier) for tier in ("device", "host"))
+    assert dev.bytes_used <= dev.bytes_capacity == st.device_cache_bytes == 4 * per_adapter
+    assert host.loads == 40 and dev.loads >= 40 and dev.evictions >= 35, (dev, host)
+    assert 25 <= host.evictions < dev.evictions, (dev, host)   # some device evictions kept the host copy
+    same_answers(want, got, reqs, reqs3)
+
+
+def same_answers(want, got, reqs, reqs2):
+    for (r, _), (r2, _) in zip(reqs, reqs2, strict=True):
         a, b = want[r.request_id], got[r2.request_id]
         assert a["error"] is None and b["error"] is None, (a["error"], b["error"])
         assert a["tokens"] == b["tokens"], r.adapter_id

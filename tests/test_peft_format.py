@@ -48,10 +48,11 @@ def test_parse_config():
 
 
 @pytest.mark.parametrize("extra, needle", [
-    ({"use_dora": True}, "DoRA"),
+    ({"use_dora": "yes"}, "use_dora must be"),
     ({"peft_type": "IA3"}, "LoRA adapters only"),
     ({"bias": "all"}, "bias"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"modules_to_save": "lm_head"}, "modules_to_save must be a list"),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out"),
     ({"r": 0}, "r must be"),
     ({"target_modules": None}, "target_modules"),

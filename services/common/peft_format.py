@@ -60,7 +60,8 @@ def manifest_digest(files: dict[str, str]) -> str:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """What openlora needs from adapter_config.json (PEFT LoRA, no DoRA)."""
+    """What openlora needs from adapter_config.json (PEFT LoRA: plain, DoRA, embedding/lm_head LoRA,
+    modules_to_save)."""
 
     rank: int
     alpha: float
@@ -70,6 +71,17 @@ class LoraConfig:
     base_model: str = ""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()
+
+    def saves(self, module_path: str) -> bool:
+        """PEFT's modules_to_save rule: the path ends with one of the names (no dot needed)."""
+        return any(module_path.endswith(name) for name in self.modules_to_save)
+
+    @property
+    def form(self) -> str:
+        """What this adapter is, for people: "lora", "dora", plus "+modules_to_save"."""
+        return ("dora" if self.use_dora else "lora") + ("+modules_to_save" if self.modules_to_save else "")
 
     def targets(self, module_path: str) -> bool:
         """PEFT's rule: list -> path == name or path endswith "." + name; str -> re.fullmatch.
@@ -177,9 +189,9 @@ def parse_adapter_config(data: bytes) -> LoraConfig:
     if str(peft_type).upper() != "LORA":
         raise InvalidAdapter(f"{CONFIG_FILE}: peft_type {peft_type!r} is not supported; "
                              "openlora serves LoRA adapters only (peft_type \"LORA\")")
-    if raw.get("use_dora"):
-        raise InvalidAdapter(f"{CONFIG_FILE}: use_dora is true; DoRA adapters are not supported. "
-                             "Train without DoRA (use_dora=False)")
+    use_dora = raw.get("use_dora", False)
+    if not isinstance(use_dora, bool) and use_dora is not None:
+        raise InvalidAdapter(f"{CONFIG_FILE}: use_dora must be true or false, got {use_dora!r}")
     if raw.get("fan_in_fan_out"):
         raise InvalidAdapter(f"{CONFIG_FILE}: fan_in_fan_out is true (GPT-2 Conv1D layout); "
                              "only nn.Linear layouts are supported")
@@ -189,10 +201,13 @@ def parse_adapter_config(data: bytes) -> LoraConfig:
                              "supported. Train with bias=\"none\"")
     if raw.get("lora_bias"):
         raise InvalidAdapter(f"{CONFIG_FILE}: lora_bias is true; LoRA biases are not supported")
-    if raw.get("modules_to_save"):
-        raise InvalidAdapter(f"{CONFIG_FILE}: modules_to_save {raw['modules_to_save']!r} is set; "
-                             "fully trained modules cannot be shared across adapters. Train "
-                             "without modules_to_save")
+    saved = raw.get("modules_to_save") or []
+    if not (isinstance(saved, list) and all(isinstance(n, str) and n for n in saved)):
+        raise InvalidAdapter(f"{CONFIG_FILE}: modules_to_save must be a list of module names, "
+                             f"got {saved!r}")
+    if raw.get("trainable_token_indices"):
+        raise InvalidAdapter(f"{CONFIG_FILE}: trainable_token_indices is not supported; save the "
+                             "embedding whole with modules_to_save instead")
     if raw.get("exclude_modules"):
         raise InvalidAdapter(f"{CONFIG_FILE}: exclude_modules is not supported; list the "
                              "modules to adapt in target_modules instead")
@@ -247,7 +262,8 @@ def parse_adapter_config(data: bytes) -> LoraConfig:
     return LoraConfig(rank=rank, alpha=float(alpha), target_modules=target_modules,
                       use_rslora=bool(raw.get("use_rslora", False)), layers_to_transform=layers_t,
                       base_model=base_model, rank_pattern=dict(rank_pattern),
-                      alpha_pattern={k: float(v) for k, v in alpha_pattern.items()})
+                      alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+                      use_dora=bool(use_dora), modules_to_save=tuple(sorted(set(saved))))
 
 
 @dataclass(frozen=True)
@@ -261,6 +277,12 @@ class LoraKey:
 
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+_MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+_EMBEDDING = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_embedding_(?P<part>[AB])(?:\.[^.]+)?$")
+_FULL = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+?)(?P<how>\.modules_to_save(?:\.[^.]+)?|\.base_layer)?"
+                   r"\.weight$")
+EMBED_PATHS = ("model.embed_tokens",)
+LM_HEAD_PATHS = ("lm_head",)
 
 
 def parse_lora_key(name: str) -> LoraKey:
@@ -275,6 +297,44 @@ def parse_lora_key(name: str) -> LoraKey:
         raise InvalidAdapter(f"tensor {name!r} does not belong to a numbered layer "
                              "(expected e.g. model.layers.3.self_attn.q_proj)")
     return LoraKey(layer=layer, module=path.rsplit(".", 1)[-1], part=m["part"], path=path)
+
+
+@dataclass(frozen=True)
+class TensorKey:
+    """Any tensor of a PEFT LoRA adapter, by kind:
+
+    "lora"       path.lora_A/B.weight             A [r, d_in], B [d_out, r] (projections, lm_head)
+    "magnitude"  path.lora_magnitude_vector      [d_out] (DoRA)
+    "embedding"  path.lora_embedding_A/B         A [r, vocab], B [hidden, r] (embed_tokens)
+    "full"       path.weight (modules_to_save), or path.base_layer.weight (saved base embeddings)
+    """
+
+    kind: str
+    path: str
+    part: str = ""                                 # "A" / "B" for lora and embedding
+    base_copy: bool = False                        # full: a saved base_layer copy, not trained
+
+    @property
+    def layer(self) -> int | None:
+        return _layer_of(self.path)
+
+    @property
+    def module(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+
+def parse_tensor_key(name: str) -> TensorKey:
+    """PEFT tensor name -> TensorKey; InvalidAdapter for a name no PEFT LoRA adapter has."""
+    for kind, rx in (("lora", _KEY), ("magnitude", _MAGNITUDE), ("embedding", _EMBEDDING)):
+        m = rx.match(name)
+        if m is not None:
+            return TensorKey(kind, m["path"], m.groupdict().get("part") or "")
+    m = _FULL.match(name)
+    if m is not None and "lora_" not in name:
+        return TensorKey("full", m["path"], base_copy=m["how"] == ".base_layer")
+    raise InvalidAdapter(f"tensor {name!r} is not a LoRA weight "
+                         "(expected <module path>.lora_A.weight or .lora_B.weight, "
+                         ".lora_magnitude_vector, .lora_embedding_A/B or a modules_to_save copy)")
 
 
 @dataclass(frozen=True)
@@ -361,30 +421,60 @@ def read_safetensors_header(f: BinaryIO | bytes) -> tuple[dict[str, TensorInfo],
 
 
 def validate_adapter(config: LoraConfig, tensors: dict[str, TensorInfo]) -> None:
-    """Every tensor is a targeted module's lora_A [r, d_in] or lora_B [d_out, r], both present.
+    """Every tensor is one of the adapter's forms, its shapes consistent:
 
+    a targeted module's lora_A [r, d_in] / lora_B [d_out, r], both present (projections and lm_head);
+    with use_dora, each such module's lora_magnitude_vector [d_out]; embed_tokens' lora_embedding_A
+    [r, vocab] / lora_embedding_B [hidden, r]; modules_to_save copies (.weight of a saved module) and
+    saved base embeddings (.base_layer.weight of a targeted embed_tokens / lm_head).
     r is config.rank_for(path); layers_to_transform, when set (list targets only, as in PEFT),
-    holds every tensor's layer.
+    holds every LoRA tensor's layer.
     """
     if not tensors:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no tensors")
     parts: dict[str, dict[str, TensorInfo]] = {}
+    magnitudes: dict[str, tuple[str, TensorInfo]] = {}
     for name, info in tensors.items():
-        key = parse_lora_key(name)
-        if (config.layers_to_transform is not None and not isinstance(config.target_modules, str)
+        key = parse_tensor_key(name)
+        if info.dtype not in FLOAT_DTYPES:
+            raise InvalidAdapter(f"tensor {name!r}: dtype {info.dtype} is not a float type "
+                                 f"({', '.join(FLOAT_DTYPES)})")
+        if 0 in info.shape or not info.shape:
+            raise InvalidAdapter(f"tensor {name!r}: expected a non-empty tensor, got shape "
+                                 f"{list(info.shape)}")
+        if key.kind == "full":
+            _check_full(config, name, key, info)
+            _check_served(name, key)
+            continue
+        if key.kind == "lora" and key.layer is None and key.path not in LM_HEAD_PATHS:
+            raise InvalidAdapter(f"tensor {name!r} does not belong to a numbered layer or lm_head "
+                                 "(expected e.g. model.layers.3.self_attn.q_proj)")
+        if key.kind == "embedding" and key.path not in EMBED_PATHS:
+            raise InvalidAdapter(f"tensor {name!r}: lora_embedding_A/B is only served on "
+                                 "model.embed_tokens")
+        if (key.layer is not None and config.layers_to_transform is not None
+                and not isinstance(config.target_modules, str)
                 and key.layer not in config.layers_to_transform):
             raise InvalidAdapter(f"tensor {name!r}: layer {key.layer} is not in "
                                  f"layers_to_transform {list(config.layers_to_transform)}")
         if not config.targets(key.path):
             raise InvalidAdapter(f"tensor {name!r}: module {key.path!r} is not in target_modules "
                                  f"{config.target_modules!r}")
-        if info.dtype not in FLOAT_DTYPES:
-            raise InvalidAdapter(f"tensor {name!r}: dtype {info.dtype} is not a float type "
-                                 f"({', '.join(FLOAT_DTYPES)})")
-        if len(info.shape) != 2 or 0 in info.shape:
+        _check_served(name, key)
+        if key.kind == "magnitude":
+            if not config.use_dora:
+                raise InvalidAdapter(f"tensor {name!r} is a DoRA magnitude but {CONFIG_FILE} has "
+                                     "no use_dora: true")
+            if len(info.shape) != 1:
+                raise InvalidAdapter(f"tensor {name!r}: a DoRA magnitude is a vector [d_out], got "
+                                     f"shape {list(info.shape)}")
+            magnitudes[key.path] = (name, info)
+            continue
+        if len(info.shape) != 2:
             raise InvalidAdapter(f"tensor {name!r}: expected a 2-D non-empty matrix, got shape "
                                  f"{list(info.shape)}")
         r = config.rank_for(key.path)
+        # lora_embedding_A is [r, vocab], lora_embedding_B [hidden, r]: the same sides as lora_A/B
         if key.part == "A" and info.shape[0] != r:
             raise InvalidAdapter(f"tensor {name!r}: lora_A must be [r={r}, d_in], got "
                                  f"{list(info.shape)}; does r in {CONFIG_FILE} match the weights?")
@@ -399,3 +489,83 @@ def validate_adapter(config: LoraConfig, tensors: dict[str, TensorInfo]) -> None
         if missing:
             raise InvalidAdapter(f"module {path!r} has no lora_{missing.pop()} tensor; "
                                  "each adapted module needs both lora_A and lora_B")
+        if config.use_dora:
+            if path in EMBED_PATHS:
+                raise InvalidAdapter(f"module {path!r}: DoRA on embeddings is not supported; "
+                                     "target embed_tokens without use_dora")
+            if path not in magnitudes:
+                raise InvalidAdapter(f"module {path!r} has no lora_magnitude_vector; a DoRA "
+                                     "adapter (use_dora) needs one per adapted module")
+            name, info = magnitudes[path]
+            if info.shape[0] != ab["B"].shape[0]:
+                raise InvalidAdapter(f"tensor {name!r}: DoRA magnitude has length {info.shape[0]}, "
+                                     f"its module's d_out (lora_B rows) is {ab['B'].shape[0]}")
+    for path, (name, _) in magnitudes.items():
+        if path not in parts:
+            raise InvalidAdapter(f"tensor {name!r}: DoRA magnitude of a module with no lora_A/B")
+
+
+# The forms executors serve beyond projection LoRA; a tensor of any other form is refused at
+# registration and at load, so nothing is registered that generate would serve wrongly.
+SERVED_FORMS = frozenset({"dora"})
+
+
+def tensor_form(key: TensorKey) -> str:
+    """"lora" (a projection's), "dora", "lm_head", "embed_tokens" or "modules_to_save"."""
+    if key.kind == "full" and not key.base_copy:
+        return "modules_to_save"
+    if key.path in LM_HEAD_PATHS:
+        return "lm_head"
+    if key.kind == "embedding" or key.path in EMBED_PATHS:
+        return "embed_tokens"
+    return "dora" if key.kind == "magnitude" else "lora"
+
+
+def _check_served(name: str, key: TensorKey) -> None:
+    form = tensor_form(key)
+    if form != "lora" and form not in SERVED_FORMS:
+        raise InvalidAdapter(f"tensor {name!r}: {form} adapters are not served yet (served forms: "
+                             f"LoRA on the projections, {', '.join(sorted(SERVED_FORMS))})")
+
+
+def _check_full(config: LoraConfig, name: str, key: TensorKey, info: TensorInfo) -> None:
+    if key.base_copy:
+        if not (config.targets(key.path) and key.path in EMBED_PATHS + LM_HEAD_PATHS):
+            raise InvalidAdapter(f"tensor {name!r}: a saved base layer of a module that is not a "
+                                 "targeted embed_tokens or lm_head")
+    elif not config.saves(key.path):
+        raise InvalidAdapter(f"tensor {name!r} is not a LoRA weight, and {key.path!r} is not in "
+                             f"modules_to_save {list(config.modules_to_save)}")
+    if len(info.shape) > 2:
+        raise InvalidAdapter(f"tensor {name!r}: a saved module's weight must be 1-D or 2-D, got "
+                             f"{list(info.shape)}")
+
+
+def adapter_form(config: LoraConfig, tensors: dict[str, TensorInfo]) -> str:
+    """What an adapter is, for listings: e.g. "lora", "dora", "lora+embed_tokens+lm_head",
+    "lora+modules_to_save:lm_head" (a label value: no ',')."""
+    keys = [parse_tensor_key(n) for n in tensors]
+    extra = sorted({"embed_tokens" for k in keys if k.kind == "embedding"}
+                   | {"lm_head" for k in keys if k.kind == "lora" and k.path in LM_HEAD_PATHS})
+    saved = sorted({k.module for k in keys if k.kind == "full" and not k.base_copy})
+    return "+".join(["dora" if config.use_dora else "lora", *extra]
+                    + ([f"modules_to_save:{':'.join(saved)}"] if saved else []))
+
+
+def nonfinite_tensor(f: BinaryIO, tensors: dict[str, TensorInfo]) -> str | None:
+    """The name of the first float tensor holding NaN or infinity in the safetensors file f, or None
+    (reads the data section once, a tensor at a time)."""
+    import numpy as np
+    views = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+    for name, info in sorted(tensors.items(), key=lambda kv: kv[1].start):
+        if info.dtype not in FLOAT_DTYPES or info.nbytes == 0:
+            continue
+        f.seek(info.start)
+        raw = f.read(info.nbytes)
+        if info.dtype == "BF16":   # bf16: the high half of a float32
+            arr = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = np.frombuffer(raw, dtype=np.dtype(views[info.dtype]).newbyteorder("<"))
+        if not np.isfinite(arr).all():
+            return name
+    return None

@@ -18,6 +18,12 @@ class ExecutorConfig(ServerConfig):
                       choices=("auto", "float32", "bfloat16", "float16"))
     max_batch_size: int = flag(64, "most sequences in one step")
     max_queue: int = flag(1024, "most requests waiting before RESOURCE_EXHAUSTED")
+    quantization: str = flag("none", "weight-only quantization of the base's projections at load: per-channel "
+                             "int8 or group-wise int4 (activations, adapters, embeddings and lm_head stay "
+                             "in --dtype); a GPTQ / AWQ checkpoint is used as quantized whatever this says",
+                             choices=("none", "int8", "int4"))
+    quantization_group_size: int = flag(128, "inputs sharing one int4 scale and zero point (32, 64, 128, 256 "
+                                        "or a multiple of 256)")
     max_device_adapters: int = flag(32, "most adapters the device tier holds at once (a cap on top of "
                                     "--device-cache-bytes)")
     max_lora_rank: int = flag(64, "largest adapter rank accepted")
@@ -31,6 +37,10 @@ class ExecutorConfig(ServerConfig):
                                    "smaller of --host-cache-bytes and a tenth of the free GPU memory; on "
                                    "CPU none: the kernel reads the arena. > 0 on CPU: a second host pool "
                                    "filled by copy, so the device tier runs in tests as on a GPU)")
+    unified_kv_adapter_pool: bool = flag(False, "adapter pages and KV blocks share one budget (S-LoRA's "
+                                         "unified paging): the kernel's page pool borrows whole KV blocks "
+                                         "no sequence uses, and cold adapters give them back before any "
+                                         "sequence is preempted; an adapter a request uses is never taken")
     arena_page_elems: int = flag(0, "elements per arena page (0 -> the smallest projection dimension, "
                                  "S-LoRA's vector-sized page)")
     adapter_eviction_policy: str = flag("gdsf", "which adapter a full arena or disk tier evicts: gdsf "
@@ -52,6 +62,19 @@ class ExecutorConfig(ServerConfig):
     max_prefill_tokens: int = flag(2048, "most prompt tokens prefilled in one step")
     enable_prefix_caching: bool = flag(True, "reuse the KV blocks of a prompt prefix already computed "
                                        "for the same adapter and version (full blocks only)")
+    speculative_method: str = flag("none", "speculative decoding: none, or ngram (prompt lookup: drafts "
+                                   "copied from the prompt and output so far, verified in the step's "
+                                   "forward pass; the output is unchanged)", choices=("none", "ngram"))
+    num_speculative_tokens: int = flag(4, "most draft tokens per sequence and step (ngram)")
+    prompt_lookup_min: int = flag(2, "shortest n-gram matched against the context for a draft")
+    prompt_lookup_max: int = flag(5, "longest n-gram matched (the longest match wins)")
+    speculative_min_acceptance: float = flag(0.25, "a sequence whose acceptance rate (averaged over its "
+                                             "recent drafts) falls below this stops drafting for a "
+                                             "while (a pause that doubles up to 64 steps)")
+    speculative_disable_by_batch_size: int = flag(16, "no drafts in a step with more sequences than this "
+                                                  "(0 -> no limit): a big batch is compute-bound")
+    speculative_max_batch_tokens: int = flag(128, "drafts only while the step's tokens (prefill chunks, "
+                                             "decode tokens and drafts) stay within this (0 -> no limit)")
     default_max_new_tokens: int = flag(64, "max_new_tokens when a request gives 0")
     blob_url: str = flag("", "the registry's blob store (its --blob-url: s3://BUCKET/PREFIX, or a shared "
                          "blob directory): adapter files are read straight from it, verified by digest, "
@@ -90,9 +113,23 @@ class ExecutorConfig(ServerConfig):
                      "kv_block_size", "max_prefill_tokens", "default_max_new_tokens",
                      "adapter_load_workers", "blob_read_concurrency"):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        check(self.quantization in ("none", "int8", "int4"), "quantization",
+              f"must be none, int8 or int4, got {self.quantization!r}")
+        check(self.quantization_group_size >= 32 and (self.quantization_group_size in (32, 64, 128)
+              or self.quantization_group_size % 256 == 0), "quantization_group_size",
+              f"must be 32, 64, 128, 256 or a multiple of 256, got {self.quantization_group_size}")
         check(self.adapter_wait_s > 0, "adapter_wait_s", "must be > 0")
         for name in ("host_cache_bytes", "device_cache_bytes", "disk_cache_bytes", "kv_cache_bytes", "max_model_len",
                      "arena_page_elems"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(self.speculative_method in ("none", "ngram"), "speculative_method",
+              f"must be none or ngram, got {self.speculative_method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        check(self.prompt_lookup_min <= self.prompt_lookup_max, "prompt_lookup_min",
+              f"must be <= prompt_lookup_max ({self.prompt_lookup_max}), got {self.prompt_lookup_min}")
+        check(0 <= self.speculative_min_acceptance <= 1, "speculative_min_acceptance", "must be in [0, 1]")
+        for name in ("speculative_disable_by_batch_size", "speculative_max_batch_tokens"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.registry_timeout_s > 0, "registry_timeout_s", "must be > 0")
         check(not (self.dtype == "float16" and self.device == "cpu"), "dtype",

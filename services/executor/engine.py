@@ -7,8 +7,9 @@
 
 Each turn of the loop: intake (new requests, cancels; adapter intake in intake.py admits those whose
 adapter is pinned) -> step(): schedule (scheduler.py) -> run the model over every scheduled sequence,
-prefill chunks and decode tokens together, sorted by adapter placement (model_runner.py) -> process the
-outputs: sample, stop conditions, events (output.py). An error in one request's processing fails
+prefill chunks, decode tokens and speculative drafts together, sorted by adapter placement
+(model_runner.py) -> sample (verifying drafts) -> advance the sequences (rolling back rejected draft
+positions) -> emit: stop conditions, events (output.py). An error in one request's processing fails
 only that request; an error in the forward pass fails that step's requests and the engine goes on.
 """
 
@@ -25,9 +26,10 @@ import torch
 from services.common.errors import Cancelled, InvalidArgument, QueueFull, Unavailable
 from services.common.memory import tune_malloc
 from services.common.peft_format import check_adapter_id
-from services.executor import ops
+from services.executor import ops, prompt_logprobs
 from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.device import DevicePool
+from services.executor.adapters.forms import BaseWeights
 from services.executor.adapters.residency import Residency
 from services.executor.adapters.source import AdapterSource
 from services.executor.config import ExecutorConfig
@@ -42,7 +44,13 @@ from services.executor.engine_types import (
     new_request_state,
 )
 from services.executor.intake import AdapterIntake
-from services.executor.kv_cache import KVBlockAllocator, KVCache, auto_num_blocks
+from services.executor.kv_cache import (
+    KVBlockAllocator,
+    KVCache,
+    auto_num_blocks,
+    blocks_needed,
+    unified_pool,
+)
 from services.executor.model.loader import (
     load_model,
     read_config,
@@ -50,10 +58,12 @@ from services.executor.model.loader import (
     resolve_dtype,
     resolve_model_dir,
 )
+from services.executor.model.quant import base_weight_bytes
 from services.executor.model_runner import ModelRunner
 from services.executor.output import OutputProcessor, deliver
 from services.executor.sampler import SamplingOptions
 from services.executor.scheduler import Batch, Scheduler
+from services.executor.spec_decode import Speculator
 from services.executor.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
@@ -73,8 +83,10 @@ class Engine:
         _, cfg = read_config(path)
         max_len = config.max_model_len or cfg.max_positions
         block = config.kv_block_size
-        self.model, self.model_config, self.model_path = load_model(str(path), self.device,
-                                                                    self.dtype, max_len)
+        self.model, self.model_config, self.model_path = load_model(
+            str(path), self.device, self.dtype, max_len, config.quantization, config.quantization_group_size)
+        self.base_weight_bytes = base_weight_bytes(self.model)
+        log.info("base_model_loaded", quantization=self.model.quantization, bytes=self.base_weight_bytes)
         if config.prepack_weights:
             packed = self.model.prepack()
             if packed:
@@ -84,11 +96,14 @@ class Engine:
         layout = ArenaLayout.for_model(cfg, config.arena_page_elems)
         for layer, module, proj in self.model.projections():
             proj.lm = layout.lm(layer, module)
-        self.arena = HostArena(layout, config.host_cache_bytes, self.dtype,
-                               pin=self.device.type == "cuda")
         device_bytes = device_cache_bytes(config, self.device)
+        unified = config.unified_kv_adapter_pool
+        # the kernel's pool (the device pool, else the arena) is built after the KV cache when it
+        # shares the KV's memory (--unified-kv-adapter-pool)
+        self.arena = None if unified and not device_bytes else HostArena(
+            layout, config.host_cache_bytes, self.dtype, pin=self.device.type == "cuda")
         self.device_pool = DevicePool(layout, device_bytes, self.dtype, self.device) \
-            if device_bytes else None
+            if device_bytes and not unified else None
         num_blocks = auto_num_blocks(      # after weights and pools: CUDA sizes from what is free
             config.kv_cache_bytes, layers=cfg.layers, block_size=block, kv_heads=cfg.kv_heads,
             head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
@@ -100,12 +115,32 @@ class Engine:
         self._tokenizer = Tokenizer.from_dir(path, self.model_config.eos_token_ids)
         eos = self.model_config.eos_token_ids or (self._tokenizer.eos_token_ids if self._tokenizer else ())
         eos_token_ids = frozenset(eos)
+        self.allocator = KVBlockAllocator(num_blocks)
+        kv_buffer = None
+        if unified:
+            own = (device_bytes or config.host_cache_bytes) // (layout.page_elems * self.dtype.itemsize)
+            lender, pages, kv_buffer = unified_pool(
+                self.allocator, layers=cfg.layers, block_size=block, kv_heads=cfg.kv_heads,
+                head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
+                page_elems=layout.page_elems, own_pages=own, reserve=blocks_needed(max_len, block))
+            if device_bytes:
+                self.device_pool = DevicePool(layout, device_bytes, self.dtype, self.device,
+                                              pages=pages, lender=lender)
+            else:
+                self.arena = HostArena(layout, config.host_cache_bytes, self.dtype, pages=pages,
+                                       lender=lender)
+        self.arena.base = BaseWeights(self.model, tag=str(path))   # DoRA norms are taken against it
         self.kv = KVCache(layers=cfg.layers, num_blocks=num_blocks, block_size=block,
                           kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
-                          device=self.device)
-        self.allocator = KVBlockAllocator(num_blocks)
+                          device=self.device, buffer=kv_buffer)
+        self.speculator = None if config.speculative_method == "none" else Speculator(
+            config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
+            min_acceptance=config.speculative_min_acceptance,
+            disable_by_batch_size=config.speculative_disable_by_batch_size,
+            max_batch_tokens=config.speculative_max_batch_tokens)
         self.scheduler = Scheduler(self.allocator, block, config.max_batch_size,
-                                   config.max_prefill_tokens, config.enable_prefix_caching)
+                                   config.max_prefill_tokens, config.enable_prefix_caching,
+                                   self.speculator)
         self.source = adapter_source
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -118,6 +153,9 @@ class Engine:
                                   on_load=self._on_adapter_load,
                                   write_back=config.disk_write_back,
                                   write_back_queue=config.disk_write_back_queue)
+        if unified:   # KV demand takes back lent blocks from cold adapters before preempting
+            self.scheduler.reclaim = lambda n: self.adapters.reclaim(
+                n, lambda: self.allocator.num_free) >= 0 and self.allocator.can_allocate(n)
         self.runner = ModelRunner(self.model, self.model_config, self.kv, self.device,
                                   self.adapters.kernel_pool,
                                   config.max_prefill_tokens + config.max_batch_size,
@@ -175,6 +213,8 @@ class Engine:
                               max_model_len=self.max_model_len,
                               default_max_new_tokens=self.config.default_max_new_tokens,
                               eos_token_ids=self.eos_token_ids, device=self.device)
+        if self.speculator is not None and req.sampling.speculative:
+            r.seq.spec = self.speculator.new_state(min(r.seq.prompt_len + r.max_new, self.max_model_len))
         with self._lock:
             if req.request_id in self._active:
                 raise InvalidArgument(f"request_id {req.request_id!r} is already in flight")
@@ -227,6 +267,8 @@ class Engine:
         """
         if deleted:
             self.unload_adapter(adapter_id, version)
+            if version and latest_version:    # one version went: "latest" may now be an older one
+                self.adapters.set_latest(adapter_id, latest_version)
         else:
             self.adapters.set_latest(adapter_id, latest_version)
 
@@ -245,7 +287,18 @@ class Engine:
             tier_stats=self._tier_stats(),
             host_cache_bytes=self.arena.capacity_bytes, host_cache_used_bytes=self.arena.used_bytes,
             device_cache_bytes=dev.capacity_bytes if dev is not None else 0,
-            device_cache_used_bytes=dev.used_bytes if dev is not None else 0)
+            device_cache_used_bytes=dev.used_bytes if dev is not None else 0,
+            unified_kv_adapter_pool=self.config.unified_kv_adapter_pool,
+            quantization=self.model.quantization, base_weight_bytes=self.base_weight_bytes,
+            **self._spec_status())
+
+    def _spec_status(self) -> dict:
+        sp = self.speculator
+        if sp is None:
+            return {}
+        return dict(speculative_method=self.config.speculative_method,
+                    spec_draft_tokens=sp.draft_tokens, spec_accepted_tokens=sp.accepted_tokens,
+                    spec_emitted_tokens=sp.emitted_tokens, spec_acceptance_rate=sp.acceptance_rate)
 
     def _residency(self) -> list[AdapterResidency]:
         held = [AdapterResidency(a, v, tier, n) for a, v, tier, n in self.adapters.placements()]
@@ -296,17 +349,45 @@ class Engine:
             self._wake.wait(self.config.empty_step_wait_s)
             return
         reqs = [self._active[item.seq.seq_id] for item in batch.items]
-        logits = self._run_model(batch, reqs)
-        if logits is not None:
-            sampled = [r for r, item in zip(reqs, batch.items, strict=True) if item.samples]
-            self.scheduler.advance(batch)
-            self.outputs.process(logits, sampled)
+        spans = prompt_logprobs.prompt_spans(batch)
+        logits = self._run_model(batch, reqs, spans)
+        if logits is None:
+            return
+        if spans:                       # the prompt rows come after the sampling rows
+            rows = logits.shape[0] - sum(k for _, k in spans)
+            prompt_logprobs.collect(logits[rows:], spans, batch, reqs)
+            logits = logits[:rows]
+        items = [item for item in batch.items if item.samples]
+        sampled = [r for r, item in zip(reqs, batch.items, strict=True) if item.samples]
+        outs = self.outputs.sample(logits, sampled, [item.draft for item in items])
+        for item, out in zip(items, outs, strict=True):
+            if item.draft and out is not None:     # verified: out = the accepted drafts + 1
+                item.accepted = len(out[0]) - 1
+                self.speculator.record(item.seq.spec, len(item.draft), item.accepted, len(out[0]))
+        self.scheduler.advance(batch)
+        for r in sampled:
+            if r.seq.prompt_logits and not r.done:
+                self._send_prompt_logprobs(r)
+        self.outputs.emit(sampled, outs)
 
-    def _run_model(self, batch: Batch, reqs: list[RequestState]) -> torch.Tensor | None:
+    def _send_prompt_logprobs(self, r: RequestState) -> None:
+        """The event before the first token: every prompt token's logprob (prompt_logprobs.py)."""
+        r.seq.prompt_logits = False         # sent once; a recompute after preemption needs no rows
+        try:
+            lps = prompt_logprobs.finished(r)
+        except Exception as exc:
+            log.exception("prompt_logprobs_failed", request_id=r.req.request_id)
+            self._finish(r, None, InternalError(f"internal error in prompt logprobs: {exc}"))
+            return
+        r.prompt_lps = None
+        deliver(r, TokenEvent(r.req.request_id, [], "", [], None, r.seq.prompt_len, 0,
+                              prompt_logprobs=lps))
+
+    def _run_model(self, batch: Batch, reqs: list[RequestState], spans=()) -> torch.Tensor | None:
         """The step's logits, or None when the forward pass failed (its requests fail with it)."""
         entries = [r.lease.entry if r.lease is not None else None for r in reqs]
         try:
-            return self.runner.run(batch, entries)
+            return self.runner.run(batch, entries, spans)
         except Exception as exc:
             log.exception("step_failed", requests=[r.req.request_id for r in reqs])
             for r in reqs:

@@ -12,10 +12,11 @@ import structlog
 from torch import Tensor
 
 from services.executor.engine_types import InternalError, RequestState, TokenEvent
-from services.executor.sampler import EOS, LENGTH, STOP, Top, sample_with_top
+from services.executor.sampler import EOS, LENGTH, STOP, Top, sample_draft, sample_with_top
 
 log = structlog.get_logger(__name__)
 
+Sampled = tuple[list[int], list[float], list[Top | None]]   # tokens to emit, logprobs, top alternatives
 Finish = Callable[[RequestState, TokenEvent | None, Exception | None], None]
 
 
@@ -37,12 +38,38 @@ class OutputProcessor:
 
     def process(self, logits: Tensor, sampled: list[RequestState]) -> None:
         """logits [len(sampled), vocab]: one row per request that samples this step."""
-        tokens, logprobs, tops = self._sample(logits, sampled)
-        for r, token, lp, top in zip(sampled, tokens, logprobs, tops, strict=True):
-            if r.done:
+        self.emit(sampled, self.sample(logits, sampled, [[] for _ in sampled]))
+
+    def sample(self, logits: Tensor, sampled: list[RequestState],
+               drafts: list[list[int]]) -> list[Sampled | None]:
+        """logits: 1 + len(drafts[i]) rows per request, in order -> per request the tokens it emits
+        (a draft's accepted tokens, then one more), None for a request that failed here."""
+        plain = [i for i, d in enumerate(drafts) if not d]
+        starts, row = [], 0
+        for d in drafts:
+            starts.append(row)
+            row += 1 + len(d)
+        out: list[Sampled | None] = [None] * len(sampled)
+        if plain:
+            rows = logits if len(plain) == len(sampled) else logits[[starts[i] for i in plain]]
+            for i, t, lp, top in zip(plain, *self._sample(rows, [sampled[i] for i in plain]),
+                                     strict=True):
+                out[i] = None if t is None else ([t], [lp], [top])
+        for i, d in enumerate(drafts):
+            if d and not sampled[i].done:
+                try:
+                    out[i] = sample_draft(logits[starts[i]:starts[i] + 1 + len(d)], sampled[i].row, d)
+                except Exception as exc:
+                    log.exception("sampling_failed", request_id=sampled[i].req.request_id)
+                    self.finish(sampled[i], None, InternalError(f"internal error in sampling: {exc}"))
+        return out
+
+    def emit(self, sampled: list[RequestState], outs: list[Sampled | None]) -> None:
+        for r, o in zip(sampled, outs, strict=True):
+            if r.done or o is None:
                 continue
             try:
-                self.emit_token(r, token, lp, top)
+                self.emit_tokens(r, *o)
             except Exception as exc:
                 log.exception("output_failed", request_id=r.req.request_id)
                 self.finish(r, None, InternalError(f"internal error: {exc}"))
@@ -65,28 +92,39 @@ class OutputProcessor:
             return tokens, logprobs, tops
 
     def emit_token(self, r: RequestState, token: int, logprob: float, top: Top | None = None) -> None:
-        """Append the token, check the stop conditions, stream its text (the last event ends it)."""
-        r.seq.token_ids.append(token)
-        r.row.history.append(token)
-        r.completion += 1
+        self.emit_tokens(r, [token], [logprob], [top])
+
+    def emit_tokens(self, r: RequestState, tokens: list[int], logprobs: list[float],
+                    tops: list[Top | None]) -> None:
+        """Append the tokens one by one, checking the stop conditions after each (the tokens after
+        the one that finishes the request are dropped); stream their text as one event (the last
+        event ends the request)."""
         opts = r.req.sampling
-        finish = None
-        if token in self.eos_token_ids and not opts.ignore_eos:
-            finish = EOS
-        elif token in opts.stop_token_ids:
-            finish = STOP
-        text = r.stop_text.push(r.detok.step([token])) if r.detok else ""
-        if r.stop_text.stopped:
-            finish = STOP
-        if finish is None and (r.completion >= r.max_new or r.seq.num_tokens >= self.max_model_len):
-            finish = LENGTH
+        finish, text, n = None, "", 0
+        for token in tokens:
+            r.seq.token_ids.append(token)
+            r.row.history.append(token)
+            r.completion += 1
+            n += 1
+            if token in self.eos_token_ids and not opts.ignore_eos:
+                finish = EOS
+            elif token in opts.stop_token_ids:
+                finish = STOP
+            text += r.stop_text.push(r.detok.step([token])) if r.detok else ""
+            if r.stop_text.stopped:
+                finish = STOP
+            if finish is None and (r.completion >= r.max_new or r.seq.num_tokens >= self.max_model_len):
+                finish = LENGTH
+            if finish is not None:
+                break
         if finish is not None and r.detok and not r.stop_text.stopped:
             text += r.stop_text.push(r.detok.flush())
             if r.stop_text.stopped:
                 finish = STOP
             text += r.stop_text.flush()
-        event = TokenEvent(r.req.request_id, [token], text, [logprob], finish, r.seq.prompt_len,
-                           r.completion, top_logprobs=[top] if top is not None else [])
+        kept = [t for t in tops[:n] if t is not None]
+        event = TokenEvent(r.req.request_id, tokens[:n], text, logprobs[:n], finish, r.seq.prompt_len,
+                           r.completion, top_logprobs=kept if len(kept) == n else [])
         if finish is not None:
             self.finish(r, event, None)
         else:

@@ -2,6 +2,7 @@
 
     tokens, logprobs = sample(logits, rows)     # logits [N, V] float32, one SamplingRow per sequence
     tokens, logprobs, tops = sample_with_top(logits, rows)   # + each row's top_logprobs alternatives
+    tokens, logprobs, tops = sample_draft(logits, row, draft)  # verify a speculated draft
 
 Each row is processed on its own: the min_new_tokens mask (EOS and stop token ids at -inf until
 enough tokens are out) -> repetition penalty (Hugging Face's rule, over prompt and output) ->
@@ -38,6 +39,8 @@ class SamplingOptions:
     presence_penalty: float = 0.0      # [-2, 2]; minus this for every token generated so far
     frequency_penalty: float = 0.0     # [-2, 2]; minus this times each token's count so far
     top_logprobs: int = 0              # 0..MAX_TOP_LOGPROBS most likely tokens returned per step
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob + k alternatives
+    speculative: bool = True           # False -> never speculate for this request (same output)
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty when valid)."""
@@ -67,6 +70,8 @@ class SamplingOptions:
                 out.append(f"{name} must be in [-2, 2], got {value}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             out.append(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            out.append(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
         if any(t < 0 for t in self.stop_token_ids):
             out.append(f"stop_token_ids must be >= 0, got {min(self.stop_token_ids)}")
         return out
@@ -181,6 +186,46 @@ def sample_with_top(logits: Tensor,
             chosen[i] = torch.multinomial(probs, 1, generator=rows[i].generator)[0]
     picked = logprobs.gather(1, chosen[:, None])[:, 0]
     return chosen.tolist(), picked.tolist(), tops
+
+
+def sample_draft(logits: Tensor, row: SamplingRow,
+                 draft: list[int]) -> tuple[list[int], list[float], list[Top | None]]:
+    """Verify a speculated draft: logits [len(draft) + 1, V], row i the next-token logits after the
+    context and draft[:i] -> the tokens the step emits (the accepted draft tokens, then one more),
+    their raw logprobs and top alternatives.
+
+        for i in 0..len(draft): t = the token sample_with_top picks from logits[i], the row's history
+                                    extended by draft[:i]  (same masks, penalties, temperature,
+                                    top-k/top-p and the same draw from the row's generator)
+                                emit t; stop unless i < len(draft) and t == draft[i]
+
+    Each emitted token is drawn exactly as without speculation, one generator draw per token, so
+    greedy and seeded outputs are those of plain decoding. For temperature > 0 this is the standard
+    rejection rule for a draft that is a point mass at d: d is accepted with probability p(d), and
+    on rejection the token is distributed as p with d removed and renormalised.
+    """
+    o = row.options
+    if o.temperature <= 0 and o.repetition_penalty in (0, 1) and not row.masked and \
+            not (o.presence_penalty or o.frequency_penalty):    # plain greedy: every row at once
+        tokens, logprobs, tops = sample_with_top(logits, [row] * logits.shape[0])
+        n = 0
+        while n < len(draft) and tokens[n] == draft[n]:
+            n += 1
+        return tokens[:n + 1], logprobs[:n + 1], tops[:n + 1]
+    tokens, logprobs, tops = [], [], []
+    base = len(row.history)
+    try:
+        for i in range(len(draft) + 1):
+            t, lp, top = sample_with_top(logits[i:i + 1], [row])
+            tokens += t
+            logprobs += lp
+            tops += top
+            if i == len(draft) or t[0] != draft[i]:
+                break
+            row.history.append(t[0])         # what the next position's penalties and masks see
+    finally:
+        del row.history[base:]
+    return tokens, logprobs, tops
 
 
 class StopText:

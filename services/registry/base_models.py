@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.common.errors import AdapterMismatch
-from services.common.peft_format import TensorInfo, parse_lora_key
+from services.common.peft_format import EMBED_PATHS, LM_HEAD_PATHS, TensorInfo, parse_tensor_key
 from services.executor.model.config import ModelConfig
 
 
@@ -24,6 +24,8 @@ class BaseModelShape:
     name: str
     layers: int
     dims: dict[str, tuple[int, int]]
+    vocab: int = 0
+    hidden: int = 0
 
     @classmethod
     def from_dir(cls, path: str | pathlib.Path) -> BaseModelShape:
@@ -33,23 +35,40 @@ class BaseModelShape:
             cfg = ModelConfig.from_hf(json.loads(config_path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{config_path}: cannot read a model config from it ({exc})") from None
-        layers = cfg.layers
         dims = {m: cfg.module_shape(m) for m in cfg.lora_modules if not m.startswith("experts.")}
-        return cls(str(path), layers, dims)
+        return cls(str(path), cfg.layers, dims, cfg.vocab, cfg.hidden)
 
     def misfit(self, tensors: dict[str, TensorInfo]) -> str | None:
-        """Why these LoRA tensors cannot belong to this model, or None when they fit."""
+        """Why these adapter tensors cannot belong to this model, or None when they fit."""
+        whole = (self.vocab, self.hidden)
         for name, info in tensors.items():
-            key = parse_lora_key(name)
-            if key.layer >= self.layers:
-                return f"tensor {name!r} is for layer {key.layer}; it has {self.layers} layers"
-            if key.module not in self.dims:
-                return f"tensor {name!r} adapts {key.module!r}, which it does not have"
-            d_out, d_in = self.dims[key.module]
+            key = parse_tensor_key(name)
+            layer, module = key.layer, key.module
+            if layer is not None and layer >= self.layers:
+                return f"tensor {name!r} is for layer {layer}; it has {self.layers} layers"
+            if key.kind == "embedding":
+                want = (None, self.vocab) if key.part == "A" else (self.hidden, None)
+                if any(w is not None and w != d for w, d in zip(want, info.shape, strict=False)):
+                    return (f"tensor {name!r} has shape {list(info.shape)}; embed_tokens is "
+                            f"[vocab={self.vocab}, hidden={self.hidden}]")
+                continue
+            if key.kind == "full":
+                want = whole if key.path in EMBED_PATHS + LM_HEAD_PATHS else (
+                    (self.hidden,) if module.endswith("norm") else None)
+                if want is not None and tuple(info.shape) != want:
+                    return f"tensor {name!r} has shape {list(info.shape)}; {key.path} is {list(want)}"
+                continue
+            d_out, d_in = whole if key.path in LM_HEAD_PATHS else self.dims.get(module, (0, 0))
+            if not d_out:
+                return f"tensor {name!r} adapts {module!r}, which it does not have"
+            if key.kind == "magnitude":
+                if info.shape[0] != d_out:
+                    return f"tensor {name!r} has length {info.shape[0]}; {module} gives {d_out}"
+                continue
             if key.part == "A" and info.shape[1] != d_in:
-                return f"tensor {name!r} has d_in {info.shape[1]}; {key.module} takes {d_in}"
+                return f"tensor {name!r} has d_in {info.shape[1]}; {module} takes {d_in}"
             if key.part == "B" and info.shape[0] != d_out:
-                return f"tensor {name!r} has d_out {info.shape[0]}; {key.module} gives {d_out}"
+                return f"tensor {name!r} has d_out {info.shape[0]}; {module} gives {d_out}"
         return None
 
 

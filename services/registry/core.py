@@ -37,8 +37,10 @@ from services.common.peft_format import (
     PICKLE_FILES,
     PICKLE_MESSAGE,
     WEIGHTS_FILE,
+    adapter_form,
     check_adapter_id,
     manifest_digest,
+    nonfinite_tensor,
     parse_adapter_config,
     read_safetensors_header,
     validate_adapter,
@@ -50,6 +52,7 @@ from services.registry.stores import AdapterRecord, BlobStore, FileEntry, Metada
 log = structlog.get_logger(__name__)
 
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
+FORM_LABEL = "openlora/form"   # set at registration for any form but plain LoRA: dora, ... (adapter_form)
 CHANGES_KEPT_S = 7 * 24 * 3600                    # the change feed's rows are pruned at start-up
 
 
@@ -129,13 +132,21 @@ class UploadSession:
                                  f"header describes {expected}: truncated or corrupt")
         validate_adapter(config, tensors)
         check_fits(self._registry.base_models, self.adapter_id, tensors)
+        weights.finish()
+        with open(weights._tmp, "rb") as f:
+            bad = nonfinite_tensor(f, tensors)
+        if bad is not None:
+            raise InvalidAdapter(f"tensor {bad!r} holds NaN or infinite values; this adapter cannot "
+                                 "be served (was its training diverging?)")
+        form = adapter_form(config, tensors)
+        labels = self.labels if form == "lora" else {**self.labels, FORM_LABEL: form}
         files = [FileEntry(name, self._writers[name].size, self._writers[name].finish())
                  for name in ADAPTER_FILES]
         return AdapterRecord(
             adapter_id=self.adapter_id, version=0, digest=manifest_digest({f.name: f.sha256 for f in files}),
             base_model=self.base_model or config.base_model, rank=config.rank, alpha=config.alpha,
             target_modules=tuple(config.target_module_names), use_rslora=config.use_rslora,
-            size_bytes=sum(f.size for f in files), source=self.source, labels=self.labels,
+            size_bytes=sum(f.size for f in files), source=self.source, labels=labels,
             created_at=time.time(), files=tuple(files))
 
     def _read_weights_head(self, n: int) -> bytes:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from services.common.errors import InvalidAdapter
+from services.executor.adapters import forms
 from services.executor.adapters.reader import HostAdapter
 from services.executor.model.config import LORA_MODULES, ModelConfig
 
@@ -49,7 +50,8 @@ class ArenaLayout:
         if page_elems <= 0:  # S-LoRA's page: a vector; the smallest row here (k/v's d_out) wastes nothing
             dims = [d for shape in shapes for d in shape]
             page_elems = max(min(dims), min(64, max(dims)))
-        return cls(shapes, page_elems, modules)
+        # then the adapter forms' virtual modules (DoRA scales, lm_head/embed_tokens): see forms.py
+        return cls(shapes + forms.extra_shapes(cfg, shapes), page_elems, modules)
 
     def lm(self, layer: int, module: str) -> int:
         return layer * len(self.modules) + self.modules.index(module)
@@ -64,6 +66,9 @@ class ArenaLayout:
         total = 0
         for (layer, module), (a, _, _) in host.weights.items():
             ca, cb = self.chunks(self.lm(layer, module))
+            total += a.shape[0] * (ca + cb)
+        for lm, (a, _, _) in forms.extra_rows(host, self, None, shapes_only=True).items():
+            ca, cb = self.chunks(lm)
             total += a.shape[0] * (ca + cb)
         return total
 
@@ -99,6 +104,7 @@ class PagedBatch:
     seg_meta: Tensor      # [G, LM, 2] int32
     seg_scalings: Tensor  # [G, LM] float32
     any_lora: bool        # False: every segment is base-only (the op can be skipped)
+    forms: forms.BatchForms | None = None   # segments with DoRA, lm_head/embed_tokens forms
 
 
 class PageLender:
@@ -258,10 +264,11 @@ class PagePool:
         tables = (torch.cat(index) if index else torch.zeros(0, dtype=torch.int32),
                   torch.stack(metas) if G else torch.zeros((0, self._lm, 2), dtype=torch.int32),
                   torch.stack(scals) if G else torch.zeros((0, self._lm), dtype=torch.float32))
+        batch_forms = forms.batch_forms(self.layout, tables[1], self.device)
         if self.device.type != "cpu":
             tables = tuple(t.to(self.device, non_blocking=True) for t in tables)
         out = PagedBatch(arena=self.pages, page_index=tables[0], seg_meta=tables[1],
-                         seg_scalings=tables[2], any_lora=bool(index))
+                         seg_scalings=tables[2], any_lora=bool(index), forms=batch_forms)
         self._batch_cache = (key, out)
         return out
 
@@ -281,6 +288,7 @@ class HostArena(PagePool):
             pages = torch.empty((num, layout.page_elems), dtype=dtype,
                                 pin_memory=pin and torch.cuda.is_available())
         super().__init__(layout, dtype, pages, num, lender)
+        self.base: forms.BaseWeights | None = None   # set by the engine: what DoRA norms are taken against
 
     def pages_needed(self, host: HostAdapter) -> int:
         return self.layout.pages_needed(host)
@@ -291,16 +299,19 @@ class HostArena(PagePool):
         p = self.layout.page_elems
         meta = torch.zeros((self._lm, 2), dtype=torch.int32)
         scalings = torch.zeros(self._lm, dtype=torch.float32)
-        rows = torch.zeros((self.layout.pages_needed(host), p), dtype=self.dtype)
+        items = [(self.layout.lm(layer, module), w) for (layer, module), w in host.weights.items()]
+        items += forms.extra_rows(host, self.layout, self.base).items()
+        n = sum(a.shape[0] * sum(self.layout.chunks(lm)) for lm, (a, _, _) in items)
+        rows = torch.zeros((n, p), dtype=self.dtype)
         offset = 0
-        for (layer, module), (a, b, scaling) in sorted(host.weights.items()):
-            lm = self.layout.lm(layer, module)
+        for lm, (a, b, scaling) in sorted(items, key=lambda kv: kv[0]):
             ca, cb = self.layout.chunks(lm)
             r = a.shape[0]
             if r == 0:
                 continue
             meta[lm, 0], meta[lm, 1], scalings[lm] = offset, r, scaling
-            for mat, c in ((a, ca), (b.t(), cb)):             # lora_A rows, then lora_B^T rows
+            parts = ((a, ca),) if b is None else ((a, ca), (b.t(), cb))
+            for mat, c in parts:                              # lora_A rows, then lora_B^T rows
                 n = mat.shape[1]                              # the last page of each row partly used
                 rows[offset:offset + r * c].view(r, c * p)[:, :n] = mat
                 offset += r * c
@@ -325,5 +336,6 @@ class HostArena(PagePool):
     def signature(self) -> str:
         """What a packed image depends on: page size, dtype and the model's projection shapes."""
         import hashlib
-        return hashlib.sha256(repr((self.layout.page_elems, str(self.dtype), self.layout.shapes))
+        return hashlib.sha256(repr((self.layout.page_elems, str(self.dtype), self.layout.shapes,
+                                    getattr(self.base, "fingerprint", "")))
                               .encode()).hexdigest()[:16]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pathlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from services.common import peft_format
 from services.common.errors import AdapterMismatch, InvalidAdapter
+from services.executor.adapters.forms import Extras, read_extras
 from services.executor.model.config import ModelConfig
 
 _PATH = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
@@ -29,6 +30,7 @@ class HostAdapter:
 
     weights: dict[tuple[int, str], tuple[Tensor, Tensor, float]]
     rank: int
+    extras: Extras = field(default_factory=Extras)   # DoRA, lm_head/embed_tokens LoRA, saved modules
 
     @property
     def nbytes(self) -> int:
@@ -56,7 +58,8 @@ def read_adapter(path: pathlib.Path, cfg: ModelConfig, max_rank: int,
     projections = [m for m in cfg.lora_modules if not m.startswith("experts.")]
     if not isinstance(lcfg.target_modules, str):
         # PEFT matches a name or a dotted suffix ("all-linear" is saved as full module paths)
-        unknown = sorted(t for t in lcfg.target_modules if t.rsplit(".", 1)[-1] not in projections)
+        unknown = sorted(t for t in lcfg.target_modules
+                         if t.rsplit(".", 1)[-1] not in (*projections, "embed_tokens", "lm_head"))
         if unknown:
             raise AdapterMismatch(f"adapter targets {unknown}, which this {cfg.arch} model does not "
                                   f"have (its projections: {', '.join(projections)})")
@@ -67,7 +70,12 @@ def read_adapter(path: pathlib.Path, cfg: ModelConfig, max_rank: int,
         raise InvalidAdapter(f"{weights_file.name} cannot be read: {exc}") from None
     parts: dict[tuple[int, str], dict[str, Tensor]] = {}
     max_r = 0
+    others = []
     for name, t in tensors.items():
+        tkey = peft_format.parse_tensor_key(name)
+        if tkey.kind != "lora" or tkey.layer is None:     # DoRA, lm_head, embed_tokens, saved modules
+            others.append((tkey, name, t))
+            continue
         key = peft_format.parse_lora_key(name)
         m = _PATH.match(key.path)
         if m is not None and int(m[1]) >= cfg.layers:
@@ -95,4 +103,5 @@ def read_adapter(path: pathlib.Path, cfg: ModelConfig, max_rank: int,
     for (layer, module), ab in parts.items():
         scaling = lcfg.scaling_for(cfg.module_path(layer, module))
         weights[(layer, module)] = (ab["A"], ab["B"], scaling)
-    return HostAdapter(weights=weights, rank=max_r)
+    extras = read_extras(others, lcfg, cfg, max_rank, check_finite)
+    return HostAdapter(weights=weights, rank=max_r, extras=extras)

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from services.executor import ops
+from services.executor.adapters.forms import dora_epilogue
 from services.executor.kv_cache import KVCache
 from services.executor.model.attention import AttnMetadata, paged_attention
 from services.executor.model.config import ModelConfig
+from services.executor.model.quant import BaseLinear, Prepacked
 
 if TYPE_CHECKING:
     from services.executor.adapters.arena import PagedBatch
@@ -76,17 +78,17 @@ class LoraProj(nn.Module):
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
         self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
         self.packed: Tensor | None = None   # ops.pack_weight(self.weight), see CausalLM.prepack
+        self.base: BaseLinear | None = None  # the base GEMM when not F.linear: prepacked or quantized (quant.py)
         self.lm = 0                         # (layer, module) index in the page tables
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
-        if self.packed is not None:
-            y = ops.linear_packed(x, self.weight, self.packed, self.bias)
-        else:
-            y = torch.nn.functional.linear(x, self.weight, self.bias)
+        y = self.base(x) if self.base is not None else torch.nn.functional.linear(x, self.weight, self.bias)
         p = batch.paged
         if p is not None and p.any_lora:
             ops.lora_paged_add_(y, x.contiguous(), p.arena, p.page_index, p.seg_meta, p.seg_scalings,
                                 self.lm, batch.seg_indptr)
+            if p.forms is not None:   # DoRA: scale its segments' rows (adapters/forms.py)
+                dora_epilogue(y, self.bias, self.lm, p, batch.seg_indptr)
         return y
 
 
@@ -348,9 +350,11 @@ class CausalLM(nn.Module):
         float32 CPU with MKL; elsewhere a no-op). Call after the weights are loaded. -> bytes packed."""
         total = 0
         for _, _, proj in self.projections():
-            if isinstance(proj, LoraProj):
-                proj.packed = ops.pack_weight(proj.weight)
-                total += 0 if proj.packed is None else proj.packed.numel()
+            if not isinstance(proj, LoraProj) or proj.weight is None:   # experts; quantized (quant.py)
+                continue
+            proj.packed = ops.pack_weight(proj.weight)
+            proj.base = None if proj.packed is None else Prepacked(proj.weight, proj.packed, proj.bias)
+            total += 0 if proj.packed is None else proj.packed.numel()
         self.lm_packed = ops.pack_weight(self._lm_weight())
         return total + (0 if self.lm_packed is None else self.lm_packed.numel())
 
