@@ -198,8 +198,9 @@ def run(engine: Engine, requests: list[GenerationRequest], timeout: float = 300)
     def on_event(ev):
         with lock:
             o = out.setdefault(ev.request_id, {"tokens": [], "logprobs": [], "text": "", "events": [],
-                                               "finish": None, "error": None})
+                                               "finish": None, "error": None, "tops": []})
             o["tokens"] += ev.token_ids
+            o["tops"] += ev.top_logprobs
             o["logprobs"] += ev.logprobs
             o["text"] += ev.text
             o["events"].append(len(ev.token_ids))
@@ -344,6 +345,57 @@ def test_stop_string_inside_an_accepted_draft(copy_dirs):
     assert spec["events"][-1] > 1
 
 
+def test_finishing_inside_a_draft_and_per_position_options(copy_dirs):
+    """max_new_tokens, a stop token id and EOS landing inside a draft, min_new_tokens masking a stop
+    token the draft proposes, penalties and top_logprobs: all as without speculation (tokens,
+    logprobs, alternatives, finish reason, text), and the KV blocks all given back."""
+    doc = documents(1, 11)[0]
+    prompt = doc + [3] + doc[:2]
+    engine = make_engine(copy_dirs, "ngram")
+    try:
+        eos = min(engine.eos_token_ids)
+        free = run(engine, [GenerationRequest("free", prompt_token_ids=prompt, sampling=SamplingOptions(
+            max_new_tokens=16, ignore_eos=True))])["free"]["tokens"]
+        assert free == doc[2:18]                   # the model quotes the document
+        with_eos = doc[:8] + [eos] + doc[9:]
+        eos_prompt = with_eos + [3] + with_eos[:2]
+        S = SamplingOptions
+        cases = {f"len{m}": (prompt, S(max_new_tokens=m, ignore_eos=True)) for m in (1, 2, 3, 6, 7)}
+        cases |= {
+            "stop_id": (prompt, S(max_new_tokens=16, stop_token_ids=(free[6],))),
+            "eos": (eos_prompt, S(max_new_tokens=16)),
+            "min_new": (prompt, S(max_new_tokens=16, stop_token_ids=(free[1], free[7]), min_new_tokens=4)),
+            "penalties": (prompt, S(max_new_tokens=12, ignore_eos=True, presence_penalty=0.5,
+                                    frequency_penalty=0.3, repetition_penalty=1.2, top_logprobs=3)),
+        }
+        reqs = lambda: [GenerationRequest(k, prompt_token_ids=p, sampling=o)  # noqa: E731
+                        for k, (p, o) in cases.items()]
+        spec = run(engine, reqs())
+        drafted = engine.status().spec_draft_tokens
+        assert engine.allocator.num_free == engine.allocator.num_blocks
+    finally:
+        engine.stop()
+    plain_engine = make_engine(copy_dirs, "none")
+    try:
+        plain = run(plain_engine, reqs())
+    finally:
+        plain_engine.stop()
+    assert drafted > 0
+    for k, want in plain.items():
+        got = spec[k]
+        assert (got["tokens"], got["finish"], got["text"]) == (want["tokens"], want["finish"], want["text"]), k
+        torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]),
+                                   atol=1e-5, rtol=0)
+        assert [t[0] for t in got["tops"]] == [t[0] for t in want["tops"]], k
+    assert [len(spec[f"len{m}"]["tokens"]) for m in (1, 2, 3, 6, 7)] == [1, 2, 3, 6, 7]
+    assert spec["stop_id"]["finish"] == "stop" and spec["stop_id"]["tokens"] == free[:7]
+    assert spec["eos"]["finish"] == "eos" and spec["eos"]["tokens"] == with_eos[2:9]
+    got = spec["min_new"]["tokens"]              # free[1], proposed by the draft, is masked (too early)
+    assert got[:1] == free[:1] and got[1] != free[1] and len(got) >= 4
+    assert len(spec["penalties"]["tops"]) == 12
+    assert max(spec["len7"]["events"]) > 1 and max(spec["eos"]["events"]) > 1
+
+
 def test_per_request_opt_out_and_metrics(copy_dirs):
     doc = documents(1, 9)[0]
     engine = make_engine(copy_dirs, "ngram")
@@ -372,3 +424,49 @@ def test_config_checks_the_speculative_flags():
         ExecutorConfig(base_model="x", prompt_lookup_min=4, prompt_lookup_max=2)
     with pytest.raises(ConfigError, match="speculative"):
         ExecutorConfig(base_model="x", speculative_method="eagle")
+
+
+def test_grpc_sampling_params_speculative_and_status(copy_dirs):
+    """Over the real servicer: SamplingParams.speculative = false turns drafting off for that
+    request (unset: on), the output is the same, and GetStatus carries the spec_* counts."""
+    import asyncio
+
+    import grpc
+
+    from services.common.config import ServerConfig
+    from services.common.gen.openlora.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+    from services.common.server import Service, create_server
+    from services.executor.servicer import ExecutorServicer
+
+    doc = documents(1, 13)[0]
+    engine = make_engine(copy_dirs, "ngram")
+    engine.start()
+
+    async def scenario():
+        server, port = await create_server(
+            ServerConfig(port=0), [Service("openlora.v1.Executor", ExecutorServicer(engine, "x"),
+                                           executor_pb2_grpc.add_ExecutorServicer_to_server)])
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub, outs, drafted = executor_pb2_grpc.ExecutorStub(ch), [], []
+                for spec in (False, None):
+                    sp = common_pb2.SamplingParams(max_new_tokens=12, ignore_eos=True)
+                    if spec is not None:
+                        sp.speculative = spec
+                    outs.append(await stub.Generate(common_pb2.GenerateRequest(
+                        prompt_token_ids=doc + [3] + doc[:2], sampling=sp), timeout=120))
+                    drafted.append(await stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=30))
+                return outs, drafted
+        finally:
+            await server.stop(0)
+
+    try:
+        (off, on), (st_off, st_on) = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert list(off.token_ids) == list(on.token_ids) == doc[2:14]
+    assert st_off.speculative_method == "ngram" and st_off.spec_draft_tokens == 0
+    assert st_on.spec_draft_tokens > 0 and st_on.spec_accepted_tokens > 0
+    assert st_on.spec_emitted_tokens >= st_on.spec_accepted_tokens + 1
+    assert st_on.spec_acceptance_rate == pytest.approx(st_on.spec_accepted_tokens / st_on.spec_draft_tokens)

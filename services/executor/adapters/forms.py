@@ -149,8 +149,10 @@ class BaseWeights:
     """The served base weights the forms are computed against (DoRA norms, saved base copies)."""
 
     def __init__(self, model, tag: str = ""):
+        # a quantized base (model/quant.py): the weight it serves, dequantized when a DoRA norm needs it
         self.proj: dict[tuple[int, str], Tensor] = {
-            (layer, module): proj.weight for layer, module, proj in model.projections()}
+            (layer, module): proj.weight if proj.weight is not None else proj.base
+            for layer, module, proj in model.projections()}
         self.embed = model.model.embed_tokens.weight
         self.lm_head = model._lm_weight()
         self.fingerprint = hashlib.sha256(tag.encode()).hexdigest()[:12]
@@ -159,6 +161,8 @@ class BaseWeights:
 def dora_scale(weight: Tensor, a: Tensor, b: Tensor, scaling: float, magnitude: Tensor) -> Tensor:
     """magnitude / ||W + scaling * B @ A||_row  [d_out] float32 (PEFT's DoraLinearLayer.get_weight_norm,
     computed in float64 on the host)."""
+    if not isinstance(weight, Tensor):   # a quantized base GEMM (model/quant.py)
+        weight = weight.dequantize()
     w = weight.detach().to("cpu", torch.float64) + scaling * (b.double() @ a.double())
     return (magnitude.double() / torch.linalg.norm(w, dim=1)).float()
 
