@@ -79,6 +79,8 @@ class EngineStatus:
     tier_stats: list[TierStat] = field(default_factory=list)   # device, host, disk
     host_cache_bytes: int = 0          # the host arena's capacity
     host_cache_used_bytes: int = 0     # its pages in use
+    quantization: str = "none"         # the base weights': none, int8, int4, gptq, awq
+    base_weight_bytes: int = 0         # the base model's weights as served (quantized ones packed)
     speculative_method: str = ""       # "" (off) or "ngram"
     spec_draft_tokens: int = 0         # draft tokens proposed and verified, since start
     spec_accepted_tokens: int = 0      # of those, accepted

@@ -221,6 +221,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             spec_accepted_tokens=st.spec_accepted_tokens, spec_emitted_tokens=st.spec_emitted_tokens,
             spec_acceptance_rate=st.spec_acceptance_rate,
             max_model_len=self.engine.max_model_len,
+            quantization=st.quantization, base_weight_bytes=st.base_weight_bytes,
             adapters=[executor_pb2.AdapterResidency(adapter_id=a.adapter_id, version=a.version,
                                                     tier=TIERS.get(a.tier, 0),
                                                     active_requests=a.active_requests)
