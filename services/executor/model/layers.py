@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from services.executor import ops
-from services.executor.adapters.forms import dora_epilogue
+from services.executor.adapters import forms
 from services.executor.kv_cache import KVCache
 from services.executor.model.attention import AttnMetadata, paged_attention
 from services.executor.model.config import ModelConfig
@@ -88,7 +88,7 @@ class LoraProj(nn.Module):
             ops.lora_paged_add_(y, x.contiguous(), p.arena, p.page_index, p.seg_meta, p.seg_scalings,
                                 self.lm, batch.seg_indptr)
             if p.forms is not None:   # DoRA: scale its segments' rows (adapters/forms.py)
-                dora_epilogue(y, self.bias, self.lm, p, batch.seg_indptr)
+                forms.dora_epilogue(y, self.bias, self.lm, p, batch.seg_indptr)
         return y
 
 
@@ -382,6 +382,9 @@ class CausalLM(nn.Module):
         """-> next-token logits [N, vocab] float32 for batch.logits_rows."""
         cfg = self.config
         x = self.model.embed_tokens(batch.input_ids)                      # [T, hidden]
+        forms_ = None if batch.paged is None else batch.paged.forms       # embed/lm_head adapter forms
+        if forms_ is not None:   # (PEFT adapts the embedding module: before Gemma's scale)
+            x = forms.embed_epilogue(x, batch.input_ids, batch.paged, batch.seg_indptr)
         if cfg.embed_scale is not None:   # Gemma: sqrt(hidden), rounded to the model's dtype first
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         cos = self.rope_cos[batch.positions].to(x.dtype)                  # [T, rotary_dim]
@@ -396,10 +399,9 @@ class CausalLM(nn.Module):
         rows = batch.logits_rows
         x, _ = self.model.norm(x[rows], None if residual is None else residual[rows])
         w = self._lm_weight()
-        if self.lm_packed is not None:
-            logits = ops.linear_packed(x, w, self.lm_packed)
-        else:
-            logits = (x @ w.T).float()
+        logits = ops.linear_packed(x, w, self.lm_packed) if self.lm_packed is not None else (x @ w.T).float()
+        if forms_ is not None:
+            logits = forms.lm_head_epilogue(logits, x, rows, batch.paged, batch.seg_indptr)
         if cfg.final_softcap:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         return logits
