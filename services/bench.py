@@ -1,17 +1,21 @@
 """`openlora bench`: a workload generator with the figures people ask for.
 
-    openlora bench --router ADDR --adapters 128 --zipf 1.0 --rate 20 --requests 500 \
-                   --prompt-len 32:128 --output-len 16:64 [--json] [--plot latency.png]
+    openlora bench --router ADDR --synthetic-adapters 128 --zipf 1.0 --rate 20 --requests 500 \
+                   --prompt-len 32:128 --output-len 16:64 [--json] [--plot [FILE.png]]
 
 Adapters: `--adapter ID` (repeatable, explicit ids) or `--adapters N` ids `--adapter-prefix`0..N-1,
-drawn with Zipf(`--zipf` alpha; 0: uniform) popularity, the first the most popular. Arrivals:
+drawn with Zipf(`--zipf` alpha; 0: uniform) popularity, the first the most popular.
+`--synthetic-adapters N` first registers N random adapters under those ids for the base model the
+executors serve (uploaded to `--registry`; the same content every time, so a rerun adds no versions),
+then uses them. Arrivals:
 `--rate R` requests/s (Poisson, open loop) or, with no rate, `--concurrency C` closed-loop clients.
 Prompts: `--prompt-len MIN[:MAX]` random token ids (uniform lengths), else the `--prompt` text;
 outputs `--output-len MIN[:MAX]` tokens (ignore_eos). Requests stream (GenerateStream) so TTFT and
 inter-token latency are measured; a failed request is counted under its gRPC code, not fatal.
 Targets: the router, or `--executor ADDR` (repeatable: round-robin over them, as a plain Kubernetes
 Service would). The report: throughput (output tokens/s), requests/s, TTFT / ITL / end-to-end
-p50/p90/p99, errors by code, which executor served how many.
+p50/p90/p99, errors by code, which executor served how many. When every request fails it says why
+and what to do (exit 1). `--plot` with no file writes under `--data-dir`/bench/.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from services.common.gen.openlora.v1 import common_pb2, executor_pb2_grpc, route
 from services.common.tls import ClientSecurity, add_client_flags, aio_channel
 
 DEFAULT_ROUTER = "127.0.0.1:50050"
+DEFAULT_REGISTRY = "127.0.0.1:50051"
+AUTO_PLOT = "<data-dir>"           # --plot with no file name
 PCTS = (50, 90, 99)
 
 
@@ -48,6 +54,7 @@ class Result:
     code: str = "OK"
     adapter: str = ""
     executor: str = ""
+    detail: str = ""               # a failed request's status message
 
 
 def _range(text: str, name: str) -> tuple[int, int]:
@@ -70,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], help="adapter ids (repeatable)")
     p.add_argument("--adapters", type=int, default=0, help="N adapters named --adapter-prefix0..N-1")
     p.add_argument("--adapter-prefix", default="bench/a", help="prefix of the --adapters ids")
+    p.add_argument("--synthetic-adapters", type=int, default=0, metavar="N",
+                   help="register N random adapters (--adapter-prefix0..N-1) for the served base model "
+                        "first, then use them (idempotent)")
+    p.add_argument("--synthetic-rank", type=int, default=8, help="rank of the --synthetic-adapters")
+    p.add_argument("--registry", default=os.environ.get("OPENLORA_REGISTRY", DEFAULT_REGISTRY),
+                   help="registry the --synthetic-adapters go to [env OPENLORA_REGISTRY]")
+    p.add_argument("--base-model", default="",
+                   help="model directory the --synthetic-adapters are shaped for (default: what the "
+                        "executors report serving)")
     p.add_argument("--zipf", type=float, default=1.0, help="adapter popularity exponent (0: uniform)")
     p.add_argument("--base-fraction", type=float, default=0.0, help="share of requests with no adapter")
     p.add_argument("--requests", type=int, default=32, help="how many requests to send (>= 1)")
@@ -85,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the workload's random choices")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.add_argument("--plot", default="", metavar="FILE.png", help="latency over time (needs matplotlib)")
+    p.add_argument("--plot", default="", nargs="?", const=AUTO_PLOT, metavar="FILE.png",
+                   help="latency over time (needs matplotlib); with no FILE, under --data-dir/bench/")
+    p.add_argument("--data-dir", default=os.environ.get("OPENLORA_DATA_DIR", "./openlora-data"),
+                   help="where output files go when not named [env OPENLORA_DATA_DIR]")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to this long for the target to be ready (a deployment still starting)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_client_flags(p)
     return p
@@ -97,6 +118,12 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.rate < 0 or args.zipf < 0 or args.adapters < 0 or not 0 <= args.base_fraction <= 1:
         p.error("--rate, --zipf and --adapters must be >= 0, --base-fraction in [0, 1]")
+    if not 0 <= args.synthetic_adapters <= 100_000 or args.synthetic_rank < 1 or args.wait < 0:
+        p.error("--synthetic-adapters must be 0..100000, --synthetic-rank >= 1, --wait >= 0")
+    if args.synthetic_adapters and (args.adapter or args.adapters):
+        p.error("--synthetic-adapters names its own adapters: not with --adapter or --adapters")
+    if args.synthetic_adapters:
+        args.adapters = args.synthetic_adapters
     try:
         args.prompt_range = _range(args.prompt_len, "--prompt-len") if args.prompt_len else None
         args.output_range = (_range(args.output_len, "--output-len") if args.output_len
@@ -164,7 +191,7 @@ async def _one(stub, req, t_run: float, timeout: float) -> Result:
                 r.tokens += n
             r.executor = chunk.executor_id or r.executor
     except grpc.aio.AioRpcError as exc:
-        r.code = exc.code().name
+        r.code, r.detail = exc.code().name, exc.details() or ""
     r.e2e = time.perf_counter() - t0
     return r
 
@@ -288,6 +315,16 @@ def main(argv: list[str]) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     check_args(p, args)
+    from services.bench_setup import BenchSetupError, plot_path, register_synthetic, wait_ready
+    try:
+        wait_ready(args)
+        if args.synthetic_adapters:
+            register_synthetic(args)
+        if args.plot:
+            args.plot = plot_path(args)
+    except BenchSetupError as exc:
+        print(f"openlora bench: {exc}", file=sys.stderr)
+        return 1
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -314,4 +351,10 @@ def main(argv: list[str]) -> int:
         print(json.dumps(rep))
     else:
         print_report(rep)
-    return 0 if rep["completed"] else 1
+    if args.plot:
+        print(f"plot: {args.plot}", file=sys.stderr)
+    if not rep["completed"]:
+        from services.bench_setup import why_all_failed
+        print(f"openlora bench: {why_all_failed(results, args)}", file=sys.stderr)
+        return 1
+    return 0

@@ -54,6 +54,33 @@ def split_adapter(ref: str) -> tuple[str, int]:
     return adapter_id, int(version)
 
 
+def not_ready_hint(address: str, command: str) -> str:
+    """What to do when nothing serves at address yet (a deployment still starting, or none)."""
+    return (f"If `openlora up` is starting, wait for its `ready` line (a first start compiles the kernels, "
+            f"20-180 s) or pass --wait 600 to `openlora {command}`; else start it, or name the address "
+            f"serving with --router. Nothing answered at {address}.")
+
+
+def wait_serving(address: str, security, seconds: float) -> None:
+    """Until address's health check answers SERVING, at most `seconds` (then the call itself says)."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.common.tls import channel as open_channel
+    deadline = time.monotonic() + seconds
+    with open_channel(address, security) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+
+
 def _stub(args, channel):
     if args.executor:
         return executor_pb2_grpc.ExecutorStub(channel)
@@ -78,13 +105,21 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature (0 -> greedy, the same text every time)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to this long for the router (or executor) to be ready")
     p.add_argument("prompt", help="the prompt text")
     args = p.parse_args(argv)
     try:
         split_adapter(args.adapter)
     except argparse.ArgumentTypeError as exc:
         p.error(f"argument --adapter: {exc}")
-    with channel_from_args(args, args.executor or args.router, "openlora generate") as channel:
+    if args.wait < 0:
+        p.error(f"argument --wait: must be >= 0, got {args.wait:g}")
+    target = args.executor or args.router
+    if args.wait:
+        from services.common.tls import ClientSecurity
+        wait_serving(target, ClientSecurity.from_config(args), args.wait)
+    with channel_from_args(args, target, "openlora generate") as channel:
         stub = _stub(args, channel)
         try:
             if args.stream:
@@ -95,9 +130,18 @@ def generate_main(argv: list[str]) -> int:
             else:
                 print(stub.Generate(_request(args, args.prompt), timeout=600).text)
         except grpc.RpcError as exc:
-            print(f"openlora generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            hint = f" {not_ready_hint(target, 'generate')}" if exc.code() == grpc.StatusCode.UNAVAILABLE \
+                and _nothing_serving(exc) else ""
+            print(f"openlora generate: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
             return 1
     return 0
+
+
+def _nothing_serving(exc: grpc.RpcError) -> bool:
+    """UNAVAILABLE because nothing answered (connection refused), not a server's own UNAVAILABLE
+    (an executor down behind the router, a registry unreachable), which says what it is itself."""
+    details = (exc.details() or "").lower()
+    return "failed to connect" in details or "connection refused" in details or "unavailable" == details
 
 
 def bench_main(argv: list[str]) -> int:

@@ -15,6 +15,8 @@ with an auth file, an admin token.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import pathlib
 import shutil
@@ -34,6 +36,7 @@ from services.common.config import check, flag, parse_config
 DEMO = "demo-model"
 # every file a finished demo model has; one missing means an interrupted write (rewritten)
 DEMO_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+DEMO_VOCAB_TARGET = 1024           # the demo tokenizer's BPE target; it stops at the corpus's size
 # the demo adapters `up` registers for the demo model: id -> seed (non-zero B: each changes output)
 DEMO_ADAPTERS = {"demo/pirate": 11, "demo/poet": 12, "demo/sql": 13}
 # services still starting when `up` is stopped get this long after SIGTERM before SIGKILL
@@ -109,24 +112,79 @@ def say(line: str) -> None:
 def demo_spec():
     from services.synthetic import ModelSpec
     return ModelSpec(arch="llama", hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4,
-                     vocab=1024, max_positions=2048, seed=0)
+                     vocab=demo_vocab(), max_positions=2048, seed=0)
+
+
+@functools.cache
+def demo_vocab() -> int:
+    """The demo tokenizer's own size (its BPE, trained on a small corpus, stops at a few hundred
+    tokens): the model's vocabulary is exactly that, so no id decodes to nothing."""
+    from tokenizers import Tokenizer
+
+    from services.synthetic import write_tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(pathlib.Path(tmp), DEMO_VOCAB_TARGET)
+        return Tokenizer.from_file(f"{tmp}/tokenizer.json").get_vocab_size()
+
+
+def invisible_token_ids(tokenizer_json: pathlib.Path) -> list[int]:
+    """Ids that decode alone to no visible text: special tokens, control bytes, and the lone bytes of
+    multi-byte characters (which decode to U+FFFD). Spaces and newlines count as visible."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    out = []
+    for i in range(tok.get_vocab_size()):
+        text = tok.decode([i])
+        if not text or "\ufffd" in text or not text.replace("\n", " ").isprintable():
+            out.append(i)
+    return out
+
+
+def _write_demo_model(path: pathlib.Path) -> None:
+    """The demo model, whose greedy text is visible: lm_head rows of invisible tokens are zero (a
+    logit of 0 never beats the best of the other random logits), but for EOS (it may end a text)."""
+    from safetensors.torch import load_file, save_file
+
+    import services.synthetic
+    spec = demo_spec()
+    services.synthetic.write_model(path, spec)
+    weights = path / "model.safetensors"
+    tensors = load_file(str(weights))
+    head = tensors["lm_head.weight"]
+    eos = json.loads((path / "config.json").read_text())["eos_token_id"]
+    for i in invisible_token_ids(path / "tokenizer.json"):
+        if i != eos:
+            head[i] = 0
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+
+def _demo_is_current(path: pathlib.Path) -> bool:
+    """A whole demo model of this version: every file, and a vocabulary equal to its tokenizer's (an
+    older one had 1024 ids for a 468-token tokenizer: most ids decoded to nothing)."""
+    if not all((path / name).exists() for name in DEMO_FILES):
+        return False
+    try:
+        return json.loads((path / "config.json").read_text())["vocab_size"] == demo_vocab()
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def demo_model(data_dir: pathlib.Path) -> pathlib.Path:
     """The built-in demo model (random weights), written once: into a temp dir then renamed, so an
     interrupted write never leaves a half model; one left by an older version is rewritten."""
-    from services.synthetic import write_model
     path = data_dir / DEMO
-    if path.is_dir() and all((path / name).exists() for name in DEMO_FILES):
+    if path.is_dir() and _demo_is_current(path):
         return path
     if path.exists():
         missing = [name for name in DEMO_FILES if not (path / name).exists()]
-        say(f"{path} is a half-written demo model (no {', '.join(missing)}): writing it again")
+        why = f"a half-written demo model (no {', '.join(missing)})" if missing else \
+            "a demo model from an older version"
+        say(f"{path} is {why}: writing it again")
         shutil.rmtree(path)
     say(f"writing the demo model (RANDOM weights, for trying openlora out) to {path}")
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{DEMO}.", dir=data_dir))
     try:
-        write_model(tmp, demo_spec())
+        _write_demo_model(tmp)
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

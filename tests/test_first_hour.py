@@ -133,3 +133,34 @@ def test_a_service_logs_json_from_its_first_record(tmp_path):
     assert [r["event"] for r in records] == ["kernel_build_started", "serving"]
     assert all(r["service"] == "executor-0" for r in records)
 
+
+
+def test_the_demo_model_vocabulary_is_its_tokenizers_and_its_greedy_text_is_visible(tmp_path):
+    """The demo model had 1024 ids for a 468-token tokenizer: 54% of ids decoded to "" (garbage text,
+    empty logprob tokens). Its vocabulary is now the tokenizer's, and greedy generation (the oracle,
+    transformers) gives visible tokens only; a demo model of the older shape is written again."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from services import up
+    model_dir = up.demo_model(tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    assert config["vocab_size"] == tok.get_vocab_size() == up.demo_vocab()
+    invisible = set(up.invisible_token_ids(model_dir / "tokenizer.json"))
+    assert 0 < len(invisible) < tok.get_vocab_size() // 2
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for prompt in ("Hello", "SELECT * FROM", "The quick brown fox"):
+        ids = torch.tensor([tok.encode(prompt).ids])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=config["eos_token_id"])
+        new = [i for i in out[0, ids.shape[1]:].tolist() if i != config["eos_token_id"]]
+        assert new and not invisible & set(new), (prompt, [tok.decode([i]) for i in new])
+        assert tok.decode(new).strip(), prompt
+    # a demo model written by an older version (vocabulary 1024) is replaced
+    config["vocab_size"] = 1024
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert json.loads((up.demo_model(tmp_path) / "config.json").read_text())["vocab_size"] == up.demo_vocab()

@@ -59,6 +59,24 @@ def _wait_ready(up: subprocess.Popen, err, timeout: float) -> float:
     return time.monotonic() - t0
 
 
+def _bench_reruns_and_failures(env: dict, cwd) -> None:
+    """After the README's bench examples: the plot went under the default data dir, a rerun of
+    --synthetic-adapters registers nothing new, and a run whose every request fails says why."""
+    plots = list((cwd / "openlora-data" / "bench").glob("latency-*.png"))
+    assert plots and plots[0].stat().st_size > 1000, plots
+    assert not list(cwd.glob("*.png"))
+    bench = [*CLI.split(), "bench", "--no-progress", "--requests", "4", "--max-new-tokens", "2"]
+    again = subprocess.run([*bench, "--synthetic-adapters", "16"], capture_output=True, text=True,
+                           timeout=300, env=env, cwd=cwd)
+    assert again.returncode == 0 and ": 0 registered" in again.stderr and "16 already there" in again.stderr, \
+        again.stderr
+    missing = subprocess.run([*bench, "--adapters", "3", "--adapter-prefix", "nobody/x"], capture_output=True,
+                             text=True, timeout=300, env=env, cwd=cwd)
+    last = missing.stderr.strip().splitlines()[-1]
+    assert missing.returncode == 1 and "all 4 requests failed (4 NOT_FOUND" in last, missing.stderr
+    assert "--synthetic-adapters N" in last and "openlora adapters add" in last, last
+
+
 def _stop(up: subprocess.Popen) -> int:
     up.send_signal(signal.SIGINT)
     try:
@@ -106,6 +124,7 @@ def test_every_readme_block_runs_against_a_fresh_up_and_up_restarts_at_once(tmp_
             assert proc.stdout.strip(), block.text          # each says something
             ran += 1
         assert ran >= 4
+        _bench_reruns_and_failures(env, tmp_path)
     finally:
         code = _stop(up)
     assert code == 0, err.read_text()

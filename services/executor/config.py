@@ -18,6 +18,12 @@ class ExecutorConfig(ServerConfig):
                       choices=("auto", "float32", "bfloat16", "float16"))
     max_batch_size: int = flag(64, "most sequences in one step")
     max_queue: int = flag(1024, "most requests waiting before RESOURCE_EXHAUSTED")
+    quantization: str = flag("none", "weight-only quantization of the base's projections at load: per-channel "
+                             "int8 or group-wise int4 (activations, adapters, embeddings and lm_head stay "
+                             "in --dtype); a GPTQ / AWQ checkpoint is used as quantized whatever this says",
+                             choices=("none", "int8", "int4"))
+    quantization_group_size: int = flag(128, "inputs sharing one int4 scale and zero point (32, 64, 128, 256 "
+                                        "or a multiple of 256)")
     max_device_adapters: int = flag(32, "most adapters the device tier holds at once (a cap on top of "
                                     "--device-cache-bytes)")
     max_lora_rank: int = flag(64, "largest adapter rank accepted")
@@ -31,6 +37,10 @@ class ExecutorConfig(ServerConfig):
                                    "smaller of --host-cache-bytes and a tenth of the free GPU memory; on "
                                    "CPU none: the kernel reads the arena. > 0 on CPU: a second host pool "
                                    "filled by copy, so the device tier runs in tests as on a GPU)")
+    unified_kv_adapter_pool: bool = flag(False, "adapter pages and KV blocks share one budget (S-LoRA's "
+                                         "unified paging): the kernel's page pool borrows whole KV blocks "
+                                         "no sequence uses, and cold adapters give them back before any "
+                                         "sequence is preempted; an adapter a request uses is never taken")
     arena_page_elems: int = flag(0, "elements per arena page (0 -> the smallest projection dimension, "
                                  "S-LoRA's vector-sized page)")
     adapter_eviction_policy: str = flag("gdsf", "which adapter a full arena or disk tier evicts: gdsf "
@@ -103,6 +113,11 @@ class ExecutorConfig(ServerConfig):
                      "kv_block_size", "max_prefill_tokens", "default_max_new_tokens",
                      "adapter_load_workers", "blob_read_concurrency"):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        check(self.quantization in ("none", "int8", "int4"), "quantization",
+              f"must be none, int8 or int4, got {self.quantization!r}")
+        check(self.quantization_group_size >= 32 and (self.quantization_group_size in (32, 64, 128)
+              or self.quantization_group_size % 256 == 0), "quantization_group_size",
+              f"must be 32, 64, 128, 256 or a multiple of 256, got {self.quantization_group_size}")
         check(self.adapter_wait_s > 0, "adapter_wait_s", "must be > 0")
         for name in ("host_cache_bytes", "device_cache_bytes", "disk_cache_bytes", "kv_cache_bytes", "max_model_len",
                      "arena_page_elems"):

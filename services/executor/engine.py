@@ -26,7 +26,7 @@ import torch
 from services.common.errors import Cancelled, InvalidArgument, QueueFull, Unavailable
 from services.common.memory import tune_malloc
 from services.common.peft_format import check_adapter_id
-from services.executor import ops
+from services.executor import ops, prompt_logprobs
 from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.device import DevicePool
 from services.executor.adapters.forms import BaseWeights
@@ -44,7 +44,13 @@ from services.executor.engine_types import (
     new_request_state,
 )
 from services.executor.intake import AdapterIntake
-from services.executor.kv_cache import KVBlockAllocator, KVCache, auto_num_blocks
+from services.executor.kv_cache import (
+    KVBlockAllocator,
+    KVCache,
+    auto_num_blocks,
+    blocks_needed,
+    unified_pool,
+)
 from services.executor.model.loader import (
     load_model,
     read_config,
@@ -52,6 +58,7 @@ from services.executor.model.loader import (
     resolve_dtype,
     resolve_model_dir,
 )
+from services.executor.model.quant import base_weight_bytes
 from services.executor.model_runner import ModelRunner
 from services.executor.output import OutputProcessor, deliver
 from services.executor.sampler import SamplingOptions
@@ -76,8 +83,10 @@ class Engine:
         _, cfg = read_config(path)
         max_len = config.max_model_len or cfg.max_positions
         block = config.kv_block_size
-        self.model, self.model_config, self.model_path = load_model(str(path), self.device,
-                                                                    self.dtype, max_len)
+        self.model, self.model_config, self.model_path = load_model(
+            str(path), self.device, self.dtype, max_len, config.quantization, config.quantization_group_size)
+        self.base_weight_bytes = base_weight_bytes(self.model)
+        log.info("base_model_loaded", quantization=self.model.quantization, bytes=self.base_weight_bytes)
         if config.prepack_weights:
             packed = self.model.prepack()
             if packed:
@@ -87,12 +96,14 @@ class Engine:
         layout = ArenaLayout.for_model(cfg, config.arena_page_elems)
         for layer, module, proj in self.model.projections():
             proj.lm = layout.lm(layer, module)
-        self.arena = HostArena(layout, config.host_cache_bytes, self.dtype,
-                               pin=self.device.type == "cuda")
-        self.arena.base = BaseWeights(self.model, tag=str(path))   # DoRA norms are taken against it
         device_bytes = device_cache_bytes(config, self.device)
+        unified = config.unified_kv_adapter_pool
+        # the kernel's pool (the device pool, else the arena) is built after the KV cache when it
+        # shares the KV's memory (--unified-kv-adapter-pool)
+        self.arena = None if unified and not device_bytes else HostArena(
+            layout, config.host_cache_bytes, self.dtype, pin=self.device.type == "cuda")
         self.device_pool = DevicePool(layout, device_bytes, self.dtype, self.device) \
-            if device_bytes else None
+            if device_bytes and not unified else None
         num_blocks = auto_num_blocks(      # after weights and pools: CUDA sizes from what is free
             config.kv_cache_bytes, layers=cfg.layers, block_size=block, kv_heads=cfg.kv_heads,
             head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
@@ -104,10 +115,24 @@ class Engine:
         self._tokenizer = Tokenizer.from_dir(path, self.model_config.eos_token_ids)
         eos = self.model_config.eos_token_ids or (self._tokenizer.eos_token_ids if self._tokenizer else ())
         eos_token_ids = frozenset(eos)
+        self.allocator = KVBlockAllocator(num_blocks)
+        kv_buffer = None
+        if unified:
+            own = (device_bytes or config.host_cache_bytes) // (layout.page_elems * self.dtype.itemsize)
+            lender, pages, kv_buffer = unified_pool(
+                self.allocator, layers=cfg.layers, block_size=block, kv_heads=cfg.kv_heads,
+                head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
+                page_elems=layout.page_elems, own_pages=own, reserve=blocks_needed(max_len, block))
+            if device_bytes:
+                self.device_pool = DevicePool(layout, device_bytes, self.dtype, self.device,
+                                              pages=pages, lender=lender)
+            else:
+                self.arena = HostArena(layout, config.host_cache_bytes, self.dtype, pages=pages,
+                                       lender=lender)
+        self.arena.base = BaseWeights(self.model, tag=str(path))   # DoRA norms are taken against it
         self.kv = KVCache(layers=cfg.layers, num_blocks=num_blocks, block_size=block,
                           kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
-                          device=self.device)
-        self.allocator = KVBlockAllocator(num_blocks)
+                          device=self.device, buffer=kv_buffer)
         self.speculator = None if config.speculative_method == "none" else Speculator(
             config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
             min_acceptance=config.speculative_min_acceptance,
@@ -128,6 +153,9 @@ class Engine:
                                   on_load=self._on_adapter_load,
                                   write_back=config.disk_write_back,
                                   write_back_queue=config.disk_write_back_queue)
+        if unified:   # KV demand takes back lent blocks from cold adapters before preempting
+            self.scheduler.reclaim = lambda n: self.adapters.reclaim(
+                n, lambda: self.allocator.num_free) >= 0 and self.allocator.can_allocate(n)
         self.runner = ModelRunner(self.model, self.model_config, self.kv, self.device,
                                   self.adapters.kernel_pool,
                                   config.max_prefill_tokens + config.max_batch_size,
@@ -260,6 +288,8 @@ class Engine:
             host_cache_bytes=self.arena.capacity_bytes, host_cache_used_bytes=self.arena.used_bytes,
             device_cache_bytes=dev.capacity_bytes if dev is not None else 0,
             device_cache_used_bytes=dev.used_bytes if dev is not None else 0,
+            unified_kv_adapter_pool=self.config.unified_kv_adapter_pool,
+            quantization=self.model.quantization, base_weight_bytes=self.base_weight_bytes,
             **self._spec_status())
 
     def _spec_status(self) -> dict:
@@ -319,9 +349,14 @@ class Engine:
             self._wake.wait(self.config.empty_step_wait_s)
             return
         reqs = [self._active[item.seq.seq_id] for item in batch.items]
-        logits = self._run_model(batch, reqs)
+        spans = prompt_logprobs.prompt_spans(batch)
+        logits = self._run_model(batch, reqs, spans)
         if logits is None:
             return
+        if spans:                       # the prompt rows come after the sampling rows
+            rows = logits.shape[0] - sum(k for _, k in spans)
+            prompt_logprobs.collect(logits[rows:], spans, batch, reqs)
+            logits = logits[:rows]
         items = [item for item in batch.items if item.samples]
         sampled = [r for r, item in zip(reqs, batch.items, strict=True) if item.samples]
         outs = self.outputs.sample(logits, sampled, [item.draft for item in items])
@@ -330,13 +365,29 @@ class Engine:
                 item.accepted = len(out[0]) - 1
                 self.speculator.record(item.seq.spec, len(item.draft), item.accepted, len(out[0]))
         self.scheduler.advance(batch)
+        for r in sampled:
+            if r.seq.prompt_logits and not r.done:
+                self._send_prompt_logprobs(r)
         self.outputs.emit(sampled, outs)
 
-    def _run_model(self, batch: Batch, reqs: list[RequestState]) -> torch.Tensor | None:
+    def _send_prompt_logprobs(self, r: RequestState) -> None:
+        """The event before the first token: every prompt token's logprob (prompt_logprobs.py)."""
+        r.seq.prompt_logits = False         # sent once; a recompute after preemption needs no rows
+        try:
+            lps = prompt_logprobs.finished(r)
+        except Exception as exc:
+            log.exception("prompt_logprobs_failed", request_id=r.req.request_id)
+            self._finish(r, None, InternalError(f"internal error in prompt logprobs: {exc}"))
+            return
+        r.prompt_lps = None
+        deliver(r, TokenEvent(r.req.request_id, [], "", [], None, r.seq.prompt_len, 0,
+                              prompt_logprobs=lps))
+
+    def _run_model(self, batch: Batch, reqs: list[RequestState], spans=()) -> torch.Tensor | None:
         """The step's logits, or None when the forward pass failed (its requests fail with it)."""
         entries = [r.lease.entry if r.lease is not None else None for r in reqs]
         try:
-            return self.runner.run(batch, entries)
+            return self.runner.run(batch, entries, spans)
         except Exception as exc:
             log.exception("step_failed", requests=[r.req.request_id for r in reqs])
             for r in reqs:

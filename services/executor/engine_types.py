@@ -37,6 +37,9 @@ class TokenEvent:
     completion_tokens: int
     error: Exception | None = None     # set on a failed request's last event
     top_logprobs: list[Top] = field(default_factory=list)   # per token, when sampling.top_logprobs > 0
+    # (token id, logprob, top-k | None) per prompt token, on one event before the first token, when
+    # sampling.prompt_logprobs is set (prompt_logprobs.py)
+    prompt_logprobs: list[tuple[int, float, Top | None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class EngineStatus:
     tier_stats: list[TierStat] = field(default_factory=list)   # device, host, disk
     host_cache_bytes: int = 0          # the host arena's capacity
     host_cache_used_bytes: int = 0     # its pages in use
+    quantization: str = "none"         # the base weights': none, int8, int4, gptq, awq
+    base_weight_bytes: int = 0         # the base model's weights as served (quantized ones packed)
     speculative_method: str = ""       # "" (off) or "ngram"
     spec_draft_tokens: int = 0         # draft tokens proposed and verified, since start
     spec_accepted_tokens: int = 0      # of those, accepted
@@ -106,6 +111,7 @@ class RequestState:
     slot: int | None = None            # its batch sort key
     completion: int = 0
     done: bool = False
+    prompt_lps: list | None = None     # prompt logprobs collected so far (prompt_logprobs.py)
 
 
 def new_request_state(req: GenerationRequest, on_event: Callable[[TokenEvent], None], *,
@@ -141,7 +147,8 @@ def new_request_state(req: GenerationRequest, on_event: Callable[[TokenEvent], N
                              | (set() if opts.ignore_eos else set(eos_token_ids))))
     return RequestState(
         req=req, on_event=on_event,
-        seq=Sequence(req.request_id, list(prompt_ids), len(prompt_ids)), max_new=max_new,
+        seq=Sequence(req.request_id, list(prompt_ids), len(prompt_ids),
+                     prompt_logits=opts.prompt_logprobs is not None), max_new=max_new,
         row=SamplingRow(opts, None if greedy else make_generator(opts.seed, device),
                         list(prompt_ids), len(prompt_ids), held_back),
         detok=Detokenizer(tokenizer, prompt_ids) if tokenizer else None,

@@ -71,6 +71,10 @@ class _EngineCollector:
                                   value=g(st, "prefix_cache_hit_tokens", 0))
         yield CounterMetricFamily("openlora_executor_prefill_tokens_computed",
                                   "prompt tokens run through the model", value=g(st, "prefill_tokens_computed", 0))
+        base = GaugeMetricFamily("openlora_executor_base_weight_bytes", "the base model's weights as served "
+                                 "(quantized projections at their packed size)", labels=["quantization"])
+        base.add_metric([g(st, "quantization", "none")], g(st, "base_weight_bytes", 0))
+        yield base
         for name, field, what in (("num_draft_tokens", "spec_draft_tokens", "Number of draft tokens."),
                                   ("num_accepted_tokens", "spec_accepted_tokens",
                                    "Number of accepted tokens."),

@@ -91,19 +91,22 @@ class ModelRunner:
                                      if w != model_config.sliding_window}, key=lambda w: w or 0)
         self.buffers = InputBuffers(max_tokens, max_seqs, device)
 
-    def run(self, batch: Batch, entries: list) -> Tensor:
+    def run(self, batch: Batch, entries: list, prompt_spans=()) -> Tensor:
         """-> next-token logits [sampled rows, vocab] float32, in batch order: one row per sampling
-        item, 1 + len(draft) for an item verifying a draft."""
-        return self.model(self.prepare(batch, entries), self.kv)
+        item, 1 + len(draft) for an item verifying a draft; then the rows of prompt_spans ((item
+        index, k): its first k new tokens, prompt_logprobs.py), in their order."""
+        return self.model(self.prepare(batch, entries, prompt_spans), self.kv)
 
-    def prepare(self, batch: Batch, entries: list) -> ForwardBatch:
+    def prepare(self, batch: Batch, entries: list, prompt_spans=()) -> ForwardBatch:
         """The step's ForwardBatch; entries[i]: batch.items[i]'s placement in the pool, or None."""
         bs = self.kv.block_size
         ids, positions, slot_mapping, logits_rows = [], [], [], []
         decode, decode_rows, prefill, prefill_rows = [], [], [], []
         seg_indptr, seg_slots, seg_entries = [0], [], []
         row = 0
+        starts = []
         for item, entry in zip(batch.items, entries, strict=True):
+            starts.append(row)
             seq, n = item.seq, item.num_new
             a = seq.num_computed
             ids += (seq.token_ids + item.draft if item.draft else seq.token_ids)[a:a + n]
@@ -122,6 +125,8 @@ class ModelRunner:
                 seg_indptr.append(seg_indptr[-1] + n)
                 seg_entries.append(entry)
             row += n
+        for i, k in prompt_spans:
+            logits_rows += range(starts[i], starts[i] + k)
         t = self.buffers.fill({"input_ids": ids, "positions": positions,
                                "slot_mapping": slot_mapping, "logits_rows": logits_rows,
                                "seg_indptr": seg_indptr, "seg_slots": seg_slots})

@@ -39,6 +39,7 @@ class SamplingOptions:
     presence_penalty: float = 0.0      # [-2, 2]; minus this for every token generated so far
     frequency_penalty: float = 0.0     # [-2, 2]; minus this times each token's count so far
     top_logprobs: int = 0              # 0..MAX_TOP_LOGPROBS most likely tokens returned per step
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob + k alternatives
     speculative: bool = True           # False -> never speculate for this request (same output)
 
     def problems(self) -> list[str]:
@@ -69,6 +70,8 @@ class SamplingOptions:
                 out.append(f"{name} must be in [-2, 2], got {value}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             out.append(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            out.append(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
         if any(t < 0 for t in self.stop_token_ids):
             out.append(f"stop_token_ids must be >= 0, got {min(self.stop_token_ids)}")
         return out

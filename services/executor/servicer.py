@@ -41,11 +41,18 @@ def to_request(pb: common_pb2.GenerateRequest) -> GenerationRequest:
             stop_token_ids=tuple(s.stop_token_ids), min_new_tokens=s.min_new_tokens,
             presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
             top_logprobs=s.top_logprobs,
+            prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
             speculative=s.speculative if s.HasField("speculative") else True))
 
 
 def _tops(ev: TokenEvent) -> list[common_pb2.TopLogprobs]:
     return [common_pb2.TopLogprobs(token_ids=ids, logprobs=lps) for ids, lps in ev.top_logprobs]
+
+
+def _prompt(ev: TokenEvent) -> list[common_pb2.PromptLogprob]:
+    return [common_pb2.PromptLogprob(token_id=t, logprob=lp, top=None if top is None else
+                                     common_pb2.TopLogprobs(token_ids=top[0], logprobs=top[1]))
+            for t, lp, top in ev.prompt_logprobs or ()]
 
 
 def _usage(ev: TokenEvent) -> common_pb2.Usage:
@@ -138,8 +145,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     async def Generate(self, request, context):
         await self._may_use(request.adapter_id, request.adapter_version)
         req = to_request(request)
-        ids, lps, text, tops, last = [], [], [], [], None
+        ids, lps, text, tops, prompt, last = [], [], [], [], [], None
         async for ev in self._events(req):
+            if ev.prompt_logprobs is not None:
+                prompt = _prompt(ev)
             ids += ev.token_ids
             lps += ev.logprobs
             text.append(ev.text)
@@ -148,7 +157,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         return common_pb2.GenerateResponse(
             request_id=req.request_id, text="".join(text), token_ids=ids, logprobs=lps,
             finish_reason=FINISH[last.finish_reason], usage=_usage(last),
-            executor_id=self.executor_id, top_logprobs=tops)
+            executor_id=self.executor_id, top_logprobs=tops, prompt_logprobs=prompt)
 
     async def GenerateStream(self, request, context):
         await self._may_use(request.adapter_id, request.adapter_version)
@@ -159,7 +168,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 request_id=req.request_id, token_ids=ev.token_ids, text=ev.text,
                 logprobs=ev.logprobs, finish_reason=FINISH[ev.finish_reason],
                 usage=_usage(ev) if final else None, executor_id=self.executor_id,
-                top_logprobs=_tops(ev))
+                top_logprobs=_tops(ev), prompt_logprobs=_prompt(ev))
 
     async def LoadAdapter(self, request, context):
         await self._may_use(request.adapter_id, request.version)
@@ -199,6 +208,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             spec_accepted_tokens=st.spec_accepted_tokens, spec_emitted_tokens=st.spec_emitted_tokens,
             spec_acceptance_rate=st.spec_acceptance_rate,
             max_model_len=self.engine.max_model_len,
+            quantization=st.quantization, base_weight_bytes=st.base_weight_bytes,
             adapters=[executor_pb2.AdapterResidency(adapter_id=a.adapter_id, version=a.version,
                                                     tier=TIERS.get(a.tier, 0),
                                                     active_requests=a.active_requests)

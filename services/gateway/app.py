@@ -65,6 +65,31 @@ def _dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+def _token_id_str(token_id: int) -> str:
+    """return_tokens_as_token_ids: a token as `token_id:N` (vLLM's spelling), never ambiguous."""
+    return f"token_id:{token_id}"
+
+
+@dataclasses.dataclass
+class Shape:
+    """One request's reply options (fixed before the first upstream call)."""
+
+    route: str
+    model: str
+    chat: bool
+    n: int
+    token_ids: bool                 # return_token_ids: each choice's token ids
+    include_usage: bool             # stream_options.include_usage
+    k: int | None                   # logprobs alternatives per token (None: no logprobs)
+    prompt_k: int | None            # vLLM's prompt_logprobs (None: not asked)
+    echo: bool                      # completions: the prompt before the output
+    drop_output: bool               # echo with max_tokens 0: the one token generated is dropped
+    token_str: object               # token id -> its text in logprobs
+    token_bytes: object             # token id -> its bytes (chat logprobs)
+    echo_texts: list[str] = dataclasses.field(default_factory=list)   # per prompt
+    offsets: list[int] = dataclasses.field(default_factory=list)      # per choice: text_offset so far
+
+
 class ClientGone(Exception):
     """The HTTP client disconnected; its gRPC calls were cancelled."""
 
@@ -334,38 +359,48 @@ class Gateway:
     async def generate(self, request: Request, route: str, body: dict, chat: bool) -> Response:
         model = body.get("model")
         adapter, version = await self.resolve(model)
-        api.unsupported(body, ("suffix", "echo", "tools", "functions", "logit_bias", "best_of")
+        api.unsupported(body, ("suffix", "tools", "functions", "logit_bias", "best_of")
                         if not chat else ("tools", "functions", "logit_bias", "tool_choice"))
         n = api.integer(body, "n", 1, 1, self.config.max_n)
         stream = api.boolean(body, "stream")
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict):
             raise ApiError(400, "`stream_options` must be an object", "stream_options", "invalid_value")
-        include_usage = stream and api.boolean(stream_options, "include_usage")
-        token_ids = api.boolean(body, "return_token_ids")
+        echo = not chat and api.boolean(body, "echo")
+        o = Shape(route=route, model=model, chat=chat, n=n,
+                  token_ids=api.boolean(body, "return_token_ids"),
+                  include_usage=stream and api.boolean(stream_options, "include_usage"),
+                  k=api.chat_logprobs_k(body) if chat else api.completion_logprobs_k(body),
+                  prompt_k=api.prompt_logprobs_k(body), echo=echo,
+                  drop_output=echo and api.max_tokens(body, chat, echo) == 0,
+                  token_str=(_token_id_str if api.boolean(body, "return_tokens_as_token_ids")
+                             else self.files.token_str),
+                  token_bytes=self.files.token_bytes)
         api.string(body, "user")
         if chat:
-            k = api.chat_logprobs_k(body)
             prompts = [self._chat_prompt(body)]
             sampling = api.sampling(body, 0, chat=True)
         else:
-            k = api.completion_logprobs_k(body)
             prompts = api.prompts(body)
-            sampling = api.sampling(body, self.config.default_max_tokens, chat=False)
-        if k is not None:
-            sampling.top_logprobs = k
+            sampling = api.sampling(body, self.config.default_max_tokens, chat=False, echo=echo)
+        if o.k is not None:
+            sampling.top_logprobs = o.k
+        wanted = [x for x in (o.prompt_k, o.k if echo else None) if x is not None]
+        if wanted:
+            sampling.prompt_logprobs = max(wanted)
+        if echo:
+            o.echo_texts = [p if isinstance(p, str) else self.files.decode(p) for p in prompts]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         reqs = self._requests(rid, adapter, version, prompts, n, sampling)
         try:
             if not stream:
                 replies = await _unless_disconnected(request.receive, self._unary(reqs, caller(request)))
-                return self._reply(route, rid, model, chat, replies, n, k, token_ids)
+                return self._reply(rid, o, replies)
             calls, firsts = await _unless_disconnected(request.receive,
                                                        self._open_streams(reqs, caller(request)))
         except grpc.aio.AioRpcError as exc:
             raise api.from_rpc(exc, model) from None
-        events = self._events(route, rid, model, chat, calls, firsts, n, k, token_ids, include_usage)
-        return EventStream(events, calls)
+        return EventStream(self._events(rid, o, calls, firsts), calls)
 
     def _chat_prompt(self, body: dict):
         messages = api.chat_messages(body)
@@ -388,66 +423,102 @@ class Gateway:
         self.metrics.prompt_tokens.labels(route).inc(prompt_tokens)
         self.metrics.completion_tokens.labels(route).inc(completion_tokens)
 
-    def _reply(self, route, rid, model, chat, replies, n, k, token_ids) -> Response:
+    def _reply(self, rid: str, o: Shape, replies) -> Response:
         choices = []
+        n = o.n
         prompt_tokens = sum(r.usage.prompt_tokens for r in replies[::n])
-        completion_tokens = sum(r.usage.completion_tokens for r in replies)
+        completion_tokens = 0 if o.drop_output else sum(r.usage.completion_tokens for r in replies)
         for i, r in enumerate(replies):
-            if chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": r.text},
-                          "logprobs": None if k is None else api.chat_logprobs(
-                              self.files.token_str, r.token_ids, r.logprobs, r.top_logprobs, k),
+            items = [] if o.drop_output else api.entries(r.token_ids, r.logprobs, r.top_logprobs)
+            text = "" if o.drop_output else r.text
+            if o.chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": text},
+                          "logprobs": None if o.k is None else api.chat_logprobs(
+                              o.token_str, o.token_bytes, items, o.k),
                           "finish_reason": api.FINISH[r.finish_reason]}
             else:
-                choice = {"index": i, "text": r.text,
-                          "logprobs": None if k is None else api.completion_logprobs(
-                              self.files.token_str, r.token_ids, r.logprobs, r.top_logprobs, k),
+                lp = None
+                if o.echo:
+                    text = o.echo_texts[i // n] + text
+                    if o.k is not None:
+                        items = api.prompt_entries(r.prompt_logprobs) + items
+                if o.k is not None:
+                    lp = api.completion_logprobs(o.token_str, items, o.k)
+                choice = {"index": i, "text": text, "logprobs": lp,
                           "finish_reason": api.FINISH[r.finish_reason]}
-            if token_ids:
-                choice["token_ids"] = list(r.token_ids)
+            if o.prompt_k is not None:
+                choice["prompt_logprobs"] = api.vllm_prompt_logprobs(
+                    o.token_str, api.prompt_entries(r.prompt_logprobs))
+            if o.token_ids:
+                choice["token_ids"] = [] if o.drop_output else list(r.token_ids)
             choices.append(choice)
-        self._count(route, prompt_tokens, completion_tokens)
+        self._count(o.route, prompt_tokens, completion_tokens)
         return Response(_dumps({
-            "id": rid, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": choices,
+            "id": rid, "object": "chat.completion" if o.chat else "text_completion",
+            "created": int(time.time()), "model": o.model, "choices": choices,
             "usage": api.usage(prompt_tokens, completion_tokens)}).encode(),
             media_type="application/json")
 
-    async def _events(self, route, rid, model, chat, calls, firsts, n, k, token_ids, include_usage):
+    def _first_chunks(self, o: Shape, firsts) -> list[dict]:
+        """What each choice says before its tokens: chat's role; completions' echoed prompt (with
+        its logprobs); vLLM's prompt_logprobs."""
+        out = []
+        for i, first in enumerate(firsts):
+            if o.chat:
+                choice = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}
+            elif o.echo or o.prompt_k is not None:
+                choice = {"index": i, "text": o.echo_texts[i // o.n] if o.echo else "",
+                          "logprobs": None, "finish_reason": None}
+                if o.echo and o.k is not None:
+                    choice["logprobs"] = api.completion_logprobs(
+                        o.token_str, api.prompt_entries(first.prompt_logprobs), o.k)
+                    o.offsets[i] = len(choice["text"])
+            else:
+                continue
+            if o.prompt_k is not None:
+                choice["prompt_logprobs"] = api.vllm_prompt_logprobs(
+                    o.token_str, api.prompt_entries(first.prompt_logprobs))
+            out.append(choice)
+        return out
+
+    async def _events(self, rid: str, o: Shape, calls, firsts):
         start = time.perf_counter()
+        chat, n, k, route = o.chat, o.n, o.k, o.route
         head = _dumps({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                       "created": int(time.time()), "model": model})[:-1] + ',"choices":['
-        tail = ',"usage":null}\n\n' if include_usage else '}\n\n'
+                       "created": int(time.time()), "model": o.model})[:-1] + ',"choices":['
+        tail = ',"usage":null}\n\n' if o.include_usage else '}\n\n'
         prompt_tokens = completion_tokens = 0
-        offsets = [0] * len(calls)
+        o.offsets = [0] * len(calls)
         first_token = True
         try:
-            if chat:
-                for i in range(len(calls)):
-                    role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None}
-                    yield ("data: " + head + _dumps(role) + "]" + tail).encode()
+            for choice in self._first_chunks(o, firsts):
+                yield ("data: " + head + _dumps(choice) + "]" + tail).encode()
             async for i, c in self._chunks(calls, firsts):
                 finish = api.FINISH[c.finish_reason]
-                if not (c.text or finish or ((k is not None or token_ids) and c.token_ids)):
+                if finish:
+                    if i % n == 0:
+                        prompt_tokens += c.usage.prompt_tokens
+                    completion_tokens += 0 if o.drop_output else c.usage.completion_tokens
+                if o.drop_output:
+                    if finish:
+                        choice = {"index": i, "text": "", "logprobs": None, "finish_reason": finish}
+                        yield ("data: " + head + _dumps(choice) + "]" + tail).encode()
+                    continue
+                if not (c.text or finish or ((k is not None or o.token_ids) and c.token_ids)):
                     continue
                 if first_token and c.token_ids:
                     first_token = False
                     self.metrics.ttft.labels(route).observe(time.perf_counter() - start)
                 lp = None
                 if k is not None:
+                    items = api.entries(c.token_ids, c.logprobs, c.top_logprobs)
                     if chat:
-                        lp = api.chat_logprobs(self.files.token_str, c.token_ids, c.logprobs,
-                                               c.top_logprobs, k)
+                        lp = api.chat_logprobs(o.token_str, o.token_bytes, items, k)
                     else:
-                        lp = api.completion_logprobs(self.files.token_str, c.token_ids, c.logprobs,
-                                                     c.top_logprobs, k, offsets[i])
-                        offsets[i] += sum(len(t) for t in lp["tokens"])
-                if finish:
-                    if i % n == 0:
-                        prompt_tokens += c.usage.prompt_tokens
-                    completion_tokens += c.usage.completion_tokens
-                elif lp is None and not token_ids:   # the common case, without building a dict
+                        lp = api.completion_logprobs(o.token_str, items, k, o.offsets[i])
+                        o.offsets[i] += sum(len(t) for t in lp["tokens"])
+                if not finish and lp is None and not o.token_ids:   # the common case, no dict built
                     text = _dumps(c.text)
                     yield ("data: " + head + (f'{{"index":{i},"delta":{{"content":{text}}},' if chat else
                                               f'{{"index":{i},"text":{text},')
@@ -458,15 +529,15 @@ class Gateway:
                               "logprobs": lp, "finish_reason": finish}
                 else:
                     choice = {"index": i, "text": c.text, "logprobs": lp, "finish_reason": finish}
-                if token_ids:
+                if o.token_ids:
                     choice["token_ids"] = list(c.token_ids)
                 yield ("data: " + head + _dumps(choice) + "]" + tail).encode()
         except grpc.aio.AioRpcError as exc:   # after the 200: an error event, then [DONE]
-            yield ("data: " + api.from_rpc(exc, model).json_bytes().decode() + "\n\n").encode()
+            yield ("data: " + api.from_rpc(exc, o.model).json_bytes().decode() + "\n\n").encode()
             yield DONE
             return
         self._count(route, prompt_tokens, completion_tokens)
-        if include_usage:
+        if o.include_usage:
             yield ("data: " + head + "]," + '"usage":' + _dumps(api.usage(prompt_tokens, completion_tokens))
                    + "}\n\n").encode()
         yield DONE

@@ -49,18 +49,36 @@ def _compile(source: str):
     return env.from_string(source)
 
 
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (printable stand-ins for the 256 bytes) -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
 class ModelFiles:
     """What the gateway reads from the base model's directory: tokenizer and chat template."""
 
     def __init__(self, path: str | pathlib.Path | None):
         self.path = pathlib.Path(path) if path else None
         self.tokenizer: HFTokenizer | None = None
+        self.byte_level = False      # a byte-level BPE (GPT-2's alphabet): pieces map to bytes
         self.chat_template: str | None = None
         self.bos_token = self.eos_token = ""
         if self.path is None or not self.path.is_dir():
             return
         if (self.path / "tokenizer.json").is_file():
             self.tokenizer = HFTokenizer.from_file(str(self.path / "tokenizer.json"))
+            self.byte_level = "ByteLevel" in json.dumps(
+                json.loads((self.path / "tokenizer.json").read_text()).get("decoder"))
         cfg_file = self.path / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         self.bos_token, self.eos_token = _special(cfg, "bos_token"), _special(cfg, "eos_token")
@@ -87,6 +105,29 @@ class ModelFiles:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids as text (special tokens kept); `token_id:N` pieces without a tokenizer."""
+        if self.tokenizer is None:
+            return "".join(self.token_str(t) for t in ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    @lru_cache(maxsize=65536)  # noqa: B019 (one tokenizer per gateway process, kept for its life)
+    def token_bytes(self, token_id: int) -> list[int]:
+        """One token's own bytes (a byte-level BPE piece's bytes, a `<0xNN>` byte token's byte,
+        SentencePiece's `▁` as a space), not the UTF-8 of its lone decoding (U+FFFD for a partial
+        character)."""
+        if self.tokenizer is None:
+            return list(self.token_str(token_id).encode())
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            return list(self.token_str(token_id).encode())
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return [int(piece[3:5], 16)]
+        decoder = _byte_decoder()
+        if self.byte_level and all(ch in decoder for ch in piece):
+            return [decoder[ch] for ch in piece]
+        return list(piece.replace("\u2581", " ").encode())
 
     @lru_cache(maxsize=65536)  # noqa: B019 (one tokenizer per gateway process, kept for its life)
     def token_str(self, token_id: int) -> str:

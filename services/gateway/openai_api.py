@@ -101,11 +101,17 @@ def string(body: dict, name: str, required: bool = False) -> str | None:
     return v
 
 
-def sampling(body: dict, default_max_tokens: int, chat: bool) -> common_pb2.SamplingParams:
-    """OpenAI's and vLLM's sampling fields -> SamplingParams (ranges the executor checks again)."""
-    max_tokens = integer(body, "max_tokens", None, 1, U32)
+def max_tokens(body: dict, chat: bool, echo: bool = False) -> int | None:
+    """`max_tokens` (chat: or `max_completion_tokens`); 0 only with `echo` (the prompt alone)."""
     if chat and body.get("max_completion_tokens") is not None:
-        max_tokens = integer(body, "max_completion_tokens", None, 1, U32)
+        return integer(body, "max_completion_tokens", None, 1, U32)
+    return integer(body, "max_tokens", None, 0 if echo else 1, U32)
+
+
+def sampling(body: dict, default_max_tokens: int, chat: bool, echo: bool = False) -> common_pb2.SamplingParams:
+    """OpenAI's and vLLM's sampling fields -> SamplingParams (ranges the executor checks again);
+    max_tokens 0 (echo only) asks for one token, which the caller drops."""
+    n_max = max_tokens(body, chat, echo)
     top_k = integer(body, "top_k", 0, -1, U32)
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -119,7 +125,7 @@ def sampling(body: dict, default_max_tokens: int, chat: bool) -> common_pb2.Samp
                                                and 0 <= t <= U32 for t in stop_ids)):
         raise _bad("stop_token_ids", f"must be a list of token ids (integers in [0, {U32}])")
     params = common_pb2.SamplingParams(
-        max_new_tokens=max_tokens or default_max_tokens,
+        max_new_tokens=default_max_tokens if n_max is None else max(n_max, 1),
         temperature=number(body, "temperature", 1.0, 0, 100),
         top_p=number(body, "top_p", 1.0, 0, 1),
         top_k=max(top_k, 0),
@@ -136,6 +142,11 @@ def sampling(body: dict, default_max_tokens: int, chat: bool) -> common_pb2.Samp
     if seed is not None:
         params.seed = seed
     return params
+
+
+def prompt_logprobs_k(body: dict) -> int | None:
+    """vLLM's `prompt_logprobs` extra: each prompt token's logprob and this many alternatives."""
+    return integer(body, "prompt_logprobs", None, 0, MAX_TOP_LOGPROBS)
 
 
 def completion_logprobs_k(body: dict) -> int | None:
@@ -213,32 +224,72 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_logprobs(token_str, token_ids, lps, tops, k: int, offset: int = 0) -> dict:
-    """The legacy completions logprobs object for some tokens (text_offset from `offset`)."""
-    tokens, offsets, top_dicts = [], [], []
-    for i, (t, lp) in enumerate(zip(token_ids, lps, strict=False)):
+Entry = tuple  # (token id, logprob or None (the first prompt token), top: (ids, logprobs) or None)
+
+
+def entries(token_ids, lps, tops) -> list[Entry]:
+    """Generated tokens (a GenerateResponse/GenerateChunk's fields) as logprob entries."""
+    return [(t, lp, (list(tops[i].token_ids), list(tops[i].logprobs)) if i < len(tops) else None)
+            for i, (t, lp) in enumerate(zip(token_ids, lps, strict=False))]
+
+
+def prompt_entries(plps) -> list[Entry]:
+    """PromptLogprob messages as entries (the first prompt token has no logprob: None)."""
+    return [(p.token_id, None if i == 0 else p.logprob,
+             (list(p.top.token_ids), list(p.top.logprobs)) if p.HasField("top") else None)
+            for i, p in enumerate(plps)]
+
+
+def completion_logprobs(token_str, items: list[Entry], k: int, offset: int = 0) -> dict:
+    """The legacy completions logprobs object (text_offset from `offset`). top_logprobs holds the k
+    best (distinct ids; keys are their text, or `token_id:N` with return_tokens_as_token_ids) and
+    always the chosen token, as OpenAI and vLLM do; None for the first prompt token."""
+    tokens, offsets, top_dicts, token_lps = [], [], [], []
+    for t, lp, top in items:
         s = token_str(t)
         tokens.append(s)
         offsets.append(offset)
         offset += len(s)
-        d = {s: lp}
-        if k and i < len(tops):
-            d = {token_str(a): b for a, b in zip(tops[i].token_ids[:k], tops[i].logprobs[:k], strict=False)}
-            d.setdefault(s, lp)
+        token_lps.append(lp)
+        if lp is None:
+            top_dicts.append(None)
+            continue
+        d = {}
+        if k and top is not None:
+            for a, b in zip(top[0][:k], top[1][:k], strict=False):
+                d.setdefault(token_str(a), b)
+        d.setdefault(s, lp)
         top_dicts.append(d)
-    return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top_dicts,
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": top_dicts,
             "text_offset": offsets}
 
 
-def chat_logprobs(token_str, token_ids, lps, tops, k: int) -> dict:
+def chat_logprobs(token_str, token_bytes, items: list[Entry], k: int) -> dict:
+    """Chat's logprobs: {"content": [{token, logprob, bytes, top_logprobs: k best by id}]}."""
     def entry(t, lp):
-        s = token_str(t)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return {"token": token_str(t), "logprob": lp, "bytes": token_bytes(t)}
 
     content = []
-    for i, (t, lp) in enumerate(zip(token_ids, lps, strict=False)):
+    for t, lp, top in items:
         e = entry(t, lp)
-        e["top_logprobs"] = ([entry(a, b) for a, b in zip(tops[i].token_ids[:k], tops[i].logprobs[:k], strict=False)]
-                             if k and i < len(tops) else [])
+        e["top_logprobs"] = ([entry(a, b) for a, b in zip(top[0][:k], top[1][:k], strict=False)]
+                             if k and top is not None else [])
         content.append(e)
     return {"content": content}
+
+
+def vllm_prompt_logprobs(token_str, items: list[Entry]) -> list:
+    """vLLM's `prompt_logprobs`: None for the first token, then {id: {logprob, rank, decoded_token}}
+    for the prompt token and its alternatives (rank: 1-based among the alternatives, else None)."""
+    out = []
+    for t, lp, top in items:
+        if lp is None:
+            out.append(None)
+            continue
+        ids, values = top if top is not None else ([], [])
+        d = {str(t): {"logprob": lp, "rank": ids.index(t) + 1 if t in ids else None,
+                      "decoded_token": token_str(t)}}
+        for r, (a, b) in enumerate(zip(ids, values, strict=False)):
+            d.setdefault(str(a), {"logprob": b, "rank": r + 1, "decoded_token": token_str(a)})
+        out.append(d)
+    return out

@@ -157,7 +157,8 @@ class BaseWeights:
         for layer, module, proj in model.projections():
             from services.executor.model.llama import LORA_MODULES
             lm = layer * MODULES_PER_LAYER + LORA_MODULES.index(module)
-            self.proj[lm] = (proj.weight, proj.bias)
+            # a quantized base (model/quant.py): the weight it serves, dequantized when a DoRA norm needs it
+            self.proj[lm] = (proj.weight if proj.weight is not None else proj.base, proj.bias)
         self.embed = model.model.embed_tokens.weight
         self.lm_head = model._lm_weight()
         self.fingerprint = hashlib.sha256(tag.encode()).hexdigest()[:12]
@@ -166,6 +167,8 @@ class BaseWeights:
 def dora_scale(weight: Tensor, a: Tensor, b: Tensor, scaling: float, magnitude: Tensor) -> Tensor:
     """magnitude / ||W + scaling * B @ A||_row  [d_out] float32 (PEFT's DoraLinearLayer.get_weight_norm,
     computed in float64 on the host)."""
+    if not isinstance(weight, Tensor):   # a quantized base GEMM (model/quant.py)
+        weight = weight.dequantize()
     w = weight.detach().to("cpu", torch.float64) + scaling * (b.double() @ a.double())
     return (magnitude.double() / torch.linalg.norm(w, dim=1)).float()
 

@@ -20,6 +20,7 @@ from services.executor import ops
 from services.executor.adapters.forms import dora_epilogue
 from services.executor.kv_cache import KVCache
 from services.executor.model.attention import AttnMetadata, paged_attention
+from services.executor.model.quant import BaseLinear, Prepacked
 
 if TYPE_CHECKING:
     from services.executor.adapters.arena import PagedBatch
@@ -221,13 +222,11 @@ class LoraProj(nn.Module):
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
         self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
         self.packed: Tensor | None = None   # ops.pack_weight(self.weight), see LlamaForCausalLM.prepack
+        self.base: BaseLinear | None = None  # the base GEMM when not F.linear: prepacked or quantized (quant.py)
         self.lm = 0                         # (layer, module) index in the page tables
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
-        if self.packed is not None:
-            y = ops.linear_packed(x, self.weight, self.packed, self.bias)
-        else:
-            y = torch.nn.functional.linear(x, self.weight, self.bias)
+        y = self.base(x) if self.base is not None else torch.nn.functional.linear(x, self.weight, self.bias)
         p = batch.paged
         if p is not None and p.any_lora:
             ops.lora_paged_add_(y, x.contiguous(), p.arena, p.page_index, p.seg_meta, p.seg_scalings,
@@ -324,7 +323,10 @@ class LlamaForCausalLM(nn.Module):
         float32 CPU with MKL; elsewhere a no-op). Call after the weights are loaded. -> bytes packed."""
         total = 0
         for _, _, proj in self.projections():
+            if proj.weight is None:   # quantized (quant.py)
+                continue
             proj.packed = ops.pack_weight(proj.weight)
+            proj.base = None if proj.packed is None else Prepacked(proj.weight, proj.packed, proj.bias)
             total += 0 if proj.packed is None else proj.packed.numel()
         self.lm_packed = ops.pack_weight(self._lm_weight())
         return total + (0 if self.lm_packed is None else self.lm_packed.numel())

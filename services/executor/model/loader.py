@@ -1,6 +1,9 @@
 """Load a Llama-family model from a Hugging Face directory (or hub id) — safetensors only.
 
-    model, cfg, path = load_model("path/or/org-name", device, dtype, max_len)
+    model, cfg, path = load_model("path/or/org-name", device, dtype, max_len, quantization="int8")
+
+A GPTQ or AWQ checkpoint (quantization_config in config.json, or quantize_config.json) loads its
+4-bit projections repacked for the int4 kernels (model/quant_checkpoints.py), whatever quantization says.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import pathlib
 import torch
 from safetensors import safe_open
 
+from services.executor.model import quant, quant_checkpoints
 from services.executor.model.llama import LlamaForCausalLM, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,21 +87,32 @@ def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
                             "only safetensors checkpoints are loaded")
 
 
-def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype,
-               max_len: int) -> tuple[LlamaForCausalLM, ModelConfig, pathlib.Path]:
+def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype, max_len: int,
+               quantization: str = "none", group_size: int = 128,
+               ) -> tuple[LlamaForCausalLM, ModelConfig, pathlib.Path]:
     path = resolve_model_dir(name_or_path)
-    _, cfg = read_config(path)
+    raw, cfg = read_config(path)
+    fmt = quant_checkpoints.checkpoint_format(path, raw)   # None, or the GPTQ / AWQ settings
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_len)
-    state = {}
+    state, packed = {}, {}
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
+                if fmt is not None and name.rsplit(".", 1)[-1] in quant_checkpoints.TENSORS:
+                    packed[name] = f.get_tensor(name)
+                    continue
                 state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    model.load_state_dict(state, strict=True, assign=True)
+    if fmt is None:
+        model.load_state_dict(state, strict=True, assign=True)
+        quant.quantize_projections(model, quantization, group_size)
+    else:
+        loaded = model.load_state_dict(state, strict=False, assign=True)
+        quant_checkpoints.load_projections(model, fmt, packed, loaded, dtype, device)
+    model.quantization = fmt.method if fmt is not None else quantization   # reported by GetStatus
     model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
     return model.eval().requires_grad_(False), cfg, path

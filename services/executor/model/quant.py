@@ -1,0 +1,272 @@
+"""The projections' base GEMM: prepacked float32, and weight-only int8 / int4 (quantized at load, or
+repacked from GPTQ / AWQ checkpoints by model/quant_checkpoints.py).
+
+    y = proj.base(x)        # x [T, d_in] -> [T, d_out] in x's dtype, bias added; the LoRA part follows
+
+Weights only: activations stay in the serving dtype and adapters are added unchanged afterwards.
+    int8: w[n, k] = q[n, k] * s[n]                      per output channel, symmetric (|q| <= 127)
+    int4: w[n, k] = (q[n, j] - z[n, g]) * s[n, g]       j = position of input k in perm (identity
+                                                          unless act-order), g = j // group_size
+Each format has a pure-torch dequantize beside it (the tests' reference). The GEMMs are torch's own
+CPU kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu); on CUDA int4 runs
+aten._weight_int4pack_mm (bfloat16), int8 a dequantize-free matmul with the scale after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from services.executor import ops
+
+METHODS = ("none", "int8", "int4")
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)   # what the int4 kernels take; larger groups are split
+
+
+class QuantizationError(ValueError):
+    """A weight or checkpoint the quantized path cannot take (one line naming what)."""
+
+
+class BaseLinear(Protocol):
+    d_in: int
+    d_out: int
+
+    def __call__(self, x: Tensor) -> Tensor: ...          # [T, d_in] -> [T, d_out]
+
+    @property
+    def nbytes(self) -> int: ...                           # bytes the GEMM reads (weights, scales, bias)
+
+    def dequantize(self) -> Tensor: ...                    # the weight it multiplies by [d_out, d_in]
+
+
+@dataclass
+class Prepacked:
+    """float32 CPU: the weight copied once into MKL's GEMM layout (ops.pack_weight)."""
+
+    weight: Tensor        # [d_out, d_in]
+    packed: Tensor
+    bias: Tensor | None
+
+    d_in = property(lambda self: self.weight.shape[1])
+    d_out = property(lambda self: self.weight.shape[0])
+    nbytes = property(lambda self: _bytes(self.packed, self.bias))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return ops.linear_packed(x, self.weight, self.packed, self.bias)
+
+    def dequantize(self) -> Tensor:
+        return self.weight
+
+
+# --- int8, per output channel ---------------------------------------------------------------------
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> (q [N, K] int8, s [N] float32): symmetric per row, s = max|w| / 127."""
+    w = w.float()
+    s = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, s
+
+
+def dequantize_int8(q: Tensor, s: Tensor) -> Tensor:
+    """-> w [N, K] float32."""
+    return q.float() * s.float()[:, None]
+
+
+class Int8Linear:
+    def __init__(self, q: Tensor, s: Tensor, bias: Tensor | None, dtype: torch.dtype):
+        self.q = q.contiguous()               # [N, K] int8
+        self.s = s.to(dtype).contiguous()     # [N]
+        self.bias = bias
+        self.d_out, self.d_in = q.shape
+
+    @property
+    def nbytes(self) -> int:
+        return _bytes(self.q, self.s, self.bias)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.s)
+        else:   # torch has no int8 weight-only CUDA kernel: q is converted whole at each call (slow)
+            y = (x @ self.q.to(x.dtype).T) * self.s
+        return y if self.bias is None else y.add_(self.bias)
+
+    def dequantize(self) -> Tensor:
+        return dequantize_int8(self.q, self.s).to(self.s.dtype)
+
+
+# --- int4, group-wise with zero points --------------------------------------------------------------
+
+@dataclass
+class Int4Weight:
+    """The format every int4 source is brought to (our quantizer, GPTQ, AWQ).
+
+    w[:, perm[j]] = (q[:, j] - z[:, j // group_size]) * s[:, j // group_size]
+    """
+
+    q: Tensor               # [N, K] uint8, 0..15, columns in perm order
+    s: Tensor               # [N, K // group_size] float32
+    z: Tensor               # [N, K // group_size] float32 (integers for GPTQ / AWQ)
+    group_size: int
+    perm: Tensor | None = None   # [K] long: input column of each q column (act-order); None: identity
+
+    def dequantize(self) -> Tensor:
+        """-> w [N, K] float32 in the input's column order (the reference)."""
+        g = self.group_size
+        w = (self.q.float() - self.z.repeat_interleave(g, dim=1)) * self.s.repeat_interleave(g, dim=1)
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
+
+
+def quantize_int4(w: Tensor, group_size: int) -> Int4Weight:
+    """w [N, K] -> asymmetric min/max int4 per group of group_size inputs (zero points in 0..15)."""
+    n, k = w.shape
+    if k % group_size:
+        raise QuantizationError(f"int4 group size {group_size} does not divide the input dimension {k} "
+                                "(--quantization-group-size)")
+    wg = w.float().reshape(n, k // group_size, group_size)
+    lo = wg.amin(dim=-1).clamp(max=0)
+    hi = wg.amax(dim=-1).clamp(min=0)
+    s = ((hi - lo) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+    z = torch.round(-lo / s).clamp_(0, 15)
+    q = torch.round(wg / s[..., None] + z[..., None]).clamp_(0, 15).to(torch.uint8)
+    return Int4Weight(q.reshape(n, k), s, z, group_size)
+
+
+def _kernel_groups(wt: Int4Weight) -> tuple[Tensor, Tensor, int]:
+    """(s, z, group) with group one the kernels take: a group above 256 is cut into equal groups."""
+    g = wt.group_size
+    if g in INT4_KERNEL_GROUPS:
+        return wt.s, wt.z, g
+    kg = next((c for c in reversed(INT4_KERNEL_GROUPS) if g % c == 0), None)
+    if g < INT4_KERNEL_GROUPS[0] or kg is None:
+        raise QuantizationError(f"int4 group size {g} is not supported (32, 64, 128, 256 or a multiple)")
+    return wt.s.repeat_interleave(g // kg, dim=1), wt.z.repeat_interleave(g // kg, dim=1), kg
+
+
+class Int4Linear:
+    """torch's int4 GEMM: w = (q - 8) * s + zero, so zero = (8 - z) * s carries the zero points."""
+
+    def __init__(self, wt: Int4Weight, bias: Tensor | None, dtype: torch.dtype, device: torch.device):
+        n, k = wt.q.shape
+        s, z, g = _kernel_groups(wt)
+        if k % g:
+            raise QuantizationError(f"int4 group size {g} does not divide the input dimension {k}")
+        self.d_out, self.d_in, self.group = n, k, g
+        self.bias = bias
+        self.perm = None if wt.perm is None else wt.perm.to(device)
+        sz = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1)          # [K // g, N, 2]
+        if device.type == "cuda":
+            if n % 8 or k % 32:
+                raise QuantizationError(f"int4 on CUDA needs d_out % 8 == 0 and d_in % 32 == 0, got {n}x{k}")
+            inner = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+            packed = (wt.q[:, ::2] << 4 | wt.q[:, 1::2]).contiguous()       # [N, K / 2] uint8
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(packed.to(device), inner)
+            self.sz = sz.to(device=device, dtype=torch.bfloat16).contiguous()
+            self.dtype = torch.bfloat16
+        else:
+            if n % 16:
+                raise QuantizationError(f"int4 on CPU needs d_out % 16 == 0, got {n}")
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(wt.q.to(torch.int32), 1)
+            self.sz = sz.to(dtype).contiguous()
+            self.dtype = dtype
+
+    @property
+    def nbytes(self) -> int:
+        return _bytes(self.packed, self.sz, self.bias, self.perm)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
+        if x.device.type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.packed,
+                                                   self.group, self.sz).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.sz)
+        return y if self.bias is None else y.add_(self.bias)
+
+    def dequantize(self) -> Tensor:
+        """The weight the kernel multiplies by [d_out, d_in], read back through it (the packed layout
+        is the kernel's own): rows of W.T = the kernel applied to rows of the identity."""
+        bias, self.bias = self.bias, None
+        try:
+            eye = torch.eye(self.d_in, dtype=self.dtype, device=self.packed.device)
+            cols = [self(eye[i:i + 1024]) for i in range(0, self.d_in, 1024)]
+        finally:
+            self.bias = bias
+        w_t = torch.cat(cols)                                     # [d_in (x's order), d_out]
+        return w_t.T.contiguous()
+
+
+# --- the model --------------------------------------------------------------------------------------
+
+def _bytes(*tensors: Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def quantize_projections(model, method: str, group_size: int) -> None:
+    """Replaces every projection's weight by an int8 / int4 base GEMM (at load, on the weights'
+    device); lm_head, embeddings and norms stay in the serving dtype."""
+    if method not in METHODS:
+        raise QuantizationError(f"quantization {method!r} is not supported ({', '.join(METHODS)})")
+    if method == "none":
+        return
+    for layer, name, proj in model.projections():
+        w = proj.weight
+        try:
+            if method == "int8":
+                q, s = quantize_int8(w)
+                proj.base = Int8Linear(q, s, proj.bias, w.dtype)
+            else:
+                proj.base = Int4Linear(quantize_int4(w, group_size), proj.bias, w.dtype, w.device)
+        except QuantizationError as exc:
+            raise QuantizationError(f"layer {layer} {name}: {exc}") from None
+        proj.weight = None
+
+
+def base_weight_bytes(model) -> int:
+    """Bytes of the base model as served: quantized projections at their packed size."""
+    seen, total = set(), 0
+    for _, _, proj in model.projections():
+        if proj.base is not None and not isinstance(proj.base, Prepacked):
+            total += proj.base.nbytes
+            seen.add(id(proj.bias))
+    for p in model.parameters():
+        if id(p) not in seen:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def dequantized(w: Tensor, method: str, group_size: int) -> Tensor:
+    """w as the quantized path multiplies by it (float32): what transformers runs to check it."""
+    if method == "int8":
+        return dequantize_int8(*quantize_int8(w))
+    if method == "int4":
+        return quantize_int4(w, group_size).dequantize()
+    return w.float()
+
+
+def write_dequantized(src, dst, method: str, group_size: int, projections: tuple[str, ...]) -> None:
+    """Copies the Hugging Face model directory src to dst with every projection weight (a tensor named
+    *.<one of projections>.weight) replaced by dequantized(w): the quantized model in full precision."""
+    import pathlib
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    for f in src.glob("*.safetensors"):
+        state = load_file(str(f))
+        for name, w in state.items():
+            if name.endswith(".weight") and name.split(".")[-2] in projections:
+                state[name] = dequantized(w, method, group_size).to(w.dtype)
+        save_file(state, str(dst / f.name), metadata={"format": "pt"})

@@ -1,0 +1,165 @@
+"""What real OpenAI clients need beyond plain generation, over a real registry + executor + router +
+gateway on loopback: `echo` with `logprobs` (lm-evaluation-harness's loglikelihood), vLLM's
+`prompt_logprobs`, exact logprobs (by token id, bytes, return_tokens_as_token_ids).
+
+Every logprob is checked against transformers (+ peft) log_softmax over the same tokens (fp32, 1e-4).
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import torch
+
+from services.synthetic import AdapterSpec, write_adapter
+from tests.conftest import TINY
+from tests.servers import deployment
+from tests.test_gateway import Gateway
+
+ADAPTERS = {"org/qv": AdapterSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"), seed=401)}
+BASE = "llama"
+
+
+@pytest.fixture(scope="module")
+def stack(llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("openai-extras")
+    dirs = {aid: write_adapter(root / aid.replace("/", "_"), TINY["llama"], spec)
+            for aid, spec in ADAPTERS.items()}
+    with deployment(root, llama_dir, dirs) as (registry, executor, router):
+        gateway = Gateway("--router", router.address, "--registry", registry.address,
+                          log_path=root / "gateway.log").start()
+        try:
+            yield {"gateway": gateway, "dirs": dirs, "llama": llama_dir, "executor": executor,
+                   "client": openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)}
+        finally:
+            gateway.stop()
+
+
+_models: dict = {}
+
+
+def oracle(stack, adapter: str | None, ids: list[int]) -> torch.Tensor:
+    """transformers (+ peft) log_softmax over `ids`: [len(ids), vocab] float32."""
+    if adapter not in _models:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(stack["llama"], dtype=torch.float32)
+        if adapter is not None:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, stack["dirs"][adapter])
+        _models[adapter] = model.eval()
+    with torch.no_grad():
+        return torch.log_softmax(_models[adapter](torch.tensor([ids])).logits[0].float(), -1)
+
+
+def tokenizer(stack):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(stack["llama"] / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("adapter", [None, "org/qv"])
+def test_echo_logprobs_equal_transformers(stack, adapter):
+    tok = tokenizer(stack)
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    want = oracle(stack, adapter, ids)
+    for max_tokens in (0, 1):
+        r = stack["client"].completions.create(model=adapter or BASE, prompt=prompt, echo=True,
+                                               logprobs=3, max_tokens=max_tokens, temperature=0)
+        c = r.choices[0]
+        lp = c.logprobs
+        assert len(lp.tokens) == len(ids) + max_tokens
+        assert c.text.startswith(prompt) and (max_tokens or c.text == prompt)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert "".join(lp.tokens[:len(ids)]) == prompt
+        for p in range(1, len(ids)):
+            assert lp.token_logprobs[p] == pytest.approx(float(want[p - 1, ids[p]]), abs=1e-4)
+            assert lp.top_logprobs[p][lp.tokens[p]] == pytest.approx(lp.token_logprobs[p], abs=1e-6)
+        assert lp.text_offset[:len(ids)] == [len("".join(lp.tokens[:p])) for p in range(len(ids))]
+        assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == max_tokens
+    # keyed by id (texts collide: byte pieces all decode to U+FFFD): the 3 best and the chosen one
+    r = stack["client"].completions.create(model=adapter or BASE, prompt=prompt, echo=True, logprobs=3,
+                                           max_tokens=1, temperature=0,
+                                           extra_body={"return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    assert lp.tokens[:len(ids)] == [f"token_id:{t}" for t in ids]
+    for p in range(1, len(ids) + 1):
+        best = torch.topk(want[p - 1], 3) if p < len(ids) else None
+        top = lp.top_logprobs[p]
+        if best is not None:
+            assert {f"token_id:{t}" for t in best.indices.tolist()} <= set(top)
+            assert sorted(top.values(), reverse=True)[:3] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert lp.tokens[p] in top and len(top) in (3, 4)
+
+
+def test_echo_streamed_and_token_id_prompts(stack):
+    tok = tokenizer(stack)
+    ids = tok.encode("hello world, hello again", add_special_tokens=False).ids
+    want = oracle(stack, None, ids)
+    chunks = list(stack["client"].completions.create(model=BASE, prompt=ids, echo=True, logprobs=0,
+                                                     max_tokens=2, temperature=0, stream=True))
+    first = chunks[0].choices[0]
+    assert first.text == tok.decode(ids, skip_special_tokens=False)
+    got = first.logprobs.token_logprobs
+    assert got[0] is None and len(got) == len(ids)
+    assert got[1:] == pytest.approx([float(want[p - 1, ids[p]]) for p in range(1, len(ids))], abs=1e-4)
+    later = [t for c in chunks[1:] for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])]
+    assert len(later) == 2
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_vllm_prompt_logprobs_extra(stack):
+    ids = [5, 17, 99, 200, 31, 7]
+    want = oracle(stack, "org/qv", ids)
+    r = stack["client"].completions.create(model="org/qv", prompt=ids, max_tokens=1, temperature=0,
+                                           extra_body={"prompt_logprobs": 2})
+    plp = r.model_extra["choices"][0]["prompt_logprobs"] if "choices" in r.model_extra else \
+        r.choices[0].model_extra["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids)
+    for p in range(1, len(ids)):
+        entry = plp[p][str(ids[p])]
+        assert entry["logprob"] == pytest.approx(float(want[p - 1, ids[p]]), abs=1e-4)
+        best = torch.topk(want[p - 1], 2).indices.tolist()
+        assert {int(t) for t, e in plp[p].items() if e["rank"] in (1, 2)} == set(best)
+
+
+def test_lm_eval_loglikelihood_equals_transformers(stack, tmp_path):
+    """lm-evaluation-harness's `local-completions` on a multiple-choice task from a local file: each
+    choice's loglikelihood (its echo + logprobs request) equals transformers+peft's within 1e-4."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    docs = [{"question": "Which animal barks?", "choices": ["a dog", "a cat", "a fish"], "label": 0},
+            {"question": "The sky is", "choices": ["blue", "green", "loud"], "label": 0},
+            {"question": "Two plus two is", "choices": ["three", "four"], "label": 1}]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "mc.yaml").write_text(
+        "task: openlora_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: \"{{question}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n")
+    for adapter in (None, "org/qv"):
+        results = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args={"model": adapter or BASE, "base_url": stack["gateway"].url + "/v1/completions",
+                        "tokenizer_backend": "huggingface", "tokenizer": str(stack["llama"]),
+                        "num_concurrent": 2, "max_retries": 1},
+            tasks=["openlora_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+            log_samples=True, limit=None)
+        samples = results["samples"]["openlora_mc"]
+        assert len(samples) == len(docs)
+        tok = tokenizer(stack)
+        for s in samples:
+            assert len(s["arguments"]) == len(s["doc"]["choices"]) == len(s["resps"])
+            for (context, continuation), resp in zip(s["arguments"], s["resps"], strict=True):
+                whole = tok.encode(context + continuation, add_special_tokens=False).ids
+                n_ctx = len(tok.encode(context, add_special_tokens=False).ids)
+                want = oracle(stack, adapter, whole)
+                ll = sum(float(want[p - 1, whole[p]]) for p in range(n_ctx, len(whole)))
+                assert resp[0][0] == pytest.approx(ll, abs=1e-4), (adapter, context, continuation)
