@@ -35,7 +35,8 @@ import structlog
 import torch
 from torch.utils import cpp_extension
 
-CPP_DIR = Path(__file__).resolve().parents[3] / "cpp"
+from services.cpp_sources import CPP_DIR  # the checkout's cpp/, or the copy a wheel ships
+
 CPU_SOURCES = [CPP_DIR / "ops.cpp", CPP_DIR / "lora_linear.cpp", CPP_DIR / "cpu_isa.cpp",
                CPP_DIR / "lora_linear_packed.cpp", CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp",
                CPP_DIR / "lora_paged.cpp"]
