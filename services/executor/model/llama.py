@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from services.executor import ops
-from services.executor.adapters.forms import dora_epilogue
+from services.executor.adapters import forms
 from services.executor.kv_cache import KVCache
 from services.executor.model.attention import AttnMetadata, paged_attention
 from services.executor.model.quant import BaseLinear, Prepacked
@@ -232,7 +232,7 @@ class LoraProj(nn.Module):
             ops.lora_paged_add_(y, x.contiguous(), p.arena, p.page_index, p.seg_meta, p.seg_scalings,
                                 self.lm, batch.seg_indptr)
             if p.forms is not None:   # DoRA: scale its segments' rows (adapters/forms.py)
-                dora_epilogue(y, self.bias, self.lm, p, batch.seg_indptr)
+                forms.dora_epilogue(y, self.bias, self.lm, p, batch.seg_indptr)
         return y
 
 
@@ -345,6 +345,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv: KVCache) -> Tensor:
         """-> next-token logits [N, vocab] float32 for batch.logits_rows."""
         x = self.model.embed_tokens(batch.input_ids)                      # [T, hidden]
+        forms_ = None if batch.paged is None else batch.paged.forms       # embed/lm_head adapter forms
+        if forms_ is not None:
+            x = forms.embed_epilogue(x, batch.input_ids, batch.paged, batch.seg_indptr)
         cos = self.rope_cos[batch.positions].to(x.dtype)                  # [T, D]
         sin = self.rope_sin[batch.positions].to(x.dtype)
         residual = None
@@ -353,9 +356,10 @@ class LlamaForCausalLM(nn.Module):
         rows = batch.logits_rows
         x, _ = self.model.norm(x[rows], None if residual is None else residual[rows])
         w = self._lm_weight()
-        if self.lm_packed is not None:
-            return ops.linear_packed(x, w, self.lm_packed)
-        return (x @ w.T).float()
+        logits = ops.linear_packed(x, w, self.lm_packed) if self.lm_packed is not None else (x @ w.T).float()
+        if forms_ is not None:
+            logits = forms.lm_head_epilogue(logits, x, rows, batch.paged, batch.seg_indptr)
+        return logits
 
 
 MistralForCausalLM = Qwen2ForCausalLM = LlamaForCausalLM
