@@ -72,6 +72,22 @@ def _phi4_mini():
                          "original_max_position_embeddings": 16}))
 
 
+def _qwen3_moe():
+    """4 experts, top-2 with renormalised weights; layer 1 a dense MLP (mlp_only_layers)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        **COMMON, intermediate_size=96, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, head_dim=16, mlp_only_layers=[1], tie_word_embeddings=False))
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    return MixtralForCausalLM(MixtralConfig(**COMMON, intermediate_size=80, num_local_experts=6,
+                                            num_experts_per_tok=2, sliding_window=None))
+
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
 FAMILIES = {
     "qwen3": (_qwen3, [
         dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -91,6 +107,17 @@ FAMILIES = {
     "phi3": (_phi3, [   # PEFT on the fused modules: one LoRA over [q | k | v] and [gate | up]
         dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj"]),
         dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "down_proj"]),
+    ]),
+    "qwen3_moe": (_qwen3_moe, [   # LoRA on every expert (PEFT target_parameters) and on the router
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=EXPERTS),
+        dict(r=8, lora_alpha=16, target_modules=["o_proj", "down_proj"],
+             target_parameters=["mlp.experts.down_proj", "mlp.gate.weight"]),
+        dict(r=2, lora_alpha=4, target_modules=["k_proj"]),
+    ]),
+    "mixtral": (_mixtral, [
+        dict(r=4, lora_alpha=8, target_modules=[], target_parameters=EXPERTS + ["mlp.gate.weight"]),
+        dict(r=6, lora_alpha=12, target_modules=["q_proj", "o_proj"],
+             target_parameters=["mlp.experts.gate_up_proj"], use_rslora=True),
     ]),
     "phi4mini": (_phi4_mini, [
         dict(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -239,19 +266,20 @@ def test_unsupported_architecture_names_the_supported_ones():
 def test_registry_base_model_check_knows_the_family(family):
     """The registry's --base-model check reads the family's module shapes: every adapter fits, one
     built for another model (a renamed tensor, a wrong shape) is refused naming the tensor."""
-    from services.common.peft_format import read_safetensors_header
+    from services.common.peft_format import parse_adapter_config, read_safetensors_header
     from services.registry.base_models import BaseModelShape, check_fits
     name, model_dir, root = family
     shape = BaseModelShape.from_dir(model_dir)
     for adapter in sorted(root.iterdir()):
         tensors, _ = read_safetensors_header((adapter / "adapter_model.safetensors").read_bytes())
-        check_fits([shape], adapter.name, tensors)
+        config = parse_adapter_config((adapter / "adapter_config.json").read_bytes())
+        check_fits([shape], adapter.name, tensors, config)
     victim = sorted(k for k in tensors if "lora_A" in k)[0]
     info = tensors[victim]
     wrong = dict(tensors)
     wrong[victim] = type(info)(info.dtype, (info.shape[0], info.shape[1] + 1), info.start, info.end)
     with pytest.raises(AdapterMismatch, match=victim.replace(".", r"\.")):
-        check_fits([shape], "wrong", wrong)
+        check_fits([shape], "wrong", wrong, config)
 
 
 @pytest.mark.parametrize("config, message", [
@@ -277,3 +305,48 @@ def test_unsupported_rope_scaling_is_refused_at_load():
                                    rope_scaling={"rope_type": "mrope", "factor": 2.0}))
     with pytest.raises(ValueError, match="rope_scaling type 'mrope' is not supported"):
         rope_tables(cfg, 16)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_per_expert_checkpoints_load_as_the_fused_experts(arch, tmp_path):
+    """Hub checkpoints keep one tensor per expert (Qwen3-MoE: mlp.experts.E.gate_proj/up_proj/
+    down_proj; Mixtral: block_sparse_moe.experts.E.w1/w3/w2 and block_sparse_moe.gate): they load
+    into the same fused parameters transformers 5 saves."""
+    from safetensors.torch import load_file, save_file
+
+    from services.executor.model.loader import load_model
+    make, _ = FAMILIES[arch]
+    torch.manual_seed(1)
+    model = make()
+    randomize(model, 1)
+    model.save_pretrained(tmp_path / "fused")
+    cfg = model.config
+    block, names = ("mlp", ("gate_proj", "up_proj", "down_proj")) if arch == "qwen3_moe" else (
+        "block_sparse_moe", ("w1", "w3", "w2"))
+    state = load_file(str(tmp_path / "fused" / "model.safetensors"))
+    split = {}
+    for k, t in state.items():
+        if ".mlp.experts.gate_up_proj" in k or ".mlp.experts.down_proj" in k or (
+                ".mlp.gate." in k and block != "mlp"):
+            continue
+        split[k] = t
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp"
+        if f"{p}.experts.gate_up_proj" not in state:
+            continue
+        gu, down = state[f"{p}.experts.gate_up_proj"], state[f"{p}.experts.down_proj"]
+        for e in range(gu.shape[0]):
+            gate, up = gu[e].chunk(2)
+            for n, t in zip(names, (gate, up, down[e]), strict=True):
+                split[f"model.layers.{layer}.{block}.experts.{e}.{n}.weight"] = t.contiguous()
+        if block != "mlp":
+            split[f"model.layers.{layer}.{block}.gate.weight"] = state[f"{p}.gate.weight"]
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "config.json").write_bytes((tmp_path / "fused" / "config.json").read_bytes())
+    save_file(split, str(tmp_path / "split" / "model.safetensors"))
+    fused, _, _ = load_model(str(tmp_path / "fused"), torch.device("cpu"), torch.float32, 64)
+    loaded, _, _ = load_model(str(tmp_path / "split"), torch.device("cpu"), torch.float32, 64)
+    want, got = fused.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
