@@ -117,8 +117,10 @@ def _combine(kind: str, tensors: list[Tensor], weights: Tensor, density: float, 
     return (weighted * keep).sum(0) / torch.clamp(keep.sum(0), min=1.0)
 
 
-def combine(spec: MergeSpec, adapters: list[tuple[HostAdapter, peft_format.LoraConfig]]) -> HostAdapter:
-    """The derived adapter of `spec` from its adapters (in spec order), as PEFT builds it."""
+def combine(spec: MergeSpec, adapters: list[tuple[HostAdapter, peft_format.LoraConfig]],
+            modules: tuple[str, ...]) -> HostAdapter:
+    """The derived adapter of `spec` from its adapters (in spec order), as PEFT builds it; modules:
+    the model's per-layer module order (PEFT visits modules in model order)."""
     names = [f"{n}@{v}" if v else n for n, v in spec.ids]
     for name, (host, lcfg) in zip(names, adapters, strict=True):
         if host.extras.any or lcfg.use_dora:
@@ -134,7 +136,8 @@ def combine(spec: MergeSpec, adapters: list[tuple[HostAdapter, peft_format.LoraC
     scaling = math.sqrt(new_rank) if adapters[0][1].use_rslora else 1.0
     g = torch.Generator().manual_seed(spec.seed)
     weights: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
-    keys = sorted({k for host, _ in adapters for k in host.weights}, key=_model_order)
+    keys = sorted({k for host, _ in adapters for k in host.weights},
+                  key=lambda k: (k[0], modules.index(k[1]) if k[1] in modules else len(modules)))
     for key in keys:
         present = [(w, host.weights[key]) for w, (host, _) in zip(spec.weights, adapters, strict=True)
                    if key in host.weights]
@@ -157,12 +160,6 @@ def combine(spec: MergeSpec, adapters: list[tuple[HostAdapter, peft_format.LoraC
                          spec.majority_sign_method, g).to(dtype)
         weights[key] = (a.contiguous(), b.contiguous(), scaling)
     return HostAdapter(weights=weights, rank=max(a.shape[0] for a, _, _ in weights.values()))
-
-
-def _model_order(key: tuple[int, str]) -> tuple[int, int]:
-    from services.executor.model.llama import LORA_MODULES
-    layer, module = key
-    return layer, LORA_MODULES.index(module) if module in LORA_MODULES else len(LORA_MODULES)
 
 
 class MergedSource:
@@ -207,4 +204,4 @@ class MergedSource:
             return read_adapter(path, self.cfg, self.max_rank), lcfg
 
         adapters = [self.inner.read(n, v, parts)[1] for n, v in spec.ids]
-        return 1, combine(spec, adapters), "merged"     # the arena packs it
+        return 1, combine(spec, adapters, self.cfg.lora_modules), "merged"     # the arena packs it
