@@ -1,7 +1,8 @@
 """Many adapters, skewed traffic: the tiered executor against the same executor with all resident.
 
     .venv/bin/python benchmarks/thrash.py [--rounds 3] [--requests 192] [--concurrency 32]
-                                          [--skip-many] [--skip-tiers]
+                                          [--skip-many] [--skip-tiers] [--many-shapes heavy,slora]
+                                          [--device {cpu,cuda}] [--device-cache-bytes N]
 
 The CPU benchmark model (4 layers, hidden 512, fp32; benchmarks/throughput.py's) and 256 rank-16
 adapters on all seven projections (2.3 MiB each). Printed, side by side, medians of interleaved rounds:
@@ -20,7 +21,15 @@ adapters on all seven projections (2.3 MiB each). Printed, side by side, medians
    all-resident engine's).
 4. Throughput with 5 against 2,000 adapters resident (uniform traffic over them; goal: loss <= 3%).
    The 2,000 are distinct arena entries whose weights are read from 16 adapter files in turn (their
-   pages, page indexes and traffic are distinct; only the bytes on disk repeat).
+   pages, page indexes and traffic are distinct; only the bytes on disk repeat). Two shapes: the
+   adapter-heavy one above ("heavy": rank 16 on all seven projections of a hidden-512 model), and
+   S-LoRA's adapter-to-base byte ratio ("slora": rank 8 on q, k, v, o of a hidden-2048 model, one
+   layer so that 2,000 fit in a CPU box's memory; the ratio of 32 adapters' bytes to the base's is printed).
+
+--device cuda runs the engines on the GPU: their kernel reads the device tier (--device-cache-bytes,
+0 -> automatic), filled from the host arena; on CPU (default) the kernel reads the host arena unless
+--device-cache-bytes gives a device tier (a second page pool filled by copy), whose hit rate is then
+printed too.
 """
 
 from __future__ import annotations
@@ -45,10 +54,14 @@ from services.executor.adapters.policy import GDSFPolicy, LRUPolicy, simulate
 from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
-from services.synthetic import ALL_MODULES, AdapterSpec, write_adapter, write_model
+from services.synthetic import ALL_MODULES, AdapterSpec, ModelSpec, write_adapter, write_model
 
 N_ADAPTERS, HOST_SLOTS = 256, 48
 PROMPT, NEW = 32, 16
+DEVICE = {"device": "cpu", "device_cache_bytes": 0}   # set from --device, --device-cache-bytes
+SLORA_SPEC = ModelSpec(arch="llama", hidden=2048, intermediate=5504, layers=1, heads=16, kv_heads=16,
+                       vocab=4096, max_positions=512, seed=5)   # 1 layer: 2,000 adapters fit a CPU box
+SLORA_ADAPTER = AdapterSpec(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
 
 
 def zipf_trace(n_keys: int, n: int, seed: int, alpha: float = 1.0) -> list[int]:
@@ -69,10 +82,10 @@ class CyclingSource(LocalDirSource):
         return 1, reader(self.dirs[i % len(self.dirs)]), "disk"
 
 
-def run_closed_loop(engine: Engine, adapters: list[str], concurrency: int, seed: int):
+def run_closed_loop(engine: Engine, adapters: list[str], concurrency: int, seed: int, spec=SPEC):
     """Every request in `adapters` order, `concurrency` in flight. -> (tokens/s, TTFTs in s)."""
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(2, SPEC.vocab, (PROMPT,), generator=g).tolist() for _ in adapters]
+    prompts = [torch.randint(2, spec.vocab, (PROMPT,), generator=g).tolist() for _ in adapters]
     lock, done_all = threading.Lock(), threading.Event()
     state = {"next": 0, "done": 0, "tokens": 0}
     first: dict[str, float] = {}
@@ -125,9 +138,9 @@ def host_stat(engine: Engine):
 
 
 def make_engine(model_dir, source, host_bytes, **kw) -> Engine:
-    cfg = ExecutorConfig(base_model=str(model_dir), device="cpu", dtype="float32", max_batch_size=64,
+    cfg = ExecutorConfig(base_model=str(model_dir), dtype="float32", max_batch_size=64,
                          max_lora_rank=16, host_cache_bytes=host_bytes, enable_prefix_caching=False,
-                         **kw)
+                         **{**DEVICE, **kw})
     e = Engine(cfg, source)
     e.start()
     return e
@@ -227,26 +240,49 @@ def idle_section(args, model_dir, work, reg, names, per_adapter, resident):
     print(f"   host hit / all-resident: {med['host'] / med['all-resident']:.3f}x (goal <= 1.2)")
 
 
-def many_section(args, model_dir, root, names, per_adapter):
-    dirs = [root / n for n in names[:16]]
+def many_section(args, model_dir, dirs, per_adapter, spec, label):
     counts = (5, 2000)
-    engines = {n: make_engine(model_dir, CyclingSource(dirs), (n + 2) * per_adapter) for n in counts}
+    engines = {n: make_engine(model_dir, CyclingSource(dirs), (n + 2) * per_adapter,
+                              device_cache_bytes=(n + 2) * per_adapter if DEVICE["device_cache_bytes"]
+                              else 0) for n in counts}
     for n, e in engines.items():
         t0 = time.perf_counter()
         for i in range(n):
             e.load_adapter(f"m/{i}", 0)
-        print(f"   loaded {n} adapters into the arena in {time.perf_counter() - t0:.1f} s")
+        print(f"   loaded {n} adapters in {time.perf_counter() - t0:.1f} s")
+    base = engines[5].base_weight_bytes
     tps = {n: [] for n in counts}
     for rnd in range(args.rounds):
         for n in (counts if rnd % 2 == 0 else counts[::-1]):
             rng = random.Random(rnd)
-            adapters = [f"m/{rng.randrange(n)}" for _ in range(args.requests)]
-            tps[n].append(run_closed_loop(engines[n], adapters, args.concurrency, 50 + rnd)[0])
+            adapters = [f"m/{rng.randrange(n)}" for _ in range(args.many_requests)]
+            tps[n].append(run_closed_loop(engines[n], adapters, args.concurrency, 50 + rnd, spec)[0])
     for e in engines.values():
         e.stop()
     a, b = statistics.median(tps[5]), statistics.median(tps[2000])
-    print(f"\n4. uniform traffic over 5 vs 2,000 resident adapters ({args.rounds} interleaved rounds): "
-          f"{a:.1f} vs {b:.1f} tok/s, loss {100 * (1 - b / a):.1f}% (goal <= 3%; S-LoRA 5.5%)")
+    print(f"\n4. [{label}] uniform traffic over 5 vs 2,000 resident adapters ({args.rounds} interleaved "
+          f"rounds of {args.many_requests}): {a:.1f} vs {b:.1f} tok/s, loss {100 * (1 - b / a):.1f}% "
+          f"(goal <= 3%; S-LoRA 5.5%); 32 adapters' bytes / base bytes = "
+          f"{32 * per_adapter / base:.3f} (one adapter {per_adapter / 2**20:.2f} MiB of pages, base "
+          f"{base / 2**20:.0f} MiB)")
+
+
+def slora_shape(work: pathlib.Path):
+    """S-LoRA's byte ratio: (model dir, 16 adapter dirs, one adapter's arena bytes)."""
+    model_dir = work / "model-slora"
+    if not (model_dir / "config.json").exists():
+        write_model(model_dir, SLORA_SPEC)
+    dirs = []
+    for i in range(16):
+        d = work / "adapters-slora" / f"s{i:02d}"
+        if not (d / "adapter_model.safetensors").exists():
+            write_adapter(d, SLORA_SPEC, AdapterSpec(**{**SLORA_ADAPTER.__dict__, "seed": 2000 + i}))
+        dirs.append(d)
+    probe = make_engine(model_dir, LocalDirSource(dirs[0].parent), 64 << 20)
+    probe.load_adapter(dirs[0].name, 0)
+    per_adapter = host_stat(probe).bytes_used
+    probe.stop()
+    return model_dir, dirs, per_adapter
 
 
 def main() -> None:
@@ -257,8 +293,15 @@ def main() -> None:
     ap.add_argument("--idle-samples", type=int, default=5)
     ap.add_argument("--skip-many", action="store_true")
     ap.add_argument("--skip-tiers", action="store_true")
+    ap.add_argument("--many-shapes", default="heavy,slora",
+                    help="section 4's shapes, comma-separated: heavy (adapter-heavy), slora (S-LoRA's ratio)")
+    ap.add_argument("--many-requests", type=int, default=96, help="requests per round in section 4")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--device-cache-bytes", type=int, default=0,
+                    help="the engines' device tier (CUDA: 0 -> automatic; CPU: 0 -> none)")
     ap.add_argument("--work-dir", default="", help="reuse the model and adapters written there")
     args = ap.parse_args()
+    DEVICE.update(device=args.device, device_cache_bytes=args.device_cache_bytes)
     work = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="thrash-"))
     for old in [*work.glob("disk-*"), work / "registry"]:   # an earlier run's tiers: start cold
         shutil.rmtree(old, ignore_errors=True)
@@ -286,7 +329,13 @@ def main() -> None:
         finally:
             reg.stop()
     if not args.skip_many:
-        many_section(args, model_dir, root, names, per_adapter)
+        shapes = args.many_shapes.split(",")
+        if "heavy" in shapes:
+            many_section(args, model_dir, [root / n for n in names[:16]], per_adapter, SPEC,
+                         "adapter-heavy: rank 16 on 7 modules, hidden 512")
+        if "slora" in shapes:
+            m, dirs, per = slora_shape(work)
+            many_section(args, m, dirs, per, SLORA_SPEC, "S-LoRA ratio: rank 8 on q,k,v,o, hidden 2048")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """Mixed-adapter decode throughput: the executor's engine vs transformers + peft, side by side.
 
     .venv/bin/python benchmarks/throughput.py [--requests 64] [--adapters 32] [--skip-hf]
-                                              [--dtype {float32,bfloat16}]
+                                              [--dtype {float32,bfloat16}] [--device {cpu,cuda}]
+                                              [--device-cache-bytes N]
                                               [--compare-prepack | --compare-prefix-cache]
 
 A CPU-sized random Llama (4 layers, hidden 512, vocab 4096) written as a Hugging Face directory;
 64 requests (32-token prompts, 32 new tokens, greedy, ignore_eos) over 32 rank-16 adapters on all
 seven projections. Prints generated tokens/s of: the engine with mixed adapters, the engine
 base-only, and transformers+peft's mixed-adapter batch generate (adapter_names=[...]).
---dtype (default float32) sets the dtype of both the engine and transformers+peft.
+--dtype (default float32) sets the dtype of both the engine and transformers+peft. --device cuda runs
+the engine on the GPU (its device tier then holds the adapters; transformers+peft stays on the CPU
+unless skipped); --device-cache-bytes gives a CPU engine a device tier too (a second page pool filled
+by copy from the arena), to measure what the tier costs.
 
 The runs repeat the same prompts, so the engine runs here with its prefix cache off: every prompt
 token is computed in every run, as transformers+peft computes them.
@@ -162,6 +166,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs of each kind (engine mixed, engine base-only, transformers+peft), alternated")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the engine's device")
+    ap.add_argument("--device-cache-bytes", type=int, default=0,
+                    help="the engine's device tier (CUDA: 0 -> automatic; CPU: 0 -> none)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="dtype of the engine and of transformers+peft")
     ap.add_argument("--compare-prepack", action="store_true",
@@ -185,7 +192,8 @@ def main() -> None:
     total = args.requests * args.new_tokens
 
     def make_engine(dtype: str, prepack: bool = True, prefix_caching: bool = False) -> Engine:
-        engine = Engine(ExecutorConfig(base_model=str(model_dir), device="cpu", dtype=dtype,
+        engine = Engine(ExecutorConfig(base_model=str(model_dir), device=args.device, dtype=dtype,
+                                       device_cache_bytes=args.device_cache_bytes,
                                        max_batch_size=args.requests, max_device_adapters=args.adapters,
                                        max_lora_rank=16, prepack_weights=prepack,
                                        enable_prefix_caching=prefix_caching),
@@ -217,13 +225,14 @@ def main() -> None:
         base_s.append(run_engine(engine, prompts, [""] * args.requests, args.new_tokens)[0])
         if hf is not None:
             hf_s.append(run_hf(hf, prompts, mixed, args.new_tokens))
+    device_tier = engine.status().device_cache_bytes
     engine.stop()
     assert all(len(v) == args.new_tokens for v in out_mixed.values())
     t_mixed, t_base = min(mixed_s), min(base_s)
 
     print(f"model: llama {SPEC.layers} layers, hidden {SPEC.hidden}, intermediate {SPEC.intermediate}, "
-          f"heads {SPEC.heads}/{SPEC.kv_heads}, vocab {SPEC.vocab}; {args.dtype} CPU, {args.threads} threads; "
-          f"kernel {engine.kernel_backend}")
+          f"heads {SPEC.heads}/{SPEC.kv_heads}, vocab {SPEC.vocab}; {args.dtype} {args.device}, {args.threads} "
+          f"threads; kernel {engine.kernel_backend}; device tier {device_tier} bytes")
     print(f"workload: {args.requests} requests x ({args.prompt_tokens} prompt + {args.new_tokens} new "
           f"tokens), {args.adapters} rank-16 adapters on {len(ALL_MODULES)} modules, greedy")
     print(f"engine mixed-adapter : {total / t_mixed:8.1f} tok/s best, {total / median(mixed_s):8.1f} median "

@@ -1,7 +1,10 @@
-// The CPU kernels' instruction set, chosen at run time: one binary carries lora_linear's LoRA phases
-// for AVX-512 (with and without AVX512_BF16), AVX2 + FMA and generic x86-64 (each file built with its
-// own flags), and the best this CPU supports is used unless set_cpu_isa forces another.
+// The CPU kernels' instruction set, chosen at run time: one binary carries the served ops' hot loops
+// (cpu_kernels.h: lora_paged_add_, paged attention, the layer ops) and lora_linear's LoRA phases for
+// AVX-512 (with and without AVX512_BF16), AVX2 + FMA and generic x86-64 (each file built with its own
+// flags), and the best this CPU supports is used unless set_cpu_isa forces another.
 #include "cpu_isa.h"
+
+#include "cpu_kernels.h"
 
 #include <c10/util/Exception.h>
 
@@ -22,16 +25,17 @@ bool always() { return true; }
 struct Isa {
   const char* name;
   const IsaKernels* kernels;
+  const CpuKernels* ops;
   bool (*supported)();
   bool avx512;
 };
 
 // Best first.
 const Isa kIsas[] = {
-    {"avx512_bf16", &avx512_bf16::kKernels, has_avx512_bf16, true},
-    {"avx512", &avx512::kKernels, has_avx512, true},
-    {"avx2", &avx2::kKernels, has_avx2, false},
-    {"generic", &generic::kKernels, always, false},
+    {"avx512_bf16", &avx512_bf16::kKernels, &avx512_bf16::kCpuKernels, has_avx512_bf16, true},
+    {"avx512", &avx512::kKernels, &avx512::kCpuKernels, has_avx512, true},
+    {"avx2", &avx2::kKernels, &avx2::kCpuKernels, has_avx2, false},
+    {"generic", &generic::kKernels, &generic::kCpuKernels, always, false},
 };
 
 const Isa* best() {
@@ -56,6 +60,7 @@ const Isa& current() {
 }  // namespace
 
 const IsaKernels& cpu_kernels() { return *current().kernels; }
+const CpuKernels& cpu_ops() { return *current().ops; }
 bool cpu_isa_is_avx512() { return current().avx512; }
 std::string cpu_isa_name() { return current().name; }
 

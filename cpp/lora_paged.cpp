@@ -17,6 +17,11 @@
 //
 // r = 0 (a base-only segment, or a module the adapter does not target) adds nothing. No compute and
 // no bytes go to padding up to a maximum rank: the work of a segment is its own rank's.
+//
+// CPU: this file checks the arguments (every page id the call will read) and lists the segments; the
+// two phases (shrink x @ A^T into an fp32 [T, r_max] buffer, then expand it @ B^T into y) run in
+// lora_paged_tiles.h, compiled per instruction set and picked at run time (cpu_isa.cpp), over
+// OpenMP threads: (segment, row block) items, then (segment, row block, column tile) items.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -25,6 +30,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu_kernels.h"
+
 namespace {
 
 // Every check that names an argument; also bounds every page id the call will read.
@@ -32,6 +39,9 @@ void check_lora_paged_args(const at::Tensor& y, const at::Tensor& x, const at::T
                            const at::Tensor& page_index, const at::Tensor& seg_meta,
                            const at::Tensor& seg_scalings, int64_t lm, const at::Tensor& seg_indptr) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D [T, d_in], got shape ", x.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+              "x must be float32, bfloat16, float16 or float64, got ", dtype);
   TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0),
               "y must be [T, d_out] with T = ", x.size(0), ", got shape ", y.sizes());
   TORCH_CHECK(y.is_contiguous() && x.is_contiguous(), "x and y must be contiguous");
@@ -43,8 +53,9 @@ void check_lora_paged_args(const at::Tensor& y, const at::Tensor& x, const at::T
   TORCH_CHECK(page_index.dim() == 1 && page_index.scalar_type() == at::kInt && page_index.is_contiguous(),
               "page_index must be a contiguous 1-D int32 tensor, got ", page_index.scalar_type(), " ",
               page_index.sizes());
-  TORCH_CHECK(seg_indptr.dim() == 1 && seg_indptr.scalar_type() == at::kInt && seg_indptr.size(0) >= 1,
-              "seg_indptr must be [G+1] int32, got ", seg_indptr.scalar_type(), " ", seg_indptr.sizes());
+  TORCH_CHECK(seg_indptr.dim() == 1 && seg_indptr.scalar_type() == at::kInt && seg_indptr.size(0) >= 1 &&
+                  seg_indptr.is_contiguous(),
+              "seg_indptr must be a contiguous [G+1] int32 tensor, got ", seg_indptr.scalar_type(), " ", seg_indptr.sizes());
   const int64_t G = seg_indptr.size(0) - 1;
   TORCH_CHECK(seg_meta.dim() == 3 && seg_meta.size(0) == G && seg_meta.size(2) == 2 &&
                   seg_meta.scalar_type() == at::kInt && seg_meta.is_contiguous(),
@@ -87,119 +98,78 @@ void check_lora_paged_args(const at::Tensor& y, const at::Tensor& x, const at::T
   }
 }
 
-template <typename T>
-inline float to_f(T v) { return static_cast<float>(v); }
-
-// Work item: up to kTile tokens of one segment. shrink t[i, k] = x[i] . A[k]; then
-// y[i, :] += sum_k (s * t[i, k]) * Bt[k, :], one P-chunk of y at a time in an fp32 buffer.
-constexpr int64_t kTile = 16;
-// Segments of at least this many tokens go through two GEMMs on the gathered weights.
-constexpr int64_t kGemmRows = 32;
-
-template <typename scalar_t>
-void paged_tile(scalar_t* y, const scalar_t* x, const scalar_t* arena, const int32_t* A_pages,
-                const int32_t* B_pages, int64_t r, float scaling, int64_t row0, int64_t m, int64_t d_in,
-                int64_t d_out, int64_t P, int64_t ca, int64_t cb) {
-  std::vector<float> t(static_cast<size_t>(m * r), 0.f);
-  std::vector<float> xf(static_cast<size_t>(m * d_in));
-  for (int64_t i = 0; i < m; ++i) {
-    const scalar_t* xi = x + (row0 + i) * d_in;
-    float* xo = xf.data() + i * d_in;
-#pragma omp simd
-    for (int64_t j = 0; j < d_in; ++j) xo[j] = to_f(xi[j]);
-  }
-  for (int64_t k = 0; k < r; ++k) {
-    for (int64_t c = 0; c < ca; ++c) {
-      const scalar_t* a = arena + static_cast<int64_t>(A_pages[k * ca + c]) * P;
-      const int64_t lo = c * P, len = std::min(P, d_in - lo);
-      for (int64_t i = 0; i < m; ++i) {
-        const float* xi = xf.data() + i * d_in + lo;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < len; ++j) acc += xi[j] * to_f(a[j]);
-        t[i * r + k] += acc;
+// float64 (accumulated in float64) and float16 (in fp32): plain loops, one token at a time. The served
+// dtypes, float32 and bfloat16, run the per-ISA tiles (lora_paged_tiles.h).
+template <typename scalar_t, typename acc_t>
+void paged_scalar(scalar_t* y, const scalar_t* x, const scalar_t* arena, const std::vector<openlora::PagedSegment>& segs,
+                  int64_t d_in, int64_t d_out, int64_t P, int64_t ca, int64_t cb) {
+  std::vector<acc_t> t;
+  for (const auto& s : segs) {
+    t.assign(static_cast<size_t>(s.rank), acc_t(0));
+    for (int64_t i = s.row0; i < s.row0 + s.rows; ++i) {
+      for (int64_t k = 0; k < s.rank; ++k) {
+        acc_t sum = 0;
+        for (int64_t c = 0; c < ca; ++c) {
+          const scalar_t* a = arena + static_cast<int64_t>(s.a_pages[k * ca + c]) * P;
+          for (int64_t j = 0, n = std::min(P, d_in - c * P); j < n; ++j)
+            sum += static_cast<acc_t>(x[i * d_in + c * P + j]) * static_cast<acc_t>(a[j]);
+        }
+        t[k] = static_cast<acc_t>(s.scaling) * sum;
       }
-    }
-  }
-  for (auto& v : t) v *= scaling;
-  std::vector<float> acc(static_cast<size_t>(P));
-  for (int64_t i = 0; i < m; ++i) {
-    scalar_t* yi = y + (row0 + i) * d_out;
-    const float* ti = t.data() + i * r;
-    for (int64_t c = 0; c < cb; ++c) {
-      const int64_t lo = c * P, len = std::min(P, d_out - lo);
-      std::fill(acc.begin(), acc.begin() + len, 0.f);
-      for (int64_t k = 0; k < r; ++k) {
-        const scalar_t* b = arena + static_cast<int64_t>(B_pages[k * cb + c]) * P;
-        const float coef = ti[k];
-        float* ac = acc.data();
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) ac[j] += coef * to_f(b[j]);
+      for (int64_t c = 0; c < cb; ++c) {
+        for (int64_t j = 0, n = std::min(P, d_out - c * P); j < n; ++j) {
+          acc_t sum = 0;
+          for (int64_t k = 0; k < s.rank; ++k)
+            sum += t[k] * static_cast<acc_t>(arena[static_cast<int64_t>(s.b_pages[k * cb + c]) * P + j]);
+          scalar_t& out = y[i * d_out + c * P + j];
+          out = static_cast<scalar_t>(static_cast<acc_t>(out) + sum);
+        }
       }
-      scalar_t* yo = yi + lo;
-      const float* ac = acc.data();
-      for (int64_t j = 0; j < len; ++j) yo[j] = static_cast<scalar_t>(to_f(yo[j]) + ac[j]);
     }
   }
 }
+
+// Multiply-adds below which a call runs on the calling thread (a parallel region costs more).
+constexpr int64_t kMinParallelWork = 1 << 16;
 
 void lora_paged_add_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& arena,
                         const at::Tensor& page_index, const at::Tensor& seg_meta,
                         const at::Tensor& seg_scalings, int64_t lm, const at::Tensor& seg_indptr) {
   check_lora_paged_args(y, x, arena, page_index, seg_meta, seg_scalings, lm, seg_indptr);
   const int64_t G = seg_indptr.size(0) - 1, LM = seg_meta.size(1);
-  const int64_t d_in = x.size(1), d_out = y.size(1), P = arena.size(1);
-  if (P == 0) return;
+  const int64_t T = x.size(0), d_in = x.size(1), d_out = y.size(1), P = arena.size(1);
+  if (P == 0 || d_in == 0 || d_out == 0) return;
   const int64_t ca = (d_in + P - 1) / P, cb = (d_out + P - 1) / P;
   const int32_t* ip = seg_indptr.data_ptr<int32_t>();
   const int32_t* meta = seg_meta.data_ptr<int32_t>();
   const float* scal = seg_scalings.data_ptr<float>();
   const int32_t* pages = page_index.data_ptr<int32_t>();
-  struct Item { int64_t g, row0, m; };
-  std::vector<Item> items;
-  std::vector<int64_t> long_segs;
+  std::vector<openlora::PagedSegment> segs;
+  int64_t r_max = 0, work = 0;
   for (int64_t g = 0; g < G; ++g) {
-    if (meta[(g * LM + lm) * 2 + 1] == 0 || ip[g + 1] == ip[g]) continue;
-    if (ip[g + 1] - ip[g] >= kGemmRows) {
-      long_segs.push_back(g);
-      continue;
-    }
-    for (int64_t row = ip[g]; row < ip[g + 1]; row += kTile) {
-      items.push_back({g, row, std::min<int64_t>(kTile, ip[g + 1] - row)});
-    }
+    const int64_t off = meta[(g * LM + lm) * 2], r = meta[(g * LM + lm) * 2 + 1], rows = ip[g + 1] - ip[g];
+    if (r == 0 || rows == 0) continue;
+    segs.push_back({ip[g], rows, r, scal[g * LM + lm], pages + off, pages + off + r * ca});
+    r_max = std::max(r_max, r);
+    work += rows * r * (d_in + d_out);
   }
-  // long segments (prefill): gather A and B^T out of the pages once (r * (d_in + d_out) elements,
-  // small next to the segment's m * r * (d_in + d_out) multiply-adds) and run two GEMMs
-  for (int64_t g : long_segs) {
-    const int64_t off = meta[(g * LM + lm) * 2], r = meta[(g * LM + lm) * 2 + 1];
-    auto idx = page_index.narrow(0, off, r * (ca + cb)).to(at::kLong);
-    auto a = arena.index_select(0, idx.narrow(0, 0, r * ca)).view({r, ca * P}).narrow(1, 0, d_in);
-    auto bt = arena.index_select(0, idx.narrow(0, r * ca, r * cb)).view({r, cb * P}).narrow(1, 0, d_out);
-    const auto rows = y.narrow(0, ip[g], ip[g + 1] - ip[g]);
-    const auto xs = x.narrow(0, ip[g], ip[g + 1] - ip[g]);
-    if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) {
-      rows.addmm_(at::mm(xs, a.t()), bt, 1.0, scal[g * LM + lm]);
-    } else {   // fp32 accumulation, one rounding, as the short path does
-      auto t = at::mm(xs.to(at::kFloat), a.t().to(at::kFloat));
-      rows.copy_(rows.to(at::kFloat).addmm_(t, bt.to(at::kFloat), 1.0, scal[g * LM + lm]));
-    }
+  if (segs.empty()) return;
+  const auto dtype = x.scalar_type();
+  if (dtype == at::kFloat || dtype == at::kBFloat16) {
+    std::vector<float> t(static_cast<size_t>(T * r_max));
+    const int threads = at::in_parallel_region() || work < kMinParallelWork ? 1 : std::max(1, at::get_num_threads());
+    const openlora::PagedCall call{x.data_ptr(), y.data_ptr(), arena.data_ptr(), d_in, d_out, P, ca, cb, r_max,
+                                   segs.data(), static_cast<int64_t>(segs.size()), t.data(), threads};
+    const auto& kernels = openlora::cpu_ops();
+    (dtype == at::kFloat ? kernels.paged_f32 : kernels.paged_bf16)(call);
+  } else if (dtype == at::kDouble) {
+    paged_scalar<double, double>(y.data_ptr<double>(), x.data_ptr<double>(), arena.data_ptr<double>(), segs,
+                                 d_in, d_out, P, ca, cb);
+  } else {
+    TORCH_CHECK(dtype == at::kHalf, "x must be float32, bfloat16, float16 or float64, got ", dtype);
+    paged_scalar<at::Half, float>(y.data_ptr<at::Half>(), x.data_ptr<at::Half>(), arena.data_ptr<at::Half>(),
+                                  segs, d_in, d_out, P, ca, cb);
   }
-  if (items.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_paged_add_", [&] {
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* ap = arena.data_ptr<scalar_t>();
-    // small work (a decode step) runs on the calling thread: a parallel region costs more than it saves
-    const int64_t work = static_cast<int64_t>(items.size());
-    at::parallel_for(0, work, work >= 4 ? 1 : work, [&](int64_t begin, int64_t end) {
-      for (int64_t w = begin; w < end; ++w) {
-        const Item& it = items[w];
-        const int64_t off = meta[(it.g * LM + lm) * 2], r = meta[(it.g * LM + lm) * 2 + 1];
-        paged_tile<scalar_t>(yp, xp, ap, pages + off, pages + off + r * ca, r, scal[it.g * LM + lm],
-                             it.row0, it.m, d_in, d_out, P, ca, cb);
-      }
-    });
-  });
 }
 
 }  // namespace

@@ -1,7 +1,12 @@
-// AVX-512 building blocks shared by the CPU kernels (lora_linear.cpp, paged_attention.cpp,
-// layer_ops.cpp). Everything here exists only when the compiler targets AVX-512F (-march=native on
-// a CPU that has it); each kernel keeps a portable path for other CPUs.
+// AVX-512 building blocks of the per-ISA CPU kernels (cpu_kernels_<isa>.cpp: paged attention, the
+// layer ops; lora_tiles.h). Everything here exists only when the including file is compiled for
+// AVX-512F (ISA_FLAGS in services/executor/ops/build.py), in that file's own namespace; each kernel
+// keeps a portable path for other instruction sets.
 #pragma once
+
+#ifndef OPENLORA_ISA
+#error "define OPENLORA_ISA (the namespace) before including simd512.h"
+#endif
 
 #if defined(__AVX512F__)
 #include <c10/util/BFloat16.h>
@@ -11,6 +16,7 @@
 #include <type_traits>
 
 namespace openlora {
+namespace OPENLORA_ISA {
 namespace simd {
 
 // The first n (<= 16) lanes.
@@ -56,6 +62,9 @@ inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
   const __m256i raw = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {  // bfloat16 bits
+  return load16(reinterpret_cast<const c10::BFloat16*>(p), m);
+}
 
 // fp32 -> bf16, rounded to nearest even as c10::BFloat16 does (NaN stays a quiet NaN).
 inline __m256i to_bf16(__m512 v) {
@@ -76,6 +85,7 @@ inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, 
 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p), m, to_bf16(v));
 }
+inline void store16(uint16_t* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16(v)); }
 
 // v rounded to T's precision (for bf16: to bf16 and back), as an intermediate result of eager
 // PyTorch's would be.
@@ -89,5 +99,6 @@ inline __m512 round16(__m512 v) {
 }
 
 }  // namespace simd
+}  // namespace OPENLORA_ISA
 }  // namespace openlora
 #endif

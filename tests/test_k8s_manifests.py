@@ -90,3 +90,67 @@ def test_router_follows_the_executors_headless_service():
     assert reg == env["OPENLORA_REGISTRY"] == "openlora-registry:50051"
     disk = {e["name"]: e.get("value") for e in ex["env"]}["OPENLORA_DISK_CACHE_DIR"]
     assert any(disk.startswith(m["mountPath"]) for m in ex["volumeMounts"] if m["name"] == "cache")
+
+
+def _apply_json_patch(doc: dict, ops: list[dict]) -> dict:
+    """The JSON 6902 `add` ops the overlays use (a path's "-" appends to a list)."""
+    import copy
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        assert op["op"] == "add", op
+        *parents, last = op["path"].strip("/").split("/")
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            node.append(op["value"]) if last == "-" else node.insert(int(last), op["value"])
+        else:
+            node[last] = op["value"]
+    return doc
+
+
+def test_cpu_executors_request_no_gpu_and_the_cuda_overlay_requests_one_each():
+    """deploy/k8s asked a GPU for an image that installs CPU-only torch: the base now runs CPU
+    executors (the CPU image), and deploy/k8s/cuda patches in the CUDA image, a GPU and --device cuda."""
+    base = _workloads()["openlora-executor"]
+    (c,) = base["spec"]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in str(c.get("resources"))
+    overlay = yaml.safe_load((K8S / "cuda" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == [".."]
+    images = {i["name"]: i["newName"] for i in overlay["images"]}
+    executor_image = next(i for i in _kustomization()["images"] if i["name"] == "openlora-executor")["newName"]
+    assert images == {executor_image: "openlora/executor-cuda"}
+    (patch,) = overlay["patches"]
+    assert patch["target"]["kind"] == "StatefulSet" and patch["target"]["name"] == "openlora-executor"
+    ops = yaml.safe_load((K8S / "cuda" / patch["path"]).read_text())
+    cuda = _apply_json_patch(base, ops)
+    kubernetes_validate.validate(cuda, kubernetes_validate.utils.latest_version(), strict=True)
+    (c,) = cuda["spec"]["template"]["spec"]["containers"]
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["OPENLORA_DEVICE"] == "cuda"
+    known = {env_name(f.name) for f in dataclasses.fields(ExecutorConfig)}
+    assert set(env) - {"OPENLORA_EXECUTOR_ID"} <= known, set(env) - known
+    assert env["OPENLORA_BUILD_DIR"].startswith(next(m["mountPath"] for m in c["volumeMounts"]
+                                                      if m["name"] == "cache"))
+
+
+def test_every_image_installs_the_wheel_and_copies_only_what_exists():
+    """Each Dockerfile builds the wheel in a first stage and installs it (a non-editable install
+    ships the kernel sources); every COPY source exists; the executors' images say their device."""
+    root = K8S.parents[1]
+    files = sorted((root / "deploy").glob("*.Dockerfile"))
+    assert {f.name for f in files} >= {"registry.Dockerfile", "executor.Dockerfile", "executor-cuda.Dockerfile",
+                                       "router.Dockerfile", "gateway.Dockerfile"}
+    for f in files:
+        text = f.read_text()
+        assert "pip wheel --no-cache-dir --no-deps -w /dist ." in text and "/dist/*.whl" in text, f.name
+        for line in text.splitlines():
+            if line.startswith("COPY ") and "--from=" not in line:
+                for src in line.split()[1:-1]:
+                    assert (root / src).exists(), f"{f.name}: {line}"
+        if f.name.startswith("executor"):
+            device = "cuda" if "cuda" in f.name else "cpu"
+            assert f"OPENLORA_DEVICE={device}" in text, f.name
+            if device == "cpu":
+                assert "download.pytorch.org/whl/cpu" in text, f.name       # PyPI's torch is the CUDA build

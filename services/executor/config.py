@@ -37,6 +37,10 @@ class ExecutorConfig(ServerConfig):
                                    "smaller of --host-cache-bytes and a tenth of the free GPU memory; on "
                                    "CPU none: the kernel reads the arena. > 0 on CPU: a second host pool "
                                    "filled by copy, so the device tier runs in tests as on a GPU)")
+    unified_kv_adapter_pool: bool = flag(False, "adapter pages and KV blocks share one budget (S-LoRA's "
+                                         "unified paging): the kernel's page pool borrows whole KV blocks "
+                                         "no sequence uses, and cold adapters give them back before any "
+                                         "sequence is preempted; an adapter a request uses is never taken")
     arena_page_elems: int = flag(0, "elements per arena page (0 -> the smallest projection dimension, "
                                  "S-LoRA's vector-sized page)")
     adapter_eviction_policy: str = flag("gdsf", "which adapter a full arena or disk tier evicts: gdsf "

@@ -44,7 +44,13 @@ from services.executor.engine_types import (
     new_request_state,
 )
 from services.executor.intake import AdapterIntake
-from services.executor.kv_cache import KVBlockAllocator, KVCache, auto_num_blocks
+from services.executor.kv_cache import (
+    KVBlockAllocator,
+    KVCache,
+    auto_num_blocks,
+    blocks_needed,
+    unified_pool,
+)
 from services.executor.model.loader import (
     load_model,
     read_config,
@@ -90,12 +96,14 @@ class Engine:
         layout = ArenaLayout.for_model(cfg, config.arena_page_elems)
         for layer, module, proj in self.model.projections():
             proj.lm = layout.lm(layer, module)
-        self.arena = HostArena(layout, config.host_cache_bytes, self.dtype,
-                               pin=self.device.type == "cuda")
-        self.arena.base = BaseWeights(self.model, tag=str(path))   # DoRA norms are taken against it
         device_bytes = device_cache_bytes(config, self.device)
+        unified = config.unified_kv_adapter_pool
+        # the kernel's pool (the device pool, else the arena) is built after the KV cache when it
+        # shares the KV's memory (--unified-kv-adapter-pool)
+        self.arena = None if unified and not device_bytes else HostArena(
+            layout, config.host_cache_bytes, self.dtype, pin=self.device.type == "cuda")
         self.device_pool = DevicePool(layout, device_bytes, self.dtype, self.device) \
-            if device_bytes else None
+            if device_bytes and not unified else None
         num_blocks = auto_num_blocks(      # after weights and pools: CUDA sizes from what is free
             config.kv_cache_bytes, layers=cfg.layers, block_size=block, kv_heads=cfg.kv_heads,
             head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
@@ -107,10 +115,24 @@ class Engine:
         self._tokenizer = Tokenizer.from_dir(path, self.model_config.eos_token_ids)
         eos = self.model_config.eos_token_ids or (self._tokenizer.eos_token_ids if self._tokenizer else ())
         eos_token_ids = frozenset(eos)
+        self.allocator = KVBlockAllocator(num_blocks)
+        kv_buffer = None
+        if unified:
+            own = (device_bytes or config.host_cache_bytes) // (layout.page_elems * self.dtype.itemsize)
+            lender, pages, kv_buffer = unified_pool(
+                self.allocator, layers=cfg.layers, block_size=block, kv_heads=cfg.kv_heads,
+                head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
+                page_elems=layout.page_elems, own_pages=own, reserve=blocks_needed(max_len, block))
+            if device_bytes:
+                self.device_pool = DevicePool(layout, device_bytes, self.dtype, self.device,
+                                              pages=pages, lender=lender)
+            else:
+                self.arena = HostArena(layout, config.host_cache_bytes, self.dtype, pages=pages,
+                                       lender=lender)
+        self.arena.base = BaseWeights(self.model, tag=str(path))   # DoRA norms are taken against it
         self.kv = KVCache(layers=cfg.layers, num_blocks=num_blocks, block_size=block,
                           kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
-                          device=self.device)
-        self.allocator = KVBlockAllocator(num_blocks)
+                          device=self.device, buffer=kv_buffer)
         self.speculator = None if config.speculative_method == "none" else Speculator(
             config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
             min_acceptance=config.speculative_min_acceptance,
@@ -131,6 +153,9 @@ class Engine:
                                   on_load=self._on_adapter_load,
                                   write_back=config.disk_write_back,
                                   write_back_queue=config.disk_write_back_queue)
+        if unified:   # KV demand takes back lent blocks from cold adapters before preempting
+            self.scheduler.reclaim = lambda n: self.adapters.reclaim(
+                n, lambda: self.allocator.num_free) >= 0 and self.allocator.can_allocate(n)
         self.runner = ModelRunner(self.model, self.model_config, self.kv, self.device,
                                   self.adapters.kernel_pool,
                                   config.max_prefill_tokens + config.max_batch_size,
@@ -263,6 +288,7 @@ class Engine:
             host_cache_bytes=self.arena.capacity_bytes, host_cache_used_bytes=self.arena.used_bytes,
             device_cache_bytes=dev.capacity_bytes if dev is not None else 0,
             device_cache_used_bytes=dev.used_bytes if dev is not None else 0,
+            unified_kv_adapter_pool=self.config.unified_kv_adapter_pool,
             quantization=self.model.quantization, base_weight_bytes=self.base_weight_bytes,
             **self._spec_status())
 

@@ -5,11 +5,18 @@
     i.e. flat row block_table[t // bs] * bs + t % bs of cache.k[layer].view(-1, kv_heads, head_dim).
 
 Attention over these blocks is computed in model/attention.py.
+
+The unified KV/adapter pool (--unified-kv-adapter-pool, S-LoRA's unified paging): `unified_pool`
+allocates one buffer, the adapter page pool's own pages then K then V, and `UnifiedKV` lends whole
+free KV blocks to that page pool (each block's K and V slices of every layer are whole pages), so
+adapters use the memory sequences are not using. The allocator is thread-safe for that: adapter
+loads borrow blocks from their own threads while the scheduler allocates on the engine thread.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from array import array
 from collections import Counter, OrderedDict, deque
 
@@ -35,6 +42,7 @@ class KVBlockAllocator:
         self._cached: OrderedDict[int, None] = OrderedDict()   # released, hashed; LRU first
         self._hash_of: dict[int, bytes] = {}
         self._by_hash: dict[bytes, int] = {}
+        self.lock = threading.RLock()        # the unified pool lends blocks from other threads
 
     @property
     def num_free(self) -> int:
@@ -48,7 +56,7 @@ class KVBlockAllocator:
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free
 
-    def allocate(self, n: int) -> list[int]:
+    def _allocate(self, n: int) -> list[int]:
         """n block ids; raises MemoryError (and allocates nothing) when fewer than n are free."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
@@ -65,7 +73,7 @@ class KVBlockAllocator:
             blocks.append(b)
         return blocks
 
-    def free(self, blocks: list[int]) -> None:
+    def _free_blocks(self, blocks: list[int]) -> None:
         """Release one hold on each block. Pass a sequence's blocks in order: its last blocks are
         then the first of them to be evicted, and its prefix the last."""
         for b, n in Counter(blocks).items():
@@ -81,7 +89,7 @@ class KVBlockAllocator:
                 else:
                     self._free.append(b)
 
-    def lookup(self, hashes: list[bytes]) -> list[int]:
+    def _lookup(self, hashes: list[bytes]) -> list[int]:
         """The blocks holding the longest prefix of `hashes` (a sequence's full blocks, in order),
         each now held once more by the caller."""
         found = []
@@ -97,7 +105,7 @@ class KVBlockAllocator:
             found.append(b)
         return found
 
-    def register(self, block: int, h: bytes) -> None:
+    def _register(self, block: int, h: bytes) -> None:
         """Block `block` (in use, full) now holds the prefix whose hash is h. A prefix already held
         by another block keeps that one; this block is then freed as usual when released."""
         if block not in self._refs:
@@ -105,6 +113,25 @@ class KVBlockAllocator:
         if h not in self._by_hash and block not in self._hash_of:
             self._by_hash[h] = block
             self._hash_of[block] = h
+
+
+    def allocate(self, n: int) -> list[int]:
+        """n block ids; raises MemoryError (and allocates nothing) when fewer than n are free."""
+        with self.lock:
+            return self._allocate(n)
+
+    def free(self, blocks: list[int]) -> None:
+        """Release one hold on each block, in a sequence's order (see _free_blocks)."""
+        with self.lock:
+            self._free_blocks(blocks)
+
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        with self.lock:
+            return self._lookup(hashes)
+
+    def register(self, block: int, h: bytes) -> None:
+        with self.lock:
+            self._register(block, h)
 
 
 def block_hash(parent: bytes, key: str, tokens: list[int]) -> bytes:
@@ -149,11 +176,77 @@ def auto_num_blocks(kv_cache_bytes: int, *, layers: int, block_size: int, kv_hea
 
 
 class KVCache:
-    """Per-layer K/V block tensors, zero-initialised (masked padding must never read NaN)."""
+    """Per-layer K/V block tensors, zero-initialised (masked padding must never read NaN); with
+    `buffer` (unified_pool's), views of it: K then V."""
 
     def __init__(self, *, layers: int, num_blocks: int, block_size: int, kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device):
+                 head_dim: int, dtype: torch.dtype, device: torch.device,
+                 buffer: torch.Tensor | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (layers, num_blocks, block_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if buffer is None:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            n = layers * num_blocks * block_size * kv_heads * head_dim
+            self.k, self.v = buffer[:n].view(shape), buffer[n:2 * n].view(shape)
+
+
+class UnifiedKV:
+    """Lends whole free KV blocks to an adapter page pool (adapters.arena.PageLender).
+
+    The pool's pages are unified_pool's buffer viewed as [num_pages, P]: its own pages first, then
+    K [layers, num_blocks, E] and V likewise (E = block_size * kv_heads * head_dim, a multiple of
+    P), so block b is 2 * layers * E / P pages. A lent block is allocated in the KV allocator (no
+    sequence gets it) until the pool gives it back. Lending keeps `reserve` blocks free for
+    sequences (one full-length sequence), so requests waiting with their adapters pinned can never
+    hold every block.
+    """
+
+    def __init__(self, allocator: KVBlockAllocator, *, layers: int, block_elems: int, page_elems: int,
+                 first_page: int, reserve: int):
+        self.allocator, self.layers, self.first_page = allocator, layers, first_page
+        self.chunk = block_elems // page_elems           # pages per (K or V, layer) slice of a block
+        self.pages_per_block = 2 * layers * self.chunk
+        self.reserve = reserve
+        self.lent: set[int] = set()
+
+    def lend(self, n: int) -> list[int] | None:
+        with self.allocator.lock:
+            if self.allocator.num_free - n < self.reserve:
+                return None
+            blocks = self.allocator.allocate(n)
+            self.lent.update(blocks)
+            return blocks
+
+    def give_back(self, block: int) -> None:
+        with self.allocator.lock:
+            self.lent.discard(block)
+            self.allocator.free([block])
+
+    def block_pages(self, block: int) -> list[int]:
+        nb, c = self.allocator.num_blocks, self.chunk
+        return [self.first_page + (s * nb + block) * c + j for s in range(2 * self.layers) for j in range(c)]
+
+    def block_of(self, page: int) -> int:
+        return (page - self.first_page) // self.chunk % self.allocator.num_blocks
+
+    def max_blocks(self) -> int:
+        return max(0, self.allocator.num_blocks - self.reserve)
+
+
+def unified_pool(allocator: KVBlockAllocator, *, layers: int, block_size: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device, page_elems: int,
+                 own_pages: int, reserve: int) -> tuple[UnifiedKV, torch.Tensor, torch.Tensor]:
+    """One zeroed buffer for an adapter page pool's `own_pages` and the KV cache -> (the lender,
+    the pool's pages [num_pages, P], the KV part for KVCache(buffer=...))."""
+    block_elems = block_size * kv_heads * head_dim
+    if block_elems % page_elems:
+        raise ValueError(f"--unified-kv-adapter-pool needs KV blocks of whole adapter pages: "
+                         f"block_size * kv_heads * head_dim = {block_elems} is not a multiple of the "
+                         f"page size {page_elems} (set --arena-page-elems to a divisor)")
+    kv_elems = 2 * layers * allocator.num_blocks * block_elems
+    buf = torch.zeros(own_pages * page_elems + kv_elems, dtype=dtype, device=device)
+    lender = UnifiedKV(allocator, layers=layers, block_elems=block_elems, page_elems=page_elems,
+                       first_page=own_pages, reserve=reserve)
+    return lender, buf.view(-1, page_elems), buf[own_pages * page_elems:]

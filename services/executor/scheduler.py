@@ -5,7 +5,8 @@
 Every step: running sequences first, oldest first (decode = 1 token; an unfinished prompt continues
 in chunks), then waiting ones are admitted while the batch, max_prefill_tokens and KV blocks allow.
 Decode tokens never wait on the prefill budget, and prefill always gets its budget, so neither
-starves. When KV blocks run out the newest running sequence is preempted by recompute: its blocks
+starves. When KV blocks run out, cold adapters give back the KV blocks they borrowed (the unified
+KV/adapter pool, `reclaim`); then the newest running sequence is preempted by recompute: its blocks
 are freed and it goes back to the front of the queue with its tokens so far, to be prefilled again.
 The step's sequences are sorted by adapter slot so each adapter's tokens form one segment.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.executor.kv_cache import KVBlockAllocator, block_hash, blocks_needed
@@ -100,6 +102,9 @@ class Scheduler:
         self.prefill_tokens = 0       # prompt (or recomputed) tokens run through the model
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []     # in arrival order
+        # the unified KV/adapter pool: reclaim(n) evicts cold adapters from lent KV blocks until n
+        # blocks are free -> whether they are; tried before any sequence is preempted or left waiting
+        self.reclaim: Callable[[int], bool] | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -129,13 +134,17 @@ class Scheduler:
         seq.num_computed = len(seq.blocks) * self.block_size
         seq.num_registered = len(seq.blocks)
 
-    def _grow(self, seq: Sequence, num_new: int) -> bool:
+    def _grow(self, seq: Sequence, num_new: int, may_reclaim: bool = True) -> bool:
         extra = blocks_needed(seq.num_computed + num_new, self.block_size) - len(seq.blocks)
         if extra <= 0:
             return True
-        if not self.allocator.can_allocate(extra):
+        if not self.allocator.can_allocate(extra) and not (
+                may_reclaim and self.reclaim is not None and self.reclaim(extra)):
             return False
-        seq.blocks.extend(self.allocator.allocate(extra))
+        try:
+            seq.blocks.extend(self.allocator.allocate(extra))
+        except MemoryError:       # the unified pool lent the blocks meanwhile (another thread)
+            return False
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -197,7 +206,7 @@ class Scheduler:
             if seq.spec is None or item.num_new != 1 or not item.samples:
                 continue
             draft = self.speculator.propose(seq.token_ids, seq.spec, room)
-            if draft and self._grow(seq, 1 + len(draft)):
+            if draft and self._grow(seq, 1 + len(draft), may_reclaim=False):
                 item.draft, item.num_new = draft, 1 + len(draft)
                 room -= len(draft)
 

@@ -35,14 +35,17 @@ import structlog
 import torch
 from torch.utils import cpp_extension
 
-CPP_DIR = Path(__file__).resolve().parents[3] / "cpp"
+from services.cpp_sources import CPP_DIR  # the checkout's cpp/, or the copy a wheel ships
+
 CPU_SOURCES = [CPP_DIR / "ops.cpp", CPP_DIR / "lora_linear.cpp", CPP_DIR / "cpu_isa.cpp",
                CPP_DIR / "lora_linear_packed.cpp", CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp",
                CPP_DIR / "lora_paged.cpp"]
-# lora_linear's LoRA phases (cpp/lora_tiles.h), one file per instruction set, each compiled with its
-# own flags into the same binary; cpp/cpu_isa.cpp picks the best one this CPU supports at run time
-# (set_cpu_isa forces one). Generic first: the linker keeps the first copy of an inline function two
-# files share, and that one must run on any CPU.
+# The served ops' hot loops (cpp/cpu_kernels_<isa>.cpp: lora_paged_add_, paged attention, the layer
+# ops) and lora_linear's LoRA phases (cpp/lora_linear_<isa>.cpp), one file per instruction set, each
+# compiled with its own flags into the same binary; cpp/cpu_isa.cpp picks the best one this CPU
+# supports at run time (set_cpu_isa forces one). Generic first, then each a superset of the one
+# before: the linker keeps the first copy of an inline function several files share, and that one
+# must run on every CPU that calls it.
 ISA_FLAGS = {
     "generic": [],
     "avx2": ["-mavx2", "-mfma"],
@@ -53,7 +56,9 @@ CUDA_SOURCES = [CPP_DIR / "cuda" / "lora_linear.cu", CPP_DIR / "cuda" / "paged_a
                 CPP_DIR / "cuda" / "layer_ops.cu", CPP_DIR / "cuda" / "lora_paged.cu"]
 HEADERS = [CPP_DIR / "lora_linear_checks.h", CPP_DIR / "lora_linear_cpu.h", CPP_DIR / "lora_tiles.h",
            CPP_DIR / "cpu_isa.h", CPP_DIR / "lora_linear_packed.h", CPP_DIR / "paged_attention_checks.h",
-           CPP_DIR / "layer_ops_checks.h", CPP_DIR / "simd512.h", CPP_DIR / "cuda" / "compat.cuh"]
+           CPP_DIR / "layer_ops_checks.h", CPP_DIR / "simd512.h", CPP_DIR / "cuda" / "compat.cuh",
+           CPP_DIR / "cpu_kernels.h", CPP_DIR / "cpu_kernels_table.h", CPP_DIR / "simd_vec.h",
+           CPP_DIR / "lora_paged_tiles.h", CPP_DIR / "paged_attention_tiles.h", CPP_DIR / "layer_ops_tiles.h"]
 # The CUDA sources as plain C++ over a CPU emulation of CUDA's threads (build_cuda_emulation; tests only).
 EMULATION_SOURCES = [CPP_DIR / "cuda" / "emulation_lora_linear.cpp",
                      CPP_DIR / "cuda" / "emulation_paged_attention.cpp",
@@ -206,7 +211,8 @@ def build(verbose: bool = False) -> Path:
     sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
     arch = cuda_arch()  # None: torch builds for the GPU present
     cuda_cflags = CUDA_CFLAGS + ([f"-gencode=arch=compute_{arch},code=sm_{arch}"] if arch else [])
-    isa_objects = {CPP_DIR / f"lora_linear_{isa}.cpp": flags for isa, flags in ISA_FLAGS.items()}
+    isa_objects = {CPP_DIR / f"{kind}_{isa}.cpp": flags for isa, flags in ISA_FLAGS.items()
+                   for kind in ("cpu_kernels", "lora_linear")}  # in ISA_FLAGS' order (see there)
     return _load("openlora_ops", sources, (CFLAGS, cuda_cflags, with_cuda), verbose, isa_objects=isa_objects,
                  extra_cflags=CFLAGS, extra_cuda_cflags=cuda_cflags if with_cuda else None,
                  extra_ldflags=["-fopenmp"], extra_include_paths=[str(CPP_DIR)])

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-OPS_CPP = Path(__file__).resolve().parents[3] / "cpp" / "ops.cpp"
+from services.cpp_sources import CPP_DIR
+
+OPS_CPP = CPP_DIR / "ops.cpp"
 
 _DEF = re.compile(r"m\.def\(\s*((?:\"(?:[^\"\\]|\\.)*\"\s*)+)")
 _LITERAL = re.compile(r"\"((?:[^\"\\]|\\.)*)\"")

@@ -1,0 +1,7 @@
+// The served CPU ops' hot loops (cpu_kernels.h) for the avx512_bf16 instruction set, compiled with its own flags
+// (services/executor/ops/build.py: ISA_FLAGS["avx512_bf16"]); cpu_isa.cpp calls them only on a CPU that has it.
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__))
+#error "cpu_kernels_avx512_bf16.cpp must be compiled with ISA_FLAGS[\"avx512_bf16\"] (services/executor/ops/build.py)"
+#endif
+#define OPENLORA_ISA avx512_bf16
+#include "cpu_kernels_table.h"

@@ -1,0 +1,222 @@
+// lora_paged_add_'s two phases over raw pointers, compiled once per instruction set (cpu_kernels_<isa>.cpp;
+// what the op computes and the page layout: lora_paged.cpp). For the segments of one call:
+//
+//   phase 1 (shrink), per (segment, block of kRowBlock rows):  t[i, k] = scaling * x[i] @ A[k]
+//   phase 2 (expand), per (segment, row block, kColTile columns of y):  y[i, cols] += t[i, :r] @ Bt[:r, cols]
+//
+// t is fp32 [T, r_max]; y is read and written once per (row, column) with one rounding. A and B^T are
+// read in place from their pages: register tiles of NT tokens x NK rows of A (shrink: one accumulator
+// vector per pair, summed across lanes at the end) and NT tokens x NV vectors of y's columns (expand:
+// each page row of B^T broadcast-multiplied by t[i, k]), run along each page's contiguous run of
+// d_in or d_out and cut at page ends. Both phases run in one OpenMP region, items claimed in order.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu_kernels.h"
+#include "simd_vec.h"
+
+namespace openlora {
+namespace OPENLORA_ISA {
+namespace {
+
+constexpr int64_t kRowBlock = 32;   // tokens per work item
+constexpr int64_t kColTile = 256;   // columns of y per expand work item
+
+#if defined(__AVX512F__)
+constexpr int kAcc = 16;            // accumulator registers a tile may hold
+#elif defined(__AVX2__)
+constexpr int kAcc = 8;
+#else
+constexpr int kAcc = 4;
+#endif
+
+// out[t * NK + k] = x_t[:d_in] @ A[k0 + k] for NT tokens (rows xs[t], repeated past the block) and NK rows
+// of A (repeated past the rank; their outputs are dropped by the caller).
+template <int NT, int NK, typename T>
+inline void shrink_tile(const T* const* xs, const T* arena, const int32_t* const* rows, int64_t ca, int64_t P,
+                        int64_t d_in, float* out) {
+  typename Vec::R acc[NT][NK];
+  for (int t = 0; t < NT; ++t)
+    for (int k = 0; k < NK; ++k) acc[t][k] = Vec::zero();
+  for (int64_t c = 0; c < ca; ++c) {
+    const int64_t lo = c * P, len = std::min(P, d_in - lo);
+    const T* a[NK];
+    for (int k = 0; k < NK; ++k) a[k] = arena + static_cast<int64_t>(rows[k][c]) * P;
+    const T* x[NT];
+    for (int t = 0; t < NT; ++t) x[t] = xs[t] + lo;
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, bf16_bits>) {  // 32 bf16 products per instruction, summed in fp32
+      int64_t j = 0;
+      for (; j + 32 <= len; j += 32) {
+        __m512bh av[NK];
+        for (int k = 0; k < NK; ++k) av[k] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(a[k] + j));
+        for (int t = 0; t < NT; ++t) {
+          const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x[t] + j));
+          for (int k = 0; k < NK; ++k) acc[t][k] = _mm512_dpbf16_ps(acc[t][k], av[k], xv);
+        }
+      }
+      if (j < len) {
+        const __mmask32 m = len - j >= 32 ? ~0u : (1u << (len - j)) - 1;
+        __m512bh av[NK];
+        for (int k = 0; k < NK; ++k) av[k] = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, a[k] + j));
+        for (int t = 0; t < NT; ++t) {
+          const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, x[t] + j));
+          for (int k = 0; k < NK; ++k) acc[t][k] = _mm512_dpbf16_ps(acc[t][k], av[k], xv);
+        }
+      }
+      continue;
+    }
+#endif
+    int64_t j = 0;
+    for (; j + Vec::L <= len; j += Vec::L) {
+      typename Vec::R av[NK];
+      for (int k = 0; k < NK; ++k) av[k] = Vec::load(a[k] + j);
+      for (int t = 0; t < NT; ++t) {
+        const typename Vec::R xv = Vec::load(x[t] + j);
+        for (int k = 0; k < NK; ++k) acc[t][k] = Vec::fma(av[k], xv, acc[t][k]);
+      }
+    }
+    if (j < len) {
+      typename Vec::R av[NK];
+      for (int k = 0; k < NK; ++k) av[k] = Vec::load(a[k] + j, len - j);
+      for (int t = 0; t < NT; ++t) {
+        const typename Vec::R xv = Vec::load(x[t] + j, len - j);
+        for (int k = 0; k < NK; ++k) acc[t][k] = Vec::fma(av[k], xv, acc[t][k]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int k = 0; k < NK; ++k) out[t * NK + k] = Vec::sum(acc[t][k]);
+}
+
+// t[i, :r] for nt (<= NT) tokens of a segment starting at x row `row`.
+template <int NT, typename T>
+inline void shrink_tokens(const PagedCall& c, const PagedSegment& s, int64_t row, int64_t nt) {
+  constexpr int NK = std::max(1, kAcc / NT);
+  const T* x = static_cast<const T*>(c.x);
+  const T* arena = static_cast<const T*>(c.arena);
+  const T* xs[NT];
+  for (int t = 0; t < NT; ++t) xs[t] = x + (row + std::min<int64_t>(t, nt - 1)) * c.d_in;
+  float out[NT * NK];
+  for (int64_t k0 = 0; k0 < s.rank; k0 += NK) {
+    const int32_t* rows[NK];
+    for (int k = 0; k < NK; ++k) rows[k] = s.a_pages + std::min<int64_t>(k0 + k, s.rank - 1) * c.ca;
+    shrink_tile<NT, NK>(xs, arena, rows, c.ca, c.P, c.d_in, out);
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t k = 0; k < NK && k0 + k < s.rank; ++k)
+        c.t[(row + t) * c.r_max + k0 + k] = s.scaling * out[t * NK + k];
+  }
+}
+
+template <typename T>
+void shrink_block(const PagedCall& c, const PagedSegment& s, int64_t row0, int64_t row1) {
+  int64_t row = row0;
+  for (; row + 4 <= row1; row += 4) shrink_tokens<4, T>(c, s, row, 4);
+  if (row + 2 <= row1) {
+    shrink_tokens<2, T>(c, s, row, 2);
+    row += 2;
+  }
+  if (row < row1) shrink_tokens<1, T>(c, s, row, 1);
+}
+
+// y[row + t, o .. o + n) += t[row + t, :r] @ Bt[:r, o .. o + n) for nt (<= NT) tokens, n <= NV * L
+// columns, all inside page c of B^T's rows (at offset `in` within the page).
+template <int NT, int NV, typename T>
+inline void expand_tile(const PagedCall& c, const PagedSegment& s, int64_t row, int64_t nt, int64_t page,
+                        int64_t in, int64_t o, int64_t n) {
+  const T* arena = static_cast<const T*>(c.arena);
+  T* y = static_cast<T*>(c.y);
+  typename Vec::R acc[NT][NV];
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < NV; ++v) acc[t][v] = Vec::zero();
+  const float* tv[NT];
+  for (int t = 0; t < NT; ++t) tv[t] = c.t + (row + std::min<int64_t>(t, nt - 1)) * c.r_max;
+  const bool full = n == NV * Vec::L;
+  for (int64_t k = 0; k < s.rank; ++k) {
+    const T* b = arena + static_cast<int64_t>(s.b_pages[k * c.cb + page]) * c.P + in;
+    typename Vec::R bv[NV];
+    for (int v = 0; v < NV; ++v)  // past n: zeros, nothing read
+      bv[v] = full ? Vec::load(b + v * Vec::L) : Vec::load(b + v * Vec::L, n - v * Vec::L);
+    for (int t = 0; t < NT; ++t) {
+      const typename Vec::R w = Vec::set1(tv[t][k]);
+      for (int v = 0; v < NV; ++v) acc[t][v] = Vec::fma(w, bv[v], acc[t][v]);
+    }
+  }
+  for (int64_t t = 0; t < nt; ++t) {
+    T* yt = y + (row + t) * c.d_out + o;
+    for (int v = 0; v < NV; ++v) {
+      const int64_t left = n - v * Vec::L;
+      if (left <= 0) break;
+      if (left >= Vec::L) {
+        Vec::store(yt + v * Vec::L, Vec::add(Vec::load(yt + v * Vec::L), acc[t][v]));
+      } else {
+        Vec::store(yt + v * Vec::L, Vec::add(Vec::load(yt + v * Vec::L, left), acc[t][v]), left);
+      }
+    }
+  }
+}
+
+// Columns [o0, o1) of y for nt (<= NT) tokens: cut at page ends, then NV vectors at a time.
+template <int NT, typename T>
+inline void expand_tokens(const PagedCall& c, const PagedSegment& s, int64_t row, int64_t nt, int64_t o0,
+                          int64_t o1) {
+  constexpr int NV = NT == 1 ? 8 : std::max(1, kAcc / NT);
+  constexpr int64_t W = NV * Vec::L;
+  for (int64_t o = o0; o < o1;) {
+    const int64_t page = o / c.P, end = std::min(o1, (page + 1) * c.P);
+    for (; o < end; o += std::min(W, end - o))
+      expand_tile<NT, NV, T>(c, s, row, nt, page, o - page * c.P, o, std::min(W, end - o));
+  }
+}
+
+template <typename T>
+void expand_block(const PagedCall& c, const PagedSegment& s, int64_t row0, int64_t row1, int64_t o0, int64_t o1) {
+  int64_t row = row0;
+  for (; row + 4 <= row1; row += 4) expand_tokens<4, T>(c, s, row, 4, o0, o1);
+  if (row + 2 <= row1) {
+    expand_tokens<2, T>(c, s, row, 2, o0, o1);
+    row += 2;
+  }
+  if (row < row1) expand_tokens<1, T>(c, s, row, 1, o0, o1);
+}
+
+template <typename T>
+void paged_segments(const PagedCall& c) {
+  // work items: (segment, row block) for the shrink, times column tiles for the expand
+  struct Block { int32_t seg; int64_t row0, row1; };
+  std::vector<Block> blocks;
+  for (int64_t g = 0; g < c.n_segs; ++g) {
+    const PagedSegment& s = c.segs[g];
+    for (int64_t r = s.row0; r < s.row0 + s.rows; r += kRowBlock)
+      blocks.push_back({static_cast<int32_t>(g), r, std::min(s.row0 + s.rows, r + kRowBlock)});
+  }
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
+  const int64_t tiles = (c.d_out + kColTile - 1) / kColTile;
+  auto shrink = [&](int64_t i) { shrink_block<T>(c, c.segs[blocks[i].seg], blocks[i].row0, blocks[i].row1); };
+  auto expand = [&](int64_t i) {
+    const Block& b = blocks[i / tiles];
+    const int64_t o0 = (i % tiles) * kColTile;
+    expand_block<T>(c, c.segs[b.seg], b.row0, b.row1, o0, std::min(c.d_out, o0 + kColTile));
+  };
+  if (c.threads <= 1) {
+    for (int64_t i = 0; i < n_blocks; ++i) shrink(i);
+    for (int64_t i = 0; i < n_blocks * tiles; ++i) expand(i);
+    return;
+  }
+  std::atomic<int64_t> next_shrink{0}, next_expand{0};
+#pragma omp parallel num_threads(c.threads)
+  {
+    for (int64_t i; (i = next_shrink.fetch_add(1, std::memory_order_relaxed)) < n_blocks;) shrink(i);
+#pragma omp barrier
+    for (int64_t i; (i = next_expand.fetch_add(1, std::memory_order_relaxed)) < n_blocks * tiles;) expand(i);
+  }
+}
+
+}  // namespace
+}  // namespace OPENLORA_ISA
+}  // namespace openlora
