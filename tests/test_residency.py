@@ -359,3 +359,20 @@ def test_the_reload_cost_is_where_a_copy_is_now_not_what_the_last_load_took(make
     on_disk.clear()
     assert res._cost(("a0", 1), 1000) == pytest.approx(0.040)
     assert res._cost(("a0", 1), 2000) == pytest.approx(0.080)
+
+
+def test_deleting_one_version_keeps_a_load_of_another_in_flight(make, root):
+    gate = threading.Event()
+    res = make(3, source=CountingSource(root, gate=gate))
+    fut = res.acquire("a0", 0)                  # loading (resolves to v1) while v7 is deleted
+    res.unload("a0", 7)
+    gate.set()
+    lease = fut.result(10)
+    res.release(lease)
+    assert res.residency() == [("a0", 1, 0)]    # kept: the deletion was of another version
+    gate.clear()
+    fut = res.acquire("a1", 0)
+    res.unload("a1", 1)                         # the version being loaded: served, then gone
+    gate.set()
+    res.release(fut.result(10))
+    assert [a for a, _, _ in res.residency()] == ["a0"]

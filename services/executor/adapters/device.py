@@ -40,12 +40,12 @@ class DevicePool(PagePool):
         entry = self.place(ids, src.meta, src.scalings, src.rank)
         if not ids:
             return entry, None
-        rows = arena.pages.index_select(0, src.pages.long())          # [n, P] on the host
         if self._stream is None:
+            rows = arena.pages.index_select(0, src.pages.long())      # [n, P] on the host
             self.pages.index_copy_(0, entry.pages.long(), rows)
             return entry, None
-        staging = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-        staging.copy_(rows)
+        staging = torch.empty((len(ids), self.layout.page_elems), dtype=self.dtype, pin_memory=True)
+        torch.index_select(arena.pages, 0, src.pages.long(), out=staging)   # gathered once, pinned
         done = torch.cuda.Event()
         with torch.cuda.stream(self._stream):
             self._stream.wait_stream(torch.cuda.default_stream(self.device))

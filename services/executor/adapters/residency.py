@@ -112,7 +112,10 @@ class Residency:
         self._latest: dict[str, tuple[int, float]] = {}
         self._refreshing: set[str] = set()
         self._loads: dict[Key, _Load] = {}
-        self._gen: dict[str, int] = {}          # bumped by unload: loads started before it don't stay
+        # unload stamps (id, version) (version 0: every version) with the epoch it happened in: a load
+        # or write-back started before it does not keep what it brings
+        self._epoch = 0
+        self._unloaded: dict[Key, int] = {}
         self._workers = ThreadPoolExecutor(workers, thread_name_prefix="adapter-load")
         self._placer = ThreadPoolExecutor(2, thread_name_prefix="adapter-device")
         self._closed = False
@@ -162,7 +165,7 @@ class Residency:
             if load is None:
                 load = self._loads[req] = _Load()
                 self._workers.submit(self._load, adapter_id, version, load,
-                                     self._gen.get(adapter_id, 0))
+                                     self._epoch)
             load.waiters.append((fut, to_device))
         return fut
 
@@ -193,7 +196,10 @@ class Residency:
             latest = self._latest.get(adapter_id)
             if version == 0 or (latest is not None and latest[0] == version):
                 self._latest.pop(adapter_id, None)
-            self._gen[adapter_id] = self._gen.get(adapter_id, 0) + 1
+            if not self._loads and not self._writing:   # nothing started earlier is in flight
+                self._unloaded.clear()
+            self._epoch += 1
+            self._unloaded[(adapter_id, version)] = self._epoch
             for key in [k for k in self._held if k[0] == adapter_id and version in (0, k[1])]:
                 held = self._held[key]
                 if held.pins == 0:
@@ -309,6 +315,10 @@ class Residency:
         log.info("adapter_evicted", tier="device", adapter_id=held.key[0], version=held.key[1],
                  bytes=nbytes)
 
+    def _unloaded_since(self, key: Key, epoch: int) -> bool:
+        """Was key's version (or every version of its id) unloaded after `epoch`?"""
+        return max(self._unloaded.get(key, 0), self._unloaded.get((key[0], 0), 0)) > epoch
+
     def _superseded(self, key: Key) -> bool:
         latest = self._latest.get(key[0])
         return latest is not None and key[1] < latest[0]
@@ -401,11 +411,11 @@ class Residency:
         packed = PackedAdapter(rows=self.arena.pages[entry.pages.long()].clone(),
                                meta=entry.meta.clone(), scalings=entry.scalings.clone(), rank=entry.rank)
         self._writing += 1
-        self._writer.submit(self._write, key, packed, self.source.generation(key[0]), self._gen.get(key[0], 0))
+        self._writer.submit(self._write, key, packed, self.source.generation(key[0]), self._epoch)
 
     def _write(self, key: Key, packed: PackedAdapter, generation: int, gen: int) -> None:
         try:
-            if self._gen.get(key[0], 0) == gen:         # not unloaded since
+            if not self._unloaded_since(key, gen):          # not unloaded since
                 if self._write_back(key[0], key[1], self.arena.signature(),
                                     lambda path: _save_image(path, packed), generation):
                     log.info("adapter_written_back", adapter_id=key[0], version=key[1],
@@ -568,7 +578,7 @@ class Residency:
                 self._policy.touch(key, entry.nbytes, self._cost(key, entry.nbytes))
                 self.host.loads += 1
                 self._finish(req, load, key, load_s * 1000, tier)
-                if self._gen.get(adapter_id, 0) != gen:    # unloaded while it loaded: serve, then go
+                if self._unloaded_since(key, gen):   # unloaded while it loaded: serve, then go
                     self._drain(key)
                 self._cond.notify_all()
             if self.on_load is not None:
