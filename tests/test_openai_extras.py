@@ -163,3 +163,78 @@ def test_lm_eval_loglikelihood_equals_transformers(stack, tmp_path):
                 want = oracle(stack, adapter, whole)
                 ll = sum(float(want[p - 1, whole[p]]) for p in range(n_ctx, len(whole)))
                 assert resp[0][0] == pytest.approx(ll, abs=1e-4), (adapter, context, continuation)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "kind": {"enum": ["cat", "dog", "fish"]},
+        "tags": {"type": "array", "items": {"enum": ["red", "blue"]}, "maxItems": 3},
+        "owner": {"type": "object", "properties": {
+            "age": {"type": "integer", "minimum": 0, "maximum": 99},
+            "ok": {"type": "boolean"}}, "required": ["age", "ok"], "additionalProperties": False},
+    },
+    "required": ["name", "kind", "tags", "owner"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs_in_a_mixed_batch(stack):
+    """response_format json_schema (base and adapter, greedy and sampled), vLLM's guided_regex and
+    guided_choice, beside unconstrained requests (equal to themselves alone) in one batch."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jsonschema
+    client = stack["client"]
+    msgs = [{"role": "user", "content": "Describe a pet as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA, "strict": True}}
+
+    def plain(model):
+        return client.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0)
+
+    alone = {m: plain(m).choices[0].message.content for m in (BASE, "org/qv")}
+    jobs = {
+        "schema-base": lambda: client.chat.completions.create(model=BASE, messages=msgs, response_format=fmt,
+                                                              max_tokens=300, temperature=0),
+        "schema-qv": lambda: client.chat.completions.create(model="org/qv", messages=msgs, response_format=fmt,
+                                                            max_tokens=300, temperature=1.0, seed=3),
+        "object": lambda: client.chat.completions.create(model=BASE, messages=msgs, max_tokens=8,
+                                                         response_format={"type": "json_object"}),
+        "regex": lambda: client.completions.create(model="org/qv", prompt="code:", max_tokens=20,
+                                                   extra_body={"guided_regex": r"[A-Z]{2}-[0-9]{3}"}),
+        "choice": lambda: client.completions.create(
+            model=BASE, prompt="pick:", max_tokens=20, temperature=1.0,
+            extra_body={"structured_outputs": {"choice": ["left", "right"]}}),
+        "plain-base": lambda: plain(BASE),
+        "plain-qv": lambda: plain("org/qv"),
+    }
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+        out = {name: f.result() for name, f in futures.items()}
+    for name in ("schema-base", "schema-qv"):
+        c = out[name].choices[0]
+        assert c.finish_reason == "stop", (name, c.message.content)
+        jsonschema.validate(json.loads(c.message.content), SCHEMA)
+    assert out["object"].choices[0].message.content.startswith("{")
+    assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}", out["regex"].choices[0].text)
+    assert out["choice"].choices[0].text in ("left", "right")
+    assert out["plain-base"].choices[0].message.content == alone[BASE]
+    assert out["plain-qv"].choices[0].message.content == alone["org/qv"]
+
+
+@pytest.mark.parametrize("extra, param, says", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     None, "strin"),
+    ({"guided_regex": "[a-z"}, None, "unclosed character class"),
+    ({"guided_choice": []}, "guided_choice", "non-empty"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "conflicts"),
+    ({"response_format": {"type": "yaml"}}, "response_format", "json_schema"),
+])
+def test_bad_structured_outputs_are_400(stack, extra, param, says):
+    with pytest.raises(openai.BadRequestError) as err:
+        stack["client"].completions.create(model=BASE, prompt="x", max_tokens=2, extra_body=extra)
+    assert err.value.status_code == 400
+    body = err.value.body
+    assert body["param"] == param and says in body["message"], body

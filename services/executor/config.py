@@ -76,6 +76,7 @@ class ExecutorConfig(ServerConfig):
     speculative_max_batch_tokens: int = flag(128, "drafts only while the step's tokens (prefill chunks, "
                                              "decode tokens and drafts) stay within this (0 -> no limit)")
     default_max_new_tokens: int = flag(64, "max_new_tokens when a request gives 0")
+    structured_output_cache: int = flag(256, "compiled structured-output grammars kept (by schema, LRU)")
     blob_url: str = flag("", "the registry's blob store (its --blob-url: s3://BUCKET/PREFIX, or a shared "
                          "blob directory): adapter files are read straight from it, verified by digest, "
                          "with FetchAdapter as the fallback (empty -> FetchAdapter only)")
@@ -111,7 +112,7 @@ class ExecutorConfig(ServerConfig):
         check(bool(self.base_model), "base_model", "is required")
         for name in ("max_batch_size", "max_queue", "max_device_adapters", "max_lora_rank",
                      "kv_block_size", "max_prefill_tokens", "default_max_new_tokens",
-                     "adapter_load_workers", "blob_read_concurrency"):
+                     "structured_output_cache", "adapter_load_workers", "blob_read_concurrency"):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         check(self.quantization in ("none", "int8", "int4"), "quantization",
               f"must be none, int8 or int4, got {self.quantization!r}")

@@ -64,6 +64,7 @@ from services.executor.output import OutputProcessor, deliver
 from services.executor.sampler import SamplingOptions
 from services.executor.scheduler import Batch, Scheduler
 from services.executor.spec_decode import Speculator
+from services.executor.structured import GrammarCache
 from services.executor.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
@@ -113,8 +114,11 @@ class Engine:
             max_len = num_blocks * block
         self.max_model_len = max_len
         self._tokenizer = Tokenizer.from_dir(path, self.model_config.eos_token_ids)
+        tokenizer_file = path / "tokenizer.json"
         eos = self.model_config.eos_token_ids or (self._tokenizer.eos_token_ids if self._tokenizer else ())
         eos_token_ids = frozenset(eos)
+        self.grammars = GrammarCache(tokenizer_file.read_text() if tokenizer_file.is_file() else None,
+                                     self.model_config.vocab, eos_token_ids, config.structured_output_cache)
         self.allocator = KVBlockAllocator(num_blocks)
         kv_buffer = None
         if unified:
@@ -213,7 +217,9 @@ class Engine:
                               max_model_len=self.max_model_len,
                               default_max_new_tokens=self.config.default_max_new_tokens,
                               eos_token_ids=self.eos_token_ids, device=self.device)
-        if self.speculator is not None and req.sampling.speculative:
+        if req.sampling.structured is not None:    # compiled once per spec (cached), copied per request
+            r.row.grammar = self.grammars.new(req.sampling.structured)
+        elif self.speculator is not None and req.sampling.speculative:
             r.seq.spec = self.speculator.new_state(min(r.seq.prompt_len + r.max_new, self.max_model_len))
         with self._lock:
             if req.request_id in self._active:

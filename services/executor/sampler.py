@@ -5,7 +5,8 @@
     tokens, logprobs, tops = sample_draft(logits, row, draft)  # verify a speculated draft
 
 Each row is processed on its own: the min_new_tokens mask (EOS and stop token ids at -inf until
-enough tokens are out) -> repetition penalty (Hugging Face's rule, over prompt and output) ->
+enough tokens are out) -> the structured-output mask (the tokens its grammar allows, structured.py)
+-> repetition penalty (Hugging Face's rule, over prompt and output) ->
 presence and frequency penalties (OpenAI's and vLLM's rule, over the output) -> temperature -> top-k
 -> top-p, then a draw from the row's own torch.Generator, so a seeded request gets the same tokens
 whatever its batch mates. logprobs are log_softmax of the RAW logits at the chosen token. Greedy rows
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from services.executor.structured import Grammar, StructuredOutput
 
 LENGTH, STOP, EOS = "length", "stop", "eos"
 MAX_TOP_LOGPROBS = 20   # as OpenAI's and vLLM's APIs allow
@@ -40,6 +43,7 @@ class SamplingOptions:
     frequency_penalty: float = 0.0     # [-2, 2]; minus this times each token's count so far
     top_logprobs: int = 0              # 0..MAX_TOP_LOGPROBS most likely tokens returned per step
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob + k alternatives
+    structured: StructuredOutput | None = None   # a format the output must follow (structured.py)
     speculative: bool = True           # False -> never speculate for this request (same output)
 
     def problems(self) -> list[str]:
@@ -74,6 +78,8 @@ class SamplingOptions:
             out.append(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
         if any(t < 0 for t in self.stop_token_ids):
             out.append(f"stop_token_ids must be >= 0, got {min(self.stop_token_ids)}")
+        if self.structured is not None:
+            out += self.structured.problems()
         return out
 
 
@@ -86,6 +92,7 @@ class SamplingRow:
     history: list[int]                  # prompt + generated ids (for the penalties)
     prompt_len: int = 0                 # history[prompt_len:] is the output so far
     held_back: tuple[int, ...] = ()     # EOS + stop token ids: masked while the output is too short
+    grammar: Grammar | None = None      # structured output: the tokens it allows (structured.py)
 
     @property
     def masked(self) -> tuple[int, ...]:
@@ -98,6 +105,7 @@ class SamplingRow:
         """Needs more than the raw argmax."""
         o = self.options
         return (o.temperature > 0 or o.repetition_penalty not in (0, 1) or bool(self.masked)
+                or self.grammar is not None
                 or ((o.presence_penalty or o.frequency_penalty) and len(self.history) > self.prompt_len))
 
 
@@ -170,6 +178,10 @@ def sample_with_top(logits: Tensor,
             masked = [t for t in rows[i].masked if t < row.shape[-1]]
             if masked:
                 row = row.index_fill(0, torch.tensor(masked, device=row.device), float("-inf"))
+            grammar = rows[i].grammar
+            if grammar is not None:
+                allowed = grammar.allowed(rows[i].history[rows[i].prompt_len:], row.device)
+                row = row.masked_fill(~allowed, float("-inf"))
             if o.repetition_penalty not in (0, 1) and rows[i].history:
                 row = _penalise(row, rows[i].history, o.repetition_penalty)
             output = rows[i].history[rows[i].prompt_len:]
@@ -205,8 +217,7 @@ def sample_draft(logits: Tensor, row: SamplingRow,
     on rejection the token is distributed as p with d removed and renormalised.
     """
     o = row.options
-    if o.temperature <= 0 and o.repetition_penalty in (0, 1) and not row.masked and \
-            not (o.presence_penalty or o.frequency_penalty):    # plain greedy: every row at once
+    if not row.special and not (o.presence_penalty or o.frequency_penalty):   # plain greedy: all rows at once
         tokens, logprobs, tops = sample_with_top(logits, [row] * logits.shape[0])
         n = 0
         while n < len(draft) and tokens[n] == draft[n]:

@@ -17,6 +17,7 @@ from services.common import auth, errors
 from services.common.gen.openlora.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from services.common.logging import bind_request
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions, TokenEvent
+from services.executor.structured import StructuredOutput
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +43,17 @@ def to_request(pb: common_pb2.GenerateRequest) -> GenerationRequest:
             presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
             top_logprobs=s.top_logprobs,
             prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
-            speculative=s.speculative if s.HasField("speculative") else True))
+            speculative=s.speculative if s.HasField("speculative") else True,
+            structured=_structured(s)))
+
+
+def _structured(s: common_pb2.SamplingParams) -> StructuredOutput | None:
+    kind = s.structured_output.WhichOneof("kind") if s.HasField("structured_output") else None
+    if kind is None:
+        return None
+    if kind == "choice":
+        return StructuredOutput("choice", tuple(s.structured_output.choice.choices))
+    return StructuredOutput(kind, "" if kind == "json_object" else getattr(s.structured_output, kind))
 
 
 def _tops(ev: TokenEvent) -> list[common_pb2.TopLogprobs]:
@@ -106,6 +117,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             except RuntimeError:  # the loop is gone: the call ended
                 pass
 
+        if req.sampling.structured is not None:   # compiled off the event loop (then cached by spec)
+            await asyncio.to_thread(self.engine.grammars.compile, req.sampling.structured)
         self.engine.submit(req, sink)
         m, t0 = self.metrics, time.perf_counter()
         last = None      # when the previous token came (None: none yet)

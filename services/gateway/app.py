@@ -385,6 +385,9 @@ class Gateway:
             sampling = api.sampling(body, self.config.default_max_tokens, chat=False, echo=echo)
         if o.k is not None:
             sampling.top_logprobs = o.k
+        structured = api.structured_output(body)
+        if structured is not None:
+            sampling.structured_output.CopyFrom(structured)
         wanted = [x for x in (o.prompt_k, o.k if echo else None) if x is not None]
         if wanted:
             sampling.prompt_logprobs = max(wanted)

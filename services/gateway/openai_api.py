@@ -149,6 +149,63 @@ def prompt_logprobs_k(body: dict) -> int | None:
     return integer(body, "prompt_logprobs", None, 0, MAX_TOP_LOGPROBS)
 
 
+def structured_output(body: dict) -> common_pb2.StructuredOutput | None:
+    """`response_format` (json_object, json_schema) or one of vLLM's extras (`structured_outputs`
+    {json, regex, choice, grammar, json_object}, `guided_json`, `guided_regex`, `guided_choice`,
+    `guided_grammar`) -> StructuredOutput; the executor compiles it (a bad schema is its 400)."""
+    found: list[tuple[str, common_pb2.StructuredOutput]] = []
+
+    def schema_text(param: str, v) -> str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (dict, bool)):
+            return json.dumps(v)
+        raise _bad(param, "must be a JSON Schema (an object, or its JSON text)")
+
+    def add(param: str, kind: str, v) -> None:
+        if v is None or v is False:
+            return
+        out = common_pb2.StructuredOutput()
+        if kind == "json":
+            out.json_schema = schema_text(param, v)
+        elif kind == "json_object":
+            out.json_object = True
+        elif kind == "choice":
+            if not (isinstance(v, list) and v and all(isinstance(c, str) and c for c in v)):
+                raise _bad(param, "must be a non-empty list of non-empty strings")
+            out.choice.choices.extend(v)
+        else:
+            if not isinstance(v, str) or not v:
+                raise _bad(param, "must be a non-empty string")
+            setattr(out, kind, v)
+        found.append((param, out))
+
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise _bad("response_format", "must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}")
+        if rf["type"] == "json_object":
+            add("response_format", "json_object", True)
+        elif rf["type"] == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or spec.get("schema", {}) is None:
+                raise _bad("response_format", "json_schema must be {\"name\", \"schema\", \"strict\"}")
+            add("response_format", "json", spec.get("schema", {}))
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise _bad("structured_outputs", "must be an object with one of json, regex, choice, grammar, "
+                                             "json_object")
+        for kind in ("json", "regex", "choice", "grammar", "json_object"):
+            add(f"structured_outputs.{kind}", kind, so.get(kind))
+    for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                       ("guided_grammar", "grammar")):
+        add(name, kind, body.get(name))
+    if len(found) > 1:
+        raise _bad(found[1][0], f"conflicts with `{found[0][0]}`: give one structured-output format")
+    return found[0][1] if found else None
+
+
 def completion_logprobs_k(body: dict) -> int | None:
     """/v1/completions' `logprobs` (an int: how many alternatives per token), or None."""
     return integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)

@@ -1,0 +1,162 @@
+"""Structured outputs: a grammar per sequence, as a mask over the next token's logits.
+
+    grammars = GrammarCache(tokenizer_json, vocab, eos_token_ids, size=256)
+    g = grammars.new(StructuredOutput("json_schema", schema_text))   # InvalidArgument when bad
+    row.grammar = g                             # sampler.py: special rows are masked at one point
+    allowed = g.allowed(row.history[row.prompt_len:], device)   # bool [vocab]; consumes new tokens
+
+The engine is llguidance (Microsoft's grammar engine behind guidance; CPU wheels on PyPI, no torch
+or transformers needed): JSON Schema, regular expressions, Lark and GBNF grammars, each compiled
+once to a matcher over the model's own tokenizer and kept by spec (LRU); each sequence gets a cheap
+copy of it, advanced by the tokens it emitted since its last step. The mask allows exactly the
+tokens that keep the output a prefix of a sentence of the grammar, and EOS once it is complete; a
+complete output that can grow no further allows only EOS, so it ends there ("stop"). Sequences
+with no grammar never reach this code. Logprobs stay those of the raw logits, as without a grammar.
+
+Kinds (SamplingParams.structured_output, CONTRACT.md): json_schema (JSON Schema text), json_object
+(any JSON object), regex (the whole output matches), choice (exactly one of the strings), grammar
+(Lark or GBNF / EBNF text). JSON is generated compact (no free whitespace), as vLLM's default does.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from services.common.errors import InvalidArgument
+
+KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A format for the output: kind in KINDS; value the schema / regex / grammar text, or for
+    choice the strings (a tuple); json_object has no value."""
+
+    kind: str
+    value: str | tuple[str, ...] = ""
+
+    def problems(self) -> list[str]:
+        if self.kind not in KINDS:
+            return [f"structured_output kind must be one of {', '.join(KINDS)}, got {self.kind!r}"]
+        if self.kind == "choice":
+            if not self.value or not all(isinstance(c, str) and c for c in self.value):
+                return ["structured_output.choice must be a non-empty list of non-empty strings"]
+        elif self.kind != "json_object" and not (isinstance(self.value, str) and self.value.strip()):
+            return [f"structured_output.{self.kind} must not be empty"]
+        return []
+
+
+def grammar_text(spec: StructuredOutput) -> str:
+    """spec -> llguidance's grammar (a JSON string); InvalidArgument for text that does not parse."""
+    import llguidance as llg
+    try:
+        if spec.kind == "json_object":
+            return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, JSON_OPTIONS)
+        if spec.kind == "json_schema":
+            try:
+                schema = json.loads(spec.value)
+            except ValueError as exc:
+                raise InvalidArgument(f"structured_output.json_schema is not valid JSON: {exc}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise InvalidArgument("structured_output.json_schema must be a JSON object")
+            return llg.LLMatcher.grammar_from_json_schema(schema, JSON_OPTIONS)
+        if spec.kind == "regex":
+            return llg.LLMatcher.grammar_from_regex(spec.value)
+        if spec.kind == "choice":
+            return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec.value))
+        from llguidance.gbnf_to_lark import any_to_lark
+        return llg.LLMatcher.grammar_from_lark(any_to_lark(spec.value))
+    except InvalidArgument:
+        raise
+    except Exception as exc:     # llguidance's ValueError, gbnf_to_lark's parse errors
+        raise InvalidArgument(f"structured_output.{spec.kind} is invalid: {exc}") from None
+
+
+class GrammarCache:
+    """The tokenizer as llguidance sees it (built on first use) and compiled grammars by spec."""
+
+    def __init__(self, tokenizer_json: str | None, vocab: int, eos_token_ids, size: int = 256):
+        self.tokenizer_json = tokenizer_json
+        self.vocab = vocab
+        self.eos_token_ids = sorted(eos_token_ids)
+        self.size = size
+        self._tokenizer = None
+        self._compiled: OrderedDict[StructuredOutput, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self.compiles = 0            # grammars compiled (cache misses), for tests and status
+
+    def _llg_tokenizer(self):
+        import llguidance as llg
+        if self._tokenizer is None:
+            if self.tokenizer_json is None:
+                raise InvalidArgument("structured outputs need a tokenizer, and this model has no "
+                                      "tokenizer.json")
+            if not self.eos_token_ids:
+                raise InvalidArgument("structured outputs need an EOS token, and this model has none")
+            self._tokenizer = llg.LLTokenizer(self.tokenizer_json, n_vocab=self.vocab,
+                                              eos_token=self.eos_token_ids)
+        return self._tokenizer
+
+    def compile(self, spec: StructuredOutput):
+        """The spec's matcher at its start (cached); InvalidArgument naming what is wrong."""
+        problems = spec.problems()
+        if problems:
+            raise InvalidArgument("; ".join(problems))
+        with self._lock:
+            hit = self._compiled.get(spec)
+            if hit is not None:
+                self._compiled.move_to_end(spec)
+                return hit
+            tok = self._llg_tokenizer()
+        import llguidance as llg
+        grammar = grammar_text(spec)
+        error = llg.LLMatcher.validate_grammar(grammar, tok)
+        if error:
+            raise InvalidArgument(f"structured_output.{spec.kind} is invalid: {error.strip()}")
+        matcher = llg.LLMatcher(tok, grammar, log_level=0)
+        if matcher.is_error():
+            raise InvalidArgument(f"structured_output.{spec.kind} is invalid: {matcher.get_error()}")
+        with self._lock:
+            self.compiles += 1
+            self._compiled[spec] = matcher
+            while len(self._compiled) > self.size:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def new(self, spec: StructuredOutput) -> Grammar:
+        """A fresh grammar state for one sequence."""
+        return Grammar(self.compile(spec).deep_copy(), self.vocab, self.eos_token_ids)
+
+
+class Grammar:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, matcher, vocab: int, eos_token_ids: list[int]):
+        self.matcher = matcher
+        self.vocab = vocab
+        self.eos_token_ids = eos_token_ids
+        self.consumed = 0            # output tokens the matcher has taken
+
+    def allowed(self, output: list[int], device: torch.device) -> Tensor:
+        """bool [vocab]: the tokens that may come next after `output` (the sequence's tokens so far;
+        the ones not yet consumed advance the matcher first)."""
+        m = self.matcher
+        for t in output[self.consumed:]:
+            if not m.is_stopped():   # a complete output: EOS (or ignore_eos' repeats) not consumed
+                m.consume_token(t)
+            self.consumed += 1
+        if m.is_error():
+            raise InvalidArgument(f"the output left its grammar: {m.get_error()}")
+        bits = torch.frombuffer(bytearray(m.compute_bitmask()), dtype=torch.uint8)
+        shifts = torch.arange(8, dtype=torch.uint8)
+        mask = ((bits[:, None] >> shifts) & 1).flatten()[:self.vocab].bool()
+        if mask.numel() < self.vocab:
+            mask = torch.cat([mask, torch.zeros(self.vocab - mask.numel(), dtype=torch.bool)])
+        return mask.to(device, non_blocking=True)

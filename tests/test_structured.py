@@ -1,0 +1,192 @@
+"""Structured outputs in the engine (structured.py): a grammar per sequence, masks per row.
+
+One concurrent batch mixes every kind (json_schema, json_object, regex, choice, Lark and GBNF
+grammars), greedy and sampled, base and adapter, beside unconstrained requests: each constrained
+output follows its format, and the unconstrained ones equal the same requests run alone. Greedy
+constrained decoding equals transformers' masked argmax step by step (llguidance's mask applied to
+transformers' logits). Bad specs are InvalidArgument naming the problem; compiling is cached by spec.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import jsonschema
+import pytest
+import torch
+from conftest import TINY
+
+from services.common.errors import InvalidArgument
+from services.executor.adapters.source import LocalDirSource
+from services.executor.config import ExecutorConfig
+from services.executor.engine import Engine, GenerationRequest, SamplingOptions
+from services.executor.structured import StructuredOutput
+from services.synthetic import AdapterSpec, write_adapter
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "kind": {"enum": ["cat", "dog", "fish"]},
+        "tags": {"type": "array", "items": {"enum": ["red", "blue"]}, "maxItems": 3},
+        "owner": {"type": "object", "properties": {
+            "age": {"type": "integer", "minimum": 0, "maximum": 99},
+            "ok": {"type": "boolean"}}, "required": ["age", "ok"], "additionalProperties": False},
+    },
+    "required": ["name", "kind", "tags", "owner"],
+    "additionalProperties": False,
+}
+REGEX = r"(yes|no)-[0-9]{2,4}"
+CHOICES = ("alpha", "beta gamma", "é✓")
+LARK = 'start: "(" item ("," item)* ")"\nitem: /[a-c]{1,3}/'
+GBNF = 'root ::= "<" [0-9]+ ">"'
+
+
+@pytest.fixture(scope="module")
+def setup(llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("structured-adapters")
+    write_adapter(root / "qv", TINY["llama"], AdapterSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"),
+                                                          seed=81))
+    e = Engine(ExecutorConfig(base_model=str(llama_dir), device="cpu", dtype="float32",
+                              max_lora_rank=16, max_model_len=512), LocalDirSource(root))
+    e.start()
+    yield e, llama_dir, root
+    e.stop()
+
+
+def run(engine, reqs, timeout=300):
+    out, lock, done = {}, threading.Lock(), threading.Event()
+
+    def on_event(ev):
+        with lock:
+            o = out.setdefault(ev.request_id, {"tokens": [], "text": "", "finish": None, "error": None})
+            o["tokens"] += ev.token_ids
+            o["text"] += ev.text
+            if ev.finish_reason or ev.error:
+                o["finish"], o["error"] = ev.finish_reason, ev.error
+                if sum(1 for v in out.values() if v["finish"] or v["error"]) == len(reqs):
+                    done.set()
+
+    for r in reqs:
+        engine.submit(r, on_event)
+    assert done.wait(timeout)
+    return out
+
+
+def check(kind: str, text: str) -> None:
+    if kind == "json_schema":
+        jsonschema.validate(json.loads(text), SCHEMA)
+    elif kind == "json_object":
+        assert isinstance(json.loads(text), dict), text
+    elif kind == "regex":
+        assert re.fullmatch(REGEX, text), text
+    elif kind == "choice":
+        assert text in CHOICES, text
+    elif kind == "lark":
+        assert re.fullmatch(r"\([a-c]{1,3}(,[a-c]{1,3})*\)", text), text
+    else:
+        assert re.fullmatch(r"<[0-9]+>", text), text
+
+
+SPECS = {"json_schema": StructuredOutput("json_schema", json.dumps(SCHEMA)),
+         "json_object": StructuredOutput("json_object"),
+         "regex": StructuredOutput("regex", REGEX),
+         "choice": StructuredOutput("choice", CHOICES),
+         "lark": StructuredOutput("grammar", LARK),
+         "gbnf": StructuredOutput("grammar", GBNF)}
+
+
+def test_mixed_batch_every_kind_beside_unconstrained(setup):
+    engine = setup[0]
+    g = torch.Generator().manual_seed(3)
+    plain = {f"plain-{i}": (a, torch.randint(3, 250, (9,), generator=g).tolist(), t)
+             for i, (a, t) in enumerate([("", 0.0), ("qv", 0.0), ("", 1.0), ("qv", 1.0)])}
+
+    def plain_req(rid):
+        a, p, t = plain[rid]
+        return GenerationRequest(rid, prompt_token_ids=p, adapter_id=a,
+                                 sampling=SamplingOptions(max_new_tokens=12, temperature=t, seed=5,
+                                                          ignore_eos=True))
+
+    alone = {rid: run(engine, [plain_req(rid)])[rid]["tokens"] for rid in plain}
+    reqs = [plain_req(rid) for rid in plain]
+    for kind, spec in SPECS.items():
+        for j, (adapter, temp) in enumerate([("", 0.0), ("qv", 1.0), ("", 0.7)]):
+            reqs.append(GenerationRequest(
+                f"{kind}-{j}", prompt=f"Answer in {kind}:", adapter_id=adapter,
+                sampling=SamplingOptions(max_new_tokens=300, temperature=temp, seed=11 + j,
+                                         structured=spec)))
+    out = run(engine, reqs)
+    for rid, o in out.items():
+        assert o["error"] is None, (rid, o["error"])
+        if rid.startswith("plain-"):
+            assert o["tokens"] == alone[rid], rid          # a grammar beside it changes nothing
+            continue
+        kind = rid.rsplit("-", 1)[0]
+        if kind == "json_object" and o["finish"] == "length":   # a random model's endless string
+            assert o["text"].startswith('{"') and len(o["tokens"]) == 300
+            continue
+        assert o["finish"] in ("eos", "stop"), (rid, o["finish"], o["text"])
+        check(kind, o["text"])
+
+
+@pytest.mark.parametrize("kind", ["json_schema", "json_object"])
+def test_greedy_equals_transformers_masked_argmax(setup, kind):
+    """The mask is llguidance's over the model's vocabulary; greedy decoding through the engine is
+    transformers' argmax under the same mask, token for token."""
+    import llguidance as llg
+    from transformers import AutoModelForCausalLM
+    engine, model_dir, root = setup
+    prompt = [5, 60, 7, 200, 31]
+    n = 300 if kind == "json_schema" else 40
+    got = run(engine, [GenerationRequest("g", prompt_token_ids=prompt, adapter_id="qv", sampling=SamplingOptions(
+        max_new_tokens=n, structured=SPECS[kind]))])["g"]
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      root / "qv").eval()
+    tok = llg.LLTokenizer((model_dir / "tokenizer.json").read_text(), n_vocab=engine.model_config.vocab,
+                          eos_token=sorted(engine.eos_token_ids))
+    schema = SCHEMA if kind == "json_schema" else {"type": "object"}
+    m = llg.LLMatcher(tok, llg.LLMatcher.grammar_from_json_schema(schema, {"whitespace_flexible": False}))
+    ids, want = list(prompt), []
+    with torch.no_grad():
+        while len(want) < n:
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            bits = m.compute_bitmask()
+            allowed = torch.tensor([bits[t // 8] >> (t % 8) & 1 for t in range(logits.shape[0])]).bool()
+            t = int(logits.masked_fill(~allowed, float("-inf")).argmax())
+            want.append(t)
+            ids.append(t)
+            if t in engine.eos_token_ids:
+                break
+            m.consume_token(t)
+    assert got["tokens"] == want
+    if kind == "json_schema":
+        jsonschema.validate(json.loads(got["text"]), SCHEMA)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (StructuredOutput("json_schema", "{not json"), "not valid JSON"),
+    (StructuredOutput("json_schema", json.dumps({"type": "strin"})), "strin"),
+    (StructuredOutput("regex", "[a-z"), "regex"),
+    (StructuredOutput("choice", ()), "choice"),
+    (StructuredOutput("grammar", "start: undefined_rule"), "undefined_rule"),
+    (StructuredOutput("yaml", "x"), "kind"),
+])
+def test_bad_specs_are_invalid_argument(setup, spec, message):
+    with pytest.raises(InvalidArgument, match=message):
+        setup[0].submit(GenerationRequest("bad", prompt_token_ids=[3, 4],
+                                          sampling=SamplingOptions(structured=spec)), lambda ev: None)
+
+
+def test_compiled_once_per_spec(setup):
+    engine = setup[0]
+    spec = StructuredOutput("regex", "[0-9]{3}")
+    before = engine.grammars.compiles
+    out = run(engine, [GenerationRequest(f"c{i}", prompt_token_ids=[3, 4 + i],
+                                         sampling=SamplingOptions(max_new_tokens=10, structured=spec))
+                       for i in range(3)])
+    assert engine.grammars.compiles - before == 1
+    assert all(re.fullmatch("[0-9]{3}", o["text"]) for o in out.values())
