@@ -30,7 +30,7 @@ import throughput as tp
 from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine
-from services.executor.model import llama
+from services.executor.model import layers
 from services.synthetic import ALL_MODULES, AdapterSpec, write_adapter, write_model
 
 
@@ -81,8 +81,8 @@ def main() -> None:
         engine.load_adapter(n, 0)
 
     acc: dict = collections.defaultdict(float)
-    llama.ops = _TimedOps(llama.ops, acc)
-    llama.paged_attention = _timed(llama.paged_attention, "paged_attention", acc)
+    layers.ops = _TimedOps(layers.ops, acc)
+    layers.paged_attention = _timed(layers.paged_attention, "paged_attention", acc)
     engine.model.forward = _timed(engine.model.forward, "forward", acc,
                                   rows_of=lambda args: args[0].input_ids.numel())
 

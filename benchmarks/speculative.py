@@ -1,7 +1,7 @@
 """Prompt-lookup (n-gram) speculative decoding: the engine with vs without it, side by side.
 
     .venv/bin/python benchmarks/speculative.py [--rounds 5] [--new-tokens 64] [--streams 32]
-                                               [--num-speculative-tokens 4]
+                                               [--num-speculative-tokens 4] [--workloads 1,2,3]
 
 One CPU-sized Llama (4 layers, hidden 512, 8 heads, vocab 4096) whose weights are set so that greedy
 decoding copies from its context (synthetic.write_copy_model: an induction circuit in the first two
@@ -19,6 +19,11 @@ model still copies under them. Two engines in this one process, --speculative-me
    with a seed per request (near-uniform over 4096 tokens: the text does not repeat, so n-grams
    rarely match; greedy decoding of a random model falls into loops, which prompt lookup would
    predict). Reported: generated tokens/s over the run.
+3. an adapter that breaks the copying, one stream: workload 1's prompts on the copying model under a
+   strong random adapter (alpha 16). The output no longer quotes the document; the drafts the
+   prompt suggests first are rejected, but greedy decoding then falls into short loops (as greedy
+   decoding of random weights does), which prompt lookup predicts: this shows that speculation
+   stays exact under an adapter that changes the output, not a case where it cannot help.
 
 Printed per workload: tokens/s of each engine (median over rounds), the speedup (median of the
 per-round ratios), the acceptance rate and draft tokens of the ngram engine, and whether the outputs
@@ -54,7 +59,8 @@ from services.synthetic import (
 SPEC = ModelSpec(arch="llama", hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=8,
                  vocab=4096, max_positions=512, rope_theta=1e6, seed=3)
 ADAPTERS = {"a": AdapterSpec(rank=16, alpha=1.0, targets=ALL_MODULES, seed=11),
-            "b": AdapterSpec(rank=16, alpha=1.0, targets=ALL_MODULES, seed=12)}
+            "b": AdapterSpec(rank=16, alpha=1.0, targets=ALL_MODULES, seed=12),
+            "strong": AdapterSpec(rank=16, alpha=16.0, targets=ALL_MODULES, seed=13)}
 NAMES = ["", "a", "b"]
 
 
@@ -96,6 +102,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
+    ap.add_argument("--workloads", default="1,2,3", help="which of the workloads to run (comma-separated)")
     args = ap.parse_args()
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
@@ -130,12 +137,20 @@ def main() -> None:
             d = docs(1, n + 24)[0]
             return [d + [2] + d[:4]], [NAMES[rnd % 3]]
 
+        def rejected(rnd: int):
+            d = docs(1, n + 24)[0]
+            return [d + [2] + d[:4]], ["strong"]
+
         def plain(rnd: int):
             return docs(args.streams, 32), [NAMES[i % 3] for i in range(args.streams)]
 
-        for label, model, make, single, temp in (
+        chosen = {int(w) for w in args.workloads.split(",")}
+        for number, (label, model, make, single, temp) in enumerate((
                 ("repetitive, 1 stream", "copy", repetitive, True, 0.0),
-                (f"non-repeating, {args.streams} streams", "random", plain, False, 1.0)):
+                (f"non-repeating, {args.streams} streams", "random", plain, False, 1.0),
+                ("adapter breaking the copying, 1 stream", "copy", rejected, True, 0.0)), 1):
+            if number not in chosen:
+                continue
             engines = make_engines(models[model])
             try:
                 rates = {m: [] for m in engines}

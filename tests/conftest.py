@@ -101,10 +101,13 @@ def backend(request) -> Backend:
                    request.getfixturevalue("s3_server"))
 
 
-# The quick loop, `python -m pytest -m "not slow"` (README, "Tests"), skips what takes
-# minutes: whole deployments and real PostgreSQL/S3 servers, compiles from scratch, and every
-# parameter combination of the kernel sweeps but the first of each test (which still runs each
-# test's code path once). The plain `python -m pytest` (what .ci/run calls) runs everything.
+# The suite by risk. The quick loop, `python -m pytest -m "not slow"` (README, "Tests"), skips what
+# takes minutes: whole deployments, real PostgreSQL/S3 servers (the `backend` fixture's postgres-s3
+# case too), compiles from scratch, and the kernel sweeps' cases beyond a pairwise cover (every value
+# of every parameter, and every pair of two parameters' values, in at least one case kept: marked
+# `sweep` otherwise). The plain `python -m pytest` (what .ci/run calls) runs everything; `-m sweep`
+# runs the rest of the sweeps alone. Tests that assert a wall-clock bound are marked `timing` and run
+# again (up to TIMING_RUNS times) when they fail: a loaded machine is slow, not wrong, once.
 SLOW_MODULES = {"test_e2e", "test_gateway", "test_auth_e2e", "test_registry_storage",
                 "test_registry_process", "test_engine_oracle", "test_disk_tier", "test_residency"}
 COMPILE_MODULES = {"test_cuda_build", "test_cuda_emulation"}
@@ -112,29 +115,116 @@ SWEEP_MODULES = {"test_paged_attention", "test_kernel", "test_packed_weights", "
                  "test_lora_paged", "test_kv_cache"}
 # fixtures that start a deployment or a real PostgreSQL / S3 server: a test using one is slow
 SLOW_FIXTURES = {"cluster", "pg_server", "s3_server", "iam_s3"}
+SLOW_PARAMS = {("backend", "postgres-s3")}
+# tests whose assertions include a wall-clock bound (module::name), rerun when they fail
+TIMING_TESTS = {
+    "test_cluster::test_change_feed_reaches_every_executor_and_router_within_a_second",
+    "test_cluster::test_a_draining_executor_gets_no_new_requests_at_once",
+    "test_first_run::test_up_stops_at_once_on_a_signal_during_start_up",
+    "test_first_run::test_ctrl_c_during_the_kernel_build_stops_everything",
+    "test_first_run::test_up_sees_a_slow_service_within_a_second_of_it_serving",
+    "test_hub_offline::test_hf_source_without_network_fails_fast_and_logs_json_only",
+    "test_hub_offline::test_hub_base_model_without_network_fails_fast",
+    "test_registry_api::test_ten_thousand_listed_through_pages",
+    "test_registry_api::test_cut_off_upload_leaves_nothing",
+    "test_registry_storage::test_watch_sees_registration_and_deletion_within_a_second",
+    "test_registry_storage::test_on_demand_unreachable_source_is_unavailable_within_the_deadline",
+    "test_residency::test_latest_is_served_at_once_and_refreshed_in_the_background",
+    "test_gateway::test_client_disconnect_mid_stream_frees_kv_blocks",
+    "test_tier_churn::test_deleted_versions_leave_every_tier_at_once",
+    "test_readme::test_every_readme_block_runs_against_a_fresh_up_and_up_restarts_at_once",
+    "test_up_supervision::test_up_restarts_a_killed_registry_or_executor_while_the_rest_keeps_serving",
+}
+TIMING_RUNS = 3
+
+
+def pairwise_cover(cases: list[dict[str, str]]) -> list[int]:
+    """Indices of a subset of `cases` (each {parameter: value}) holding every value of each parameter
+    and every pair of values of two parameters that some case holds; greedy, in order, deterministic."""
+    def pairs(case: dict[str, str]) -> set:
+        keys = sorted(case)
+        return {((k, case[k]),) for k in keys} | \
+            {((a, case[a]), (b, case[b])) for i, a in enumerate(keys) for b in keys[i + 1:]}
+    wanted = set().union(*map(pairs, cases)) if cases else set()
+    kept: list[int] = []
+    covering = [pairs(c) for c in cases]
+    while wanted:
+        best = max(range(len(cases)), key=lambda i: (len(covering[i] & wanted), -i))
+        kept.append(best)
+        wanted -= covering[best]
+    return sorted(kept) or list(range(len(cases)))[:1]
+
+
+def _name(item) -> str:
+    return f"{item.module.__name__.rsplit('.', 1)[-1]}::{item.originalname}"
 
 
 def pytest_collection_modifyitems(config, items):
-    first_of_sweep: set[tuple[str, str]] = set()
+    sweeps: dict[str, list] = {}
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if _name(item) in TIMING_TESTS:
+            item.add_marker(pytest.mark.timing)
         if module in COMPILE_MODULES:
             item.add_marker(pytest.mark.compile)
             item.add_marker(pytest.mark.slow)
-        elif module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        elif module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) \
+                or any((k, v) in SLOW_PARAMS for k, v in params.items() if isinstance(v, str)):
             item.add_marker(pytest.mark.slow)
-        elif module in SWEEP_MODULES and hasattr(item, "callspec"):
-            key = (module, item.originalname)
-            if key in first_of_sweep:
+        elif module in SWEEP_MODULES and params:
+            sweeps.setdefault(_name(item), []).append(item)
+    for group in sweeps.values():
+        keep = set(pairwise_cover([{k: repr(v) for k, v in i.callspec.params.items()} for i in group]))
+        for index, item in enumerate(group):
+            if index not in keep:
+                item.add_marker(pytest.mark.sweep)
                 item.add_marker(pytest.mark.slow)
-            first_of_sweep.add(key)
+
+
+def pytest_runtest_protocol(item, nextitem):
+    """A `timing` test that fails runs again, up to TIMING_RUNS times; the last run's reports count."""
+    if item.get_closest_marker("timing") is None:
+        return None
+    from _pytest.runner import runtestprotocol
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    for attempt in range(1, TIMING_RUNS + 1):
+        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+        if not any(r.failed for r in reports) or attempt == TIMING_RUNS:
+            break
+        reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"{item.nodeid}: failed a wall-clock bound on run {attempt}, running it again")
+    for report in reports:
+        item.ihook.pytest_runtest_logreport(report=report)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _kernels_built():
+def _kernels_built(request):
     """Importing services.executor.ops builds nothing (the engine builds the kernels at start-up); a
-    session whose tests import it, and call its ops directly, gets them built once here."""
+    session whose tests import it, and call its ops directly, gets them built once here, said on the
+    terminal with the time a first build takes (else minutes of silence)."""
     import sys
+    import time
     ops = sys.modules.get("services.executor.ops")
-    if ops is not None:
-        ops.ensure_built()
+    if ops is None:
+        return
+    import contextlib
+
+    from services.executor.ops import build
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def say(line: str) -> None:
+        if reporter is not None:
+            with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+                reporter.write_line(line)
+    low, high = build.EXPECTED_BUILD_S
+    say(f"loading the C++ kernels (a first build for this checkout compiles them: {low}-{high} s; "
+        f"then cached in {build.build_dir()})")
+    t0 = time.monotonic()
+    ops.ensure_built()
+    if time.monotonic() - t0 > 5:
+        say(f"kernels built in {time.monotonic() - t0:.0f} s")

@@ -40,8 +40,8 @@ def peft_adapter(model_dir: pathlib.Path, out: pathlib.Path, seed: int, **lora) 
     return out
 
 
-def serve_and_check(model_dir, root, names, max_lora_rank=32):
-    engine = engine_for(model_dir, root, max_lora_rank=max_lora_rank)
+def serve_and_check(model_dir, root, names, max_lora_rank=32, **config):
+    engine = engine_for(model_dir, root, max_lora_rank=max_lora_rank, **config)
     for name in names:
         engine.load_adapter(name, 0)
     requests = make_requests("llama", names, 256)
@@ -64,6 +64,25 @@ def test_dora_mixed_batch_matches_transformers_peft(arch, model_dirs, tmp_path):
     write_adapter(tmp_path / "plain", TINY[arch], AdapterSpec(rank=8, alpha=16, targets=ALL_MODULES,
                                                               seed=4))
     serve_and_check(model_dir, tmp_path, ["dora-attn-r4", "dora-all-r16", "dora-mlp-r32-rslora", "plain"])
+
+
+@pytest.mark.parametrize("arch, config", [("llama", {}),
+                                          ("mistral", {"device_cache_bytes": 8 << 20})])   # tied; device pool
+def test_embedding_lm_head_and_saved_modules_match_transformers_peft(arch, config, model_dirs, tmp_path):
+    model_dir = model_dirs[arch]
+    peft_adapter(model_dir, tmp_path / "emb-lmh-r8", 5, r=8, lora_alpha=16,
+                 target_modules=["q_proj", "down_proj", "embed_tokens", "lm_head"])
+    peft_adapter(model_dir, tmp_path / "emb-r4", 6, r=4, lora_alpha=4, target_modules=["embed_tokens"])
+    peft_adapter(model_dir, tmp_path / "dora-lmh-r16", 7, r=16, lora_alpha=8, use_dora=True,
+                 target_modules=["v_proj", "lm_head"])
+    peft_adapter(model_dir, tmp_path / "saved-lmh", 8, r=4, lora_alpha=8, target_modules=["o_proj"],
+                 modules_to_save=["lm_head"])
+    peft_adapter(model_dir, tmp_path / "saved-both", 9, r=4, lora_alpha=8, target_modules=["k_proj"],
+                 modules_to_save=["lm_head", "embed_tokens"])
+    write_adapter(tmp_path / "plain", TINY[arch], AdapterSpec(rank=8, alpha=16, targets=ALL_MODULES,
+                                                              seed=4))
+    serve_and_check(model_dir, tmp_path, ["emb-lmh-r8", "emb-r4", "dora-lmh-r16", "saved-lmh",
+                                          "saved-both", "plain"], **config)
 
 
 def test_dora_config_and_magnitude_validation(model_dirs, tmp_path):
@@ -118,18 +137,27 @@ def test_registry_accepts_dora_refuses_nonfinite_and_misfits(model_dirs, tmp_pat
                                                                              float("nan"))})
     short = _rewrite(d, tmp_path / "short", {**t, mag: t[mag][:-1].clone()})
     no_dora = _rewrite(d, tmp_path / "nodora", t, use_dora=False)
-    lm_head = _rewrite(d, tmp_path / "lmh", {**{n: v for n, v in t.items() if "magnitude" not in n},
+    plain = {n: v for n, v in t.items() if "magnitude" not in n}
+    lm_head = _rewrite(d, tmp_path / "lmh", {**plain,
                                              "base_model.model.lm_head.lora_A.weight": torch.ones(4, 64),
-                                             "base_model.model.lm_head.lora_B.weight": torch.ones(256, 4)},
+                                             "base_model.model.lm_head.lora_B.weight": torch.ones(512, 4)},
                        use_dora=False, target_modules=["q_proj", "down_proj", "lm_head"])
+    emb = {"base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 500),
+           "base_model.model.model.embed_tokens.lora_embedding_B": torch.ones(64, 4)}
+    bad_vocab = _rewrite(d, tmp_path / "vocab", {**plain, **emb}, use_dora=False,
+                         target_modules=["q_proj", "down_proj", "embed_tokens"])
+    saved_norm = _rewrite(d, tmp_path / "norm", {**plain, "base_model.model.model.norm.weight": torch.ones(64)},
+                          use_dora=False, modules_to_save=["norm"])
     r = RunningRegistry(tmp_path / "data", base_model=[str(model_dir)])
     try:
         a = upload(r.stub, "dora", files_of(d))
         assert a.labels["openlora/form"] == "dora" and a.rank == 4
+        assert upload(r.stub, "lmh", lm_head).labels["openlora/form"] == "lora+lm_head"
         for files, want, needle in ((nan, CODE.INVALID_ARGUMENT, "NaN or infinite"),
                                     (short, CODE.INVALID_ARGUMENT, "magnitude has length"),
                                     (no_dora, CODE.INVALID_ARGUMENT, "no use_dora"),
-                                    (lm_head, CODE.INVALID_ARGUMENT, "lm_head adapters are not served")):
+                                    (bad_vocab, CODE.FAILED_PRECONDITION, "vocab=512"),
+                                    (saved_norm, CODE.INVALID_ARGUMENT, "modules_to_save of norm")):
             with pytest.raises(grpc.RpcError) as info:
                 upload(r.stub, "bad", files)
             assert (info.value.code(), needle in info.value.details()) == (want, True), info.value.details()

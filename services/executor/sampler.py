@@ -217,8 +217,7 @@ def sample_draft(logits: Tensor, row: SamplingRow,
     on rejection the token is distributed as p with d removed and renormalised.
     """
     o = row.options
-    if o.temperature <= 0 and o.repetition_penalty in (0, 1) and not row.masked and \
-            not (o.presence_penalty or o.frequency_penalty):    # plain greedy: every row at once
+    if not row.special and not (o.presence_penalty or o.frequency_penalty):   # plain greedy: all rows at once
         tokens, logprobs, tops = sample_with_top(logits, [row] * logits.shape[0])
         n = 0
         while n < len(draft) and tokens[n] == draft[n]:

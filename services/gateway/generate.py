@@ -181,6 +181,14 @@ class Completions:
             o.echo_texts = [p if isinstance(p, str) else self.gw.files.decode(p) for p in prompts]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         reqs = self._requests(rid, adapter, version, prompts, n, sampling)
+        merged = api.merged_adapters(body)
+        if merged is not None:   # several adapters combined; `model` is the base or one of them
+            if adapter and adapter not in [i.partition("@")[0] for i in merged.ids]:
+                raise ApiError(400, f"`model` {model!r} is neither the base model nor one of "
+                                    "merged_adapters.ids", "model", "invalid_value")
+            for r in reqs:
+                r.adapter_id, r.adapter_version = "", 0
+                r.merged_adapters.CopyFrom(merged)
         try:
             if not stream:
                 replies = await unless_disconnected(request.receive, self._unary(reqs, caller(request)))

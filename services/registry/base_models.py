@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from services.common.errors import AdapterMismatch
 from services.common.peft_format import EMBED_PATHS, LM_HEAD_PATHS, TensorInfo, parse_tensor_key
+from services.executor.model.config import ModelConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,22 +29,14 @@ class BaseModelShape:
 
     @classmethod
     def from_dir(cls, path: str | pathlib.Path) -> BaseModelShape:
-        """Read DIR/config.json (a Hugging Face llama/mistral/qwen2 config); ValueError if it can't."""
+        """Read DIR/config.json (a served architecture, model/config.py ARCHS); ValueError if it can't."""
         config_path = pathlib.Path(path) / "config.json"
         try:
-            cfg = json.loads(config_path.read_text())
-            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-            kv_heads = int(cfg.get("num_key_value_heads") or heads)
-            head_dim = int(cfg.get("head_dim") or hidden // heads)
-            inter, layers = int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
-            vocab = int(cfg["vocab_size"])
+            cfg = ModelConfig.from_hf(json.loads(config_path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{config_path}: cannot read a model config from it ({exc})") from None
-        q, kv = heads * head_dim, kv_heads * head_dim
-        dims = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden),
-                "o_proj": (hidden, q), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
-                "down_proj": (hidden, inter)}
-        return cls(str(path), layers, dims, vocab, hidden)
+        dims = {m: cfg.module_shape(m) for m in cfg.lora_modules if not m.startswith("experts.")}
+        return cls(str(path), cfg.layers, dims, cfg.vocab, cfg.hidden)
 
     def misfit(self, tensors: dict[str, TensorInfo]) -> str | None:
         """Why these adapter tensors cannot belong to this model, or None when they fit."""

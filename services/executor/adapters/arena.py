@@ -31,28 +31,30 @@ from torch import Tensor
 from services.common.errors import InvalidAdapter
 from services.executor.adapters import forms
 from services.executor.adapters.reader import HostAdapter
-from services.executor.model.llama import LORA_MODULES, ModelConfig
+from services.executor.model.config import LORA_MODULES, ModelConfig
 
 
 @dataclass(frozen=True)
 class ArenaLayout:
-    """Where each (layer, module) sits in the kernel's tables: lm = layer * 7 + module index."""
+    """Where each (layer, module) sits in the kernel's tables: lm = layer * len(modules) + module
+    index (the family's ModelConfig.lora_modules; Llama's 7 by default)."""
 
     shapes: tuple[tuple[int, int], ...]   # per lm: (d_out, d_in)
     page_elems: int
+    modules: tuple[str, ...] = LORA_MODULES
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, page_elems: int = 0) -> ArenaLayout:
-        shapes = tuple(cfg.module_shape(m) for _ in range(cfg.layers) for m in LORA_MODULES)
+        modules = cfg.lora_modules
+        shapes = tuple(cfg.module_shape(m) for _ in range(cfg.layers) for m in modules)
         if page_elems <= 0:  # S-LoRA's page: a vector; the smallest row here (k/v's d_out) wastes nothing
             dims = [d for shape in shapes for d in shape]
             page_elems = max(min(dims), min(64, max(dims)))
         # then the adapter forms' virtual modules (DoRA scales, lm_head/embed_tokens): see forms.py
-        return cls(shapes + forms.extra_shapes(cfg, shapes), page_elems)
+        return cls(shapes + forms.extra_shapes(cfg, shapes), page_elems, modules)
 
-    @staticmethod
-    def lm(layer: int, module: str) -> int:
-        return layer * len(LORA_MODULES) + LORA_MODULES.index(module)
+    def lm(self, layer: int, module: str) -> int:
+        return layer * len(self.modules) + self.modules.index(module)
 
     def chunks(self, lm: int) -> tuple[int, int]:
         """(ca, cb): pages per lora_A row and per lora_B column of (layer, module) lm."""

@@ -1,28 +1,36 @@
 """Adapter forms beyond projection LoRA, held in the arena's pages beside the adapter's LoRA pages.
 
 The arena's (layer, module) tables (ArenaLayout.shapes, seg_meta [G, LM, 2]) go on past the model's
-n = layers * 7 projections with virtual modules, so every form is pages like any LoRA: counted at its
-true size, evicted with its adapter, kept in the disk tier's packed image and copied to a device
-pool by page. A virtual module of shape (0, d) holds `rank` rows of d elements (rows kind: its A
-pages only, no B).
+n projections with virtual modules, so every form is pages like any LoRA: counted at its true size,
+evicted with its adapter, kept in the disk tier's packed image and copied to a device pool by page.
+A virtual module of shape (0, d) is a "rows" module: `rank` rows of d elements (A pages only, no B).
 
-    lm              kind   shape             what
-    n + p           rows   (0, d_out(p))     DoRA scale of projection p: one row, magnitude / ||W + s B A||_row
-    2n + LM_HEAD    lora   (vocab, hidden)   LoRA on lm_head (lora_A [r, hidden], lora_B [vocab, r])
-    2n + EMBED      lora   (hidden, vocab)   LoRA on embed_tokens (lora_embedding_A [r, vocab], _B [hidden, r])
-    2n + LM_HEAD_FULL  rows (0, hidden)      modules_to_save lm_head: vocab rows
-    2n + EMBED_FULL    rows (0, hidden)      modules_to_save embed_tokens: vocab rows
-    2n + LM_HEAD_DORA  rows (0, vocab)       DoRA scale of lm_head's LoRA
+    lm                 kind  shape            what
+    n + p              rows  (0, d_out(p))    DoRA scale of projection p: one row, magnitude / ||W + s B A||_row
+    2n + LM_HEAD       lora  (vocab, hidden)  LoRA on lm_head (lora_A [r, hidden], lora_B [vocab, r])
+    2n + EMBED         lora  (hidden, vocab)  LoRA on embed_tokens (lora_embedding_A [r, vocab], _B [hidden, r])
+    2n + LM_HEAD_FULL  rows  (0, hidden)      modules_to_save lm_head: its vocab rows
+    2n + EMBED_FULL    rows  (0, hidden)      modules_to_save embed_tokens: its vocab rows
+    2n + LM_HEAD_DORA  rows  (0, vocab)       DoRA scale of lm_head's LoRA
 
 The DoRA scale is computed once when the adapter is packed, against the served base weights
-(`BaseWeights`), exactly as PEFT's DoraLinearLayer computes it (the norm of each output row of
-W + scaling * B @ A); serving then scales the segment's rows, base and LoRA parts together:
+(`BaseWeights`), as PEFT's DoraLinearLayer computes it (the norm of each output row of
+W + scaling * B @ A, here in float64); serving then scales the segment's rows, base and LoRA parts
+together (PEFT's DoRA output):
 
-    y[seg] = bias + scale * (x[seg] @ W.T + scaling * (x[seg] @ A.T) @ B.T)        (PEFT's DoRA output)
+    y[seg] = bias + scale * (x[seg] @ W.T + scaling * (x[seg] @ A.T) @ B.T)
+
+Embeddings and lm_head (PEFT's Embedding and Linear LoRA layers, ModulesToSaveWrapper):
+
+    x[t]      = E[id_t] + s * B @ A[:, id_t]           (embed LoRA)  or  E_saved[id_t]
+    logits[t] = h_t @ W.T + s * (h_t @ A.T) @ B.T       (lm_head LoRA, ops.lora_paged_add_)  or  h_t @ W_saved.T
+
+Tied embeddings as PEFT serves them: each of embed_tokens and lm_head is its own module.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -32,18 +40,20 @@ from torch import Tensor
 
 from services.common import peft_format
 from services.common.errors import AdapterMismatch, InvalidAdapter
+from services.executor import ops
 
-MODULES_PER_LAYER = 7
 LM_HEAD, EMBED, LM_HEAD_FULL, EMBED_FULL, LM_HEAD_DORA = range(5)
-NUM_GLOBAL = 5
 _PROJ = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 
 
-def num_projections(layout_or_cfg) -> int:
-    layers = getattr(layout_or_cfg, "layers", None)
-    if layers is not None:
-        return layers * MODULES_PER_LAYER
-    return (len(layout_or_cfg.shapes) - NUM_GLOBAL) // 2
+@functools.lru_cache(maxsize=8)
+def _n(shapes: tuple[tuple[int, int], ...]) -> int:
+    return next((i for i, (d_out, _) in enumerate(shapes) if d_out == 0), len(shapes))
+
+
+def num_projections(layout) -> int:
+    """n: the layout's projections (the first DoRA row module ends them)."""
+    return _n(layout.shapes)
 
 
 def extra_shapes(cfg, proj_shapes: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
@@ -53,21 +63,13 @@ def extra_shapes(cfg, proj_shapes: tuple[tuple[int, int], ...]) -> tuple[tuple[i
     return dora + ((v, h), (h, v), (0, h), (0, h), (0, v))
 
 
-def dora_lm(n: int, lm: int) -> int:
-    return n + lm
-
-
-def global_lm(n: int, which: int) -> int:
-    return 2 * n + which
-
-
 # -- reading ----------------------------------------------------------------------------------------
 
 @dataclass
 class Extras:
     """An adapter's forms beyond projection LoRA, as read (before packing)."""
 
-    magnitudes: dict[int, Tensor] = field(default_factory=dict)     # projection lm -> [d_out]
+    magnitudes: dict[tuple[int, str], Tensor] = field(default_factory=dict)   # (layer, module) -> [d_out]
     lm_head: tuple[Tensor, Tensor, float] | None = None            # (A [r, hidden], B [vocab, r], s)
     lm_head_magnitude: Tensor | None = None                         # [vocab]
     embed: tuple[Tensor, Tensor, float] | None = None               # (A [r, vocab], B [hidden, r], s)
@@ -85,27 +87,28 @@ def read_extras(items: list[tuple[peft_format.TensorKey, str, Tensor]], lcfg, cf
     shape this model does not have, InvalidAdapter for a form openlora does not serve)."""
     ex = Extras()
     lora: dict[str, dict[str, Tensor]] = {}
+    whole = (cfg.vocab, cfg.hidden)
     for key, name, t in items:
         if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
             raise InvalidAdapter(f"tensor {name!r} holds NaN or infinite values")
-        whole = (cfg.vocab, cfg.hidden)
-        if key.kind == "magnitude":
-            if key.path in peft_format.LM_HEAD_PATHS:
-                if tuple(t.shape) != (cfg.vocab,):
-                    raise AdapterMismatch(f"tensor {name!r}: DoRA magnitude has {list(t.shape)}; "
-                                          f"lm_head has {cfg.vocab} outputs")
-                ex.lm_head_magnitude = t
-                continue
+        if key.kind == "magnitude" and key.path in peft_format.LM_HEAD_PATHS:
+            if tuple(t.shape) != (cfg.vocab,):
+                raise AdapterMismatch(f"tensor {name!r}: DoRA magnitude has {list(t.shape)}; "
+                                      f"lm_head has {cfg.vocab} outputs")
+            ex.lm_head_magnitude = t
+        elif key.kind == "magnitude":
             m = _PROJ.match(key.path)
-            if m is None or int(m[1]) >= cfg.layers:
+            try:
+                d_out = cfg.module_shape(m[3])[0] if m is not None and int(m[1]) < cfg.layers else 0
+            except KeyError:
+                d_out = 0
+            if not d_out:
                 raise AdapterMismatch(f"tensor {name!r}: module {key.path!r} does not exist in this "
                                       f"{cfg.arch} model")
-            lm = int(m[1]) * MODULES_PER_LAYER + _module_index(m[3], name)
-            d_out = cfg.module_shape(m[3])[0]
             if tuple(t.shape) != (d_out,):
                 raise AdapterMismatch(f"tensor {name!r}: DoRA magnitude has {list(t.shape)}; "
                                       f"{m[3]} has {d_out} outputs")
-            ex.magnitudes[lm] = t
+            ex.magnitudes[(int(m[1]), m[3])] = t
         elif key.kind in ("lora", "embedding"):   # lm_head LoRA, embed_tokens LoRA
             lora.setdefault(key.path, {})[key.part] = t
             r = lcfg.rank_for(key.path)
@@ -123,13 +126,13 @@ def read_extras(items: list[tuple[peft_format.TensorKey, str, Tensor]], lcfg, cf
                                       f"{target} is {list(whole)}")
             (ex.base_copies if key.base_copy else ex.full)[target] = t
     for path, ab in lora.items():
-        s = lcfg.scaling_for(path)
+        r = ab["A"].shape[0]
         if path in peft_format.LM_HEAD_PATHS:
-            want = {"A": (ab["A"].shape[0], cfg.hidden), "B": (cfg.vocab, ab["A"].shape[0])}
-            ex.lm_head = (ab["A"], ab["B"], s)
+            want = {"A": (r, cfg.hidden), "B": (cfg.vocab, r)}
+            ex.lm_head = (ab["A"], ab["B"], lcfg.scaling_for(path))
         else:
-            want = {"A": (ab["A"].shape[0], cfg.vocab), "B": (cfg.hidden, ab["A"].shape[0])}
-            ex.embed = (ab["A"], ab["B"], s)
+            want = {"A": (r, cfg.vocab), "B": (cfg.hidden, r)}
+            ex.embed = (ab["A"], ab["B"], lcfg.scaling_for(path))
         for part in "AB":
             if tuple(ab[part].shape) != want[part]:
                 raise AdapterMismatch(f"{path}: lora_{part} has shape {list(ab[part].shape)}, this "
@@ -140,25 +143,17 @@ def read_extras(items: list[tuple[peft_format.TensorKey, str, Tensor]], lcfg, cf
     return ex
 
 
-def _module_index(module: str, name: str) -> int:
-    from services.executor.model.llama import LORA_MODULES
-    if module not in LORA_MODULES:
-        raise AdapterMismatch(f"tensor {name!r}: {module!r} is not a projection of this model")
-    return LORA_MODULES.index(module)
-
-
 # -- packing ----------------------------------------------------------------------------------------
 
 class BaseWeights:
-    """The served base weights the forms are computed against (the DoRA norms), by arena lm."""
+    """The served base weights the forms are computed against (DoRA norms, saved base copies)."""
 
     def __init__(self, model, tag: str = ""):
-        self.proj: dict[int, tuple[Tensor, Tensor | None]] = {}
-        for layer, module, proj in model.projections():
-            from services.executor.model.llama import LORA_MODULES
-            lm = layer * MODULES_PER_LAYER + LORA_MODULES.index(module)
-            # a quantized base (model/quant.py): the weight it serves, dequantized when a DoRA norm needs it
-            self.proj[lm] = (proj.weight if proj.weight is not None else proj.base, proj.bias)
+        # a quantized base (model/quant.py): the weight it serves, dequantized when a DoRA norm needs it
+        self.proj: dict[tuple[int, str], Tensor] = {
+            (layer, module): proj.weight if proj.weight is not None else proj.base
+            for layer, module, proj in model.projections()
+            if not module.startswith("experts.")}   # MoE experts: no DoRA (PEFT's ParamWrapper has none)
         self.embed = model.model.embed_tokens.weight
         self.lm_head = model._lm_weight()
         self.fingerprint = hashlib.sha256(tag.encode()).hexdigest()[:12]
@@ -182,41 +177,33 @@ def extra_rows(host, layout, base: BaseWeights | None,
         return {}
     n = num_projections(layout)
     out: dict[int, tuple[Tensor, Tensor | None, float]] = {}
-    if shapes_only:
-        out.update({dora_lm(n, lm): (m[None], None, 0.0) for lm, m in ex.magnitudes.items()})
-        if ex.lm_head_magnitude is not None:
-            out[global_lm(n, LM_HEAD_DORA)] = (ex.lm_head_magnitude[None], None, 0.0)
-        for which, w in ((LM_HEAD, ex.lm_head), (EMBED, ex.embed),
-                         (LM_HEAD_FULL, ex.full.get("lm_head")), (EMBED_FULL, ex.full.get("embed_tokens"))):
-            if w is not None:
-                out[global_lm(n, which)] = w if isinstance(w, tuple) else (w, None, 0.0)
-        return out
-    if ex.magnitudes or ex.lm_head_magnitude is not None:
-        if base is None:
-            raise InvalidAdapter("a DoRA adapter needs the served base weights to be packed")
-        from services.executor.model.llama import LORA_MODULES
-        for lm, mag in ex.magnitudes.items():
-            layer, module = divmod(lm, MODULES_PER_LAYER)
-            a, b, s = host.weights[(layer, LORA_MODULES[module])]
-            out[dora_lm(n, lm)] = (dora_scale(base.proj[lm][0], a, b, s, mag)[None], None, 0.0)
+    if (ex.magnitudes or ex.lm_head_magnitude is not None) and base is None and not shapes_only:
+        raise InvalidAdapter("a DoRA adapter needs the served base weights to be packed")
+    for (layer, module), mag in ex.magnitudes.items():
+        lm = layout.lm(layer, module)
+        if shapes_only:
+            out[n + lm] = (mag[None], None, 0.0)
+            continue
+        a, b, s = host.weights[(layer, module)]
+        out[n + lm] = (dora_scale(base.proj[(layer, module)], a, b, s, mag)[None], None, 0.0)
     if ex.lm_head is not None:
-        out[global_lm(n, LM_HEAD)] = ex.lm_head
+        out[2 * n + LM_HEAD] = ex.lm_head
         if ex.lm_head_magnitude is not None:
             a, b, s = ex.lm_head
-            out[global_lm(n, LM_HEAD_DORA)] = (
-                dora_scale(base.lm_head, a, b, s, ex.lm_head_magnitude)[None], None, 0.0)
+            scale = ex.lm_head_magnitude if shapes_only else dora_scale(base.lm_head, a, b, s,
+                                                                        ex.lm_head_magnitude)
+            out[2 * n + LM_HEAD_DORA] = (scale[None], None, 0.0)
     if ex.embed is not None:
-        out[global_lm(n, EMBED)] = ex.embed
+        out[2 * n + EMBED] = ex.embed
     full = dict(ex.full)
     for target, copy in ex.base_copies.items():   # PEFT loads these over the base: serve them if they differ
         if target not in full and base is not None:
             served = base.lm_head if target == "lm_head" else base.embed
-            if not torch.equal(copy.to(served.dtype), served):
+            if not torch.equal(copy.to(served.dtype), served.detach().cpu()):
                 full[target] = copy
-    if "lm_head" in full:
-        out[global_lm(n, LM_HEAD_FULL)] = (full["lm_head"], None, 0.0)
-    if "embed_tokens" in full:
-        out[global_lm(n, EMBED_FULL)] = (full["embed_tokens"], None, 0.0)
+    for target, which in (("lm_head", LM_HEAD_FULL), ("embed_tokens", EMBED_FULL)):
+        if target in full:
+            out[2 * n + which] = (full[target], None, 0.0)
     return out
 
 
@@ -224,10 +211,17 @@ def extra_rows(host, layout, base: BaseWeights | None,
 
 @dataclass
 class BatchForms:
-    """One batch's (arena.batch's) forms: which segments need an epilogue, per module."""
+    """One batch's (arena.batch's) forms: which segments need an epilogue, per module. Segment lists
+    are long tensors on the pool's device; their lengths are known on the host."""
 
     n: int                                         # projections
-    dora: dict[int, Tensor]                        # projection lm -> its DoRA segments [S] long
+    vocab: int
+    dora: dict[int, Tensor]                        # projection lm -> its DoRA segments [S]
+    lm_head: bool = False                          # a segment has LoRA on lm_head
+    lm_head_dora: Tensor | None = None
+    lm_head_full: tuple[int, ...] = ()             # segments with a saved lm_head (host ints)
+    embed_rank: int = 0                            # largest embed_tokens LoRA rank (0: none)
+    embed_full: bool = False
 
 
 def batch_forms(layout, seg_meta: Tensor, device: torch.device) -> BatchForms | None:
@@ -235,21 +229,32 @@ def batch_forms(layout, seg_meta: Tensor, device: torch.device) -> BatchForms | 
     n = num_projections(layout)
     if seg_meta.shape[0] == 0 or seg_meta.shape[1] <= n:
         return None
-    dora_ranks = seg_meta[:, n:2 * n, 1]                                           # [G, n]
-    if not bool((dora_ranks > 0).any()):
+    ranks = seg_meta[:, n:, 1]                                                     # [G, LM - n]
+    if not bool((ranks > 0).any()):
         return None
-    dora = {lm: torch.nonzero(dora_ranks[:, lm] > 0).flatten().to(device)
-            for lm in torch.nonzero((dora_ranks > 0).any(0)).flatten().tolist()}
-    return BatchForms(n=n, dora=dora)
+
+    def segs(lm: int) -> Tensor:
+        return torch.nonzero(seg_meta[:, lm, 1] > 0).flatten()
+
+    dora = {lm: segs(n + lm).to(device)
+            for lm in torch.nonzero((ranks[:, :n] > 0).any(0)).flatten().tolist()}
+    g = 2 * n
+    lm_head_dora = segs(g + LM_HEAD_DORA)
+    return BatchForms(
+        n=n, vocab=layout.shapes[g + EMBED][1], dora=dora, lm_head=bool((seg_meta[:, g + LM_HEAD, 1] > 0).any()),
+        lm_head_dora=lm_head_dora.to(device) if lm_head_dora.numel() else None,
+        lm_head_full=tuple(segs(g + LM_HEAD_FULL).tolist()),
+        embed_rank=int(seg_meta[:, g + EMBED, 1].max()),
+        embed_full=bool((seg_meta[:, g + EMBED_FULL, 1] > 0).any()))
 
 
-def gather_rows(paged, segs: Tensor, lm: int, d: int) -> Tensor:
-    """Each segment's first row of virtual module lm (a rows kind of width d) -> [S, d]."""
+def gather_rows(paged, segs: Tensor, lm: int, d: int, rows: int = 1) -> Tensor:
+    """Each segment's first `rows` rows of virtual module lm (a rows kind of width d) -> [S, rows, d]."""
     arena, P = paged.arena, paged.arena.shape[1]
     c = -(-d // P)
     off = paged.seg_meta[segs, lm, 0].long()                                       # [S]
-    idx = paged.page_index[(off[:, None] + torch.arange(c, device=off.device)).flatten()].long()
-    return arena[idx].view(segs.numel(), c * P)[:, :d]
+    idx = paged.page_index[(off[:, None] + torch.arange(rows * c, device=off.device)).flatten()].long()
+    return arena[idx].view(segs.numel(), rows, c * P)[:, :, :d]
 
 
 def row_segments(seg_indptr: Tensor, T: int) -> Tensor:
@@ -258,19 +263,76 @@ def row_segments(seg_indptr: Tensor, T: int) -> Tensor:
     return torch.searchsorted(seg_indptr[1:], rows, right=True).clamp_(max=seg_indptr.numel() - 2)
 
 
-def dora_epilogue(y: Tensor, bias: Tensor | None, lm: int, paged, seg_indptr: Tensor) -> None:
-    """In place, for the rows of each DoRA segment g of projection lm (PEFT's DoRA output; y holds
-    the base output and the segment's LoRA delta already):
-
-        y[seg] += (scale_g - 1) * (y[seg] - bias)        scale_g = magnitude / ||W + s B A||_row
-
-    Other rows get + 0 (unchanged)."""
-    segs = paged.forms.dora.get(lm)
-    if segs is None:
-        return
-    T, d = y.shape
+def _scale_rows(y: Tensor, bias: Tensor | None, paged, segs: Tensor, lm: int, row_seg: Tensor) -> None:
+    """y[rows of segs] += (scale_g - 1) * (y - bias); other rows + 0 (unchanged)."""
+    d = y.shape[1]
     factor = torch.zeros((paged.seg_meta.shape[0], d), dtype=torch.float32, device=y.device)
-    factor[segs] = gather_rows(paged, segs, paged.forms.n + lm, d).float() - 1     # [G, d_out]
+    factor[segs] = gather_rows(paged, segs, lm, d)[:, 0].float() - 1                # [G, d]
     yf = y.float()
     base = yf if bias is None else yf - bias.float()
-    y.copy_(yf.addcmul_(base, factor[row_segments(seg_indptr, T)]))
+    y.copy_(yf.addcmul_(base, factor[row_seg]))
+
+
+def dora_epilogue(y: Tensor, bias: Tensor | None, lm: int, paged, seg_indptr: Tensor) -> None:
+    """In place, for the rows of each DoRA segment g of projection lm (y holds the base output and
+    the segment's LoRA delta already): y[seg] += (scale_g - 1) * (y[seg] - bias)."""
+    segs = paged.forms.dora.get(lm)
+    if segs is not None:
+        _scale_rows(y, bias, paged, segs, paged.forms.n + lm, row_segments(seg_indptr, y.shape[0]))
+
+
+def embed_epilogue(x: Tensor, input_ids: Tensor, paged, seg_indptr: Tensor) -> Tensor:
+    """The embeddings [T, hidden] with each segment's embed_tokens form: its saved copy's rows, or
+    + s * B @ A[:, id] (PEFT's LoRA Embedding)."""
+    f: BatchForms = paged.forms
+    if not (f.embed_full or f.embed_rank):
+        return x
+    arena, index, meta, P = paged.arena, paged.page_index, paged.seg_meta, paged.arena.shape[1]
+    T, h = x.shape
+    row_seg = row_segments(seg_indptr, T)
+    ids = input_ids.long()
+    if f.embed_full:
+        lm, c = 2 * f.n + EMBED_FULL, -(-h // P)
+        off, has = meta[row_seg, lm, 0].long(), meta[row_seg, lm, 1] > 0          # [T]
+        first = torch.where(has, off + ids * c, 0)
+        saved = arena[index[first[:, None] + torch.arange(c, device=x.device)].long()]
+        x = torch.where(has[:, None], saved.view(T, c * P)[:, :h].to(x.dtype), x)
+    if f.embed_rank:
+        lm, R = 2 * f.n + EMBED, f.embed_rank
+        ca, cb = -(-f.vocab // P), -(-h // P)
+        off, r = meta[row_seg, lm, 0].long(), meta[row_seg, lm, 1].long()          # [T]
+        k = torch.arange(R, device=x.device)
+        valid = k[None] < r[:, None]                                               # [T, R]
+        a_page = torch.where(valid, off[:, None] + k * ca + (ids // P)[:, None], 0)
+        u = arena[index[a_page].long(), (ids % P)[:, None]].float() * valid        # [T, R]: A[k, id]
+        b_page = torch.where(valid[:, :, None], (off + r * ca)[:, None, None]
+                             + (k * cb)[None, :, None] + torch.arange(cb, device=x.device), 0)
+        bt = arena[index[b_page].long()].view(T, R, cb * P)[:, :, :h].float()      # [T, R, h]: B^T
+        delta = torch.bmm(u[:, None], bt)[:, 0] * paged.seg_scalings[row_seg, lm][:, None]
+        x = (x.float() + delta).to(x.dtype)
+    return x
+
+
+def lm_head_epilogue(logits: Tensor, h: Tensor, logits_rows: Tensor, paged, seg_indptr: Tensor) -> Tensor:
+    """logits [N, vocab] (float32) of hidden states h [N, hidden] at logits_rows, with each segment's
+    lm_head form: its saved copy (h @ W_saved.T), or LoRA (+ DoRA scale) on lm_head."""
+    f: BatchForms = paged.forms
+    if not (f.lm_head or f.lm_head_full):
+        return logits
+    N, vocab = logits.shape
+    # segment g's logits rows: lseg[g] .. lseg[g+1]-1 (logits_rows ascending, segments contiguous)
+    lseg = torch.searchsorted(logits_rows.to(seg_indptr.dtype), seg_indptr).to(torch.int32)
+    row_seg = row_segments(lseg, N)
+    for g in f.lm_head_full:
+        w = gather_rows(paged, torch.tensor([g], device=h.device), 2 * f.n + LM_HEAD_FULL,
+                        h.shape[1], vocab)[0]                                      # [vocab, hidden]
+        logits = torch.where((row_seg == g)[:, None], (h @ w.T).float(), logits)
+    if f.lm_head:
+        y = logits if logits.dtype == h.dtype else torch.zeros((N, vocab), dtype=h.dtype, device=h.device)
+        ops.lora_paged_add_(y, h.contiguous(), paged.arena, paged.page_index, paged.seg_meta,
+                            paged.seg_scalings, 2 * f.n + LM_HEAD, lseg)
+        if y is not logits:
+            logits = logits + y.float()
+        if f.lm_head_dora is not None:
+            _scale_rows(logits, None, paged, f.lm_head_dora, 2 * f.n + LM_HEAD_DORA, row_seg)
+    return logits

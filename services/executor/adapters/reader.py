@@ -19,7 +19,7 @@ from torch import Tensor
 from services.common import peft_format
 from services.common.errors import AdapterMismatch, InvalidAdapter
 from services.executor.adapters.forms import Extras, read_extras
-from services.executor.model.llama import ATTN_MODULES, LORA_MODULES, ModelConfig
+from services.executor.model.config import ModelConfig
 
 _PATH = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 
@@ -55,11 +55,14 @@ def read_adapter(path: pathlib.Path, cfg: ModelConfig, max_rank: int,
     if size != weights_file.stat().st_size:
         raise InvalidAdapter(f"{weights_file.name} is {weights_file.stat().st_size} bytes, its header "
                              f"says {size}")
+    projections = [m for m in cfg.lora_modules if not m.startswith("experts.")]
     if not isinstance(lcfg.target_modules, str):
-        unknown = sorted(set(lcfg.target_modules) - set(LORA_MODULES) - {"embed_tokens", "lm_head"})
+        # PEFT matches a name or a dotted suffix ("all-linear" is saved as full module paths)
+        unknown = sorted(t for t in lcfg.target_modules
+                         if t.rsplit(".", 1)[-1] not in (*projections, "embed_tokens", "lm_head"))
         if unknown:
             raise AdapterMismatch(f"adapter targets {unknown}, which this {cfg.arch} model does not "
-                                  f"have (its projections: {', '.join(LORA_MODULES)})")
+                                  f"have (its projections: {', '.join(projections)})")
     peft_format.validate_adapter(lcfg, infos)
     try:
         tensors = load_file(str(weights_file))
@@ -75,13 +78,13 @@ def read_adapter(path: pathlib.Path, cfg: ModelConfig, max_rank: int,
             continue
         key = peft_format.parse_lora_key(name)
         m = _PATH.match(key.path)
-        if m is None or m[3] not in LORA_MODULES or (m[2] == "self_attn") != (m[3] in ATTN_MODULES):
+        if m is not None and int(m[1]) >= cfg.layers:
+            raise AdapterMismatch(f"tensor {name!r}: layer {m[1]} does not exist; the base model has "
+                                  f"{cfg.layers} layers")
+        if m is None or not cfg.has_module(int(m[1]), m[3]) or cfg.module_path(int(m[1]), m[3]) != key.path:
             raise AdapterMismatch(f"tensor {name!r}: module {key.path!r} does not exist in this "
                                   f"{cfg.arch} model")
         layer = int(m[1])
-        if layer >= cfg.layers:
-            raise AdapterMismatch(f"tensor {name!r}: layer {layer} does not exist; the base model has "
-                                  f"{cfg.layers} layers")
         d_out, d_in = cfg.module_shape(key.module)
         r = lcfg.rank_for(key.path)
         want = (r, d_in) if key.part == "A" else (d_out, r)
@@ -98,8 +101,7 @@ def read_adapter(path: pathlib.Path, cfg: ModelConfig, max_rank: int,
         parts.setdefault((layer, key.module), {})[key.part] = t
     weights = {}
     for (layer, module), ab in parts.items():
-        kind = "self_attn" if module in ATTN_MODULES else "mlp"
-        scaling = lcfg.scaling_for(f"model.layers.{layer}.{kind}.{module}")
+        scaling = lcfg.scaling_for(cfg.module_path(layer, module))
         weights[(layer, module)] = (ab["A"], ab["B"], scaling)
     extras = read_extras(others, lcfg, cfg, max_rank, check_finite)
     return HostAdapter(weights=weights, rank=max_r, extras=extras)

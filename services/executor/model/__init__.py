@@ -1,1 +1,1 @@
-"""Llama-family model and its loader."""
+"""The served model families (config.ARCHS), their shared layers and the loader."""

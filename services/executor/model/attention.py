@@ -97,10 +97,13 @@ def build_group(seqs: list[tuple[list[int], int, int]], row_start: list[int], bl
 
 
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                    meta: AttnMetadata, scale: float, window: int = 0) -> Tensor:
+                    meta: AttnMetadata, scale: float, window: int = 0,
+                    softcap: float | None = None) -> Tensor:
     """Write k/v into the cache, then attend each group over its block tables.
 
     window: the layer's sliding window (0: none); it selects meta.windowed[window] where present.
+    softcap: scores = softcap * tanh(scores / softcap) before the mask and softmax (Gemma 2); such
+    layers take the eager path (attention_eager) for every group.
 
     q [T, H, D], k/v [T, KVH, D], k_cache/v_cache [num_blocks, bs, KVH, D] -> out [T, H, D].
     """
@@ -109,6 +112,8 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
     k_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, kvh, D).index_copy_(0, meta.slot_mapping, v)
     groups = meta.windowed.get(window, meta.groups)
+    if softcap:
+        return _paged_attention_eager(q, k, v, k_cache, v_cache, groups, scale, softcap)
     if len(groups) == 1 and groups[0].rows == slice(0, T):  # decode-only step
         g = groups[0]
         return ops.paged_attention_decode_async(q, k_cache, v_cache, g.block_tables, g.context_lens, scale,
@@ -135,6 +140,58 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
         qg = q[g.q_index].transpose(1, 2)                                 # [N, H, Qmax, D]
         o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale,
                                            enable_gqa=kvh != H)
+        out[g.out_rows] = o.transpose(1, 2)[g.q_valid]
+    return out
+
+
+def attention_eager(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
+                    softcap: float | None) -> Tensor:
+    """transformers' eager attention: softmax(cap(q @ k^T * scale) masked) @ v, softmax in fp32.
+
+    q [N, H, Q, D], k/v [N, KVH, L, D], mask [N, 1, Q, L] bool -> [N, H, Q, D].
+    """
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _paged_attention_eager(q, k, v, k_cache, v_cache, groups: list[AttnGroup], scale: float,
+                           softcap: float | None) -> Tensor:
+    """Every group through attention_eager (soft-capped layers): decode groups gather their blocks
+    and mask by context length and window, dense groups attend causally over their own K/V."""
+    T, H, D = q.shape
+    kvh = k.shape[1]
+    out = q.new_empty((T, H, D))
+    for g in groups:
+        if g.dense is not None:
+            r0, n, qlen = g.dense
+            rows = slice(r0, r0 + n * qlen)
+            causal = torch.ones((qlen, qlen), dtype=torch.bool, device=q.device).tril()
+            o = attention_eager(q[rows].view(n, qlen, H, D).transpose(1, 2),
+                                k[rows].view(n, qlen, kvh, D).transpose(1, 2),
+                                v[rows].view(n, qlen, kvh, D).transpose(1, 2),
+                                causal[None, None], scale, softcap)
+            out[rows] = o.transpose(1, 2).reshape(n * qlen, H, D)
+            continue
+        tables = g.block_tables.long()
+        kg = k_cache[tables].flatten(1, 2).transpose(1, 2)                # [N, KVH, L, D]
+        vg = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        if g.context_lens is not None:   # decode: the one query sits at position context_len - 1
+            keys = torch.arange(kg.shape[2], device=q.device)
+            ctx = g.context_lens.long()[:, None]
+            mask = keys[None] < ctx
+            if g.sliding_window:
+                mask &= keys[None] > ctx - 1 - g.sliding_window
+            rows = g.q_index[:, 0]
+            o = attention_eager(q[rows][:, :, None], kg, vg, mask[:, None, None], scale, softcap)
+            out[rows] = o[:, :, 0]
+            continue
+        o = attention_eager(q[g.q_index].transpose(1, 2), kg, vg, g.mask, scale, softcap)
         out[g.out_rows] = o.transpose(1, 2)[g.q_valid]
     return out
 

@@ -1,4 +1,4 @@
-"""Load a Llama-family model from a Hugging Face directory (or hub id) — safetensors only.
+"""Load a served model (config.ARCHS) from a Hugging Face directory (or hub id) — safetensors only.
 
     model, cfg, path = load_model("path/or/org-name", device, dtype, max_len, quantization="int8")
 
@@ -8,6 +8,7 @@ A GPTQ or AWQ checkpoint (quantization_config in config.json, or quantize_config
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 
@@ -15,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 from services.executor.model import quant, quant_checkpoints
-from services.executor.model.llama import LlamaForCausalLM, ModelConfig
+from services.executor.model.config import FAMILY_MODULE, ModelConfig
+from services.executor.model.layers import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,14 +89,21 @@ def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
                             "only safetensors checkpoints are loaded")
 
 
+def model_class(cfg: ModelConfig) -> type[CausalLM]:
+    """The family's model class (services/executor/model/<family>.py MODELS[arch])."""
+    module = importlib.import_module(f"services.executor.model.{FAMILY_MODULE[cfg.arch]}")
+    return module.MODELS[cfg.arch]
+
+
 def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype, max_len: int,
                quantization: str = "none", group_size: int = 128,
-               ) -> tuple[LlamaForCausalLM, ModelConfig, pathlib.Path]:
+               ) -> tuple[CausalLM, ModelConfig, pathlib.Path]:
     path = resolve_model_dir(name_or_path)
     raw, cfg = read_config(path)
     fmt = quant_checkpoints.checkpoint_format(path, raw)   # None, or the GPTQ / AWQ settings
+    cls = model_class(cfg)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_len)
+        model = cls(cfg, max_len)
     state, packed = {}, {}
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -107,6 +116,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype, max_
                 state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
+    state = cls.convert_state(cfg, state)
     if fmt is None:
         model.load_state_dict(state, strict=True, assign=True)
         quant.quantize_projections(model, quantization, group_size)
@@ -114,5 +124,6 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype, max_
         loaded = model.load_state_dict(state, strict=False, assign=True)
         quant_checkpoints.load_projections(model, fmt, packed, loaded, dtype, device)
     model.quantization = fmt.method if fmt is not None else quantization   # reported by GetStatus
-    model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
+    for name in ("rope_cos", "rope_sin", "rope_local_cos", "rope_local_sin"):
+        setattr(model, name, getattr(model, name).to(device))
     return model.eval().requires_grad_(False), cfg, path

@@ -1,0 +1,279 @@
+"""Each served family (Qwen3, Gemma 2/3, Phi-3, Qwen3-MoE, Mixtral) against transformers + peft.
+
+Tiny random models are built with transformers' own classes and saved with save_pretrained; the
+adapters are PEFT's (get_peft_model + save_pretrained) with random non-zero A and B, different
+ranks and targets. One concurrent batch mixes every adapter with base-only requests; each
+request's greedy tokens and logprobs must equal transformers+peft run on it alone (fp32, 1e-4),
+with prefix caching on (a second wave of the same prompts reuses cached blocks and answers the same).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+from test_engine_oracle import MAX_NEW, engine_for, oracle, run
+
+from services.common.errors import AdapterMismatch
+from services.executor.adapters.reader import read_adapter
+from services.executor.engine import GenerationRequest, SamplingOptions
+from services.executor.model.config import ModelConfig
+
+VOCAB = 256
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
+              pad_token_id=None)
+
+
+def _qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    # head_dim 24 != hidden / heads (16): q_proj is [96, 64], o_proj [64, 96]
+    return Qwen3ForCausalLM(Qwen3Config(**COMMON, intermediate_size=96, head_dim=24,
+                                        tie_word_embeddings=False))
+
+
+def _gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    # window 8 < the longer prompts; soft-capping low enough to bite on these logits
+    return Gemma2ForCausalLM(Gemma2Config(**COMMON, intermediate_size=96, head_dim=16,
+                                          query_pre_attn_scalar=24, sliding_window=8,
+                                          attn_logit_softcapping=5.0, final_logit_softcapping=8.0))
+
+
+def _gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        **COMMON, intermediate_size=96, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}}))
+
+
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+    return Phi3ForCausalLM(Phi3Config(**COMMON, intermediate_size=96, tie_word_embeddings=False))
+
+
+def _phi4_mini():
+    """Phi-4-mini's shape: partial rotary (0.75), LongRoPE past a 16-token original context (the
+    long factors from position 16 on), tied embeddings."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+    half = 16 * 3 // 4 // 2
+    g = torch.Generator().manual_seed(3)
+    short = (1 + torch.rand(half, generator=g)).tolist()
+    long = (1 + 4 * torch.rand(half, generator=g)).tolist()
+    return Phi3ForCausalLM(Phi3Config(
+        **COMMON, intermediate_size=96, tie_word_embeddings=True, original_max_position_embeddings=16,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "short_factor": short, "long_factor": long,
+                         "original_max_position_embeddings": 16}))
+
+
+FAMILIES = {
+    "qwen3": (_qwen3, [
+        dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                "up_proj", "down_proj"], use_rslora=True),
+        dict(r=2, lora_alpha=6, target_modules=["o_proj", "down_proj"], layers_to_transform=[1]),
+    ]),
+    "gemma2": (_gemma2, [
+        dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+        dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    ]),
+    "gemma3": (_gemma3, [
+        dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
+        dict(r=4, lora_alpha=12, target_modules=["gate_proj", "up_proj", "down_proj", "v_proj"],
+             use_rslora=True),
+    ]),
+    "phi3": (_phi3, [   # PEFT on the fused modules: one LoRA over [q | k | v] and [gate | up]
+        dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj"]),
+        dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "down_proj"]),
+    ]),
+    "phi4mini": (_phi4_mini, [
+        dict(r=8, lora_alpha=16, target_modules="all-linear"),
+        dict(r=2, lora_alpha=4, target_modules=["gate_up_proj"]),
+    ]),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights scaled so that logits are well separated (HF's 0.02-std init makes near-ties)."""
+    g = torch.Generator().manual_seed(seed)
+    offset_norm = type(model).__name__.startswith("Gemma")   # Gemma's norms scale by (1 + w)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            elif "norm" in name:
+                p.copy_((0.0 if offset_norm else 1.0) + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def build_family(root: pathlib.Path, family: str, seed: int = 0) -> tuple[pathlib.Path, pathlib.Path]:
+    """-> (model dir, adapters root) written by transformers and peft."""
+    from peft import LoraConfig, get_peft_model
+    make, adapters = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = make()
+    randomize(model, seed)
+    model_dir = root / family
+    model.save_pretrained(model_dir)
+    adapters_root = root / f"{family}-adapters"
+    for i, kw in enumerate(adapters):
+        base = make()
+        base.load_state_dict(model.state_dict())
+        peft = get_peft_model(base, LoraConfig(lora_dropout=0.0, init_lora_weights=False, **kw))
+        g = torch.Generator().manual_seed(seed * 100 + i)
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+        peft.save_pretrained(adapters_root / f"a{i}-r{kw['r']}")
+    return model_dir, adapters_root
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    return request.param, *build_family(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def requests_for(family: str, names: list[str], tag: str, lengths=None) -> list[tuple]:
+    g = torch.Generator().manual_seed(sum(map(ord, family)))
+    reqs = []
+    for i, name in enumerate(names + [None, None]):
+        length = lengths[i] if lengths else 3 + (i * 7) % 19           # 3..21 tokens
+        prompt = torch.randint(2, VOCAB, (length,), generator=g).tolist()
+        reqs.append((GenerationRequest(f"{tag}-{i}", prompt_token_ids=prompt, adapter_id=name or "",
+                                       sampling=SamplingOptions(max_new_tokens=MAX_NEW, ignore_eos=True)),
+                     name))
+    return reqs
+
+
+def cached_oracle(model_dir, adapter_dir, prompt: list[int], n: int):
+    """transformers' own cached generation (prefill, then one token a step with past_key_values):
+    LongRoPE switches to the long factors for the steps past the original context while the cached
+    keys keep the short ones, which a KV-cached server does too. (Recomputing the whole sequence each
+    step, as `oracle` does, re-rotates every past key with the long factors.)"""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    tokens, logprobs, past, ids = [], [], None, torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            out = model(ids, past_key_values=past, use_cache=True)
+            logits, past = out.logits[0, -1].float(), out.past_key_values
+            t = int(logits.argmax())
+            tokens.append(t)
+            logprobs.append(float(torch.log_softmax(logits, -1)[t]))
+            ids = torch.tensor([[t]])
+    return tokens, logprobs
+
+
+# per family: (prompt lengths, oracle) where the defaults (3..21 tokens, recomputing oracle) won't do
+SPECIAL = {"phi4mini": ([5, 9, 12, 14, 16], cached_oracle)}   # prompts fit 16, generation crosses it
+
+
+def check(model_dir, root, out, requests, oracle_fn=oracle):
+    for req, name in requests:
+        o = out[req.request_id]
+        assert o["error"] is None, o["error"]
+        want_tokens, want_lp = oracle_fn(model_dir, root / name if name else None,
+                                         req.prompt_token_ids, MAX_NEW)
+        assert o["tokens"] == want_tokens, (req.request_id, name)
+        torch.testing.assert_close(torch.tensor(o["logprobs"]), torch.tensor(want_lp), atol=1e-4, rtol=0)
+
+
+def test_family_mixed_batch_matches_transformers_peft_with_prefix_caching(family):
+    name, model_dir, root = family
+    names = sorted(p.name for p in root.iterdir())
+    engine = engine_for(model_dir, root, max_lora_rank=16)
+    for n in names:
+        engine.load_adapter(n, 0)
+    lengths, oracle_fn = SPECIAL.get(name, (None, oracle))
+    first = requests_for(name, names, "w1", lengths)
+    second = [(GenerationRequest(f"w2-{i}", prompt_token_ids=r.prompt_token_ids, adapter_id=r.adapter_id,
+                                 sampling=r.sampling), n) for i, (r, n) in enumerate(first)]
+    try:
+        out = run(engine, [r for r, _ in first])
+        hits = engine.scheduler.prefix_hit_tokens
+        out |= run(engine, [r for r, _ in second])
+        assert engine.scheduler.prefix_hit_tokens > hits, "the second wave should reuse cached blocks"
+    finally:
+        engine.stop()
+    check(model_dir, root, out, first + second, oracle_fn)
+
+
+def test_family_adapter_shapes_are_checked(family, tmp_path):
+    """The executor's reader accepts each adapter; a tensor of the wrong shape is refused
+    (AdapterMismatch: FAILED_PRECONDITION) naming the tensor."""
+    from safetensors.torch import load_file, save_file
+    name, model_dir, root = family
+    cfg = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    src = sorted(root.iterdir())[0]
+    assert read_adapter(src, cfg, 16).weights
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    victim = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[victim] = torch.zeros(tensors[victim].shape[0] + 2, tensors[victim].shape[1])
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterMismatch, match=victim.replace(".", r"\.")):
+        read_adapter(bad, cfg, 16)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    with pytest.raises(ValueError, match="supported: .*Qwen3ForCausalLM.*Gemma2ForCausalLM"):
+        ModelConfig.from_hf({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+
+
+def test_registry_base_model_check_knows_the_family(family):
+    """The registry's --base-model check reads the family's module shapes: every adapter fits, one
+    built for another model (a renamed tensor, a wrong shape) is refused naming the tensor."""
+    from services.common.peft_format import read_safetensors_header
+    from services.registry.base_models import BaseModelShape, check_fits
+    name, model_dir, root = family
+    shape = BaseModelShape.from_dir(model_dir)
+    for adapter in sorted(root.iterdir()):
+        tensors, _ = read_safetensors_header((adapter / "adapter_model.safetensors").read_bytes())
+        check_fits([shape], adapter.name, tensors)
+    victim = sorted(k for k in tensors if "lora_A" in k)[0]
+    info = tensors[victim]
+    wrong = dict(tensors)
+    wrong[victim] = type(info)(info.dtype, (info.shape[0], info.shape[1] + 1), info.start, info.end)
+    with pytest.raises(AdapterMismatch, match=victim.replace(".", r"\.")):
+        check_fits([shape], "wrong", wrong)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"architectures": ["Qwen3ForCausalLM"], "hidden_act": "relu2"}, "activation 'relu2' is not supported"),
+    ({"architectures": ["Gemma3ForCausalLM"], "rope_parameters": {
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6}}}, "sliding layers use default RoPE"),
+    ({"architectures": ["Gemma2ForCausalLM"], "layer_types": ["sliding_attention"]}, "for each of the 2 layers"),
+])
+def test_unsupported_family_configs_are_refused(config, message):
+    """What a family's implementation does not cover is refused at load with a message naming it
+    (the executor does not start), not served with different numerics."""
+    base = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=96)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf({**base, **config})
+
+
+def test_unsupported_rope_scaling_is_refused_at_load():
+    from services.executor.model.layers import rope_tables
+    cfg = ModelConfig.from_hf(dict(architectures=["Qwen3ForCausalLM"], vocab_size=VOCAB, hidden_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                                   rope_scaling={"rope_type": "mrope", "factor": 2.0}))
+    with pytest.raises(ValueError, match="rope_scaling type 'mrope' is not supported"):
+        rope_tables(cfg, 16)
