@@ -4,7 +4,7 @@ mixed adapters) and quality.
     .venv/bin/python benchmarks/quant.py [--hidden 2048] [--layers 4] [--batch 32] [--new-tokens 16]
                                          [--adapters 32] [--rounds 3] [--group-size 128] [--skip-kl]
 
-A random Llama (hidden 2048, 4 layers, intermediate 5632, vocab 4096 by default: the weights far
+A random Llama (hidden 2048, 2 layers, intermediate 5632, vocab 4096 by default: the weights far
 past the caches) written as a Hugging Face directory, served by six engines in this one process:
 fp32, bf16, and int8 / int4 with float32 and with bfloat16 activations. Each round runs every engine
 in turn, base only and then mixed (--batch requests, each with its own of --adapters rank-8 adapters
@@ -94,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=32)
@@ -124,6 +124,8 @@ def main() -> None:
         prompts = [torch.randint(2, spec.vocab, (PROMPT_LEN,), generator=g).tolist() for _ in range(args.batch)]
         mixed = [adapter_ids[i % len(adapter_ids)] for i in range(args.batch)]
         kv_bytes = 2 * spec.layers * spec.kv_heads * spec.head_dim * 4 * args.batch * 64
+        per_adapter = sum(8 * (n + k) for n, k in map(spec.module_shape, ALL_MODULES)) * spec.layers * 4
+        arena = 2 * per_adapter * len(set(mixed)) + 64 * 2**20      # the adapters in float32, twice over
         engines = {}
         for name in names:
             dtype, method = ENGINES[name]
@@ -131,7 +133,7 @@ def main() -> None:
                 base_model=str(model_dir), device="cpu", dtype=dtype, quantization=method,
                 quantization_group_size=args.group_size, max_lora_rank=8, max_batch_size=args.batch,
                 max_prefill_tokens=args.batch * PROMPT_LEN, kv_cache_bytes=kv_bytes,
-                host_cache_bytes=1024**3 // 2, enable_prefix_caching=False), LocalDirSource(root))
+                host_cache_bytes=arena, enable_prefix_caching=False), LocalDirSource(root))
             for a in set(mixed):
                 engines[name].load_adapter(a, 0)
             engines[name].start()
