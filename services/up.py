@@ -93,10 +93,11 @@ class UpConfig:
         from services.common.tls import ClientSecurity
         return ClientSecurity.from_config(self)
 
-    def service_args(self) -> list[str]:
-        """The TLS and auth flags every service gets (absolute paths: services run elsewhere)."""
+    def service_args(self, auth: bool = True) -> list[str]:
+        """The TLS and auth flags every service gets (absolute paths: services run elsewhere); the
+        gateway checks no tokens itself (auth=False)."""
         out = []
-        for name in ("tls_cert", "tls_key", "tls_ca", "auth_file"):
+        for name in ("tls_cert", "tls_key", "tls_ca", *(("auth_file",) if auth else ())):
             if getattr(self, name):
                 out += [f"--{name.replace('_', '-')}", os.path.abspath(getattr(self, name))]
         return out
@@ -553,7 +554,8 @@ def _run(args: UpConfig, procs: list[Proc], status: dict[str, bool]) -> int:
         plan.append(("gateway", f"{h}:{args.http_port}",
                      [*cli, "gateway", "--host", h, "--port", str(args.http_port),
                       "--router", f"{h}:{port}", "--registry", registry,
-                      "--base-model", base if pathlib.Path(base).is_dir() else "", *secure]))
+                      "--base-model", base if pathlib.Path(base).is_dir() else "",
+                      *args.service_args(auth=False)]))   # the gateway passes callers' tokens on
     env = {"OPENLORA_TOKEN": args.token} if args.token else {}
     for name, address, cmd in plan:
         procs.append(_start(name, address, cmd, logs, env))
