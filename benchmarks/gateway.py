@@ -31,6 +31,7 @@ import grpc
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.bench import percentile  # noqa: E402
 from services.common.gen.openlora.v1 import common_pb2, router_pb2_grpc  # noqa: E402
 from services.synthetic import ModelSpec, write_model  # noqa: E402
 from tests.servers import Service, free_port  # noqa: E402
@@ -92,9 +93,7 @@ class Http:
         self.writer.close()
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+pct = percentile       # services.bench's: one percentile helper everywhere
 
 
 async def latency_round(http: Http, stub, n: int) -> tuple[float, float]:

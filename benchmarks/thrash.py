@@ -50,6 +50,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from throughput import SPEC
 
+from services.bench import percentile
 from services.executor.adapters.policy import GDSFPolicy, LRUPolicy, simulate
 from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
@@ -129,8 +130,7 @@ def run_closed_loop(engine: Engine, adapters: list[str], concurrency: int, seed:
     return state["tokens"] / dt, sorted(first.values())
 
 
-def pct(xs, q):
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+pct = percentile       # services.bench's: one percentile helper everywhere
 
 
 def host_stat(engine: Engine):

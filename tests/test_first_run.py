@@ -408,3 +408,15 @@ def test_up_announces_only_this_runs_kernel_build(tmp_path):
         f.write(json.dumps({"event": "kernels_loaded"}) + "\n")
     line, offset = build_announcement(log, start)
     assert line is None and offset == log.stat().st_size
+
+
+def test_adapters_json_gives_64_bit_numbers_as_numbers():
+    """`adapters list --json` printed size_bytes as "12345" (protobuf's JSON mapping of 64-bit
+    integers): scripts comparing sizes compared text."""
+    from services.common.gen.openlora.v1 import registry_pb2 as pb
+    from services.registry.admin import _as_dict
+    a = pb.Adapter(adapter_id="t/a", version=2, size_bytes=2**40, labels={"k": "v"},
+                   files=[pb.AdapterFile(name="adapter_config.json", size_bytes=7, sha256="ab")])
+    out = json.loads(json.dumps(_as_dict(a)))
+    assert out["size_bytes"] == 2**40 and out["files"][0]["size_bytes"] == 7 and out["version"] == 2
+    assert out["labels"] == {"k": "v"}

@@ -121,3 +121,59 @@ def test_merge_refusals(model_dirs, adapters):
         engine.stop()
     for k, (_, exc, needle) in bad.items():
         assert isinstance(out[k]["error"], exc) and needle in str(out[k]["error"]), (k, out[k]["error"])
+
+
+def test_merged_adapters_through_router_and_gateway(model_dirs, adapters, tmp_path):
+    """GenerateRequest.merged_adapters over real servers on loopback (registry, executor, router),
+    and the gateway's `merged_adapters` body field: PEFT's cat, and the refusals with their codes."""
+    import json
+
+    import grpc
+    from test_gateway import Gateway, http
+
+    from services.common.gen.openlora.v1 import common_pb2, router_pb2_grpc
+    from tests.servers import deployment
+    model_dir = model_dirs["llama"]
+    dirs = {f"t/{n}": adapters / n for n in ("a4", "b8", "dora")}
+    prompt = [5, 17, 99, 230, 41]
+    want_t, want_lp = merged_oracle(model_dir, adapters, "cat", ["a4", "b8"], [0.7, -1.1], 1.0, prompt, MAX_NEW)
+    with deployment(tmp_path, model_dir, dirs) as (registry, _, router):
+        stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(router.address))
+        sampling = common_pb2.SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+
+        def generate(ids, weights, kind="cat", adapter_id=""):
+            return stub.Generate(common_pb2.GenerateRequest(
+                prompt_token_ids=prompt, sampling=sampling, adapter_id=adapter_id,
+                merged_adapters=common_pb2.MergedAdapters(ids=ids, weights=weights, combination_type=kind)),
+                timeout=120)
+
+        got = generate(["t/a4", "t/b8@1"], [0.7, -1.1])
+        assert list(got.token_ids) == want_t
+        torch.testing.assert_close(torch.tensor(list(got.logprobs)), torch.tensor(want_lp), atol=1e-4, rtol=0)
+        for args, code in (((["t/a4", "t/nope"], [1, 1]), grpc.StatusCode.NOT_FOUND),
+                           ((["t/a4", "t/b8"], [1, float("inf")]), grpc.StatusCode.INVALID_ARGUMENT),
+                           ((["t/a4", "t/b8"], [1, 1], "linear"), grpc.StatusCode.INVALID_ARGUMENT),
+                           ((["t/a4", "t/dora"], [1, 1]), grpc.StatusCode.INVALID_ARGUMENT),
+                           ((["t/a4"], [1], "cat", "t/a4"), grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(grpc.RpcError) as info:
+                generate(*args)
+            assert info.value.code() == code, (args, info.value.details())
+        gateway = Gateway("--router", router.address, "--registry", registry.address,
+                          log_path=tmp_path / "gateway.log").start()
+        try:
+            body = {"model": "t/a4", "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0,
+                    "return_token_ids": True, "ignore_eos": True,
+                    "merged_adapters": {"ids": ["t/a4", "t/b8"], "weights": [0.7, -1.1],
+                                        "combination_type": "cat"}}
+            url = gateway.url + "/v1/completions"
+            status, reply = http(url, "POST", json.dumps(body).encode(), token=None)
+            assert status == 200, reply
+            assert reply["choices"][0]["token_ids"] == want_t
+            status, reply = http(url, "POST", json.dumps(
+                {**body, "merged_adapters": {"ids": ["t/a4", "t/nope"]}}).encode(), token=None)
+            assert status == 404, reply
+            status, reply = http(url, "POST", json.dumps(
+                {**body, "merged_adapters": {"ids": "t/a4"}}).encode(), token=None)
+            assert status == 400 and reply["error"]["param"] == "merged_adapters.ids", reply
+        finally:
+            gateway.stop()

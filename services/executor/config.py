@@ -49,7 +49,8 @@ class ExecutorConfig(ServerConfig):
     adapter_load_workers: int = flag(4, "threads fetching, verifying, parsing and packing adapters")
     adapter_wait_s: float = flag(120.0, "how long a load waits for room in a tier full of adapters "
                                  "in use before RESOURCE_EXHAUSTED, seconds")
-    disk_cache_dir: str = flag("", "disk tier directory (empty -> a temporary directory)")
+    disk_cache_dir: str = flag("", "disk tier directory (empty -> ~/.cache/openlora/adapters/<executor id "
+                                   "or HOST_PORT>, reused across restarts; a temporary one with --port 0)")
     disk_cache_bytes: int = flag(20 * 1024**3, "disk tier capacity in bytes (least recently used versions go first)")
     disk_write_back: bool = flag(True, "write an adapter the host arena evicts back to the disk tier (its "
                                  "packed image) when the disk no longer holds it, so the two tiers hold "

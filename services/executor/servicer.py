@@ -7,6 +7,7 @@ the engine runs on its own thread; events cross to this event loop with call_soo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -179,14 +180,15 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         await self._may_use_all(request)
         req = to_request(request)
         ids, lps, text, tops, prompt, last = [], [], [], [], [], None
-        async for ev in self._events(req):
-            if ev.prompt_logprobs is not None:
-                prompt = _prompt(ev)
-            ids += ev.token_ids
-            lps += ev.logprobs
-            text.append(ev.text)
-            tops += _tops(ev)
-            last = ev
+        async with contextlib.aclosing(self._events(req)) as events:
+            async for ev in events:
+                if ev.prompt_logprobs is not None:
+                    prompt = _prompt(ev)
+                ids += ev.token_ids
+                lps += ev.logprobs
+                text.append(ev.text)
+                tops += _tops(ev)
+                last = ev
         return common_pb2.GenerateResponse(
             request_id=req.request_id, text="".join(text), token_ids=ids, logprobs=lps,
             finish_reason=FINISH[last.finish_reason], usage=_usage(last),
@@ -195,13 +197,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     async def GenerateStream(self, request, context):
         await self._may_use_all(request)
         req = to_request(request)
-        async for ev in self._events(req):
-            final = ev.finish_reason is not None
-            yield common_pb2.GenerateChunk(
-                request_id=req.request_id, token_ids=ev.token_ids, text=ev.text,
-                logprobs=ev.logprobs, finish_reason=FINISH[ev.finish_reason],
-                usage=_usage(ev) if final else None, executor_id=self.executor_id,
-                top_logprobs=_tops(ev), prompt_logprobs=_prompt(ev))
+        async with contextlib.aclosing(self._events(req)) as events:
+            async for ev in events:
+                final = ev.finish_reason is not None
+                yield common_pb2.GenerateChunk(
+                    request_id=req.request_id, token_ids=ev.token_ids, text=ev.text,
+                    logprobs=ev.logprobs, finish_reason=FINISH[ev.finish_reason],
+                    usage=_usage(ev) if final else None, executor_id=self.executor_id,
+                    top_logprobs=_tops(ev), prompt_logprobs=_prompt(ev))
 
     async def LoadAdapter(self, request, context):
         await self._may_use(request.adapter_id, request.version)
