@@ -419,3 +419,21 @@ def test_executor_serves_int4_and_reports_it(llama_dir, tmp_path):
                           "--quantization-group-size", "256"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
     assert "does not divide the input dimension 64 (--quantization-group-size)" in bad.stderr
+
+
+def test_autogptq_quantize_config_json_is_read(model_dirs, tmp_path):
+    """AutoGPTQ's own quantize_config.json (no quantization_config in config.json) is read too; each
+    projection serves the weight the checkpoint dequantizes to."""
+    dst, reference = tmp_path / "gptq", tmp_path / "reference"
+    write_quantized_checkpoint(model_dirs["llama"], dst, reference, "gptq", 32, **GPTQ_CASES["v1-asym"])
+    config = json.loads((dst / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "quantize_config.json").write_text(json.dumps({k: v for k, v in qc.items() if k != "quant_method"}))
+    model, _, _ = load_model(str(dst), CPU, torch.float32, 64)
+    assert model.quantization == "gptq"
+    want = load_file(str(reference / "model.safetensors"))
+    names = {id(m): n for n, m in model.named_modules()}
+    for _, _, proj in model.projections():
+        assert proj.weight is None
+        torch.testing.assert_close(proj.base.dequantize(), want[names[id(proj)] + ".weight"], atol=1e-6, rtol=0)
