@@ -403,8 +403,13 @@ class Supervisor:
     def tend(self, p: Proc, now: float) -> None:
         if p.restart_at:
             if now >= p.restart_at:
-                p.popen, p.log_start = _launch(p.name, p.cmd, p.log, p.env)
-                p.restart_at, p.started_at, p.restarts = 0.0, now, p.restarts + 1
+                # a Ctrl-C waits until the new process is recorded, so stopping stops it too
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                try:
+                    p.popen, p.log_start = _launch(p.name, p.cmd, p.log, p.env)
+                    p.restart_at, p.started_at, p.restarts = 0.0, now, p.restarts + 1
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             return
         code = p.popen.poll()
         if code is not None:

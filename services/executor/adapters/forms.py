@@ -43,6 +43,7 @@ from services.common.errors import AdapterMismatch, InvalidAdapter
 from services.executor import ops
 
 LM_HEAD, EMBED, LM_HEAD_FULL, EMBED_FULL, LM_HEAD_DORA = range(5)
+CACHE_ELEMS = 1 << 20     # DoRA factor rows [T, d] kept per module across steps up to this size
 _PROJ = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 
 
@@ -222,6 +223,9 @@ class BatchForms:
     lm_head_full: tuple[int, ...] = ()             # segments with a saved lm_head (host ints)
     embed_rank: int = 0                            # largest embed_tokens LoRA rank (0: none)
     embed_full: bool = False
+    cache: dict = field(default_factory=dict)      # lm -> DoRA factor rows of the current row ranges
+    cache_key: object = None
+    cache_ip: object = None
 
 
 def batch_forms(layout, seg_meta: Tensor, device: torch.device) -> BatchForms | None:
@@ -263,22 +267,41 @@ def row_segments(seg_indptr: Tensor, T: int) -> Tensor:
     return torch.searchsorted(seg_indptr[1:], rows, right=True).clamp_(max=seg_indptr.numel() - 2)
 
 
-def _scale_rows(y: Tensor, bias: Tensor | None, paged, segs: Tensor, lm: int, row_seg: Tensor) -> None:
-    """y[rows of segs] += (scale_g - 1) * (y - bias); other rows + 0 (unchanged)."""
-    d = y.shape[1]
-    factor = torch.zeros((paged.seg_meta.shape[0], d), dtype=torch.float32, device=y.device)
-    factor[segs] = gather_rows(paged, segs, lm, d)[:, 0].float() - 1                # [G, d]
+def _factor_rows(f: BatchForms, paged, segs: Tensor, lm: int, shape: tuple[int, int],
+                 seg_indptr: Tensor) -> Tensor:
+    """[T, d] float32: scale_g - 1 for each row of a segment g in segs, 0 for the other rows. Cached
+    on the batch's forms while its segments' row ranges stay the same (decode steps of one batch)."""
+    key = seg_indptr.numpy().tobytes() if seg_indptr.device.type == "cpu" else id(seg_indptr)
+    if f.cache_key != key:      # (a device tensor's id: cache_ip keeps it alive, so never reused)
+        f.cache.clear()
+        f.cache_key, f.cache_ip = key, seg_indptr
+    rows = f.cache.get(lm)
+    if rows is None:
+        T, d = shape
+        factor = torch.zeros((paged.seg_meta.shape[0], d), dtype=torch.float32, device=paged.arena.device)
+        factor[segs] = gather_rows(paged, segs, lm, d)[:, 0].float() - 1            # [G, d]
+        rows = factor[row_segments(seg_indptr, T)]
+        if T * d <= CACHE_ELEMS:     # decode-sized: kept for the next steps; a prefill chunk is not
+            f.cache[lm] = rows
+    return rows
+
+
+def _scale_rows(y: Tensor, bias: Tensor | None, factor: Tensor) -> None:
+    """y += factor * (y - bias): (scale_g - 1) on a scaled segment's rows, + 0 on the others."""
+    if y.dtype == torch.float32:
+        y.addcmul_(y if bias is None else y - bias, factor)
+        return
     yf = y.float()
-    base = yf if bias is None else yf - bias.float()
-    y.copy_(yf.addcmul_(base, factor[row_seg]))
+    y.copy_(yf.addcmul_(yf if bias is None else yf - bias.float(), factor))
 
 
 def dora_epilogue(y: Tensor, bias: Tensor | None, lm: int, paged, seg_indptr: Tensor) -> None:
     """In place, for the rows of each DoRA segment g of projection lm (y holds the base output and
     the segment's LoRA delta already): y[seg] += (scale_g - 1) * (y[seg] - bias)."""
-    segs = paged.forms.dora.get(lm)
+    f: BatchForms = paged.forms
+    segs = f.dora.get(lm)
     if segs is not None:
-        _scale_rows(y, bias, paged, segs, paged.forms.n + lm, row_segments(seg_indptr, y.shape[0]))
+        _scale_rows(y, bias, _factor_rows(f, paged, segs, f.n + lm, tuple(y.shape), seg_indptr))
 
 
 def embed_epilogue(x: Tensor, input_ids: Tensor, paged, seg_indptr: Tensor) -> Tensor:
@@ -334,5 +357,7 @@ def lm_head_epilogue(logits: Tensor, h: Tensor, logits_rows: Tensor, paged, seg_
         if y is not logits:
             logits = logits + y.float()
         if f.lm_head_dora is not None:
-            _scale_rows(logits, None, paged, f.lm_head_dora, 2 * f.n + LM_HEAD_DORA, row_seg)
+            factor = torch.zeros((paged.seg_meta.shape[0], vocab), dtype=torch.float32, device=h.device)
+            factor[f.lm_head_dora] = gather_rows(paged, f.lm_head_dora, 2 * f.n + LM_HEAD_DORA, vocab)[:, 0] - 1
+            _scale_rows(logits, None, factor[row_seg])
     return logits
