@@ -1,7 +1,7 @@
 """Prompt-lookup (n-gram) speculative decoding: the engine with vs without it, side by side.
 
     .venv/bin/python benchmarks/speculative.py [--rounds 5] [--new-tokens 64] [--streams 32]
-                                               [--num-speculative-tokens 4]
+                                               [--num-speculative-tokens 4] [--workloads 1,2,3]
 
 One CPU-sized Llama (4 layers, hidden 512, 8 heads, vocab 4096) whose weights are set so that greedy
 decoding copies from its context (synthetic.write_copy_model: an induction circuit in the first two
@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
+    ap.add_argument("--workloads", default="1,2,3", help="which of the workloads to run (comma-separated)")
     args = ap.parse_args()
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
@@ -143,10 +144,13 @@ def main() -> None:
         def plain(rnd: int):
             return docs(args.streams, 32), [NAMES[i % 3] for i in range(args.streams)]
 
-        for label, model, make, single, temp in (
+        chosen = {int(w) for w in args.workloads.split(",")}
+        for number, (label, model, make, single, temp) in enumerate((
                 ("repetitive, 1 stream", "copy", repetitive, True, 0.0),
                 (f"non-repeating, {args.streams} streams", "random", plain, False, 1.0),
-                ("adapter breaking the copying, 1 stream", "copy", rejected, True, 0.0)):
+                ("adapter breaking the copying, 1 stream", "copy", rejected, True, 0.0)), 1):
+            if number not in chosen:
+                continue
             engines = make_engines(models[model])
             try:
                 rates = {m: [] for m in engines}

@@ -50,6 +50,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from throughput import SPEC
 
+from services.bench import percentile
 from services.executor.adapters.policy import GDSFPolicy, LRUPolicy, simulate
 from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
@@ -129,8 +130,7 @@ def run_closed_loop(engine: Engine, adapters: list[str], concurrency: int, seed:
     return state["tokens"] / dt, sorted(first.values())
 
 
-def pct(xs, q):
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+pct = percentile       # services.bench's: one percentile helper everywhere
 
 
 def host_stat(engine: Engine):
@@ -188,6 +188,7 @@ def tiers_section(args, model_dir, work, reg, names, per_adapter):
             res[name]["ttft50"].append(statistics.median(ttfts))
             res[name]["ttft90"].append(pct(ttfts, 0.9))
     h1 = host_stat(tiered)
+    d1 = next(t for t in tiered.status().tier_stats if t.tier == "device")
     hits, misses = h1.hits - h0.hits, h1.misses - h0.misses
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in res.items()}
     print(f"\n1. Zipf(1) over {N_ADAPTERS} adapters, {args.requests} requests/round at concurrency "
@@ -200,6 +201,9 @@ def tiers_section(args, model_dir, work, reg, names, per_adapter):
           f"median TTFT {t['ttft50'] / r['ttft50']:.3f}x (goal <= 1.2)")
     print(f"   tiered host arena ({HOST_SLOTS} adapters): hit rate {hits / max(hits + misses, 1):.3f} "
           f"over the timed rounds, {h1.evictions - h0.evictions} evictions")
+    if d1.bytes_capacity:
+        print(f"   tiered device tier ({d1.bytes_capacity / 2**20:.0f} MiB): {d1.hits} hits, {d1.misses} misses, "
+              f"{d1.evictions} evictions since start")
 
     trace = zipf_trace(N_ADAPTERS, 20_000, seed=7)
     print(f"\n2. eviction policy, Zipf(1) trace of 20,000 over {N_ADAPTERS} adapters, room for {HOST_SLOTS}: "

@@ -4,7 +4,10 @@ Ports: the router on --port (the one clients use), the registry on --port+1, exe
 --port+2 ... With no --base-model it serves a small built-in demo model with random weights, written
 under --data-dir on first start (so it runs on a machine with no network), and registers a few demo
 adapters for it under `demo/`. Each service logs to --data-dir/logs/NAME.log (JSON lines, each with
-a `service` field); `up` itself prints one line per service as it becomes ready.
+a `service` field); `up` itself prints one line per service as it becomes ready. Once ready, it
+supervises them: one that exits is started again with backoff while the others keep serving (the
+router fails over to the other executors; executors serve resident adapters while the registry is
+away), said in one line each time; `up` stops on Ctrl-C/SIGTERM, or when a service cannot start.
 
 Security: --tls-cert/--tls-key (and --tls-ca: mutual TLS) are given to every service, so each serves
 TLS (the gateway HTTPS) and calls the others over TLS; `up`'s own health checks and demo-adapter
@@ -26,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -62,12 +65,22 @@ class UpConfig:
     tls_ca: str = flag("", "PEM CA every service verifies its peers with; turns on mutual TLS")
     auth_file: str = flag("", "the token file every service checks callers against (see docs/reference.md)")
     token: str = flag("", "the token the services and `up` send (an admin token with --auth-file)")
+    metrics_port: int = flag(0, "first Prometheus metrics port: the registry on it, executors on the "
+                                "next ones, then the router (0 -> none)")
+    allow_local_dir: list[str] = flag(help="a directory the registry's file:// sources may read "
+                                           "(repeatable; the demo adapters' directory is added)",
+                                      multiple=True)
+    max_restarts: int = flag(5, "a service that exits is restarted, with backoff; this many exits in a "
+                                "row without serving a minute in between stop `up`")
 
     def __post_init__(self) -> None:
         check(1 <= self.executors <= 64, "executors", f"must be 1..64, got {self.executors}")
         check(0 < self.port < 65535 - self.executors - 1, "port", f"out of range: {self.port}")
         check(self.startup_timeout_s > 0, "startup_timeout_s", "must be > 0")
         check(0 <= self.http_port <= 65535, "http_port", f"must be 0..65535, got {self.http_port}")
+        check(self.metrics_port == 0 or 0 < self.metrics_port < 65535 - self.executors - 1, "metrics_port",
+              f"out of range: {self.metrics_port}")
+        check(self.max_restarts >= 0, "max_restarts", f"must be >= 0, got {self.max_restarts}")
         check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert" if not self.tls_cert else "tls_key",
               "--tls-cert and --tls-key go together")
         check(not self.tls_ca or bool(self.tls_cert), "tls_ca", "needs --tls-cert and --tls-key")
@@ -80,10 +93,11 @@ class UpConfig:
         from services.common.tls import ClientSecurity
         return ClientSecurity.from_config(self)
 
-    def service_args(self) -> list[str]:
-        """The TLS and auth flags every service gets (absolute paths: services run elsewhere)."""
+    def service_args(self, auth: bool = True) -> list[str]:
+        """The TLS and auth flags every service gets (absolute paths: services run elsewhere); the
+        gateway checks no tokens itself (auth=False)."""
         out = []
-        for name in ("tls_cert", "tls_key", "tls_ca", "auth_file"):
+        for name in ("tls_cert", "tls_key", "tls_ca", *(("auth_file",) if auth else ())):
             if getattr(self, name):
                 out += [f"--{name.replace('_', '-')}", os.path.abspath(getattr(self, name))]
         return out
@@ -203,7 +217,7 @@ def check_ports(host: str, ports: dict[int, str]) -> None:
             try:
                 s.bind((host, port))
             except OSError as exc:
-                hint = "--http-port" if who == "gateway" else "--port"
+                hint = "--http-port" if who == "gateway" else "--metrics-port" if "metrics" in who else "--port"
                 raise UpFailed(f"port {port} on {host} (for the {who}) is already in use "
                                f"({exc.strerror}); stop what holds it or choose another {hint}") from None
 
@@ -218,6 +232,13 @@ class Proc:
     log: pathlib.Path
     ready: bool = False
     log_start: int = 0          # the log's size when this run started it: earlier runs' lines are before
+    cmd: list[str] = field(default_factory=list)
+    env: dict = field(default_factory=dict)
+    restarts: int = 0           # how many times `up` restarted it
+    exits: int = 0              # exits in a row without a minute of serving between them
+    restart_at: float = 0.0     # when a dead one is started again (0: not waiting to)
+    started_at: float = 0.0     # when this process was started
+    ready_at: float = 0.0       # when it last answered SERVING
 
 
 def _last_line(path: pathlib.Path, start: int = 0) -> str:
@@ -356,6 +377,95 @@ def register_demo_adapters(data: pathlib.Path, registry: str, security=None) -> 
     return added
 
 
+class Supervisor:
+    """Keeps every service running once `up` is ready: one that exits is started again after a
+    backoff (1, 2, 4 ... 30 s) while the others keep serving, with one line each time it goes and
+    comes back. `max_restarts` exits in a row (none after a minute of serving) stop `up` (UpFailed)."""
+
+    DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+    STEADY_S = 60.0             # serving this long makes the next exit a first one again
+
+    def __init__(self, procs: list[Proc], args: UpConfig, security=None, https=None):
+        self.procs, self.args, self.security, self.https = procs, args, security, https
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def run(self) -> None:
+        try:
+            while True:
+                now = time.monotonic()
+                for p in self.procs:
+                    self.tend(p, now)
+                time.sleep(0.2)
+        finally:
+            for channel in self._channels.values():
+                channel.close()
+
+    def tend(self, p: Proc, now: float) -> None:
+        if p.restart_at:
+            if now >= p.restart_at:
+                # a Ctrl-C waits until the new process is recorded, so stopping stops it too
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                try:
+                    p.popen, p.log_start = _launch(p.name, p.cmd, p.log, p.env)
+                    p.restart_at, p.started_at, p.restarts = 0.0, now, p.restarts + 1
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            return
+        code = p.popen.poll()
+        if code is not None:
+            self.exited(p, code, now)
+        elif not p.ready:
+            if self.serving(p):
+                p.ready, p.ready_at = True, now
+                say(f"{p.name} is back on {p.address} (restart {p.restarts}, serving "
+                    f"{now - p.started_at:.1f} s after it was started again)")
+            elif now - p.started_at > self.args.startup_timeout_s:
+                say(f"{p.name} is not serving {self.args.startup_timeout_s:.0f} s after it was started "
+                    f"again: killing it; its log: {p.log}")
+                _kill(p.popen)
+
+    def exited(self, p: Proc, code: int, now: float) -> None:
+        if p.ready and now - p.ready_at >= self.STEADY_S:
+            p.exits = 0
+        p.exits += 1
+        last = _last_line(p.log, p.log_start)
+        where = f"its log: {p.log}" + (f"; last line: {last}" if last else "")
+        if p.exits > self.args.max_restarts:
+            raise UpFailed(f"the {p.name} ({p.address}) exited with code {code}, {p.exits} times in a row "
+                           f"(--max-restarts {self.args.max_restarts}); {where}")
+        delay = self.DELAYS_S[min(p.exits, len(self.DELAYS_S)) - 1]
+        say(f"{p.name} ({p.address}) exited with code {code}{'' if p.ready else ' before serving'}; the "
+            f"others keep serving; restarting it in {delay:.0f} s ({where})")
+        p.ready, p.restart_at = False, now + delay
+
+    def serving(self, p: Proc) -> bool:
+        if p.name == "gateway":
+            import urllib.request
+            scheme = "https" if self.https else "http"
+            try:
+                with urllib.request.urlopen(f"{scheme}://{p.address}/health", timeout=0.5,
+                                            context=self.https) as reply:
+                    return reply.status == 200
+            except OSError:
+                return False
+        if p.name not in self._channels:
+            from services.common.tls import channel as open_channel
+            self._channels[p.name] = open_channel(p.address, self.security, options=_PROBE_OPTIONS)
+        try:
+            return health_pb2_grpc.HealthStub(self._channels[p.name]).Check(
+                health_pb2.HealthCheckRequest(), timeout=0.5, wait_for_ready=False).status \
+                == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+
+def _kill(popen: subprocess.Popen) -> None:
+    try:
+        os.killpg(popen.pid, signal.SIGKILL)   # with its compiler, if it was building
+    except OSError:
+        popen.kill()
+
+
 def _stop_all(procs: list[Proc]) -> None:
     """SIGTERM every service (newest first); wait for ready ones to drain, kill starting ones soon."""
     for p in reversed(procs):
@@ -365,10 +475,7 @@ def _stop_all(procs: list[Proc]) -> None:
         try:
             p.popen.wait(timeout=READY_GRACE_S if p.ready else STARTING_GRACE_S)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.popen.pid, signal.SIGKILL)   # with its compiler, if it was building
-            except OSError:
-                p.popen.kill()
+            _kill(p.popen)
             p.popen.wait()
 
 
@@ -380,13 +487,13 @@ def main(argv: list[str]) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     procs: list[Proc] = []
+    status: dict[str, bool] = {}
     try:
-        return _run(args, procs)
+        return _run(args, procs, status)
     except Stopped as stop:
         say("stopping" + (" (Ctrl-C)" if stop.signum == signal.SIGINT else ""))
         # Ctrl-C once everything is up is the normal way to stop (0); during start-up it is 130
-        started = len(procs) == len(_plan_names(args)) and all(p.ready for p in procs)
-        return 130 if stop.signum == signal.SIGINT and not started else 0
+        return 130 if stop.signum == signal.SIGINT and not status.get("ready") else 0
     except UpFailed as exc:
         say(f"error: {exc}")
         return exc.code
@@ -397,12 +504,7 @@ def main(argv: list[str]) -> int:
         _stop_all(procs)
 
 
-def _plan_names(args: UpConfig) -> list[str]:
-    return ["registry", *(f"executor-{i}" for i in range(args.executors)), "router",
-            *(["gateway"] if args.http_port else [])]
-
-
-def _run(args: UpConfig, procs: list[Proc]) -> int:
+def _run(args: UpConfig, procs: list[Proc], status: dict[str, bool]) -> int:
     h, port = args.host, args.port
     registry = f"{h}:{port + 1}"
     executors = [f"{h}:{port + 2 + i}" for i in range(args.executors)]
@@ -413,6 +515,12 @@ def _run(args: UpConfig, procs: list[Proc]) -> int:
             raise UpFailed(f"--http-port {args.http_port} is one of the gRPC ports "
                            f"{port}..{port + 1 + args.executors}; choose another", code=2)
         ports[args.http_port] = "gateway"
+    metrics = metrics_ports(args)
+    for name, metrics_port in metrics.items():
+        if metrics_port in ports:
+            raise UpFailed(f"--metrics-port {args.metrics_port}: port {metrics_port} (the {name}'s metrics) "
+                           f"is taken by the {ports[metrics_port]}; choose another", code=2)
+        ports[metrics_port] = f"{name}'s metrics"
     check_ports(h, ports)
     data = pathlib.Path(args.data_dir).resolve()
     logs = data / "logs"
@@ -425,20 +533,29 @@ def _run(args: UpConfig, procs: list[Proc]) -> int:
     scheme = "https" if args.tls_cert else "http"
     # the registry refuses adapters that cannot fit the model the executors serve
     fit = ["--base-model", base] if pathlib.Path(base, "config.json").is_file() else []
+    def metrics_flag(name: str) -> list[str]:
+        return ["--metrics-port", str(metrics[name])] if name in metrics else []
+    # an explicit --allow-local-dir (or OPENLORA_ALLOW_LOCAL_DIR, read as up's own flag) bounds file://
+    # sources: the demo adapters' directory joins it, or the demo adapters could not be registered
+    allow = [*args.allow_local_dir, *([str(data / "demo-adapters")] if demo else [])] \
+        if args.allow_local_dir else []
     plan = [("registry", registry, [*cli, "registry", "--host", h, "--port", str(port + 1),
-                                    "--data-dir", str(data / "registry"), *fit, *secure])]
+                                    "--data-dir", str(data / "registry"), *fit, *metrics_flag("registry"),
+                                    *[x for d in allow for x in ("--allow-local-dir", d)], *secure])]
     plan += [(f"executor-{i}", addr, [*cli, "executor", "--host", h, "--port", addr.rsplit(":", 1)[1],
                                       "--registry", registry, "--base-model", base,
-                                      "--disk-cache-dir", str(data / f"executor-{i}"), *secure])
+                                      "--disk-cache-dir", str(data / f"executor-{i}"),
+                                      *metrics_flag(f"executor-{i}"), *secure])
              for i, addr in enumerate(executors)]
     plan.append(("router", f"{h}:{port}", [*cli, "router", "--host", h, "--port", str(port),
-                                            "--registry", registry,
+                                            "--registry", registry, *metrics_flag("router"),
                                             *[x for e in executors for x in ("--executor", e)], *secure]))
     if args.http_port:
         plan.append(("gateway", f"{h}:{args.http_port}",
                      [*cli, "gateway", "--host", h, "--port", str(args.http_port),
                       "--router", f"{h}:{port}", "--registry", registry,
-                      "--base-model", base if pathlib.Path(base).is_dir() else "", *secure]))
+                      "--base-model", base if pathlib.Path(base).is_dir() else "",
+                      *args.service_args(auth=False)]))   # the gateway passes callers' tokens on
     env = {"OPENLORA_TOKEN": args.token} if args.token else {}
     for name, address, cmd in plan:
         procs.append(_start(name, address, cmd, logs, env))
@@ -448,7 +565,8 @@ def _run(args: UpConfig, procs: list[Proc]) -> int:
                       https_context(args) if args.tls_cert else None)
         else:
             wait_serving(proc, args.startup_timeout_s, procs, security)
-        proc.ready = True
+        proc.ready, proc.started_at = True, time.monotonic()
+        proc.ready_at = proc.started_at
         say(f"{name} ready on {address}{' (TLS)' if args.tls_cert else ''}  (log {proc.log})")
         if name == "registry" and demo:
             added = register_demo_adapters(data, registry, security)
@@ -460,15 +578,15 @@ def _run(args: UpConfig, procs: list[Proc]) -> int:
     gateway = f"  gateway {scheme}://{h}:{args.http_port}/v1" if args.http_port else ""
     tls = (f"  TLS{' (mutual)' if args.tls_ca else ''}: clients pass --tls-ca"
            f"{' --tls-cert --tls-key' if args.tls_ca else ''}") if args.tls_cert else ""
+    shown = "  metrics " + "  ".join(f"{name} :{p}" for name, p in metrics.items()) if metrics else ""
     say(f"ready: router {h}:{port}  registry {registry}  executors {' '.join(executors)}{gateway}"
-        f"{tls}  (Ctrl-C stops)")
-    while True:
-        _check_alive(procs)
-        time.sleep(0.2)
+        f"{tls}{shown}  (Ctrl-C stops)")
+    status["ready"] = True
+    Supervisor(procs, args, security, https_context(args) if args.tls_cert else None).run()
 
 
-def _start(name: str, address: str, cmd: list[str], logs: pathlib.Path, env=None) -> Proc:
-    log = logs / f"{name}.log"
+def _launch(name: str, cmd: list[str], log: pathlib.Path, env=None) -> tuple[subprocess.Popen, int]:
+    """Start one service appending to its log; (the process, the log's size before it)."""
     with open(log, "ab") as out:
         start = out.tell()
         # its own session: a terminal's Ctrl-C reaches `up` alone, which stops the services in
@@ -476,4 +594,18 @@ def _start(name: str, address: str, cmd: list[str], logs: pathlib.Path, env=None
         popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True,
                                  env={**os.environ, **(env or {}), "OPENLORA_LOG_SERVICE": name})
-    return Proc(name, address, popen, log, log_start=start)
+    return popen, start
+
+
+def _start(name: str, address: str, cmd: list[str], logs: pathlib.Path, env=None) -> Proc:
+    log = logs / f"{name}.log"
+    popen, start = _launch(name, cmd, log, env)
+    return Proc(name, address, popen, log, log_start=start, cmd=cmd, env=env or {})
+
+
+def metrics_ports(args: UpConfig) -> dict[str, int]:
+    """--metrics-port P: the registry on P, executor-i on P+1+i, the router after them."""
+    if not args.metrics_port:
+        return {}
+    names = ["registry", *(f"executor-{i}" for i in range(args.executors)), "router"]
+    return {name: args.metrics_port + i for i, name in enumerate(names)}

@@ -133,6 +133,7 @@ TIMING_TESTS = {
     "test_gateway::test_client_disconnect_mid_stream_frees_kv_blocks",
     "test_tier_churn::test_deleted_versions_leave_every_tier_at_once",
     "test_readme::test_every_readme_block_runs_against_a_fresh_up_and_up_restarts_at_once",
+    "test_up_supervision::test_up_restarts_a_killed_registry_or_executor_while_the_rest_keeps_serving",
 }
 TIMING_RUNS = 3
 

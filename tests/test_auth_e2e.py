@@ -210,7 +210,9 @@ def gateway_routes() -> set[tuple[str, str]]:
 
 
 # answered to anyone: probes and metrics hold no tenant's data
-OPEN_ROUTES = {("GET", "/health"), ("GET", "/health/ready"), ("GET", "/metrics")}
+OPEN_ROUTES = {("GET", "/health"), ("GET", "/health/ready"), ("GET", "/metrics"),
+               # the base model's tokenizer and the version: the same for every model and caller
+               ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/tokenizer_info"), ("GET", "/version")}
 
 
 def http_attacks(d, token: str) -> dict:
@@ -232,6 +234,10 @@ def http_attacks(d, token: str) -> dict:
         ("POST", "/v1/unload_lora_adapter"): call("POST", "/v1/unload_lora_adapter", {"lora_name": "b/y"}),
         ("GET", "/health"): call("GET", "/health"),
         ("GET", "/health/ready"): call("GET", "/health/ready"),
+        ("POST", "/tokenize"): call("POST", "/tokenize", {"model": "b/y", "prompt": "hi"}),
+        ("POST", "/detokenize"): call("POST", "/detokenize", {"model": "b/y", "tokens": [5, 6]}),
+        ("GET", "/tokenizer_info"): call("GET", "/tokenizer_info"),
+        ("GET", "/version"): call("GET", "/version"),
         ("GET", "/metrics"): call("GET", "/metrics"),
     }
 

@@ -67,3 +67,11 @@ def test_synthetic_adapters_are_deterministic_fit_the_model_and_digest_as_the_re
     finally:
         core.metadata.close()
     assert adapter.digest == content_digest(files) and adapter.rank == 4 and len(adapter.target_modules) == 7
+
+
+def test_percentile_is_nearest_rank():
+    from services.bench import percentile, percentiles
+    assert [percentile(range(1, 11), q) for q in (0.0, 0.5, 0.9, 0.99, 1.0)] == [1, 5, 9, 10, 10]
+    assert percentile([7.0], 0.5) == 7.0
+    assert percentiles([]) == {"p50": None, "p90": None, "p99": None}
+    assert percentiles([float(i) for i in range(1, 101)]) == {"p50": 50.0, "p90": 90.0, "p99": 99.0}

@@ -164,3 +164,20 @@ def test_the_demo_model_vocabulary_is_its_tokenizers_and_its_greedy_text_is_visi
     config["vocab_size"] = 1024
     (model_dir / "config.json").write_text(json.dumps(config))
     assert json.loads((up.demo_model(tmp_path) / "config.json").read_text())["vocab_size"] == up.demo_vocab()
+
+
+def test_the_executor_disk_cache_is_stable_across_restarts_unless_its_port_is_ephemeral(tmp_path, monkeypatch):
+    """An executor with no --disk-cache-dir made a new temporary directory (20 GiB budget) on every
+    start and never removed it: it now reuses one per executor id or address."""
+    from services.executor.app import disk_cache_dir
+    from services.executor.config import ExecutorConfig
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    base = {"base_model": str(tmp_path), "registry": "127.0.0.1:1"}
+    a = disk_cache_dir(ExecutorConfig(port=50052, **base))
+    assert a == tmp_path / "cache" / "openlora" / "adapters" / "127.0.0.1_50052" and a.is_dir()
+    assert disk_cache_dir(ExecutorConfig(port=50052, **base)) == a                 # a restart: the same
+    assert disk_cache_dir(ExecutorConfig(port=50053, **base)) != a                 # another executor
+    assert disk_cache_dir(ExecutorConfig(port=50052, executor_id="pod/0", **base)).name == "pod_0"
+    assert disk_cache_dir(ExecutorConfig(disk_cache_dir=str(tmp_path / "d"), **base)) == tmp_path / "d"
+    ephemeral = disk_cache_dir(ExecutorConfig(port=0, **base))
+    assert str(tmp_path / "cache") not in str(ephemeral)

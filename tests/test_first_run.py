@@ -408,3 +408,38 @@ def test_up_announces_only_this_runs_kernel_build(tmp_path):
         f.write(json.dumps({"event": "kernels_loaded"}) + "\n")
     line, offset = build_announcement(log, start)
     assert line is None and offset == log.stat().st_size
+
+
+def test_adapters_json_gives_64_bit_numbers_as_numbers():
+    """`adapters list --json` printed size_bytes as "12345" (protobuf's JSON mapping of 64-bit
+    integers): scripts comparing sizes compared text."""
+    from services.common.gen.openlora.v1 import registry_pb2 as pb
+    from services.registry.admin import _as_dict
+    a = pb.Adapter(adapter_id="t/a", version=2, size_bytes=2**40, labels={"k": "v"},
+                   files=[pb.AdapterFile(name="adapter_config.json", size_bytes=7, sha256="ab")])
+    out = json.loads(json.dumps(_as_dict(a)))
+    assert out["size_bytes"] == 2**40 and out["files"][0]["size_bytes"] == 7 and out["version"] == 2
+    assert out["labels"] == {"k": "v"}
+
+
+def test_the_supervisor_restarts_with_backoff_and_gives_up_after_max_restarts(tmp_path, capsys):
+    """Without servers: a service that keeps exiting is restarted after 1, 2, ... s (scaled down
+    here), says so each time with its log's last line, and --max-restarts exits in a row stop `up`."""
+    from services import up
+    log = tmp_path / "registry.log"
+    cmd = [sys.executable, "-c", "print('cannot open the database'); raise SystemExit(3)"]
+    popen, start = up._launch("registry", cmd, log)
+    proc = up.Proc("registry", "127.0.0.1:1", popen, log, ready=True, log_start=start, cmd=cmd,
+                   started_at=time.monotonic(), ready_at=time.monotonic())
+    args = up.UpConfig(max_restarts=2)
+    sup = up.Supervisor([proc], args)
+    sup.DELAYS_S = (0.05, 0.1)
+    deadline = time.monotonic() + 60
+    with pytest.raises(up.UpFailed) as failed:
+        while time.monotonic() < deadline:
+            sup.tend(proc, time.monotonic())
+            time.sleep(0.01)
+    assert proc.restarts == 2 and "exited with code 3, 3 times in a row (--max-restarts 2)" in str(failed.value)
+    assert "last line: cannot open the database" in str(failed.value)
+    said = capsys.readouterr().err
+    assert said.count("exited with code 3") == 2 and "restarting it in" in said and "the others keep serving" in said

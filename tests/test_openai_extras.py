@@ -8,6 +8,7 @@ Every logprob is checked against transformers (+ peft) log_softmax over the same
 from __future__ import annotations
 
 import json
+import shutil
 
 import openai
 import pytest
@@ -15,11 +16,20 @@ import torch
 
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
-from tests.servers import deployment
+from tests.servers import Service, deployment, free_port
 from tests.test_gateway import Gateway
 
 ADAPTERS = {"org/qv": AdapterSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"), seed=401)}
 BASE = "llama"
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n<tools>\n"
+    "{%- for t in tools %}{{ t.function.name }}{{ t.function.parameters.properties | tojson }}\n{% endfor %}"
+    "</tools><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{%- if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ {'name': c.function.name, "
+    "'arguments': c.function.arguments} | tojson }}</tool_call>{% endfor %}"
+    "{%- else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +37,47 @@ def stack(llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("openai-extras")
     dirs = {aid: write_adapter(root / aid.replace("/", "_"), TINY["llama"], spec)
             for aid, spec in ADAPTERS.items()}
+    hermes = root / "hermes"      # the same model, a chat template that renders tools (Hermes / Qwen)
+    shutil.copytree(llama_dir, hermes)
+    cfg = json.loads((hermes / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = HERMES_TEMPLATE
+    (hermes / "tokenizer_config.json").write_text(json.dumps(cfg))
     with deployment(root, llama_dir, dirs) as (registry, executor, router):
         gateway = Gateway("--router", router.address, "--registry", registry.address,
                           log_path=root / "gateway.log").start()
+        tooled = Gateway("--router", router.address, "--base-model", str(hermes), "--served-model-name", BASE,
+                         log_path=root / "tooled.log").start()
+        http_port = free_port()         # a router serving the OpenAI API itself (one hop)
+        direct = Service("router", "--registry", registry.address, "--executor", executor.address,
+                         "--http-port", str(http_port), log_path=root / "direct.log").start()
         try:
-            yield {"gateway": gateway, "dirs": dirs, "llama": llama_dir, "executor": executor,
-                   "client": openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)}
+            wait_http(f"http://127.0.0.1:{http_port}/health")
+            yield {"direct": openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="x",
+                                           max_retries=0),
+                   "direct_url": f"http://127.0.0.1:{http_port}","gateway": gateway, "dirs": dirs, "llama": llama_dir, "executor": executor, "root": root,
+                   "client": openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0),
+                   "tools": openai.OpenAI(base_url=tooled.url + "/v1", api_key="x", max_retries=0)}
         finally:
+            direct.stop()
+            tooled.stop()
             gateway.stop()
 
 
 _models: dict = {}
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    import time
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def oracle(stack, adapter: str | None, ids: list[int]) -> torch.Tensor:
@@ -148,7 +188,9 @@ def test_lm_eval_loglikelihood_equals_transformers(stack, tmp_path):
         results = lm_eval.simple_evaluate(
             model="local-completions",
             model_args={"model": adapter or BASE, "base_url": stack["gateway"].url + "/v1/completions",
-                        "tokenizer_backend": "huggingface", "tokenizer": str(stack["llama"]),
+                        # the adapter's run tokenizes through the gateway's /tokenize (auto -> remote)
+                        **({"tokenizer_backend": "huggingface", "tokenizer": str(stack["llama"])}
+                           if adapter is None else {}),
                         "num_concurrent": 2, "max_retries": 1},
             tasks=["openlora_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
             log_samples=True, limit=None)
@@ -238,3 +280,204 @@ def test_bad_structured_outputs_are_400(stack, extra, param, says):
     assert err.value.status_code == 400
     body = err.value.body
     assert body["param"] == param and says in body["message"], body
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "weather",
+    "parameters": {"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "time",
+    "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                   "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def _valid_call(name: str, arguments: str) -> None:
+    import jsonschema
+    fn = {"get_weather": WEATHER, "get_time": TIME}[name]["function"]
+    jsonschema.validate(json.loads(arguments), fn["parameters"])
+
+
+def _streamed_calls(stream) -> tuple[dict, str | None, str]:
+    """index -> {id, name, arguments} from streamed tool_calls deltas; finish_reason; content."""
+    calls, finish, content = {}, None, ""
+    for chunk in stream:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                call = calls.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+                if d.id:
+                    assert call["id"] is None, "one id per call, in its first delta"
+                    call["id"] = d.id
+                if d.function and d.function.name:
+                    call["name"] = d.function.name
+                if d.function and d.function.arguments:
+                    call["arguments"] += d.function.arguments
+            finish = c.finish_reason or finish
+    return calls, finish, content
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_named_and_required(stack, stream):
+    client = stack["tools"]
+    plain = client.chat.completions.create(model=BASE, messages=ASK, max_tokens=1)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, tools_, finish_want in ((named, [WEATHER, TIME], "stop"), ("required", [TIME, WEATHER], "tool_calls")):
+        kw = dict(model=BASE, messages=ASK, tools=tools_, tool_choice=choice, max_tokens=150, temperature=0.7,
+                  seed=4, parallel_tool_calls=False)
+        if not stream:
+            r = client.chat.completions.create(**kw)
+            assert r.usage.prompt_tokens > plain.usage.prompt_tokens      # the template rendered the tools
+            c = r.choices[0]
+            assert c.finish_reason == finish_want and len(c.message.tool_calls) == 1, c
+            call = c.message.tool_calls[0]
+            assert call.type == "function" and call.id.startswith("call_")
+            if choice is named:
+                assert call.function.name == "get_weather"
+            _valid_call(call.function.name, call.function.arguments)
+        else:
+            calls, finish, content = _streamed_calls(client.chat.completions.create(stream=True, **kw))
+            assert finish == finish_want and list(calls) == [0] and content == ""
+            assert calls[0]["id"].startswith("call_")
+            _valid_call(calls[0]["name"], calls[0]["arguments"])
+
+
+def test_tool_history_renders_and_bad_tools_are_400(stack):
+    client = stack["tools"]
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris", "days": 3})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = client.chat.completions.create(model=BASE, messages=history, tools=[WEATHER], max_tokens=3,
+                                       tool_choice="none")
+    assert r.choices[0].message.tool_calls is None
+    for kw, param in ((dict(tools=[{"type": "function"}]), "tools"),
+                      (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
+                       "tool_choice"),
+                      (dict(tool_choice="required"), "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=BASE, messages=ASK, max_tokens=2, **kw)
+        assert err.value.body["param"] == param
+
+
+def test_auto_tool_calls_parsed_in_each_family_format():
+    from services.gateway.tools import ToolPlan, ToolStream, parse_auto
+    names = {"get_weather"}
+    args = {"city": "Oslo", "days": 2}
+    a = json.dumps(args)
+    want = [("get_weather", a)]
+    assert parse_auto('Let me check. <tool_call>\n{"name": "get_weather", "arguments": ' + a + "}\n</tool_call>",
+                      "hermes", names) == ("Let me check.", want)
+    assert parse_auto('<|python_tag|>{"name": "get_weather", "parameters": ' + a + "}",
+                      "llama3_json", names) == (None, want)
+    assert parse_auto('[TOOL_CALLS][{"name": "get_weather", "arguments": ' + a + "}]",
+                      "mistral", names) == (None, want)
+    assert parse_auto('{"name": "other", "arguments": {}}', "llama3_json", names)[1] == []
+    assert parse_auto("just text", "hermes", names) == ("just text", [])
+    # streamed: content flows until <tool_call>, the call comes whole at the end
+    ts = ToolStream(ToolPlan(mode="auto", tools=[WEATHER], parser="hermes"), 1)
+    text = 'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}</tool_call>'
+    deltas = [d for piece in (text[:4], text[4:9], text[9:14], text[14:]) for d in ts.push(0, piece)]
+    last, finish = ts.finish(0, "stop")
+    assert "".join(d.get("content", "") for d in deltas) == "Sure. " and finish == "tool_calls"
+    assert last[0]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_limits_tokenizer_routes_and_hygiene(stack):
+    import urllib.request
+
+    from tests.test_gateway import http
+    client, url = stack["client"], stack["gateway"].url
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=BASE, prompt="hello", max_tokens=1_000_000)
+    assert err.value.body["param"] == "max_tokens" and err.value.body["code"] == "context_length_exceeded"
+    assert "maximum context length" in err.value.body["message"]
+    status, tok = http(url + "/tokenize", "POST", json.dumps({"model": BASE, "prompt": "hello world"}).encode())
+    assert status == 200 and tok["tokens"] == tokenizer(stack).encode("hello world").ids
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] > 0
+    status, detok = http(url + "/detokenize", "POST", json.dumps({"tokens": tok["tokens"]}).encode())
+    assert status == 200 and detok["prompt"] == "hello world"
+    assert http(url + "/version")[1]["version"] and "eos_token" in http(url + "/tokenizer_info")[1]
+    # a lone surrogate is a 400 naming the field, not a 500
+    for body, param in (('{"model": "llama", "prompt": "a\\ud800b"}', "prompt"),
+                        ('{"model": "llama", "prompt": "a", "stop": ["\\udc00"]}', "stop[0]")):
+        status, payload = http(url + "/v1/completions", "POST", body.encode())
+        assert status == 400 and payload["error"]["param"] == param, payload
+    # streamed JSON is ASCII: no raw U+2028/U+2029/U+0085 for line-splitting clients
+    req = urllib.request.Request(url + "/v1/completions", method="POST", headers={"content-type": "application/json"},
+                                 data=json.dumps({"model": BASE, "prompt": [5, 6, 7], "max_tokens": 40, "stream": True,
+                                                  "temperature": 1.0, "seed": 1}).encode())
+    with urllib.request.urlopen(req, timeout=120) as r:
+        raw = r.read()
+    assert raw.isascii() and raw.endswith(b"data: [DONE]\n\n")
+    # /v1/models shows no server path
+    for m in client.models.list():
+        assert not str(m.model_extra.get("root", "")).startswith("/"), m
+
+
+def test_a_disconnect_at_any_moment_cancels_down_to_the_executor(stack):
+    """Streamed and unary requests dropped by their client at many points (before the headers, right
+    after the first chunk, later), all in flight together: every one that reached the executor is
+    cancelled there (its log says so, by request id), and none runs on."""
+    import socket
+    import time
+
+    import grpc
+
+    from services.common.gen.openlora.v1 import executor_pb2, executor_pb2_grpc
+    log = stack["root"] / "executor.log"
+
+    def cancelled() -> set[str]:
+        return {json.loads(line).get("request_id") for line in log.read_text().splitlines()
+                if '"request_cancelled"' in line}
+
+    host, port = "127.0.0.1", stack["gateway"].port
+    seen = set()                 # request ids the client saw (its stream had started)
+    points = [(True, None), (True, 0.0), (True, 0.05), (True, 0.2), (True, 0.5), (False, 0.05), (False, 0.3)]
+    for stream, delay in points:
+        body = json.dumps({"model": "org/qv", "prompt": [5, 6, 7], "max_tokens": 480, "ignore_eos": True,
+                           "stream": stream}).encode()
+        sock = socket.create_connection((host, port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        if stream and delay is not None:
+            got = b""
+            while b"\n\n" not in got.split(b"data: ", 1)[-1]:
+                got += sock.recv(4096)
+            first = got.split(b"data: ", 1)[1].split(b"\n\n", 1)[0]
+            seen.add(json.loads(first)["id"] + "-0")
+        time.sleep(0.3 if delay is None else delay)
+        sock.close()
+    with grpc.insecure_channel(stack["executor"].address) as ch:
+        stub = executor_pb2_grpc.ExecutorStub(ch)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            st = stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10)
+            if st.running_requests == 0 and st.waiting_requests == 0 and seen <= cancelled():
+                break
+            time.sleep(0.1)
+    assert st.running_requests == 0 and st.waiting_requests == 0
+    assert len(seen) == 4 and seen <= cancelled()
+
+
+def test_router_serves_the_openai_api_itself(stack):
+    """`openlora router --http-port`: the same answers as through the gateway, one hop from the
+    executor (unary, streamed, echo + logprobs, chat with a schema, errors with their status)."""
+    via_gw, direct = stack["client"], stack["direct"]
+    kw = dict(model="org/qv", prompt="Once upon", max_tokens=8, temperature=0.9, seed=5,
+              extra_body={"return_token_ids": True})
+    a, b = via_gw.completions.create(**kw), direct.completions.create(**kw)
+    assert a.choices[0].model_extra["token_ids"] == b.choices[0].model_extra["token_ids"]
+    assert a.choices[0].text == b.choices[0].text
+    streamed = "".join(c.choices[0].text for c in direct.completions.create(stream=True, **kw) if c.choices)
+    assert streamed == b.choices[0].text
+    e1 = via_gw.completions.create(model=BASE, prompt="a b c", echo=True, logprobs=2, max_tokens=0)
+    e2 = direct.completions.create(model=BASE, prompt="a b c", echo=True, logprobs=2, max_tokens=0)
+    assert e1.choices[0].logprobs.token_logprobs == e2.choices[0].logprobs.token_logprobs
+    assert {m.id for m in direct.models.list()} >= {BASE, "org/qv"}
+    with pytest.raises(openai.NotFoundError):
+        direct.completions.create(model="org/nope", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        direct.completions.create(model=BASE, prompt="x", max_tokens=1, extra_body={"guided_regex": "[a-"})

@@ -42,28 +42,42 @@ def _ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.T
 
 # --- the GEMMs -----------------------------------------------------------------------------------
 
+@pytest.fixture(params=["cpp", "torch"])
+def kernels(request, monkeypatch):
+    """cpp/quant_gemm.cpp, or torch's own kernels (where it cannot build)."""
+    if request.param == "torch":
+        monkeypatch.setattr(quant, "cpu_kernels", lambda: False)
+    else:
+        assert quant.cpu_kernels()
+    return request.param
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_matches_float64_reference(dtype, tol, bias):
+@pytest.mark.parametrize("tokens", [1, 7])        # the kernel's row-at-a-time and tiled paths
+def test_int8_linear_matches_float64_reference(kernels, dtype, tol, bias, tokens):
     g = torch.Generator().manual_seed(1)
-    w, x = torch.randn(48, 96, generator=g), torch.randn(7, 96, generator=g)
+    w, x = torch.randn(48, 96, generator=g), torch.randn(tokens, 96, generator=g)
     b = torch.randn(48, generator=g) if bias else None
     q, s = quant.quantize_int8(w)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
     deq = quant.dequantize_int8(q, s)
     assert float(((deq - w).abs() / s[:, None]).max()) <= 0.5 + 1e-5       # round to nearest
-    y = Int8Linear(q, s, None if b is None else b.to(dtype), dtype)(x.to(dtype))
-    assert y.dtype == dtype and y.shape == (7, 48)
+    lin = Int8Linear(q, s, None if b is None else b.to(dtype), dtype)
+    assert lin.fused == (kernels == "cpp")
+    y = lin(x.to(dtype))
+    assert y.dtype == dtype and y.shape == (tokens, 48)
     want = _ref(x.to(dtype), quant.dequantize_int8(q, s.to(dtype)), None if b is None else b.to(dtype))
     torch.testing.assert_close(y.double(), want, atol=tol * float(want.abs().max()), rtol=0)
 
 
-@pytest.mark.parametrize("group", [32, 128, 512])       # 512: cut into the kernels' 256
+@pytest.mark.parametrize("group", [32, 128, 512])       # 512: cut into torch's kernels' 256
 @pytest.mark.parametrize("act_order", [False, True])
-def test_int4_linear_matches_float64_reference(group, act_order):
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_int4_linear_matches_float64_reference(kernels, group, act_order, tokens):
     g = torch.Generator().manual_seed(2)
     n, k = 32, 1024
-    w, x, b = torch.randn(n, k, generator=g), torch.randn(5, k, generator=g), torch.randn(n, generator=g)
+    w, x, b = torch.randn(n, k, generator=g), torch.randn(tokens, k, generator=g), torch.randn(n, generator=g)
     wt = quant.quantize_int4(w, group)
     err = (wt.dequantize() - w).abs() / wt.s.repeat_interleave(group, dim=1)
     assert int(wt.q.max()) <= 15 and float(err.max()) <= 0.5 + 1e-5
@@ -72,15 +86,30 @@ def test_int4_linear_matches_float64_reference(group, act_order):
                         torch.randint(0, 16, wt.z.shape, generator=g).float(), group,
                         torch.randperm(k, generator=g))
     lin = Int4Linear(wt, b, torch.float32, CPU)
+    assert lin.fused == (kernels == "cpp")
     torch.testing.assert_close(lin(x).double(), _ref(x, wt.dequantize(), b), atol=2e-4 * k ** 0.5, rtol=0)
     torch.testing.assert_close(lin.dequantize(), wt.dequantize(), atol=1e-6, rtol=0)   # DoRA's norms
 
 
-def test_int4_refuses_shapes_the_kernel_cannot_take():
+def test_int4_refuses_shapes_the_kernel_cannot_take(monkeypatch):
     with pytest.raises(QuantizationError, match="does not divide the input dimension 96"):
         quant.quantize_int4(torch.randn(32, 96), 64)
+    assert Int4Linear(quant.quantize_int4(torch.randn(24, 64), 32), None, torch.float32, CPU).fused
+    monkeypatch.setattr(quant, "cpu_kernels", lambda: False)     # torch's int4 kernel
     with pytest.raises(QuantizationError, match="d_out % 16"):
         Int4Linear(quant.quantize_int4(torch.randn(24, 64), 32), None, torch.float32, CPU)
+
+
+def test_quant_kernel_checks_name_the_argument():
+    assert quant.cpu_kernels()
+    q = torch.zeros(16, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"x must be \[T, 64\]"):
+        torch.ops.openlora_quant.int8_linear(torch.randn(2, 32), q, torch.ones(16), None)
+    with pytest.raises(RuntimeError, match="scales must hold 16 values"):
+        torch.ops.openlora_quant.int8_linear(torch.randn(2, 64), q, torch.ones(8), None)
+    with pytest.raises(RuntimeError, match="group must be even and divide d_in 64"):
+        torch.ops.openlora_quant.int4_linear(torch.randn(2, 64), torch.zeros(16, 32, dtype=torch.uint8),
+                                             torch.ones(16, 2), torch.ones(16, 2), 48)
 
 
 @pytest.mark.parametrize("kwargs, flag", [({"quantization": "int3"}, "--quantization"),
@@ -390,3 +419,54 @@ def test_executor_serves_int4_and_reports_it(llama_dir, tmp_path):
                           "--quantization-group-size", "256"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
     assert "does not divide the input dimension 64 (--quantization-group-size)" in bad.stderr
+
+
+def test_autogptq_quantize_config_json_is_read(model_dirs, tmp_path):
+    """AutoGPTQ's own quantize_config.json (no quantization_config in config.json) is read too; each
+    projection serves the weight the checkpoint dequantizes to."""
+    dst, reference = tmp_path / "gptq", tmp_path / "reference"
+    write_quantized_checkpoint(model_dirs["llama"], dst, reference, "gptq", 32, **GPTQ_CASES["v1-asym"])
+    config = json.loads((dst / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "quantize_config.json").write_text(json.dumps({k: v for k, v in qc.items() if k != "quant_method"}))
+    model, _, _ = load_model(str(dst), CPU, torch.float32, 64)
+    assert model.quantization == "gptq"
+    want = load_file(str(reference / "model.safetensors"))
+    names = {id(m): n for n, m in model.named_modules()}
+    for _, _, proj in model.projections():
+        assert proj.weight is None
+        torch.testing.assert_close(proj.base.dequantize(), want[names[id(proj)] + ".weight"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family, method", [("phi3", "int4"), ("gemma2", "int8")])
+def test_other_families_quantized_match_transformers_peft(family, method, tmp_path):
+    """Phi-3's fused qkv_proj / gate_up_proj (split at load; rows are quantized independently, so the
+    fused weight quantized whole is the reference) and Gemma-2."""
+    from test_families import build_family, check, requests_for
+    model_dir, root = build_family(tmp_path, family)
+    reference = tmp_path / "dequantized"
+    quant.write_dequantized(model_dir, reference, method, 32, (*ALL_MODULES, "qkv_proj", "gate_up_proj"))
+    names = sorted(p.name for p in root.iterdir())
+    engine = engine_for(model_dir, root, max_lora_rank=16, quantization=method, quantization_group_size=32)
+    for n in names:
+        engine.load_adapter(n, 0)
+    requests = requests_for(family, names, "q")
+    try:
+        out = run(engine, [r for r, _ in requests])
+    finally:
+        engine.stop()
+    check(reference, root, out, requests)
+
+
+def test_bfloat16_serving_quantizes_the_float32_weights(llama_dir):
+    """--dtype bfloat16: the projections are quantized from the checkpoint's float32 weights (not from
+    their bfloat16 rounding); everything else is bfloat16."""
+    model, _, _ = load_model(str(llama_dir), CPU, torch.bfloat16, 64, "int8")
+    want = load_file(str(llama_dir / "model.safetensors"))
+    names = {id(m): n for n, m in model.named_modules()}
+    for _, _, proj in model.projections():
+        q, s = quant.quantize_int8(want[names[id(proj)] + ".weight"])
+        assert torch.equal(proj.base.q, q)
+        assert proj.base.dequantize().dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -94,13 +94,13 @@ def test_every_readme_block_runs_against_a_fresh_up_and_up_restarts_at_once(tmp_
     about compiling kernels it does not compile (the last run's log line was read as this run's)."""
     from services.synthetic import ALL_MODULES, AdapterSpec, write_adapter
     from services.up import DEMO, demo_spec
-    port, http = free_port_block(3), free_port()
+    port, http, metrics = free_port_block(3), free_port(), free_port_block(3)
     data = tmp_path / "data"
     adapter = write_adapter(tmp_path / "peft-adapter", demo_spec(),
                             AdapterSpec(rank=8, targets=ALL_MODULES, seed=3, base_model=DEMO))
     env = {**os.environ, "OPENLORA_ROUTER": f"127.0.0.1:{port}", "OPENLORA_REGISTRY": f"127.0.0.1:{port + 1}"}
     up_cmd = [sys.executable, "-m", "services.cli", "up", "--port", str(port), "--http-port", str(http),
-              "--data-dir", str(data)]
+              "--data-dir", str(data), "--metrics-port", str(metrics)]
 
     def mapped(text: str) -> str:
         text = re.sub(r"(?<![\w/.])\.venv/bin/(openlora|python)\b",
@@ -124,6 +124,11 @@ def test_every_readme_block_runs_against_a_fresh_up_and_up_restarts_at_once(tmp_
             assert proc.stdout.strip(), block.text          # each says something
             ran += 1
         assert ran >= 4
+        # --metrics-port: each service's metrics on its own port, the executor's vllm:* among them
+        import urllib.request
+        assert f"metrics registry :{metrics}  executor-0 :{metrics + 1}  router :{metrics + 2}" in err.read_text()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics + 1}/metrics", timeout=10) as reply:
+            assert "vllm:num_requests_running" in reply.read().decode()
         _bench_reruns_and_failures(env, tmp_path)
     finally:
         code = _stop(up)

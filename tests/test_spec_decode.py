@@ -470,3 +470,35 @@ def test_grpc_sampling_params_speculative_and_status(copy_dirs):
     assert st_on.spec_draft_tokens > 0 and st_on.spec_accepted_tokens > 0
     assert st_on.spec_emitted_tokens >= st_on.spec_accepted_tokens + 1
     assert st_on.spec_acceptance_rate == pytest.approx(st_on.spec_accepted_tokens / st_on.spec_draft_tokens)
+
+
+@pytest.mark.parametrize("window", [
+    dict(arch="mistral", sliding_window=8),
+    dict(arch="qwen2", sliding_window=8, max_window_layers=1),
+], ids=["mistral-window", "qwen2-some-layers-windowed"])
+def test_sliding_windows_are_kept_by_each_verified_position(tmp_path, window):
+    """The copying model with sliding windows (every layer; only the layers from 1 on): prompts
+    that loop with a period shorter than the window, so drafts are accepted and each verified
+    position must attend within its own window: greedy output and logprobs as plain decoding."""
+    spec = ModelSpec(**{**COPY.__dict__, **window})
+    model = write_copy_model(tmp_path / "m", spec, noise=0.05)
+    g = torch.Generator().manual_seed(3)
+    loops = [torch.randint(2, spec.vocab, (3 + i,), generator=g).tolist() for i in range(3)]
+    prompts = [(loop * 8)[:13 + i] for i, loop in enumerate(loops)]
+    outs, accepted = [], 0
+    for method in ("none", "ngram"):
+        engine = Engine(ExecutorConfig(base_model=str(model), device="cpu", dtype="float32", kv_block_size=4,
+                                       speculative_method=method, num_speculative_tokens=4,
+                                       prompt_lookup_min=1, prompt_lookup_max=3), LocalDirSource(tmp_path))
+        try:
+            outs.append(run(engine, [GenerationRequest(f"w{i}", prompt_token_ids=p, sampling=SamplingOptions(
+                max_new_tokens=24, ignore_eos=True)) for i, p in enumerate(prompts)]))
+            accepted = engine.status().spec_accepted_tokens
+        finally:
+            engine.stop()
+    plain, spec_out = outs
+    assert accepted > 0
+    for rid, want in plain.items():
+        assert spec_out[rid]["tokens"] == want["tokens"], rid
+        torch.testing.assert_close(torch.tensor(spec_out[rid]["logprobs"]), torch.tensor(want["logprobs"]),
+                                   atol=1e-5, rtol=0)

@@ -43,13 +43,14 @@ def adapter_bytes(llama_dir, root) -> int:
     return layout.pages_needed(read_adapter(root / "u00", cfg, 8)) * layout.page_elems * 4
 
 
-def engine(llama_dir, root, unified=True, host_adapters=2) -> Engine:
+def engine(llama_dir, root, unified=True, host_adapters=2, device_adapters=0) -> Engine:
     per_block = bytes_per_block(2, BLOCK, 2, 16, torch.float32)
     cfg = ExecutorConfig(base_model=str(llama_dir), device="cpu", dtype="float32", max_lora_rank=8,
                          kv_block_size=BLOCK, max_model_len=MAX_LEN, max_prefill_tokens=64,
                          kv_cache_bytes=KV_BLOCKS * per_block, unified_kv_adapter_pool=unified,
                          host_cache_bytes=host_adapters * adapter_bytes(llama_dir, root), adapter_wait_s=20,
-                         enable_prefix_caching=False)
+                         enable_prefix_caching=False,
+                         device_cache_bytes=device_adapters * adapter_bytes(llama_dir, root))
     return Engine(cfg, LocalDirSource(root))
 
 
@@ -110,6 +111,27 @@ def test_idle_kv_memory_holds_more_adapters_than_the_arena_alone(llama_dir, root
         borrowed = e.arena.borrowed_blocks
         assert borrowed > 0 and st.kv_blocks_free == KV_BLOCKS - borrowed
         reqs = [request(i, n, 3 + i % 3, 4) for i, n in enumerate(names)]
+        out = run(e, reqs)
+    finally:
+        e.stop()
+    check(llama_dir, root, out, reqs)
+
+
+def test_with_a_device_tier_the_device_pool_is_what_borrows_kv_blocks(llama_dir, root):
+    """The kernel's pool shares the KV's memory: with --device-cache-bytes that is the device pool
+    (on CUDA, GPU memory next to the KV cache); the host arena keeps its own budget."""
+    names = [f"u{i:02d}" for i in range(6)]
+    e = engine(llama_dir, root, host_adapters=12, device_adapters=2)
+    try:
+        for n in names:
+            assert e.load_adapter(n, 0) == (1, "device")
+        st = e.status()
+        assert e.runner.pool is e.device_pool and e.device_pool.borrowed_blocks > 0
+        assert e.arena.borrowed_blocks == 0 and st.host_cache_bytes == e.config.host_cache_bytes
+        assert {a.tier for a in st.adapters} == {"device"} and len(st.adapters) == 6
+        assert st.device_cache_bytes > e.config.device_cache_bytes
+        assert st.kv_blocks_free == KV_BLOCKS - e.device_pool.borrowed_blocks
+        reqs = [request(i, n, 4, 3) for i, n in enumerate(names[:3])]
         out = run(e, reqs)
     finally:
         e.stop()

@@ -561,6 +561,7 @@ def _check_parameter_lora(config: LoraConfig, name: str, key: TensorKey, info: T
                              f"{'.'.join(param)} differ")
 
 
+_SAVED_NORM = re.compile(r"^model\.(?:layers\.\d+\.(?:input_layernorm|post_attention_layernorm)|norm)$")
 # The forms executors serve beyond projection LoRA; a tensor of any other form is refused at
 # registration and at load, so nothing is registered that generate would serve wrongly.
 SERVED_FORMS = frozenset({"dora", "embed_tokens", "lm_head", "modules_to_save"})
@@ -570,7 +571,8 @@ def tensor_form(key: TensorKey) -> str:
     """"lora" (a projection's), "dora", "lm_head", "embed_tokens", "modules_to_save" (of embed_tokens
     or lm_head) or "modules_to_save of NAME"."""
     if key.kind == "full" and not key.base_copy:
-        return "modules_to_save" if key.path in EMBED_PATHS + LM_HEAD_PATHS else f"modules_to_save of {key.module}"
+        served = key.path in EMBED_PATHS + LM_HEAD_PATHS or _SAVED_NORM.match(key.path)
+        return "modules_to_save" if served else f"modules_to_save of {key.module}"
     if key.path in LM_HEAD_PATHS:
         return "lm_head"
     if key.kind == "embedding" or key.path in EMBED_PATHS:

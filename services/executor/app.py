@@ -20,12 +20,34 @@ log = structlog.get_logger(__name__)
 SERVICE = "openlora.v1.Executor"
 
 
+def disk_cache_dir(config: ExecutorConfig) -> pathlib.Path:
+    """--disk-cache-dir, else a stable directory per executor, reused across restarts (bounded by
+    --disk-cache-bytes): $XDG_CACHE_HOME/openlora/adapters/<--executor-id or HOST_PORT>. Only an
+    executor on an ephemeral port (--port 0: tests) gets a temporary one, removed when it exits (each
+    start used to make a new temporary directory and never remove it)."""
+    if config.disk_cache_dir:
+        return pathlib.Path(config.disk_cache_dir)
+    if config.port == 0 and not config.executor_id:
+        import atexit
+        import shutil
+        path = pathlib.Path(tempfile.mkdtemp(prefix="openlora-adapters-"))
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        return path
+    import os
+    import re
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", config.executor_id or f"{config.host}_{config.port}")
+    root = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    path = root / "openlora" / "adapters" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 async def build(config: ExecutorConfig):
     """Create the server (NOT_SERVING), load the engine, then flip to SERVING. Returns (server, engine)."""
     from services.executor.engine import Engine
     from services.executor.servicer import ExecutorServicer
 
-    disk = pathlib.Path(config.disk_cache_dir or tempfile.mkdtemp(prefix="openlora-adapters-"))
+    disk = disk_cache_dir(config)
     store = DiskAdapterStore(disk, config.disk_cache_bytes, config.adapter_eviction_policy)
     direct = None
     if config.blob_url:

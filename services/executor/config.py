@@ -30,8 +30,9 @@ class ExecutorConfig(ServerConfig):
     prepack_weights: bool = flag(True, "float32 on CPU: copy each base weight once into MKL's GEMM "
                                  "layout (faster decode steps, more memory)")
     host_cache_bytes: int = flag(2 * 1024**3, "host adapter arena in bytes, allocated once (pinned on CUDA): "
-                                 "adapters at their true rank in fixed-size pages; on CPU the kernel "
-                                 "reads them in place, so it bounds how many adapters one batch mixes")
+                                 "adapters at their true rank in fixed-size pages; without a device tier "
+                                 "(CPU) the kernel reads them in place, so it bounds how many adapters "
+                                 "one batch mixes")
     device_cache_bytes: int = flag(0, "device tier: a page pool in accelerator memory, filled from the host "
                                    "arena by page copies, read in place by the kernel (0 -> on CUDA the "
                                    "smaller of --host-cache-bytes and a tenth of the free GPU memory; on "
@@ -49,7 +50,8 @@ class ExecutorConfig(ServerConfig):
     adapter_load_workers: int = flag(4, "threads fetching, verifying, parsing and packing adapters")
     adapter_wait_s: float = flag(120.0, "how long a load waits for room in a tier full of adapters "
                                  "in use before RESOURCE_EXHAUSTED, seconds")
-    disk_cache_dir: str = flag("", "disk tier directory (empty -> a temporary directory)")
+    disk_cache_dir: str = flag("", "disk tier directory (empty -> ~/.cache/openlora/adapters/<executor id "
+                                   "or HOST_PORT>, reused across restarts; a temporary one with --port 0)")
     disk_cache_bytes: int = flag(20 * 1024**3, "disk tier capacity in bytes (least recently used versions go first)")
     disk_write_back: bool = flag(True, "write an adapter the host arena evicts back to the disk tier (its "
                                  "packed image) when the disk no longer holds it, so the two tiers hold "

@@ -30,6 +30,7 @@ from services.executor import ops, prompt_logprobs
 from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.device import DevicePool
 from services.executor.adapters.forms import BaseWeights
+from services.executor.adapters.merge import MergedSource
 from services.executor.adapters.residency import Residency
 from services.executor.adapters.source import AdapterSource
 from services.executor.config import ExecutorConfig
@@ -148,7 +149,8 @@ class Engine:
         self.source = adapter_source
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self.adapters = Residency(self.arena, adapter_source, cfg, config.max_lora_rank,
+        self.merged = MergedSource(adapter_source, cfg, config.max_lora_rank)   # merged_adapters
+        self.adapters = Residency(self.arena, self.merged, cfg, config.max_lora_rank,
                                   device=self.device_pool,
                                   max_device_adapters=config.max_device_adapters,
                                   policy=config.adapter_eviction_policy,
@@ -217,6 +219,8 @@ class Engine:
                               max_model_len=self.max_model_len,
                               default_max_new_tokens=self.config.default_max_new_tokens,
                               eos_token_ids=self.eos_token_ids, device=self.device)
+        if req.merged is not None:                  # its derived adapter is built from this recipe
+            self.merged.register(req.merged)
         if req.sampling.structured is not None:    # compiled once per spec (cached), copied per request
             r.row.grammar = self.grammars.new(req.sampling.structured)
         elif self.speculator is not None and req.sampling.speculative:
@@ -271,6 +275,8 @@ class Engine:
         freed (copies in use go when their requests end). Otherwise a new version exists: "latest"
         resolves to `latest_version` at once, and older versions go first when a tier needs room.
         """
+        for derived in self.merged.derived_of(adapter_id):   # combinations of it are rebuilt
+            self.adapters.unload(derived, 0)
         if deleted:
             self.unload_adapter(adapter_id, version)
             if version and latest_version:    # one version went: "latest" may now be an older one

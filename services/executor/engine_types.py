@@ -24,6 +24,7 @@ class GenerationRequest:
     adapter_id: str = ""                                         # "" -> base model
     adapter_version: int = 0                                     # 0 -> latest
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    merged: object | None = None   # adapters/merge.MergeSpec: adapter_id is then its derived id
 
 
 @dataclass
@@ -126,7 +127,7 @@ def new_request_state(req: GenerationRequest, on_event: Callable[[TokenEvent], N
         raise InvalidArgument("; ".join(problems))
     if req.adapter_version < 0:
         raise InvalidArgument(f"adapter_version must be >= 0, got {req.adapter_version}")
-    if req.adapter_id:
+    if req.adapter_id and req.merged is None:
         check_adapter_id(req.adapter_id)
     prompt_ids = prompt_token_ids(req, tokenizer, vocab)
     if len(prompt_ids) >= max_model_len:

@@ -113,9 +113,12 @@ class ModelRunner:
             positions += range(a, a + n)
             blocks = seq.blocks
             slot_mapping += [blocks[p // bs] * bs + p % bs for p in range(a, a + n)]
-            group, rows = (decode, decode_rows) if n == 1 else (prefill, prefill_rows)
-            group.append((blocks, a + n, n))
-            rows.append(row)
+            if n == 1 or item.draft:   # a draft's positions: one decode query each, K/V read in place
+                decode += [(blocks, a + i + 1, 1) for i in range(n)]
+                decode_rows += range(row, row + n)
+            else:
+                prefill.append((blocks, a + n, n))
+                prefill_rows.append(row)
             if item.samples:   # a draft of d tokens: logits at its last d + 1 positions
                 logits_rows += range(row + n - 1 - len(item.draft), row + n)
             if n and seg_slots and seg_slots[-1] == seq.slot:   # same adapter slot: one segment

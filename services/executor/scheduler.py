@@ -19,9 +19,10 @@ token, whose logits it needs.
 Speculative decoding (speculator set, see spec_decode.py): once the step's batch is chosen, decoding
 sequences get drafts while the speculator's room allows and free KV blocks hold them (a draft never
 preempts anything). A drafting sequence computes its last token plus the draft as one short chunk,
-with logits at each position; advance() then keeps the K/V of the accepted tokens only: the rejected
-positions are rolled back (num_computed stops after the last accepted token, blocks holding nothing
-but rejected positions are freed) and blocks are registered with the prefix cache only once every
+with logits at each position (model_runner.py attends each position as a decode query of its own);
+advance() then keeps the K/V of the accepted tokens only: the rejected positions are rolled back
+(num_computed stops after the last accepted token, blocks holding nothing but rejected positions are
+freed) and blocks are registered with the prefix cache only once every
 token in them is accepted and appended.
 """
 

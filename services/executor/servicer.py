@@ -7,6 +7,7 @@ the engine runs on its own thread; events cross to this event loop with call_soo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ import structlog
 from services.common import auth, errors
 from services.common.gen.openlora.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from services.common.logging import bind_request
+from services.executor.adapters.merge import MergeSpec
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions, TokenEvent
 from services.executor.structured import StructuredOutput
 
@@ -29,12 +31,14 @@ TIERS = {"device": executor_pb2.ADAPTER_TIER_DEVICE, "host": executor_pb2.ADAPTE
 
 def to_request(pb: common_pb2.GenerateRequest) -> GenerationRequest:
     s = pb.sampling
+    merged = _merged(pb)
     return GenerationRequest(
         request_id=pb.request_id or uuid.uuid4().hex,
         prompt=pb.prompt,
         prompt_token_ids=list(pb.prompt_token_ids),
-        adapter_id=pb.adapter_id,
-        adapter_version=pb.adapter_version,
+        adapter_id=merged.derived_id if merged else pb.adapter_id,
+        adapter_version=1 if merged else pb.adapter_version,
+        merged=merged,
         sampling=SamplingOptions(
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k, seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop),
@@ -45,6 +49,16 @@ def to_request(pb: common_pb2.GenerateRequest) -> GenerationRequest:
             prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
             speculative=s.speculative if s.HasField("speculative") else True,
             structured=_structured(s)))
+
+
+def _merged(pb: common_pb2.GenerateRequest) -> MergeSpec | None:
+    if not pb.HasField("merged_adapters"):
+        return None
+    if pb.adapter_id:
+        raise errors.InvalidArgument("adapter_id and merged_adapters are exclusive: name the adapters "
+                                     "in merged_adapters.ids")
+    m = pb.merged_adapters
+    return MergeSpec.parse(m.ids, m.weights, m.combination_type, m.density, m.majority_sign_method)
 
 
 def _structured(s: common_pb2.SamplingParams) -> StructuredOutput | None:
@@ -146,6 +160,13 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 log.info("request_cancelled", request_id=req.request_id)
                 self.engine.cancel(req.request_id)
 
+    async def _may_use_all(self, request) -> None:
+        """_may_use for the request's adapter, or each adapter it combines (merged_adapters)."""
+        await self._may_use(request.adapter_id, request.adapter_version)
+        for raw in request.merged_adapters.ids if request.HasField("merged_adapters") else ():
+            name, _, ver = raw.partition("@")
+            await self._may_use(name, int(ver) if ver.isdigit() else 0)
+
     async def _may_use(self, adapter_id: str, version: int = 0) -> None:
         """The caller's own adapter, or another tenant's the registry shows it (public); else
         NOT_FOUND, as for an unknown id."""
@@ -156,32 +177,34 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         await self.adapters.check(adapter_id, version, strict=True)
 
     async def Generate(self, request, context):
-        await self._may_use(request.adapter_id, request.adapter_version)
+        await self._may_use_all(request)
         req = to_request(request)
         ids, lps, text, tops, prompt, last = [], [], [], [], [], None
-        async for ev in self._events(req):
-            if ev.prompt_logprobs is not None:
-                prompt = _prompt(ev)
-            ids += ev.token_ids
-            lps += ev.logprobs
-            text.append(ev.text)
-            tops += _tops(ev)
-            last = ev
+        async with contextlib.aclosing(self._events(req)) as events:
+            async for ev in events:
+                if ev.prompt_logprobs is not None:
+                    prompt = _prompt(ev)
+                ids += ev.token_ids
+                lps += ev.logprobs
+                text.append(ev.text)
+                tops += _tops(ev)
+                last = ev
         return common_pb2.GenerateResponse(
             request_id=req.request_id, text="".join(text), token_ids=ids, logprobs=lps,
             finish_reason=FINISH[last.finish_reason], usage=_usage(last),
             executor_id=self.executor_id, top_logprobs=tops, prompt_logprobs=prompt)
 
     async def GenerateStream(self, request, context):
-        await self._may_use(request.adapter_id, request.adapter_version)
+        await self._may_use_all(request)
         req = to_request(request)
-        async for ev in self._events(req):
-            final = ev.finish_reason is not None
-            yield common_pb2.GenerateChunk(
-                request_id=req.request_id, token_ids=ev.token_ids, text=ev.text,
-                logprobs=ev.logprobs, finish_reason=FINISH[ev.finish_reason],
-                usage=_usage(ev) if final else None, executor_id=self.executor_id,
-                top_logprobs=_tops(ev), prompt_logprobs=_prompt(ev))
+        async with contextlib.aclosing(self._events(req)) as events:
+            async for ev in events:
+                final = ev.finish_reason is not None
+                yield common_pb2.GenerateChunk(
+                    request_id=req.request_id, token_ids=ev.token_ids, text=ev.text,
+                    logprobs=ev.logprobs, finish_reason=FINISH[ev.finish_reason],
+                    usage=_usage(ev) if final else None, executor_id=self.executor_id,
+                    top_logprobs=_tops(ev), prompt_logprobs=_prompt(ev))
 
     async def LoadAdapter(self, request, context):
         await self._may_use(request.adapter_id, request.version)

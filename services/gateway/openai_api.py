@@ -350,3 +350,27 @@ def vllm_prompt_logprobs(token_str, items: list[Entry]) -> list:
             d.setdefault(str(a), {"logprob": b, "rank": r + 1, "decoded_token": token_str(a)})
         out.append(d)
     return out
+
+
+def merged_adapters(body: dict) -> common_pb2.MergedAdapters | None:
+    """`merged_adapters`: {"ids": [...], "weights": [...], "combination_type", "density",
+    "majority_sign_method"} (the executor checks the values, as for gRPC clients)."""
+    m = body.get("merged_adapters")
+    if m is None:
+        return None
+    if not isinstance(m, dict):
+        raise _bad("merged_adapters", f"must be an object, got {json.dumps(m)[:80]}")
+    unknown = sorted(set(m) - {"ids", "weights", "combination_type", "density", "majority_sign_method"})
+    if unknown:
+        raise _bad("merged_adapters", f"has unknown fields {unknown}")
+    ids, weights = m.get("ids"), m.get("weights") or []
+    if not (isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids)):
+        raise _bad("merged_adapters.ids", "must be a non-empty list of adapter ids")
+    if not (isinstance(weights, list)
+            and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
+        raise _bad("merged_adapters.weights", "must be a list of numbers")
+    out = common_pb2.MergedAdapters(ids=ids, weights=weights)
+    for name in ("combination_type", "majority_sign_method"):
+        setattr(out, name, string(m, name) or "")
+    out.density = number(m, "density", 0.0, 0.0, 1.0)
+    return out

@@ -11,6 +11,7 @@ import time
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from services.common.gen.openlora.v1 import registry_pb2 as pb
 from services.common.gen.openlora.v1 import registry_pb2_grpc
@@ -68,7 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _as_dict(a: pb.Adapter) -> dict:
-    return json_format.MessageToDict(a, preserving_proto_field_name=True)
+    """The adapter as JSON for scripts, 64-bit integers as numbers (protobuf's JSON mapping makes
+    them strings, so `size_bytes` compared as text)."""
+    return _numbers(a.DESCRIPTOR, json_format.MessageToDict(a, preserving_proto_field_name=True))
+
+
+_INT64 = {FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64}
+
+
+def _numbers(descriptor, value: dict) -> dict:
+    for field in descriptor.fields:
+        if field.name not in value or field.message_type and field.message_type.GetOptions().map_entry:
+            continue
+        if field.cpp_type in _INT64:
+            v = value[field.name]
+            value[field.name] = [int(x) for x in v] if isinstance(v, list) else int(v)
+        elif field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE and field.message_type.full_name.startswith(
+                "openlora."):
+            v = value[field.name]
+            for item in v if isinstance(v, list) else [v]:
+                _numbers(field.message_type, item)
+    return value
 
 
 def _size(n: int) -> str:

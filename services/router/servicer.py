@@ -177,7 +177,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             e = self.pool.executors.get(address)
             if e is None:
                 continue
-            started = False
+            started, call = False, None
             self._begin(address, request.adapter_id)
             try:
                 call = e.stub.GenerateStream(request, timeout=_timeout(context),
@@ -194,7 +194,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     _reraise(exc)
                 self._failed_over(address, exc)
                 last = exc
-            finally:
+            finally:   # closed at `yield` (the caller went away): cancel the executor's call too
+                if call is not None and not call.done():
+                    call.cancel()
                 self._end(address, request.adapter_id)
         raise errors.Unavailable(f"no executor could serve the request: "
                                  f"{last.details() if last else 'every executor left'}")

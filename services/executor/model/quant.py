@@ -7,20 +7,27 @@ Weights only: activations stay in the serving dtype and adapters are added uncha
     int8: w[n, k] = q[n, k] * s[n]                      per output channel, symmetric (|q| <= 127)
     int4: w[n, k] = (q[n, j] - z[n, g]) * s[n, g]       j = position of input k in perm (identity
                                                           unless act-order), g = j // group_size
-Each format has a pure-torch dequantize beside it (the tests' reference). The GEMMs are torch's own
-CPU kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu); on CUDA int4 runs
-aten._weight_int4pack_mm (bfloat16), int8 a dequantize-free matmul with the scale after it.
+Each format has a pure-torch dequantize beside it (the tests' reference). On CPU the GEMMs are
+cpp/quant_gemm.cpp (openlora_quant::int8_linear / int4_linear: a tile of rows dequantized into cache,
+then MKL's sgemm or oneDNN's bf16 GEMM), built once as its own extension; where it cannot build,
+torch's own kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu: fast for bfloat16 and
+few tokens only). On CUDA int4 runs aten._weight_int4pack_mm (bfloat16), int8 a matmul with q converted
+at each call.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
 import torch
 from torch import Tensor
 
 from services.executor import ops
+
+log = structlog.get_logger(__name__)
 
 METHODS = ("none", "int8", "int4")
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)   # what the int4 kernels take; larger groups are split
@@ -28,6 +35,22 @@ INT4_KERNEL_GROUPS = (32, 64, 128, 256)   # what the int4 kernels take; larger g
 
 class QuantizationError(ValueError):
     """A weight or checkpoint the quantized path cannot take (one line naming what)."""
+
+
+@functools.cache
+def cpu_kernels() -> bool:
+    """Builds (once, cached on disk like the other kernels) and loads cpp/quant_gemm.cpp; False, logged,
+    where it cannot build (the torch kernels then run)."""
+    from services.executor.ops import build
+    flags = [*build.CFLAGS, *_isa_flags()]
+    try:
+        path = build._load("openlora_quant", [build.CPP_DIR / "quant_gemm.cpp"], (flags,), False,
+                           extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        torch.ops.load_library(str(path))
+        return True
+    except Exception:   # any build failure: the slower torch kernels still serve
+        log.exception("quant_kernels_unavailable", fallback="torch's _weight_int8pack_mm / _int4pack_mm")
+        return False
 
 
 class BaseLinear(Protocol):
@@ -61,6 +84,20 @@ class Prepacked:
         return self.weight
 
 
+def _isa_flags() -> list[str]:
+    """The vector instructions this CPU has, for the dequantizing loops (the build is keyed by them)."""
+    try:
+        cpu = open("/proc/cpuinfo").read().split()
+    except OSError:
+        cpu = []
+    flags = ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= set(cpu) else []
+    if flags and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(cpu):
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512"]
+        if "avx512_bf16" in cpu:
+            flags.append("-mavx512bf16")
+    return flags
+
+
 # --- int8, per output channel ---------------------------------------------------------------------
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,7 +116,10 @@ def dequantize_int8(q: Tensor, s: Tensor) -> Tensor:
 class Int8Linear:
     def __init__(self, q: Tensor, s: Tensor, bias: Tensor | None, dtype: torch.dtype):
         self.q = q.contiguous()               # [N, K] int8
-        self.s = s.to(dtype).contiguous()     # [N]
+        self.fused = q.device.type == "cpu" and cpu_kernels()
+        # [N]: float32 for cpp/quant_gemm.cpp, else the dtype torch's kernels take
+        self.s = s.to(torch.float32 if self.fused else dtype).contiguous()
+        self.dtype = dtype
         self.bias = bias
         self.d_out, self.d_in = q.shape
 
@@ -88,6 +128,8 @@ class Int8Linear:
         return _bytes(self.q, self.s, self.bias)
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.fused:
+            return torch.ops.openlora_quant.int8_linear(x, self.q, self.s, self.bias)
         if x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.s)
         else:   # torch has no int8 weight-only CUDA kernel: q is converted whole at each call (slow)
@@ -95,7 +137,7 @@ class Int8Linear:
         return y if self.bias is None else y.add_(self.bias)
 
     def dequantize(self) -> Tensor:
-        return dequantize_int8(self.q, self.s).to(self.s.dtype)
+        return dequantize_int8(self.q, self.s).to(self.dtype)
 
 
 # --- int4, group-wise with zero points --------------------------------------------------------------
@@ -151,16 +193,23 @@ def _kernel_groups(wt: Int4Weight) -> tuple[Tensor, Tensor, int]:
 
 
 class Int4Linear:
-    """torch's int4 GEMM: w = (q - 8) * s + zero, so zero = (8 - z) * s carries the zero points."""
+    """On CPU cpp/quant_gemm.cpp (two inputs a byte, any even group); else torch's int4 GEMM, where
+    w = (q - 8) * s + zero, so zero = (8 - z) * s carries the zero points."""
 
     def __init__(self, wt: Int4Weight, bias: Tensor | None, dtype: torch.dtype, device: torch.device):
         n, k = wt.q.shape
-        s, z, g = _kernel_groups(wt)
-        if k % g:
-            raise QuantizationError(f"int4 group size {g} does not divide the input dimension {k}")
-        self.d_out, self.d_in, self.group = n, k, g
+        if k % wt.group_size:
+            raise QuantizationError(f"int4 group size {wt.group_size} does not divide the input dimension {k}")
+        self.d_out, self.d_in, self.dtype = n, k, dtype
         self.bias = bias
         self.perm = None if wt.perm is None else wt.perm.to(device)
+        self.fused = device.type == "cpu" and wt.group_size % 2 == 0 and cpu_kernels()
+        if self.fused:
+            self.group = wt.group_size
+            self.packed = (wt.q[:, 1::2] << 4 | wt.q[:, ::2]).contiguous()      # [N, K / 2] uint8
+            self.sz = (wt.s.float().contiguous(), wt.z.float().contiguous())      # [N, K // group] each
+            return
+        s, z, self.group = _kernel_groups(wt)
         sz = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1)          # [K // g, N, 2]
         if device.type == "cuda":
             if n % 8 or k % 32:
@@ -175,16 +224,17 @@ class Int4Linear:
                 raise QuantizationError(f"int4 on CPU needs d_out % 16 == 0, got {n}")
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(wt.q.to(torch.int32), 1)
             self.sz = sz.to(dtype).contiguous()
-            self.dtype = dtype
 
     @property
     def nbytes(self) -> int:
-        return _bytes(self.packed, self.sz, self.bias, self.perm)
+        return _bytes(self.packed, *(self.sz if self.fused else (self.sz,)), self.bias, self.perm)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.perm is not None:
             x = x.index_select(1, self.perm)
-        if x.device.type == "cuda":
+        if self.fused:
+            y = torch.ops.openlora_quant.int4_linear(x, self.packed, *self.sz, self.group)
+        elif x.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.packed,
                                                    self.group, self.sz).to(x.dtype)
         else:
@@ -210,9 +260,10 @@ def _bytes(*tensors: Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def quantize_projections(model, method: str, group_size: int) -> None:
+def quantize_projections(model, method: str, group_size: int, dtype: torch.dtype | None = None) -> None:
     """Replaces every projection's weight by an int8 / int4 base GEMM (at load, on the weights'
-    device); lm_head, embeddings and norms stay in the serving dtype."""
+    device), quantized from the weights as loaded; then every other parameter (lm_head, embeddings,
+    norms, biases) to dtype (default: the weights')."""
     if method not in METHODS:
         raise QuantizationError(f"quantization {method!r} is not supported ({', '.join(METHODS)})")
     if method == "none":
@@ -222,12 +273,15 @@ def quantize_projections(model, method: str, group_size: int) -> None:
         try:
             if method == "int8":
                 q, s = quantize_int8(w)
-                proj.base = Int8Linear(q, s, proj.bias, w.dtype)
+                proj.base = Int8Linear(q, s, proj.bias, dtype or w.dtype)
             else:
-                proj.base = Int4Linear(quantize_int4(w, group_size), proj.bias, w.dtype, w.device)
+                proj.base = Int4Linear(quantize_int4(w, group_size), proj.bias, dtype or w.dtype, w.device)
         except QuantizationError as exc:
             raise QuantizationError(f"layer {layer} {name}: {exc}") from None
         proj.weight = None
+    if dtype is not None:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)     # the same Parameter objects: the bases' bias references follow
 
 
 def base_weight_bytes(model) -> int:

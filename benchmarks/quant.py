@@ -1,0 +1,170 @@
+"""A quantized base against fp32 and bf16, side by side: base bytes, decode tokens/s (base only and
+mixed adapters) and quality.
+
+    .venv/bin/python benchmarks/quant.py [--hidden 2048] [--layers 4] [--batch 32] [--new-tokens 16]
+                                         [--adapters 32] [--rounds 3] [--group-size 128] [--skip-kl]
+
+A random Llama (hidden 2048, 2 layers, intermediate 5632, vocab 4096 by default: the weights far
+past the caches) written as a Hugging Face directory, served by six engines in this one process:
+fp32, bf16, and int8 / int4 with float32 and with bfloat16 activations. Each round runs every engine
+in turn, base only and then mixed (--batch requests, each with its own of --adapters rank-8 adapters
+on all seven projections, round-robin), --new-tokens greedy tokens from 16-token prompts; decode
+tokens/s counts the tokens after each request's first, from the moment every request has its first
+token to the last. Prints, per engine, the base's bytes (GetStatus' base_weight_bytes) and the
+medians over rounds of both rates, their ratio to fp32's, and mixed/base.
+
+Quality (unless --skip-kl): mean KL(fp32 || quantized) of next-token distributions, teacher-forced over
+512 positions of a smaller random model (hidden 512, 4 layers, vocab 4096), transformers on the
+dequantized weights (what the engine serves; tests/test_quant.py checks the engine equals them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from services.executor.adapters.source import LocalDirSource
+from services.executor.config import ExecutorConfig
+from services.executor.engine import Engine, GenerationRequest, SamplingOptions
+from services.executor.model import quant
+from services.synthetic import ALL_MODULES, AdapterSpec, ModelSpec, write_adapter, write_model
+
+ENGINES = {   # name -> (dtype, quantization)
+    "fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
+    "int8": ("float32", "int8"), "int4": ("float32", "int4"),
+    "int8+bf16": ("bfloat16", "int8"), "int4+bf16": ("bfloat16", "int4"),
+}
+PROMPT_LEN = 16
+
+
+def decode_rate(engine: Engine, prompts: list[list[int]], adapters: list[str], new_tokens: int) -> float:
+    """Decode tokens/s: tokens after each request's first, from the last first token to the end."""
+    lock, done, first, count = threading.Lock(), threading.Event(), {}, {}
+    tag = time.perf_counter()
+
+    def on_event(ev):
+        with lock:
+            if ev.error is not None:
+                raise SystemExit(f"request failed: {ev.error}")
+            first.setdefault(ev.request_id, time.perf_counter())
+            count[ev.request_id] = count.get(ev.request_id, 0) + len(ev.token_ids)
+            if ev.finish_reason and sum(c == new_tokens for c in count.values()) == len(prompts):
+                done.set()
+
+    for i, (p, a) in enumerate(zip(prompts, adapters, strict=True)):
+        engine.submit(GenerationRequest(f"r{i}-{tag}", prompt_token_ids=p, adapter_id=a,
+                                        sampling=SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True)),
+                      on_event)
+    done.wait()
+    end = time.perf_counter()
+    return len(prompts) * (new_tokens - 1) / (end - max(first.values()))
+
+
+def mean_kl(group_size: int) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+    spec = ModelSpec(arch="llama", hidden=512, intermediate=1536, layers=4, heads=8, kv_heads=4,
+                     vocab=4096, max_positions=512, seed=5, tokenizer=False)
+    ids = torch.randint(0, spec.vocab, (1, 512), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_model(pathlib.Path(tmp) / "fp32", spec)
+
+        def logprobs(path):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            with torch.no_grad():
+                return torch.log_softmax(model(ids).logits[0].double(), -1)
+
+        ref, out = logprobs(src), {}
+        for method in ("int8", "int4"):
+            quant.write_dequantized(src, pathlib.Path(tmp) / method, method, group_size, ALL_MODULES)
+            lq = logprobs(pathlib.Path(tmp) / method)
+            out[method] = float((ref.exp() * (ref - lq)).sum(-1).mean())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
+    ap.add_argument("--skip-kl", action="store_true")
+    args = ap.parse_args()
+
+    if not args.skip_kl:
+        kl = mean_kl(args.group_size)
+        print(f"mean KL vs fp32 over 512 positions (hidden 512 model, group {args.group_size}): "
+              f"int8 {kl['int8']:.2e} nats, int4 {kl['int4']:.2e} nats", flush=True)
+
+    spec = ModelSpec(arch="llama", hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+                     heads=args.hidden // 128, kv_heads=max(1, args.hidden // 256), vocab=4096,
+                     max_positions=256, seed=7)
+    names = [n.strip() for n in args.engines.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        model_dir = write_model(tmp / "model", spec)
+        root = tmp / "adapters"
+        adapter_ids = [f"a{i:02d}" for i in range(args.adapters)]
+        for i, a in enumerate(adapter_ids):
+            write_adapter(root / a, spec, AdapterSpec(rank=8, alpha=16, targets=ALL_MODULES, seed=100 + i))
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(2, spec.vocab, (PROMPT_LEN,), generator=g).tolist() for _ in range(args.batch)]
+        mixed = [adapter_ids[i % len(adapter_ids)] for i in range(args.batch)]
+        kv_bytes = 2 * spec.layers * spec.kv_heads * spec.head_dim * 4 * args.batch * 64
+        per_adapter = sum(8 * (n + k) for n, k in map(spec.module_shape, ALL_MODULES)) * spec.layers * 4
+        arena = 2 * per_adapter * len(set(mixed)) + 64 * 2**20      # the adapters in float32, twice over
+        engines = {}
+        for name in names:
+            dtype, method = ENGINES[name]
+            engines[name] = Engine(ExecutorConfig(
+                base_model=str(model_dir), device="cpu", dtype=dtype, quantization=method,
+                quantization_group_size=args.group_size, max_lora_rank=8, max_batch_size=args.batch,
+                max_prefill_tokens=args.batch * PROMPT_LEN, kv_cache_bytes=kv_bytes,
+                host_cache_bytes=arena, enable_prefix_caching=False), LocalDirSource(root))
+            for a in set(mixed):
+                engines[name].load_adapter(a, 0)
+            engines[name].start()
+        rates = {(n, m): [] for n in names for m in ("base", "mixed")}
+        try:
+            decode_rate(engines[names[0]], prompts[:2], [""] * 2, 3)      # warm-up
+            for r in range(args.rounds):
+                for name in names:
+                    rates[name, "base"].append(decode_rate(engines[name], prompts, [""] * len(prompts),
+                                                           args.new_tokens))
+                    rates[name, "mixed"].append(decode_rate(engines[name], prompts, mixed, args.new_tokens))
+                print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                    f"{n} {rates[n, 'base'][-1]:.1f}/{rates[n, 'mixed'][-1]:.1f}" for n in names), flush=True)
+            status = {n: e.status() for n, e in engines.items()}
+        finally:
+            for e in engines.values():
+                e.stop()
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ref = names[0]
+    print(f"\nmodel: hidden {spec.hidden}, {spec.layers} layers, intermediate {spec.intermediate}, vocab "
+          f"{spec.vocab}; {args.batch} sequences, {args.new_tokens} new tokens, {args.adapters} rank-8 "
+          f"adapters on all projections (mixed); int4 group {args.group_size}; torch threads "
+          f"{torch.get_num_threads()}; medians of {args.rounds} alternated rounds")
+    print(f"{'engine':<10} {'base MiB':>9} {'base tok/s':>11} {'vs ' + ref:>8} {'mixed tok/s':>12} "
+          f"{'vs ' + ref:>8} {'mixed/base':>11}")
+    for n in names:
+        b, m = med[n, "base"], med[n, "mixed"]
+        print(f"{n:<10} {status[n].base_weight_bytes / 2**20:>9.1f} {b:>11.1f} {b / med[ref, 'base']:>7.2f}x "
+              f"{m:>12.1f} {m / med[ref, 'mixed']:>7.2f}x {m / b:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()
