@@ -1,18 +1,22 @@
-"""The OpenAI-compatible gateway vs gRPC straight to the router, side by side over the same deployment.
+"""The OpenAI API over HTTP vs gRPC, side by side over the same deployment.
 
-One registry, one executor (the demo model's shape, random weights), one router and one gateway, as
-subprocesses on loopback. In one run, interleaved rounds, medians printed:
+One registry, one executor (the demo model's shape, random weights), one router serving the OpenAI
+API itself (--http-port: HTTP -> placement -> executor, one gRPC hop) and one gateway (HTTP ->
+gateway -> router -> executor), as subprocesses on loopback. Four sides, interleaved (who goes first
+rotates each round), medians printed against the executor's own gRPC:
 
-  * latency: p50 of a 1-token completion (the same prompt, greedy) through the gateway
-    (POST /v1/completions over one kept-alive HTTP/1.1 connection) vs Router.Generate over one gRPC
-    channel; goal: gateway <= 1.1 x gRPC + 2 ms.
-  * streaming: generated tokens/s with --streams concurrent streams of --stream-tokens tokens each
-    (ignore_eos) through the gateway (SSE) vs Router.GenerateStream; goal: gateway >= 0.95 x gRPC.
+  * latency: p50 of a 1-token completion (the same prompt, greedy): POST /v1/completions over one
+    kept-alive HTTP/1.1 connection, or Generate over one gRPC channel; goal: HTTP <= direct + 1.5 ms.
+  * streaming: generated tokens/s of --streams concurrent streams of --stream-tokens tokens each
+    (ignore_eos, sampled); goal: HTTP >= 0.97 x direct.
+  * structured outputs (executor gRPC): all streams with a JSON schema vs none, per output token
+    (goal <= 1.15x), and unconstrained streams beside structured ones (goal: lose <= 3%).
 
 Both clients run in this process on asyncio (raw HTTP/1.1 for the gateway, grpc.aio for the router),
 so neither side pays for a heavier client library.
 
     .venv/bin/python benchmarks/gateway.py [--rounds 7] [--requests 40] [--streams 32] [--stream-tokens 128]
+                                           [--structured-rounds 3]
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.bench import percentile  # noqa: E402
-from services.common.gen.openlora.v1 import common_pb2, router_pb2_grpc  # noqa: E402
+from services.common.gen.openlora.v1 import common_pb2, executor_pb2_grpc, router_pb2_grpc  # noqa: E402
 from services.synthetic import ModelSpec, write_model  # noqa: E402
 from tests.servers import Service, free_port  # noqa: E402
 
@@ -94,86 +98,119 @@ class Http:
 
 
 pct = percentile       # services.bench's: one percentile helper everywhere
+SCHEMA = json.dumps({"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]})
 
 
-async def latency_round(http: Http, stub, n: int) -> tuple[float, float]:
-    """p50 seconds of n 1-token completions, gateway then gRPC, alternating request by request."""
-    body = {"model": "bench", "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
-    req = common_pb2.GenerateRequest(prompt=PROMPT, sampling=common_pb2.SamplingParams(max_new_tokens=1))
-    gw, rpc = [], []
-    for _ in range(n):
-        t = time.perf_counter()
-        await http.unary("/v1/completions", body)
-        gw.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        await stub.Generate(req, timeout=60)
-        rpc.append(time.perf_counter() - t)
-    return pct(gw, 0.5), pct(rpc, 0.5)
+class Grpc:
+    """One side spoken over gRPC: the executor's or the router's Generate/GenerateStream."""
 
+    def __init__(self, stub):
+        self.stub = stub
 
-async def stream_gateway(port: int, streams: int, tokens: int) -> float:
-    conns = [await Http(port).connect() for _ in range(streams)]
-    body = {"model": "bench", "max_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    got = await asyncio.gather(*(c.stream("/v1/completions", {**body, "prompt": f"{PROMPT} {i}"})
-                                 for i, c in enumerate(conns)))
-    elapsed = time.perf_counter() - start
-    for c in conns:
-        c.close()
-    assert sum(got) == streams * tokens, got
-    return sum(got) / elapsed
+    async def one_token(self) -> None:
+        await self.stub.Generate(common_pb2.GenerateRequest(
+            prompt=PROMPT, sampling=common_pb2.SamplingParams(max_new_tokens=1)), timeout=60)
 
-
-async def stream_grpc(stub, streams: int, tokens: int) -> float:
-    async def one(i: int) -> int:
+    async def stream(self, i: int, tokens: int, structured: bool = False) -> int:
+        s = common_pb2.SamplingParams(max_new_tokens=tokens, ignore_eos=True, temperature=1.0, seed=i)
+        if structured:
+            s.structured_output.json_schema = SCHEMA
         n = 0
-        req = common_pb2.GenerateRequest(prompt=f"{PROMPT} {i}", sampling=common_pb2.SamplingParams(
-            max_new_tokens=tokens, ignore_eos=True))
-        async for chunk in stub.GenerateStream(req, timeout=600):
+        async for chunk in self.stub.GenerateStream(common_pb2.GenerateRequest(
+                prompt=f"{PROMPT} {i}", sampling=s), timeout=600):
             n += len(chunk.token_ids)
+        return n
+
+
+class HttpSide:
+    """One side spoken over HTTP (the gateway, or the router's own --http-port)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.conn = None
+
+    async def one_token(self) -> None:
+        if self.conn is None:
+            self.conn = await Http(self.port).connect()
+        await self.conn.unary("/v1/completions", {"model": "bench", "prompt": PROMPT, "max_tokens": 1,
+                                                  "temperature": 0})
+
+    async def stream(self, i: int, tokens: int, structured: bool = False) -> int:
+        c = await Http(self.port).connect()
+        body = {"model": "bench", "prompt": f"{PROMPT} {i}", "max_tokens": tokens, "ignore_eos": True,
+                "temperature": 1.0, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+        try:
+            return await c.stream("/v1/completions", body)
+        finally:
+            c.close()
+
+
+async def throughput(side, streams: int, tokens: int, structured: int = 0) -> tuple[float, float]:
+    """(tokens/s of the unconstrained streams, of the structured ones): `streams` concurrent, the
+    first `structured` of them with a JSON schema."""
+    done: dict[int, float] = {}
+
+    async def one(i):
+        n = await side.stream(i, tokens, structured=i < structured)
+        done[i] = time.perf_counter()
         return n
 
     start = time.perf_counter()
     got = await asyncio.gather(*(one(i) for i in range(streams)))
-    elapsed = time.perf_counter() - start
-    assert sum(got) == streams * tokens, got
-    return sum(got) / elapsed
+    assert all(n == tokens for n in got), got
+
+    def rate(ids):
+        return sum(got[i] for i in ids) / (max(done[i] for i in ids) - start) if ids else 0.0
+    return rate(range(structured, streams)), rate(range(structured))
 
 
-async def measure(args, router: str, http_port: int) -> None:
-    channel = grpc.aio.insecure_channel(router)
-    stub = router_pb2_grpc.RouterStub(channel)
-    http = await Http(http_port).connect()
-    await latency_round(http, stub, 10)                          # warm-up
-    await stream_grpc(stub, args.streams, 8)
-    await stream_gateway(http_port, args.streams, 8)
-    lat_gw, lat_rpc, tps_gw, tps_rpc = [], [], [], []
+async def measure(args, sides: dict) -> None:
+    for side in sides.values():                                   # warm-up
+        await side.one_token()
+        await throughput(side, args.streams, 8)
+    names = list(sides)
+    lat = {n: [] for n in names}
+    tps = {n: [] for n in names}
     for r in range(args.rounds):
-        g, p = await latency_round(http, stub, args.requests)
-        lat_gw.append(g)
-        lat_rpc.append(p)
-        if r % 2 == 0:   # alternate which side streams first
-            tps_rpc.append(await stream_grpc(stub, args.streams, args.stream_tokens))
-            tps_gw.append(await stream_gateway(http_port, args.streams, args.stream_tokens))
-        else:
-            tps_gw.append(await stream_gateway(http_port, args.streams, args.stream_tokens))
-            tps_rpc.append(await stream_grpc(stub, args.streams, args.stream_tokens))
-        print(f"round {r + 1}: 1-token p50 gateway {g * 1e3:.2f} ms, gRPC {p * 1e3:.2f} ms | "
-              f"{args.streams} streams: gateway {tps_gw[-1]:.0f} tok/s, gRPC {tps_rpc[-1]:.0f} tok/s",
-              flush=True)
-    http.close()
-    await channel.close()
-    g, p = statistics.median(lat_gw), statistics.median(lat_rpc)
-    tg, tr = statistics.median(tps_gw), statistics.median(tps_rpc)
-    print(f"\nmedians over {args.rounds} rounds ({args.requests} requests each for latency):")
-    print(f"  1-token completion p50   gateway {g * 1e3:7.2f} ms   gRPC {p * 1e3:7.2f} ms   "
-          f"overhead {(g - p) * 1e3:+.2f} ms = {g / p:.2f}x   goal <= 1.1x + 2 ms "
-          f"({(1.1 * p + 0.002) * 1e3:.2f} ms): {'met' if g <= 1.1 * p + 0.002 else 'NOT met'}")
-    ratio = statistics.median(a / b for a, b in zip(tps_gw, tps_rpc, strict=False))
-    print(f"  {args.streams} streams x {args.stream_tokens} tokens   gateway {tg:7.0f} tok/s   "
-          f"gRPC {tr:7.0f} tok/s   ratio of medians {tg / tr:.3f}, median of per-round ratios {ratio:.3f}   "
-          f"goal >= 0.95: {'met' if tg >= 0.95 * tr else 'NOT met'}")
+        order = names[r % len(names):] + names[:r % len(names)]   # rotate who goes first
+        times = {n: [] for n in names}
+        for _ in range(args.requests):
+            for n in order:
+                t = time.perf_counter()
+                await sides[n].one_token()
+                times[n].append(time.perf_counter() - t)
+        for n in order:
+            lat[n].append(pct(times[n], 0.5))
+            tps[n].append((await throughput(sides[n], args.streams, args.stream_tokens))[0])
+        print(f"round {r + 1}: " + " | ".join(f"{n} p50 {lat[n][-1] * 1e3:.2f} ms, {tps[n][-1]:.0f} tok/s"
+                                               for n in names), flush=True)
+    base = names[0]
+    print(f"\nmedians over {args.rounds} rounds ({args.requests} 1-token requests per side per round; "
+          f"{args.streams} streams x {args.stream_tokens} tokens):")
+    for n in names:
+        p50, t = statistics.median(lat[n]), statistics.median(tps[n])
+        ratio = statistics.median(a / b for a, b in zip(tps[n], tps[base], strict=True))
+        print(f"  {n:16s} 1-token p50 {p50 * 1e3:7.2f} ms ({(p50 - statistics.median(lat[base])) * 1e3:+.2f} ms "
+              f"vs {base})   {t:7.0f} tok/s ({ratio:.3f}x {base}, median of per-round ratios)")
+    if args.structured_rounds:
+        side = sides[base]
+        plain, mixed_plain, mixed_json, only_json = [], [], [], []
+        for _ in range(args.structured_rounds):
+            plain.append((await throughput(side, args.streams, args.stream_tokens))[0])
+            p, j = await throughput(side, args.streams, args.stream_tokens, structured=args.streams // 2)
+            mixed_plain.append(p)
+            mixed_json.append(j)
+            only_json.append((await throughput(side, args.streams, args.stream_tokens,
+                                               structured=args.streams))[1])
+        tp, mp, mj, oj = (statistics.median(x) for x in (plain, mixed_plain, mixed_json, only_json))
+        print(f"\nstructured outputs ({base}, {args.streams} streams, JSON schema, "
+              f"{args.structured_rounds} rounds, medians):")
+        print(f"  all unconstrained {tp:.0f} tok/s; all structured {oj:.0f} tok/s: cost per output token "
+              f"{tp / oj:.3f}x (goal <= 1.15x)")
+        print(f"  half and half: unconstrained {mp:.0f} tok/s over {args.streams - args.streams // 2} streams, "
+              f"structured {mj:.0f} tok/s; unconstrained streams' rate {mp / (args.streams - args.streams // 2):.1f} "
+              f"vs {tp / args.streams:.1f} tok/s each when alone: "
+              f"{1 - (mp / (args.streams - args.streams // 2)) / (tp / args.streams):+.1%} lost (goal <= 3%)")
 
 
 def main() -> None:
@@ -183,6 +220,8 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--stream-tokens", type=int, default=128)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--structured-rounds", type=int, default=3,
+                   help="rounds of structured vs unconstrained streams (0: none)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
@@ -195,7 +234,9 @@ def main() -> None:
                                "--device", args.device, "--max-batch-size", str(max(args.streams, 8)),
                                "--disk-cache-dir", str(root / "disk"), log_path=root / "e.log")
             services.append(executor.start(timeout=600))
+            router_http = free_port()
             router = Service("router", "--registry", registry.address, "--executor", executor.address,
+                             "--http-port", str(router_http), "--served-model-name", "bench",
                              log_path=root / "ro.log")
             services.append(router.start())
             http_port = free_port()
@@ -207,15 +248,28 @@ def main() -> None:
             import urllib.request
             gateway.proc = subprocess.Popen(gateway.args, stdout=subprocess.DEVNULL,
                                             stderr=open(root / "g.log", "wb"))
-            for _ in range(300):
+            for port in (http_port, router_http):
+                for _ in range(300):
+                    try:
+                        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                        break
+                    except OSError:
+                        time.sleep(0.1)
+            print(f"deployment up: executor {executor.address}, router {router.address} (+ HTTP "
+                  f":{router_http}), gateway http://127.0.0.1:{http_port} (model {SPEC.hidden}h x "
+                  f"{SPEC.layers} layers, {args.device})", flush=True)
+
+            async def run():
+                channels = [grpc.aio.insecure_channel(a) for a in (executor.address, router.address)]
+                sides = {"executor gRPC": Grpc(executor_pb2_grpc.ExecutorStub(channels[0])),
+                         "router gRPC": Grpc(router_pb2_grpc.RouterStub(channels[1])),
+                         "router HTTP": HttpSide(router_http), "gateway HTTP": HttpSide(http_port)}
                 try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1)
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            print(f"deployment up: router {router.address}, gateway http://127.0.0.1:{http_port} "
-                  f"(model {SPEC.hidden}h x {SPEC.layers} layers, {args.device})", flush=True)
-            asyncio.run(measure(args, router.address, http_port))
+                    await measure(args, sides)
+                finally:
+                    for ch in channels:
+                        await ch.close()
+            asyncio.run(run())
         finally:
             for s in reversed(services):
                 s.stop()

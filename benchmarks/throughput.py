@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/throughput.py [--requests 64] [--adapters 32] [--skip-hf]
                                               [--dtype {float32,bfloat16}] [--device {cpu,cuda}]
                                               [--device-cache-bytes N]
-                                              [--compare-prepack | --compare-prefix-cache]
+                                              [--compare-prepack | --compare-prefix-cache |
+                                               --compare-forms]
 
 A CPU-sized random Llama (4 layers, hidden 512, vocab 4096) written as a Hugging Face directory;
 64 requests (32-token prompts, 32 new tokens, greedy, ignore_eos) over 32 rank-16 adapters on all
@@ -25,6 +26,12 @@ base-only runs, and prints the tokens/s of each and the speedups (median and bes
 caching, alternated: each request's prompt is one shared --shared-prefix-token system prompt plus its
 own 32 tokens (fresh in every run), over the mixed adapters. Prints tokens/s (generated, and prompt +
 generated) of each, the speedups, and the prompt tokens each engine computed per run.
+
+--compare-forms instead runs one engine over the same workload with: the 32 plain adapters (mixed);
+32 DoRA twins of them (the same A/B, plus magnitudes: use_dora) mixed; base-only; every request on one
+adapter X, then Y, then Z; and every request on merged_adapters cat(X, Y, Z). Alternated, best of
+--repeats each. Prints DoRA / plain (goal <= 1.10) and the cat request's LoRA work (its time minus
+base-only) against the sum of X's, Y's and Z's (goal <= 1.0).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ SPEC = ModelSpec(arch="llama", hidden=512, intermediate=1376, layers=4, heads=8,
                  vocab=4096, max_positions=512, seed=3)
 
 
-def run_engine(engine: Engine, prompts, adapters, new_tokens) -> tuple[float, dict]:
+def run_engine(engine: Engine, prompts, adapters, new_tokens, merged=None) -> tuple[float, dict]:
     done, lock, out = threading.Event(), threading.Lock(), {}
 
     def on_event(ev):
@@ -66,7 +73,10 @@ def run_engine(engine: Engine, prompts, adapters, new_tokens) -> tuple[float, di
     for i, (p, a) in enumerate(zip(prompts, adapters, strict=False)):
         engine.submit(GenerationRequest(f"r{i}-{t0}", prompt_token_ids=p, adapter_id=a,
                                         sampling=SamplingOptions(max_new_tokens=new_tokens,
-                                                                 ignore_eos=True)), on_event)
+                                                                 ignore_eos=True),
+                                        adapter_version=1 if merged and a == merged.derived_id else 0,
+                                        merged=merged if merged and a == merged.derived_id else None),
+                      on_event)
     done.wait()
     dt = time.perf_counter() - t0
     return dt, {k: v for k, v in out.items() if not k.endswith(":done")}
@@ -156,8 +166,69 @@ def compare_prefix_cache(make_engine, names, args) -> None:
     print(f"speedup   {min(u) / min(c):.2f}x best, {median(u) / median(c):.2f}x median")
 
 
+def write_dora_twins(root: pathlib.Path, model_dir: pathlib.Path, names: list[str]) -> list[str]:
+    """names' adapters with use_dora and magnitudes ||W + s B A||_row * (1 +- 10%) (PEFT's layout)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    base = load_file(str(model_dir / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for n in names:
+        src, dst = root / "adapters" / n, root / "adapters" / f"dora-{n}"
+        dst.mkdir(parents=True, exist_ok=True)
+        cfg = json.loads((src / "adapter_config.json").read_text())
+        t = load_file(str(src / "adapter_model.safetensors"))
+        s = cfg["lora_alpha"] / cfg["r"]
+        for key in [k for k in t if k.endswith("lora_A.weight")]:
+            path = key[:-len(".lora_A.weight")]
+            w = base[path.removeprefix("base_model.model.") + ".weight"].float()
+            norm = torch.linalg.norm(w + s * t[path + ".lora_B.weight"] @ t[key], dim=1)
+            t[path + ".lora_magnitude_vector"] = norm * (1 + 0.1 * (2 * torch.rand(norm.shape, generator=g) - 1))
+        (dst / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+        save_file(t, str(dst / "adapter_model.safetensors"))
+        out.append(f"dora-{n}")
+    return out
+
+
+def compare_forms(engine: Engine, prompts, names, dora, args) -> None:
+    from services.executor.adapters.merge import MergeSpec
+    cat = MergeSpec.parse(names[:3], [1.0, 0.5, -0.7], "cat")
+    engine.merged.register(cat)
+    n = args.requests
+    kinds = {"plain": [names[i % len(names)] for i in range(n)],
+             "dora": [dora[i % len(dora)] for i in range(n)], "base": [""] * n,
+             "X": [names[0]] * n, "Y": [names[1]] * n, "Z": [names[2]] * n,
+             "cat(X,Y,Z)": [cat.derived_id] * n}
+
+    def timed(adapters):
+        return run_engine(engine, prompts, adapters, args.new_tokens, merged=cat)[0]
+
+    for adapters in kinds.values():     # warm-up, untimed
+        timed(adapters)
+    times = {k: [] for k in kinds}
+    for _ in range(args.repeats):
+        for k, adapters in kinds.items():
+            times[k].append(timed(adapters))
+    engine.stop()
+    best = {k: min(v) for k, v in times.items()}
+    total = n * args.new_tokens
+    print(f"{args.dtype} {args.device}, {args.threads} threads; {n} requests x ({args.prompt_tokens} prompt + "
+          f"{args.new_tokens} new tokens); rank-16 adapters on {len(ALL_MODULES)} modules; best of {args.repeats}")
+    for k, t in best.items():
+        print(f"{k:<11} {total / t:8.1f} tok/s  ({t:.3f} s; median {median(times[k]):.3f} s)")
+    print(f"DoRA / plain ({len(dora)} adapters each, mixed): {best['dora'] / best['plain']:.3f}x time   (goal <= 1.10)")
+    work = {k: best[k] - best["base"] for k in ("X", "Y", "Z", "cat(X,Y,Z)")}
+    print(f"LoRA work over base-only: X {work['X']:.3f} s, Y {work['Y']:.3f} s, Z {work['Z']:.3f} s, sum "
+          f"{work['X'] + work['Y'] + work['Z']:.3f} s; cat(X,Y,Z) {work['cat(X,Y,Z)']:.3f} s = "
+          f"{work['cat(X,Y,Z)'] / (work['X'] + work['Y'] + work['Z']):.2f}x the sum   (goal <= 1.0)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=("llama", "qwen3moe"), default="llama",
+                    help="qwen3moe: a Qwen3-MoE of the same size, 8 experts top-2, adapters on attention "
+                         "and every expert (benchmarks/families.py); transformers+peft skipped")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -175,17 +246,24 @@ def main() -> None:
                     help="float32 engine with vs without prepacked weights, alternated in one process")
     ap.add_argument("--compare-prefix-cache", action="store_true",
                     help="engine with vs without prefix caching on prompts sharing a system prompt")
+    ap.add_argument("--compare-forms", action="store_true",
+                    help="DoRA vs plain LoRA adapters, and a cat of 3 adapters vs their sum (see above)")
     ap.add_argument("--shared-prefix", type=int, default=192,
                     help="tokens of the shared system prompt (--compare-prefix-cache)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="openlora-bench-"))
-    model_dir = write_model(root / "model", SPEC)
-    names = [f"adapter-{i:02d}" for i in range(args.adapters)]
-    for i, n in enumerate(names):
-        write_adapter(root / "adapters" / n, SPEC,
-                      AdapterSpec(rank=16, alpha=32, targets=ALL_MODULES, seed=1000 + i))
+    if args.arch == "llama":
+        model_dir = write_model(root / "model", SPEC)
+        names = [f"adapter-{i:02d}" for i in range(args.adapters)]
+        for i, n in enumerate(names):
+            write_adapter(root / "adapters" / n, SPEC,
+                          AdapterSpec(rank=16, alpha=32, targets=ALL_MODULES, seed=1000 + i))
+    else:
+        from families import write_family
+        model_dir, names = write_family(root, args.arch, args.adapters)
+        args.skip_hf = True
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, SPEC.vocab, (args.requests, args.prompt_tokens), generator=g).tolist()
     mixed = [names[i % len(names)] for i in range(args.requests)]
@@ -209,6 +287,13 @@ def main() -> None:
     if args.compare_prefix_cache:
         compare_prefix_cache(make_engine, names, args)
         return
+    if args.compare_forms:
+        dora = write_dora_twins(root, model_dir, names)
+        engine = make_engine(args.dtype)
+        for d in dora:
+            engine.load_adapter(d, 0)
+        compare_forms(engine, prompts, names, dora, args)
+        return
     engine = make_engine(args.dtype)
     # Warm-up: each contender runs the whole workload once first, untimed (the first full-size runs
     # pay the allocator's fresh pages: ~20k page faults in the engine's first mixed run here).
@@ -230,11 +315,18 @@ def main() -> None:
     assert all(len(v) == args.new_tokens for v in out_mixed.values())
     t_mixed, t_base = min(mixed_s), min(base_s)
 
-    print(f"model: llama {SPEC.layers} layers, hidden {SPEC.hidden}, intermediate {SPEC.intermediate}, "
-          f"heads {SPEC.heads}/{SPEC.kv_heads}, vocab {SPEC.vocab}; {args.dtype} {args.device}, {args.threads} "
-          f"threads; kernel {engine.kernel_backend}; device tier {device_tier} bytes")
+    if args.arch != "llama":
+        from families import QWEN3MOE as m
+        print(f"model: {args.arch} {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
+              f"{m['num_experts']} experts top-{m['num_experts_per_tok']} (expert intermediate "
+              f"{m['moe_intermediate_size']}), vocab {m['vocab_size']}; {args.dtype} {args.device}, "
+              f"{args.threads} threads; adapters on q/k/v/o and every expert")
+    else:
+        print(f"model: llama {SPEC.layers} layers, hidden {SPEC.hidden}, intermediate {SPEC.intermediate}, "
+              f"heads {SPEC.heads}/{SPEC.kv_heads}, vocab {SPEC.vocab}; {args.dtype} {args.device}, "
+              f"{args.threads} threads; kernel {engine.kernel_backend}; device tier {device_tier} bytes")
     print(f"workload: {args.requests} requests x ({args.prompt_tokens} prompt + {args.new_tokens} new "
-          f"tokens), {args.adapters} rank-16 adapters on {len(ALL_MODULES)} modules, greedy")
+          f"tokens), {args.adapters} rank-16 adapters, greedy")
     print(f"engine mixed-adapter : {total / t_mixed:8.1f} tok/s best, {total / median(mixed_s):8.1f} median "
           f"of {args.repeats}  ({t_mixed:.2f} s)")
     print(f"engine base-only     : {total / t_base:8.1f} tok/s best, {total / median(base_s):8.1f} median "

@@ -16,7 +16,7 @@ import torch
 
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
-from tests.servers import deployment
+from tests.servers import Service, deployment, free_port
 from tests.test_gateway import Gateway
 
 ADAPTERS = {"org/qv": AdapterSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"), seed=401)}
@@ -47,16 +47,37 @@ def stack(llama_dir, tmp_path_factory):
                           log_path=root / "gateway.log").start()
         tooled = Gateway("--router", router.address, "--base-model", str(hermes), "--served-model-name", BASE,
                          log_path=root / "tooled.log").start()
+        http_port = free_port()         # a router serving the OpenAI API itself (one hop)
+        direct = Service("router", "--registry", registry.address, "--executor", executor.address,
+                         "--http-port", str(http_port), log_path=root / "direct.log").start()
         try:
-            yield {"gateway": gateway, "dirs": dirs, "llama": llama_dir, "executor": executor, "root": root,
+            wait_http(f"http://127.0.0.1:{http_port}/health")
+            yield {"direct": openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="x",
+                                           max_retries=0),
+                   "direct_url": f"http://127.0.0.1:{http_port}","gateway": gateway, "dirs": dirs, "llama": llama_dir, "executor": executor, "root": root,
                    "client": openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0),
                    "tools": openai.OpenAI(base_url=tooled.url + "/v1", api_key="x", max_retries=0)}
         finally:
+            direct.stop()
             tooled.stop()
             gateway.stop()
 
 
 _models: dict = {}
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    import time
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def oracle(stack, adapter: str | None, ids: list[int]) -> torch.Tensor:
@@ -439,3 +460,24 @@ def test_a_disconnect_at_any_moment_cancels_down_to_the_executor(stack):
             time.sleep(0.1)
     assert st.running_requests == 0 and st.waiting_requests == 0
     assert len(seen) == 4 and seen <= cancelled()
+
+
+def test_router_serves_the_openai_api_itself(stack):
+    """`openlora router --http-port`: the same answers as through the gateway, one hop from the
+    executor (unary, streamed, echo + logprobs, chat with a schema, errors with their status)."""
+    via_gw, direct = stack["client"], stack["direct"]
+    kw = dict(model="org/qv", prompt="Once upon", max_tokens=8, temperature=0.9, seed=5,
+              extra_body={"return_token_ids": True})
+    a, b = via_gw.completions.create(**kw), direct.completions.create(**kw)
+    assert a.choices[0].model_extra["token_ids"] == b.choices[0].model_extra["token_ids"]
+    assert a.choices[0].text == b.choices[0].text
+    streamed = "".join(c.choices[0].text for c in direct.completions.create(stream=True, **kw) if c.choices)
+    assert streamed == b.choices[0].text
+    e1 = via_gw.completions.create(model=BASE, prompt="a b c", echo=True, logprobs=2, max_tokens=0)
+    e2 = direct.completions.create(model=BASE, prompt="a b c", echo=True, logprobs=2, max_tokens=0)
+    assert e1.choices[0].logprobs.token_logprobs == e2.choices[0].logprobs.token_logprobs
+    assert {m.id for m in direct.models.list()} >= {BASE, "org/qv"}
+    with pytest.raises(openai.NotFoundError):
+        direct.completions.create(model="org/nope", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        direct.completions.create(model=BASE, prompt="x", max_tokens=1, extra_body={"guided_regex": "[a-"})

@@ -30,7 +30,7 @@ from services.gateway.upstream import Gateway
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["Gateway", "build_app", "read_json", "serve"]
+__all__ = ["Gateway", "build_app", "http_server", "read_json", "serve"]
 
 
 def build_app(gw: Gateway) -> Starlette:
@@ -93,12 +93,12 @@ def build_app(gw: Gateway) -> Starlette:
     return app
 
 
-async def serve(config: GatewayConfig) -> None:
+def http_server(gw: Gateway, app):
+    """-> (uvicorn server, its bound socket, its URL) for gw.config's host and port."""
     import uvicorn
 
     from services.common.server import StartupError
-    gw = Gateway(config)
-    await gw.learn_base(timeout=2.0)
+    config = gw.config
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (else each
     # reply's second write waits ~40 ms for the client's delayed ACK)
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM,
@@ -116,14 +116,19 @@ async def serve(config: GatewayConfig) -> None:
         if config.tls_ca:
             tls.update(ssl_ca_certs=config.tls_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
     server = uvicorn.Server(uvicorn.Config(
-        build_app(gw), http="httptools", lifespan="off", access_log=False, log_config=None,
+        app, http="httptools", lifespan="off", access_log=False, log_config=None,
         log_level=config.log_level, timeout_graceful_shutdown=int(config.grace_seconds) or None, **tls))
-    scheme = "https" if tls else "http"
-    log.info("gateway_listening", url=f"{scheme}://{config.host}:{port}", router=config.router,
+    return server, sock, f"{'https' if tls else 'http'}://{config.host}:{port}"
+
+
+async def serve(config: GatewayConfig) -> None:
+    gw = Gateway(config)
+    await gw.learn_base(timeout=2.0)
+    server, sock, url = http_server(gw, build_app(gw))
+    log.info("gateway_listening", url=url, router=config.router,
              registry=config.registry, base_model=gw.base_name or "(not known yet)")
     try:
         await server.serve(sockets=[sock])
     finally:
         await gw.close()
         log.info("stopped")
-

@@ -45,15 +45,18 @@ def caller(request) -> tuple[tuple[str, str], ...]:
 class Gateway:
     """What every route shares: config, metrics, upstream channels, the base model's files."""
 
-    def __init__(self, config: GatewayConfig):
+    def __init__(self, config: GatewayConfig, router=None):
+        """router: the router's own servicer in process (services.router.openai_http.LocalRouter,
+        `openlora router --http-port`), else a gRPC channel to config.router."""
         self.config = config
         self.metrics = Metrics()
         security = ClientSecurity.from_config(config)
         self.own_metadata = security.metadata()       # only for the gateway's own calls
         self.security = dataclasses.replace(security, token="")
-        self.router_channel = aio_channel(config.router, self.security, CHANNEL_OPTIONS)
-        self.router = router_pb2_grpc.RouterStub(self.router_channel)
-        self.router_health = health_pb2_grpc.HealthStub(self.router_channel)
+        self.router_channel = None if router is not None else aio_channel(config.router, self.security,
+                                                                          CHANNEL_OPTIONS)
+        self.router = router or router_pb2_grpc.RouterStub(self.router_channel)
+        self.router_health = router or health_pb2_grpc.HealthStub(self.router_channel)
         self.registry_channel = (aio_channel(config.registry, self.security, CHANNEL_OPTIONS)
                                  if config.registry else None)
         self.registry = (registry_pb2_grpc.AdapterRegistryStub(self.registry_channel)

@@ -51,8 +51,17 @@ async def build(config: RouterConfig, resolve=None):
 
 async def serve(config: RouterConfig) -> None:
     server, servicer = await build(config)
+    http = None
+    if config.http_port:     # the OpenAI API in this process: HTTP -> placement -> an executor
+        from services.router.openai_http import start_http
+        http = await start_http(config, servicer)
     try:
         await server.run_until_signal(config.grace_seconds)
     finally:
+        if http is not None:
+            http_server, task, gw = http
+            http_server.should_exit = True
+            await task
+            await gw.close()
         await servicer.pool.close()
         await servicer.adapters.close()

@@ -24,6 +24,10 @@ class RouterConfig(ServerConfig):
     adapter_check_ttl_s: float = flag(5.0, "how long a confirmed adapter skips the registry while the "
                                       "registry's change feed is not connected")
     metrics_port: int = flag(0, "Prometheus metrics HTTP port (0 -> off)")
+    http_port: int = flag(0, "serve the OpenAI-compatible HTTP API on this port too, one hop from the "
+                          "executors (0 -> off; `openlora gateway` serves it as a process of its own)")
+    served_model_name: str = flag("", "with --http-port: the base model's name in /v1/models and `model` "
+                                  "(empty -> the model directory's name)")
     prefix_affinity: bool = flag(True, "prefer the executor that last served a prompt's longest known "
                                  "prefix (its KV blocks are in that executor's prefix cache)")
 
@@ -47,3 +51,4 @@ class RouterConfig(ServerConfig):
         check(self.sent_adapter_ttl_s >= 0, "sent_adapter_ttl_s", "must be >= 0")
         check(self.adapter_check_ttl_s >= 0, "adapter_check_ttl_s", "must be >= 0")
         check(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0..65535")
+        check(0 <= self.http_port <= 65535, "http_port", "must be 0..65535")
