@@ -178,8 +178,7 @@ class BaseWeights:
         # a quantized base (model/quant.py): the weight it serves, dequantized when a DoRA norm needs it
         self.proj: dict[tuple[int, str], Tensor] = {
             (layer, module): proj.weight if proj.weight is not None else proj.base
-            for layer, module, proj in model.projections()
-            if not module.startswith("experts.")}   # MoE experts: no DoRA (PEFT's ParamWrapper has none)
+            for layer, module, proj in model.projections()}
         self.embed = model.model.embed_tokens.weight
         self.lm_head = model._lm_weight()
         self.fingerprint = hashlib.sha256(tag.encode()).hexdigest()[:12]

@@ -361,7 +361,7 @@ class CausalLM(nn.Module):
         float32 CPU with MKL; elsewhere a no-op). Call after the weights are loaded. -> bytes packed."""
         total = 0
         for _, _, proj in self.projections():
-            if not isinstance(proj, LoraProj) or proj.weight is None:   # experts; quantized (quant.py)
+            if proj.weight is None:   # quantized (quant.py)
                 continue
             proj.packed = ops.pack_weight(proj.weight)
             proj.base = None if proj.packed is None else Prepacked(proj.weight, proj.packed, proj.bias)
@@ -372,14 +372,18 @@ class CausalLM(nn.Module):
     def _lm_weight(self) -> Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def projections(self):
+    def lora_targets(self):
         """(layer, module name, holder) for every LoRA-targetable module: a LoraProj, or an expert's
-        LoRA holder (moe.py); the engine sets each one's `lm` from the arena's layout."""
+        parameter (moe.ExpertLora); the engine sets each one's `lm` from the arena's layout."""
         cfg = self.config
         for i, layer in enumerate(self.model.layers):
             for name in cfg.lora_modules:
                 if cfg.has_module(i, name):
                     yield i, name, self._module(layer, name)
+
+    def projections(self):
+        """(layer, module name, LoraProj) for every projection (a base weight and its LoRA)."""
+        return ((i, name, m) for i, name, m in self.lora_targets() if isinstance(m, LoraProj))
 
     @staticmethod
     def _module(layer: nn.Module, name: str):
