@@ -68,7 +68,7 @@ class UpConfig:
     metrics_port: int = flag(0, "first Prometheus metrics port: the registry on it, executors on the "
                                 "next ones, then the router (0 -> none)")
     allow_local_dir: list[str] = flag(help="a directory the registry's file:// sources may read "
-                                           "(repeatable; the demo adapters' directory is added)",
+                                           "(the demo adapters' directory is added)",
                                       multiple=True)
     max_restarts: int = flag(5, "a service that exits is restarted, with backoff; this many exits in a "
                                 "row without serving a minute in between stop `up`")
