@@ -226,6 +226,9 @@ def compare_forms(engine: Engine, prompts, names, dora, args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=("llama", "qwen3moe"), default="llama",
+                    help="qwen3moe: a Qwen3-MoE of the same size, 8 experts top-2, adapters on attention "
+                         "and every expert (benchmarks/families.py); transformers+peft skipped")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -251,11 +254,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="openlora-bench-"))
-    model_dir = write_model(root / "model", SPEC)
-    names = [f"adapter-{i:02d}" for i in range(args.adapters)]
-    for i, n in enumerate(names):
-        write_adapter(root / "adapters" / n, SPEC,
-                      AdapterSpec(rank=16, alpha=32, targets=ALL_MODULES, seed=1000 + i))
+    if args.arch == "llama":
+        model_dir = write_model(root / "model", SPEC)
+        names = [f"adapter-{i:02d}" for i in range(args.adapters)]
+        for i, n in enumerate(names):
+            write_adapter(root / "adapters" / n, SPEC,
+                          AdapterSpec(rank=16, alpha=32, targets=ALL_MODULES, seed=1000 + i))
+    else:
+        from families import write_family
+        model_dir, names = write_family(root, args.arch, args.adapters)
+        args.skip_hf = True
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, SPEC.vocab, (args.requests, args.prompt_tokens), generator=g).tolist()
     mixed = [names[i % len(names)] for i in range(args.requests)]
@@ -307,11 +315,18 @@ def main() -> None:
     assert all(len(v) == args.new_tokens for v in out_mixed.values())
     t_mixed, t_base = min(mixed_s), min(base_s)
 
-    print(f"model: llama {SPEC.layers} layers, hidden {SPEC.hidden}, intermediate {SPEC.intermediate}, "
-          f"heads {SPEC.heads}/{SPEC.kv_heads}, vocab {SPEC.vocab}; {args.dtype} {args.device}, {args.threads} "
-          f"threads; kernel {engine.kernel_backend}; device tier {device_tier} bytes")
+    if args.arch != "llama":
+        from families import QWEN3MOE as m
+        print(f"model: {args.arch} {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
+              f"{m['num_experts']} experts top-{m['num_experts_per_tok']} (expert intermediate "
+              f"{m['moe_intermediate_size']}), vocab {m['vocab_size']}; {args.dtype} {args.device}, "
+              f"{args.threads} threads; adapters on q/k/v/o and every expert")
+    else:
+        print(f"model: llama {SPEC.layers} layers, hidden {SPEC.hidden}, intermediate {SPEC.intermediate}, "
+              f"heads {SPEC.heads}/{SPEC.kv_heads}, vocab {SPEC.vocab}; {args.dtype} {args.device}, "
+              f"{args.threads} threads; kernel {engine.kernel_backend}; device tier {device_tier} bytes")
     print(f"workload: {args.requests} requests x ({args.prompt_tokens} prompt + {args.new_tokens} new "
-          f"tokens), {args.adapters} rank-16 adapters on {len(ALL_MODULES)} modules, greedy")
+          f"tokens), {args.adapters} rank-16 adapters, greedy")
     print(f"engine mixed-adapter : {total / t_mixed:8.1f} tok/s best, {total / median(mixed_s):8.1f} median "
           f"of {args.repeats}  ({t_mixed:.2f} s)")
     print(f"engine base-only     : {total / t_base:8.1f} tok/s best, {total / median(base_s):8.1f} median "

@@ -69,7 +69,7 @@ class UpConfig:
     metrics_port: int = flag(0, "first Prometheus metrics port: the registry on it, executors on the "
                                 "next ones, then the router (0 -> none)")
     allow_local_dir: list[str] = flag(help="a directory the registry's file:// sources may read "
-                                           "(repeatable; the demo adapters' directory is added)",
+                                           "(the demo adapters' directory is added)",
                                       multiple=True)
     max_restarts: int = flag(5, "a service that exits is restarted, with backoff; this many exits in a "
                                 "row without serving a minute in between stop `up`")
@@ -554,9 +554,18 @@ def _run(args: UpConfig, procs: list[Proc], status: dict[str, bool]) -> int:
                                             "--registry", registry, *metrics_flag("router"), *http,
                                             *[x for e in executors for x in ("--executor", e)], *secure]))
     env = {"OPENLORA_TOKEN": args.token} if args.token else {}
+    # the registry and the executors start together (an executor needs the registry only to fetch
+    # an adapter, later); the router (and its HTTP API) once the executors serve
+    early = [step for step in plan if step[0] == "registry" or step[0].startswith("executor-")]
+    started: dict[str, Proc] = {}
+    for name, address, cmd in early:
+        started[name] = _start(name, address, cmd, logs, env)
+        procs.append(started[name])
     for name, address, cmd in plan:
-        procs.append(_start(name, address, cmd, logs, env))
-        proc = procs[-1]
+        if name not in started:
+            started[name] = _start(name, address, cmd, logs, env)
+            procs.append(started[name])
+        proc = started[name]
         wait_serving(proc, args.startup_timeout_s, procs, security)
         if name == "router" and args.http_port:
             wait_http(proc, f"{scheme}://{h}:{args.http_port}/health", args.startup_timeout_s, procs,

@@ -106,7 +106,7 @@ def test_forty_adapters_through_an_arena_for_four_answer_as_all_resident(llama_d
         tiered.stop()
     dev, host = (next(t for t in st.tier_stats if t.tier == tier) for tier in ("device", "host"))
     assert dev.bytes_used <= dev.bytes_capacity == st.device_cache_bytes == 4 * per_adapter
-    assert host.loads == 40 and dev.loads >= 40 and dev.evictions >= 35, (dev, host)
+    assert host.loads == 40 and dev.loads >= 40 and dev.evictions >= 30, (dev, host)   # 4 to 8 fit
     assert 25 <= host.evictions < dev.evictions, (dev, host)   # some device evictions kept the host copy
     same_answers(want, got, reqs, reqs3)
 

@@ -72,6 +72,22 @@ def _phi4_mini():
                          "original_max_position_embeddings": 16}))
 
 
+def _qwen3_moe():
+    """4 experts, top-2 with renormalised weights; layer 1 a dense MLP (mlp_only_layers)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        **COMMON, intermediate_size=96, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, head_dim=16, mlp_only_layers=[1], tie_word_embeddings=False))
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    return MixtralForCausalLM(MixtralConfig(**COMMON, intermediate_size=80, num_local_experts=6,
+                                            num_experts_per_tok=2, sliding_window=None))
+
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
 FAMILIES = {
     "qwen3": (_qwen3, [
         dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -91,6 +107,17 @@ FAMILIES = {
     "phi3": (_phi3, [   # PEFT on the fused modules: one LoRA over [q | k | v] and [gate | up]
         dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj"]),
         dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "down_proj"]),
+    ]),
+    "qwen3_moe": (_qwen3_moe, [   # LoRA on every expert (PEFT target_parameters) and on the router
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=EXPERTS),
+        dict(r=8, lora_alpha=16, target_modules=["o_proj", "down_proj"],
+             target_parameters=["mlp.experts.down_proj", "mlp.gate.weight"]),
+        dict(r=2, lora_alpha=4, target_modules=["k_proj"]),
+    ]),
+    "mixtral": (_mixtral, [
+        dict(r=4, lora_alpha=8, target_modules=[], target_parameters=EXPERTS + ["mlp.gate.weight"]),
+        dict(r=6, lora_alpha=12, target_modules=["q_proj", "o_proj"],
+             target_parameters=["mlp.experts.gate_up_proj"], use_rslora=True),
     ]),
     "phi4mini": (_phi4_mini, [
         dict(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -239,19 +266,20 @@ def test_unsupported_architecture_names_the_supported_ones():
 def test_registry_base_model_check_knows_the_family(family):
     """The registry's --base-model check reads the family's module shapes: every adapter fits, one
     built for another model (a renamed tensor, a wrong shape) is refused naming the tensor."""
-    from services.common.peft_format import read_safetensors_header
+    from services.common.peft_format import parse_adapter_config, read_safetensors_header
     from services.registry.base_models import BaseModelShape, check_fits
     name, model_dir, root = family
     shape = BaseModelShape.from_dir(model_dir)
     for adapter in sorted(root.iterdir()):
         tensors, _ = read_safetensors_header((adapter / "adapter_model.safetensors").read_bytes())
-        check_fits([shape], adapter.name, tensors)
+        config = parse_adapter_config((adapter / "adapter_config.json").read_bytes())
+        check_fits([shape], adapter.name, tensors, config)
     victim = sorted(k for k in tensors if "lora_A" in k)[0]
     info = tensors[victim]
     wrong = dict(tensors)
     wrong[victim] = type(info)(info.dtype, (info.shape[0], info.shape[1] + 1), info.start, info.end)
     with pytest.raises(AdapterMismatch, match=victim.replace(".", r"\.")):
-        check_fits([shape], "wrong", wrong)
+        check_fits([shape], "wrong", wrong, config)
 
 
 @pytest.mark.parametrize("config, message", [
@@ -277,3 +305,111 @@ def test_unsupported_rope_scaling_is_refused_at_load():
                                    rope_scaling={"rope_type": "mrope", "factor": 2.0}))
     with pytest.raises(ValueError, match="rope_scaling type 'mrope' is not supported"):
         rope_tables(cfg, 16)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_per_expert_checkpoints_load_as_the_fused_experts(arch, tmp_path):
+    """Hub checkpoints keep one tensor per expert (Qwen3-MoE: mlp.experts.E.gate_proj/up_proj/
+    down_proj; Mixtral: block_sparse_moe.experts.E.w1/w3/w2 and block_sparse_moe.gate): they load
+    into the same fused parameters transformers 5 saves."""
+    from safetensors.torch import load_file, save_file
+
+    from services.executor.model.loader import load_model
+    make, _ = FAMILIES[arch]
+    torch.manual_seed(1)
+    model = make()
+    randomize(model, 1)
+    model.save_pretrained(tmp_path / "fused")
+    cfg = model.config
+    block, names = ("mlp", ("gate_proj", "up_proj", "down_proj")) if arch == "qwen3_moe" else (
+        "block_sparse_moe", ("w1", "w3", "w2"))
+    state = load_file(str(tmp_path / "fused" / "model.safetensors"))
+    split = {}
+    for k, t in state.items():
+        if ".mlp.experts.gate_up_proj" in k or ".mlp.experts.down_proj" in k or (
+                ".mlp.gate." in k and block != "mlp"):
+            continue
+        split[k] = t
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp"
+        if f"{p}.experts.gate_up_proj" not in state:
+            continue
+        gu, down = state[f"{p}.experts.gate_up_proj"], state[f"{p}.experts.down_proj"]
+        for e in range(gu.shape[0]):
+            gate, up = gu[e].chunk(2)
+            for n, t in zip(names, (gate, up, down[e]), strict=True):
+                split[f"model.layers.{layer}.{block}.experts.{e}.{n}.weight"] = t.contiguous()
+        if block != "mlp":
+            split[f"model.layers.{layer}.{block}.gate.weight"] = state[f"{p}.gate.weight"]
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "config.json").write_bytes((tmp_path / "fused" / "config.json").read_bytes())
+    save_file(split, str(tmp_path / "split" / "model.safetensors"))
+    fused, _, _ = load_model(str(tmp_path / "fused"), torch.device("cpu"), torch.float32, 64)
+    loaded, _, _ = load_model(str(tmp_path / "split"), torch.device("cpu"), torch.float32, 64)
+    want, got = fused.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+# each family's chat format, as its tokenizer_config.json's chat_template renders it (shortened)
+CHAT_TEMPLATES = {
+    "qwen3_moe": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "gemma2": ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant'"
+               " else m['role']) + '\\n' + m['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
+def test_family_chat_through_registry_router_and_gateway(name, tmp_path):
+    """The family served for real: its PEFT adapters registered in a registry that checks them
+    against the base model (--base-model; MoE expert LoRA included), an executor, the router and the
+    OpenAI gateway; a chat completion in the family's chat format answers, greedily, what
+    transformers+peft answers for the templated prompt."""
+    import grpc
+    import openai
+    from test_gateway import Gateway
+    from transformers import AutoTokenizer
+
+    from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
+    from services.synthetic import write_tokenizer
+    from tests.servers import Service
+    model_dir, root = build_family(tmp_path, name)
+    write_tokenizer(model_dir, VOCAB)
+    tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "chat_template": CHAT_TEMPLATES[name]}))
+    adapter = sorted(p.name for p in root.iterdir())[0]
+    messages = [{"role": "user", "content": "Hello world, hello adapters! The quick brown fox jumps."}]
+    ids = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    started = []
+    try:
+        registry = Service("registry", "--data-dir", str(tmp_path / "reg"), "--base-model", str(model_dir),
+                           log_path=tmp_path / "registry.log")
+        started.append(registry.start())
+        executor = Service("executor", "--registry", registry.address, "--base-model", str(model_dir),
+                           "--disk-cache-dir", str(tmp_path / "disk"), log_path=tmp_path / "executor.log")
+        started.append(executor.start(timeout=600))
+        router = Service("router", "--registry", registry.address, "--executor", executor.address,
+                         "--poll-interval-s", "0.2", log_path=tmp_path / "router.log")
+        started.append(router.start())
+        with grpc.insecure_channel(registry.address) as ch:
+            registry_pb2_grpc.AdapterRegistryStub(ch).RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+                adapter_id=f"org/{adapter}", source=f"file://{root / adapter}"), timeout=30)
+        gateway = Gateway("--router", router.address, "--registry", registry.address,
+                          "--models-cache-s", "0", log_path=tmp_path / "gateway.log")
+        started.append(gateway.start().service)
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        for model, adapter_dir in ((f"org/{adapter}", root / adapter), (name, None)):
+            got = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_NEW,
+                                                 temperature=0, extra_body={"ignore_eos": True,
+                                                                            "return_token_ids": True})
+            want, _ = oracle(model_dir, adapter_dir, ids, MAX_NEW)
+            assert got.usage.prompt_tokens == len(ids), model
+            assert got.choices[0].model_extra["token_ids"] == want, model
+    finally:
+        for s in reversed(started):
+            s.stop()

@@ -79,10 +79,12 @@ def test_embedding_lm_head_and_saved_modules_match_transformers_peft(arch, confi
                  modules_to_save=["lm_head"])
     peft_adapter(model_dir, tmp_path / "saved-both", 9, r=4, lora_alpha=8, target_modules=["k_proj"],
                  modules_to_save=["lm_head", "embed_tokens"])
+    peft_adapter(model_dir, tmp_path / "saved-norms", 10, r=4, lora_alpha=8, target_modules=["q_proj"],
+                 modules_to_save=["norm"])      # every layer's two norms and model.norm
     write_adapter(tmp_path / "plain", TINY[arch], AdapterSpec(rank=8, alpha=16, targets=ALL_MODULES,
                                                               seed=4))
     serve_and_check(model_dir, tmp_path, ["emb-lmh-r8", "emb-r4", "dora-lmh-r16", "saved-lmh",
-                                          "saved-both", "plain"], **config)
+                                          "saved-both", "saved-norms", "plain"], **config)
 
 
 def test_dora_config_and_magnitude_validation(model_dirs, tmp_path):
@@ -146,8 +148,8 @@ def test_registry_accepts_dora_refuses_nonfinite_and_misfits(model_dirs, tmp_pat
            "base_model.model.model.embed_tokens.lora_embedding_B": torch.ones(64, 4)}
     bad_vocab = _rewrite(d, tmp_path / "vocab", {**plain, **emb}, use_dora=False,
                          target_modules=["q_proj", "down_proj", "embed_tokens"])
-    saved_norm = _rewrite(d, tmp_path / "norm", {**plain, "base_model.model.model.norm.weight": torch.ones(64)},
-                          use_dora=False, modules_to_save=["norm"])
+    saved_proj = _rewrite(d, tmp_path / "proj", {**plain, "base_model.model.model.layers.0.mlp.gate_proj.weight":
+                                                 torch.ones(128, 64)}, use_dora=False, modules_to_save=["gate_proj"])
     r = RunningRegistry(tmp_path / "data", base_model=[str(model_dir)])
     try:
         a = upload(r.stub, "dora", files_of(d))
@@ -157,7 +159,7 @@ def test_registry_accepts_dora_refuses_nonfinite_and_misfits(model_dirs, tmp_pat
                                     (short, CODE.INVALID_ARGUMENT, "magnitude has length"),
                                     (no_dora, CODE.INVALID_ARGUMENT, "no use_dora"),
                                     (bad_vocab, CODE.FAILED_PRECONDITION, "vocab=512"),
-                                    (saved_norm, CODE.INVALID_ARGUMENT, "modules_to_save of norm")):
+                                    (saved_proj, CODE.INVALID_ARGUMENT, "modules_to_save of gate_proj")):
             with pytest.raises(grpc.RpcError) as info:
                 upload(r.stub, "bad", files)
             assert (info.value.code(), needle in info.value.details()) == (want, True), info.value.details()

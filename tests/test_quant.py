@@ -437,3 +437,36 @@ def test_autogptq_quantize_config_json_is_read(model_dirs, tmp_path):
     for _, _, proj in model.projections():
         assert proj.weight is None
         torch.testing.assert_close(proj.base.dequantize(), want[names[id(proj)] + ".weight"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family, method", [("phi3", "int4"), ("gemma2", "int8")])
+def test_other_families_quantized_match_transformers_peft(family, method, tmp_path):
+    """Phi-3's fused qkv_proj / gate_up_proj (split at load; rows are quantized independently, so the
+    fused weight quantized whole is the reference) and Gemma-2."""
+    from test_families import build_family, check, requests_for
+    model_dir, root = build_family(tmp_path, family)
+    reference = tmp_path / "dequantized"
+    quant.write_dequantized(model_dir, reference, method, 32, (*ALL_MODULES, "qkv_proj", "gate_up_proj"))
+    names = sorted(p.name for p in root.iterdir())
+    engine = engine_for(model_dir, root, max_lora_rank=16, quantization=method, quantization_group_size=32)
+    for n in names:
+        engine.load_adapter(n, 0)
+    requests = requests_for(family, names, "q")
+    try:
+        out = run(engine, [r for r, _ in requests])
+    finally:
+        engine.stop()
+    check(reference, root, out, requests)
+
+
+def test_bfloat16_serving_quantizes_the_float32_weights(llama_dir):
+    """--dtype bfloat16: the projections are quantized from the checkpoint's float32 weights (not from
+    their bfloat16 rounding); everything else is bfloat16."""
+    model, _, _ = load_model(str(llama_dir), CPU, torch.bfloat16, 64, "int8")
+    want = load_file(str(llama_dir / "model.safetensors"))
+    names = {id(m): n for n, m in model.named_modules()}
+    for _, _, proj in model.projections():
+        q, s = quant.quantize_int8(want[names[id(proj)] + ".weight"])
+        assert torch.equal(proj.base.q, q)
+        assert proj.base.dequantize().dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -73,6 +73,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()
+    target_parameters: tuple[str, ...] = ()        # PEFT's ParamWrapper targets (MoE experts, router)
 
     def saves(self, module_path: str) -> bool:
         """PEFT's modules_to_save rule: the path ends with one of the names (no dot needed)."""
@@ -211,8 +212,10 @@ def parse_adapter_config(data: bytes) -> LoraConfig:
     if raw.get("exclude_modules"):
         raise InvalidAdapter(f"{CONFIG_FILE}: exclude_modules is not supported; list the "
                              "modules to adapt in target_modules instead")
-    if raw.get("target_parameters"):
-        raise InvalidAdapter(f"{CONFIG_FILE}: target_parameters is not supported")
+    params = raw.get("target_parameters") or []
+    if not (isinstance(params, list) and all(isinstance(t, str) and t for t in params)):
+        raise InvalidAdapter(f"{CONFIG_FILE}: target_parameters must be a list of parameter names "
+                             f"(e.g. mlp.experts.gate_up_proj), got {params!r}")
 
     rank = raw.get("r", 8)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -226,7 +229,8 @@ def parse_adapter_config(data: bytes) -> LoraConfig:
         if targets != "all-linear":
             _check_regex(targets, "target_modules regex")
         target_modules: tuple[str, ...] | str = targets
-    elif isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets):
+    elif isinstance(targets, list) and (targets or raw.get("target_parameters")) and all(
+            isinstance(t, str) and t for t in targets):
         target_modules = tuple(sorted(set(targets)))
     else:
         raise InvalidAdapter(f"{CONFIG_FILE}: target_modules must be a non-empty list of module "
@@ -263,7 +267,34 @@ def parse_adapter_config(data: bytes) -> LoraConfig:
                       use_rslora=bool(raw.get("use_rslora", False)), layers_to_transform=layers_t,
                       base_model=base_model, rank_pattern=dict(rank_pattern),
                       alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
-                      use_dora=bool(use_dora), modules_to_save=tuple(sorted(set(saved))))
+                      use_dora=bool(use_dora), modules_to_save=tuple(sorted(set(saved))),
+                      target_parameters=tuple(sorted(set(params))))
+
+
+# The parameters PEFT's target_parameters may wrap that openlora serves: transformers 5's MoE
+# layers' fused experts and router, by module name, in the order the module registers them. That
+# order decides how PEFT nests their ParamWrappers: the first one wrapped ends up innermost, so its
+# tensors are saved as `path.base_layer.lora_A` when a second parameter of the module is targeted.
+MODULE_PARAMETERS = {"experts": ("gate_up_proj", "down_proj"), "gate": ("weight",)}
+
+
+def parameter_target(config: LoraConfig, path: str) -> tuple[str, str] | None:
+    """A tensor path of a PEFT ParamWrapper -> (module path, parameter name), else None.
+
+    "model.layers.0.mlp.experts" -> (..., "down_proj") and "model.layers.0.mlp.experts.base_layer"
+    -> (..., "gate_up_proj") when both are targeted; one targeted parameter has no base_layer."""
+    if not config.target_parameters:
+        return None
+    module, depth = path, 0
+    while module.endswith(".base_layer"):
+        module, depth = module[: -len(".base_layer")], depth + 1
+    # PEFT matches target_parameters as it matches target_modules: a name or a dotted suffix (it may
+    # save a bare "down_proj" there)
+    order = [p for p in MODULE_PARAMETERS.get(module.rsplit(".", 1)[-1], ())
+             if any(f"{module}.{p}" == t or f"{module}.{p}".endswith("." + t) for t in config.target_parameters)]
+    if depth >= len(order):
+        return None
+    return module, order[len(order) - 1 - depth]
 
 
 @dataclass(frozen=True)
@@ -457,6 +488,10 @@ def validate_adapter(config: LoraConfig, tensors: dict[str, TensorInfo]) -> None
                 and key.layer not in config.layers_to_transform):
             raise InvalidAdapter(f"tensor {name!r}: layer {key.layer} is not in "
                                  f"layers_to_transform {list(config.layers_to_transform)}")
+        param = parameter_target(config, key.path) if key.kind == "lora" else None
+        if param is not None:   # lora_A [r * experts, d_in], lora_B [d_out, r * experts]
+            _check_parameter_lora(config, name, key, info, param, parts)
+            continue
         if not config.targets(key.path):
             raise InvalidAdapter(f"tensor {name!r}: module {key.path!r} is not in target_modules "
                                  f"{config.target_modules!r}")
@@ -505,6 +540,28 @@ def validate_adapter(config: LoraConfig, tensors: dict[str, TensorInfo]) -> None
             raise InvalidAdapter(f"tensor {name!r}: DoRA magnitude of a module with no lora_A/B")
 
 
+def _check_parameter_lora(config: LoraConfig, name: str, key: TensorKey, info: TensorInfo,
+                          param: tuple[str, str], parts: dict) -> None:
+    """A ParamWrapper's lora_A / lora_B: PEFT stacks one rank-r pair per expert (r * experts rows of
+    A, columns of B; a 2-D parameter such as the router's weight has one)."""
+    r = config.rank_for(".".join(param))
+    if len(info.shape) != 2:
+        raise InvalidAdapter(f"tensor {name!r}: expected a 2-D matrix, got shape {list(info.shape)}")
+    stacked = info.shape[0] if key.part == "A" else info.shape[1]
+    if stacked % r:
+        raise InvalidAdapter(f"tensor {name!r}: lora_{key.part} of {'.'.join(param)} stacks "
+                             f"{stacked} rank rows, not a multiple of r={r}; does r in {CONFIG_FILE} "
+                             "match the weights?")
+    if key.part in parts.setdefault(key.path, {}):
+        raise InvalidAdapter(f"module {key.path!r} has two lora_{key.part} tensors")
+    parts[key.path][key.part] = info
+    other = parts[key.path].get("B" if key.part == "A" else "A")
+    if other is not None and (other.shape[1] if key.part == "A" else other.shape[0]) != stacked:
+        raise InvalidAdapter(f"tensor {name!r}: lora_A's rows and lora_B's columns of "
+                             f"{'.'.join(param)} differ")
+
+
+_SAVED_NORM = re.compile(r"^model\.(?:layers\.\d+\.(?:input_layernorm|post_attention_layernorm)|norm)$")
 # The forms executors serve beyond projection LoRA; a tensor of any other form is refused at
 # registration and at load, so nothing is registered that generate would serve wrongly.
 SERVED_FORMS = frozenset({"dora", "embed_tokens", "lm_head", "modules_to_save"})
@@ -514,7 +571,8 @@ def tensor_form(key: TensorKey) -> str:
     """"lora" (a projection's), "dora", "lm_head", "embed_tokens", "modules_to_save" (of embed_tokens
     or lm_head) or "modules_to_save of NAME"."""
     if key.kind == "full" and not key.base_copy:
-        return "modules_to_save" if key.path in EMBED_PATHS + LM_HEAD_PATHS else f"modules_to_save of {key.module}"
+        served = key.path in EMBED_PATHS + LM_HEAD_PATHS or _SAVED_NORM.match(key.path)
+        return "modules_to_save" if served else f"modules_to_save of {key.module}"
     if key.path in LM_HEAD_PATHS:
         return "lm_head"
     if key.kind == "embedding" or key.path in EMBED_PATHS:

@@ -30,8 +30,9 @@ class ExecutorConfig(ServerConfig):
     prepack_weights: bool = flag(True, "float32 on CPU: copy each base weight once into MKL's GEMM "
                                  "layout (faster decode steps, more memory)")
     host_cache_bytes: int = flag(2 * 1024**3, "host adapter arena in bytes, allocated once (pinned on CUDA): "
-                                 "adapters at their true rank in fixed-size pages; on CPU the kernel "
-                                 "reads them in place, so it bounds how many adapters one batch mixes")
+                                 "adapters at their true rank in fixed-size pages; without a device tier "
+                                 "(CPU) the kernel reads them in place, so it bounds how many adapters "
+                                 "one batch mixes")
     device_cache_bytes: int = flag(0, "device tier: a page pool in accelerator memory, filled from the host "
                                    "arena by page copies, read in place by the kernel (0 -> on CUDA the "
                                    "smaller of --host-cache-bytes and a tenth of the free GPU memory; on "

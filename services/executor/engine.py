@@ -96,7 +96,7 @@ class Engine:
         # one paged layout on both devices: the host arena (pinned on CUDA) and, where the kernel
         # reads device memory or --device-cache-bytes asks for one, a device page pool filled from it
         layout = ArenaLayout.for_model(cfg, config.arena_page_elems)
-        for layer, module, proj in self.model.projections():
+        for layer, module, proj in self.model.lora_targets():   # projections and MoE experts
             proj.lm = layout.lm(layer, module)
         device_bytes = device_cache_bytes(config, self.device)
         unified = config.unified_kv_adapter_pool

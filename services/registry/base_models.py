@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.common.errors import AdapterMismatch
-from services.common.peft_format import EMBED_PATHS, LM_HEAD_PATHS, TensorInfo, parse_tensor_key
+from services.common.peft_format import (
+    EMBED_PATHS,
+    LM_HEAD_PATHS,
+    LoraConfig,
+    TensorInfo,
+    parameter_target,
+    parse_tensor_key,
+)
 from services.executor.model.config import ModelConfig
 
 
@@ -26,6 +33,7 @@ class BaseModelShape:
     dims: dict[str, tuple[int, int]]
     vocab: int = 0
     hidden: int = 0
+    experts: int = 0      # MoE: experts per layer (dims holds "experts.gate_up_proj" per expert)
 
     @classmethod
     def from_dir(cls, path: str | pathlib.Path) -> BaseModelShape:
@@ -36,14 +44,22 @@ class BaseModelShape:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{config_path}: cannot read a model config from it ({exc})") from None
         dims = {m: cfg.module_shape(m) for m in cfg.lora_modules if not m.startswith("experts.")}
-        return cls(str(path), cfg.layers, dims, cfg.vocab, cfg.hidden)
+        if cfg.num_experts:
+            dims |= {f"experts.{p}": cfg.module_shape(f"experts.0.{p}") for p in ("gate_up_proj", "down_proj")}
+        return cls(str(path), cfg.layers, dims, cfg.vocab, cfg.hidden, cfg.num_experts)
 
-    def misfit(self, tensors: dict[str, TensorInfo]) -> str | None:
+    def misfit(self, tensors: dict[str, TensorInfo], config: LoraConfig | None = None) -> str | None:
         """Why these adapter tensors cannot belong to this model, or None when they fit."""
         whole = (self.vocab, self.hidden)
         for name, info in tensors.items():
             key = parse_tensor_key(name)
             layer, module = key.layer, key.module
+            param = None if config is None or key.kind != "lora" else parameter_target(config, key.path)
+            if param is not None:   # target_parameters: the router's weight, experts stacked
+                problem = self._parameter_misfit(name, info, key.part, *param)
+                if problem:
+                    return problem
+                continue
             if layer is not None and layer >= self.layers:
                 return f"tensor {name!r} is for layer {layer}; it has {self.layers} layers"
             if key.kind == "embedding":
@@ -71,15 +87,31 @@ class BaseModelShape:
                 return f"tensor {name!r} has d_out {info.shape[0]}; {module} gives {d_out}"
         return None
 
+    def _parameter_misfit(self, name: str, info: TensorInfo, part: str, module_path: str,
+                          param: str) -> str | None:
+        owner = module_path.rsplit(".", 1)[-1]
+        key = "gate" if owner == "gate" else f"experts.{param}"
+        if key not in self.dims:
+            return f"tensor {name!r} adapts {module_path}.{param}, which it does not have"
+        d_out, d_in = self.dims[key]
+        n = 1 if owner == "gate" else self.experts
+        if part == "A" and (info.shape[1] != d_in or info.shape[0] % n):
+            return (f"tensor {name!r} has shape {list(info.shape)}; {module_path}.{param} takes d_in "
+                    f"{d_in} with r * {n} stacked rows")
+        if part == "B" and (info.shape[0] != d_out or info.shape[1] % n):
+            return (f"tensor {name!r} has shape {list(info.shape)}; {module_path}.{param} gives d_out "
+                    f"{d_out} with r * {n} stacked columns")
+        return None
+
 
 def check_fits(models: Sequence[BaseModelShape], adapter_id: str,
-               tensors: dict[str, TensorInfo]) -> None:
+               tensors: dict[str, TensorInfo], config: LoraConfig | None = None) -> None:
     """AdapterMismatch (FAILED_PRECONDITION) unless the adapter fits one of `models` (none: no check)."""
     if not models:
         return
     problems = []
     for model in models:
-        problem = model.misfit(tensors)
+        problem = model.misfit(tensors, config)
         if problem is None:
             return
         problems.append(f"{model.name}: {problem}")

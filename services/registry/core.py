@@ -131,7 +131,7 @@ class UploadSession:
             raise InvalidAdapter(f"{WEIGHTS_FILE} has {weights.size} bytes but its safetensors "
                                  f"header describes {expected}: truncated or corrupt")
         validate_adapter(config, tensors)
-        check_fits(self._registry.base_models, self.adapter_id, tensors)
+        check_fits(self._registry.base_models, self.adapter_id, tensors, config)
         weights.finish()
         with open(weights._tmp, "rb") as f:
             bad = nonfinite_tensor(f, tensors)

@@ -188,8 +188,8 @@ class PagePool:
                 for b in blocks:
                     self._lent[b] = list(reversed(self._lender.block_pages(b)))
             take = min(n, len(self._free))
-            taken = self._free[len(self._free) - take:]
-            del self._free[len(self._free) - take:]
+            taken = self._free[len(self._free) - take:][::-1]   # ascending: a fresh pool's pages
+            del self._free[len(self._free) - take:]             # for one adapter are contiguous
             for b in sorted(self._lent, key=lambda b: len(self._lent[b])):
                 if len(taken) == n:
                     break

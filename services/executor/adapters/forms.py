@@ -12,6 +12,8 @@ A virtual module of shape (0, d) is a "rows" module: `rank` rows of d elements (
     2n + LM_HEAD_FULL  rows  (0, hidden)      modules_to_save lm_head: its vocab rows
     2n + EMBED_FULL    rows  (0, hidden)      modules_to_save embed_tokens: its vocab rows
     2n + LM_HEAD_DORA  rows  (0, vocab)       DoRA scale of lm_head's LoRA
+    2n + NORMS + j     rows  (0, hidden)      modules_to_save of a norm: j = 2 layer (input_layernorm),
+                                              2 layer + 1 (post_attention_layernorm), 2 layers (model.norm)
 
 The DoRA scale is computed once when the adapter is packed, against the served base weights
 (`BaseWeights`), as PEFT's DoraLinearLayer computes it (the norm of each output row of
@@ -25,7 +27,8 @@ Embeddings and lm_head (PEFT's Embedding and Linear LoRA layers, ModulesToSaveWr
     x[t]      = E[id_t] + s * B @ A[:, id_t]           (embed LoRA)  or  E_saved[id_t]
     logits[t] = h_t @ W.T + s * (h_t @ A.T) @ B.T       (lm_head LoRA, ops.lora_paged_add_)  or  h_t @ W_saved.T
 
-Tied embeddings as PEFT serves them: each of embed_tokens and lm_head is its own module.
+Tied embeddings as PEFT serves them: each of embed_tokens and lm_head is its own module. A saved
+norm weight w_g replaces the norm's on its segment's rows: rms_norm(h) * w_g (Llama-style norms).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from services.common.errors import AdapterMismatch, InvalidAdapter
 from services.executor import ops
 
 LM_HEAD, EMBED, LM_HEAD_FULL, EMBED_FULL, LM_HEAD_DORA = range(5)
+NORMS = 5                 # the first norm's offset past 2n
+_NORM = re.compile(r"^model\.(?:layers\.(\d+)\.(input_layernorm|post_attention_layernorm)|norm)$")
 CACHE_ELEMS = 1 << 20     # DoRA factor rows [T, d] kept per module across steps up to this size
 _PROJ = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 
@@ -61,7 +66,15 @@ def extra_shapes(cfg, proj_shapes: tuple[tuple[int, int], ...]) -> tuple[tuple[i
     """The virtual modules' (d_out, d_in), appended after the projections' shapes."""
     h, v = cfg.hidden, cfg.vocab
     dora = tuple((0, d_out) for d_out, _ in proj_shapes)
-    return dora + ((v, h), (h, v), (0, h), (0, h), (0, v))
+    return dora + ((v, h), (h, v), (0, h), (0, h), (0, v)) + ((0, h),) * (2 * cfg.layers + 1)
+
+
+def norm_index(path: str, layers: int) -> int | None:
+    """j of a saved norm's virtual module (see above), or None for a norm openlora does not serve."""
+    m = _NORM.match(path)
+    if m is None or (m[1] is not None and int(m[1]) >= layers):
+        return None
+    return 2 * layers if m[1] is None else 2 * int(m[1]) + (m[2] == "post_attention_layernorm")
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -76,10 +89,12 @@ class Extras:
     embed: tuple[Tensor, Tensor, float] | None = None               # (A [r, vocab], B [hidden, r], s)
     full: dict[str, Tensor] = field(default_factory=dict)           # "lm_head" | "embed_tokens" -> copy
     base_copies: dict[str, Tensor] = field(default_factory=dict)    # saved base_layer weights
+    norms: dict[int, Tensor] = field(default_factory=dict)          # saved norm j -> weight [hidden]
 
     @property
     def any(self) -> bool:
-        return bool(self.magnitudes or self.lm_head or self.embed or self.full or self.base_copies)
+        return bool(self.magnitudes or self.lm_head or self.embed or self.full or self.base_copies
+                    or self.norms)
 
 
 def read_extras(items: list[tuple[peft_format.TensorKey, str, Tensor]], lcfg, cfg, max_rank: int,
@@ -116,6 +131,16 @@ def read_extras(items: list[tuple[peft_format.TensorKey, str, Tensor]], lcfg, cf
             if r > max_rank:
                 raise AdapterMismatch(f"adapter rank {r} ({key.path}) is above this executor's "
                                       f"max_lora_rank {max_rank}")
+        elif key.kind == "full" and key.module.endswith("norm"):
+            j = None if getattr(cfg, "norm_offset", False) else norm_index(key.path, cfg.layers)
+            if j is None:
+                raise InvalidAdapter(f"tensor {name!r}: modules_to_save of {key.path!r} is not served "
+                                     "on this model (saved norms: Llama-style input_layernorm, "
+                                     "post_attention_layernorm and model.norm)")
+            if tuple(t.shape) != (cfg.hidden,):
+                raise AdapterMismatch(f"tensor {name!r} has shape {list(t.shape)}; this model's "
+                                      f"{key.path} is [{cfg.hidden}]")
+            ex.norms[j] = t
         elif key.kind == "full":
             target = ("lm_head" if key.path in peft_format.LM_HEAD_PATHS else
                       "embed_tokens" if key.path in peft_format.EMBED_PATHS else None)
@@ -153,8 +178,7 @@ class BaseWeights:
         # a quantized base (model/quant.py): the weight it serves, dequantized when a DoRA norm needs it
         self.proj: dict[tuple[int, str], Tensor] = {
             (layer, module): proj.weight if proj.weight is not None else proj.base
-            for layer, module, proj in model.projections()
-            if not module.startswith("experts.")}   # MoE experts: no DoRA (PEFT's ParamWrapper has none)
+            for layer, module, proj in model.projections()}
         self.embed = model.model.embed_tokens.weight
         self.lm_head = model._lm_weight()
         self.fingerprint = hashlib.sha256(tag.encode()).hexdigest()[:12]
@@ -205,6 +229,8 @@ def extra_rows(host, layout, base: BaseWeights | None,
     for target, which in (("lm_head", LM_HEAD_FULL), ("embed_tokens", EMBED_FULL)):
         if target in full:
             out[2 * n + which] = (full[target], None, 0.0)
+    for j, w in ex.norms.items():
+        out[2 * n + NORMS + j] = (w[None], None, 0.0)
     return out
 
 
@@ -223,6 +249,7 @@ class BatchForms:
     lm_head_full: tuple[int, ...] = ()             # segments with a saved lm_head (host ints)
     embed_rank: int = 0                            # largest embed_tokens LoRA rank (0: none)
     embed_full: bool = False
+    norms: dict[int, Tensor] = field(default_factory=dict)   # saved norm j -> its segments [S]
     cache: dict = field(default_factory=dict)      # lm -> DoRA factor rows of the current row ranges
     cache_key: object = None
     cache_ip: object = None
@@ -249,7 +276,9 @@ def batch_forms(layout, seg_meta: Tensor, device: torch.device) -> BatchForms | 
         lm_head_dora=lm_head_dora.to(device) if lm_head_dora.numel() else None,
         lm_head_full=tuple(segs(g + LM_HEAD_FULL).tolist()),
         embed_rank=int(seg_meta[:, g + EMBED, 1].max()),
-        embed_full=bool((seg_meta[:, g + EMBED_FULL, 1] > 0).any()))
+        embed_full=bool((seg_meta[:, g + EMBED_FULL, 1] > 0).any()),
+        norms={j: segs(g + NORMS + j).to(device)
+               for j in torch.nonzero((ranks[:, n + NORMS:] > 0).any(0)).flatten().tolist()})
 
 
 def gather_rows(paged, segs: Tensor, lm: int, d: int, rows: int = 1) -> Tensor:
@@ -361,3 +390,24 @@ def lm_head_epilogue(logits: Tensor, h: Tensor, logits_rows: Tensor, paged, seg_
             factor[f.lm_head_dora] = gather_rows(paged, f.lm_head_dora, 2 * f.n + LM_HEAD_DORA, vocab)[:, 0] - 1
             _scale_rows(logits, None, factor[row_seg])
     return logits
+
+
+def norm_epilogue(normed: Tensor, h: Tensor, j: int, paged, seg_indptr: Tensor, eps: float,
+                  rows: Tensor | None = None) -> Tensor:
+    """normed [T, hidden] (= norm(h)) with each segment that saved norm j: rms_norm(h) * w_g on its
+    rows (PEFT's ModulesToSaveWrapper over the norm). rows: the token rows T holds (logits rows) when
+    not every row of the step."""
+    segs = paged.forms.norms.get(j)
+    if segs is None:
+        return normed
+    T, d = normed.shape
+    ip = seg_indptr if rows is None else torch.searchsorted(rows.to(seg_indptr.dtype), seg_indptr).to(
+        seg_indptr.dtype)
+    row_seg = row_segments(ip, T)
+    G = paged.seg_meta.shape[0]
+    table = torch.zeros((G, d), dtype=h.dtype, device=h.device)
+    table[segs] = gather_rows(paged, segs, 2 * paged.forms.n + NORMS + j, d)[:, 0].to(h.dtype)
+    has = torch.zeros(G, dtype=torch.bool, device=h.device)
+    has[segs] = True
+    saved = ops.rms_norm(h.contiguous(), torch.ones(d, dtype=h.dtype, device=h.device), eps) * table[row_seg]
+    return torch.where(has[row_seg][:, None], saved.to(normed.dtype), normed)

@@ -513,6 +513,8 @@ class Residency:
                 for fut, load_ms, tier in waiters:
                     fut.set_result(Lease(held.key, entry, load_ms + ms, tier, held))
                 self._cond.notify_all()
+            if self.on_load is not None:     # a device placement's source tier: the host arena
+                self.on_load("host", ms / 1000)
             log.info("adapter_placed", tier="device", adapter_id=held.key[0], version=held.key[1],
                      bytes=entry.nbytes, copy_ms=round(ms, 2))
         except BaseException as exc:  # every waiter learns why, and gives its pin back

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 ARCHS = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-    "Phi3ForCausalLM": "phi3",
+    "Phi3ForCausalLM": "phi3", "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
 }
 FAMILY_MODULE = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-                 "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi3"}
+                 "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi3", "qwen3_moe": "moe",
+                 "mixtral": "moe"}
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-               "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+               "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "qwen3_moe": "qwen3_moe",
+               "mixtral": "mixtral"}
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -139,12 +141,14 @@ class ModelConfig:
 
     @property
     def lora_modules(self) -> tuple[str, ...]:
-        """Every (layer-local) module LoRA may target, in the arena's order. MoE layers add one entry
-        per expert and fused expert parameter (a layer without experts leaves those ranks 0)."""
+        """Every (layer-local) module LoRA may target, in the arena's order. MoE layers add the
+        router ("gate", PEFT's target_parameters mlp.gate.weight) and one entry per expert and fused
+        expert parameter (a layer without experts leaves those ranks 0, as a dense MLP's in a MoE
+        layer)."""
         if self.fused_qkv:
             return ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
         if self.num_experts:
-            return ATTN_MODULES + MLP_MODULES + tuple(
+            return ATTN_MODULES + MLP_MODULES + ("gate",) + tuple(
                 expert_module(e, p) for e in range(self.num_experts) for p in EXPERT_MODULES)
         return LORA_MODULES
 
@@ -153,6 +157,8 @@ class ModelConfig:
         module, "model.layers.3.mlp.experts")."""
         if module.startswith("experts."):
             return f"model.layers.{layer}.mlp.experts"
+        if module == "gate":
+            return f"model.layers.{layer}.mlp.gate"
         kind = "self_attn" if module in ATTN_MODULES or module == "qkv_proj" else "mlp"
         return f"model.layers.{layer}.{kind}.{module}"
 
@@ -162,7 +168,7 @@ class ModelConfig:
             return False
         if not self.num_experts or module in ATTN_MODULES:
             return True
-        return self.is_moe(layer) == module.startswith("experts.")
+        return self.is_moe(layer) == (module.startswith("experts.") or module == "gate")
 
     def module_shape(self, module: str) -> tuple[int, int]:
         """(d_out, d_in) of one projection (of one expert, for experts.E.gate_up_proj / down_proj)."""
@@ -171,6 +177,8 @@ class ModelConfig:
         if module.startswith("experts."):
             m = self.moe_intermediate
             return (2 * m, h) if module.endswith("gate_up_proj") else (h, m)
+        if module == "gate":
+            return (self.num_experts, h)
         return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
                 "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
                 "qkv_proj": (q + 2 * kv, h), "gate_up_proj": (2 * i, h)}[module]
@@ -224,10 +232,10 @@ def _moe(arch: str, cfg: dict) -> dict:
                     moe_layers=(True,) * layers)
     only = set(cfg.get("mlp_only_layers") or [])
     step = cfg.get("decoder_sparse_step") or 1
-    n = cfg["num_experts"]
+    n = cfg.get("num_experts") or cfg.get("num_local_experts") or 0   # transformers 5 saves the latter
     return dict(num_experts=n, experts_per_token=cfg["num_experts_per_tok"],
                 moe_intermediate=cfg["moe_intermediate_size"],
-                norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
                 moe_layers=tuple(i not in only and n > 0 and (i + 1) % step == 0 for i in range(layers)))
 
 

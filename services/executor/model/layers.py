@@ -284,13 +284,21 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp if mlp is not None else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps, cfg.norm_offset)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps, cfg.norm_offset)
+        self.layer = layer
 
     def forward(self, x, residual, batch, cos, sin, k_cache, v_cache):
         """x: the previous layer's output, residual: the stream before it (None for the first layer)
         -> (this layer's MLP output, the stream before it); the stream is x + residual."""
+        p = batch.paged
+        saved = p is not None and p.forms is not None and p.forms.norms   # modules_to_save norms
         h, residual = self.input_layernorm(x, residual)
+        if saved:
+            h = forms.norm_epilogue(h, residual, 2 * self.layer, p, batch.seg_indptr, self.input_layernorm.eps)
         h, residual = self.post_attention_layernorm(
             self.self_attn(h, batch, cos, sin, k_cache, v_cache), residual)
+        if saved:
+            h = forms.norm_epilogue(h, residual, 2 * self.layer + 1, p, batch.seg_indptr,
+                                    self.post_attention_layernorm.eps)
         return self.mlp(h, batch), residual
 
 
@@ -350,7 +358,7 @@ class CausalLM(nn.Module):
         float32 CPU with MKL; elsewhere a no-op). Call after the weights are loaded. -> bytes packed."""
         total = 0
         for _, _, proj in self.projections():
-            if not isinstance(proj, LoraProj) or proj.weight is None:   # experts; quantized (quant.py)
+            if proj.weight is None:   # quantized (quant.py)
                 continue
             proj.packed = ops.pack_weight(proj.weight)
             proj.base = None if proj.packed is None else Prepacked(proj.weight, proj.packed, proj.bias)
@@ -361,14 +369,18 @@ class CausalLM(nn.Module):
     def _lm_weight(self) -> Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def projections(self):
+    def lora_targets(self):
         """(layer, module name, holder) for every LoRA-targetable module: a LoraProj, or an expert's
-        LoRA holder (moe.py); the engine sets each one's `lm` from the arena's layout."""
+        parameter (moe.ExpertLora); the engine sets each one's `lm` from the arena's layout."""
         cfg = self.config
         for i, layer in enumerate(self.model.layers):
             for name in cfg.lora_modules:
                 if cfg.has_module(i, name):
                     yield i, name, self._module(layer, name)
+
+    def projections(self):
+        """(layer, module name, LoraProj) for every projection (a base weight and its LoRA)."""
+        return ((i, name, m) for i, name, m in self.lora_targets() if isinstance(m, LoraProj))
 
     @staticmethod
     def _module(layer: nn.Module, name: str):
@@ -397,7 +409,9 @@ class CausalLM(nn.Module):
             c, s = (lcos, lsin) if self.local_rope[i] else (cos, sin)
             x, residual = layer(x, residual, batch, c, s, kv.k[i], kv.v[i])
         rows = batch.logits_rows
-        x, _ = self.model.norm(x[rows], None if residual is None else residual[rows])
+        x, h = self.model.norm(x[rows], None if residual is None else residual[rows])
+        if forms_ is not None and forms_.norms:   # a saved model.norm
+            x = forms.norm_epilogue(x, h, 2 * cfg.layers, batch.paged, batch.seg_indptr, self.model.norm.eps, rows)
         w = self._lm_weight()
         logits = ops.linear_packed(x, w, self.lm_packed) if self.lm_packed is not None else (x @ w.T).float()
         if forms_ is not None:

@@ -105,6 +105,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype, max_
     with torch.device("meta"):
         model = cls(cfg, max_len)
     state, packed = {}, {}
+    load_dtype = torch.float32 if fmt is None and quantization != "none" else dtype
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
@@ -113,13 +114,14 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype, max_
                 if fmt is not None and name.rsplit(".", 1)[-1] in quant_checkpoints.TENSORS:
                     packed[name] = f.get_tensor(name)
                     continue
-                state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                # quantized at load: from the checkpoint's float32 (or better), then the rest to dtype
+                state[name] = f.get_tensor(name).to(device=device, dtype=load_dtype)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     state = cls.convert_state(cfg, state)
     if fmt is None:
         model.load_state_dict(state, strict=True, assign=True)
-        quant.quantize_projections(model, quantization, group_size)
+        quant.quantize_projections(model, quantization, group_size, dtype)
     else:
         loaded = model.load_state_dict(state, strict=False, assign=True)
         quant_checkpoints.load_projections(model, fmt, packed, loaded, dtype, device)

@@ -206,7 +206,8 @@ class Int4Linear:
         self.fused = device.type == "cpu" and wt.group_size % 2 == 0 and cpu_kernels()
         if self.fused:
             self.group = wt.group_size
-            self.packed = (wt.q[:, 1::2] << 4 | wt.q[:, ::2]).contiguous()      # [N, K / 2] uint8
+            g = wt.q.reshape(n, k // self.group, 2, self.group // 2)         # each group's two halves
+            self.packed = (g[:, :, 1] << 4 | g[:, :, 0]).reshape(n, k // 2).contiguous()   # [N, K / 2]
             self.sz = (wt.s.float().contiguous(), wt.z.float().contiguous())      # [N, K // group] each
             return
         s, z, self.group = _kernel_groups(wt)
@@ -260,9 +261,10 @@ def _bytes(*tensors: Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def quantize_projections(model, method: str, group_size: int) -> None:
+def quantize_projections(model, method: str, group_size: int, dtype: torch.dtype | None = None) -> None:
     """Replaces every projection's weight by an int8 / int4 base GEMM (at load, on the weights'
-    device); lm_head, embeddings and norms stay in the serving dtype."""
+    device), quantized from the weights as loaded; then every other parameter (lm_head, embeddings,
+    norms, biases) to dtype (default: the weights')."""
     if method not in METHODS:
         raise QuantizationError(f"quantization {method!r} is not supported ({', '.join(METHODS)})")
     if method == "none":
@@ -272,12 +274,15 @@ def quantize_projections(model, method: str, group_size: int) -> None:
         try:
             if method == "int8":
                 q, s = quantize_int8(w)
-                proj.base = Int8Linear(q, s, proj.bias, w.dtype)
+                proj.base = Int8Linear(q, s, proj.bias, dtype or w.dtype)
             else:
-                proj.base = Int4Linear(quantize_int4(w, group_size), proj.bias, w.dtype, w.device)
+                proj.base = Int4Linear(quantize_int4(w, group_size), proj.bias, dtype or w.dtype, w.device)
         except QuantizationError as exc:
             raise QuantizationError(f"layer {layer} {name}: {exc}") from None
         proj.weight = None
+    if dtype is not None:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)     # the same Parameter objects: the bases' bias references follow
 
 
 def base_weight_bytes(model) -> int:

@@ -1,0 +1,125 @@
+"""The model families' benchmark models, and the MoE grouped-experts measurement.
+
+    .venv/bin/python benchmarks/families.py [--tokens 64] [--repeats 20] [--threads 1]
+
+Prints, for one Qwen3-MoE layer's experts (hidden 512, 8 experts, top-2, expert intermediate 384,
+float32 CPU), the time of the engine's grouped path (model/moe.py: pairs sorted by expert, one GEMM
+per expert) and of a per-token loop over each token's experts, and their ratio (goal >= 3x at 64
+tokens). `write_family(root, arch, adapters)` writes the model and PEFT adapters that
+`benchmarks/throughput.py --arch qwen3moe` serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from services.executor import ops
+from services.executor.model.config import ModelConfig
+from services.executor.model.moe import Experts
+
+# the CPU-sized MoE of the throughput benchmark: throughput.py's Llama's shape with 8 experts, top-2
+QWEN3MOE = dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, moe_intermediate_size=384,
+                num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=512,
+                bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def write_family(root: pathlib.Path, arch: str, adapters: int, rank: int = 16) -> tuple[pathlib.Path, list[str]]:
+    """-> (model dir, adapter names under root/"adapters"): a random model written by transformers
+    and `adapters` PEFT adapters (random non-zero A and B) on the attention projections and, through
+    target_parameters, on every expert."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    if arch != "qwen3moe":
+        raise SystemExit(f"--arch {arch}: only llama and qwen3moe are benchmarked")
+    torch.manual_seed(3)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**QWEN3MOE))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 1 / math.sqrt(p.shape[-1]))
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    names = []
+    state = model.state_dict()
+    for i in range(adapters):
+        base = Qwen3MoeForCausalLM(Qwen3MoeConfig(**QWEN3MOE))
+        base.load_state_dict(state)
+        peft = get_peft_model(base, LoraConfig(
+            r=rank, lora_alpha=2 * rank, lora_dropout=0.0, init_lora_weights=False,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=EXPERT_PARAMS))
+        g = torch.Generator().manual_seed(1000 + i)
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+        names.append(f"adapter-{i:02d}")
+        peft.save_pretrained(root / "adapters" / names[-1])
+    return model_dir, names
+
+
+def per_token_loop(experts: Experts, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+    """The naive MoE: each token through each of its experts, one matrix-vector product at a time."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(top_i.shape[1]):
+            e = int(top_i[t, j])
+            gate, up = (x[t] @ experts.gate_up_proj[e].T).chunk(2)
+            out[t] += top_w[t, j] * ((torch.nn.functional.silu(gate) * up) @ experts.down_proj[e].T)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ops.ensure_built()
+    cfg = ModelConfig.from_hf({**QWEN3MOE, "architectures": ["Qwen3MoeForCausalLM"]})
+    experts = Experts(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=g) / 23)
+        experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=g) / 20)
+    x = torch.randn(args.tokens, cfg.hidden, generator=g)
+    probs = torch.softmax(torch.randn(args.tokens, cfg.num_experts, generator=g), -1)
+    top_w, top_i = probs.topk(cfg.experts_per_token, -1)
+
+    class NoLora:   # a base-only batch: the grouped path without adapters
+        paged = None
+
+    with torch.no_grad():
+        want = per_token_loop(experts, x, top_i, top_w)
+        got = experts(x, top_i, top_w, NoLora)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        times = {}
+        for name, fn in (("grouped", lambda: experts(x, top_i, top_w, NoLora)),
+                         ("per-token loop", lambda: per_token_loop(experts, x, top_i, top_w))):
+            fn()
+            ts = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            times[name] = min(ts)
+    print(f"MoE experts: hidden {cfg.hidden}, {cfg.num_experts} experts, top-{cfg.experts_per_token}, "
+          f"expert intermediate {cfg.moe_intermediate}; {args.tokens} tokens, float32 CPU, "
+          f"{args.threads} threads; best of {args.repeats}")
+    for name, t in times.items():
+        print(f"{name:15s}: {t * 1e3:8.3f} ms")
+    print(f"grouped / per-token loop: {times['per-token loop'] / times['grouped']:.1f}x faster   (goal >= 3)")
+
+
+if __name__ == "__main__":
+    main()
