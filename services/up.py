@@ -68,7 +68,7 @@ class UpConfig:
     metrics_port: int = flag(0, "first Prometheus metrics port: the registry on it, executors on the "
                                 "next ones, then the router (0 -> none)")
     allow_local_dir: list[str] = flag(help="a directory the registry's file:// sources may read "
-                                           "(repeatable; the demo adapters' directory is added)",
+                                           "(the demo adapters' directory is added)",
                                       multiple=True)
     max_restarts: int = flag(5, "a service that exits is restarted, with backoff; this many exits in a "
                                 "row without serving a minute in between stop `up`")
@@ -557,9 +557,18 @@ def _run(args: UpConfig, procs: list[Proc], status: dict[str, bool]) -> int:
                       "--base-model", base if pathlib.Path(base).is_dir() else "",
                       *args.service_args(auth=False)]))   # the gateway passes callers' tokens on
     env = {"OPENLORA_TOKEN": args.token} if args.token else {}
+    # the registry and the executors start together (an executor needs the registry only to fetch
+    # an adapter, later); the router once the executors serve, then the gateway
+    early = [step for step in plan if step[0] == "registry" or step[0].startswith("executor-")]
+    started: dict[str, Proc] = {}
+    for name, address, cmd in early:
+        started[name] = _start(name, address, cmd, logs, env)
+        procs.append(started[name])
     for name, address, cmd in plan:
-        procs.append(_start(name, address, cmd, logs, env))
-        proc = procs[-1]
+        if name not in started:
+            started[name] = _start(name, address, cmd, logs, env)
+            procs.append(started[name])
+        proc = started[name]
         if name == "gateway":
             wait_http(proc, f"{scheme}://{address}/health", args.startup_timeout_s, procs,
                       https_context(args) if args.tls_cert else None)

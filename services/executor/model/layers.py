@@ -85,8 +85,11 @@ class LoraProj(nn.Module):
         y = self.base(x) if self.base is not None else torch.nn.functional.linear(x, self.weight, self.bias)
         p = batch.paged
         if p is not None and p.any_lora:
-            ops.lora_paged_add_(y, x.contiguous(), p.arena, p.page_index, p.seg_meta, p.seg_scalings,
-                                self.lm, batch.seg_indptr)
+            x = x.contiguous()
+            ops.lora_paged_add_(y, x, p.arena, p.page_index, p.seg_meta, p.seg_scalings, self.lm,
+                                batch.seg_indptr)
+            for meta, scalings in p.overlays:   # cat requests' further adapters (adapters/merge.py)
+                ops.lora_paged_add_(y, x, p.arena, p.page_index, meta, scalings, self.lm, batch.seg_indptr)
             if p.forms is not None:   # DoRA: scale its segments' rows (adapters/forms.py)
                 forms.dora_epilogue(y, self.bias, self.lm, p, batch.seg_indptr)
         return y

@@ -66,14 +66,16 @@ class Experts(nn.Module):
             xe = xs[start:start + n]
             h = xe @ self.gate_up_proj[e].T
             if lora:
-                ops.lora_paged_add_(h, xe, p.arena, p.page_index, p.seg_meta, p.seg_scalings,
-                                    self.lora[e]["gate_up_proj"].lm, indptr[e])
+                for meta, scalings in ((p.seg_meta, p.seg_scalings), *p.overlays):   # overlays: cat
+                    ops.lora_paged_add_(h, xe, p.arena, p.page_index, meta, scalings,
+                                        self.lora[e]["gate_up_proj"].lm, indptr[e])
             gate, up = h.chunk(2, dim=-1)
             a = gated_act(self.activation, gate.contiguous(), up.contiguous())
             o = a @ self.down_proj[e].T
             if lora:
-                ops.lora_paged_add_(o, a, p.arena, p.page_index, p.seg_meta, p.seg_scalings,
-                                    self.lora[e]["down_proj"].lm, indptr[e])
+                for meta, scalings in ((p.seg_meta, p.seg_scalings), *p.overlays):
+                    ops.lora_paged_add_(o, a, p.arena, p.page_index, meta, scalings,
+                                        self.lora[e]["down_proj"].lm, indptr[e])
             out[start:start + n] = o
             start += n
         weights = top_w.reshape(-1)[order].to(out.dtype)
