@@ -481,3 +481,13 @@ def test_router_serves_the_openai_api_itself(stack):
         direct.completions.create(model="org/nope", prompt="x", max_tokens=1)
     with pytest.raises(openai.BadRequestError):
         direct.completions.create(model=BASE, prompt="x", max_tokens=1, extra_body={"guided_regex": "[a-"})
+    # admin through the router's own executor channels
+    from tests.test_gateway import http
+    path = write_adapter(stack["root"] / "rt", TINY["llama"], AdapterSpec(rank=4, seed=77))
+    status, text = http(stack["direct_url"] + "/v1/load_lora_adapter", "POST",
+                        json.dumps({"lora_name": "org/rt", "lora_path": str(path)}).encode(), token=None)
+    assert status == 200 and "loaded on 1 executor" in text, text
+    assert len(direct.completions.create(model="org/rt", prompt="hi", max_tokens=2).choices[0].text) >= 0
+    status, text = http(stack["direct_url"] + "/v1/unload_lora_adapter", "POST",
+                        json.dumps({"lora_name": "org/rt"}).encode(), token=None)
+    assert status == 200, text
