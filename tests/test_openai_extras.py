@@ -491,3 +491,22 @@ def test_router_serves_the_openai_api_itself(stack):
     status, text = http(stack["direct_url"] + "/v1/unload_lora_adapter", "POST",
                         json.dumps({"lora_name": "org/rt"}).encode(), token=None)
     assert status == 200, text
+
+
+def test_chat_logprobs_exact(stack):
+    """Three distinct alternatives per token (by id: their bytes differ even where their text is
+    U+FFFD), the chosen token among them (greedy), and bytes that spell the content exactly."""
+    r = stack["client"].chat.completions.create(model="org/qv", messages=ASK, max_tokens=24, temperature=0,
+                                                logprobs=True, top_logprobs=3,
+                                                extra_body={"ignore_eos": True, "return_token_ids": True})
+    c = r.choices[0]
+    content = c.logprobs.content
+    ids = c.model_extra["token_ids"]
+    assert len(content) == len(ids) == 24
+    spelled = b"".join(bytes(e.bytes) for e in content if not (e.token.startswith("<|") and e.token.endswith("|>")))
+    assert spelled.decode("utf-8", "replace") == c.message.content    # special tokens are not text
+    for e in content:
+        assert len(e.top_logprobs) == 3
+        assert len({bytes(t.bytes) for t in e.top_logprobs} | {t.token for t in e.top_logprobs}) >= 3
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob) and e.top_logprobs[0].bytes == e.bytes
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob

@@ -26,7 +26,7 @@ import torch
 from services.common.errors import Cancelled, InvalidArgument, QueueFull, Unavailable
 from services.common.memory import tune_malloc
 from services.common.peft_format import check_adapter_id
-from services.executor import ops, prompt_logprobs
+from services.executor import ops, prompt_logprobs, structured
 from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.device import DevicePool
 from services.executor.adapters.forms import BaseWeights, num_projections
@@ -364,6 +364,10 @@ class Engine:
             return
         reqs = [self._active[item.seq.seq_id] for item in batch.items]
         spans = prompt_logprobs.prompt_spans(batch)
+        grammar_rows = [r.row for r, item in zip(reqs, batch.items, strict=True)
+                        if item.samples and r.row.grammar is not None]
+        if grammar_rows:        # their masks are computed while the model runs (structured.py)
+            structured.prefetch(grammar_rows)
         logits = self._run_model(batch, reqs, spans)
         if logits is None:
             return
