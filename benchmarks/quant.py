@@ -13,7 +13,8 @@ tokens/s counts the tokens after each request's first, from the moment every req
 token to the last. Prints, per engine, the base's bytes (GetStatus' base_weight_bytes) and the
 medians over rounds of both rates, their ratio to fp32's, and mixed/base.
 
-Quality (unless --skip-kl): mean KL(fp32 || quantized) of next-token distributions, teacher-forced over
+First, one projection's GEMM alone (gate_proj's shape) at 1 and 32 tokens, ms a call, all six kinds
+alternated (--gemm-only: only that). Quality (unless --skip-kl): mean KL(fp32 || quantized) of next-token distributions, teacher-forced over
 512 positions of a smaller random model (hidden 512, 4 layers, vocab 4096), transformers on the
 dequantized weights (what the engine serves; tests/test_quant.py checks the engine equals them).
 """
@@ -90,6 +91,37 @@ def mean_kl(group_size: int) -> dict[str, float]:
     return out
 
 
+def gemm_times(n: int, k: int, group: int, rounds: int) -> None:
+    """One projection's base GEMM alone (ms a call, medians of alternated rounds), T = 1 and 32."""
+    from services.executor import ops
+    ops.ensure_built()
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    q, s = quant.quantize_int8(w)
+    wt = quant.quantize_int4(w, group)
+    packed = ops.pack_weight(w)
+    fp32 = quant.Prepacked(w, packed, None) if packed is not None else (lambda x: x @ w.T)
+    wb = w.bfloat16()
+    cpu = torch.device("cpu")
+    gemms = {"fp32": (fp32, torch.float32), "bf16": (lambda x: x @ wb.T, torch.bfloat16),
+             "int8": (quant.Int8Linear(q, s, None, torch.float32), torch.float32),
+             "int4": (quant.Int4Linear(wt, None, torch.float32, cpu), torch.float32),
+             "int8+bf16": (quant.Int8Linear(q, s, None, torch.bfloat16), torch.bfloat16),
+             "int4+bf16": (quant.Int4Linear(wt, None, torch.bfloat16, cpu), torch.bfloat16)}
+    for tokens in (1, 32):
+        times = {name: [] for name in gemms}
+        for _ in range(rounds):
+            for name, (f, dtype) in gemms.items():
+                x = torch.randn(tokens, k).to(dtype)
+                f(x)
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    f(x)
+                times[name].append((time.perf_counter() - t0) / 10 * 1e3)
+        med = {name: statistics.median(v) for name, v in times.items()}
+        print(f"GEMM {n}x{k}, {tokens} token(s), ms a call (medians of {rounds}): " + ", ".join(
+            f"{name} {m:.2f} ({med['fp32'] / m:.2f}x)" for name, m in med.items()), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=2048)
@@ -102,7 +134,11 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
     ap.add_argument("--skip-kl", action="store_true")
+    ap.add_argument("--gemm-only", action="store_true", help="only time one projection's GEMM (gate_proj's shape)")
     args = ap.parse_args()
+    gemm_times(args.intermediate, args.hidden, args.group_size, max(args.rounds, 5))
+    if args.gemm_only:
+        return
 
     if not args.skip_kl:
         kl = mean_kl(args.group_size)
@@ -123,7 +159,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(2, spec.vocab, (PROMPT_LEN,), generator=g).tolist() for _ in range(args.batch)]
         mixed = [adapter_ids[i % len(adapter_ids)] for i in range(args.batch)]
-        kv_bytes = 2 * spec.layers * spec.kv_heads * spec.head_dim * 4 * args.batch * 64
+        kv_bytes = 2 * spec.layers * spec.kv_heads * spec.head_dim * 4 * max(args.batch, 4) * 64
         per_adapter = sum(8 * (n + k) for n, k in map(spec.module_shape, ALL_MODULES)) * spec.layers * 4
         arena = 2 * per_adapter * len(set(mixed)) + 64 * 2**20      # the adapters in float32, twice over
         engines = {}
@@ -139,7 +175,7 @@ def main() -> None:
             engines[name].start()
         rates = {(n, m): [] for n in names for m in ("base", "mixed")}
         try:
-            decode_rate(engines[names[0]], prompts[:2], [""] * 2, 3)      # warm-up
+            decode_rate(engines[names[0]], prompts[:2], [""] * len(prompts[:2]), 3)      # warm-up
             for r in range(args.rounds):
                 for name in names:
                     rates[name, "base"].append(decode_rate(engines[name], prompts, [""] * len(prompts),

@@ -10,7 +10,8 @@
 // a time into L1 and take its dot products with each token in float32. The products are those of the
 // dequantized weight (the tests' float64 reference). Built with the host CPU's vector flags
 // (model/quant.py picks them), so the dequantizing loops vectorize.
-// int4 q: uint8 [N, K / 2], byte j of a row holding input 2j in its low and 2j + 1 in its high nibble.
+// int4 q: uint8 [N, K / 2]; in each group of G inputs, byte j holds input j in its low and input
+// j + G / 2 in its high nibble (so each half dequantizes with contiguous stores).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -68,10 +69,9 @@ void dequant_int4(const uint8_t* q, const float* s, const float* z, int64_t grou
       const float sg = sr[g], zg = zr[g];
       const uint8_t* qg = qr + g * group / 2;
       Out* og = o + g * group;
-      for (int64_t j = 0; j < group / 2; ++j) {
-        og[2 * j] = cast_out<Out>((static_cast<float>(qg[j] & 15) - zg) * sg);
-        og[2 * j + 1] = cast_out<Out>((static_cast<float>(qg[j] >> 4) - zg) * sg);
-      }
+      const int64_t half = group / 2;
+      for (int64_t j = 0; j < half; ++j) og[j] = cast_out<Out>((static_cast<float>(qg[j] & 15) - zg) * sg);
+      for (int64_t j = 0; j < half; ++j) og[half + j] = cast_out<Out>((static_cast<float>(qg[j] >> 4) - zg) * sg);
     }
   }
 }
@@ -202,7 +202,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 TORCH_LIBRARY(openlora_quant, lib) {
   // y = x @ (q * s[:, None]).T + bias;  x [T, K] float32 | bfloat16, q [N, K] int8, s [N] float32
   lib.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor");
-  // y = x @ W.T, W[n, k] = (q4[n, k] - z[n, k // group]) * s[n, k // group];  q [N, K / 2] uint8
+  // y = x @ W.T, W[n, k] = (q4[n, k] - z[n, k // group]) * s[n, k // group];  q [N, K / 2] uint8,
+  // byte g * group / 2 + j of a row = q4[g * group + j] | q4[g * group + group / 2 + j] << 4
   lib.def("int4_linear(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group) -> Tensor");
 }
 

@@ -86,6 +86,13 @@ def _mixtral():
                                             num_experts_per_tok=2, sliding_window=None))
 
 
+def _olmoe():
+    """q/k norms over the whole projections, clip_qkv, top-2 of 4 experts without renormalising."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+    return OlmoeForCausalLM(OlmoeConfig(**COMMON, intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                                        clip_qkv=1.0, tie_word_embeddings=False))
+
+
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 FAMILIES = {
@@ -118,6 +125,10 @@ FAMILIES = {
         dict(r=4, lora_alpha=8, target_modules=[], target_parameters=EXPERTS + ["mlp.gate.weight"]),
         dict(r=6, lora_alpha=12, target_modules=["q_proj", "o_proj"],
              target_parameters=["mlp.experts.gate_up_proj"], use_rslora=True),
+    ]),
+    "olmoe": (_olmoe, [
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], target_parameters=EXPERTS),
+        dict(r=2, lora_alpha=2, target_modules=["v_proj", "o_proj"], target_parameters=["mlp.gate.weight"]),
     ]),
     "phi4mini": (_phi4_mini, [
         dict(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -307,7 +318,7 @@ def test_unsupported_rope_scaling_is_refused_at_load():
         rope_tables(cfg, 16)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "olmoe"])
 def test_moe_per_expert_checkpoints_load_as_the_fused_experts(arch, tmp_path):
     """Hub checkpoints keep one tensor per expert (Qwen3-MoE: mlp.experts.E.gate_proj/up_proj/
     down_proj; Mixtral: block_sparse_moe.experts.E.w1/w3/w2 and block_sparse_moe.gate): they load
@@ -321,7 +332,7 @@ def test_moe_per_expert_checkpoints_load_as_the_fused_experts(arch, tmp_path):
     randomize(model, 1)
     model.save_pretrained(tmp_path / "fused")
     cfg = model.config
-    block, names = ("mlp", ("gate_proj", "up_proj", "down_proj")) if arch == "qwen3_moe" else (
+    block, names = ("mlp", ("gate_proj", "up_proj", "down_proj")) if arch != "mixtral" else (
         "block_sparse_moe", ("w1", "w3", "w2"))
     state = load_file(str(tmp_path / "fused" / "model.safetensors"))
     split = {}
@@ -350,3 +361,66 @@ def test_moe_per_expert_checkpoints_load_as_the_fused_experts(arch, tmp_path):
     assert want.keys() == got.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+# each family's chat format, as its tokenizer_config.json's chat_template renders it (shortened)
+CHAT_TEMPLATES = {
+    "qwen3_moe": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "gemma2": ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant'"
+               " else m['role']) + '\\n' + m['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
+def test_family_chat_through_registry_router_and_gateway(name, tmp_path):
+    """The family served for real: its PEFT adapters registered in a registry that checks them
+    against the base model (--base-model; MoE expert LoRA included), an executor, the router and the
+    OpenAI gateway; a chat completion in the family's chat format answers, greedily, what
+    transformers+peft answers for the templated prompt."""
+    import grpc
+    import openai
+    from test_gateway import Gateway
+    from transformers import AutoTokenizer
+
+    from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
+    from services.synthetic import write_tokenizer
+    from tests.servers import Service
+    model_dir, root = build_family(tmp_path, name)
+    write_tokenizer(model_dir, VOCAB)
+    tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "chat_template": CHAT_TEMPLATES[name]}))
+    adapter = sorted(p.name for p in root.iterdir())[0]
+    messages = [{"role": "user", "content": "Hello world, hello adapters! The quick brown fox jumps."}]
+    ids = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    started = []
+    try:
+        registry = Service("registry", "--data-dir", str(tmp_path / "reg"), "--base-model", str(model_dir),
+                           log_path=tmp_path / "registry.log")
+        started.append(registry.start())
+        executor = Service("executor", "--registry", registry.address, "--base-model", str(model_dir),
+                           "--disk-cache-dir", str(tmp_path / "disk"), log_path=tmp_path / "executor.log")
+        started.append(executor.start(timeout=600))
+        router = Service("router", "--registry", registry.address, "--executor", executor.address,
+                         "--poll-interval-s", "0.2", log_path=tmp_path / "router.log")
+        started.append(router.start())
+        with grpc.insecure_channel(registry.address) as ch:
+            registry_pb2_grpc.AdapterRegistryStub(ch).RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+                adapter_id=f"org/{adapter}", source=f"file://{root / adapter}"), timeout=30)
+        gateway = Gateway("--router", router.address, "--registry", registry.address,
+                          "--models-cache-s", "0", log_path=tmp_path / "gateway.log")
+        started.append(gateway.start().service)
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        for model, adapter_dir in ((f"org/{adapter}", root / adapter), (name, None)):
+            got = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_NEW,
+                                                 temperature=0, extra_body={"ignore_eos": True,
+                                                                            "return_token_ids": True})
+            want, _ = oracle(model_dir, adapter_dir, ids, MAX_NEW)
+            assert got.usage.prompt_tokens == len(ids), model
+            assert got.choices[0].model_extra["token_ids"] == want, model
+    finally:
+        for s in reversed(started):
+            s.stop()

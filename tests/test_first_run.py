@@ -79,7 +79,7 @@ def test_up_names_the_service_that_died_and_its_log(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     log = tmp_path / "d" / "logs" / "executor-0.log"
     assert "executor-0" in last and str(log) in last and "no such directory" in last
-    assert "registry ready" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr           # (the registry starts beside it: ready or not yet)
     assert health(f"127.0.0.1:{port + 1}") is None     # the registry was stopped too
 
 

@@ -206,7 +206,8 @@ class Int4Linear:
         self.fused = device.type == "cpu" and wt.group_size % 2 == 0 and cpu_kernels()
         if self.fused:
             self.group = wt.group_size
-            self.packed = (wt.q[:, 1::2] << 4 | wt.q[:, ::2]).contiguous()      # [N, K / 2] uint8
+            g = wt.q.reshape(n, k // self.group, 2, self.group // 2)         # each group's two halves
+            self.packed = (g[:, :, 1] << 4 | g[:, :, 0]).reshape(n, k // 2).contiguous()   # [N, K / 2]
             self.sz = (wt.s.float().contiguous(), wt.z.float().contiguous())      # [N, K // group] each
             return
         s, z, self.group = _kernel_groups(wt)
