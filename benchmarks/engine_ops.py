@@ -4,7 +4,7 @@
 
 The throughput benchmark's model and workload (benchmarks/throughput.py: 64 requests of 32 prompt
 + 32 new tokens over 32 rank-16 adapters on all seven projections, or --base-only). Each call the
-model makes into services.executor.ops (lora_linear[_packed], linear_packed, the layer ops) and its
+model makes into services.executor.ops (linear_packed, lora_paged_add_, the layer ops) and its
 paged_attention (K/V writes included) is timed, as is the whole forward pass; the medians over
 --repeats runs (after one untimed run) are printed in ms per run. "forward" minus the ops listed is
 the model's own Python and the small torch ops between them.

@@ -148,7 +148,7 @@ def check_against_oracle(model_dir, root, out, requests):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 def test_mixed_adapter_batch_matches_transformers_peft(device, arch, model_dirs, adapter_roots):
-    """On CUDA every op runs on the GPU (lora_linear_async, paged_attention_decode_async, the layer
+    """On CUDA every op runs on the GPU (lora_paged_add_ on device pages, paged_attention_decode_async, the layer
     ops' kernels), fp32, against transformers+peft on the CPU."""
     root = adapter_roots[arch]
     names = sorted(p.name for p in root.iterdir())
