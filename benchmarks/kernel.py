@@ -139,7 +139,7 @@ def isas_to_run(choice: str) -> list[str]:
 
 
 def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, dtype: torch.dtype) -> None:
-    c = make_case(T, G, dtype, d_in, d_out, page=64, ranks=(16,))
+    c = make_case(T, G, dtype, d_in, d_out, page=256, ranks=(16,))  # the arena page of that model
     bench(f"T={T:<5} G={G} {d_in:>4}->{d_out:<4} {str(dtype)[6:]}", c, rounds)
 
 
@@ -308,7 +308,7 @@ def main() -> None:
         return
     for isa in isas_to_run(args.isa):
         ops.set_cpu_kernels(isa)
-        print(f"isa={isa}" + ("" if not args.engine_shapes else " engine shapes: rank 16, 32 adapters, pages of 64"))
+        print(f"isa={isa}" + ("" if not args.engine_shapes else " engine shapes: rank 16, 32 adapters, pages of 256"))
         for dtype in dtypes:
             if args.engine_shapes:
                 for T in (64, 2048):

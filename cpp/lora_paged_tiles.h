@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "cpu_kernels.h"
+#include "simd512.h"
 #include "simd_vec.h"
 
 namespace openlora {
@@ -111,6 +112,12 @@ inline void shrink_tile(const T* const* xs, const T* arena, const int32_t* const
       }
     }
   }
+#if defined(__AVX512F__)
+  if constexpr (NT * NK == 16) {  // the 16 lane sums at once (a transpose-and-add), not one by one
+    _mm512_storeu_ps(out, simd::sum_lanes16(&acc[0][0]));
+    return;
+  }
+#endif
   for (int t = 0; t < NT; ++t)
     for (int k = 0; k < NK; ++k) out[t * NK + k] = Vec::sum(acc[t][k]);
 }
