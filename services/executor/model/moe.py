@@ -1,4 +1,4 @@
-"""Mixture of Experts: Qwen3-MoE and Mixtral, with LoRA on the router and on every expert.
+"""Mixture of Experts: Qwen3-MoE, Mixtral and OLMoE, with LoRA on the router and on every expert.
 
 transformers 5 keeps each layer's experts fused: mlp.experts.gate_up_proj [E, 2I, H] and
 mlp.experts.down_proj [E, H, I], and the router as mlp.gate.weight [E, H]. A token goes to its
@@ -109,6 +109,7 @@ class MoeDecoderLayer(DecoderLayer):
 _PER_EXPERT = {  # family -> (block name, gate, up, down)
     "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
     "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+    "olmoe": ("mlp", "gate_proj", "up_proj", "down_proj"),
 }
 
 
@@ -135,5 +136,5 @@ class MoeForCausalLM(CausalLM):
         return state
 
 
-Qwen3MoeForCausalLM = MixtralForCausalLM = MoeForCausalLM
-MODELS = {"qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM}
+Qwen3MoeForCausalLM = MixtralForCausalLM = OlmoeForCausalLM = MoeForCausalLM
+MODELS = {"qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM, "olmoe": OlmoeForCausalLM}
