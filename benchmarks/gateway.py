@@ -130,10 +130,15 @@ class HttpSide:
         self.conn = None
 
     async def one_token(self) -> None:
-        if self.conn is None:
-            self.conn = await Http(self.port).connect()
-        await self.conn.unary("/v1/completions", {"model": "bench", "prompt": PROMPT, "max_tokens": 1,
-                                                  "temperature": 0})
+        body = {"model": "bench", "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+        if self.conn is not None:
+            try:
+                await self.conn.unary("/v1/completions", body)
+                return
+            except (IndexError, ConnectionError):   # the server closed an idle keep-alive connection
+                self.conn.close()
+        self.conn = await Http(self.port).connect()
+        await self.conn.unary("/v1/completions", body)
 
     async def stream(self, i: int, tokens: int, structured: bool = False) -> int:
         c = await Http(self.port).connect()

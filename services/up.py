@@ -1,4 +1,5 @@
-"""`openlora up`: a whole deployment on one machine — registry, N executors, a router and the gateway.
+"""`openlora up`: a whole deployment on one machine — registry, N executors and a router, which also
+serves the OpenAI-compatible HTTP API on --http-port (one hop from the executors).
 
 Ports: the router on --port (the one clients use), the registry on --port+1, executors on
 --port+2 ... With no --base-model it serves a small built-in demo model with random weights, written
@@ -10,7 +11,7 @@ router fails over to the other executors; executors serve resident adapters whil
 away), said in one line each time; `up` stops on Ctrl-C/SIGTERM, or when a service cannot start.
 
 Security: --tls-cert/--tls-key (and --tls-ca: mutual TLS) are given to every service, so each serves
-TLS (the gateway HTTPS) and calls the others over TLS; `up`'s own health checks and demo-adapter
+TLS (the HTTP API HTTPS) and calls the others over TLS; `up`'s own health checks and demo-adapter
 registration use them too. --auth-file turns auth on everywhere; --token (env OPENLORA_TOKEN, passed
 to the services in their environment, never on a command line) is what the services and `up` send:
 with an auth file, an admin token.
@@ -59,7 +60,7 @@ class UpConfig:
     base_model: str = flag("", "base model directory or hub id (empty -> the built-in demo model)")
     executors: int = flag(1, "how many executors")
     startup_timeout_s: float = flag(600.0, "how long each service may take to answer SERVING")
-    http_port: int = flag(8000, "the OpenAI-compatible HTTP gateway's port (0 -> no gateway)")
+    http_port: int = flag(8000, "the OpenAI-compatible HTTP API's port, served by the router (0 -> none)")
     tls_cert: str = flag("", "PEM certificate every service serves TLS with (and presents as a client)")
     tls_key: str = flag("", "PEM private key of --tls-cert")
     tls_ca: str = flag("", "PEM CA every service verifies its peers with; turns on mutual TLS")
@@ -547,18 +548,14 @@ def _run(args: UpConfig, procs: list[Proc], status: dict[str, bool]) -> int:
                                       "--disk-cache-dir", str(data / f"executor-{i}"),
                                       *metrics_flag(f"executor-{i}"), *secure])
              for i, addr in enumerate(executors)]
+    # the router serves the OpenAI API itself on --http-port: HTTP -> placement -> an executor
+    http = ["--http-port", str(args.http_port)] if args.http_port else []
     plan.append(("router", f"{h}:{port}", [*cli, "router", "--host", h, "--port", str(port),
-                                            "--registry", registry, *metrics_flag("router"),
+                                            "--registry", registry, *metrics_flag("router"), *http,
                                             *[x for e in executors for x in ("--executor", e)], *secure]))
-    if args.http_port:
-        plan.append(("gateway", f"{h}:{args.http_port}",
-                     [*cli, "gateway", "--host", h, "--port", str(args.http_port),
-                      "--router", f"{h}:{port}", "--registry", registry,
-                      "--base-model", base if pathlib.Path(base).is_dir() else "",
-                      *args.service_args(auth=False)]))   # the gateway passes callers' tokens on
     env = {"OPENLORA_TOKEN": args.token} if args.token else {}
     # the registry and the executors start together (an executor needs the registry only to fetch
-    # an adapter, later); the router once the executors serve, then the gateway
+    # an adapter, later); the router (and its HTTP API) once the executors serve
     early = [step for step in plan if step[0] == "registry" or step[0].startswith("executor-")]
     started: dict[str, Proc] = {}
     for name, address, cmd in early:
@@ -569,11 +566,10 @@ def _run(args: UpConfig, procs: list[Proc], status: dict[str, bool]) -> int:
             started[name] = _start(name, address, cmd, logs, env)
             procs.append(started[name])
         proc = started[name]
-        if name == "gateway":
-            wait_http(proc, f"{scheme}://{address}/health", args.startup_timeout_s, procs,
+        wait_serving(proc, args.startup_timeout_s, procs, security)
+        if name == "router" and args.http_port:
+            wait_http(proc, f"{scheme}://{h}:{args.http_port}/health", args.startup_timeout_s, procs,
                       https_context(args) if args.tls_cert else None)
-        else:
-            wait_serving(proc, args.startup_timeout_s, procs, security)
         proc.ready, proc.started_at = True, time.monotonic()
         proc.ready_at = proc.started_at
         say(f"{name} ready on {address}{' (TLS)' if args.tls_cert else ''}  (log {proc.log})")

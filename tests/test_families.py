@@ -86,6 +86,13 @@ def _mixtral():
                                             num_experts_per_tok=2, sliding_window=None))
 
 
+def _olmoe():
+    """q/k norms over the whole projections, clip_qkv, top-2 of 4 experts without renormalising."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+    return OlmoeForCausalLM(OlmoeConfig(**COMMON, intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                                        clip_qkv=1.0, tie_word_embeddings=False))
+
+
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 FAMILIES = {
@@ -118,6 +125,10 @@ FAMILIES = {
         dict(r=4, lora_alpha=8, target_modules=[], target_parameters=EXPERTS + ["mlp.gate.weight"]),
         dict(r=6, lora_alpha=12, target_modules=["q_proj", "o_proj"],
              target_parameters=["mlp.experts.gate_up_proj"], use_rslora=True),
+    ]),
+    "olmoe": (_olmoe, [
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], target_parameters=EXPERTS),
+        dict(r=2, lora_alpha=2, target_modules=["v_proj", "o_proj"], target_parameters=["mlp.gate.weight"]),
     ]),
     "phi4mini": (_phi4_mini, [
         dict(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -307,7 +318,7 @@ def test_unsupported_rope_scaling_is_refused_at_load():
         rope_tables(cfg, 16)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "olmoe"])
 def test_moe_per_expert_checkpoints_load_as_the_fused_experts(arch, tmp_path):
     """Hub checkpoints keep one tensor per expert (Qwen3-MoE: mlp.experts.E.gate_proj/up_proj/
     down_proj; Mixtral: block_sparse_moe.experts.E.w1/w3/w2 and block_sparse_moe.gate): they load
@@ -321,7 +332,7 @@ def test_moe_per_expert_checkpoints_load_as_the_fused_experts(arch, tmp_path):
     randomize(model, 1)
     model.save_pretrained(tmp_path / "fused")
     cfg = model.config
-    block, names = ("mlp", ("gate_proj", "up_proj", "down_proj")) if arch == "qwen3_moe" else (
+    block, names = ("mlp", ("gate_proj", "up_proj", "down_proj")) if arch != "mixtral" else (
         "block_sparse_moe", ("w1", "w3", "w2"))
     state = load_file(str(tmp_path / "fused" / "model.safetensors"))
     split = {}

@@ -166,3 +166,28 @@ def test_registry_accepts_dora_refuses_nonfinite_and_misfits(model_dirs, tmp_pat
         assert code_of(r.stub.GetAdapter, pb.GetAdapterRequest(adapter_id="bad")) == CODE.NOT_FOUND
     finally:
         r.close()
+
+
+def test_saved_modules_count_at_their_true_size_and_refuse_when_they_cannot_fit(model_dirs, tmp_path):
+    from services.common.errors import ResourceExhausted
+    model_dir = model_dirs["llama"]
+    peft_adapter(model_dir, tmp_path / "lora", 11, r=4, lora_alpha=8, target_modules=["o_proj"])
+    peft_adapter(model_dir, tmp_path / "saved", 11, r=4, lora_alpha=8, target_modules=["o_proj"],
+                 modules_to_save=["lm_head"])
+    engine = engine_for(model_dir, tmp_path, max_lora_rank=16)
+    try:
+        engine.load_adapter("lora", 0)
+        engine.load_adapter("saved", 0)
+        used = {a.adapter_id: a for a in engine.status().adapters}
+        sizes = {k: v.entry.nbytes for (k, _), v in engine.adapters._held.items()}
+        assert set(used) == {"lora", "saved"}
+        assert sizes["saved"] - sizes["lora"] >= 512 * 64 * 4      # the whole lm_head copy, fp32
+    finally:
+        engine.stop()
+    small = engine_for(model_dir, tmp_path, max_lora_rank=16, host_cache_bytes=64 * 1024)
+    try:
+        small.load_adapter("lora", 0)
+        with pytest.raises(ResourceExhausted, match="more than the whole host arena"):
+            small.load_adapter("saved", 0)
+    finally:
+        small.stop()

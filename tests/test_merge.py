@@ -77,7 +77,8 @@ def _request(rid, prompt, adapter_id="", merged=None):
                              adapter_version=1 if merged else 0, merged=merged)
 
 
-def test_every_combination_type_matches_peft_add_weighted_adapter(model_dirs, adapters):
+@pytest.mark.parametrize("config", [{}, {"device_cache_bytes": 8 << 20}])   # host arena; device pool
+def test_every_combination_type_matches_peft_add_weighted_adapter(config, model_dirs, adapters):
     model_dir = model_dirs["llama"]
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(2, 512, (4 + 3 * i,), generator=g).tolist() for i in range(len(COMBOS) + 2)]
@@ -85,11 +86,15 @@ def test_every_combination_type_matches_peft_add_weighted_adapter(model_dirs, ad
                              else 0.0) for kind, names, weights in COMBOS]
     reqs = [_request(f"m{i}", prompts[i], merged=s) for i, s in enumerate(specs)]
     reqs += [_request("plain", prompts[-2], "b8"), _request("base", prompts[-1])]
-    engine = engine_for(model_dir, adapters, max_lora_rank=16)
+    engine = engine_for(model_dir, adapters, max_lora_rank=16, **config)
     try:
         out = run(engine, reqs)
+        placed = {a for a, *_ in engine.adapters.placements()}
     finally:
         engine.stop()
+    # cat reads its adapters' own pages in the batch; the other types are derived adapters
+    assert {s.derived_id for s in specs if s.combination_type != "cat"} <= placed
+    assert specs[0].derived_id not in placed and {"a4", "b8", "c4"} <= placed
     for i, (kind, names, weights) in enumerate(COMBOS):
         o = out[f"m{i}"]
         assert o["error"] is None, (kind, o["error"])
@@ -113,7 +118,7 @@ def test_merge_refusals(model_dirs, adapters):
             MergeSpec.parse(*args)
     engine = engine_for(model_dirs["llama"], adapters, max_lora_rank=16)
     bad = {"ranks": (MergeSpec.parse(["a4", "b8"], [1, 1], "linear"), InvalidArgument, "one rank"),
-           "dora": (MergeSpec.parse(["a4", "dora"], [1, 1], "cat"), InvalidArgument, "'dora' is DoRA"),
+           "dora": (MergeSpec.parse(["a4", "dora"], [1, 1], "cat"), InvalidArgument, "'dora' is"),
            "unknown": (MergeSpec.parse(["a4", "nope"], [1, 1], "cat"), AdapterNotFound, "nope")}
     try:
         out = run(engine, [_request(k, [3, 4, 5], merged=s) for k, (s, _, _) in bad.items()])

@@ -481,3 +481,32 @@ def test_router_serves_the_openai_api_itself(stack):
         direct.completions.create(model="org/nope", prompt="x", max_tokens=1)
     with pytest.raises(openai.BadRequestError):
         direct.completions.create(model=BASE, prompt="x", max_tokens=1, extra_body={"guided_regex": "[a-"})
+    # admin through the router's own executor channels
+    from tests.test_gateway import http
+    path = write_adapter(stack["root"] / "rt", TINY["llama"], AdapterSpec(rank=4, seed=77))
+    status, text = http(stack["direct_url"] + "/v1/load_lora_adapter", "POST",
+                        json.dumps({"lora_name": "org/rt", "lora_path": str(path)}).encode(), token=None)
+    assert status == 200 and "loaded on 1 executor" in text, text
+    assert len(direct.completions.create(model="org/rt", prompt="hi", max_tokens=2).choices[0].text) >= 0
+    status, text = http(stack["direct_url"] + "/v1/unload_lora_adapter", "POST",
+                        json.dumps({"lora_name": "org/rt"}).encode(), token=None)
+    assert status == 200, text
+
+
+def test_chat_logprobs_exact(stack):
+    """Three distinct alternatives per token (by id: their bytes differ even where their text is
+    U+FFFD), the chosen token among them (greedy), and bytes that spell the content exactly."""
+    r = stack["client"].chat.completions.create(model="org/qv", messages=ASK, max_tokens=24, temperature=0,
+                                                logprobs=True, top_logprobs=3,
+                                                extra_body={"ignore_eos": True, "return_token_ids": True})
+    c = r.choices[0]
+    content = c.logprobs.content
+    ids = c.model_extra["token_ids"]
+    assert len(content) == len(ids) == 24
+    spelled = b"".join(bytes(e.bytes) for e in content if not (e.token.startswith("<|") and e.token.endswith("|>")))
+    assert spelled.decode("utf-8", "replace") == c.message.content    # special tokens are not text
+    for e in content:
+        assert len(e.top_logprobs) == 3
+        assert len({bytes(t.bytes) for t in e.top_logprobs} | {t.token for t in e.top_logprobs}) >= 3
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob) and e.top_logprobs[0].bytes == e.bytes
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob

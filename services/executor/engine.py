@@ -26,11 +26,11 @@ import torch
 from services.common.errors import Cancelled, InvalidArgument, QueueFull, Unavailable
 from services.common.memory import tune_malloc
 from services.common.peft_format import check_adapter_id
-from services.executor import ops, prompt_logprobs
+from services.executor import ops, prompt_logprobs, structured
 from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.device import DevicePool
-from services.executor.adapters.forms import BaseWeights
-from services.executor.adapters.merge import MergedSource
+from services.executor.adapters.forms import BaseWeights, num_projections
+from services.executor.adapters.merge import CombiningResidency, MergedSource
 from services.executor.adapters.residency import Residency
 from services.executor.adapters.source import AdapterSource
 from services.executor.config import ExecutorConfig
@@ -159,6 +159,8 @@ class Engine:
                                   on_load=self._on_adapter_load,
                                   write_back=config.disk_write_back,
                                   write_back_queue=config.disk_write_back_queue)
+        # cat requests read their adapters' own pages in the batch (merge.CombiningResidency)
+        self.adapters = CombiningResidency(self.adapters, self.merged, num_projections(layout))
         if unified:   # KV demand takes back lent blocks from cold adapters before preempting
             self.scheduler.reclaim = lambda n: self.adapters.reclaim(
                 n, lambda: self.allocator.num_free) >= 0 and self.allocator.can_allocate(n)
@@ -362,6 +364,10 @@ class Engine:
             return
         reqs = [self._active[item.seq.seq_id] for item in batch.items]
         spans = prompt_logprobs.prompt_spans(batch)
+        grammar_rows = [r.row for r, item in zip(reqs, batch.items, strict=True)
+                        if item.samples and r.row.grammar is not None]
+        if grammar_rows:        # their masks are computed while the model runs (structured.py)
+            structured.prefetch(grammar_rows)
         logits = self._run_model(batch, reqs, spans)
         if logits is None:
             return

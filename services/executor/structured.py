@@ -3,6 +3,7 @@
     grammars = GrammarCache(tokenizer_json, vocab, eos_token_ids, size=256)
     g = grammars.new(StructuredOutput("json_schema", schema_text))   # InvalidArgument when bad
     row.grammar = g                             # sampler.py: special rows are masked at one point
+    prefetch(rows)                              # engine: masks computed while the model runs
     allowed = g.allowed(row.history[row.prompt_len:], device)   # bool [vocab]; consumes new tokens
 
 The engine is llguidance (Microsoft's grammar engine behind guidance; CPU wheels on PyPI, no torch
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +137,21 @@ class GrammarCache:
         return Grammar(self.compile(spec).deep_copy(), self.vocab, self.eos_token_ids)
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def prefetch(rows) -> None:
+    """Start computing the masks of these rows' grammars on a worker thread (llguidance drops the
+    GIL), to overlap the step's forward pass; Grammar.allowed then takes the result."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+    for r in rows:
+        g = r.grammar
+        n = len(r.history) - r.prompt_len
+        g.pending = (n, _POOL.submit(g._mask, r.history[r.prompt_len:]))
+
+
 class Grammar:
     """One sequence's position in its grammar."""
 
@@ -143,10 +160,20 @@ class Grammar:
         self.vocab = vocab
         self.eos_token_ids = eos_token_ids
         self.consumed = 0            # output tokens the matcher has taken
+        self.pending = None          # (output length, Future of its mask) from prefetch()
 
     def allowed(self, output: list[int], device: torch.device) -> Tensor:
         """bool [vocab]: the tokens that may come next after `output` (the sequence's tokens so far;
         the ones not yet consumed advance the matcher first)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            n, future = pending
+            mask = future.result()
+            if n == len(output):
+                return mask.to(device, non_blocking=True)
+        return self._mask(output).to(device, non_blocking=True)
+
+    def _mask(self, output: list[int]) -> Tensor:
         m = self.matcher
         for t in output[self.consumed:]:
             if not m.is_stopped():   # a complete output: EOS (or ignore_eos' repeats) not consumed
@@ -159,4 +186,4 @@ class Grammar:
         mask = ((bits[:, None] >> shifts) & 1).flatten()[:self.vocab].bool()
         if mask.numel() < self.vocab:
             mask = torch.cat([mask, torch.zeros(self.vocab - mask.numel(), dtype=torch.bool)])
-        return mask.to(device, non_blocking=True)
+        return mask

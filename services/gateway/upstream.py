@@ -135,6 +135,10 @@ class Gateway:
 
     # -- runtime adapters ----------------------------------------------------------------------
     async def executor_stubs(self, md) -> list[tuple[str, executor_pb2_grpc.ExecutorStub]]:
+        """Every healthy executor's stub: the router's own channels when it serves this app (in
+        process), else channels of the gateway's own to the executors the router lists."""
+        if hasattr(self.router, "executor_stubs"):
+            return self.router.executor_stubs()
         listed = await self.router.ListExecutors(router_pb2.ListExecutorsRequest(), timeout=30, metadata=md)
         out = []
         for e in listed.executors:

@@ -126,6 +126,11 @@ class LocalRouter:
         except Exception as exc:
             raise _rpc_error(exc) from None
 
+    def executor_stubs(self) -> list[tuple[str, object]]:
+        """The router's own channels to its healthy executors (admin calls go through the router)."""
+        healthy = {v.address for v in self.servicer.pool.snapshot() if v.healthy}
+        return [(a, s) for a, s in self.servicer.pool.stubs.items() if a in healthy]
+
     async def Check(self, request, timeout=None, metadata=()):
         healthy = any(v.healthy for v in self.servicer.pool.snapshot())
         return health_pb2.HealthCheckResponse(

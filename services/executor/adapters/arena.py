@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from services.common.errors import InvalidAdapter
-from services.executor.adapters import forms
+from services.executor.adapters import forms, merge
 from services.executor.adapters.reader import HostAdapter
 from services.executor.model.config import LORA_MODULES, ModelConfig
 
@@ -105,6 +105,7 @@ class PagedBatch:
     seg_scalings: Tensor  # [G, LM] float32
     any_lora: bool        # False: every segment is base-only (the op can be skipped)
     forms: forms.BatchForms | None = None   # segments with DoRA, lm_head/embed_tokens forms
+    overlays: tuple = ()  # ((seg_meta, seg_scalings), ...): cat segments' further adapters (merge.py)
 
 
 class PageLender:
@@ -242,33 +243,38 @@ class PagePool:
         cached = self._batch_cache
         if cached is not None and cached[0] == key:
             return cached[1]
-        metas, scals, index, offset = [], [], [], 0
+        index, offset = [], 0
         seen: dict[int, int] = {}
         zero_meta = torch.zeros((self._lm, 2), dtype=torch.int32)
         zero_scal = torch.zeros(self._lm, dtype=torch.float32)
-        for e in entries:
-            if e is None:
-                metas.append(zero_meta)
-                scals.append(zero_scal)
-                continue
-            base = seen.get(e.uid)
-            if base is None:
-                base = seen[e.uid] = offset
-                index.append(e.pages)
-                offset += e.pages.numel()
-            m = e.meta.clone()
-            m[:, 0] += base
-            metas.append(m)
-            scals.append(e.scalings)
         G = len(entries)
-        tables = (torch.cat(index) if index else torch.zeros(0, dtype=torch.int32),
-                  torch.stack(metas) if G else torch.zeros((0, self._lm, 2), dtype=torch.int32),
-                  torch.stack(scals) if G else torch.zeros((0, self._lm), dtype=torch.float32))
-        batch_forms = forms.batch_forms(self.layout, tables[1], self.device)
+        passes = []   # pass 0: each segment's adapter; pass k: a cat segment's (k+1)-th (merge.py)
+        for entries_k in merge.batch_passes(entries):
+            metas, scals = [], []
+            for e, weight in entries_k:
+                if e is None:
+                    metas.append(zero_meta)
+                    scals.append(zero_scal)
+                    continue
+                base = seen.get(e.uid)
+                if base is None:
+                    base = seen[e.uid] = offset
+                    index.append(e.pages)
+                    offset += e.pages.numel()
+                m = e.meta.clone()
+                m[:, 0] += base
+                metas.append(m)
+                scals.append(e.scalings if weight == 1.0 else e.scalings * weight)
+            passes.append((torch.stack(metas) if G else torch.zeros((0, self._lm, 2), dtype=torch.int32),
+                           torch.stack(scals) if G else torch.zeros((0, self._lm), dtype=torch.float32)))
+        page_index = torch.cat(index) if index else torch.zeros(0, dtype=torch.int32)
+        batch_forms = forms.batch_forms(self.layout, passes[0][0], self.device)
         if self.device.type != "cpu":
-            tables = tuple(t.to(self.device, non_blocking=True) for t in tables)
-        out = PagedBatch(arena=self.pages, page_index=tables[0], seg_meta=tables[1],
-                         seg_scalings=tables[2], any_lora=bool(index), forms=batch_forms)
+            page_index = page_index.to(self.device, non_blocking=True)
+            passes = [tuple(t.to(self.device, non_blocking=True) for t in p) for p in passes]
+        out = PagedBatch(arena=self.pages, page_index=page_index, seg_meta=passes[0][0],
+                         seg_scalings=passes[0][1], any_lora=bool(index), forms=batch_forms,
+                         overlays=tuple(passes[1:]))
         self._batch_cache = (key, out)
         return out
 

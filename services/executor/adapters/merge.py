@@ -6,9 +6,12 @@ LoraModel.add_weighted_adapter defines each combination_type:
     source = MergedSource(inner_source, model_cfg, max_rank)      # what Residency reads from
     source.register(spec)                                         # before the request is admitted
 
-The combination is materialised once into a derived adapter keyed by its recipe (ids@versions, weights,
-type, density, sign method, seed), read, packed and cached through the tiers like any adapter, and
-evicted like one. Per (layer, module) present in any of them, with s_i each adapter's scaling:
+cat is served inside the batch with no merged copy (CombiningResidency pins each adapter; the pool's
+batch gives pass k of the page tables a cat segment's (k+1)-th adapter, scaled by its weight; LoraProj
+adds one ops.lora_paged_add_ per pass). The other types are materialised once into a derived adapter
+keyed by its recipe (ids@versions, weights, type, density, sign method, seed), read, packed and cached
+through the tiers like any adapter, and evicted like one. Per (layer, module) present in any of them,
+with s_i each adapter's scaling:
 
     cat          A = cat_i(w_i s_i A_i)   B = cat_i(B_i)                      rank: sum of ranks (exact sum)
     linear       A = sum_i sign_i sqrt|w_i s_i| A_i   B = sum_i sqrt|w_i s_i| B_i    equal ranks
@@ -24,10 +27,14 @@ modules_to_save adapters are refused (INVALID_ARGUMENT naming them).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import math
 import threading
+from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +46,7 @@ from services.executor.adapters.reader import HostAdapter, read_adapter
 from services.executor.adapters.source import UnusableCopy
 
 COMBINATIONS = ("cat", "linear", "ties", "dare_linear", "dare_ties", "svd")
+MAX_RECIPES = 4096          # recipes an executor remembers (each request registers its own again)
 PREFIX = "merged:"          # not a valid adapter id: a derived id never names a registered adapter
 
 
@@ -84,7 +92,7 @@ class MergeSpec:
             kind = "linear"
         return cls(tuple(parsed), weights, kind, density, sign, int(seed))
 
-    @property
+    @functools.cached_property
     def derived_id(self) -> str:
         recipe = json.dumps([self.ids, self.weights, self.combination_type, self.density,
                              self.majority_sign_method, self.seed])
@@ -168,7 +176,7 @@ class MergedSource:
 
     def __init__(self, inner, cfg, max_rank: int):
         self.inner, self.cfg, self.max_rank = inner, cfg, max_rank
-        self._specs: dict[str, MergeSpec] = {}
+        self._specs: OrderedDict[str, MergeSpec] = OrderedDict()   # the newest MAX_RECIPES
         self._lock = threading.Lock()
         # a disk tier's hooks, where the inner source has one: derived adapters never go to disk
         # (rebuilt from their adapters' copies, which do)
@@ -181,9 +189,17 @@ class MergedSource:
         return getattr(self.inner, name)
 
     def register(self, spec: MergeSpec) -> str:
-        with self._lock:
+        with self._lock:      # (a request registers its recipe again: a forgotten one comes back)
             self._specs[spec.derived_id] = spec
+            self._specs.move_to_end(spec.derived_id)
+            while len(self._specs) > MAX_RECIPES:
+                self._specs.popitem(last=False)
         return spec.derived_id
+
+    def cat_spec(self, adapter_id: str) -> MergeSpec | None:
+        """The cat combination a derived id names (served in the batch, not materialised), or None."""
+        spec = self._specs.get(adapter_id) if adapter_id.startswith(PREFIX) else None
+        return spec if spec is not None and spec.combination_type == "cat" else None
 
     def derived_of(self, adapter_id: str) -> list[str]:
         """The derived ids built from (any version of) adapter_id."""
@@ -205,3 +221,104 @@ class MergedSource:
 
         adapters = [self.inner.read(n, v, parts)[1] for n, v in spec.ids]
         return 1, combine(spec, adapters, self.cfg.lora_modules), "merged"     # the arena packs it
+
+
+# -- cat inside the batch: each adapter's pages read as one more pass over the request's rows ---------
+
+_cat_uids = itertools.count(-2, -1)    # below -1 (the base model's slot), apart from placements' uids
+
+
+@dataclass(eq=False)
+class CatEntry:
+    """A cat request's placement: its adapters' own placements, each applied with its weight (the
+    pool's batch gives part k of every cat segment to pass k; nothing is copied)."""
+
+    uid: int
+    parts: tuple            # the adapters' ArenaEntry placements, in spec order
+    weights: tuple[float, ...]
+
+
+@dataclass(eq=False)
+class CatLease:
+    """Quacks like residency.Lease for intake and the engine; holds one lease per adapter."""
+
+    key: tuple[str, int]
+    leases: tuple
+    entry: CatEntry
+    load_ms: float = 0.0
+    source_tier: str = "host"
+    held: object = None
+
+    @property
+    def version(self) -> int:
+        return 1
+
+    @property
+    def slot(self) -> int:
+        return self.entry.uid
+
+
+class CombiningResidency:
+    """The engine's Residency, plus cat requests served from their adapters' own placements
+    (acquire/release of a cat's derived id pins and unpins each adapter); everything else is the
+    residency's."""
+
+    def __init__(self, residency, merged: MergedSource, projections: int):
+        self._inner, self.merged, self.projections = residency, merged, projections
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def acquire(self, adapter_id: str, version: int, device: bool = True) -> Future:
+        spec = self.merged.cat_spec(adapter_id)
+        if spec is None:
+            return self._inner.acquire(adapter_id, version, device)
+        out: Future = Future()
+        futs = [self._inner.acquire(n, v, device) for n, v in spec.ids]
+        left, lock = [len(futs)], threading.Lock()
+
+        def one_done(_):
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            leases = [f.result() for f in futs if f.exception() is None]
+            error = next((f.exception() for f in futs if f.exception() is not None), None)
+            if error is None:
+                for (name, _), lease in zip(spec.ids, leases, strict=True):
+                    if bool((lease.entry.meta[self.projections:, 1] > 0).any()):
+                        error = InvalidArgument(f"adapter {name!r} is not plain LoRA (DoRA, embedding, "
+                                                "lm_head or saved modules); only LoRA on the projections "
+                                                "can be combined")
+                        break
+            if error is not None:
+                for lease in leases:
+                    self._inner.release(lease)
+                out.set_exception(error)
+                return
+            entry = CatEntry(next(_cat_uids), tuple(le.entry for le in leases), spec.weights)
+            out.set_result(CatLease((adapter_id, 1), tuple(leases), entry,
+                                    max(le.load_ms for le in leases)))
+
+        for f in futs:
+            f.add_done_callback(one_done)
+        return out
+
+    def release(self, lease) -> None:
+        if isinstance(lease, CatLease):
+            for part in lease.leases:
+                self._inner.release(part)
+        else:
+            self._inner.release(lease)
+
+
+def batch_passes(entries: list) -> list[list[tuple[object, float]]]:
+    """A step's segment placements -> passes of (placement or None, weight) per segment: pass 0 is
+    every segment's own adapter (a cat segment's first), pass k a cat segment's (k+1)-th adapter."""
+    depth = max((len(e.parts) for e in entries if isinstance(e, CatEntry)), default=1)
+    passes = [[] for _ in range(depth)]
+    for e in entries:
+        parts = list(zip(e.parts, e.weights, strict=True)) if isinstance(e, CatEntry) else [(e, 1.0)]
+        for k in range(depth):
+            passes[k].append(parts[k] if k < len(parts) else (None, 1.0))
+    return passes

@@ -18,13 +18,14 @@ ARCHS = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
     "Phi3ForCausalLM": "phi3", "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
+    "OlmoeForCausalLM": "olmoe",
 }
 FAMILY_MODULE = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
                  "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi3", "qwen3_moe": "moe",
-                 "mixtral": "moe"}
+                 "mixtral": "moe", "olmoe": "moe"}
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "qwen3_moe": "qwen3_moe",
-               "mixtral": "mixtral"}
+               "mixtral": "mixtral", "olmoe": "olmoe"}
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -61,7 +62,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     layer_windows: tuple[int | None, ...] = ()  # per layer (None: full attention); () = sliding_window
     # the families' extras (defaults: Llama's)
-    qk_norm: bool = False               # Qwen3, Gemma 3: RMSNorm over each head of q and k
+    qk_norm: bool | str = False         # Qwen3, Gemma 3: RMSNorm over each head of q and k;
+                                        # "full": over the whole q / k projection (OLMoE)
+    clip_qkv: float | None = None       # OLMoE: q, k, v clamped to [-clip, clip]
     norm_offset: bool = False           # Gemma: RMSNorm scales by (1 + weight), in fp32
     embed_scale: float | None = None    # Gemma: embeddings * sqrt(hidden) (in the model's dtype)
     activation: str = "silu"            # "silu" or "gelu_pytorch_tanh" (Gemma's GeGLU)
@@ -124,8 +127,10 @@ class ModelConfig:
                          final_softcap=cfg.get("final_logit_softcapping"))
         if arch == "phi3":
             extra["fused_qkv"] = True
-        if arch in ("qwen3_moe", "mixtral"):
+        if arch in ("qwen3_moe", "mixtral", "olmoe"):
             extra.update(_moe(arch, cfg))
+        if arch == "olmoe":
+            extra.update(qk_norm="full", clip_qkv=cfg.get("clip_qkv"))
         return cls(
             arch=arch, hidden=hidden, intermediate=cfg.get("intermediate_size") or 0,
             layers=cfg["num_hidden_layers"], heads=heads,
@@ -226,9 +231,10 @@ def _gemma3(cls, cfg: dict, rope: dict | None) -> ModelConfig:
 
 def _moe(arch: str, cfg: dict) -> dict:
     layers = cfg["num_hidden_layers"]
-    if arch == "mixtral":
-        return dict(num_experts=cfg["num_local_experts"], experts_per_token=cfg["num_experts_per_tok"],
-                    moe_intermediate=cfg["intermediate_size"], norm_topk_prob=True,
+    if arch in ("mixtral", "olmoe"):   # every layer sparse, the experts of intermediate_size
+        return dict(num_experts=cfg.get("num_local_experts") or cfg["num_experts"],
+                    experts_per_token=cfg["num_experts_per_tok"], moe_intermediate=cfg["intermediate_size"],
+                    norm_topk_prob=arch == "mixtral" or bool(cfg.get("norm_topk_prob", False)),
                     moe_layers=(True,) * layers)
     only = set(cfg.get("mlp_only_layers") or [])
     step = cfg.get("decoder_sparse_step") or 1

@@ -85,8 +85,11 @@ class LoraProj(nn.Module):
         y = self.base(x) if self.base is not None else torch.nn.functional.linear(x, self.weight, self.bias)
         p = batch.paged
         if p is not None and p.any_lora:
-            ops.lora_paged_add_(y, x.contiguous(), p.arena, p.page_index, p.seg_meta, p.seg_scalings,
-                                self.lm, batch.seg_indptr)
+            x = x.contiguous()
+            ops.lora_paged_add_(y, x, p.arena, p.page_index, p.seg_meta, p.seg_scalings, self.lm,
+                                batch.seg_indptr)
+            for meta, scalings in p.overlays:   # cat requests' further adapters (adapters/merge.py)
+                ops.lora_paged_add_(y, x, p.arena, p.page_index, meta, scalings, self.lm, batch.seg_indptr)
             if p.forms is not None:   # DoRA: scale its segments' rows (adapters/forms.py)
                 forms.dora_epilogue(y, self.bias, self.lm, p, batch.seg_indptr)
         return y
@@ -218,7 +221,11 @@ class Attention(nn.Module):
             self.k_proj = LoraProj(*reversed(cfg.module_shape("k_proj")), cfg.qkv_bias)
             self.v_proj = LoraProj(*reversed(cfg.module_shape("v_proj")), cfg.qkv_bias)
         self.o_proj = LoraProj(*reversed(cfg.module_shape("o_proj")), cfg.o_bias)
-        if cfg.qk_norm:
+        self.full_qk_norm, self.clip_qkv = cfg.qk_norm == "full", cfg.clip_qkv
+        if self.full_qk_norm:   # OLMoE: over the whole q / k projection
+            self.q_norm = RMSNorm(cfg.heads * cfg.head_dim, cfg.rms_eps)
+            self.k_norm = RMSNorm(cfg.kv_heads * cfg.head_dim, cfg.rms_eps)
+        elif cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_eps, cfg.norm_offset)
         else:
@@ -231,10 +238,14 @@ class Attention(nn.Module):
                 [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
         else:
             q, k, v = self.q_proj(x, batch), self.k_proj(x, batch), self.v_proj(x, batch)
+        if self.full_qk_norm:
+            q, k = self.q_norm.norm(q), self.k_norm.norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.reshape(T, self.heads, self.head_dim)
         k = k.reshape(T, self.kv_heads, self.head_dim)
         v = v.reshape(T, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.full_qk_norm:
             q, k = self.q_norm.norm(q), self.k_norm.norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = paged_attention(q, k, v.contiguous(), k_cache, v_cache, batch.attn, self.scale, self.window,

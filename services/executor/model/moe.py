@@ -1,4 +1,4 @@
-"""Mixture of Experts: Qwen3-MoE and Mixtral, with LoRA on the router and on every expert.
+"""Mixture of Experts: Qwen3-MoE, Mixtral and OLMoE, with LoRA on the router and on every expert.
 
 transformers 5 keeps each layer's experts fused: mlp.experts.gate_up_proj [E, 2I, H] and
 mlp.experts.down_proj [E, H, I], and the router as mlp.gate.weight [E, H]. A token goes to its
@@ -66,14 +66,16 @@ class Experts(nn.Module):
             xe = xs[start:start + n]
             h = xe @ self.gate_up_proj[e].T
             if lora:
-                ops.lora_paged_add_(h, xe, p.arena, p.page_index, p.seg_meta, p.seg_scalings,
-                                    self.lora[e]["gate_up_proj"].lm, indptr[e])
+                for meta, scalings in ((p.seg_meta, p.seg_scalings), *p.overlays):   # overlays: cat
+                    ops.lora_paged_add_(h, xe, p.arena, p.page_index, meta, scalings,
+                                        self.lora[e]["gate_up_proj"].lm, indptr[e])
             gate, up = h.chunk(2, dim=-1)
             a = gated_act(self.activation, gate.contiguous(), up.contiguous())
             o = a @ self.down_proj[e].T
             if lora:
-                ops.lora_paged_add_(o, a, p.arena, p.page_index, p.seg_meta, p.seg_scalings,
-                                    self.lora[e]["down_proj"].lm, indptr[e])
+                for meta, scalings in ((p.seg_meta, p.seg_scalings), *p.overlays):
+                    ops.lora_paged_add_(o, a, p.arena, p.page_index, meta, scalings,
+                                        self.lora[e]["down_proj"].lm, indptr[e])
             out[start:start + n] = o
             start += n
         weights = top_w.reshape(-1)[order].to(out.dtype)
@@ -107,6 +109,7 @@ class MoeDecoderLayer(DecoderLayer):
 _PER_EXPERT = {  # family -> (block name, gate, up, down)
     "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
     "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+    "olmoe": ("mlp", "gate_proj", "up_proj", "down_proj"),
 }
 
 
@@ -133,5 +136,5 @@ class MoeForCausalLM(CausalLM):
         return state
 
 
-Qwen3MoeForCausalLM = MixtralForCausalLM = MoeForCausalLM
-MODELS = {"qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM}
+Qwen3MoeForCausalLM = MixtralForCausalLM = OlmoeForCausalLM = MoeForCausalLM
+MODELS = {"qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM, "olmoe": OlmoeForCausalLM}
