@@ -1,7 +1,7 @@
 // The CPU kernels' instruction set, chosen at run time: one binary carries the served ops' hot loops
-// (cpu_kernels.h: lora_paged_add_, paged attention, the layer ops) and lora_linear's LoRA phases for
-// AVX-512 (with and without AVX512_BF16), AVX2 + FMA and generic x86-64 (each file built with its own
-// flags), and the best this CPU supports is used unless set_cpu_isa forces another.
+// (cpu_kernels.h: lora_paged_add_, paged attention, the layer ops) for AVX-512 (with and without
+// AVX512_BF16), AVX2 + FMA and generic x86-64 (cpu_kernels_<isa>.cpp, each built with its own flags),
+// and the best this CPU supports is used unless set_cpu_isa forces another.
 #include "cpu_isa.h"
 
 #include "cpu_kernels.h"
@@ -24,18 +24,16 @@ bool always() { return true; }
 
 struct Isa {
   const char* name;
-  const IsaKernels* kernels;
   const CpuKernels* ops;
   bool (*supported)();
-  bool avx512;
 };
 
 // Best first.
 const Isa kIsas[] = {
-    {"avx512_bf16", &avx512_bf16::kKernels, &avx512_bf16::kCpuKernels, has_avx512_bf16, true},
-    {"avx512", &avx512::kKernels, &avx512::kCpuKernels, has_avx512, true},
-    {"avx2", &avx2::kKernels, &avx2::kCpuKernels, has_avx2, false},
-    {"generic", &generic::kKernels, &generic::kCpuKernels, always, false},
+    {"avx512_bf16", &avx512_bf16::kCpuKernels, has_avx512_bf16},
+    {"avx512", &avx512::kCpuKernels, has_avx512},
+    {"avx2", &avx2::kCpuKernels, has_avx2},
+    {"generic", &generic::kCpuKernels, always},
 };
 
 const Isa* best() {
@@ -46,7 +44,6 @@ const Isa* best() {
 }
 
 std::atomic<const Isa*> g_isa{nullptr};
-std::atomic<int> g_interleave{-1};
 
 const Isa& current() {
   const Isa* isa = g_isa.load(std::memory_order_acquire);
@@ -59,9 +56,7 @@ const Isa& current() {
 
 }  // namespace
 
-const IsaKernels& cpu_kernels() { return *current().kernels; }
 const CpuKernels& cpu_ops() { return *current().ops; }
-bool cpu_isa_is_avx512() { return current().avx512; }
 std::string cpu_isa_name() { return current().name; }
 
 void set_cpu_isa(std::string name) {
@@ -79,19 +74,6 @@ void set_cpu_isa(std::string name) {
   }
   TORCH_CHECK(false, "set_cpu_isa: unknown instruction set '", name,
               "'; use avx512_bf16, avx512, avx2, generic or auto");
-}
-
-void set_interleave(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "set_interleave: mode must be -1 (auto), 0 (off) or 1 (on), got ", mode);
-  g_interleave.store(static_cast<int>(mode), std::memory_order_relaxed);
-}
-
-// With AVX2 (2-core AMD EPYC) interleaving measured faster: decode fused/base 1.21 -> 1.03 at
-// d = 2048. With AVX-512 (2-core Xeon, MKL) it did not: 1.28-1.42 without, 1.65-1.72 with (1.31-1.40
-// once x was packed once per call), so there MKL's own two-thread GEMM is kept.
-bool interleave_enabled() {
-  const int mode = g_interleave.load(std::memory_order_relaxed);
-  return mode >= 0 ? mode == 1 : !cpu_isa_is_avx512();
 }
 
 }  // namespace openlora

@@ -35,18 +35,34 @@ constexpr int kAcc = 8;
 constexpr int kAcc = 4;
 #endif
 
-// out[t * NK + k] = x_t[:d_in] @ A[k0 + k] for NT tokens (rows xs[t], repeated past the block) and NK rows
-// of A (repeated past the rank; their outputs are dropped by the caller).
+// Pages are scattered over the arena, so the hardware prefetchers lose each stream at a page's end
+// (every 1-2 KiB); the tiles prefetch the next page of every row they stream, line by line as they
+// read the current one, so its first lines are in flight before they are needed.
+template <typename T>
+inline void prefetch_line(const T* p) { __builtin_prefetch(p, 0, 2); }  // into L2: a next page per row
+
+// One prefetch per 64-byte line of an n-element run starting at p, issued over one vector step.
+template <typename T>
+constexpr bool kLinePerStep = Vec::L * sizeof(T) >= 64;
+
+// out[t * NK + k] = x_t[:d_in] @ A[k] for NT tokens (rows xs[t], repeated past the block) and NK rows of
+// A (rows[k]: each row's ca page ids). next[k]: the page ids of the rows read after these (prefetched
+// while the last page of these is read).
 template <int NT, int NK, typename T>
-inline void shrink_tile(const T* const* xs, const T* arena, const int32_t* const* rows, int64_t ca, int64_t P,
-                        int64_t d_in, float* out) {
+inline void shrink_tile(const T* const* xs, const T* arena, const int32_t* const* rows,
+                        const int32_t* const* next, int64_t ca, int64_t P, int64_t d_in, float* out) {
   typename Vec::R acc[NT][NK];
   for (int t = 0; t < NT; ++t)
     for (int k = 0; k < NK; ++k) acc[t][k] = Vec::zero();
+  constexpr int64_t kLineElems = 64 / static_cast<int64_t>(sizeof(T));
   for (int64_t c = 0; c < ca; ++c) {
     const int64_t lo = c * P, len = std::min(P, d_in - lo);
     const T* a[NK];
-    for (int k = 0; k < NK; ++k) a[k] = arena + static_cast<int64_t>(rows[k][c]) * P;
+    const T* pf[NK];
+    for (int k = 0; k < NK; ++k) {
+      a[k] = arena + static_cast<int64_t>(rows[k][c]) * P;
+      pf[k] = arena + static_cast<int64_t>(c + 1 < ca ? rows[k][c + 1] : next[k][0]) * P;
+    }
     const T* x[NT];
     for (int t = 0; t < NT; ++t) x[t] = xs[t] + lo;
 #if defined(__AVX512BF16__)
@@ -54,7 +70,10 @@ inline void shrink_tile(const T* const* xs, const T* arena, const int32_t* const
       int64_t j = 0;
       for (; j + 32 <= len; j += 32) {
         __m512bh av[NK];
-        for (int k = 0; k < NK; ++k) av[k] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(a[k] + j));
+        for (int k = 0; k < NK; ++k) {
+          av[k] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(a[k] + j));
+          prefetch_line(pf[k] + j);
+        }
         for (int t = 0; t < NT; ++t) {
           const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x[t] + j));
           for (int k = 0; k < NK; ++k) acc[t][k] = _mm512_dpbf16_ps(acc[t][k], av[k], xv);
@@ -76,6 +95,8 @@ inline void shrink_tile(const T* const* xs, const T* arena, const int32_t* const
     for (; j + Vec::L <= len; j += Vec::L) {
       typename Vec::R av[NK];
       for (int k = 0; k < NK; ++k) av[k] = Vec::load(a[k] + j);
+      if (kLinePerStep<T> || j % kLineElems == 0)
+        for (int k = 0; k < NK; ++k) prefetch_line(pf[k] + j);
       for (int t = 0; t < NT; ++t) {
         const typename Vec::R xv = Vec::load(x[t] + j);
         for (int k = 0; k < NK; ++k) acc[t][k] = Vec::fma(av[k], xv, acc[t][k]);
@@ -94,41 +115,64 @@ inline void shrink_tile(const T* const* xs, const T* arena, const int32_t* const
     for (int k = 0; k < NK; ++k) out[t * NK + k] = Vec::sum(acc[t][k]);
 }
 
-// t[i, :r] for nt (<= NT) tokens of a segment starting at x row `row`.
-template <int NT, typename T>
-inline void shrink_tokens(const PagedCall& c, const PagedSegment& s, int64_t row, int64_t nt) {
-  constexpr int NK = std::max(1, kAcc / NT);
-  const T* x = static_cast<const T*>(c.x);
+// The page ids of row q of the A rows read in order: this segment's rows, then the next segment's.
+inline const int32_t* a_row(const PagedCall& c, const PagedSegment& s, const PagedSegment* after, int64_t q) {
+  if (q < s.rank || after == nullptr) return s.a_pages + std::min(q, s.rank - 1) * c.ca;
+  return after->a_pages + std::min(q - s.rank, after->rank - 1) * c.ca;
+}
+
+// t[row + t, k] for rows k0.. of A in groups of NK, then of NK / 2 ... 1 for the rest (no row computed
+// twice), nt (<= NT) tokens.
+template <int NT, int NK, typename T>
+inline void shrink_rows(const PagedCall& c, const PagedSegment& s, const PagedSegment* after, const T* const* xs,
+                        int64_t row, int64_t nt, int64_t k0) {
   const T* arena = static_cast<const T*>(c.arena);
-  const T* xs[NT];
-  for (int t = 0; t < NT; ++t) xs[t] = x + (row + std::min<int64_t>(t, nt - 1)) * c.d_in;
   float out[NT * NK];
-  for (int64_t k0 = 0; k0 < s.rank; k0 += NK) {
+  for (; k0 + NK <= s.rank; k0 += NK) {
     const int32_t* rows[NK];
-    for (int k = 0; k < NK; ++k) rows[k] = s.a_pages + std::min<int64_t>(k0 + k, s.rank - 1) * c.ca;
-    shrink_tile<NT, NK>(xs, arena, rows, c.ca, c.P, c.d_in, out);
+    const int32_t* next[NK];
+    for (int k = 0; k < NK; ++k) {
+      rows[k] = s.a_pages + (k0 + k) * c.ca;
+      next[k] = a_row(c, s, after, k0 + NK + k);
+    }
+    shrink_tile<NT, NK>(xs, arena, rows, next, c.ca, c.P, c.d_in, out);
     for (int64_t t = 0; t < nt; ++t)
-      for (int64_t k = 0; k < NK && k0 + k < s.rank; ++k)
-        c.t[(row + t) * c.r_max + k0 + k] = s.scaling * out[t * NK + k];
+      for (int64_t k = 0; k < NK; ++k) c.t[(row + t) * c.r_max + k0 + k] = s.scaling * out[t * NK + k];
+  }
+  if constexpr (NK > 1) {
+    if (k0 < s.rank) shrink_rows<NT, NK / 2, T>(c, s, after, xs, row, nt, k0);
   }
 }
 
+// t[i, :r] for nt (<= NT) tokens of a segment starting at x row `row`.
+template <int NT, typename T>
+inline void shrink_tokens(const PagedCall& c, const PagedSegment& s, const PagedSegment* after, int64_t row,
+                          int64_t nt) {
+  const T* x = static_cast<const T*>(c.x);
+  const T* xs[NT];
+  for (int t = 0; t < NT; ++t) xs[t] = x + (row + std::min<int64_t>(t, nt - 1)) * c.d_in;
+  shrink_rows<NT, std::max(1, kAcc / NT), T>(c, s, after, xs, row, nt, 0);
+}
+
+// after: the segment whose A is read next (its first rows are prefetched), or null.
 template <typename T>
-void shrink_block(const PagedCall& c, const PagedSegment& s, int64_t row0, int64_t row1) {
+void shrink_block(const PagedCall& c, const PagedSegment& s, const PagedSegment* after, int64_t row0,
+                  int64_t row1) {
   int64_t row = row0;
-  for (; row + 4 <= row1; row += 4) shrink_tokens<4, T>(c, s, row, 4);
+  for (; row + 4 <= row1; row += 4) shrink_tokens<4, T>(c, s, row + 4 < row1 ? &s : after, row, 4);
   if (row + 2 <= row1) {
-    shrink_tokens<2, T>(c, s, row, 2);
+    shrink_tokens<2, T>(c, s, row + 2 < row1 ? &s : after, row, 2);
     row += 2;
   }
-  if (row < row1) shrink_tokens<1, T>(c, s, row, 1);
+  if (row < row1) shrink_tokens<1, T>(c, s, after, row, 1);
 }
 
 // y[row + t, o .. o + n) += t[row + t, :r] @ Bt[:r, o .. o + n) for nt (<= NT) tokens, n <= NV * L
-// columns, all inside page c of B^T's rows (at offset `in` within the page).
+// columns, all inside page c of B^T's rows (at offset `in` within the page). The columns read next
+// (page pf_page at offset pf_in, pf_page < 0: none) are prefetched meanwhile, row by row.
 template <int NT, int NV, typename T>
 inline void expand_tile(const PagedCall& c, const PagedSegment& s, int64_t row, int64_t nt, int64_t page,
-                        int64_t in, int64_t o, int64_t n) {
+                        int64_t in, int64_t o, int64_t n, int64_t pf_page, int64_t pf_in) {
   const T* arena = static_cast<const T*>(c.arena);
   T* y = static_cast<T*>(c.y);
   typename Vec::R acc[NT][NV];
@@ -142,6 +186,11 @@ inline void expand_tile(const PagedCall& c, const PagedSegment& s, int64_t row, 
     typename Vec::R bv[NV];
     for (int v = 0; v < NV; ++v)  // past n: zeros, nothing read
       bv[v] = full ? Vec::load(b + v * Vec::L) : Vec::load(b + v * Vec::L, n - v * Vec::L);
+    if (pf_page >= 0) {
+      const T* pf = arena + static_cast<int64_t>(s.b_pages[k * c.cb + pf_page]) * c.P + pf_in;
+      for (int v = 0; v < NV; ++v)
+        if (kLinePerStep<T> || (v * Vec::L * static_cast<int64_t>(sizeof(T))) % 64 == 0) prefetch_line(pf + v * Vec::L);
+    }
     for (int t = 0; t < NT; ++t) {
       const typename Vec::R w = Vec::set1(tv[t][k]);
       for (int v = 0; v < NV; ++v) acc[t][v] = Vec::fma(w, bv[v], acc[t][v]);
@@ -169,8 +218,12 @@ inline void expand_tokens(const PagedCall& c, const PagedSegment& s, int64_t row
   constexpr int64_t W = NV * Vec::L;
   for (int64_t o = o0; o < o1;) {
     const int64_t page = o / c.P, end = std::min(o1, (page + 1) * c.P);
-    for (; o < end; o += std::min(W, end - o))
-      expand_tile<NT, NV, T>(c, s, row, nt, page, o - page * c.P, o, std::min(W, end - o));
+    for (int64_t w; o < end; o += w) {
+      w = std::min(W, end - o);
+      const int64_t next = o + w;  // the columns read next (this call's, or the next column tile's)
+      expand_tile<NT, NV, T>(c, s, row, nt, page, o - page * c.P, o, w, next < c.d_out ? next / c.P : -1,
+                             next % c.P);
+    }
   }
 }
 
@@ -197,7 +250,11 @@ void paged_segments(const PagedCall& c) {
   }
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   const int64_t tiles = (c.d_out + kColTile - 1) / kColTile;
-  auto shrink = [&](int64_t i) { shrink_block<T>(c, c.segs[blocks[i].seg], blocks[i].row0, blocks[i].row1); };
+  auto shrink = [&](int64_t i) {
+    const Block& b = blocks[i];
+    const PagedSegment* after = i + 1 < n_blocks ? &c.segs[blocks[i + 1].seg] : nullptr;
+    shrink_block<T>(c, c.segs[b.seg], after, b.row0, b.row1);
+  };
   auto expand = [&](int64_t i) {
     const Block& b = blocks[i / tiles];
     const int64_t o0 = (i % tiles) * kColTile;

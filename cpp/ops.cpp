@@ -9,23 +9,10 @@
 
 namespace openlora {
 
-bool packing_available();  // lora_linear_packed.cpp
+bool packing_available();  // linear_packed.cpp
 
 TORCH_LIBRARY(openlora, m) {
-  // y = x @ weight.T + bias, plus scalings[s] * (x @ lora_a[s,:r].T) @ lora_b[s,:,:r].T per segment.
-  m.def(
-      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor");
-  // lora_linear for index tensors right by construction (the executor's): on CUDA never copied to
-  // the host (no sync), bounded on the device instead of checked; on CPU it is lora_linear.
-  m.def(
-      "lora_linear_async(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor");
-  // lora_linear with the base matmul through pack_weight(weight) (CPU, float32, MKL).
-  m.def(
-      "lora_linear_packed(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias, Tensor lora_a, "
-      "Tensor lora_b, Tensor scalings, Tensor ranks, Tensor seg_indptr, Tensor seg_slots) -> Tensor");
-  // x @ weight.T + bias through pack_weight(weight) (CPU, float32, MKL): the lm_head.
+  // x @ weight.T + bias through pack_weight(weight) (CPU, float32, MKL): the base GEMM and the lm_head.
   m.def("linear_packed(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias) -> Tensor");
   // weight copied once into MKL's GEMM layout, behind a header that ties it to this weight.
   m.def("pack_weight(Tensor weight) -> Tensor");
@@ -57,9 +44,6 @@ TORCH_LIBRARY(openlora, m) {
   // forces the CPU kernels' instruction set ("auto": the best this CPU supports); an ISA this CPU or
   // build lacks raises. Set once (the executor's config, tests), never read from the environment.
   m.def("set_cpu_isa(str isa) -> ()", &set_cpu_isa);
-  // whether few-token fp32 lora_linear calls interleave the base matmul with the LoRA phases:
-  // -1 = where it measured faster (CPUs without AVX-512), 0 = never, 1 = always. Set once.
-  m.def("set_interleave(int mode) -> ()", &set_interleave);
 }
 
 }  // namespace openlora

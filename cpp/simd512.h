@@ -1,5 +1,5 @@
 // AVX-512 building blocks of the per-ISA CPU kernels (cpu_kernels_<isa>.cpp: paged attention, the
-// layer ops; lora_tiles.h). Everything here exists only when the including file is compiled for
+// layer ops). Everything here exists only when the including file is compiled for
 // AVX-512F (ISA_FLAGS in services/executor/ops/build.py), in that file's own namespace; each kernel
 // keeps a portable path for other instruction sets.
 #pragma once

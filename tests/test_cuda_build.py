@@ -1,6 +1,7 @@
 """cpp/cuda compiles: nvcc builds its objects against this torch's headers, with or without a GPU.
 
-Running the CUDA kernels needs a GPU (tests/test_kernel.py's *_cuda tests); compiling them needs only
+Running the CUDA kernels needs a GPU (the *_cuda tests of test_lora_paged.py, test_paged_attention.py
+and test_layer_ops.py); compiling them needs only
 nvcc, so on a machine with nvcc and no GPU this is what checks the CUDA sources. The objects are
 cached by build.compile_cuda_check (the first compile takes about a minute).
 """
@@ -24,28 +25,21 @@ def test_cuda_sources_compile_with_every_kernel_instantiated():
     assert all(o.stat().st_size > 0 for o in objects)
     if shutil.which("nm") is None:
         pytest.skip("no nm to list the kernels")
-    symbols = subprocess.run(["nm", "-C", str(objects[0])], capture_output=True, text=True,
-                             check=True).stdout
-    # fp32, fp16 and bf16 each get the 16-byte-load kernels and the scalar fallback
-    for kernel in ("shrink_kernel", "expand_kernel"):
-        for dtype, vec in (("float", 4), ("c10::Half", 8), ("c10::BFloat16", 8)):
-            assert f"{kernel}<{dtype}, {vec}>" in symbols, (kernel, dtype)
-            assert f"{kernel}<{dtype}, 1>" in symbols, (kernel, dtype)
-    assert "lora_linear_entry<true>" in symbols and "lora_linear_entry<false>" in symbols
-    symbols = subprocess.run(["nm", "-C", str(objects[1])], capture_output=True, text=True,
-                             check=True).stdout
+    def symbols(source):
+        obj = objects[[s.name for s in build.CUDA_SOURCES].index(source)]
+        return subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True, check=True).stdout
+
+    attention = symbols("paged_attention.cu")
     for dtype in ("float", "c10::Half", "c10::BFloat16"):
-        assert f"paged_decode_kernel<{dtype}>" in symbols, dtype
-    assert "paged_attention_entry<true>" in symbols and "paged_attention_entry<false>" in symbols
-    symbols = subprocess.run(["nm", "-C", str(objects[2])], capture_output=True, text=True,
-                             check=True).stdout
+        assert f"paged_decode_kernel<{dtype}>" in attention, dtype
+    assert "paged_attention_entry<true>" in attention and "paged_attention_entry<false>" in attention
+    layer = symbols("layer_ops.cu")
     for kernel in ("norm_kernel", "silu_mul_kernel", "rotary_kernel"):
         for dtype in ("float", "c10::Half", "c10::BFloat16"):
-            assert f"{kernel}<{dtype}>" in symbols, (kernel, dtype)
-    symbols = subprocess.run(["nm", "-C", str(objects[3])], capture_output=True, text=True,
-                             check=True).stdout
+            assert f"{kernel}<{dtype}>" in layer, (kernel, dtype)
+    paged = symbols("lora_paged.cu")
     for dtype in ("float", "c10::Half", "c10::BFloat16"):
-        assert f"lora_paged_kernel<{dtype}>" in symbols, dtype
+        assert f"lora_paged_kernel<{dtype}>" in paged, dtype
 
 
 @needs_nvcc

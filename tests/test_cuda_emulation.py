@@ -2,131 +2,32 @@
 
 build.build_cuda_emulation() compiles cpp/cuda/*.cu as plain C++ over cpp/cuda/emulation.h, where a
 launch runs its blocks one after another with one std::thread per CUDA thread (barriers for
-__syncthreads, a two-phase exchange for warp shuffles): torch.ops.openlora_emu.{lora_linear,
-paged_attention_decode} on CPU tensors. This checks the kernels' indexing, shuffles, shared memory,
-rank bounds and the host's short/long split and alignment choices on a machine without a GPU; what it
-cannot check (memory model, timing) the *_cuda tests of test_kernel.py and test_paged_attention.py do
-where a GPU is present.
+__syncthreads, a two-phase exchange for warp shuffles): torch.ops.openlora_emu.{lora_paged_add_,
+paged_attention_decode[_async], rms_norm, add_rms_norm, silu_mul, rotary} on CPU tensors. This checks
+the kernels' indexing, shuffles, shared memory and bounds on a machine without a GPU, and that bad
+index values never read or write out of bounds (each op's bad-index tests); what it cannot check
+(memory model, timing) the *_cuda tests of test_lora_paged.py, test_paged_attention.py and
+test_layer_ops.py do where a GPU is present.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_kernel import ARGS, LAYOUTS, TOL, make_args
 from test_paged_attention import call, dense, make_case
 
-from services.executor.ops import build, lora_linear_ref, paged_attention_decode_ref
+from services.executor import ops
+from services.executor.ops import build, lora_paged_add_ref, paged_attention_decode_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=6e-2),
+       torch.float16: dict(rtol=5e-3, atol=5e-3)}
 
 
 @pytest.fixture(scope="module")
 def emu():
     build.build_cuda_emulation()
     return torch.ops.openlora_emu
-
-
-def lora_args(args):
-    return [args[k] for k in ARGS]
-
-
-# (d_in, d_out, r_max): 16-byte loads for every dtype; for fp32 only (bf16/fp16 rows of 100, 40 and
-# 12 elements are not whole 16-byte vectors); for none (d_in = 70)
-LORA_DIMS = [(64, 48, 16), (100, 75, 40), (70, 33, 12)]
-
-
-@pytest.mark.parametrize("dims", LORA_DIMS)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_linear_kernels_match_reference(emu, dtype, layout, dims):
-    """Short segments (<= 8 tokens: the shrink/expand kernels) and long ones (cuBLAS's GEMMs on a GPU,
-    here ATen's), slot -1, ranks 0, 1, 3, 7, r_max / 2 and r_max; the weights past each rank are NaN."""
-    args = make_args(*LAYOUTS[layout], *dims, True, dtype, "cpu")
-    y = emu.lora_linear(*lora_args(args))
-    assert not y.isnan().any()
-    torch.testing.assert_close(y, lora_linear_ref(*lora_args(args)), **TOL[dtype])
-
-
-@pytest.mark.parametrize("dims", LORA_DIMS)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_linear_async_kernels_match_reference(emu, dtype, layout, dims):
-    """lora_linear_async (no host copy): every segment, 130 tokens included, through the kernels: 64
-    tokens of a segment per block (grid z), 8 at a time within it."""
-    args = make_args(*LAYOUTS[layout], *dims, True, dtype, "cpu")
-    y = emu.lora_linear_async(*lora_args(args))
-    assert not y.isnan().any()
-    torch.testing.assert_close(y, lora_linear_ref(*lora_args(args)), **TOL[dtype])
-
-
-@pytest.mark.parametrize("T", [1, 64, 65, 1000])
-def test_lora_linear_async_one_long_segment_spreads_over_the_grid(emu, T):
-    """One adapter, one segment of T tokens (a prefill): ceil(T / 64) blocks of the grid's z each take
-    64 of its tokens (it used to be one block walking all T); block edges at 64 and 65 included."""
-    g = torch.Generator().manual_seed(T)
-    d_in, d_out, r_max = 64, 48, 16
-    x = torch.randn(T, d_in, generator=g)
-    weight = torch.randn(d_out, d_in, generator=g) / 8
-    lora_a = torch.randn(2, r_max, d_in, generator=g)
-    lora_b = torch.randn(2, d_out, r_max, generator=g)
-    scalings, ranks = torch.tensor([0.5, 2.0]), torch.tensor([16, 5], dtype=torch.int32)
-    indptr, slots = torch.tensor([0, T], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
-    args = (x, weight, None, lora_a, lora_b, scalings, ranks, indptr, slots)
-    want = lora_linear_ref(x.double(), weight.double(), None, lora_a.double(), lora_b.double(),
-                           scalings, ranks, indptr, slots)
-    torch.testing.assert_close(emu.lora_linear_async(*args).double(), want, rtol=1e-5, atol=1e-4)
-
-
-def test_lora_linear_async_bounds_bad_indices_on_the_device(emu):
-    """Unchecked indices never read out of bounds: a slot past S or below -1 leaves its segment at the
-    base layer, a rank past r_max is read as r_max, and starts below 0 or ends past T are clipped."""
-    args = make_args([3, 2, 4, 5], [0, 1, 2, 3], 64, 48, 16, True, torch.float32, "cpu", seed=7)
-    good = lora_linear_ref(*lora_args(args))
-    base = torch.addmm(args["bias"], args["x"], args["weight"].t())
-    args["seg_slots"] = torch.tensor([0, 99, 2, -5], dtype=torch.int32)   # 99 >= S, -5 < -1
-    args["ranks"] = args["ranks"].clone()
-    args["ranks"][0] = 1000                      # slot 0's rank is r_max: read as r_max, the same
-    y = emu.lora_linear_async(*lora_args(args))
-    assert not y.isnan().any()
-    torch.testing.assert_close(y[:3], good[:3])
-    torch.testing.assert_close(y[3:5], base[3:5])            # slot 99: base only
-    torch.testing.assert_close(y[5:9], good[5:9])
-    torch.testing.assert_close(y[9:], base[9:])              # slot -5: base only
-    args["seg_slots"] = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
-    args["seg_indptr"] = torch.tensor([-4, 3, 5, 9, 40], dtype=torch.int32)  # starts < 0, ends > T
-    y = emu.lora_linear_async(*lora_args(args))
-    torch.testing.assert_close(y, good)                      # clipped to [0, 3) ... [9, 14)
-
-
-def test_lora_linear_every_short_length_and_misaligned_rows(emu):
-    """Segments of 1..9 tokens (9 is long) in one call, with x and lora_a starting 4 bytes past a
-    16-byte boundary, so the kernels fall back to scalar loads."""
-    lens, slots = [1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 5, 0, 1, 2, 3]
-    args = make_args(lens, slots, 64, 40, 16, False, torch.bfloat16, "cpu", seed=3)
-    for name in ("x", "lora_a"):
-        t = args[name]
-        shifted = torch.empty(t.numel() + 2, dtype=t.dtype)[2:].view(t.shape)
-        shifted.copy_(t)
-        assert shifted.data_ptr() % 16 != 0
-        args[name] = shifted
-    y = emu.lora_linear(*lora_args(args))
-    torch.testing.assert_close(y, lora_linear_ref(*lora_args(args)), **TOL[torch.bfloat16])
-
-
-def test_lora_linear_large_r_max_takes_the_gemm_path(emu):
-    """r_max above the shared-memory bound of the expand kernel: every segment goes to the GEMMs."""
-    args = make_args([1, 3, 20], [0, 3, 5], 16, 24, 1030, True, torch.float32, "cpu", seed=4)
-    y = emu.lora_linear(*lora_args(args))
-    torch.testing.assert_close(y, lora_linear_ref(*lora_args(args)), **TOL[torch.float32])
-
-
-def test_lora_linear_bad_input_is_refused_before_any_launch(emu):
-    args = make_args(*LAYOUTS["mixed"], 64, 48, 16, True, torch.float32, "cpu")
-    args["seg_slots"] = args["seg_slots"].clone()
-    args["seg_slots"][2] = 6
-    with pytest.raises(RuntimeError, match=r"seg_slots\[2\] = 6 is out of range"):
-        emu.lora_linear(*lora_args(args))
 
 
 @pytest.mark.parametrize("window", [0, 5])
@@ -275,3 +176,171 @@ def test_lora_paged_kernel_matches_reference(emu, dtype, page_elems):
         lora_paged_add_ref(want, x, batch.arena, batch.page_index, batch.seg_meta, batch.seg_scalings,
                            lm, indptr)
         torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+# -- bad index values: the CUDA ops never read or write out of bounds ---------------------------------
+
+def _paged_case(dtype=torch.float32, seed=3):
+    """T = 10 tokens in 3 segments (ranks 4, 0, 3) over 2 (layer, module)s; lm 1 is served."""
+    g = torch.Generator().manual_seed(seed)
+    T, d_in, d_out, P = 10, 24, 40, 16
+    ca, cb = -(-d_in // P), -(-d_out // P)
+    ranks = [4, 0, 3]
+    pages, meta = [], torch.zeros(3, 2, 2, dtype=torch.int32)
+    for gi, r in enumerate(ranks):
+        meta[gi, 1] = torch.tensor([len(pages), r], dtype=torch.int32)
+        pages += list(range(len(pages), len(pages) + r * (ca + cb)))
+    return dict(y=torch.randn(T, d_out, generator=g).to(dtype), x=torch.randn(T, d_in, generator=g).to(dtype),
+                arena=torch.randn(len(pages) + 2, P, generator=g).to(dtype),
+                page_index=torch.tensor(pages, dtype=torch.int32), seg_meta=meta,
+                seg_scalings=torch.tensor([[1.0, 0.5], [1.0, 2.0], [1.0, 1.5]]), lm=1,
+                seg_indptr=torch.tensor([0, 3, 5, 10], dtype=torch.int32))
+
+
+PAGED = ("y", "x", "arena", "page_index", "seg_meta", "seg_scalings", "lm", "seg_indptr")
+
+
+def _paged_run(fn, c, **change):
+    c = {**c, **change}
+    y = c["y"].clone()
+    fn(*[y if k == "y" else c[k] for k in PAGED])
+    return y
+
+
+def _guarded(c):
+    """The case's y, x and arena inside bigger buffers filled with a canary: anything the kernel reads
+    out of bounds is NaN (and shows in y), anything it writes out of bounds changes the canary."""
+    out = {}
+    for k in ("y", "x", "arena"):
+        t = c[k]
+        buf = torch.full((t.numel() + 2 * 4096,), float("nan"), dtype=t.dtype)
+        buf[4096:4096 + t.numel()] = t.flatten()
+        out[k] = (buf, buf[4096:4096 + t.numel()].view(t.shape))
+    return out
+
+
+def test_lora_paged_bad_segment_bounds_touch_rows_0_to_T_only(emu):
+    """seg_indptr past T (the issue's [0, T + 4]), below 0, or decreasing: the kernel clips each
+    segment's rows to [0, T); nothing outside y's and x's memory is read or written."""
+    c = _paged_case()
+    T = c["x"].shape[0]
+    for indptr in ([0, 3, 5, T + 4], [-6, 3, 5, T], [0, 8, 5, T], [0, T + 100, T + 200, T + 300]):
+        g = _guarded(c)
+        y_buf, y = g["y"]
+        emu.lora_paged_add_(y, g["x"][1], g["arena"][1], c["page_index"], c["seg_meta"], c["seg_scalings"],
+                            1, torch.tensor(indptr, dtype=torch.int32))
+        assert not y.isnan().any(), indptr                 # nothing read outside x, arena
+        assert y_buf[:4096].isnan().all() and y_buf[4096 + y.numel():].isnan().all(), indptr  # nor written
+        clipped = torch.tensor([min(max(v, 0), T) for v in indptr], dtype=torch.int32)
+        torch.testing.assert_close(y, _paged_run(lora_paged_add_ref, c, seg_indptr=clipped), **TOL[torch.float32])
+
+
+def test_lora_paged_bad_page_ids_offsets_and_ranks_add_nothing_of_theirs(emu):
+    """A page id outside the arena reads as zeros; an offset or rank running past page_index's end, a
+    negative offset or rank, or a rank above the kernel's shared memory (CUDA_MAX_LORA_RANK) adds nothing
+    for that segment (never a clipped, partial update); the other segments are exact."""
+    c = _paged_case()
+    good = _paged_run(lora_paged_add_ref, c)
+    for gi, (off, r) in [(0, (0, 10_000)), (0, (-3, 4)), (2, (10_000, 3)), (0, (0, -2)),
+                         (0, (0, ops.CUDA_MAX_LORA_RANK + 1))]:
+        meta = c["seg_meta"].clone()
+        meta[gi, 1] = torch.tensor([off, r], dtype=torch.int32)
+        g = _guarded(c)
+        y_buf, y = g["y"]
+        emu.lora_paged_add_(y, g["x"][1], g["arena"][1], c["page_index"], meta, c["seg_scalings"], 1,
+                            c["seg_indptr"])
+        assert not y.isnan().any() and y_buf[:4096].isnan().all() and y_buf[4096 + y.numel():].isnan().all()
+        rows = slice(int(c["seg_indptr"][gi]), int(c["seg_indptr"][gi + 1]))
+        torch.testing.assert_close(y[rows], c["y"][rows])             # that segment: base only
+        others = torch.ones(y.shape[0], dtype=torch.bool)
+        others[rows] = False
+        torch.testing.assert_close(y[others], good[others], **TOL[torch.float32])
+    pages = c["page_index"].clone()
+    pages[0] = 10**6                                                  # one page of A's row 0
+    g = _guarded(c)
+    y_buf, y = g["y"]
+    emu.lora_paged_add_(y, g["x"][1], g["arena"][1], pages, c["seg_meta"], c["seg_scalings"], 1, c["seg_indptr"])
+    assert not y.isnan().any()
+    arena = torch.cat([c["arena"], torch.zeros(1, c["arena"].shape[1])])
+    zeros = pages.clone()
+    zeros[0] = arena.shape[0] - 1                                     # the same call with a zero page
+    torch.testing.assert_close(y, _paged_run(lora_paged_add_ref, c, arena=arena, page_index=zeros),
+                               **TOL[torch.float32])
+
+
+def test_lora_paged_largest_rank_it_holds_is_exact(emu):
+    c = _paged_case()
+    r, (ca, cb) = ops.CUDA_MAX_LORA_RANK, (2, 3)
+    g = torch.Generator().manual_seed(5)
+    arena = torch.randn(r * (ca + cb), 16, generator=g) * 0.1
+    meta = torch.tensor([[[0, 0], [0, r]]], dtype=torch.int32)
+    args = dict(arena=arena, page_index=torch.arange(r * (ca + cb), dtype=torch.int32), seg_meta=meta,
+                seg_scalings=torch.tensor([[1.0, 0.25]]), seg_indptr=torch.tensor([0, 10], dtype=torch.int32))
+    torch.testing.assert_close(_paged_run(emu.lora_paged_add_, c, **args), _paged_run(lora_paged_add_ref, c, **args),
+                               **TOL[torch.float32])
+
+
+def test_cuda_max_lora_rank_is_the_kernels_and_the_executor_refuses_more_on_cuda():
+    source = (build.CPP_DIR / "cuda" / "lora_paged.cu").read_text()
+    assert f"constexpr int kMaxRank = {ops.CUDA_MAX_LORA_RANK};" in source
+    from services.common.config import ConfigError
+    ops.check_max_lora_rank("cuda", ops.CUDA_MAX_LORA_RANK)
+    ops.check_max_lora_rank("cpu", 4 * ops.CUDA_MAX_LORA_RANK)       # the CPU kernel holds any rank
+    with pytest.raises(ConfigError, match="max-lora-rank.*must be <= 256 on CUDA"):
+        ops.check_max_lora_rank("cuda", ops.CUDA_MAX_LORA_RANK + 1)
+
+
+def test_lora_paged_refuses_tensors_on_another_device(emu):
+    """Every tensor must be on y's device (a CPU arena is not read through a host pointer on CUDA)."""
+    c = _paged_case()
+    for name in ("x", "arena", "page_index", "seg_meta", "seg_scalings", "seg_indptr"):
+        with pytest.raises(RuntimeError, match=f"{name} must be on y's device"):
+            _paged_run(emu.lora_paged_add_, c, **{name: c[name].to("meta")})
+
+
+@pytest.mark.parametrize("case", ["lm", "dtype", "seg_meta", "indptr_dtype"])
+def test_lora_paged_bad_shapes_are_refused_before_any_launch(emu, case):
+    c = _paged_case()
+    change, text = {
+        "lm": (dict(lm=2), r"lm = 2 is out of range \[0, LM = 2\)"),
+        "dtype": (dict(arena=c["arena"].double()), "y and arena must have x's dtype"),
+        "seg_meta": (dict(seg_meta=c["seg_meta"][:2]), "seg_meta must be a contiguous"),
+        "indptr_dtype": (dict(seg_indptr=c["seg_indptr"].long()), "seg_indptr must be"),
+    }[case]
+    with pytest.raises(RuntimeError, match=text):
+        _paged_run(emu.lora_paged_add_, c, **change)
+
+
+def test_paged_attention_bad_values_are_refused_or_bounded(emu):
+    """The checked op raises for every bad value, naming it; the async op (no host copy) bounds it: a
+    negative context reads nothing, a table entry outside the cache is skipped, never read."""
+    c = make_case([20, 9], 16, 4, 2, torch.float32, "cpu", seed=11)
+    good = call(paged_attention_decode_ref, c, 0.1, 0)
+    bad = {**c, "context_lens": torch.tensor([20, -5], dtype=torch.int32)}
+    with pytest.raises(RuntimeError, match="context_lens"):
+        call(emu.paged_attention_decode, bad, 0.1, 0)
+    got = call(emu.paged_attention_decode_async, bad, 0.1, 0)
+    torch.testing.assert_close(got[0], good[0])
+    torch.testing.assert_close(got[1], torch.zeros_like(got[1]))
+    tables = c["block_tables"].clone()
+    tables[0, 0] = -7
+    with pytest.raises(RuntimeError, match=r"block_tables\[0, 0\] = -7"):
+        call(emu.paged_attention_decode, {**c, "block_tables": tables}, 0.1, 0)
+    got = call(emu.paged_attention_decode_async, {**c, "block_tables": tables}, 0.1, 0)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got[1], good[1])
+    with pytest.raises(RuntimeError, match="block_tables"):
+        call(emu.paged_attention_decode, {**c, "block_tables": c["block_tables"].long()}, 0.1, 0)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "silu_mul", "rotary"])
+def test_layer_ops_bad_shapes_are_refused_before_any_launch(emu, op):
+    """The layer ops take no index values; every shape a launch would index past is refused."""
+    calls = {
+        "rms_norm": lambda: emu.rms_norm(torch.ones(3, 8), torch.ones(9), 1e-6),
+        "add_rms_norm": lambda: emu.add_rms_norm(torch.ones(3, 8), torch.ones(2, 8), torch.ones(8), 1e-6),
+        "silu_mul": lambda: emu.silu_mul(torch.ones(3, 8), torch.ones(3, 7)),
+        "rotary": lambda: emu.rotary(torch.ones(3, 2, 8), torch.ones(2, 8), torch.ones(3, 8)),
+    }
+    with pytest.raises(RuntimeError):
+        calls[op]()

@@ -7,11 +7,19 @@
 // by page, warp-shuffle sums -> t[i, k] * scaling in shared memory. Expand: a thread per output column,
 // t[i, :] . B^T[:, j] over the rank. fp32 accumulation, y rounded once.
 //
-// Values are not read on the host (no device->host copy, no sync): a page id outside [0, num_pages)
-// reads as zeros and a (offset, rank) past page_index's end adds nothing; ranks above kMaxRank are
-// clipped to it (the executor's ranks are checked against --max-lora-rank when adapters load).
+// Shapes, dtypes and devices are checked on the host (every tensor on y's device: a CPU arena is
+// refused, not read through a host pointer). Values are not read on the host (no device->host copy,
+// no sync); the kernel bounds them instead, so nothing is read or written out of bounds: a segment's
+// rows are clipped to [0, T) (seg_indptr = [0, T + 4] touches rows 0..T-1 only), a page id outside
+// [0, num_pages) reads as zeros, and a segment whose (offset, rank) runs past page_index's end, or
+// whose rank is above kMaxRank (what the block's shared memory holds), adds nothing: a rank is never
+// clipped to a partial update. The executor refuses those ranks before they get here: adapters above
+// --max-lora-rank are refused when they load, and on CUDA --max-lora-rank above kMaxRank is refused at
+// start-up (services/executor/ops: CUDA_MAX_LORA_RANK, which test_cuda_emulation.py ties to kMaxRank).
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <utility>
 
 #include "compat.cuh"
 
@@ -20,25 +28,27 @@ namespace {
 
 constexpr int kTok = 8;
 constexpr int kThreads = 256;
-constexpr int kMaxRank = 256;
+constexpr int kMaxRank = 256;  // = services.executor.ops.CUDA_MAX_LORA_RANK
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 lora_paged_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ arena,
                   const int32_t* __restrict__ page_index, const int32_t* __restrict__ seg_meta,
                   const float* __restrict__ seg_scalings, const int32_t* __restrict__ seg_indptr,
-                  int64_t LM, int64_t lm, int64_t d_in, int64_t d_out, int64_t P, int64_t num_pages,
-                  int64_t E, int64_t ca, int64_t cb) {
+                  int64_t n_tokens, int64_t LM, int64_t lm, int64_t d_in, int64_t d_out, int64_t P,
+                  int64_t num_pages, int64_t E, int64_t ca, int64_t cb) {
   const int64_t g = blockIdx.x;
-  const int64_t hi = seg_indptr[g + 1];
-  const int64_t row0 = seg_indptr[g] + static_cast<int64_t>(blockIdx.y) * kTok;
+  // the segment's rows, clipped to [0, T = n_tokens): unchecked bounds never reach past x or y
+  const int64_t lo = imax(0, seg_indptr[g]), hi = imin(n_tokens, seg_indptr[g + 1]);
+  const int64_t row0 = lo + static_cast<int64_t>(blockIdx.y) * kTok;
   if (row0 >= hi) return;                                   // uniform over the block
   const int64_t m = imin(kTok, hi - row0);
   const int64_t off = seg_meta[(g * LM + lm) * 2];
-  const int64_t r = imin(seg_meta[(g * LM + lm) * 2 + 1], kMaxRank);
-  if (r <= 0 || off < 0 || off + r * (ca + cb) > E) return;
+  const int64_t r = seg_meta[(g * LM + lm) * 2 + 1];
+  if (r <= 0 || r > kMaxRank || off < 0 || off + r * (ca + cb) > E) return;
   const float s = seg_scalings[g * LM + lm];
   OPENLORA_DYNAMIC_SMEM(float, t);                          // [kTok][kMaxRank]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -107,9 +117,18 @@ void lora_paged_add_gpu(at::Tensor y, const at::Tensor& x, const at::Tensor& are
               "seg_scalings must be a contiguous [G, LM] float32 tensor");
   TORCH_CHECK(0 <= lm && lm < seg_meta.size(1), "lm = ", lm, " is out of range [0, LM = ",
               seg_meta.size(1), ")");
+  const std::pair<const char*, const at::Tensor*> named[] = {
+      {"x", &x}, {"arena", &arena}, {"page_index", &page_index}, {"seg_meta", &seg_meta},
+      {"seg_scalings", &seg_scalings}, {"seg_indptr", &seg_indptr}};
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK(t->device() == y.device(), name, " must be on y's device ", y.device(), ", got ", t->device(),
+                " (the CUDA kernel reads page memory on the GPU: the device page pool)");
+  }
   const gpu::DeviceGuard guard(y.device());
   const int64_t T = x.size(0), P = arena.size(1);
   if (T == 0 || G == 0 || P == 0) return;
+  TORCH_CHECK(G <= 2147483647 && (T + kTok - 1) / kTok <= 65535, "lora_paged_add_ on CUDA takes at most ",
+              65535 * kTok, " tokens per call, got T = ", T);
   const int64_t ca = (x.size(1) + P - 1) / P, cb = (y.size(1) + P - 1) / P;
   const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>((T + kTok - 1) / kTok));
   const auto stream = gpu::current_stream();
@@ -117,7 +136,7 @@ void lora_paged_add_gpu(at::Tensor y, const at::Tensor& x, const at::Tensor& are
     OPENLORA_LAUNCH(lora_paged_kernel<scalar_t>, grid, kThreads, kTok * kMaxRank * sizeof(float), stream)(
         y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), arena.data_ptr<scalar_t>(),
         page_index.data_ptr<int32_t>(), seg_meta.data_ptr<int32_t>(), seg_scalings.data_ptr<float>(),
-        seg_indptr.data_ptr<int32_t>(), seg_meta.size(1), lm, x.size(1), y.size(1), P, arena.size(0),
+        seg_indptr.data_ptr<int32_t>(), T, seg_meta.size(1), lm, x.size(1), y.size(1), P, arena.size(0),
         page_index.size(0), ca, cb);
     OPENLORA_LAUNCH_CHECK();
   });

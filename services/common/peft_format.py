@@ -79,11 +79,6 @@ class LoraConfig:
         """PEFT's modules_to_save rule: the path ends with one of the names (no dot needed)."""
         return any(module_path.endswith(name) for name in self.modules_to_save)
 
-    @property
-    def form(self) -> str:
-        """What this adapter is, for people: "lora", "dora", plus "+modules_to_save"."""
-        return ("dora" if self.use_dora else "lora") + ("+modules_to_save" if self.modules_to_save else "")
-
     def targets(self, module_path: str) -> bool:
         """PEFT's rule: list -> path == name or path endswith "." + name; str -> re.fullmatch.
 

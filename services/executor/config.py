@@ -93,9 +93,6 @@ class ExecutorConfig(ServerConfig):
                           "the GPU present; the compile-only check without one: 90)")
     cpu_isa: str = flag("auto", "instruction set of the CPU kernels (auto -> the best this CPU supports)",
                         choices=("auto", "avx512_bf16", "avx512", "avx2", "generic"))
-    interleave: str = flag("auto", "fp32 calls of <= 512 tokens on CPU run the base matmul in column blocks "
-                           "between the LoRA phases: on (1), off (0), or auto (on without AVX-512, where "
-                           "it measured faster)", choices=("auto", "on", "off", "1", "0"))
     adapter_latest_ttl_s: float = flag(5.0, "age after which a resident 'latest' adapter is re-resolved in "
                                        "the background (it is served at once meanwhile), seconds")
     load_adapter_timeout_s: float = flag(0.0, "how long a LoadAdapter call waits for its adapter, seconds "

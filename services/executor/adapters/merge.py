@@ -27,11 +27,13 @@ modules_to_save adapters are refused (INVALID_ARGUMENT naming them).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import math
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -44,6 +46,7 @@ from services.executor.adapters.reader import HostAdapter, read_adapter
 from services.executor.adapters.source import UnusableCopy
 
 COMBINATIONS = ("cat", "linear", "ties", "dare_linear", "dare_ties", "svd")
+MAX_RECIPES = 4096          # recipes an executor remembers (each request registers its own again)
 PREFIX = "merged:"          # not a valid adapter id: a derived id never names a registered adapter
 
 
@@ -89,7 +92,7 @@ class MergeSpec:
             kind = "linear"
         return cls(tuple(parsed), weights, kind, density, sign, int(seed))
 
-    @property
+    @functools.cached_property
     def derived_id(self) -> str:
         recipe = json.dumps([self.ids, self.weights, self.combination_type, self.density,
                              self.majority_sign_method, self.seed])
@@ -173,7 +176,7 @@ class MergedSource:
 
     def __init__(self, inner, cfg, max_rank: int):
         self.inner, self.cfg, self.max_rank = inner, cfg, max_rank
-        self._specs: dict[str, MergeSpec] = {}
+        self._specs: OrderedDict[str, MergeSpec] = OrderedDict()   # the newest MAX_RECIPES
         self._lock = threading.Lock()
         # a disk tier's hooks, where the inner source has one: derived adapters never go to disk
         # (rebuilt from their adapters' copies, which do)
@@ -186,8 +189,11 @@ class MergedSource:
         return getattr(self.inner, name)
 
     def register(self, spec: MergeSpec) -> str:
-        with self._lock:
+        with self._lock:      # (a request registers its recipe again: a forgotten one comes back)
             self._specs[spec.derived_id] = spec
+            self._specs.move_to_end(spec.derived_id)
+            while len(self._specs) > MAX_RECIPES:
+                self._specs.popitem(last=False)
         return spec.derived_id
 
     def cat_spec(self, adapter_id: str) -> MergeSpec | None:

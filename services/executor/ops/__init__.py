@@ -1,9 +1,9 @@
 """Kernels of the executor; ensure_built() (the engine calls it at start-up; importing builds nothing)
-makes torch.ops.openlora.{lora_linear,
-lora_linear_async (lora_linear without the host-side value checks, so without a sync on CUDA),
-paged_attention_decode, paged_attention_decode_async (the same for it), rms_norm, add_rms_norm,
-silu_mul, rotary} available, and on CPU {pack_weight, lora_linear_packed, linear_packed}: fp32 base
-weights packed once into MKL's GEMM layout.
+makes torch.ops.openlora.{lora_paged_add_ (each segment's adapter added to the base GEMM's output,
+read in place from page memory: the served multi-LoRA op), paged_attention_decode,
+paged_attention_decode_async (without the host-side value checks, so without a sync on CUDA),
+rms_norm, add_rms_norm, silu_mul, rotary} available, and on CPU {pack_weight, linear_packed}: fp32
+base weights packed once into MKL's GEMM layout.
 
 The ops come from the C++/CUDA extension (cpp/, built by ensure_built() through build.py), or, if that cannot
 be built, from the pure-PyTorch references — logged as an error, never silent. Every op but the
@@ -11,7 +11,7 @@ CPU-only packed ones has a CUDA kernel (cpp/cuda), built where torch sees a GPU 
 on a GPU without nvcc the references run. The executor's --kernel ($OPENLORA_KERNEL) forces
 one: "cpp" (a failed build raises) or "reference"; "auto" tries cpp, then falls back. The schemas are
 declared once, in cpp/ops.cpp (SCHEMAS reads them from there). load(config) is the executor's
-start-up: the build, then the CPU kernels' instruction set and interleaving, set once.
+start-up: the build, then the CPU kernels' instruction set, set once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from torch import Tensor
 from . import build as _build
 from .reference import (
     add_rms_norm_ref,
-    lora_linear_ref,
     lora_paged_add_ref,
     paged_attention_decode_ref,
     rms_norm_ref,
@@ -36,20 +35,17 @@ from .reference import (
 from .schemas import parse_schemas
 from .segments import build_segments
 
-__all__ = ["lora_linear", "lora_linear_async", "lora_linear_ref", "lora_paged_add_", "lora_paged_add_ref", "pack_weight", "lora_linear_packed",
-           "linear_packed", "paged_attention_decode", "paged_attention_decode_async",
+__all__ = ["lora_paged_add_", "lora_paged_add_ref", "pack_weight", "linear_packed", "paged_attention_decode", "paged_attention_decode_async",
            "paged_attention_decode_ref", "rms_norm", "rms_norm_ref",
            "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref", "rotary", "rotary_ref",
-           "build_segments", "ensure_built", "kernel_backend", "load", "set_cpu_kernels", "cpu_isa"]
+           "build_segments", "ensure_built", "kernel_backend", "load", "set_cpu_kernels", "cpu_isa",
+           "CUDA_MAX_LORA_RANK", "check_max_lora_rank"]
 
 log = logging.getLogger(__name__)
 
 # Each op's pure-PyTorch reference, which serves it when the extension cannot; the async ops fall back
 # to their contract op's reference.
 REFERENCES = {
-    "lora_linear": lora_linear_ref,
-    "lora_linear_async": lora_linear_ref,
-    "lora_linear_packed": lambda x, weight, packed_weight, *rest: lora_linear_ref(x, weight, *rest),
     "linear_packed": lambda x, weight, packed_weight, bias: torch.nn.functional.linear(x, weight, bias),
     "paged_attention_decode": paged_attention_decode_ref,
     "paged_attention_decode_async": paged_attention_decode_ref,
@@ -108,12 +104,7 @@ def ensure_built(kernel: str | None = None) -> str:
     with _lock:
         if _backend is None:
             _backend = _load(kernel or os.environ.get("OPENLORA_KERNEL", "auto"))
-            torch.library.register_fake("openlora::lora_linear")(_lora_linear_fake)
-            torch.library.register_fake("openlora::lora_linear_async")(_lora_linear_fake)
-            torch.library.register_fake("openlora::lora_linear_packed")(
-                lambda x, weight, packed_weight, *rest: _lora_linear_fake(x, weight, *rest))
-            torch.library.register_fake("openlora::linear_packed")(
-                lambda x, weight, packed_weight, bias: _lora_linear_fake(x, weight, bias, *[None] * 6))
+            torch.library.register_fake("openlora::linear_packed")(_linear_packed_fake)
             for name in ("paged_attention_decode", "paged_attention_decode_async"):
                 torch.library.register_fake(f"openlora::{name}")(_paged_attention_decode_fake)
             torch.library.register_fake("openlora::lora_paged_add_")(lambda *args: None)
@@ -124,27 +115,40 @@ def ensure_built(kernel: str | None = None) -> str:
 
 def load(config) -> str:
     """The executor's start-up: builds/loads the kernels as its config says (kernel, build_dir,
-    cuda_arch) and sets the CPU kernels' knobs once (cpu_isa, interleave); returns kernel_backend()."""
+    cuda_arch) and sets the CPU kernels' instruction set once (cpu_isa); returns kernel_backend()."""
     if config.build_dir:
         _build.BUILD_DIR = config.build_dir
     if config.cuda_arch:
         _build.CUDA_ARCH = config.cuda_arch
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    check_max_lora_rank(device, config.max_lora_rank)
     backend = ensure_built(config.kernel)
-    set_cpu_kernels(config.cpu_isa, config.interleave)
+    set_cpu_kernels(config.cpu_isa)
+    log.info("kernels: %s, CPU instruction set %s", backend, cpu_isa())
     return backend
 
 
-_INTERLEAVE = {"auto": -1, "off": 0, "0": 0, "on": 1, "1": 1}
+# The largest rank the CUDA lora_paged_add_ holds (kMaxRank in cpp/cuda/lora_paged.cu: one block's
+# shared memory): its kernel adds nothing for a segment of a higher rank (it is never clipped), so
+# the executor refuses to start on CUDA with --max-lora-rank above it.
+CUDA_MAX_LORA_RANK = 256
 
 
-def set_cpu_kernels(isa: str = "auto", interleave: str = "auto") -> None:
+def check_max_lora_rank(device: str, max_lora_rank: int) -> None:
+    """Raises ConfigError (--max-lora-rank) when the kernels of `device` cannot hold that rank."""
+    from services.common.config import check
+    if device == "cuda":
+        check(max_lora_rank <= CUDA_MAX_LORA_RANK, "max_lora_rank",
+              f"must be <= {CUDA_MAX_LORA_RANK} on CUDA (the largest rank cpp/cuda/lora_paged.cu holds), "
+              f"got {max_lora_rank}")
+
+
+def set_cpu_kernels(isa: str = "auto") -> None:
     """The CPU kernels' instruction set (auto, avx512_bf16, avx512, avx2, generic; one this CPU lacks
-    raises) and whether few-token fp32 lora_linear calls interleave the base matmul (auto, on, off):
-    set once, never read per call. Nothing to set on the reference backend."""
+    raises): set once, never read per call. Nothing to set on the reference backend."""
     if ensure_built() != "cpp":
         return
     torch.ops.openlora.set_cpu_isa(isa)
-    torch.ops.openlora.set_interleave(_INTERLEAVE[interleave])
 
 
 def cpu_isa() -> str:
@@ -157,38 +161,10 @@ def kernel_backend() -> str:
     return ensure_built()
 
 
-def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots):
+def _linear_packed_fake(x, weight, packed_weight, bias):
     torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-D")
     torch._check(weight.shape[1] == x.shape[1], lambda: "weight must be [d_out, d_in]")
     return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
-                scalings: Tensor, ranks: Tensor, seg_indptr: Tensor, seg_slots: Tensor) -> Tensor:
-    """A linear layer with one LoRA adapter per segment of tokens (torch.ops.openlora.lora_linear).
-
-    x [T, d_in], weight [d_out, d_in], bias [d_out] | None,
-    lora_a [S, r_max, d_in] (rows :r of slot s = PEFT lora_A.weight),
-    lora_b [S, d_out, r_max] (columns :r of slot s = PEFT lora_B.weight),
-    scalings [S] f32, ranks [S] i32, seg_indptr [G+1] i32, seg_slots [G] i32 (-1 = base only).
-
-        y = x @ weight.T + bias                                  # [T, d_out], x's dtype
-        for g, s in enumerate(seg_slots):
-            if s >= 0:
-                rows, r = slice(seg_indptr[g], seg_indptr[g+1]), ranks[s]
-                y[rows] += scalings[s] * (x[rows] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T
-    """
-    return torch.ops.openlora.lora_linear.default(
-        x, weight, bias, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots)
-
-
-def lora_linear_async(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
-                      scalings: Tensor, ranks: Tensor, seg_indptr: Tensor, seg_slots: Tensor) -> Tensor:
-    """lora_linear for index tensors that are right by construction (the executor's): on CUDA it never
-    copies them to the host, so it never waits for the GPU; an out-of-range index is skipped on the
-    device rather than raised (nothing is read out of bounds). On CPU it is lora_linear."""
-    return torch.ops.openlora.lora_linear_async.default(
-        x, weight, bias, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots)
 
 
 def lora_paged_add_(y: Tensor, x: Tensor, arena: Tensor, page_index: Tensor, seg_meta: Tensor,
@@ -212,7 +188,7 @@ def lora_paged_add_(y: Tensor, x: Tensor, arena: Tensor, page_index: Tensor, seg
 
 
 def pack_weight(weight: Tensor) -> Tensor | None:
-    """weight [d_out, d_in] copied once into MKL's GEMM layout, for lora_linear_packed and linear_packed;
+    """weight [d_out, d_in] copied once into MKL's GEMM layout, for linear_packed;
     None where packing does not apply (not a contiguous float32 CPU tensor, the reference backend, a
     torch without MKL). Pack again if the weight's values change: the packed ops refuse a buffer
     that does not match the weight they are given. It reserves ~1.1-9x the weight's bytes, most of
@@ -222,15 +198,6 @@ def pack_weight(weight: Tensor) -> Tensor | None:
             or not torch.ops.openlora.packing_available()):
         return None
     return torch.ops.openlora.pack_weight.default(weight)
-
-
-def lora_linear_packed(x: Tensor, weight: Tensor, packed_weight: Tensor, bias: Tensor | None,
-                       lora_a: Tensor, lora_b: Tensor, scalings: Tensor, ranks: Tensor,
-                       seg_indptr: Tensor, seg_slots: Tensor) -> Tensor:
-    """lora_linear with the base matmul through packed_weight = pack_weight(weight) (float32 CPU).
-    Calls of more than a few hundred tokens, where packing does not pay, use weight as lora_linear does."""
-    return torch.ops.openlora.lora_linear_packed.default(
-        x, weight, packed_weight, bias, lora_a, lora_b, scalings, ranks, seg_indptr, seg_slots)
 
 
 def linear_packed(x: Tensor, weight: Tensor, packed_weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -8,9 +8,8 @@ fraction of a second. The directory is the executor's --build-dir ($OPENLORA_BUI
 ~/.cache/openlora.
 
 build_cuda_emulation() builds the same CUDA sources as plain C++ over cpp/cuda/emulation.h, where
-CPU threads play CUDA's blocks, warps and threads: torch.ops.openlora_emu.{lora_linear,
-lora_linear_async, paged_attention_decode, paged_attention_decode_async, rms_norm, add_rms_norm,
-silu_mul, rotary, lora_paged_add_} run the CUDA kernels (and their host code) on CPU tensors, for the tests.
+CPU threads play CUDA's blocks, warps and threads: torch.ops.openlora_emu.{paged_attention_decode,
+paged_attention_decode_async, rms_norm, add_rms_norm, silu_mul, rotary, lora_paged_add_} run the CUDA kernels (and their host code) on CPU tensors, for the tests.
 
 compile_cuda_check() compiles the CUDA sources with nvcc into objects (no link, no GPU, no CUDA build
 of torch needed), so a machine that has nvcc but no GPU still checks that cpp/cuda builds:
@@ -37,12 +36,10 @@ from torch.utils import cpp_extension
 
 from services.cpp_sources import CPP_DIR  # the checkout's cpp/, or the copy a wheel ships
 
-CPU_SOURCES = [CPP_DIR / "ops.cpp", CPP_DIR / "lora_linear.cpp", CPP_DIR / "cpu_isa.cpp",
-               CPP_DIR / "lora_linear_packed.cpp", CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp",
-               CPP_DIR / "lora_paged.cpp"]
+CPU_SOURCES = [CPP_DIR / "ops.cpp", CPP_DIR / "cpu_isa.cpp", CPP_DIR / "linear_packed.cpp",
+               CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp", CPP_DIR / "lora_paged.cpp"]
 # The served ops' hot loops (cpp/cpu_kernels_<isa>.cpp: lora_paged_add_, paged attention, the layer
-# ops) and lora_linear's LoRA phases (cpp/lora_linear_<isa>.cpp), one file per instruction set, each
-# compiled with its own flags into the same binary; cpp/cpu_isa.cpp picks the best one this CPU
+# ops), one file per instruction set, each compiled with its own flags into the same binary; cpp/cpu_isa.cpp picks the best one this CPU
 # supports at run time (set_cpu_isa forces one). Generic first, then each a superset of the one
 # before: the linker keeps the first copy of an inline function several files share, and that one
 # must run on every CPU that calls it.
@@ -52,16 +49,13 @@ ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
     "avx512_bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma"],
 }
-CUDA_SOURCES = [CPP_DIR / "cuda" / "lora_linear.cu", CPP_DIR / "cuda" / "paged_attention.cu",
-                CPP_DIR / "cuda" / "layer_ops.cu", CPP_DIR / "cuda" / "lora_paged.cu"]
-HEADERS = [CPP_DIR / "lora_linear_checks.h", CPP_DIR / "lora_linear_cpu.h", CPP_DIR / "lora_tiles.h",
-           CPP_DIR / "cpu_isa.h", CPP_DIR / "lora_linear_packed.h", CPP_DIR / "paged_attention_checks.h",
-           CPP_DIR / "layer_ops_checks.h", CPP_DIR / "simd512.h", CPP_DIR / "cuda" / "compat.cuh",
+CUDA_SOURCES = [CPP_DIR / "cuda" / "paged_attention.cu", CPP_DIR / "cuda" / "layer_ops.cu",
+                CPP_DIR / "cuda" / "lora_paged.cu"]
+HEADERS = [CPP_DIR / "cpu_isa.h", CPP_DIR / "paged_attention_checks.h", CPP_DIR / "layer_ops_checks.h", CPP_DIR / "simd512.h", CPP_DIR / "cuda" / "compat.cuh",
            CPP_DIR / "cpu_kernels.h", CPP_DIR / "cpu_kernels_table.h", CPP_DIR / "simd_vec.h",
            CPP_DIR / "lora_paged_tiles.h", CPP_DIR / "paged_attention_tiles.h", CPP_DIR / "layer_ops_tiles.h"]
 # The CUDA sources as plain C++ over a CPU emulation of CUDA's threads (build_cuda_emulation; tests only).
-EMULATION_SOURCES = [CPP_DIR / "cuda" / "emulation_lora_linear.cpp",
-                     CPP_DIR / "cuda" / "emulation_paged_attention.cpp",
+EMULATION_SOURCES = [CPP_DIR / "cuda" / "emulation_paged_attention.cpp",
                      CPP_DIR / "cuda" / "emulation_layer_ops.cpp",
                      CPP_DIR / "cuda" / "emulation_lora_paged.cpp"]
 # No -march=native: the binary runs on any x86-64 CPU; the ISA-specific code is in the ISA_FLAGS files.
@@ -211,8 +205,7 @@ def build(verbose: bool = False) -> Path:
     sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
     arch = cuda_arch()  # None: torch builds for the GPU present
     cuda_cflags = CUDA_CFLAGS + ([f"-gencode=arch=compute_{arch},code=sm_{arch}"] if arch else [])
-    isa_objects = {CPP_DIR / f"{kind}_{isa}.cpp": flags for isa, flags in ISA_FLAGS.items()
-                   for kind in ("cpu_kernels", "lora_linear")}  # in ISA_FLAGS' order (see there)
+    isa_objects = {CPP_DIR / f"cpu_kernels_{isa}.cpp": flags for isa, flags in ISA_FLAGS.items()}  # in order
     return _load("openlora_ops", sources, (CFLAGS, cuda_cflags, with_cuda), verbose, isa_objects=isa_objects,
                  extra_cflags=CFLAGS, extra_cuda_cflags=cuda_cflags if with_cuda else None,
                  extra_ldflags=["-fopenmp"], extra_include_paths=[str(CPP_DIR)])

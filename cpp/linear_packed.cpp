@@ -1,17 +1,28 @@
-// The CPU lora_linear's prepacked-base-weight path (fp32, MKL): pack_weight, linear_packed, and the
-// base matmul of lora_linear_packed (packed_matmul, called by lora_linear.cpp). No ISA-specific code:
-// MKL picks its own kernels at run time.
+// Prepacked base weights (fp32, MKL): pack_weight and linear_packed, the engine's base GEMM on CPU for
+// float32 models (services/executor/model/quant.py: Prepacked). No ISA-specific code: MKL picks its own
+// kernels at run time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <cstddef>
 
-#include "lora_linear_cpu.h"
-#include "lora_linear_packed.h"
+// MKL's packed GEMM. Weak: OpenBLAS builds of torch lack it; then packing_available() is false and the
+// engine keeps F.linear. The enum arguments are passed as their int values: column-major 102, the A
+// matrix 161, no transpose 111, transpose 112, packed 151.
+extern "C" size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+extern "C" void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                                 const float* src, int ld, float* dest) __attribute__((weak));
+extern "C" void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k,
+                                    const float* a, int lda, const float* b, int ldb, float beta,
+                                    float* c, int ldc) __attribute__((weak));
 
 namespace openlora {
+
+constexpr int kColMajor = 102, kAMatrix = 161, kNoTrans = 111, kTrans = 112, kPacked = 151;
+constexpr int64_t kPackedMaxTokens = 320;  // longer calls use at::addmm on the plain weight
 
 bool packing_available() {
   return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
@@ -22,7 +33,7 @@ namespace {
 
 // -- prepacked base weights (fp32, MKL) ------------------------------------------------------------
 // pack_weight(weight) copies an fp32 weight once into MKL's internal GEMM layout (cblas_sgemm_pack);
-// lora_linear_packed / linear_packed then run the base matmul of calls of up to kPackedMaxTokens
+// linear_packed then runs the base matmul of calls of up to kPackedMaxTokens
 // tokens with cblas_sgemm_compute, which skips the copy of the weight that every sgemm call makes
 // (MKL's scopy_right48: 13% of an fp32 decode step's time). Measured on the 2-core AVX-512 Xeon at
 // T = 64: 1.23-1.49x faster than torch.mm at the engine's shapes (d 512..4096), equal at 300 tokens,
@@ -51,7 +62,7 @@ std::array<uint32_t, kFingerprint> fingerprint(const at::Tensor& weight) {
 at::Tensor pack_weight_cpu(const at::Tensor& weight) {
   TORCH_CHECK(packing_available(),
               "pack_weight needs MKL's packed GEMM (cblas_sgemm_pack), which this torch build lacks; "
-              "call lora_linear with the plain weight instead");
+              "use the plain weight (F.linear) instead");
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) > 0,
               "weight must be a non-empty 2-D [d_out, d_in] tensor, got shape ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == at::kFloat, "weight must be float32 to be packed, got ",
@@ -79,8 +90,6 @@ at::Tensor pack_weight_cpu(const at::Tensor& weight) {
 }
 
 // The packed data of `packed` after checking it was made by pack_weight from this very weight.
-}  // namespace
-
 const float* packed_data(const at::Tensor& packed, const at::Tensor& weight) {
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 1 &&
                   packed.is_contiguous() && packed.numel() > kPackHeaderBytes,
@@ -124,9 +133,7 @@ at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& weight, const fl
   return y;
 }
 
-namespace {
-
-// A plain linear layer (no adapters) through a packed weight: the executor's lm_head.
+// A linear layer through a packed weight: the engine's base GEMM and lm_head.
 at::Tensor linear_packed_cpu(const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& packed_weight,
                              const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat && x_.device().is_cpu(),
