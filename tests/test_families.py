@@ -424,3 +424,35 @@ def test_family_chat_through_registry_router_and_gateway(name, tmp_path):
     finally:
         for s in reversed(started):
             s.stop()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "qwen3_moe"])
+def test_family_bfloat16_within_its_tolerance(name, tmp_path):
+    """bfloat16: the engine's mixed batch, teacher-forced through transformers+peft in bfloat16 on
+    the engine's own tokens: each token is transformers' argmax or within 0.1 nats of it, and its
+    logprob within 0.1 of transformers' (bf16 keeps ~3 significant digits: greedy runs may part
+    at a near-tie, which is why the tokens are not compared run against run)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    model_dir, root = build_family(tmp_path, name)
+    names = sorted(p.name for p in root.iterdir())
+    engine = engine_for(model_dir, root, dtype="bfloat16", max_lora_rank=16)
+    for n in names:
+        engine.load_adapter(n, 0)
+    reqs = requests_for(name, names, "bf16")
+    try:
+        out = run(engine, [r for r, _ in reqs])
+    finally:
+        engine.stop()
+    for req, adapter in reqs:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        if adapter:
+            model = PeftModel.from_pretrained(model, root / adapter)
+        o, ids = out[req.request_id], list(req.prompt_token_ids)
+        assert o["error"] is None and len(o["tokens"]) == MAX_NEW
+        with torch.no_grad():
+            for t, lp in zip(o["tokens"], o["logprobs"], strict=True):
+                want = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+                assert float(want.max() - want[t]) <= 0.1, (req.request_id, len(ids))
+                assert abs(float(want[t]) - lp) <= 0.1, (req.request_id, len(ids))
+                ids.append(t)

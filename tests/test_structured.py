@@ -190,3 +190,25 @@ def test_compiled_once_per_spec(setup):
                        for i in range(3)])
     assert engine.grammars.compiles - before == 1
     assert all(re.fullmatch("[0-9]{3}", o["text"]) for o in out.values())
+
+
+def test_prefetched_masks_equal_inline_ones(setup):
+    """The CUDA path computes masks on a worker thread while the model runs: same masks as inline,
+    and a stale prefetch (the output moved on) is recomputed."""
+    from types import SimpleNamespace
+
+    from services.executor import structured
+    engine = setup[0]
+    spec = SPECS["json_schema"]
+    a, b = engine.grammars.new(spec), engine.grammars.new(spec)
+    out = []
+    for _ in range(12):
+        row = SimpleNamespace(grammar=a, history=[3, 4, *out], prompt_len=2)
+        structured.prefetch([row])
+        got, want = a.allowed(out, torch.device("cpu")), b.allowed(out, torch.device("cpu"))
+        assert torch.equal(got, want)
+        out.append(int(want.nonzero()[0, 0]) if int(want.nonzero()[0, 0]) not in engine.eos_token_ids
+                   else int(want.nonzero()[-1, 0]))
+    structured.prefetch([SimpleNamespace(grammar=a, history=[3, 4, *out], prompt_len=2)])
+    t = int(b.allowed(out, torch.device("cpu")).nonzero()[-1, 0])
+    assert torch.equal(a.allowed([*out, t], torch.device("cpu")), b.allowed([*out, t], torch.device("cpu")))

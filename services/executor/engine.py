@@ -366,8 +366,8 @@ class Engine:
         spans = prompt_logprobs.prompt_spans(batch)
         grammar_rows = [r.row for r, item in zip(reqs, batch.items, strict=True)
                         if item.samples and r.row.grammar is not None]
-        if grammar_rows:        # their masks are computed while the model runs (structured.py)
-            structured.prefetch(grammar_rows)
+        if grammar_rows and self.device.type == "cuda":   # masks computed while the GPU runs the step
+            structured.prefetch(grammar_rows)   # (on CPU the worker thread only contends for the GIL)
         logits = self._run_model(batch, reqs, spans)
         if logits is None:
             return

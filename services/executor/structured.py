@@ -27,6 +27,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -146,10 +147,10 @@ def prefetch(rows) -> None:
     global _POOL
     if _POOL is None:
         _POOL = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
-    for r in rows:
-        g = r.grammar
-        n = len(r.history) - r.prompt_len
-        g.pending = (n, _POOL.submit(g._mask, r.history[r.prompt_len:]))
+    jobs = [(r.grammar, r.history[r.prompt_len:]) for r in rows]
+    future = _POOL.submit(lambda: [g._mask(out) for g, out in jobs])      # one hand-off per step
+    for i, (g, out) in enumerate(jobs):
+        g.pending = (len(out), future, i)
 
 
 class Grammar:
@@ -167,10 +168,10 @@ class Grammar:
         the ones not yet consumed advance the matcher first)."""
         pending, self.pending = self.pending, None
         if pending is not None:
-            n, future = pending
-            mask = future.result()
+            n, future, i = pending
+            masks = future.result()
             if n == len(output):
-                return mask.to(device, non_blocking=True)
+                return masks[i].to(device, non_blocking=True)
         return self._mask(output).to(device, non_blocking=True)
 
     def _mask(self, output: list[int]) -> Tensor:
@@ -181,9 +182,8 @@ class Grammar:
             self.consumed += 1
         if m.is_error():
             raise InvalidArgument(f"the output left its grammar: {m.get_error()}")
-        bits = torch.frombuffer(bytearray(m.compute_bitmask()), dtype=torch.uint8)
-        shifts = torch.arange(8, dtype=torch.uint8)
-        mask = ((bits[:, None] >> shifts) & 1).flatten()[:self.vocab].bool()
+        bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        mask = torch.from_numpy(bits[:self.vocab].astype(bool))
         if mask.numel() < self.vocab:
             mask = torch.cat([mask, torch.zeros(self.vocab - mask.numel(), dtype=torch.bool)])
         return mask
