@@ -12,11 +12,11 @@ import dataclasses
 import json
 import math
 import pathlib
-import threading
 
 import pytest
 import torch
 from conftest import TINY
+from engine_runs import run_requests as run
 from safetensors.torch import save_file
 
 from services.executor.adapters.source import LocalDirSource
@@ -88,30 +88,6 @@ def oracle(model_dir: pathlib.Path, adapter_dir: pathlib.Path | None, prompt: li
             logprobs.append(float(torch.log_softmax(logits, -1)[t]))
             ids.append(t)
     return tokens, logprobs
-
-
-def run(engine: Engine, requests: list[GenerationRequest], timeout: float = 120):
-    """Submit all, then start (so they share steps); -> request_id -> dict of outputs."""
-    out, done = {}, threading.Event()
-    lock = threading.Lock()
-
-    def on_event(ev):
-        with lock:
-            o = out.setdefault(ev.request_id, {"tokens": [], "logprobs": [], "text": "",
-                                               "finish": None, "error": None})
-            o["tokens"] += ev.token_ids
-            o["logprobs"] += ev.logprobs
-            o["text"] += ev.text
-            if ev.finish_reason or ev.error:
-                o["finish"], o["error"] = ev.finish_reason, ev.error
-                if sum(1 for v in out.values() if v["finish"] or v["error"]) == len(requests):
-                    done.set()
-
-    for r in requests:
-        engine.submit(r, on_event)
-    engine.start()
-    assert done.wait(timeout), "requests did not finish"
-    return out
 
 
 def make_requests(arch: str, names: list[str], vocab: int) -> list[tuple[GenerationRequest, str | None]]:

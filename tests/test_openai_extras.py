@@ -18,6 +18,7 @@ from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
 from tests.servers import Service, deployment, free_port
 from tests.test_gateway import Gateway
+from tests.test_structured import SCHEMA
 
 ADAPTERS = {"org/qv": AdapterSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"), seed=401)}
 BASE = "llama"
@@ -205,21 +206,6 @@ def test_lm_eval_loglikelihood_equals_transformers(stack, tmp_path):
                 want = oracle(stack, adapter, whole)
                 ll = sum(float(want[p - 1, whole[p]]) for p in range(n_ctx, len(whole)))
                 assert resp[0][0] == pytest.approx(ll, abs=1e-4), (adapter, context, continuation)
-
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "kind": {"enum": ["cat", "dog", "fish"]},
-        "tags": {"type": "array", "items": {"enum": ["red", "blue"]}, "maxItems": 3},
-        "owner": {"type": "object", "properties": {
-            "age": {"type": "integer", "minimum": 0, "maximum": 99},
-            "ok": {"type": "boolean"}}, "required": ["age", "ok"], "additionalProperties": False},
-    },
-    "required": ["name", "kind", "tags", "owner"],
-    "additionalProperties": False,
-}
 
 
 def test_structured_outputs_in_a_mixed_batch(stack):

@@ -7,11 +7,10 @@ prefix; the ones that ask compute every prompt position, the others still take t
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from conftest import TINY
+from engine_runs import run_requests as run
 
 from services.common.errors import InvalidArgument
 from services.executor.adapters.source import LocalDirSource
@@ -44,25 +43,6 @@ def prompt_oracle(model_dir, adapter_dir, prompt: list[int]) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
-
-
-def run(engine, reqs, timeout=120):
-    out, lock, done = {}, threading.Lock(), threading.Event()
-
-    def on_event(ev):
-        with lock:
-            o = out.setdefault(ev.request_id, {"events": [], "tokens": [], "finish": None, "error": None})
-            o["events"].append(ev)
-            o["tokens"] += ev.token_ids
-            if ev.finish_reason or ev.error:
-                o["finish"], o["error"] = ev.finish_reason, ev.error
-                if sum(1 for v in out.values() if v["finish"] or v["error"]) == len(reqs):
-                    done.set()
-
-    for r in reqs:
-        engine.submit(r, on_event)
-    assert done.wait(timeout)
-    return out
 
 
 def test_prompt_logprobs_equal_transformers_beside_cached_prefixes(setup):

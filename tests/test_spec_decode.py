@@ -10,10 +10,10 @@ induction circuit set by hand), so most drafts are accepted, beside adapters tha
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 import torch
+from engine_runs import run_requests as run
 from prometheus_client import generate_latest
 
 from services.executor.adapters.source import LocalDirSource
@@ -191,29 +191,9 @@ def make_engine(copy_dirs, method: str, **overrides) -> Engine:
     return Engine(ExecutorConfig(**{**cfg, **overrides}), LocalDirSource(adapters))
 
 
-def run(engine: Engine, requests: list[GenerationRequest], timeout: float = 300) -> dict:
-    """Submit all, then start (so they share steps) -> request_id -> outputs (events' sizes too)."""
-    out, lock, done = {}, threading.Lock(), threading.Event()
-
-    def on_event(ev):
-        with lock:
-            o = out.setdefault(ev.request_id, {"tokens": [], "logprobs": [], "text": "", "events": [],
-                                               "finish": None, "error": None, "tops": []})
-            o["tokens"] += ev.token_ids
-            o["tops"] += ev.top_logprobs
-            o["logprobs"] += ev.logprobs
-            o["text"] += ev.text
-            o["events"].append(len(ev.token_ids))
-            if ev.finish_reason or ev.error:
-                o["finish"], o["error"] = ev.finish_reason, ev.error
-                if sum(1 for v in out.values() if v["finish"] or v["error"]) == len(requests):
-                    done.set()
-
-    for r in requests:
-        engine.submit(r, on_event)
-    engine.start()
-    assert done.wait(timeout), "requests did not finish"
-    return out
+def sizes(out: dict) -> list[int]:
+    """How many tokens each of a request's events carried (more than 1: an accepted draft)."""
+    return [len(ev.token_ids) for ev in out["events"]]
 
 
 def documents(n: int, seed: int) -> list[list[int]]:
@@ -284,7 +264,7 @@ def test_greedy_mixed_adapter_batch_is_identical_with_speculation(copy_dirs):
         assert got["tokens"] == want["tokens"], rid
         torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]),
                                    atol=1e-5, rtol=0)
-    assert max(max(o["events"]) for o in spec.values()) > 1
+    assert max(max(sizes(o)) for o in spec.values()) > 1
     assert st.speculative_method == "ngram" and st.prefix_cache_hit_tokens > 0
     assert 0 < st.spec_accepted_tokens < st.spec_draft_tokens      # accepted and rejected drafts
     assert st.spec_emitted_tokens > st.spec_accepted_tokens
@@ -313,7 +293,7 @@ def test_stop_string_inside_an_accepted_draft(copy_dirs):
     try:
         free = run(engine, [GenerationRequest("free", prompt_token_ids=prompt,
                                               sampling=SamplingOptions(max_new_tokens=20, ignore_eos=True))])
-        tokens, events = free["free"]["tokens"], free["free"]["events"]
+        tokens, events = free["free"]["tokens"], sizes(free["free"])
         # a token in the middle of a multi-token event whose text first appears there
         ends = [sum(events[:i + 1]) for i in range(len(events))]
         j, stop = None, None
@@ -342,7 +322,7 @@ def test_stop_string_inside_an_accepted_draft(copy_dirs):
     assert spec["finish"] == plain["finish"] == "stop"
     assert spec["tokens"] == plain["tokens"] == tokens[:j + 1]   # the draft's tokens after it dropped
     assert spec["text"] == plain["text"] == tok.decode(tokens[:j])
-    assert spec["events"][-1] > 1
+    assert sizes(spec)[-1] > 1
 
 
 def test_finishing_inside_a_draft_and_per_position_options(copy_dirs):
@@ -393,7 +373,7 @@ def test_finishing_inside_a_draft_and_per_position_options(copy_dirs):
     got = spec["min_new"]["tokens"]              # free[1], proposed by the draft, is masked (too early)
     assert got[:1] == free[:1] and got[1] != free[1] and len(got) >= 4
     assert len(spec["penalties"]["tops"]) == 12
-    assert max(spec["len7"]["events"]) > 1 and max(spec["eos"]["events"]) > 1
+    assert max(sizes(spec["len7"])) > 1 and max(sizes(spec["eos"])) > 1
 
 
 def test_per_request_opt_out_and_metrics(copy_dirs):
@@ -404,9 +384,9 @@ def test_per_request_opt_out_and_metrics(copy_dirs):
                                   sampling=SamplingOptions(max_new_tokens=12, ignore_eos=True, speculative=flag))
                 for flag in (False, True)]
         off = run(engine, reqs[:1])["oFalse"]
-        assert engine.status().spec_draft_tokens == 0 and max(off["events"]) == 1
+        assert engine.status().spec_draft_tokens == 0 and max(sizes(off)) == 1
         on = run(engine, reqs[1:])["oTrue"]
-        assert on["tokens"] == off["tokens"] and max(on["events"]) > 1
+        assert on["tokens"] == off["tokens"] and max(sizes(on)) > 1
         st = engine.status()
         metrics = generate_latest(ExecutorMetrics(engine).registry).decode()
     finally:

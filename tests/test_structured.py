@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 
 import jsonschema
 import pytest
 import torch
 from conftest import TINY
+from engine_runs import run_requests as run
 
 from services.common.errors import InvalidArgument
 from services.executor.adapters.source import LocalDirSource
@@ -54,25 +54,6 @@ def setup(llama_dir, tmp_path_factory):
     e.start()
     yield e, llama_dir, root
     e.stop()
-
-
-def run(engine, reqs, timeout=300):
-    out, lock, done = {}, threading.Lock(), threading.Event()
-
-    def on_event(ev):
-        with lock:
-            o = out.setdefault(ev.request_id, {"tokens": [], "text": "", "finish": None, "error": None})
-            o["tokens"] += ev.token_ids
-            o["text"] += ev.text
-            if ev.finish_reason or ev.error:
-                o["finish"], o["error"] = ev.finish_reason, ev.error
-                if sum(1 for v in out.values() if v["finish"] or v["error"]) == len(reqs):
-                    done.set()
-
-    for r in reqs:
-        engine.submit(r, on_event)
-    assert done.wait(timeout)
-    return out
 
 
 def check(kind: str, text: str) -> None:
