@@ -29,7 +29,6 @@ _BUFFERS = {
     "slot_mapping": (torch.long, "q", True, 0),
     "logits_rows": (torch.long, "q", False, 0),
     "seg_indptr": (torch.int32, "i", False, 1),
-    "seg_slots": (torch.int32, "i", False, 0),
 }
 
 
@@ -59,7 +58,7 @@ class InputBuffers:
     def fill(self, values: dict[str, list[int]]) -> dict[str, Tensor]:
         """values: name -> its ints this step -> name -> a view of that many rows on the device."""
         tokens = len(values["input_ids"])
-        seqs = max(len(values["logits_rows"]), len(values["seg_slots"]))
+        seqs = max(len(values["logits_rows"]), len(values["seg_indptr"]) - 1)
         if tokens > self.max_tokens or seqs > self.max_seqs:
             self._alloc(max(tokens, 2 * self.max_tokens), max(seqs, 2 * self.max_seqs))
         if self._copied is not None:
@@ -132,7 +131,7 @@ class ModelRunner:
             logits_rows += range(starts[i], starts[i] + k)
         t = self.buffers.fill({"input_ids": ids, "positions": positions,
                                "slot_mapping": slot_mapping, "logits_rows": logits_rows,
-                               "seg_indptr": seg_indptr, "seg_slots": seg_slots})
+                               "seg_indptr": seg_indptr})
 
         def groups_for(window: int | None) -> list[AttnGroup]:
             return [build_group(g, r, bs, window, self.device)
@@ -141,6 +140,6 @@ class ModelRunner:
         attn = AttnMetadata(t["slot_mapping"], groups_for(self.sliding_window),
                             {w or 0: groups_for(w) for w in self.other_windows})
         return ForwardBatch(input_ids=t["input_ids"], positions=t["positions"], attn=attn,
-                            seg_indptr=t["seg_indptr"], seg_slots=t["seg_slots"],
+                            seg_indptr=t["seg_indptr"],
                             logits_rows=t["logits_rows"],
                             paged=self.pool.batch(seg_entries))

@@ -31,13 +31,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class ForwardBatch:
-    """One step's tokens. T = sum of every scheduled sequence's new tokens, sorted by adapter slot."""
+    """One step's tokens. T = sum of every scheduled sequence's new tokens, grouped by adapter."""
 
     input_ids: Tensor    # [T] long
     positions: Tensor    # [T] long
     attn: AttnMetadata
     seg_indptr: Tensor   # [G+1] int32
-    seg_slots: Tensor    # [G] int32
     logits_rows: Tensor  # [N] long: rows whose next-token logits are wanted
     paged: PagedBatch | None = None   # the segments' page tables (None: base model only)
 

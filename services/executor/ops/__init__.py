@@ -33,12 +33,11 @@ from .reference import (
     silu_mul_ref,
 )
 from .schemas import parse_schemas
-from .segments import build_segments
 
 __all__ = ["lora_paged_add_", "lora_paged_add_ref", "pack_weight", "linear_packed", "paged_attention_decode", "paged_attention_decode_async",
            "paged_attention_decode_ref", "rms_norm", "rms_norm_ref",
            "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref", "rotary", "rotary_ref",
-           "build_segments", "ensure_built", "kernel_backend", "load", "set_cpu_kernels", "cpu_isa",
+           "ensure_built", "kernel_backend", "load", "set_cpu_kernels", "cpu_isa",
            "CUDA_MAX_LORA_RANK", "check_max_lora_rank"]
 
 log = logging.getLogger(__name__)
