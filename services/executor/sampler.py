@@ -4,13 +4,14 @@
     tokens, logprobs, tops = sample_with_top(logits, rows)   # + each row's top_logprobs alternatives
     tokens, logprobs, tops = sample_draft(logits, row, draft)  # verify a speculated draft
 
-Each row is processed on its own: the min_new_tokens mask (EOS and stop token ids at -inf until
-enough tokens are out) -> the structured-output mask (the tokens its grammar allows, structured.py)
--> repetition penalty (Hugging Face's rule, over prompt and output) ->
-presence and frequency penalties (OpenAI's and vLLM's rule, over the output) -> temperature -> top-k
--> top-p, then a draw from the row's own torch.Generator, so a seeded request gets the same tokens
-whatever its batch mates. logprobs are log_softmax of the RAW logits at the chosen token. Greedy rows
-(temperature 0) take the argmax of the masked and penalised logits.
+Grammar rows are masked first, all at once (the structured-output mask: the tokens each row's
+grammar allows, structured.py); then each row that needs more than the argmax is processed on its
+own: the min_new_tokens mask (EOS and stop token ids at -inf until enough tokens are out) ->
+repetition penalty (Hugging Face's rule, over prompt and output) -> presence and frequency
+penalties (OpenAI's and vLLM's rule, over the output) -> temperature -> top-k -> top-p, then a draw
+from the row's own torch.Generator, so a seeded request gets the same tokens whatever its batch
+mates. logprobs are log_softmax of the RAW logits at the chosen token. Greedy rows (temperature 0)
+take the argmax of the masked and penalised logits.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.executor.structured import Grammar, StructuredOutput
+from services.executor.structured import Grammar, StructuredOutput, allowed_rows
 
 LENGTH, STOP, EOS = "length", "stop", "eos"
 MAX_TOP_LOGPROBS = 20   # as OpenAI's and vLLM's APIs allow
@@ -103,10 +104,14 @@ class SamplingRow:
     @property
     def special(self) -> bool:
         """Needs more than the raw argmax."""
+        return self.grammar is not None or self.own_pass
+
+    @property
+    def own_pass(self) -> bool:
+        """Needs a pass of its own after the batch's grammar masks: anything but (masked) greedy."""
         o = self.options
         return (o.temperature > 0 or o.repetition_penalty not in (0, 1) or bool(self.masked)
-                or self.grammar is not None
-                or ((o.presence_penalty or o.frequency_penalty) and len(self.history) > self.prompt_len))
+                or bool((o.presence_penalty or o.frequency_penalty) and len(self.history) > self.prompt_len))
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -168,20 +173,27 @@ def sample_with_top(logits: Tensor,
         if k > 0:
             values, ids = torch.topk(logprobs[i], k)
             tops[i] = (ids.tolist(), values.tolist())
-    chosen = logits.argmax(dim=-1)                      # greedy, unpenalised: the common case
-    special = [i for i, r in enumerate(rows) if r.special]
+    work = logits
+    constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+    if constrained:                                    # every grammar row masked at once
+        allowed = allowed_rows([rows[i].grammar for i in constrained],
+                               [rows[i].history[rows[i].prompt_len:] for i in constrained], logits.device)
+        work = logits.clone()                          # logprobs stay those of the raw logits
+        if len(constrained) == len(rows):
+            work.masked_fill_(~allowed, float("-inf"))
+        else:
+            at = torch.tensor(constrained, device=logits.device)
+            work[at] = work[at].masked_fill(~allowed, float("-inf"))
+    chosen = work.argmax(dim=-1)                       # greedy, unpenalised: the common case
+    special = [i for i, r in enumerate(rows) if r.own_pass]
     if special:
         chosen = chosen.clone()
         for i in special:
             o = rows[i].options
-            row = logits[i]
+            row = work[i]
             masked = [t for t in rows[i].masked if t < row.shape[-1]]
             if masked:
                 row = row.index_fill(0, torch.tensor(masked, device=row.device), float("-inf"))
-            grammar = rows[i].grammar
-            if grammar is not None:
-                allowed = grammar.allowed(rows[i].history[rows[i].prompt_len:], row.device)
-                row = row.masked_fill(~allowed, float("-inf"))
             if o.repetition_penalty not in (0, 1) and rows[i].history:
                 row = _penalise(row, rows[i].history, o.repetition_penalty)
             output = rows[i].history[rows[i].prompt_len:]
