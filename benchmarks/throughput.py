@@ -4,7 +4,7 @@
                                               [--dtype {float32,bfloat16}] [--device {cpu,cuda}]
                                               [--device-cache-bytes N]
                                               [--compare-prepack | --compare-prefix-cache |
-                                               --compare-forms]
+                                               --compare-forms | --quantization int8,int4]
 
 A CPU-sized random Llama (4 layers, hidden 512, vocab 4096) written as a Hugging Face directory;
 64 requests (32-token prompts, 32 new tokens, greedy, ignore_eos) over 32 rank-16 adapters on all
@@ -32,6 +32,11 @@ generated) of each, the speedups, and the prompt tokens each engine computed per
 adapter X, then Y, then Z; and every request on merged_adapters cat(X, Y, Z). Alternated, best of
 --repeats each. Prints DoRA / plain (goal <= 1.10) and the cat request's LoRA work (its time minus
 base-only) against the sum of X's, Y's and Z's (goal <= 1.0).
+
+--quantization int8|int4|int8,int4 instead runs benchmarks/quant.py's side-by-side on a model large
+enough to be bandwidth-bound (hidden 2048, 8 layers; its flags --layers, --batch, --rounds, ... apply):
+decode tokens/s of the base alone and of 32 adapters mixed for fp32, bf16 and each method (float32
+activations), alternated in one process, with their ratios to fp32 and mixed/base.
 """
 
 from __future__ import annotations
@@ -250,7 +255,22 @@ def main() -> None:
                     help="DoRA vs plain LoRA adapters, and a cat of 3 adapters vs their sum (see above)")
     ap.add_argument("--shared-prefix", type=int, default=192,
                     help="tokens of the shared system prompt (--compare-prefix-cache)")
-    args = ap.parse_args()
+    ap.add_argument("--quantization", help="int8, int4 or int8,int4: a quantized base beside fp32 and bf16 "
+                                           "(benchmarks/quant.py, see above)")
+    args, rest = ap.parse_known_args()
+    if args.quantization:
+        import quant
+        qp = argparse.ArgumentParser(prog="throughput.py --quantization")
+        qp.add_argument("--quantization")
+        quant.add_arguments(qp)
+        qargs = qp.parse_args()          # all of argv: --new-tokens, --adapters are quant.py's here
+        methods = [m.strip() for m in args.quantization.split(",")]
+        if not set(methods) <= {"int8", "int4"}:
+            ap.error(f"--quantization takes int8, int4 or both, got {args.quantization!r}")
+        quant.side_by_side(qargs, ["fp32", "bf16", *methods])
+        return
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.set_num_threads(args.threads)
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="openlora-bench-"))
