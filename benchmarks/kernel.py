@@ -4,7 +4,8 @@ from page memory), against the base GEMM alone; medians of alternated rounds.
     .venv/bin/python benchmarks/kernel.py [--rounds 30] [--bf16] [--isa all|auto|avx2,...]
     .venv/bin/python benchmarks/kernel.py --engine-shapes | --attention | --layer-ops | --mixed-ranks
 
-Cases (d_in = d_out = 2048, pages of 512 elements scattered over the arena, ranks cycling 8, 16, 32):
+Cases (d_in = d_out = 2048, pages of 512 elements scattered over the arena, ranks cycling 8, 16, 32;
+the arena's memory allocated as the engine's is, ops.memory.host_pages):
   decode:  T = 64 tokens, 64 distinct adapters, one token each   (goal: fused/base <= 1.15)
   prefill: T = 512 tokens, 8 adapters, 64 tokens each            (goal: fused/base <= 1.06)
 base is what the engine runs for the projection: fp32 through the prepacked weight (ops.linear_packed,
@@ -37,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.executor import ops
 from services.executor.ops import ensure_built, kernel_backend, paged_attention_decode
+from services.executor.ops.memory import host_pages
 
 D, P, RANKS = 2048, 512, (8, 16, 32)
 ISAS = ("avx512_bf16", "avx512", "avx2", "generic")
@@ -61,6 +63,8 @@ def make_case(T: int, n_adapters: int, dtype: torch.dtype, d_in: int = D, d_out:
              arena=(torch.randn(num_pages, page, generator=g) * 0.02).to(dtype), page_index=page_ids, seg_meta=meta,
              seg_scalings=torch.full((n_adapters, 1), 2.0), seg_indptr=torch.arange(0, T + 1, per, dtype=torch.int32))
     c = {k: v.to(device) for k, v in c.items()}
+    if device == "cpu":   # page memory as the engine's arena has it (huge pages where the OS has them)
+        c["arena"] = host_pages(c["arena"].shape, dtype).copy_(c["arena"])
     c["packed"] = ops.pack_weight(c["weight"])
     return c
 

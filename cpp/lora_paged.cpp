@@ -21,7 +21,7 @@
 // CPU: this file checks the arguments (every page id the call will read) and lists the segments; the
 // two phases (shrink x @ A^T into an fp32 [T, r_max] buffer, then expand it @ B^T into y) run in
 // lora_paged_tiles.h, compiled per instruction set and picked at run time (cpu_isa.cpp), over
-// OpenMP threads: (segment, row block) items, then (segment, row block, column tile) items.
+// OpenMP threads: (segment, row block) items, each its shrink then its expand.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>

@@ -1,14 +1,15 @@
 // lora_paged_add_'s two phases over raw pointers, compiled once per instruction set (cpu_kernels_<isa>.cpp;
-// what the op computes and the page layout: lora_paged.cpp). For the segments of one call:
+// what the op computes and the page layout: lora_paged.cpp). For the segments of one call, per work item
+// (segment, block of kRowBlock rows):
 //
-//   phase 1 (shrink), per (segment, block of kRowBlock rows):  t[i, k] = scaling * x[i] @ A[k]
-//   phase 2 (expand), per (segment, row block, kColTile columns of y):  y[i, cols] += t[i, :r] @ Bt[:r, cols]
+//   shrink:  t[i, k] = scaling * x[i] @ A[k]                    (i in the block, k < r)
+//   expand:  y[i, :] += t[i, :r] @ Bt[:r, :]
 //
 // t is fp32 [T, r_max]; y is read and written once per (row, column) with one rounding. A and B^T are
 // read in place from their pages: register tiles of NT tokens x NK rows of A (shrink: one accumulator
 // vector per pair, summed across lanes at the end) and NT tokens x NV vectors of y's columns (expand:
 // each page row of B^T broadcast-multiplied by t[i, k]), run along each page's contiguous run of
-// d_in or d_out and cut at page ends. Both phases run in one OpenMP region, items claimed in order.
+// d_in or d_out and cut at page ends. Items are independent: OpenMP threads claim them in order.
 #pragma once
 
 #include <algorithm>
@@ -26,7 +27,6 @@ namespace OPENLORA_ISA {
 namespace {
 
 constexpr int64_t kRowBlock = 32;   // tokens per work item
-constexpr int64_t kColTile = 256;   // columns of y per expand work item
 
 #if defined(__AVX512F__)
 constexpr int kAcc = 16;            // accumulator registers a tile may hold
@@ -122,16 +122,18 @@ inline void shrink_tile(const T* const* xs, const T* arena, const int32_t* const
     for (int k = 0; k < NK; ++k) out[t * NK + k] = Vec::sum(acc[t][k]);
 }
 
-// The page ids of row q of the A rows read in order: this segment's rows, then the next segment's.
-inline const int32_t* a_row(const PagedCall& c, const PagedSegment& s, const PagedSegment* after, int64_t q) {
-  if (q < s.rank || after == nullptr) return s.a_pages + std::min(q, s.rank - 1) * c.ca;
-  return after->a_pages + std::min(q - s.rank, after->rank - 1) * c.ca;
-}
+// Page-id rows read one after another (row q: pages + min(q, n - 1) * stride), for prefetching the
+// rows that come after a tile's: more of this segment's A, then its B^T rows' first pages.
+struct RowList {
+  const int32_t* pages;
+  int64_t stride, n;
+  const int32_t* row(int64_t q) const { return pages + std::min(q, n - 1) * stride; }
+};
 
 // t[row + t, k] for rows k0.. of A in groups of NK, then of NK / 2 ... 1 for the rest (no row computed
-// twice), nt (<= NT) tokens.
+// twice), nt (<= NT) tokens. after: the rows read once these tokens' A rows are done.
 template <int NT, int NK, typename T>
-inline void shrink_rows(const PagedCall& c, const PagedSegment& s, const PagedSegment* after, const T* const* xs,
+inline void shrink_rows(const PagedCall& c, const PagedSegment& s, const RowList& after, const T* const* xs,
                         int64_t row, int64_t nt, int64_t k0) {
   const T* arena = static_cast<const T*>(c.arena);
   float out[NT * NK];
@@ -140,7 +142,8 @@ inline void shrink_rows(const PagedCall& c, const PagedSegment& s, const PagedSe
     const int32_t* next[NK];
     for (int k = 0; k < NK; ++k) {
       rows[k] = s.a_pages + (k0 + k) * c.ca;
-      next[k] = a_row(c, s, after, k0 + NK + k);
+      const int64_t q = k0 + NK + k;
+      next[k] = q < s.rank ? s.a_pages + q * c.ca : after.row(q - s.rank);
     }
     shrink_tile<NT, NK>(xs, arena, rows, next, c.ca, c.P, c.d_in, out);
     for (int64_t t = 0; t < nt; ++t)
@@ -153,7 +156,7 @@ inline void shrink_rows(const PagedCall& c, const PagedSegment& s, const PagedSe
 
 // t[i, :r] for nt (<= NT) tokens of a segment starting at x row `row`.
 template <int NT, typename T>
-inline void shrink_tokens(const PagedCall& c, const PagedSegment& s, const PagedSegment* after, int64_t row,
+inline void shrink_tokens(const PagedCall& c, const PagedSegment& s, const RowList& after, int64_t row,
                           int64_t nt) {
   const T* x = static_cast<const T*>(c.x);
   const T* xs[NT];
@@ -161,17 +164,18 @@ inline void shrink_tokens(const PagedCall& c, const PagedSegment& s, const Paged
   shrink_rows<NT, std::max(1, kAcc / NT), T>(c, s, after, xs, row, nt, 0);
 }
 
-// after: the segment whose A is read next (its first rows are prefetched), or null.
+// t[row0 .. row1) of segment s; A is read once per group of (up to) 4 tokens, then B^T's first pages
+// (what the expand reads first) are prefetched.
 template <typename T>
-void shrink_block(const PagedCall& c, const PagedSegment& s, const PagedSegment* after, int64_t row0,
-                  int64_t row1) {
+void shrink_block(const PagedCall& c, const PagedSegment& s, int64_t row0, int64_t row1) {
+  const RowList again{s.a_pages, c.ca, s.rank}, b_rows{s.b_pages, c.cb, s.rank};
   int64_t row = row0;
-  for (; row + 4 <= row1; row += 4) shrink_tokens<4, T>(c, s, row + 4 < row1 ? &s : after, row, 4);
+  for (; row + 4 <= row1; row += 4) shrink_tokens<4, T>(c, s, row + 4 < row1 ? again : b_rows, row, 4);
   if (row + 2 <= row1) {
-    shrink_tokens<2, T>(c, s, row + 2 < row1 ? &s : after, row, 2);
+    shrink_tokens<2, T>(c, s, row + 2 < row1 ? again : b_rows, row, 2);
     row += 2;
   }
-  if (row < row1) shrink_tokens<1, T>(c, s, after, row, 1);
+  if (row < row1) shrink_tokens<1, T>(c, s, b_rows, row, 1);
 }
 
 // y[row + t, o .. o + n) += t[row + t, :r] @ Bt[:r, o .. o + n) for nt (<= NT) tokens, n <= NV * L
@@ -247,7 +251,9 @@ void expand_block(const PagedCall& c, const PagedSegment& s, int64_t row0, int64
 
 template <typename T>
 void paged_segments(const PagedCall& c) {
-  // work items: (segment, row block) for the shrink, times column tiles for the expand
+  // Work items: (segment, block of kRowBlock rows), each its shrink then its expand over all of y's
+  // columns, so items are independent (no barrier between the phases: on a busy machine a barrier
+  // waits for the slowest thread's time slice) and a block's t rows are still in L1 when expanded.
   struct Block { int32_t seg; int64_t row0, row1; };
   std::vector<Block> blocks;
   for (int64_t g = 0; g < c.n_segs; ++g) {
@@ -256,28 +262,21 @@ void paged_segments(const PagedCall& c) {
       blocks.push_back({static_cast<int32_t>(g), r, std::min(s.row0 + s.rows, r + kRowBlock)});
   }
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
-  const int64_t tiles = (c.d_out + kColTile - 1) / kColTile;
-  auto shrink = [&](int64_t i) {
+  auto run = [&](int64_t i) {
     const Block& b = blocks[i];
-    const PagedSegment* after = i + 1 < n_blocks ? &c.segs[blocks[i + 1].seg] : nullptr;
-    shrink_block<T>(c, c.segs[b.seg], after, b.row0, b.row1);
+    const PagedSegment& s = c.segs[b.seg];
+    shrink_block<T>(c, s, b.row0, b.row1);
+    expand_block<T>(c, s, b.row0, b.row1, 0, c.d_out);
   };
-  auto expand = [&](int64_t i) {
-    const Block& b = blocks[i / tiles];
-    const int64_t o0 = (i % tiles) * kColTile;
-    expand_block<T>(c, c.segs[b.seg], b.row0, b.row1, o0, std::min(c.d_out, o0 + kColTile));
-  };
-  if (c.threads <= 1) {
-    for (int64_t i = 0; i < n_blocks; ++i) shrink(i);
-    for (int64_t i = 0; i < n_blocks * tiles; ++i) expand(i);
+  const int threads = static_cast<int>(std::min<int64_t>(c.threads, n_blocks));
+  if (threads <= 1) {
+    for (int64_t i = 0; i < n_blocks; ++i) run(i);
     return;
   }
-  std::atomic<int64_t> next_shrink{0}, next_expand{0};
-#pragma omp parallel num_threads(c.threads)
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(threads)
   {
-    for (int64_t i; (i = next_shrink.fetch_add(1, std::memory_order_relaxed)) < n_blocks;) shrink(i);
-#pragma omp barrier
-    for (int64_t i; (i = next_expand.fetch_add(1, std::memory_order_relaxed)) < n_blocks * tiles;) expand(i);
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_blocks;) run(i);
   }
 }
 

@@ -10,6 +10,7 @@ from services.executor import ops
 from services.executor.adapters.arena import ArenaLayout, HostArena
 from services.executor.adapters.reader import HostAdapter
 from services.executor.model.llama import LORA_MODULES, ModelConfig
+from services.executor.ops.memory import HUGE_PAGE, host_pages
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -200,3 +201,26 @@ def test_base_only_batch_adds_nothing():
     y0 = a["y"].clone()
     _call(a)
     assert torch.equal(a["y"], y0)
+
+
+def test_host_pages_are_huge_page_aligned_and_hold_what_is_written():
+    """ops.memory.host_pages (the arena's memory): contiguous, 2 MiB-aligned past one huge page,
+    plain torch.empty below; the paged op reads it like any tensor."""
+    big = host_pages((1100, 512), torch.float32)   # 2.1 MiB
+    assert big.shape == (1100, 512) and big.is_contiguous() and big.data_ptr() % HUGE_PAGE == 0
+    small = host_pages((3, 7), torch.bfloat16)
+    assert small.shape == (3, 7) and small.dtype == torch.bfloat16
+    src = torch.randn(1100, 512)
+    big.copy_(src)
+    assert torch.equal(big, src)
+    cfg = tiny_cfg()
+    layout = ArenaLayout.for_model(cfg, page_elems=16)
+    arena = HostArena(layout, 4 << 20, torch.float32)
+    assert arena.pages.data_ptr() % HUGE_PAGE == 0
+    host = random_adapter(cfg, 8, seed=5)
+    pb = arena.batch([place(arena, host)])
+    x = torch.randn(3, cfg.hidden, dtype=torch.float32)
+    y = torch.zeros(3, cfg.module_shape("q_proj")[0])
+    ops.lora_paged_add_(y, x, pb.arena, pb.page_index, pb.seg_meta, pb.seg_scalings,
+                        layout.lm(0, "q_proj"), torch.tensor([0, 3], dtype=torch.int32))
+    torch.testing.assert_close(y.double(), dense_delta(x, host, 0, "q_proj"), rtol=1e-5, atol=1e-5)

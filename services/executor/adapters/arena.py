@@ -32,6 +32,7 @@ from services.common.errors import InvalidAdapter
 from services.executor.adapters import forms, merge
 from services.executor.adapters.reader import HostAdapter
 from services.executor.model.config import LORA_MODULES, ModelConfig
+from services.executor.ops.memory import host_pages
 
 
 @dataclass(frozen=True)
@@ -290,9 +291,12 @@ class HostArena(PagePool):
         num = capacity_bytes // (layout.page_elems * elem)
         if pages is None:
             # uninitialised: a page is written before any kernel reads it, and untouched pages cost
-            # no resident memory (a 2 GiB arena of which 100 MiB is used holds 100 MiB)
-            pages = torch.empty((num, layout.page_elems), dtype=dtype,
-                                pin_memory=pin and torch.cuda.is_available())
+            # no resident memory (a 2 GiB arena of which 100 MiB is used holds 100 MiB); on CPU in
+            # huge pages, as the kernel reads scattered pages in place (ops/memory.py)
+            if pin and torch.cuda.is_available():
+                pages = torch.empty((num, layout.page_elems), dtype=dtype, pin_memory=True)
+            else:
+                pages = host_pages((num, layout.page_elems), dtype)
         super().__init__(layout, dtype, pages, num, lender)
         self.base: forms.BaseWeights | None = None   # set by the engine: what DoRA norms are taken against
 

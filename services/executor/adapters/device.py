@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from services.executor.adapters.arena import ArenaEntry, ArenaLayout, HostArena, PageLender, PagePool
+from services.executor.ops.memory import host_pages
 
 
 class DevicePool(PagePool):
@@ -29,7 +30,8 @@ class DevicePool(PagePool):
         elem = torch.empty((), dtype=dtype).element_size()
         num = capacity_bytes // (layout.page_elems * elem)
         if pages is None:
-            pages = torch.empty((num, layout.page_elems), dtype=dtype, device=device)
+            pages = (host_pages((num, layout.page_elems), dtype) if torch.device(device).type == "cpu"
+                     else torch.empty((num, layout.page_elems), dtype=dtype, device=device))
         super().__init__(layout, dtype, pages, num, lender)
         self._stream = torch.cuda.Stream(device) if self.device.type == "cuda" else None
 
