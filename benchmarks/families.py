@@ -6,7 +6,8 @@ Prints, for one Qwen3-MoE layer's experts (hidden 512, 8 experts, top-2, expert 
 float32 CPU), the time of the engine's grouped path (model/moe.py: pairs sorted by expert, one GEMM
 per expert) and of a per-token loop over each token's experts, and their ratio (goal >= 3x at 64
 tokens). `write_family(root, arch, adapters)` writes the model and PEFT adapters that
-`benchmarks/throughput.py --arch qwen3moe` serves.
+`benchmarks/throughput.py --arch qwen3moe|mixtral` serves (both of the same size: 8 experts top-2,
+expert intermediate 384).
 """
 
 from __future__ import annotations
@@ -30,7 +31,32 @@ QWEN3MOE = dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, moe_in
                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
                 num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=512,
                 bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+# Mixtral of the same size (its experts' width is intermediate_size; no dense layers, no q/k norm)
+MIXTRAL = dict(vocab_size=4096, hidden_size=512, intermediate_size=384, num_hidden_layers=4,
+               num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_local_experts=8,
+               num_experts_per_tok=2, max_position_embeddings=512, sliding_window=None,
+               bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _family(arch: str):
+    """-> (config class, model class, config kwargs) of a benchmarked MoE."""
+    if arch == "qwen3moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+        return Qwen3MoeConfig, Qwen3MoeForCausalLM, QWEN3MOE
+    if arch == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+        return MixtralConfig, MixtralForCausalLM, MIXTRAL
+    raise SystemExit(f"--arch {arch}: only llama, qwen3moe and mixtral are benchmarked")
+
+
+def describe(arch: str) -> str:
+    """One line naming the benchmarked MoE's shape."""
+    m = _family(arch)[2]
+    experts = m.get("num_experts") or m["num_local_experts"]
+    width = m.get("moe_intermediate_size") or m["intermediate_size"]
+    return (f"{arch} {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, {experts} experts "
+            f"top-{m['num_experts_per_tok']} (expert intermediate {width}), vocab {m['vocab_size']}")
 
 
 def write_family(root: pathlib.Path, arch: str, adapters: int, rank: int = 16) -> tuple[pathlib.Path, list[str]]:
@@ -38,11 +64,9 @@ def write_family(root: pathlib.Path, arch: str, adapters: int, rank: int = 16) -
     and `adapters` PEFT adapters (random non-zero A and B) on the attention projections and, through
     target_parameters, on every expert."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-    if arch != "qwen3moe":
-        raise SystemExit(f"--arch {arch}: only llama and qwen3moe are benchmarked")
+    config_cls, model_cls, shape = _family(arch)
     torch.manual_seed(3)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**QWEN3MOE))
+    model = model_cls(config_cls(**shape))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -52,7 +76,7 @@ def write_family(root: pathlib.Path, arch: str, adapters: int, rank: int = 16) -
     names = []
     state = model.state_dict()
     for i in range(adapters):
-        base = Qwen3MoeForCausalLM(Qwen3MoeConfig(**QWEN3MOE))
+        base = model_cls(config_cls(**shape))
         base.load_state_dict(state)
         peft = get_peft_model(base, LoraConfig(
             r=rank, lora_alpha=2 * rank, lora_dropout=0.0, init_lora_weights=False,
