@@ -16,7 +16,8 @@ medians over rounds of both rates, their ratio to fp32's, and mixed/base.
 First, one projection's GEMM alone (gate_proj's shape) at 1 and 32 tokens, ms a call, all six kinds
 alternated (--gemm-only: only that). Quality (unless --skip-kl): mean KL(fp32 || quantized) of next-token distributions, teacher-forced over
 512 positions of a smaller random model (hidden 512, 4 layers, vocab 4096), transformers on the
-dequantized weights (what the engine serves; tests/test_quant.py checks the engine equals them).
+dequantized weights with the projections' inputs rounded to bfloat16 (what the engine serves;
+tests/test_quant.py checks the engine equals them).
 """
 
 from __future__ import annotations
@@ -78,12 +79,14 @@ def mean_kl(group_size: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         src = write_model(pathlib.Path(tmp) / "fp32", spec)
 
-        def logprobs(path):
+        def logprobs(path, served=True):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            if served:   # the quantized GEMMs multiply the projections' inputs rounded to bfloat16
+                quant.round_projection_inputs(model, ALL_MODULES)
             with torch.no_grad():
                 return torch.log_softmax(model(ids).logits[0].double(), -1)
 
-        ref, out = logprobs(src), {}
+        ref, out = logprobs(src, served=False), {}
         for method in ("int8", "int4"):
             quant.write_dequantized(src, pathlib.Path(tmp) / method, method, group_size, ALL_MODULES)
             lq = logprobs(pathlib.Path(tmp) / method)
