@@ -106,7 +106,8 @@ def mean_kl(group_size: int) -> dict[str, float]:
 
 
 def gemm_times(n: int, k: int, group: int, rounds: int) -> None:
-    """One projection's base GEMM alone (ms a call, medians of alternated rounds), T = 1 and 32."""
+    """One projection's base GEMM alone (ms of this thread's CPU time a call, medians of alternated
+    rounds), T = 1 and 32."""
     from services.executor import ops
     ops.ensure_built()
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
@@ -127,12 +128,12 @@ def gemm_times(n: int, k: int, group: int, rounds: int) -> None:
             for name, (f, dtype) in gemms.items():
                 x = torch.randn(tokens, k).to(dtype)
                 f(x)
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 for _ in range(10):
                     f(x)
-                times[name].append((time.perf_counter() - t0) / 10 * 1e3)
+                times[name].append((time.thread_time() - t0) / 10 * 1e3)
         med = {name: statistics.median(v) for name, v in times.items()}
-        print(f"GEMM {n}x{k}, {tokens} token(s), ms a call (medians of {rounds}): " + ", ".join(
+        print(f"GEMM {n}x{k}, {tokens} token(s), CPU ms a call (medians of {rounds}): " + ", ".join(
             f"{name} {m:.2f} ({med['fp32'] / m:.2f}x)" for name, m in med.items()), flush=True)
 
 
