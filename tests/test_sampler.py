@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.executor.sampler import SamplingOptions, SamplingRow, StopText, _filter, make_generator, sample
+from services.executor.sampler import (
+    SamplingOptions,
+    SamplingRow,
+    StopText,
+    _draw,
+    _filter,
+    _filter_rows,
+    make_generator,
+    sample,
+)
 
 
 def row(**kw):
@@ -146,3 +155,29 @@ def test_a_held_back_token_is_never_drawn_until_min_new_tokens():
     assert sample(logits, [r])[0] == [1]
     r.history.append(1)                                    # two generated now
     assert sample(logits, [r])[0] == [2]
+
+
+def test_sampled_rows_follow_their_distributions():
+    """Every sampled row of a batch is drawn at once (inverse CDF, one uniform per row from its own
+    generator): each row's empirical frequencies match softmax(filter(logits / temperature)), tokens
+    of probability 0 (masked, filtered) are never drawn, and rows with different temperatures,
+    top-k and top-p in one batch each keep their own."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 12, generator=g) * 2
+    logits[:, 7] = float("-inf")                                   # impossible everywhere
+    opts = [dict(temperature=1.0), dict(temperature=0.5, top_k=3), dict(temperature=2.0, top_p=0.6),
+            dict(temperature=1.3, top_k=5, top_p=0.9)]
+    rows = [row(seed=100 + i, **o) for i, o in enumerate(opts)]
+    want = torch.softmax(_filter_rows(logits / torch.tensor([o["temperature"] for o in opts])[:, None],
+                                      [o.get("top_k", 0) for o in opts], [o.get("top_p", 0.0) for o in opts]),
+                         dim=-1)
+    n = 20000
+    counts = torch.zeros(4, 12)
+    for _ in range(n):
+        counts[torch.arange(4), _draw(logits, rows)] += 1
+    freq = counts / n
+    assert torch.all(freq[want == 0] == 0)                         # never a token it may not take
+    assert torch.allclose(freq, want, atol=0.015), (freq, want)    # 20000 draws: sd <= 0.0036
+    for i, o in enumerate(opts):                                   # one row's filter = the batch's row
+        one = _filter(logits[i] / o["temperature"], o.get("top_k", 0), o.get("top_p", 0.0))
+        assert torch.equal(torch.isinf(one), want[i] == 0)

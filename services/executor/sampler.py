@@ -4,13 +4,14 @@
     tokens, logprobs, tops = sample_with_top(logits, rows)   # + each row's top_logprobs alternatives
     tokens, logprobs, tops = sample_draft(logits, row, draft)  # verify a speculated draft
 
-Each row is processed on its own: the min_new_tokens mask (EOS and stop token ids at -inf until
-enough tokens are out) -> the structured-output mask (the tokens its grammar allows, structured.py)
--> repetition penalty (Hugging Face's rule, over prompt and output) ->
-presence and frequency penalties (OpenAI's and vLLM's rule, over the output) -> temperature -> top-k
--> top-p, then a draw from the row's own torch.Generator, so a seeded request gets the same tokens
-whatever its batch mates. logprobs are log_softmax of the RAW logits at the chosen token. Greedy rows
-(temperature 0) take the argmax of the masked and penalised logits.
+Grammar rows are masked first, all at once (the structured-output mask: the tokens each row's
+grammar allows, structured.py); then each row that needs more than the argmax is processed on its
+own: the min_new_tokens mask (EOS and stop token ids at -inf until enough tokens are out) ->
+repetition penalty (Hugging Face's rule, over prompt and output) -> presence and frequency
+penalties (OpenAI's and vLLM's rule, over the output) -> temperature -> top-k -> top-p, then a draw
+from the row's own torch.Generator, so a seeded request gets the same tokens whatever its batch
+mates. logprobs are log_softmax of the RAW logits at the chosen token. Greedy rows (temperature 0)
+take the argmax of the masked and penalised logits.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.executor.structured import Grammar, StructuredOutput
+from services.executor.structured import Grammar, StructuredOutput, allowed_rows
 
 LENGTH, STOP, EOS = "length", "stop", "eos"
 MAX_TOP_LOGPROBS = 20   # as OpenAI's and vLLM's APIs allow
@@ -103,10 +104,14 @@ class SamplingRow:
     @property
     def special(self) -> bool:
         """Needs more than the raw argmax."""
+        return self.grammar is not None or self.own_pass
+
+    @property
+    def own_pass(self) -> bool:
+        """Needs a pass of its own after the batch's grammar masks: anything but (masked) greedy."""
         o = self.options
         return (o.temperature > 0 or o.repetition_penalty not in (0, 1) or bool(self.masked)
-                or self.grammar is not None
-                or ((o.presence_penalty or o.frequency_penalty) and len(self.history) > self.prompt_len))
+                or bool((o.presence_penalty or o.frequency_penalty) and len(self.history) > self.prompt_len))
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -136,16 +141,45 @@ def _presence_frequency(logits: Tensor, output: list[int], presence: float, freq
 
 
 def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p     # keep the smallest set reaching top_p
-        drop[0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+    """One row's top-k then top-p filter (_filter_rows for a single row)."""
+    return _filter_rows(logits[None], [top_k], [top_p])[0]
+
+
+def _filter_rows(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
+    """logits [N, V] with each row's top-k (0 or >= V: off) then top-p (0 or 1: off) applied: the
+    tokens outside go to -inf. Top-k keeps ties with the k-th value; top-p keeps the smallest set of
+    the best tokens whose probability (after top-k) reaches p. One sort serves both."""
+    n, vocab = logits.shape
+    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
+    ps = torch.tensor([p if 0 < p < 1 else 1.0 for p in top_p], dtype=logits.dtype, device=logits.device)
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    kth = ordered.gather(1, (ks - 1)[:, None])                     # [N, 1]
+    drop = logits < kth
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    probs = ordered.softmax(-1)
+    beyond = probs.cumsum(-1) - probs >= ps[:, None]               # the mass before it reaches p
+    beyond[:, 0] = False
+    beyond &= (ps < 1)[:, None]
+    drop |= torch.zeros_like(beyond).scatter(1, order, beyond)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _draw(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
+    """One token per row from softmax(filter(logits / temperature)), each with one uniform draw from
+    its row's generator (inverse CDF over the row's probabilities; a token of probability 0 is never
+    drawn). A temperature so small that the scaled logits overflow is greedy."""
+    temps = torch.tensor([r.options.temperature for r in rows], dtype=logits.dtype, device=logits.device)
+    scaled = logits / temps[:, None]
+    if any(0 < r.options.top_k < logits.shape[-1] or 0 < r.options.top_p < 1 for r in rows):
+        scaled = _filter_rows(scaled, [r.options.top_k for r in rows], [r.options.top_p for r in rows])
+    probs = torch.softmax(scaled, dim=-1).double()
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=r.generator, dtype=torch.float64, device=logits.device)
+                   for r in rows])
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)   # the last possible
+    drawn = torch.minimum(drawn, last)
+    return torch.where(torch.isfinite(scaled.max(-1).values), drawn, logits.argmax(-1))
 
 
 def sample(logits: Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[float]]:
@@ -168,34 +202,38 @@ def sample_with_top(logits: Tensor,
         if k > 0:
             values, ids = torch.topk(logprobs[i], k)
             tops[i] = (ids.tolist(), values.tolist())
-    chosen = logits.argmax(dim=-1)                      # greedy, unpenalised: the common case
-    special = [i for i, r in enumerate(rows) if r.special]
-    if special:
+    work = logits
+    constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+    if constrained:                                    # every grammar row masked at once
+        allowed = allowed_rows([rows[i].grammar for i in constrained],
+                               [rows[i].history[rows[i].prompt_len:] for i in constrained], logits.device)
+        work = logits.clone()                          # logprobs stay those of the raw logits
+        if len(constrained) == len(rows):
+            work.masked_fill_(~allowed, float("-inf"))
+        else:
+            at = torch.tensor(constrained, device=logits.device)
+            work[at] = work[at].masked_fill(~allowed, float("-inf"))
+    chosen = work.argmax(dim=-1)                       # greedy, unpenalised: the common case
+    own = [i for i, r in enumerate(rows) if r.own_pass]
+    if own:
         chosen = chosen.clone()
-        for i in special:
-            o = rows[i].options
-            row = logits[i]
+        mine = work[torch.tensor(own, device=work.device)]    # [len(own), V], a copy
+        for j, i in enumerate(own):                     # masks and penalties: row by row, rarely
+            o, row = rows[i].options, mine[j]
             masked = [t for t in rows[i].masked if t < row.shape[-1]]
             if masked:
-                row = row.index_fill(0, torch.tensor(masked, device=row.device), float("-inf"))
-            grammar = rows[i].grammar
-            if grammar is not None:
-                allowed = grammar.allowed(rows[i].history[rows[i].prompt_len:], row.device)
-                row = row.masked_fill(~allowed, float("-inf"))
+                row.index_fill_(0, torch.tensor(masked, device=row.device), float("-inf"))
             if o.repetition_penalty not in (0, 1) and rows[i].history:
-                row = _penalise(row, rows[i].history, o.repetition_penalty)
+                row.copy_(_penalise(row, rows[i].history, o.repetition_penalty))
             output = rows[i].history[rows[i].prompt_len:]
             if (o.presence_penalty or o.frequency_penalty) and output:
-                row = _presence_frequency(row, output, o.presence_penalty, o.frequency_penalty)
-            if o.temperature <= 0:
-                chosen[i] = row.argmax()
-                continue
-            scaled = row / o.temperature
-            if not torch.isfinite(scaled.max()):   # a temperature so small it overflows: greedy
-                chosen[i] = row.argmax()
-                continue
-            probs = torch.softmax(_filter(scaled, o.top_k, o.top_p), dim=-1)
-            chosen[i] = torch.multinomial(probs, 1, generator=rows[i].generator)[0]
+                row.copy_(_presence_frequency(row, output, o.presence_penalty, o.frequency_penalty))
+        hot = [j for j, i in enumerate(own) if rows[i].options.temperature > 0]
+        cold = [j for j, i in enumerate(own) if rows[i].options.temperature <= 0]
+        if cold:
+            chosen[[own[j] for j in cold]] = mine[cold].argmax(-1)
+        if hot:                                         # every sampled row drawn at once
+            chosen[[own[j] for j in hot]] = _draw(mine[hot], [rows[own[j]] for j in hot])
     picked = logprobs.gather(1, chosen[:, None])[:, 0]
     return chosen.tolist(), picked.tolist(), tops
 

@@ -4,7 +4,8 @@
     g = grammars.new(StructuredOutput("json_schema", schema_text))   # InvalidArgument when bad
     row.grammar = g                             # sampler.py: special rows are masked at one point
     prefetch(rows)                              # engine: masks computed while the model runs
-    allowed = g.allowed(row.history[row.prompt_len:], device)   # bool [vocab]; consumes new tokens
+    allowed = allowed_rows([g, ...], [output, ...], device)   # bool [rows, vocab]; consumes new tokens
+    allowed = g.allowed(row.history[row.prompt_len:], device)   # one row's bool [vocab]
 
 The engine is llguidance (Microsoft's grammar engine behind guidance; CPU wheels on PyPI, no torch
 or transformers needed): JSON Schema, regular expressions, Lark and GBNF grammars, each compiled
@@ -27,7 +28,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -139,16 +139,55 @@ class GrammarCache:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_EXECUTOR = None             # llguidance's LLExecutor (its own thread pool), made on first use
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def allowed_rows(grammars: list[Grammar], outputs: list[list[int]], device: torch.device) -> Tensor:
+    """bool [len(grammars), vocab]: the tokens each grammar allows next, after its output so far
+    (the tokens not yet consumed advance its matcher first). The masks are computed together, in
+    parallel and without the GIL (llguidance's executor), into one int32 [rows, words] buffer, or
+    taken from a prefetch; one unpack serves every row."""
+    vocab = grammars[0].vocab
+    words = torch.zeros(len(grammars), (vocab + 31) // 32, dtype=torch.int32)
+    todo = []
+    for i, (g, out) in enumerate(zip(grammars, outputs, strict=True)):
+        if not g.take_prefetched(out, words[i]):
+            g.advance(out)
+            todo.append((g.matcher, i))
+    if todo:
+        _masks(todo, words)
+    bits = (words.unsqueeze(-1) >> _SHIFTS) & 1                    # [rows, words, 32], little-endian
+    return bits.view(len(grammars), -1)[:, :vocab].bool().to(device, non_blocking=True)
+
+
+def _masks(todo: list[tuple[object, int]], words: Tensor) -> None:
+    """Each (matcher, row) writes its next-token bitmask into words[row] (the tokenizer's n_vocab is
+    the model's vocab, so a row is exactly the matcher's mask size)."""
+    global _EXECUTOR
+    assert words.is_contiguous() and words.dtype == torch.int32 and words.device.type == "cpu"
+    if _EXECUTOR is None:
+        import llguidance as llg
+        _EXECUTOR = llg.LLExecutor()
+    _EXECUTOR.unsafe_compute_mask_ptr(todo, words.data_ptr(), words.shape[1] * 4, words.shape[0])
 
 
 def prefetch(rows) -> None:
     """Start computing the masks of these rows' grammars on a worker thread (llguidance drops the
-    GIL), to overlap the step's forward pass; Grammar.allowed then takes the result."""
+    GIL), to overlap the step's forward pass; allowed_rows then takes the result."""
     global _POOL
     if _POOL is None:
         _POOL = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
     jobs = [(r.grammar, r.history[r.prompt_len:]) for r in rows]
-    future = _POOL.submit(lambda: [g._mask(out) for g, out in jobs])      # one hand-off per step
+
+    def work():
+        words = torch.zeros(len(jobs), (jobs[0][0].vocab + 31) // 32, dtype=torch.int32)
+        for g, out in jobs:
+            g.advance(out)
+        _masks([(g.matcher, i) for i, (g, _) in enumerate(jobs)], words)
+        return words
+
+    future = _POOL.submit(work)                                        # one hand-off per step
     for i, (g, out) in enumerate(jobs):
         g.pending = (len(out), future, i)
 
@@ -161,20 +200,27 @@ class Grammar:
         self.vocab = vocab
         self.eos_token_ids = eos_token_ids
         self.consumed = 0            # output tokens the matcher has taken
-        self.pending = None          # (output length, Future of its mask) from prefetch()
+        self.pending = None          # (output length, Future of an int32 words buffer, row) from prefetch()
 
     def allowed(self, output: list[int], device: torch.device) -> Tensor:
-        """bool [vocab]: the tokens that may come next after `output` (the sequence's tokens so far;
-        the ones not yet consumed advance the matcher first)."""
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            n, future, i = pending
-            masks = future.result()
-            if n == len(output):
-                return masks[i].to(device, non_blocking=True)
-        return self._mask(output).to(device, non_blocking=True)
+        """bool [vocab]: the tokens that may come next after `output` (allowed_rows for one row)."""
+        return allowed_rows([self], [output], device)[0]
 
-    def _mask(self, output: list[int]) -> Tensor:
+    def take_prefetched(self, output: list[int], words: Tensor) -> bool:
+        """Copies a prefetched mask for exactly `output` into words (int32 [ceil(vocab / 32)]);
+        False when there is none (or it is stale: the output moved on)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return False
+        n, future, i = pending
+        done = future.result()          # also when stale: the worker has advanced the matcher
+        if n != len(output):
+            return False
+        words.copy_(done[i])
+        return True
+
+    def advance(self, output: list[int]) -> None:
+        """Consumes the tokens of `output` the matcher has not taken yet."""
         m = self.matcher
         for t in output[self.consumed:]:
             if not m.is_stopped():   # a complete output: EOS (or ignore_eos' repeats) not consumed
@@ -182,8 +228,3 @@ class Grammar:
             self.consumed += 1
         if m.is_error():
             raise InvalidArgument(f"the output left its grammar: {m.get_error()}")
-        bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        mask = torch.from_numpy(bits[:self.vocab].astype(bool))
-        if mask.numel() < self.vocab:
-            mask = torch.cat([mask, torch.zeros(self.vocab - mask.numel(), dtype=torch.bool)])
-        return mask
