@@ -84,19 +84,27 @@ void micro(const uint16_t* x, int64_t ldx, const uint16_t* buf, int64_t pairs, i
         for (int v = 0; v < RV; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], xv, wv[v]);
       }
     }
-    for (int t = 0; t < TT; ++t)
+    if (fold != nullptr) {
+      __m512 sv[RV], zv[RV];
       for (int v = 0; v < RV; ++v) {
-        float* f = fin + t * ldf + v * 16;
-        __m512 a = acc[t][v];
-        if (fold != nullptr) {
-          a = _mm512_fnmadd_ps(_mm512_set1_ps(fold->xs[t * fold->ldxs + g]),
-                               _mm512_loadu_ps(fold->zz + v * fold->ldv + g * 16), a);
-          _mm512_storeu_ps(f, _mm512_fmadd_ps(a, _mm512_loadu_ps(fold->s + v * fold->ldv + g * 16),
-                                              _mm512_loadu_ps(f)));
-        } else {
-          _mm512_storeu_ps(f, _mm512_add_ps(a, _mm512_loadu_ps(f)));
+        sv[v] = _mm512_loadu_ps(fold->s + v * fold->ldv + g * 16);
+        zv[v] = _mm512_loadu_ps(fold->zz + v * fold->ldv + g * 16);
+      }
+      for (int t = 0; t < TT; ++t) {
+        const __m512 xs = _mm512_set1_ps(fold->xs[t * fold->ldxs + g]);
+        for (int v = 0; v < RV; ++v) {
+          float* f = fin + t * ldf + v * 16;
+          const __m512 a = _mm512_fnmadd_ps(xs, zv[v], acc[t][v]);
+          _mm512_storeu_ps(f, _mm512_fmadd_ps(a, sv[v], _mm512_loadu_ps(f)));
         }
       }
+    } else {
+      for (int t = 0; t < TT; ++t)
+        for (int v = 0; v < RV; ++v) {
+          float* f = fin + t * ldf + v * 16;
+          _mm512_storeu_ps(f, _mm512_add_ps(acc[t][v], _mm512_loadu_ps(f)));
+        }
+    }
   }
 }
 

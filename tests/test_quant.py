@@ -369,6 +369,45 @@ def test_awq_unpacks_to_the_packed_weight():
     torch.testing.assert_close(wt.dequantize().double(), want, atol=1e-6, rtol=0)
 
 
+def _autoawq_packing():
+    """AutoAWQ's awq/utils/packing_utils.py (pure torch), loaded alone: the package's __init__ imports
+    its model zoo, which needs its pinned transformers. Skips where autoawq is not installed
+    (`pip install --no-deps autoawq`: its own requirements pull triton)."""
+    import importlib.util
+    spec = importlib.util.find_spec("awq")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("autoawq is not installed")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "utils" / "packing_utils.py"
+    module_spec = importlib.util.spec_from_file_location("autoawq_packing_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_awq_and_gptq_writers_agree_with_autoawq():
+    """An independent implementation: AutoAWQ's dequantize_gemm reads the AWQ tensors written here as
+    the weight they were packed from; its AWQ -> exllama (GPTQ v1) repacker turns them into GPTQ
+    tensors that unpack_gptq reads as the same weight, and its pack_exllama packs q and the zeros
+    into the words pack_gptq writes."""
+    awq = _autoawq_packing()
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(5))
+    t, want = pack_awq(w, 64)
+    theirs = awq.dequantize_gemm(t["qweight"], t["qzeros"], t["scales"].float(), 4, 64)   # [K, N]
+    torch.testing.assert_close(theirs.T.double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(unpack_awq(t["qweight"], t["qzeros"], t["scales"]).dequantize().double(),
+                               theirs.T.double(), atol=1e-6, rtol=0)
+    assert int(unpack_awq(t["qweight"], t["qzeros"], t["scales"]).z.min()) >= 1   # their z - 1 has no mask
+    qweight, qzeros = awq.unpack_reorder_pack(t["qweight"], t["qzeros"], 4)        # zeros stored - 1
+    wt = unpack_gptq(qweight, qzeros, t["scales"], None, zeros_minus_one=True)
+    torch.testing.assert_close(wt.dequantize().double(), want, atol=1e-6, rtol=0)
+
+    q, scales, zeros = _rtn(w, torch.arange(128) // 32, 4, sym=False)
+    ours, _ = pack_gptq(w, 32, act_order=False, sym=False, v1=True, seed=0)
+    qweight, qzeros = awq.pack_exllama(q.T.contiguous(), (zeros - 1) & 15, 4)
+    assert torch.equal(ours["qweight"], qweight) and torch.equal(ours["qzeros"], qzeros)
+    assert torch.equal(ours["scales"], scales)
+
+
 @pytest.mark.parametrize("method, case", [("gptq", "v1-sym-act-order"), ("gptq", "v2-act-order"),
                                           ("awq", None)])
 def test_quantized_checkpoint_matches_transformers_peft_on_its_dequantized_weights(
