@@ -1,11 +1,14 @@
 """A quantized base against fp32 and bf16, side by side: base bytes, decode tokens/s (base only and
 mixed adapters) and quality.
 
-    .venv/bin/python benchmarks/quant.py [--hidden 2048] [--layers 4] [--batch 32] [--new-tokens 16]
+    .venv/bin/python benchmarks/quant.py [--hidden 2048] [--layers 8] [--batch 32] [--new-tokens 16]
                                          [--adapters 32] [--rounds 3] [--group-size 128] [--skip-kl]
+                                         [--engines fp32,bf16,int8,int4,int8+bf16,int4+bf16]
+    (benchmarks/throughput.py --quantization int8,int4 runs the same with fp32, bf16 and those)
 
-A random Llama (hidden 2048, 2 layers, intermediate 5632, vocab 4096 by default: the weights far
-past the caches) written as a Hugging Face directory, served by six engines in this one process:
+A random Llama (hidden 2048, 8 layers, intermediate 5632, vocab 4096 by default: 1.5 GB of float32
+weights, far past the caches) written as a Hugging Face directory, served by six engines in this one
+process:
 fp32, bf16, and int8 / int4 with float32 and with bfloat16 activations. Each round runs every engine
 in turn, base only and then mixed (--batch requests, each with its own of --adapters rank-8 adapters
 on all seven projections, round-robin), --new-tokens greedy tokens from 16-token prompts; decode
@@ -16,7 +19,8 @@ medians over rounds of both rates, their ratio to fp32's, and mixed/base.
 First, one projection's GEMM alone (gate_proj's shape) at 1 and 32 tokens, ms a call, all six kinds
 alternated (--gemm-only: only that). Quality (unless --skip-kl): mean KL(fp32 || quantized) of next-token distributions, teacher-forced over
 512 positions of a smaller random model (hidden 512, 4 layers, vocab 4096), transformers on the
-dequantized weights (what the engine serves; tests/test_quant.py checks the engine equals them).
+dequantized weights with the projections' inputs rounded to bfloat16 (what the engine serves;
+tests/test_quant.py checks the engine equals them).
 """
 
 from __future__ import annotations
@@ -78,12 +82,14 @@ def mean_kl(group_size: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         src = write_model(pathlib.Path(tmp) / "fp32", spec)
 
-        def logprobs(path):
+        def logprobs(path, served=True):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            if served:   # the quantized GEMMs multiply the projections' inputs rounded to bfloat16
+                quant.round_projection_inputs(model, ALL_MODULES)
             with torch.no_grad():
                 return torch.log_softmax(model(ids).logits[0].double(), -1)
 
-        ref, out = logprobs(src), {}
+        ref, out = logprobs(src, served=False), {}
         for method in ("int8", "int4"):
             quant.write_dequantized(src, pathlib.Path(tmp) / method, method, group_size, ALL_MODULES)
             lq = logprobs(pathlib.Path(tmp) / method)
@@ -122,24 +128,33 @@ def gemm_times(n: int, k: int, group: int, rounds: int) -> None:
             f"{name} {m:.2f} ({med['fp32'] / m:.2f}x)" for name, m in med.items()), flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
     ap.add_argument("--skip-kl", action="store_true")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(ap)
+    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
     ap.add_argument("--gemm-only", action="store_true", help="only time one projection's GEMM (gate_proj's shape)")
     args = ap.parse_args()
     gemm_times(args.intermediate, args.hidden, args.group_size, max(args.rounds, 5))
     if args.gemm_only:
         return
+    side_by_side(args, [n.strip() for n in args.engines.split(",")])
 
+
+def side_by_side(args, names: list[str]) -> None:
+    """KL (unless args.skip_kl), then decode tokens/s of the engines names (keys of ENGINES), base only
+    and mixed, alternated over args.rounds rounds; prints the table."""
     if not args.skip_kl:
         kl = mean_kl(args.group_size)
         print(f"mean KL vs fp32 over 512 positions (hidden 512 model, group {args.group_size}): "
@@ -148,7 +163,6 @@ def main() -> None:
     spec = ModelSpec(arch="llama", hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
                      heads=args.hidden // 128, kv_heads=max(1, args.hidden // 256), vocab=4096,
                      max_positions=256, seed=7)
-    names = [n.strip() for n in args.engines.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         model_dir = write_model(tmp / "model", spec)

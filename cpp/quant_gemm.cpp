@@ -1,20 +1,27 @@
 // Weight-only int8 / int4 GEMMs for the CPU (services/executor/model/quant.py), their own extension
 // (openlora_quant::*), so that a decode step reads 1 or 0.5 bytes per base weight instead of 4 or 2:
 //
-//   y[T, N] = x[T, K] @ W.T (+ bias)    W[n, k] = q[n, k] * s[n]                         (int8)
-//                                       W[n, k] = (q[n, k] - z[n, k / G]) * s[n, k / G]  (int4)
+//   y[T, N] = bf16(x)[T, K] @ W.T (+ bias)    W[n, k] = q[n, k] * s[n]                         (int8)
+//                                             W[n, k] = (q[n, k] - z[n, k / G]) * s[n, k / G]  (int4)
 //
-// Each thread dequantizes a tile of output rows into a cache-resident buffer in x's dtype and
-// multiplies x by it: float32 with the BLAS sgemm_ torch's CPU build exports, bfloat16 with at::mm
-// (oneDNN). Calls of at most kSmallT tokens (decode of a few sequences) instead dequantize one row at
-// a time into L1 and take its dot products with each token in float32. The products are those of the
-// dequantized weight (the tests' float64 reference). Built with the host CPU's vector flags
-// (model/quant.py picks them), so the dequantizing loops vectorize.
-// int4 q: uint8 [N, K / 2]; in each group of G inputs, byte j holds input j in its low and input
-// j + G / 2 in its high nibble (so each half dequantizes with contiguous stores).
+// x is rounded to bfloat16 first (a no-op for bfloat16 x): every path multiplies the same inputs by
+// the same weight, accumulating in float32, whatever the CPU. Two kernels:
+// - *_bf16dot (quant_gemm_avx512_bf16.cpp, on CPUs with AVX512-BF16; layout in quant_gemm.h): the
+//   weights' integers dequantized into cache as exact bfloat16 and multiplied with vdpbf16ps. At 32
+//   tokens a step is compute-bound, and this takes twice the products an instruction of a float32 FMA.
+// - int8_linear / int4_linear (here, any CPU; q row-major): each thread dequantizes a tile of output
+//   rows into a cache-resident buffer in x's dtype and multiplies x by it: float32 with the BLAS sgemm_
+//   torch's CPU build exports, bfloat16 with at::mm (oneDNN). Calls of at most kSmallT tokens (decode of
+//   a few sequences) instead dequantize one row at a time into L1 and take its dot products with each
+//   token in float32. Built with the host CPU's vector flags (model/quant.py picks them), so the
+//   dequantizing loops vectorize.
+// int4 q (row-major): uint8 [N, K / 2]; in each group of G inputs, byte j holds input j in its low and
+// input j + G / 2 in its high nibble (so each half dequantizes with contiguous stores).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "quant_gemm.h"
 
 #include <algorithm>
 #include <cstring>
@@ -124,7 +131,7 @@ at::Tensor tiled_linear(const at::Tensor& x_in, int64_t N, const c10::optional<a
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [T, d_in], got shape ", x_in.sizes());
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
               "x must be float32 or bfloat16, got ", x_in.scalar_type());
-  auto x = x_in.contiguous();
+  auto x = x_in.scalar_type() == at::kFloat ? x_in.to(at::kBFloat16).to(at::kFloat) : x_in.contiguous();
   const int64_t T = x.size(0), K = x.size(1);
   auto y = at::empty({T, N}, x.options());
   if (T > 0 && T <= kSmallT) {
@@ -195,7 +202,70 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   });
 }
 
+// x [T, K] as bfloat16 bits (rounded to nearest even when float32), contiguous
+at::Tensor bf16_input(const at::Tensor& x) { return x.to(at::kBFloat16).contiguous(); }
+
+void check_bf16dot(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t n, int64_t k) {
+  TORCH_CHECK(has_avx512_bf16(), "the bf16dot kernels need a CPU with AVX512-BF16 (model/quant.py packs for "
+              "int8_linear / int4_linear elsewhere)");
+  TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && s.device().is_cpu(),
+              "x, q and scales must be CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [T, ", k, "], got shape ", x.sizes());
+  TORCH_CHECK(n > 0 && q.dim() == 4 && q.size(0) == (n + 15) / 16 && q.size(2) == 16 && q.size(3) == 2 &&
+              q.is_contiguous(), "q must be contiguous [ceil(n / 16), ..., 16, 2] for n = ", n, ", got shape ",
+              q.sizes());
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "scales must be contiguous float32, got ",
+              s.scalar_type());
+}
+
+at::Tensor run_bf16dot(const at::Tensor& x_in, const at::Tensor& xs, const PackedWeight& w) {
+  const at::Tensor x = bf16_input(x_in);
+  const int64_t T = x.size(0);
+  at::Tensor y = at::empty({T, w.n}, x_in.options());
+  if (T > 0)
+    avx512_bf16::linear(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+                        xs.defined() ? xs.data_ptr<float>() : nullptr, T, w, y.data_ptr(),
+                        y.scalar_type() == at::kBFloat16);
+  return y;
+}
+
+at::Tensor int8_linear_bf16dot(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t n,
+                               const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(q.scalar_type() == at::kChar, "q must be int8, got ", q.scalar_type());
+  const int64_t k = q.size(1) * 2;
+  check_bf16dot(x, q, s, n, k);
+  TORCH_CHECK(s.numel() == q.size(0) * 16, "scales must hold ", q.size(0) * 16, " values (n padded to 16), got ",
+              s.numel());
+  at::Tensor y = run_bf16dot(x, at::Tensor(), {8, q.data_ptr(), s.data_ptr<float>(), nullptr, n, k, k});
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  return y;
+}
+
+at::Tensor int4_linear_bf16dot(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& zz,
+                               int64_t group, int64_t n) {
+  TORCH_CHECK(q.scalar_type() == at::kByte, "q must be uint8 (two inputs a byte), got ", q.scalar_type());
+  const int64_t k = q.size(1) * 4;
+  check_bf16dot(x, q, s, n, k);
+  TORCH_CHECK(group > 0 && group % 4 == 0 && k % group == 0, "group must be a multiple of 4 dividing d_in ", k,
+              ", got ", group);
+  TORCH_CHECK(s.dim() == 3 && s.size(0) == q.size(0) && s.size(1) == k / group && s.size(2) == 16,
+              "scales must be [", q.size(0), ", ", k / group, ", 16], got ", s.sizes());
+  TORCH_CHECK(zz.sizes() == s.sizes() && zz.scalar_type() == at::kFloat && zz.is_contiguous(),
+              "zeros must be contiguous float32 shaped as scales, got ", zz.sizes());
+  // xs[t, g] = the group's sum of x as the kernel multiplies it (rounded to bfloat16)
+  const at::Tensor xs = bf16_input(x).to(at::kFloat).view({x.size(0), k / group, group}).sum(-1).contiguous();
+  return run_bf16dot(x, xs, {4, q.data_ptr(), s.data_ptr<float>(), zz.data_ptr<float>(), n, k, group});
+}
+
 }  // namespace
+
+bool has_avx512_bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
 
 // Its own library (openlora_quant, its own .so built by model/quant.py), not the openlora ops whose
 // schemas cpp/ops.cpp alone declares.
@@ -205,11 +275,20 @@ TORCH_LIBRARY(openlora_quant, lib) {
   // y = x @ W.T, W[n, k] = (q4[n, k] - z[n, k // group]) * s[n, k // group];  q [N, K / 2] uint8,
   // byte g * group / 2 + j of a row = q4[g * group + j] | q4[g * group + group / 2 + j] << 4
   lib.def("int4_linear(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group) -> Tensor");
+  // The same products on CPUs with AVX512-BF16, weights in the layout of quant_gemm.h (n: rows before
+  // padding to 16): q [ceil(n / 16), K / 2, 16, 2] int8, s [16 ceil(n / 16)] float32
+  lib.def("int8_linear_bf16dot(Tensor x, Tensor q, Tensor scales, int n, Tensor? bias) -> Tensor");
+  // q [ceil(n / 16), K / 4, 16, 2] uint8, s and zz (128 + zero point) [ceil(n / 16), K / group, 16] float32
+  lib.def("int4_linear_bf16dot(Tensor x, Tensor q, Tensor scales, Tensor zz, int group, int n) -> Tensor");
+  // Whether this CPU runs the *_bf16dot kernels.
+  lib.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
 }
 
 TORCH_LIBRARY_IMPL(openlora_quant, CPU, lib) {
   lib.impl("int8_linear", &int8_linear);
   lib.impl("int4_linear", &int4_linear);
+  lib.impl("int8_linear_bf16dot", &int8_linear_bf16dot);
+  lib.impl("int4_linear_bf16dot", &int4_linear_bf16dot);
 }
 
 }  // namespace openlora_quant

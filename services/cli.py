@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import gc
 import importlib
 import sys
 
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # A process that imported torch spends about a second of its exit in the interpreter's last
+    # collection over torch's objects: freeze them instead, so a stopped service is gone at once.
+    atexit.register(gc.freeze)
     if argv and argv[0] in SERVERS:
         from services.common.server import defer_signals
         defer_signals()

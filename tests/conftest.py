@@ -116,6 +116,12 @@ SWEEP_MODULES = {"test_paged_attention", "test_kernel", "test_packed_weights", "
 # fixtures that start a deployment or a real PostgreSQL / S3 server: a test using one is slow
 SLOW_FIXTURES = {"cluster", "pg_server", "s3_server", "iam_s3"}
 SLOW_PARAMS = {("backend", "postgres-s3")}
+# whole deployments whose area the quick loop covers otherwise (module::name[params]): the other
+# family's chat through the gateway, and the merge oracle tests in process, keep it meaningful
+SLOW_TESTS = {
+    "test_families::test_family_chat_through_registry_router_and_gateway[qwen3_moe]",
+    "test_merge::test_merged_adapters_through_router_and_gateway",
+}
 # tests whose assertions include a wall-clock bound (module::name), rerun when they fail
 TIMING_TESTS = {
     "test_cluster::test_change_feed_reaches_every_executor_and_router_within_a_second",
@@ -169,7 +175,8 @@ def pytest_collection_modifyitems(config, items):
         if module in COMPILE_MODULES:
             item.add_marker(pytest.mark.compile)
             item.add_marker(pytest.mark.slow)
-        elif module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) \
+        elif module in SLOW_MODULES or f"{module}::{item.name}" in SLOW_TESTS \
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) \
                 or any((k, v) in SLOW_PARAMS for k, v in params.items() if isinstance(v, str)):
             item.add_marker(pytest.mark.slow)
         elif module in SWEEP_MODULES and params:

@@ -71,10 +71,14 @@ def adapter_roots(tmp_path_factory):
     return roots
 
 
-def oracle(model_dir: pathlib.Path, adapter_dir: pathlib.Path | None, prompt: list[int], n: int):
-    """Greedy tokens and raw logprobs from transformers (+ peft), one request alone, no KV cache."""
+def oracle(model_dir: pathlib.Path, adapter_dir: pathlib.Path | None, prompt: list[int], n: int,
+           prepare=None):
+    """Greedy tokens and raw logprobs from transformers (+ peft), one request alone, no KV cache.
+    prepare(model), when given, runs on the transformers model before peft wraps it."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if prepare is not None:
+        prepare(model)
     if adapter_dir is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter_dir)
@@ -108,16 +112,16 @@ def engine_for(model_dir, root, **overrides) -> Engine:
     return Engine(ExecutorConfig(**{**cfg, **overrides}), LocalDirSource(root))
 
 
-def check_against_oracle(model_dir, root, out, requests):
+def check_against_oracle(model_dir, root, out, requests, oracle_fn=oracle, atol=1e-4):
     for req, name in requests:
         o = out[req.request_id]
         assert o["error"] is None, o["error"]
         assert o["finish"] == "length"
-        want_tokens, want_lp = oracle(model_dir, root / name if name else None,
+        want_tokens, want_lp = oracle_fn(model_dir, root / name if name else None,
                                       req.prompt_token_ids, MAX_NEW)
         assert o["tokens"] == want_tokens, (req.request_id, name)
         torch.testing.assert_close(torch.tensor(o["logprobs"]), torch.tensor(want_lp),
-                                   atol=1e-4, rtol=0)
+                                   atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("arch", list(TINY))

@@ -220,14 +220,14 @@ def cached_oracle(model_dir, adapter_dir, prompt: list[int], n: int):
 SPECIAL = {"phi4mini": ([5, 9, 12, 14, 16], cached_oracle)}   # prompts fit 16, generation crosses it
 
 
-def check(model_dir, root, out, requests, oracle_fn=oracle):
+def check(model_dir, root, out, requests, oracle_fn=oracle, atol=1e-4):
     for req, name in requests:
         o = out[req.request_id]
         assert o["error"] is None, o["error"]
         want_tokens, want_lp = oracle_fn(model_dir, root / name if name else None,
                                          req.prompt_token_ids, MAX_NEW)
         assert o["tokens"] == want_tokens, (req.request_id, name)
-        torch.testing.assert_close(torch.tensor(o["logprobs"]), torch.tensor(want_lp), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(o["logprobs"]), torch.tensor(want_lp), atol=atol, rtol=0)
 
 
 def test_family_mixed_batch_matches_transformers_peft_with_prefix_caching(family):

@@ -106,14 +106,25 @@ RUN = textwrap.dedent("""
 """)
 
 
-def _run(mode: str, model_dir: Path, root: Path, names: list[str]) -> dict:
+def _run(modes: tuple[str, ...], model_dir: Path, root: Path, names: list[str]) -> dict[str, dict]:
+    """mode -> that engine run's result; the runs go at once (separate processes, one thread each)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", RUN, str(model_dir), str(root), mode, json.dumps(names)],
-                          capture_output=True, text=True, timeout=900, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr[-4000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    procs = {mode: subprocess.Popen([sys.executable, "-c", RUN, str(model_dir), str(root), mode, json.dumps(names)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                    cwd=Path(__file__).resolve().parents[1]) for mode in modes}
+    results = {}
+    try:
+        for mode, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=900)
+            assert proc.returncode == 0, stderr[-4000:]
+            line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
+            results[mode] = json.loads(line[len("RESULT "):])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +140,8 @@ def test_every_registered_op_is_called_by_an_engine_on_cpu_or_on_the_cuda_path(l
     if ops.ensure_built() != "cpp":
         pytest.skip("the extension is not built (reference backend)")
     registered = sorted(parse_schemas())
-    cpu = _run("cpu", llama_dir, adapters, registered)
-    cuda = _run("cuda", llama_dir, adapters, registered)
+    runs = _run(("cpu", "cuda"), llama_dir, adapters, registered)
+    cpu, cuda = runs["cpu"], runs["cuda"]
     called = set(cpu["called"]) | set(cuda["called"])
     assert {"lora_paged_add_", "paged_attention_decode_async", "add_rms_norm", "rotary"} <= set(cuda["called"])
     assert {"lora_paged_add_", "linear_packed", "pack_weight"} <= set(cpu["called"])

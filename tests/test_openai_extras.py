@@ -185,6 +185,7 @@ def test_lm_eval_loglikelihood_equals_transformers(stack, tmp_path):
         "doc_to_choice: \"{{choices}}\"\n"
         "doc_to_target: label\n"
         "metric_list:\n  - metric: acc\n")
+    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)   # not lm_eval's thousands
     for adapter in (None, "org/qv"):
         results = lm_eval.simple_evaluate(
             model="local-completions",
@@ -193,7 +194,7 @@ def test_lm_eval_loglikelihood_equals_transformers(stack, tmp_path):
                         **({"tokenizer_backend": "huggingface", "tokenizer": str(stack["llama"])}
                            if adapter is None else {}),
                         "num_concurrent": 2, "max_retries": 1},
-            tasks=["openlora_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+            tasks=["openlora_mc"], task_manager=tasks,
             log_samples=True, limit=None)
         samples = results["samples"]["openlora_mc"]
         assert len(samples) == len(docs)

@@ -9,7 +9,7 @@ import itertools
 import subprocess
 import sys
 
-from tests.conftest import TIMING_TESTS, pairwise_cover
+from tests.conftest import SLOW_TESTS, TIMING_TESTS, pairwise_cover
 from tests.readme import ROOT
 
 
@@ -33,10 +33,11 @@ def test_pairwise_cover_keeps_every_value_and_pair_in_fewer_cases():
     assert pairwise_cover(sparse) == [0, 2]                          # duplicates dropped
 
 
-def test_every_timing_test_exists():
-    """TIMING_TESTS names tests by module::function: a rename must not silently drop the reruns."""
-    for name in TIMING_TESTS:
-        module, function = name.split("::")
+def test_every_timing_and_slow_listed_test_exists():
+    """TIMING_TESTS and SLOW_TESTS name tests by module::function: a rename must not silently drop the
+    reruns, or put a whole deployment back in the quick loop."""
+    for name in TIMING_TESTS | SLOW_TESTS:
+        module, function = name.split("[")[0].split("::")
         tree = ast.parse((ROOT / "tests" / f"{module}.py").read_text())
         names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
         assert function in names, name

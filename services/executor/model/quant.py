@@ -3,16 +3,22 @@ repacked from GPTQ / AWQ checkpoints by model/quant_checkpoints.py).
 
     y = proj.base(x)        # x [T, d_in] -> [T, d_out] in x's dtype, bias added; the LoRA part follows
 
-Weights only: activations stay in the serving dtype and adapters are added unchanged afterwards.
+Weights only: adapters are added unchanged afterwards, and x stays in the serving dtype except that
+the quantized GEMM multiplies it rounded to bfloat16 (on every CPU path; a no-op for bfloat16 serving):
     int8: w[n, k] = q[n, k] * s[n]                      per output channel, symmetric (|q| <= 127)
     int4: w[n, k] = (q[n, j] - z[n, g]) * s[n, g]       j = position of input k in perm (identity
                                                           unless act-order), g = j // group_size
+    y = linear_reference(x, w, bias) = bf16(x) @ w.T + bias, summed in float32
+The weights' integers are exact in bfloat16, so the products are exact and only x's rounding departs
+from float32: at 32 tokens a decode step is compute-bound on a CPU core, and bfloat16 products
+(vdpbf16ps) are what make the quantized base faster than the float32 one (docs/quantization.md).
 Each format has a pure-torch dequantize beside it (the tests' reference). On CPU the GEMMs are
-cpp/quant_gemm.cpp (openlora_quant::int8_linear / int4_linear: a tile of rows dequantized into cache,
-then MKL's sgemm or oneDNN's bf16 GEMM), built once as its own extension; where it cannot build,
-torch's own kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu: fast for bfloat16 and
-few tokens only). On CUDA int4 runs aten._weight_int4pack_mm (bfloat16), int8 a matmul with q converted
-at each call.
+cpp/quant_gemm*.cpp, built once as their own extension (openlora_quant): with AVX512-BF16 the
+*_bf16dot kernels on weights packed for them (pack_int8 / pack_int4), elsewhere int8_linear /
+int4_linear (tiles dequantized into cache, then MKL's sgemm or oneDNN's bf16 GEMM); where it cannot
+build, torch's own kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu: fast for
+bfloat16 and few tokens only). On CUDA int4 runs aten._weight_int4pack_mm (bfloat16), int8 a matmul
+with q converted at each call.
 """
 
 from __future__ import annotations
@@ -39,18 +45,77 @@ class QuantizationError(ValueError):
 
 @functools.cache
 def cpu_kernels() -> bool:
-    """Builds (once, cached on disk like the other kernels) and loads cpp/quant_gemm.cpp; False, logged,
+    """Builds (once, cached on disk like the other kernels) and loads cpp/quant_gemm*.cpp; False, logged,
     where it cannot build (the torch kernels then run)."""
     from services.executor.ops import build
     flags = [*build.CFLAGS, *_isa_flags()]
     try:
         path = build._load("openlora_quant", [build.CPP_DIR / "quant_gemm.cpp"], (flags,), False,
-                           extra_cflags=flags, extra_ldflags=["-fopenmp"])
+                           included=(build.CPP_DIR / "quant_gemm.h",),
+                           isa_objects={build.CPP_DIR / "quant_gemm_avx512_bf16.cpp": build.ISA_FLAGS["avx512_bf16"]},
+                           extra_cflags=flags, extra_ldflags=["-fopenmp"], extra_include_paths=[str(build.CPP_DIR)])
         torch.ops.load_library(str(path))
         return True
     except Exception:   # any build failure: the slower torch kernels still serve
         log.exception("quant_kernels_unavailable", fallback="torch's _weight_int8pack_mm / _int4pack_mm")
         return False
+
+
+def bf16dot() -> bool:
+    """Whether the *_bf16dot kernels serve here (built, and the CPU has AVX512-BF16)."""
+    return cpu_kernels() and torch.ops.openlora_quant.has_avx512_bf16()
+
+
+def cpu_kernel(device: torch.device) -> str:
+    """Which GEMM a quantized projection on device runs: "bf16dot", "tiled" (cpp/quant_gemm.cpp's
+    row-major kernels), "torch" (aten's) or "cuda"."""
+    if device.type != "cpu":
+        return "cuda"
+    if not cpu_kernels():
+        return "torch"
+    return "bf16dot" if bf16dot() else "tiled"
+
+
+def linear_reference(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """What every quantized GEMM computes, in float64: bf16(x) @ w.T + bias -> x's dtype (the kernels
+    sum in float32). w: the dequantized weight [d_out, d_in]."""
+    y = x.to(torch.bfloat16).double() @ w.double().T
+    return (y if bias is None else y + bias.double()).to(x.dtype)
+
+
+def _bf16_rounded(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16).to(x.dtype)
+
+
+def _pad_rows(t: Tensor, multiple: int, value: float = 0) -> Tensor:
+    pad = -t.shape[0] % multiple
+    return t if pad == 0 else torch.cat([t, t.new_full((pad, *t.shape[1:]), value)])
+
+
+def pack_int8(q: Tensor) -> Tensor:
+    """q [N, K] int8 -> the bf16dot layout [ceil(N / 16), K / 2, 16, 2] (cpp/quant_gemm.h): per 16 rows,
+    each pair of inputs as 16 rows x 2."""
+    n, k = q.shape
+    return _pad_rows(q, 16).reshape(-1, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_int8(packed: Tensor, n: int) -> Tensor:
+    """pack_int8's inverse -> [n, K]."""
+    b, pairs = packed.shape[:2]
+    return packed.permute(0, 2, 1, 3).reshape(b * 16, pairs * 2)[:n]
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """q [N, K] uint8 0..15 -> the bf16dot layout [ceil(N / 16), K / 4, 16, 2] uint8: per 16 rows and
+    4 inputs 4c..4c+3, byte (r, j) = q[r, 4c + j] | q[r, 4c + 2 + j] << 4."""
+    n, k = q.shape
+    q = _pad_rows(q, 16).reshape(-1, 16, k // 4, 2, 2)          # [b, r, c, half, j]
+    return (q[:, :, :, 0] | q[:, :, :, 1] << 4).permute(0, 2, 1, 3).contiguous()
+
+
+def _pack_groups(t: Tensor, value: float) -> Tensor:
+    """[N, K // g] -> [ceil(N / 16), K // g, 16] float32 (per 16 rows, each group's 16 values)."""
+    return _pad_rows(t.float(), 16, value).reshape(-1, 16, t.shape[1]).transpose(1, 2).contiguous()
 
 
 class BaseLinear(Protocol):
@@ -115,29 +180,43 @@ def dequantize_int8(q: Tensor, s: Tensor) -> Tensor:
 
 class Int8Linear:
     def __init__(self, q: Tensor, s: Tensor, bias: Tensor | None, dtype: torch.dtype):
-        self.q = q.contiguous()               # [N, K] int8
-        self.fused = q.device.type == "cpu" and cpu_kernels()
-        # [N]: float32 for cpp/quant_gemm.cpp, else the dtype torch's kernels take
-        self.s = s.to(torch.float32 if self.fused else dtype).contiguous()
+        self.d_out, self.d_in = q.shape
         self.dtype = dtype
         self.bias = bias
-        self.d_out, self.d_in = q.shape
+        self.kernel = cpu_kernel(q.device)
+        if self.kernel == "bf16dot" and self.d_in % 2 == 0:
+            self.packed = pack_int8(q)                          # [ceil(N / 16), K / 2, 16, 2]
+            self.s = _pad_rows(s.float(), 16).contiguous()     # [16 ceil(N / 16)]
+            return
+        if self.kernel == "bf16dot":
+            self.kernel = "tiled"
+        self.packed = q.contiguous()                           # [N, K] int8
+        # [N]: float32 for cpp/quant_gemm.cpp, else the dtype torch's kernels take
+        self.s = s.to(torch.float32 if self.kernel == "tiled" else dtype).contiguous()
+
+    @property
+    def q(self) -> Tensor:
+        """[N, K] int8."""
+        return unpack_int8(self.packed, self.d_out) if self.kernel == "bf16dot" else self.packed
 
     @property
     def nbytes(self) -> int:
-        return _bytes(self.q, self.s, self.bias)
+        return _bytes(self.packed, self.s, self.bias)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.fused:
-            return torch.ops.openlora_quant.int8_linear(x, self.q, self.s, self.bias)
-        if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.s)
+        if self.kernel == "bf16dot":
+            return torch.ops.openlora_quant.int8_linear_bf16dot(x, self.packed, self.s, self.d_out, self.bias)
+        if self.kernel == "tiled":
+            return torch.ops.openlora_quant.int8_linear(x, self.packed, self.s, self.bias)
+        x = _bf16_rounded(x)
+        if self.kernel == "torch":
+            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.packed, self.s)
         else:   # torch has no int8 weight-only CUDA kernel: q is converted whole at each call (slow)
-            y = (x @ self.q.to(x.dtype).T) * self.s
+            y = (x @ self.packed.to(x.dtype).T) * self.s
         return y if self.bias is None else y.add_(self.bias)
 
     def dequantize(self) -> Tensor:
-        return dequantize_int8(self.q, self.s).to(self.dtype)
+        return dequantize_int8(self.q, self.s[:self.d_out]).to(self.dtype)
 
 
 # --- int4, group-wise with zero points --------------------------------------------------------------
@@ -193,7 +272,8 @@ def _kernel_groups(wt: Int4Weight) -> tuple[Tensor, Tensor, int]:
 
 
 class Int4Linear:
-    """On CPU cpp/quant_gemm.cpp (two inputs a byte, any even group); else torch's int4 GEMM, where
+    """On CPU cpp/quant_gemm*.cpp: with AVX512-BF16 the bf16dot layout (pack_int4, groups a multiple of
+    4), else two inputs a byte in row-major order (any even group); otherwise torch's int4 GEMM, where
     w = (q - 8) * s + zero, so zero = (8 - z) * s carries the zero points."""
 
     def __init__(self, wt: Int4Weight, bias: Tensor | None, dtype: torch.dtype, device: torch.device):
@@ -203,8 +283,15 @@ class Int4Linear:
         self.d_out, self.d_in, self.dtype = n, k, dtype
         self.bias = bias
         self.perm = None if wt.perm is None else wt.perm.to(device)
-        self.fused = device.type == "cpu" and wt.group_size % 2 == 0 and cpu_kernels()
-        if self.fused:
+        self.kernel = cpu_kernel(device)
+        if self.kernel == "bf16dot" and wt.group_size % 4 == 0:
+            self.group = wt.group_size
+            self.packed = pack_int4(wt.q)                                     # [ceil(N / 16), K / 4, 16, 2]
+            self.sz = (_pack_groups(wt.s, 0), _pack_groups(128 + wt.z.float(), 128))   # [.., K // g, 16]
+            return
+        if self.kernel == "bf16dot" or (self.kernel == "tiled" and wt.group_size % 2):
+            self.kernel = "tiled" if wt.group_size % 2 == 0 else "torch"
+        if self.kernel == "tiled":
             self.group = wt.group_size
             g = wt.q.reshape(n, k // self.group, 2, self.group // 2)         # each group's two halves
             self.packed = (g[:, :, 1] << 4 | g[:, :, 0]).reshape(n, k // 2).contiguous()   # [N, K / 2]
@@ -228,18 +315,21 @@ class Int4Linear:
 
     @property
     def nbytes(self) -> int:
-        return _bytes(self.packed, *(self.sz if self.fused else (self.sz,)), self.bias, self.perm)
+        return _bytes(self.packed, *(self.sz if isinstance(self.sz, tuple) else (self.sz,)), self.bias, self.perm)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.perm is not None:
             x = x.index_select(1, self.perm)
-        if self.fused:
+        if self.kernel == "bf16dot":
+            y = torch.ops.openlora_quant.int4_linear_bf16dot(x, self.packed, *self.sz, self.group, self.d_out)
+        elif self.kernel == "tiled":
             y = torch.ops.openlora_quant.int4_linear(x, self.packed, *self.sz, self.group)
         elif x.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.packed,
                                                    self.group, self.sz).to(x.dtype)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.sz)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(_bf16_rounded(x).contiguous(), self.packed,
+                                                           self.group, self.sz)
         return y if self.bias is None else y.add_(self.bias)
 
     def dequantize(self) -> Tensor:
@@ -325,3 +415,18 @@ def write_dequantized(src, dst, method: str, group_size: int, projections: tuple
             if name.endswith(".weight") and name.split(".")[-2] in projections:
                 state[name] = dequantized(w, method, group_size).to(w.dtype)
         save_file(state, str(dst / f.name), metadata={"format": "pt"})
+
+
+def round_projection_inputs(model, projections: tuple[str, ...]) -> None:
+    """Rounds the input of every projection Linear of a transformers model (a module named one of
+    projections, or peft's base_layer under one) to bfloat16, as the quantized GEMMs do (their
+    adapters still see x unrounded): transformers on write_dequantized's weights with this computes
+    what the engine serves."""
+    def hook(_module, args):
+        return (_bf16_rounded(args[0]), *args[1:])
+
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if isinstance(module, torch.nn.Linear) and (parts[-1] in projections or (
+                parts[-1] == "base_layer" and len(parts) > 1 and parts[-2] in projections)):
+            module.register_forward_pre_hook(hook)
