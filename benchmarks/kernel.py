@@ -12,7 +12,9 @@ base is what the engine runs for the projection: fp32 through the prepacked weig
 where MKL packing is available), bf16 through F.linear; fused = base + lora_paged_add_. Run once per
 instruction set this CPU has (--isa all, the default; set_cpu_isa between runs), printing the
 medians, fused/base as the ratio of the medians, and "paired" (the median of each round's own ratio,
-which moves less when the machine's speed changes during a run).
+which moves less when the machine's speed changes during a run). --clock cpu times the calling
+thread's CPU time instead of the wall clock (one thread only): on a shared host, time slices given to
+other processes then count for neither side.
 
 --device cuda runs the same cases on the GPU (F.linear, then lora_paged_add_'s CUDA kernel on device
 pages) in fp32, bf16 and fp16, each call alone and in bursts.
@@ -89,6 +91,9 @@ def check(c):
     torch.testing.assert_close(fused(c), want, rtol=tol, atol=tol)
 
 
+CLOCK = time.perf_counter   # --clock cpu: time.thread_time
+
+
 def timed(fns: dict, rounds: int, sync=lambda: None) -> dict:
     """Alternated rounds: each round times every variant once (warm-up rounds first)."""
     times = {k: [] for k in fns}
@@ -98,10 +103,10 @@ def timed(fns: dict, rounds: int, sync=lambda: None) -> dict:
     for _ in range(rounds):
         for k, f in fns.items():
             sync()
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             f()
             sync()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(CLOCK() - t0)
     return times
 
 
@@ -276,12 +281,20 @@ def main() -> None:
                    help="time the arena op: mixed ranks vs all at the maximum rank")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: the served ops (and --attention) on the GPU")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: the calling thread's CPU time (time.thread_time), which a busy host's time "
+                        "slicing does not inflate; only with one thread on CPU")
     args = p.parse_args()
+    if args.clock == "cpu":
+        if args.device != "cpu" or torch.get_num_threads() != 1:
+            p.error("--clock cpu needs --device cpu and one thread (OMP_NUM_THREADS=1)")
+        global CLOCK
+        CLOCK = time.thread_time
     ensure_built()   # importing ops builds nothing
     cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t") \
         if Path("/proc/cpuinfo").exists() else "?"
     print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} cpu={cpu} "
-          f"rounds={args.rounds}")
+          f"rounds={args.rounds} clock={args.clock}")
     dtypes = [torch.float32] + ([torch.bfloat16] if args.bf16 else [])
     if args.mixed_ranks:
         print("fp32, ranks cycling 1, 8, 16, 64 vs all 64 (medians)")

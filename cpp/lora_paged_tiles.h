@@ -30,7 +30,7 @@ constexpr int64_t kRowBlock = 32;   // tokens per work item
 
 #if defined(__AVX512F__)
 constexpr int kAcc = 16;            // accumulator registers a tile may hold
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) || defined(__SSE2__)
 constexpr int kAcc = 8;
 #else
 constexpr int kAcc = 4;
@@ -249,6 +249,19 @@ void expand_block(const PagedCall& c, const PagedSegment& s, int64_t row0, int64
   if (row < row1) expand_tokens<1, T>(c, s, row, 1, o0, o1);
 }
 
+// The first page of the first kAcc rows of s's A (what the next item reads first, while this item's
+// expand runs: nothing else prefetches a segment's first pages).
+template <typename T>
+inline void prefetch_first_pages(const PagedCall& c, const PagedSegment& s) {
+  constexpr int64_t kLineElems = 64 / static_cast<int64_t>(sizeof(T));
+  const T* arena = static_cast<const T*>(c.arena);
+  const int64_t n = std::min(c.P, c.d_in);
+  for (int64_t k = 0; k < std::min<int64_t>(s.rank, kAcc); ++k) {
+    const T* a = arena + static_cast<int64_t>(s.a_pages[k * c.ca]) * c.P;
+    for (int64_t j = 0; j < n; j += kLineElems) prefetch_line(a + j);
+  }
+}
+
 template <typename T>
 void paged_segments(const PagedCall& c) {
   // Work items: (segment, block of kRowBlock rows), each its shrink then its expand over all of y's
@@ -266,6 +279,7 @@ void paged_segments(const PagedCall& c) {
     const Block& b = blocks[i];
     const PagedSegment& s = c.segs[b.seg];
     shrink_block<T>(c, s, b.row0, b.row1);
+    if (i + 1 < n_blocks) prefetch_first_pages<T>(c, c.segs[blocks[i + 1].seg]);
     expand_block<T>(c, s, b.row0, b.row1, 0, c.d_out);
   };
   const int threads = static_cast<int>(std::min<int64_t>(c.threads, n_blocks));

@@ -1,5 +1,5 @@
 // One vector type per instruction set for the per-ISA kernels (cpu_kernels_<isa>.cpp): Vec holds
-// Vec::L fp32 lanes (16 with AVX-512, 8 with AVX2, 1 on generic x86-64) and loads float32 or bfloat16
+// Vec::L fp32 lanes (16 with AVX-512, 8 with AVX2, 4 with SSE2 on generic x86-64, 1 elsewhere) and loads float32 or bfloat16
 // (its bits, uint16_t) widened to fp32, whole or the first n < L lanes (the rest read as 0, and n <= 0 reads nothing), and stores
 // back rounding to nearest even (bf16 NaN stays a quiet NaN, as c10::BFloat16 rounds). No ATen, no
 // c10: everything here is compiled under the including file's flags only.
@@ -15,6 +15,8 @@
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 namespace openlora {
@@ -119,6 +121,46 @@ struct Vec {
     alignas(16) bf16_bits buf[8];
     _mm_store_si128(reinterpret_cast<__m128i*>(buf), narrow(v));
     if (n > 0) std::memcpy(p, buf, static_cast<size_t>(n < 8 ? n : 8) * 2);
+  }
+};
+#elif defined(__SSE2__)
+struct Vec {  // x86-64's baseline: 4 lanes, multiply then add (no FMA instruction before AVX2)
+  static constexpr int L = 4;
+  using R = __m128;
+  static int64_t lanes(int64_t n) { return n <= 0 ? 0 : n < 4 ? n : 4; }
+  static R zero() { return _mm_setzero_ps(); }
+  static R set1(float v) { return _mm_set1_ps(v); }
+  static R fma(R a, R b, R c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+  static R add(R a, R b) { return _mm_add_ps(a, b); }
+  static float sum(R v) {
+    const __m128 s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+  }
+  static R load(const float* p) { return _mm_loadu_ps(p); }
+  static R load(const float* p, int64_t n) {
+    alignas(16) float buf[4] = {0.f, 0.f, 0.f, 0.f};
+    std::memcpy(buf, p, static_cast<size_t>(lanes(n)) * 4);
+    return _mm_load_ps(buf);
+  }
+  // 4 bf16 (the low 64 bits) -> fp32: each value becomes the high half of its lane
+  static R widen(__m128i raw) { return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), raw)); }
+  static R load(const bf16_bits* p) { return widen(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static R load(const bf16_bits* p, int64_t n) {
+    alignas(16) bf16_bits buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(buf, p, static_cast<size_t>(lanes(n)) * 2);
+    return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+  }
+  static void store(float* p, R v) { _mm_storeu_ps(p, v); }
+  static void store(float* p, R v, int64_t n) {
+    alignas(16) float buf[4];
+    _mm_store_ps(buf, v);
+    std::memcpy(p, buf, static_cast<size_t>(lanes(n)) * 4);
+  }
+  static void store(bf16_bits* p, R v) { store(p, v, 4); }
+  static void store(bf16_bits* p, R v, int64_t n) {
+    alignas(16) float buf[4];
+    _mm_store_ps(buf, v);
+    for (int64_t i = 0; i < lanes(n); ++i) p[i] = float_to_bf16(buf[i]);
   }
 };
 #else

@@ -132,6 +132,27 @@ def test_lora_paged_add_on_every_path_matches_float64(isa, dtype, threads):
         ops.set_cpu_kernels("auto")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", list(NEEDS))
+def test_lora_paged_add_work_items_with_empty_and_lone_segments(isa, threads):
+    """Work items are (segment, 32-row block), each its shrink then its expand, prefetching the next
+    item's first pages: empty segments (0 rows) between and at both ends, one item only (fewer items
+    than threads), many blocks of one segment, and a next segment whose rank is below a tile's."""
+    use_isa(isa)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lens, ranks in [([0, 3, 0, 0, 1, 0], [4, 5, 9, 0, 2, 7]),   # empty segments around
+                            ([1], [33]),                                 # one item
+                            ([100, 2], [19, 1]),                         # 4 blocks, then a rank-1 one
+                            ([0, 0], [8, 8])]:                           # nothing to do at all
+            for dims in [(40, 24, 16), (512, 300, 128)]:
+                check_paged_against_float64(paged_case(lens, ranks, *dims, torch.float32), torch.float32)
+    finally:
+        torch.set_num_threads(old)
+        ops.set_cpu_kernels("auto")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("isa", list(NEEDS))
 def test_paged_attention_on_every_path_matches_float64(isa, dtype):

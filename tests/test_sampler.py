@@ -157,6 +157,20 @@ def test_a_held_back_token_is_never_drawn_until_min_new_tokens():
     assert sample(logits, [r])[0] == [2]
 
 
+def _draws(logits: torch.Tensor, opts: list[dict], n: int) -> torch.Tensor:
+    """n draws for each row of logits [R, V] under its options, one _draw call over R * n rows (each
+    with its own seeded generator) -> counts [R, V]."""
+    rows = [row(seed=1000 * i + j, **o) for i, o in enumerate(opts) for j in range(n)]
+    got = _draw(logits.repeat_interleave(n, dim=0), rows).view(len(opts), n)
+    return torch.zeros(len(opts), logits.shape[1]).scatter_add_(1, got, torch.ones(len(opts), n))
+
+
+def _want(logits: torch.Tensor, opts: list[dict]) -> torch.Tensor:
+    temps = torch.tensor([o["temperature"] for o in opts])[:, None]
+    return torch.softmax(_filter_rows(logits / temps, [o.get("top_k", 0) for o in opts],
+                                      [o.get("top_p", 0.0) for o in opts]), dim=-1)
+
+
 def test_sampled_rows_follow_their_distributions():
     """Every sampled row of a batch is drawn at once (inverse CDF, one uniform per row from its own
     generator): each row's empirical frequencies match softmax(filter(logits / temperature)), tokens
@@ -167,17 +181,49 @@ def test_sampled_rows_follow_their_distributions():
     logits[:, 7] = float("-inf")                                   # impossible everywhere
     opts = [dict(temperature=1.0), dict(temperature=0.5, top_k=3), dict(temperature=2.0, top_p=0.6),
             dict(temperature=1.3, top_k=5, top_p=0.9)]
-    rows = [row(seed=100 + i, **o) for i, o in enumerate(opts)]
-    want = torch.softmax(_filter_rows(logits / torch.tensor([o["temperature"] for o in opts])[:, None],
-                                      [o.get("top_k", 0) for o in opts], [o.get("top_p", 0.0) for o in opts]),
-                         dim=-1)
+    want = _want(logits, opts)
     n = 20000
-    counts = torch.zeros(4, 12)
-    for _ in range(n):
-        counts[torch.arange(4), _draw(logits, rows)] += 1
-    freq = counts / n
+    freq = _draws(logits, opts, n) / n
     assert torch.all(freq[want == 0] == 0)                         # never a token it may not take
     assert torch.allclose(freq, want, atol=0.015), (freq, want)    # 20000 draws: sd <= 0.0036
     for i, o in enumerate(opts):                                   # one row's filter = the batch's row
         one = _filter(logits[i] / o["temperature"], o.get("top_k", 0), o.get("top_p", 0.0))
         assert torch.equal(torch.isinf(one), want[i] == 0)
+
+
+def test_long_rows_candidates_and_their_fallbacks(monkeypatch):
+    """A vocabulary of several blocks (the two-level inverse CDF, a padded last block) and filters
+    decided among the best CANDIDATES tokens or not: a top-p that a peaked row reaches inside them,
+    one that a flat row does not (the full sort), a top-k whose k-th value ties past the candidates
+    (the full sort), and a top-k larger than CANDIDATES. Each row's draws follow its distribution
+    and never leave its kept set; the mass of its best 8 tokens and of the rest match. (BLOCK and
+    CANDIDATES are shrunk so that the test stays small.)"""
+    from services.executor import sampler
+    monkeypatch.setattr(sampler, "BLOCK", 64)
+    monkeypatch.setattr(sampler, "CANDIDATES", 32)
+    full_sorts = []
+    monkeypatch.setattr(sampler, "_filter_rows",
+                        lambda x, k, p: full_sorts.append(len(k)) or _filter_rows(x, k, p))
+    vocab = 3 * 64 + 5
+    g = torch.Generator().manual_seed(1)
+    peaked = torch.randn(vocab, generator=g) * 4
+    flat = torch.randn(vocab, generator=g) * 0.05
+    tied = torch.randn(vocab, generator=g)
+    tied[torch.randperm(vocab, generator=g)[:32 + 30]] = 5.0   # ties past the edge (top-k 52 + 1 here)
+    masked = torch.randn(vocab, generator=g)
+    masked[::3] = float("-inf")
+    logits = torch.stack([peaked, flat, tied, peaked, masked, flat])
+    opts = [dict(temperature=1.0, top_p=0.9), dict(temperature=1.0, top_p=0.95),
+            dict(temperature=1.0, top_k=10), dict(temperature=0.7, top_k=32 + 20),
+            dict(temperature=1.0), dict(temperature=1.0)]
+    want = _want(logits, opts)
+    n = 6000
+    counts = _draws(logits, opts, n)
+    assert full_sorts == [2 * n]                   # the flat top-p rows and the tied top-k rows only
+    assert torch.all(counts[want == 0] == 0)
+    best = want.argsort(-1, descending=True)[:, :8]
+    for i in range(len(opts)):
+        got = counts[i, best[i]] / n
+        assert torch.allclose(got, want[i, best[i]], atol=0.02), (i, got, want[i, best[i]])
+        rest = 1 - got.sum()
+        assert abs(rest - (1 - want[i, best[i]].sum())) < 0.03, i

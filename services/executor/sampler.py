@@ -10,7 +10,7 @@ own: the min_new_tokens mask (EOS and stop token ids at -inf until enough tokens
 repetition penalty (Hugging Face's rule, over prompt and output) -> presence and frequency
 penalties (OpenAI's and vLLM's rule, over the output) -> temperature -> top-k -> top-p, then a draw
 from the row's own torch.Generator, so a seeded request gets the same tokens whatever its batch
-mates. logprobs are log_softmax of the RAW logits at the chosen token. Greedy rows (temperature 0)
+mates. logprobs are log_softmax of the RAW logits at the chosen token (logit - logsumexp). Greedy rows (temperature 0)
 take the argmax of the masked and penalised logits.
 """
 
@@ -108,9 +108,14 @@ class SamplingRow:
 
     @property
     def own_pass(self) -> bool:
-        """Needs a pass of its own after the batch's grammar masks: anything but (masked) greedy."""
+        """Needs more than the batch argmax after the grammar masks: sampled, or adjusted."""
+        return self.options.temperature > 0 or self.adjusts
+
+    @property
+    def adjusts(self) -> bool:
+        """Its logits change before the choice: min_new_tokens' mask or a penalty."""
         o = self.options
-        return (o.temperature > 0 or o.repetition_penalty not in (0, 1) or bool(self.masked)
+        return (o.repetition_penalty not in (0, 1) or bool(self.masked)
                 or bool((o.presence_penalty or o.frequency_penalty) and len(self.history) > self.prompt_len))
 
 
@@ -164,22 +169,108 @@ def _filter_rows(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor
     return logits.masked_fill(drop, float("-inf"))
 
 
+CANDIDATES = 1024    # top-k / top-p rows look at their best this-many tokens first (exact; see _draw)
+BLOCK = 1024         # an inverse CDF over a long row finds its block of BLOCK tokens, then the token
+
+
+def _inverse_cdf(weights: Tensor, rows: list[SamplingRow]) -> Tensor:
+    """One index per row of weights [R, V] (>= 0, not necessarily normalised), index j with
+    probability weights[j] / sum, from one float64 uniform of each row's generator; an index of weight
+    0 is never returned. -1 for a row whose weights do not sum to a finite positive number. Long rows
+    go in two levels (block sums, then one block's cumulative sum), so no [R, V] float64 copy is made."""
+    r, v = weights.shape
+    u = torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64, device=weights.device)
+                   for row in rows])
+    blocks = -(-v // BLOCK)
+    if blocks <= 2:                                   # short: one level
+        return _pick(weights.double(), u)
+    whole = v // BLOCK * BLOCK
+    sums = weights[:, :whole].view(r, -1, BLOCK).sum(-1)                   # [R, blocks] (float32: each
+    if whole < v:                                                          # sum is exact to 1e-7)
+        sums = torch.cat([sums, weights[:, whole:].sum(-1, keepdim=True)], dim=1)
+    sums = sums.double()
+    b = _pick(sums, u)
+    cdf = sums.cumsum(-1)
+    start = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    at = b.clamp(min=0)[:, None] * BLOCK + torch.arange(BLOCK, device=b.device)      # [R, BLOCK]
+    inner = weights.gather(1, at.clamp(max=v - 1)).double().masked_fill(at >= v, 0.0)
+    j = _pick(inner, (u * cdf[:, -1] - start) / inner.sum(-1))       # the same point, inside block b
+    return torch.where((b >= 0) & (j >= 0), b * BLOCK + j, -1)
+
+
+def _pick(weights: Tensor, u: Tensor) -> Tensor:
+    """weights float64 [R, V] >= 0, u [R] in [0, 1) -> per row the index j where u * total falls
+    (cdf[j-1] <= u * total < cdf[j]: weight > 0), clamped to the last positive weight against
+    rounding; -1 where the total is not a finite positive number."""
+    cdf = weights.cumsum(-1)
+    total = cdf[:, -1]
+    j = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0]
+    j = torch.minimum(j, weights.shape[1] - 1 - (weights.flip(-1) > 0).to(torch.int8).argmax(-1))
+    return torch.where(torch.isfinite(total) & (total > 0), j, -1)
+
+
 def _draw(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
-    """One token per row from softmax(filter(logits / temperature)), each with one uniform draw from
-    its row's generator (inverse CDF over the row's probabilities; a token of probability 0 is never
-    drawn). A temperature so small that the scaled logits overflow is greedy."""
+    """One token per row from softmax(filter(logits / temperature)) (top-k, then top-p, as
+    _filter_rows), each with one uniform draw from its row's own generator. A temperature so small
+    that the scaled logits overflow is greedy.
+
+    Rows with a filter look at their CANDIDATES best tokens (one topk): when the kept set is decided
+    inside them (top-k <= CANDIDATES with no tie crossing the edge; top-p reached inside them) the
+    draw is among them; otherwise the row takes the full sort (_filter_rows). Either way the same
+    distribution; no [R, V] sort in the common case."""
+    n, vocab = logits.shape
     temps = torch.tensor([r.options.temperature for r in rows], dtype=logits.dtype, device=logits.device)
     scaled = logits / temps[:, None]
-    if any(0 < r.options.top_k < logits.shape[-1] or 0 < r.options.top_p < 1 for r in rows):
-        scaled = _filter_rows(scaled, [r.options.top_k for r in rows], [r.options.top_p for r in rows])
-    probs = torch.softmax(scaled, dim=-1).double()
-    cdf = probs.cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=r.generator, dtype=torch.float64, device=logits.device)
-                   for r in rows])
-    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)   # the last possible
-    drawn = torch.minimum(drawn, last)
-    return torch.where(torch.isfinite(scaled.max(-1).values), drawn, logits.argmax(-1))
+    ks = [r.options.top_k if 0 < r.options.top_k < vocab else 0 for r in rows]
+    ps = [r.options.top_p if 0 < r.options.top_p < 1 else 1.0 for r in rows]
+    plain = [i for i in range(n) if not ks[i] and ps[i] == 1.0]
+    filtered = sorted(set(range(n)) - set(plain))
+    if not filtered:                                  # the common case: no filter, no copies
+        drawn = _inverse_cdf(torch.softmax(scaled, dim=-1), rows)
+    else:
+        drawn = torch.full((n,), -1, dtype=torch.long, device=logits.device)
+        if plain:
+            at = torch.tensor(plain, device=logits.device)
+            drawn[at] = _inverse_cdf(torch.softmax(scaled[at], dim=-1), [rows[i] for i in plain])
+        at = torch.tensor(filtered, device=logits.device)
+        drawn[at] = _draw_filtered(scaled[at], [ks[i] for i in filtered], [ps[i] for i in filtered],
+                                   [rows[i] for i in filtered])
+    if bool((drawn < 0).any()):                       # overflowed: greedy
+        drawn = torch.where(drawn >= 0, drawn, logits.argmax(-1))
+    return drawn
+
+
+def _draw_filtered(scaled: Tensor, ks: list[int], ps: list[float], rows: list[SamplingRow]) -> Tensor:
+    n, vocab = scaled.shape
+    c = min(vocab, max(CANDIDATES, max(ks) + 1))
+    values, ids = torch.topk(scaled, c, dim=-1)                       # best first
+    kt = torch.tensor([k or vocab for k in ks], device=scaled.device)
+    pt = torch.tensor(ps, dtype=torch.float32, device=scaled.device)
+    col = torch.arange(c, device=scaled.device)
+    kth = values.gather(1, (kt.clamp(max=c) - 1)[:, None])          # the k-th value (if k <= c)
+    in_k = (values >= kth) | (kt >= vocab)[:, None]
+    # the normaliser after top-k: over the candidates at or above the k-th value, or the whole row
+    norm = torch.where(kt < vocab, torch.logsumexp(values.masked_fill(~in_k, float("-inf")), -1),
+                       torch.logsumexp(scaled, -1))
+    probs = torch.exp(values - norm[:, None]).masked_fill(~in_k, 0.0)
+    before = probs.cumsum(-1) - probs                                  # the mass of the better ones
+    keep = in_k & ((before < pt[:, None]) | (col == 0)[None] | (pt >= 1)[:, None])
+    if c == vocab:                                   # every token is a candidate
+        decided = torch.ones(n, dtype=torch.bool, device=scaled.device)
+    else:                # top-k: no tie with the k-th past the last candidate; top-p alone: reached inside
+        decided = torch.where(kt < vocab, values[:, -1] < kth[:, 0], ~keep[:, -1])
+    drawn = torch.full((n,), -1, dtype=torch.long, device=scaled.device)
+    ok = decided.nonzero()[:, 0].tolist()
+    if ok:
+        at = torch.tensor(ok, device=scaled.device)
+        j = _inverse_cdf(probs[at] * keep[at], [rows[i] for i in ok])
+        drawn[at] = torch.where(j >= 0, ids[at].gather(1, j.clamp(min=0)[:, None])[:, 0], -1)
+    rest = sorted(set(range(n)) - set(ok))
+    if rest:                                                           # the kept set reaches past them
+        at = torch.tensor(rest, device=scaled.device)
+        kept = _filter_rows(scaled[at], [ks[i] for i in rest], [ps[i] for i in rest])
+        drawn[at] = _inverse_cdf(torch.softmax(kept, dim=-1), [rows[i] for i in rest])
+    return drawn
 
 
 def sample(logits: Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[float]]:
@@ -195,30 +286,38 @@ def sample_with_top(logits: Tensor,
                     rows: list[SamplingRow]) -> tuple[list[int], list[float], list[Top | None]]:
     """sample(), plus for each row asking for top_logprobs = k its k most likely tokens by the raw
     logits (None for the other rows)."""
-    logprobs = torch.log_softmax(logits, dim=-1)
-    tops: list[Top | None] = [None] * len(rows)
+    n = logits.shape[0]
+    lse = torch.logsumexp(logits, dim=-1)              # a logprob is logit - lse (no [N, V] copy)
+    tops: list[Top | None] = [None] * n
     for i, r in enumerate(rows):
-        k = min(r.options.top_logprobs, logprobs.shape[-1])
+        k = min(r.options.top_logprobs, logits.shape[-1])
         if k > 0:
-            values, ids = torch.topk(logprobs[i], k)
-            tops[i] = (ids.tolist(), values.tolist())
+            values, ids = torch.topk(logits[i], k)
+            tops[i] = (ids.tolist(), (values - lse[i]).tolist())
     work = logits
     constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
     if constrained:                                    # every grammar row masked at once
         allowed = allowed_rows([rows[i].grammar for i in constrained],
                                [rows[i].history[rows[i].prompt_len:] for i in constrained], logits.device)
         work = logits.clone()                          # logprobs stay those of the raw logits
-        if len(constrained) == len(rows):
+        if len(constrained) == n:
             work.masked_fill_(~allowed, float("-inf"))
         else:
             at = torch.tensor(constrained, device=logits.device)
             work[at] = work[at].masked_fill(~allowed, float("-inf"))
-    chosen = work.argmax(dim=-1)                       # greedy, unpenalised: the common case
     own = [i for i, r in enumerate(rows) if r.own_pass]
+    if len(own) < n:
+        chosen = work.argmax(dim=-1)                   # greedy, unpenalised: the common case
+    else:
+        chosen = torch.empty(n, dtype=torch.long, device=logits.device)
     if own:
-        chosen = chosen.clone()
-        mine = work[torch.tensor(own, device=work.device)]    # [len(own), V], a copy
-        for j, i in enumerate(own):                     # masks and penalties: row by row, rarely
+        adjusted = [j for j, i in enumerate(own) if rows[i].adjusts]
+        if len(own) == n and (not adjusted or work is not logits):
+            mine = work                                # no copy: only read, or already a copy
+        else:
+            mine = work[torch.tensor(own, device=work.device)]    # [len(own), V], a copy
+        for j in adjusted:                             # masks and penalties: row by row, rarely
+            i = own[j]
             o, row = rows[i].options, mine[j]
             masked = [t for t in rows[i].masked if t < row.shape[-1]]
             if masked:
@@ -233,8 +332,12 @@ def sample_with_top(logits: Tensor,
         if cold:
             chosen[[own[j] for j in cold]] = mine[cold].argmax(-1)
         if hot:                                         # every sampled row drawn at once
-            chosen[[own[j] for j in hot]] = _draw(mine[hot], [rows[own[j]] for j in hot])
-    picked = logprobs.gather(1, chosen[:, None])[:, 0]
+            picks = _draw(mine if len(hot) == len(own) else mine[hot], [rows[own[j]] for j in hot])
+            if len(hot) == n:
+                chosen = picks
+            else:
+                chosen[[own[j] for j in hot]] = picks
+    picked = logits.gather(1, chosen[:, None])[:, 0] - lse
     return chosen.tolist(), picked.tolist(), tops
 
 

@@ -145,9 +145,8 @@ _SHIFTS = torch.arange(32, dtype=torch.int32)
 
 def allowed_rows(grammars: list[Grammar], outputs: list[list[int]], device: torch.device) -> Tensor:
     """bool [len(grammars), vocab]: the tokens each grammar allows next, after its output so far
-    (the tokens not yet consumed advance its matcher first). The masks are computed together, in
-    parallel and without the GIL (llguidance's executor), into one int32 [rows, words] buffer, or
-    taken from a prefetch; one unpack serves every row."""
+    (the tokens not yet consumed advance its matcher first). The masks are written into one int32
+    [rows, words] buffer (or taken from a prefetch); one unpack serves every row."""
     vocab = grammars[0].vocab
     words = torch.zeros(len(grammars), (vocab + 31) // 32, dtype=torch.int32)
     todo = []
@@ -156,16 +155,23 @@ def allowed_rows(grammars: list[Grammar], outputs: list[list[int]], device: torc
             g.advance(out)
             todo.append((g.matcher, i))
     if todo:
-        _masks(todo, words)
+        _masks(todo, words, parallel=device.type != "cpu")
     bits = (words.unsqueeze(-1) >> _SHIFTS) & 1                    # [rows, words, 32], little-endian
     return bits.view(len(grammars), -1)[:, :vocab].bool().to(device, non_blocking=True)
 
 
-def _masks(todo: list[tuple[object, int]], words: Tensor) -> None:
+def _masks(todo: list[tuple[object, int]], words: Tensor, parallel: bool) -> None:
     """Each (matcher, row) writes its next-token bitmask into words[row] (the tokenizer's n_vocab is
-    the model's vocab, so a row is exactly the matcher's mask size)."""
+    the model's vocab, so a row is exactly the matcher's mask size). parallel: on llguidance's
+    executor (its own threads, without the GIL) where the host has cores to spare beside a GPU; on
+    a CPU engine one after another (a few microseconds each; extra threads would only take cores
+    from the model)."""
     global _EXECUTOR
     assert words.is_contiguous() and words.dtype == torch.int32 and words.device.type == "cpu"
+    if not parallel:
+        for m, i in todo:
+            m.unsafe_compute_mask_ptr(words[i].data_ptr(), words.shape[1] * 4)
+        return
     if _EXECUTOR is None:
         import llguidance as llg
         _EXECUTOR = llg.LLExecutor()
@@ -184,7 +190,7 @@ def prefetch(rows) -> None:
         words = torch.zeros(len(jobs), (jobs[0][0].vocab + 31) // 32, dtype=torch.int32)
         for g, out in jobs:
             g.advance(out)
-        _masks([(g.matcher, i) for i, (g, _) in enumerate(jobs)], words)
+        _masks([(g.matcher, i) for i, (g, _) in enumerate(jobs)], words, parallel=True)
         return words
 
     future = _POOL.submit(work)                                        # one hand-off per step
