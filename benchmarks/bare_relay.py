@@ -26,7 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import GOCODE, free_port, go_build, wait_serving  # noqa: E402
+from services.common.harness import free_port, wait_serving  # noqa: E402
+from tests.servers import GOCODE, go_build  # noqa: E402
 
 GO_SOURCE = ROOT / "benchmarks" / "go_relay" / "main.go"
 PYTHON_RELAY = [sys.executable, str(ROOT / "benchmarks" / "bare_relay.py")]

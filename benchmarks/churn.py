@@ -24,9 +24,6 @@ import grpc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from servers import Service  # noqa: E402
 
 from services.common.gen.openlora.v1 import (  # noqa: E402
     common_pb2,
@@ -35,17 +32,11 @@ from services.common.gen.openlora.v1 import (  # noqa: E402
     registry_pb2,
     registry_pb2_grpc,
 )
+from services.common.harness import Service, rss_mib  # noqa: E402
 from services.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model  # noqa: E402
 
 SPEC = ModelSpec(arch="llama", hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=1024,
                  seed=4)
-
-
-def rss_mib(pid: int) -> float:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def main() -> None:

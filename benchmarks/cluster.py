@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bare_relay import PYTHON_RELAY, build_go_relay, start_relay  # noqa: E402
 from services import bench  # noqa: E402
+from services.common.harness import Service, cpu_seconds, free_port, register_adapters  # noqa: E402
 from services.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model  # noqa: E402
-from tests.servers import Service, cpu_seconds, free_port, register_adapters  # noqa: E402
 
 SPEC = ModelSpec(arch="llama", hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=1024,
                  seed=5)

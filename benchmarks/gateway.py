@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from services.bench import percentile  # noqa: E402
 from services.common.gen.openlora.v1 import common_pb2, executor_pb2_grpc, router_pb2_grpc  # noqa: E402
+from services.common.harness import Service, free_port, http_ok, wait_until  # noqa: E402
 from services.synthetic import ModelSpec, write_model  # noqa: E402
-from tests.servers import Service, free_port  # noqa: E402
 
 SPEC = ModelSpec(arch="llama", hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=1024,
                  max_positions=2048, seed=0)
@@ -248,18 +248,9 @@ def main() -> None:
             gateway = Service("gateway", "--router", router.address, "--registry", registry.address,
                               "--base-model", str(model), "--served-model-name", "bench",
                               port=http_port, log_path=root / "g.log")
-            services.append(gateway)
-            import subprocess
-            import urllib.request
-            gateway.proc = subprocess.Popen(gateway.args, stdout=subprocess.DEVNULL,
-                                            stderr=open(root / "g.log", "wb"))
-            for port in (http_port, router_http):
-                for _ in range(300):
-                    try:
-                        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                        break
-                    except OSError:
-                        time.sleep(0.1)
+            services.append(gateway.start(timeout=60))
+            if not wait_until(lambda: http_ok(f"http://127.0.0.1:{router_http}/health"), 60):
+                raise SystemExit(f"the router's HTTP API on :{router_http} did not answer; log {root / 'ro.log'}")
             print(f"deployment up: executor {executor.address}, router {router.address} (+ HTTP "
                   f":{router_http}), gateway http://127.0.0.1:{http_port} (model {SPEC.hidden}h x "
                   f"{SPEC.layers} layers, {args.device})", flush=True)

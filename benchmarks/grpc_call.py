@@ -22,7 +22,7 @@ import grpc
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import cpu_seconds, free_port  # noqa: E402
+from services.common.harness import cpu_seconds, free_port  # noqa: E402
 
 
 async def serve(port: int) -> None:

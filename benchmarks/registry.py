@@ -22,8 +22,6 @@ import concurrent.futures
 import hashlib
 import os
 import pathlib
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from services.common.gen.openlora.v1 import registry_pb2 as pb  # noqa: E402
 from services.common.gen.openlora.v1 import registry_pb2_grpc  # noqa: E402
+from services.common.harness import Service, free_port, rss_mib  # noqa: E402
 from services.executor.blob_direct import DirectBlobReader  # noqa: E402
 from services.synthetic import AdapterSpec, ModelSpec, write_adapter  # noqa: E402
 from tests.backends import S3_ENV, PostgresServer, postgres_bindir  # noqa: E402
@@ -46,19 +45,6 @@ MiB = 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * MiB),
                    ("grpc.experimental.tcp_min_read_chunk_size", 1 * MiB),
                    ("grpc.experimental.tcp_max_read_chunk_size", 8 * MiB)]
-
-
-def rss_mib(pid: int) -> float:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_disk(path: pathlib.Path) -> int:
@@ -103,21 +89,18 @@ def fetch(stub, adapter_id: str, buf: bytearray) -> int:
 
 
 class Registry:
-    """`openlora registry` in a subprocess, with a stub."""
+    """`openlora registry` in a subprocess (the harness's Service), with a stub."""
 
     def __init__(self, data_dir: pathlib.Path, *args: str, env: dict | None = None):
-        self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "registry", "--port",
-                                      str(self.port), "--data-dir", str(data_dir), "--log-level",
-                                      "warning", *args], cwd=ROOT, env={**os.environ, **(env or {})})
+        self.service = Service("registry", "--data-dir", str(data_dir), "--log-level", "warning", *args,
+                               env=env).start(timeout=60)
+        self.port, self.proc = self.service.port, self.service.proc
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=CHANNEL_OPTIONS)
         self.stub = registry_pb2_grpc.AdapterRegistryStub(self.channel)
-        grpc.channel_ready_future(self.channel).result(60)
 
     def stop(self) -> None:
         self.channel.close()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
+        self.service.terminate(timeout=30)
 
 
 def start_s3(work: pathlib.Path) -> tuple[subprocess.Popen, dict]:

@@ -29,8 +29,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.common.gen.openlora.v1 import common_pb2, executor_pb2, executor_pb2_grpc, router_pb2_grpc  # noqa: E402
+from services.common.harness import Service  # noqa: E402
 from services.synthetic import ModelSpec, write_model  # noqa: E402
-from tests.servers import Service  # noqa: E402
 
 SPEC = ModelSpec(arch="llama", hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=4096,
                  seed=5)

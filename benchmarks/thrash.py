@@ -155,8 +155,7 @@ def start_registry(work: pathlib.Path, root: pathlib.Path, names: list[str]):
     import grpc
 
     from services.common.gen.openlora.v1 import registry_pb2, registry_pb2_grpc
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-    from servers import Service
+    from services.common.harness import Service
     reg = Service("registry", "--data-dir", str(work / "registry")).start()
     with grpc.insecure_channel(reg.address) as ch:
         stub = registry_pb2_grpc.AdapterRegistryStub(ch)

@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from statistics import median
 
 import torch
 
@@ -107,10 +108,6 @@ def run_hf(model, prompts, adapters, new_tokens) -> float:
         t0 = time.perf_counter()
         model.generate(ids, **kw)
     return time.perf_counter() - t0
-
-
-def median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
 
 
 def compare_prepack(make_engine, prompts, mixed, args) -> None:

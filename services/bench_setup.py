@@ -11,9 +11,9 @@ import pathlib
 import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client import not_ready_hint
+from services.common import harness
 from services.common.gen.openlora.v1 import (
     executor_pb2,
     executor_pb2_grpc,
@@ -29,25 +29,15 @@ class BenchSetupError(Exception):
     """One line saying what stops the benchmark and what to do; bench prints it and exits 1."""
 
 
-def _serving(address: str, security) -> str | None:
-    """None when address answers SERVING, else why not."""
-    with open_channel(address, security) as channel:
-        try:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-        except grpc.RpcError as exc:
-            return f"{exc.code().name}: {exc.details()}"
-    return None if status == health_pb2.HealthCheckResponse.SERVING else \
-        health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-
-
 def wait_ready(args) -> None:
     """Each target SERVING, waiting up to --wait seconds; BenchSetupError saying how to wait."""
     deadline = time.monotonic() + args.wait
     for address in args.executor or [args.router]:
-        while (why := _serving(address, args.security)) is not None:
-            if time.monotonic() >= deadline:
-                raise BenchSetupError(f"{address} is not ready ({why}). {not_ready_hint(address, 'bench')}")
-            time.sleep(0.5)
+        with harness.HealthProbe(address, args.security) as probe:
+            while (why := probe.not_serving(timeout=2)) is not None:
+                if time.monotonic() >= deadline:
+                    raise BenchSetupError(f"{address} is not ready ({why}). {not_ready_hint(address, 'bench')}")
+                time.sleep(0.5)
 
 
 def served_base_model(args) -> str:

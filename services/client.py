@@ -63,22 +63,9 @@ def not_ready_hint(address: str, command: str) -> str:
 
 def wait_serving(address: str, security, seconds: float) -> None:
     """Until address's health check answers SERVING, at most `seconds` (then the call itself says)."""
-    import time
-
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from services.common.tls import channel as open_channel
-    deadline = time.monotonic() + seconds
-    with open_channel(address, security) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
+    from services.common import harness
+    with harness.HealthProbe(address, security) as probe:
+        harness.wait_until(lambda: probe.serving(timeout=2), seconds, interval_s=0.5)
 
 
 def _stub(args, channel):

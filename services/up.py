@@ -25,7 +25,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,8 +32,8 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import harness
 from services.common.config import check, flag, parse_config
 
 DEMO = "demo-model"
@@ -46,10 +45,6 @@ DEMO_ADAPTERS = {"demo/pirate": 11, "demo/poet": 12, "demo/sql": 13}
 # services still starting when `up` is stopped get this long after SIGTERM before SIGKILL
 STARTING_GRACE_S = 5.0
 READY_GRACE_S = 30.0
-# fast reconnects while a service comes up (gRPC's default backoff grows to minutes, so a slow
-# executor start used to cost another 10-26 s after it was already listening)
-_PROBE_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                  ("grpc.max_reconnect_backoff_ms", 500)]
 
 
 @dataclass(slots=True)
@@ -207,20 +202,14 @@ def demo_model(data_dir: pathlib.Path) -> pathlib.Path:
 
 
 def check_ports(host: str, ports: dict[int, str]) -> None:
-    """Each port free on host, or UpFailed naming the first that is taken (exit 1).
-
-    SO_REUSEADDR, as the servers themselves bind: a port whose only sockets are the last run's
-    connections in TIME_WAIT is free (without it `up` refused to start for a minute after Ctrl-C);
-    a live listener still makes the bind fail."""
+    """Each port free on host, or UpFailed naming the first that is taken (exit 1). A port whose only
+    sockets are the last run's connections in TIME_WAIT is free (harness.port_taken)."""
     for port, who in ports.items():
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError as exc:
-                hint = "--http-port" if who == "gateway" else "--metrics-port" if "metrics" in who else "--port"
-                raise UpFailed(f"port {port} on {host} (for the {who}) is already in use "
-                               f"({exc.strerror}); stop what holds it or choose another {hint}") from None
+        exc = harness.port_taken(host, port)
+        if exc is not None:
+            hint = "--http-port" if who == "gateway" else "--metrics-port" if "metrics" in who else "--port"
+            raise UpFailed(f"port {port} on {host} (for the {who}) is already in use "
+                           f"({exc.strerror}); stop what holds it or choose another {hint}")
 
 
 @dataclass(slots=True)
@@ -301,25 +290,20 @@ def build_announcement(log: pathlib.Path, offset: int) -> tuple[str | None, int]
 
 
 def wait_serving(proc: Proc, timeout_s: float, procs: list[Proc], security=None) -> None:
-    from services.common.tls import channel as open_channel
-    deadline = time.monotonic() + timeout_s
-    offset, announced = proc.log_start, False      # this run's records only, not the last run's
-    with open_channel(proc.address, security, options=_PROBE_OPTIONS) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            _check_alive(procs)
-            if not announced:
-                line, offset = build_announcement(proc.log, offset)
-                if line:
-                    say(f"{proc.name} is {line}")
-                    announced = True
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=False).status \
-                        == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
+    """Until proc answers health SERVING, saying a kernel build its log reports; UpFailed when any
+    service exits meanwhile, or past timeout_s."""
+    seen = {"offset": proc.log_start, "announced": False}    # this run's records only, not the last run's
+
+    def check() -> None:
+        _check_alive(procs)
+        if not seen["announced"]:
+            line, seen["offset"] = build_announcement(proc.log, seen["offset"])
+            if line:
+                say(f"{proc.name} is {line}")
+                seen["announced"] = True
+    with harness.HealthProbe(proc.address, security) as probe:
+        if harness.wait_until(probe.serving, timeout_s, check=check):
+            return
     raise UpFailed(f"the {proc.name} ({proc.address}) is not SERVING after {timeout_s:.0f}s; "
                    f"its log: {proc.log}")
 
@@ -333,19 +317,10 @@ def https_context(args: UpConfig):
 
 
 def wait_http(proc: Proc, url: str, timeout_s: float, procs: list[Proc], context=None) -> None:
-    """Until GET url answers 200 (the gateway's /health)."""
-    import urllib.request
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        _check_alive(procs)
-        try:
-            with urllib.request.urlopen(url, timeout=1, context=context) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise UpFailed(f"the {proc.name} ({url}) is not answering after {timeout_s:.0f}s; its log: {proc.log}")
+    """Until GET url answers 200 (the HTTP API's /health)."""
+    if not harness.wait_until(lambda: harness.http_ok(url, context=context), timeout_s,
+                              check=lambda: _check_alive(procs)):
+        raise UpFailed(f"the {proc.name} ({url}) is not answering after {timeout_s:.0f}s; its log: {proc.log}")
 
 
 def register_demo_adapters(data: pathlib.Path, registry: str, security=None) -> list[str]:
@@ -388,7 +363,7 @@ class Supervisor:
 
     def __init__(self, procs: list[Proc], args: UpConfig, security=None, https=None):
         self.procs, self.args, self.security, self.https = procs, args, security, https
-        self._channels: dict[str, grpc.Channel] = {}
+        self._probes: dict[str, harness.HealthProbe] = {}
 
     def run(self) -> None:
         try:
@@ -398,8 +373,8 @@ class Supervisor:
                     self.tend(p, now)
                 time.sleep(0.2)
         finally:
-            for channel in self._channels.values():
-                channel.close()
+            for probe in self._probes.values():
+                probe.close()
 
     def tend(self, p: Proc, now: float) -> None:
         if p.restart_at:
@@ -423,7 +398,7 @@ class Supervisor:
             elif now - p.started_at > self.args.startup_timeout_s:
                 say(f"{p.name} is not serving {self.args.startup_timeout_s:.0f} s after it was started "
                     f"again: killing it; its log: {p.log}")
-                _kill(p.popen)
+                harness.kill(p.popen)
 
     def exited(self, p: Proc, code: int, now: float) -> None:
         if p.ready and now - p.ready_at >= self.STEADY_S:
@@ -441,30 +416,11 @@ class Supervisor:
 
     def serving(self, p: Proc) -> bool:
         if p.name == "gateway":
-            import urllib.request
-            scheme = "https" if self.https else "http"
-            try:
-                with urllib.request.urlopen(f"{scheme}://{p.address}/health", timeout=0.5,
-                                            context=self.https) as reply:
-                    return reply.status == 200
-            except OSError:
-                return False
-        if p.name not in self._channels:
-            from services.common.tls import channel as open_channel
-            self._channels[p.name] = open_channel(p.address, self.security, options=_PROBE_OPTIONS)
-        try:
-            return health_pb2_grpc.HealthStub(self._channels[p.name]).Check(
-                health_pb2.HealthCheckRequest(), timeout=0.5, wait_for_ready=False).status \
-                == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
-
-
-def _kill(popen: subprocess.Popen) -> None:
-    try:
-        os.killpg(popen.pid, signal.SIGKILL)   # with its compiler, if it was building
-    except OSError:
-        popen.kill()
+            return harness.http_ok(f"{'https' if self.https else 'http'}://{p.address}/health", timeout=0.5,
+                                   context=self.https)
+        if p.name not in self._probes:
+            self._probes[p.name] = harness.HealthProbe(p.address, self.security)
+        return self._probes[p.name].serving(timeout=0.5)
 
 
 def _stop_all(procs: list[Proc]) -> None:
@@ -476,8 +432,7 @@ def _stop_all(procs: list[Proc]) -> None:
         try:
             p.popen.wait(timeout=READY_GRACE_S if p.ready else STARTING_GRACE_S)
         except subprocess.TimeoutExpired:
-            _kill(p.popen)
-            p.popen.wait()
+            harness.kill(p.popen)
 
 
 def main(argv: list[str]) -> int:
@@ -528,7 +483,6 @@ def _run(args: UpConfig, procs: list[Proc], status: dict[str, bool]) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     demo = not args.base_model
     base = args.base_model or str(demo_model(data))
-    cli = [sys.executable, "-m", "services.cli"]
     secure = args.service_args()                     # TLS and auth flags, the same for every service
     security = args.security()
     scheme = "https" if args.tls_cert else "http"
@@ -540,17 +494,17 @@ def _run(args: UpConfig, procs: list[Proc], status: dict[str, bool]) -> int:
     # sources: the demo adapters' directory joins it, or the demo adapters could not be registered
     allow = [*args.allow_local_dir, *([str(data / "demo-adapters")] if demo else [])] \
         if args.allow_local_dir else []
-    plan = [("registry", registry, [*cli, "registry", "--host", h, "--port", str(port + 1),
+    plan = [("registry", registry, [*harness.cli_command("registry"), "--host", h, "--port", str(port + 1),
                                     "--data-dir", str(data / "registry"), *fit, *metrics_flag("registry"),
                                     *[x for d in allow for x in ("--allow-local-dir", d)], *secure])]
-    plan += [(f"executor-{i}", addr, [*cli, "executor", "--host", h, "--port", addr.rsplit(":", 1)[1],
+    plan += [(f"executor-{i}", addr, [*harness.cli_command("executor"), "--host", h, "--port", addr.rsplit(":", 1)[1],
                                       "--registry", registry, "--base-model", base,
                                       "--disk-cache-dir", str(data / f"executor-{i}"),
                                       *metrics_flag(f"executor-{i}"), *secure])
              for i, addr in enumerate(executors)]
     # the router serves the OpenAI API itself on --http-port: HTTP -> placement -> an executor
     http = ["--http-port", str(args.http_port)] if args.http_port else []
-    plan.append(("router", f"{h}:{port}", [*cli, "router", "--host", h, "--port", str(port),
+    plan.append(("router", f"{h}:{port}", [*harness.cli_command("router"), "--host", h, "--port", str(port),
                                             "--registry", registry, *metrics_flag("router"), *http,
                                             *[x for e in executors for x in ("--executor", e)], *secure]))
     env = {"OPENLORA_TOKEN": args.token} if args.token else {}
@@ -591,15 +545,10 @@ def _run(args: UpConfig, procs: list[Proc], status: dict[str, bool]) -> int:
 
 
 def _launch(name: str, cmd: list[str], log: pathlib.Path, env=None) -> tuple[subprocess.Popen, int]:
-    """Start one service appending to its log; (the process, the log's size before it)."""
-    with open(log, "ab") as out:
-        start = out.tell()
-        # its own session: a terminal's Ctrl-C reaches `up` alone, which stops the services in
-        # order (a compiler killed by the same Ctrl-C used to make the executor fall back to slow ops)
-        popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True,
-                                 env={**os.environ, **(env or {}), "OPENLORA_LOG_SERVICE": name})
-    return popen, start
+    """Start one service appending to its log; (the process, the log's size before it). Its own
+    session: a terminal's Ctrl-C reaches `up` alone, which stops the services in order (a compiler
+    killed by the same Ctrl-C used to make the executor fall back to slow ops)."""
+    return harness.launch(cmd, log, {**(env or {}), "OPENLORA_LOG_SERVICE": name}, own_session=True)
 
 
 def _start(name: str, address: str, cmd: list[str], logs: pathlib.Path, env=None) -> Proc:

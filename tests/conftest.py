@@ -107,7 +107,9 @@ def backend(request) -> Backend:
 # of every parameter, and every pair of two parameters' values, in at least one case kept: marked
 # `sweep` otherwise). The plain `python -m pytest` (what .ci/run calls) runs everything; `-m sweep`
 # runs the rest of the sweeps alone. Tests that assert a wall-clock bound are marked `timing` and run
-# again (up to TIMING_RUNS times) when they fail: a loaded machine is slow, not wrong, once.
+# again (up to TIMING_RUNS times) when they fail: a loaded machine is slow, not wrong, once. A test
+# waits for an event with a generous deadline rather than asserting elapsed time wherever it can: the
+# set below is what a deadline cannot say (fail fast, within a second, back within 30 s).
 SLOW_MODULES = {"test_e2e", "test_gateway", "test_auth_e2e", "test_registry_storage",
                 "test_registry_process", "test_engine_oracle", "test_disk_tier", "test_residency"}
 COMPILE_MODULES = {"test_cuda_build", "test_cuda_emulation"}
@@ -124,20 +126,11 @@ SLOW_TESTS = {
 }
 # tests whose assertions include a wall-clock bound (module::name), rerun when they fail
 TIMING_TESTS = {
-    "test_cluster::test_change_feed_reaches_every_executor_and_router_within_a_second",
-    "test_cluster::test_a_draining_executor_gets_no_new_requests_at_once",
-    "test_first_run::test_up_stops_at_once_on_a_signal_during_start_up",
-    "test_first_run::test_ctrl_c_during_the_kernel_build_stops_everything",
     "test_first_run::test_up_sees_a_slow_service_within_a_second_of_it_serving",
     "test_hub_offline::test_hf_source_without_network_fails_fast_and_logs_json_only",
     "test_hub_offline::test_hub_base_model_without_network_fails_fast",
-    "test_registry_api::test_ten_thousand_listed_through_pages",
-    "test_registry_api::test_cut_off_upload_leaves_nothing",
     "test_registry_storage::test_watch_sees_registration_and_deletion_within_a_second",
     "test_registry_storage::test_on_demand_unreachable_source_is_unavailable_within_the_deadline",
-    "test_residency::test_latest_is_served_at_once_and_refreshed_in_the_background",
-    "test_gateway::test_client_disconnect_mid_stream_frees_kv_blocks",
-    "test_tier_churn::test_deleted_versions_leave_every_tier_at_once",
     "test_readme::test_every_readme_block_runs_against_a_fresh_up_and_up_restarts_at_once",
     "test_up_supervision::test_up_restarts_a_killed_registry_or_executor_while_the_rest_keeps_serving",
 }

@@ -126,9 +126,9 @@ def dep(llama_dir, pki, tmp_path_factory):
                                                    "--tenant-max-concurrent", "1"]])]
         gateway = Service("gateway", "--router", routers[0].address, "--registry", registry.address,
                           "--token", TOKENS["service"], "--models-cache-s", "0", *tls_args,
-                          port=free_port(), log_path=root / "gateway.log")
+                          port=free_port(), log_path=root / "gateway.log", https=_ssl(pki))
         started.append(gateway)
-        _start_https(gateway, pki)
+        gateway.start(timeout=90)
     except BaseException:                 # a server that did not start: stop the ones that did
         for s in reversed(started):
             s.stop()
@@ -172,22 +172,6 @@ def https(gateway: Service, pki, method: str, path: str, body=None, token: str |
         return r.status, json.loads(text)
     except ValueError:
         return r.status, text
-
-
-def _start_https(gateway: Service, pki, timeout: float = 90) -> None:
-    log = open(gateway.log_path, "ab")
-    gateway.proc = subprocess.Popen(gateway.args, env=gateway.env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gateway.proc.poll() is not None:
-            raise RuntimeError(f"gateway exited with {gateway.proc.returncode}; log {gateway.log_path}")
-        try:
-            if https(gateway, pki, "GET", "/health")[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"gateway on {gateway.address} not answering over HTTPS")
 
 
 def gateway_routes() -> set[tuple[str, str]]:

@@ -14,6 +14,7 @@ import openai
 import pytest
 import torch
 
+from services.common.harness import http_ok, wait_until
 from services.synthetic import AdapterSpec, write_adapter
 from tests.conftest import TINY
 from tests.servers import Service, deployment, free_port
@@ -52,7 +53,7 @@ def stack(llama_dir, tmp_path_factory):
         direct = Service("router", "--registry", registry.address, "--executor", executor.address,
                          "--http-port", str(http_port), log_path=root / "direct.log").start()
         try:
-            wait_http(f"http://127.0.0.1:{http_port}/health")
+            assert wait_until(lambda: http_ok(f"http://127.0.0.1:{http_port}/health"), 60), "no HTTP API"
             yield {"direct": openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="x",
                                            max_retries=0),
                    "direct_url": f"http://127.0.0.1:{http_port}","gateway": gateway, "dirs": dirs, "llama": llama_dir, "executor": executor, "root": root,
@@ -65,20 +66,6 @@ def stack(llama_dir, tmp_path_factory):
 
 
 _models: dict = {}
-
-
-def wait_http(url: str, timeout: float = 60) -> None:
-    import time
-    import urllib.request
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def oracle(stack, adapter: str | None, ids: list[int]) -> torch.Tensor:

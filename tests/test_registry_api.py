@@ -16,6 +16,7 @@ import pytest
 
 from services.common.gen.openlora.v1 import registry_pb2 as pb
 from services.common.gen.openlora.v1 import registry_pb2_grpc
+from services.common.harness import wait_until
 from services.registry import admin
 from services.registry.app import start
 from services.registry.config import RegistryConfig
@@ -262,7 +263,6 @@ def test_ten_thousand_listed_through_pages(registry):
                for i in range(10_000)]
     registry.core.metadata.insert_many(records)
     seen, token, pages = [], "", 0
-    t0 = time.perf_counter()
     while True:
         resp = registry.stub.ListAdapters(pb.ListAdaptersRequest(page_size=1000, page_token=token))
         seen += [a.adapter_id for a in resp.adapters]
@@ -270,8 +270,7 @@ def test_ten_thousand_listed_through_pages(registry):
         token = resp.next_page_token
         if not token:
             break
-    assert seen == [r.adapter_id for r in records] and pages == 10
-    assert time.perf_counter() - t0 < 20
+    assert seen == [r.adapter_id for r in records] and pages == 10   # (its speed: benchmarks/registry.py)
     half = registry.stub.ListAdapters(pb.ListAdaptersRequest(page_size=1000, label_selector="n=1"))
     assert len(half.adapters) == 1000 and half.adapters[0].adapter_id == "ad-00001"
 
@@ -290,7 +289,8 @@ def test_cut_off_upload_leaves_nothing(registry, make_adapter):
 
     fut = registry.stub.UploadAdapter.future(msgs(), timeout=30)
     assert sent.wait(10)
-    time.sleep(0.2)
+    # cut it off once the server is spooling it (or, on a machine too loaded to see that, after 10 s)
+    wait_until(lambda: any(registry.core.blobs.tmp_dir.iterdir()), 10, interval_s=0.02)
     fut.cancel()
     never.set()
     deadline = time.time() + 30   # a loaded machine can take seconds to run the server's clean-up

@@ -6,7 +6,6 @@ import hashlib
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,38 +17,21 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from services.common.gen.openlora.v1 import registry_pb2 as pb
 from services.common.gen.openlora.v1 import registry_pb2_grpc
+from services.common.harness import Service, free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RegistryProcess:
+    """The harness's registry Service with a stub and a health stub on one channel."""
+
     def __init__(self, data_dir: pathlib.Path, port: int, args: list[str] = (), env: dict | None = None):
-        self.address = f"127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "registry", "--port", str(port),
-             "--data-dir", str(data_dir), "--grace-seconds", "2", *args],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})})
+        self.service = Service("registry", "--data-dir", str(data_dir), "--grace-seconds", "2", *args,
+                               port=port, env=env, log_path=data_dir.with_suffix(".log")).start(timeout=30)
+        self.proc, self.address = self.service.proc, self.service.address
         self.channel = grpc.insecure_channel(self.address)
         self.stub = registry_pb2_grpc.AdapterRegistryStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.time() + 30
-        while True:
-            try:
-                status = self.health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"registry did not start: {self.proc.stderr.read().decode()}")
-            time.sleep(0.1)
 
     def stop(self, sig=signal.SIGTERM) -> int:
         self.channel.close()

@@ -29,7 +29,7 @@ def held(ex) -> dict[int, int]:
     return {a.version: a.tier for a in st.adapters if a.adapter_id == ID}
 
 
-def wait_for(cond, what: str, timeout: float = 10.0):
+def wait_for(cond, what: str, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = cond()
