@@ -14,7 +14,9 @@ in turn, base only and then mixed (--batch requests, each with its own of --adap
 on all seven projections, round-robin), --new-tokens greedy tokens from 16-token prompts; decode
 tokens/s counts the tokens after each request's first, from the moment every request has its first
 token to the last. Prints, per engine, the base's bytes (GetStatus' base_weight_bytes) and the
-medians over rounds of both rates, their ratio to fp32's, and mixed/base.
+medians over rounds of both rates, their ratio to fp32's, and mixed/base: once by the wall clock and
+once by the engine thread's CPU time over the same spans (one torch thread: all the step's work runs
+there; on a shared host other processes' load swings the first, much less the second).
 
 First, one projection's GEMM alone (gate_proj's shape) at 1 and 32 tokens, ms a call, all six kinds
 alternated (--gemm-only: only that). Quality (unless --skip-kl): mean KL(fp32 || quantized) of next-token distributions, teacher-forced over
@@ -51,18 +53,22 @@ ENGINES = {   # name -> (dtype, quantization)
 PROMPT_LEN = 16
 
 
-def decode_rate(engine: Engine, prompts: list[list[int]], adapters: list[str], new_tokens: int) -> float:
-    """Decode tokens/s: tokens after each request's first, from the last first token to the end."""
-    lock, done, first, count = threading.Lock(), threading.Event(), {}, {}
+def decode_rate(engine: Engine, prompts: list[list[int]], adapters: list[str], new_tokens: int,
+                cpu: bool = False) -> float | tuple[float, float]:
+    """Decode tokens/s: tokens after each request's first, from the last first token to the end.
+    cpu: also those tokens per second of the engine thread's CPU time over the same span (the
+    callbacks run on that thread), which other processes' load on a shared host barely moves."""
+    lock, done, first, count, end_cpu = threading.Lock(), threading.Event(), {}, {}, []
     tag = time.perf_counter()
 
     def on_event(ev):
         with lock:
             if ev.error is not None:
                 raise SystemExit(f"request failed: {ev.error}")
-            first.setdefault(ev.request_id, time.perf_counter())
+            first.setdefault(ev.request_id, (time.perf_counter(), time.thread_time()))
             count[ev.request_id] = count.get(ev.request_id, 0) + len(ev.token_ids)
             if ev.finish_reason and sum(c == new_tokens for c in count.values()) == len(prompts):
+                end_cpu.append(time.thread_time())
                 done.set()
 
     for i, (p, a) in enumerate(zip(prompts, adapters, strict=True)):
@@ -71,7 +77,9 @@ def decode_rate(engine: Engine, prompts: list[list[int]], adapters: list[str], n
                       on_event)
     done.wait()
     end = time.perf_counter()
-    return len(prompts) * (new_tokens - 1) / (end - max(first.values()))
+    tokens = len(prompts) * (new_tokens - 1)
+    wall = tokens / (end - max(w for w, _ in first.values()))
+    return (wall, tokens / (end_cpu[0] - max(c for _, c in first.values()))) if cpu else wall
 
 
 def mean_kl(group_size: int) -> dict[str, float]:
@@ -98,7 +106,8 @@ def mean_kl(group_size: int) -> dict[str, float]:
 
 
 def gemm_times(n: int, k: int, group: int, rounds: int) -> None:
-    """One projection's base GEMM alone (ms a call, medians of alternated rounds), T = 1 and 32."""
+    """One projection's base GEMM alone (ms of this thread's CPU time a call, medians of alternated
+    rounds), T = 1 and 32."""
     from services.executor import ops
     ops.ensure_built()
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
@@ -119,12 +128,12 @@ def gemm_times(n: int, k: int, group: int, rounds: int) -> None:
             for name, (f, dtype) in gemms.items():
                 x = torch.randn(tokens, k).to(dtype)
                 f(x)
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 for _ in range(10):
                     f(x)
-                times[name].append((time.perf_counter() - t0) / 10 * 1e3)
+                times[name].append((time.thread_time() - t0) / 10 * 1e3)
         med = {name: statistics.median(v) for name, v in times.items()}
-        print(f"GEMM {n}x{k}, {tokens} token(s), ms a call (medians of {rounds}): " + ", ".join(
+        print(f"GEMM {n}x{k}, {tokens} token(s), CPU ms a call (medians of {rounds}): " + ", ".join(
             f"{name} {m:.2f} ({med['fp32'] / m:.2f}x)" for name, m in med.items()), flush=True)
 
 
@@ -187,33 +196,35 @@ def side_by_side(args, names: list[str]) -> None:
             for a in set(mixed):
                 engines[name].load_adapter(a, 0)
             engines[name].start()
-        rates = {(n, m): [] for n in names for m in ("base", "mixed")}
+        rates = {(n, m): [] for n in names for m in ("base", "mixed")}       # (wall, CPU) tok/s
         try:
             decode_rate(engines[names[0]], prompts[:2], [""] * len(prompts[:2]), 3)      # warm-up
             for r in range(args.rounds):
                 for name in names:
-                    rates[name, "base"].append(decode_rate(engines[name], prompts, [""] * len(prompts),
-                                                           args.new_tokens))
-                    rates[name, "mixed"].append(decode_rate(engines[name], prompts, mixed, args.new_tokens))
-                print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-                    f"{n} {rates[n, 'base'][-1]:.1f}/{rates[n, 'mixed'][-1]:.1f}" for n in names), flush=True)
+                    for mode, ads in (("base", [""] * len(prompts)), ("mixed", mixed)):
+                        rates[name, mode].append(decode_rate(engines[name], prompts, ads, args.new_tokens, cpu=True))
+                print(f"round {r + 1}/{args.rounds} (wall; engine-thread CPU): " + ", ".join(
+                    f"{n} {rates[n, 'base'][-1][0]:.1f}/{rates[n, 'mixed'][-1][0]:.1f}; "
+                    f"{rates[n, 'base'][-1][1]:.1f}/{rates[n, 'mixed'][-1][1]:.1f}" for n in names), flush=True)
             status = {n: e.status() for n, e in engines.items()}
         finally:
             for e in engines.values():
                 e.stop()
 
-    med = {k: statistics.median(v) for k, v in rates.items()}
     ref = names[0]
     print(f"\nmodel: hidden {spec.hidden}, {spec.layers} layers, intermediate {spec.intermediate}, vocab "
           f"{spec.vocab}; {args.batch} sequences, {args.new_tokens} new tokens, {args.adapters} rank-8 "
           f"adapters on all projections (mixed); int4 group {args.group_size}; torch threads "
           f"{torch.get_num_threads()}; medians of {args.rounds} alternated rounds")
-    print(f"{'engine':<10} {'base MiB':>9} {'base tok/s':>11} {'vs ' + ref:>8} {'mixed tok/s':>12} "
-          f"{'vs ' + ref:>8} {'mixed/base':>11}")
-    for n in names:
-        b, m = med[n, "base"], med[n, "mixed"]
-        print(f"{n:<10} {status[n].base_weight_bytes / 2**20:>9.1f} {b:>11.1f} {b / med[ref, 'base']:>7.2f}x "
-              f"{m:>12.1f} {m / med[ref, 'mixed']:>7.2f}x {m / b:>11.2f}")
+    for i, clock in enumerate(("wall clock", "engine-thread CPU time")):
+        med = {k: statistics.median(r[i] for r in v) for k, v in rates.items()}
+        print(f"decode tokens/s by {clock}:")
+        print(f"{'engine':<10} {'base MiB':>9} {'base tok/s':>11} {'vs ' + ref:>8} {'mixed tok/s':>12} "
+              f"{'vs ' + ref:>8} {'mixed/base':>11}")
+        for n in names:
+            b, m = med[n, "base"], med[n, "mixed"]
+            print(f"{n:<10} {status[n].base_weight_bytes / 2**20:>9.1f} {b:>11.1f} {b / med[ref, 'base']:>7.2f}x "
+                  f"{m:>12.1f} {m / med[ref, 'mixed']:>7.2f}x {m / b:>11.2f}")
 
 
 if __name__ == "__main__":
