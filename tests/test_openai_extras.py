@@ -409,20 +409,27 @@ def test_a_disconnect_at_any_moment_cancels_down_to_the_executor(stack):
 
     host, port = "127.0.0.1", stack["gateway"].port
     seen = set()                 # request ids the client saw (its stream had started)
-    points = [(True, None), (True, 0.0), (True, 0.05), (True, 0.2), (True, 0.5), (False, 0.05), (False, 0.3)]
-    for stream, delay in points:
+    # streams: dropped before the headers (None), or after the first event and then `n` more (points
+    # in the stream, not in time: a fast engine would finish 480 tokens within a timed wait);
+    # unary requests: dropped after a wait in seconds
+    points = [(True, None), (True, 0), (True, 3), (True, 20), (True, 60), (False, 0.05), (False, 0.3)]
+    for stream, at in points:
         body = json.dumps({"model": "org/qv", "prompt": [5, 6, 7], "max_tokens": 480, "ignore_eos": True,
                            "stream": stream}).encode()
         sock = socket.create_connection((host, port))
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
                      b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        if stream and delay is not None:
+        if stream and at is not None:
             got = b""
-            while b"\n\n" not in got.split(b"data: ", 1)[-1]:
+            while got.count(b"data: ") < 1 + at or b"\n\n" not in got.rsplit(b"data: ", 1)[-1]:
                 got += sock.recv(4096)
             first = got.split(b"data: ", 1)[1].split(b"\n\n", 1)[0]
             seen.add(json.loads(first)["id"] + "-0")
-        time.sleep(0.3 if delay is None else delay)
+            assert b"[DONE]" not in got                  # dropped mid-stream
+        elif stream:
+            time.sleep(0.3)
+        else:
+            time.sleep(at)
         sock.close()
     with grpc.insecure_channel(stack["executor"].address) as ch:
         stub = executor_pb2_grpc.ExecutorStub(ch)

@@ -214,10 +214,10 @@ def _draw(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
     _filter_rows), each with one uniform draw from its row's own generator. A temperature so small
     that the scaled logits overflow is greedy.
 
-    Rows with a filter look at their CANDIDATES best tokens (one topk): when the kept set is decided
-    inside them (top-k <= CANDIDATES with no tie crossing the edge; top-p reached inside them) the
-    draw is among them; otherwise the row takes the full sort (_filter_rows). Either way the same
-    distribution; no [R, V] sort in the common case."""
+    Rows with a filter look at their CANDIDATES best tokens (one topk; k + 1 when every row has a
+    top-k): when the kept set is decided inside them (no tie with the k-th value past the last
+    candidate; top-p reached inside them) the draw is among them; otherwise the row takes the full
+    sort (_filter_rows). Either way the same distribution; no [R, V] sort in the common case."""
     n, vocab = logits.shape
     temps = torch.tensor([r.options.temperature for r in rows], dtype=logits.dtype, device=logits.device)
     scaled = logits / temps[:, None]
@@ -242,8 +242,12 @@ def _draw(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
 
 def _draw_filtered(scaled: Tensor, ks: list[int], ps: list[float], rows: list[SamplingRow]) -> Tensor:
     n, vocab = scaled.shape
-    c = min(vocab, max(CANDIDATES, max(ks) + 1))
-    values, ids = torch.topk(scaled, c, dim=-1)                       # best first
+    c = min(vocab, max(ks) + 1 if all(ks) else max(CANDIDATES, max(ks) + 1))   # top-k alone: k + 1
+    if 2 * c >= vocab:                     # topk of most of a row is slower than sorting it
+        c = vocab
+        values, ids = torch.sort(scaled, dim=-1, descending=True)
+    else:
+        values, ids = torch.topk(scaled, c, dim=-1)                   # best first
     kt = torch.tensor([k or vocab for k in ks], device=scaled.device)
     pt = torch.tensor(ps, dtype=torch.float32, device=scaled.device)
     col = torch.arange(c, device=scaled.device)
