@@ -22,11 +22,21 @@
 #include <array>
 #include <cstring>
 #include <utility>
-#include <vector>
 
 namespace openlora_quant {
 namespace avx512_bf16 {
 namespace {
+
+// Scratch memory of a type of this file's own: no std:: template that quant_gemm.cpp also instantiates
+// (std::vector<float>, std::fill) gets compiled here with AVX-512 code; the linker keeps one copy of each.
+template <typename T>
+struct Scratch {
+  T* p;
+  explicit Scratch(int64_t n) : p(new T[n]) {}
+  ~Scratch() { delete[] p; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
 
 constexpr int kRV = 3;             // vectors of 16 rows per row block
 constexpr int kTT = 8;             // tokens per micro tile
@@ -129,32 +139,32 @@ void linear(const uint16_t* x, const float* xs, int64_t T, const PackedWeight& w
   const int64_t KC = int4 ? G * std::max<int64_t>(1, kChunk / G) : kChunk;
   constexpr int64_t ldf = kRV * 16;
   at::parallel_for(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> buf(std::min(KC, K) / 2 * kRV * 32);
-    std::vector<float> fin(kTokens * ldf);
+    Scratch<uint16_t> buf(std::min(KC, K) / 2 * kRV * 32);
+    Scratch<float> fin(kTokens * ldf);
     for (int64_t rb = begin; rb < end; ++rb) {
       const int64_t blk = rb * kRV;
       const int rv = static_cast<int>(std::min<int64_t>(kRV, blocks - blk));
       for (int64_t t0 = 0; t0 < T; t0 += kTokens) {
         const int64_t tc = std::min(kTokens, T - t0);
-        std::fill(fin.begin(), fin.begin() + tc * ldf, 0.f);
+        std::memset(fin.p, 0, tc * ldf * sizeof(float));
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
           const int64_t kc = std::min(KC, K - k0);
-          dequant(w, blk, rv, k0, kc, buf.data());
+          dequant(w, blk, rv, k0, kc, buf.p);
           for (int64_t tt = 0; tt < tc; tt += kTT) {
             const int n = static_cast<int>(std::min<int64_t>(kTT, tc - tt));
             Fold fold{};
             if (int4)
               fold = {w.s + (blk * groups + k0 / G) * 16, w.zz + (blk * groups + k0 / G) * 16, groups * 16,
                       xs + (t0 + tt) * groups + k0 / G, groups};
-            kMicro[rv - 1][n - 1](x + (t0 + tt) * K + k0, K, buf.data(), kc / 2, int4 ? G / 2 : kc / 2,
-                                  int4 ? &fold : nullptr, fin.data() + tt * ldf, ldf);
+            kMicro[rv - 1][n - 1](x + (t0 + tt) * K + k0, K, buf.p, kc / 2, int4 ? G / 2 : kc / 2,
+                                  int4 ? &fold : nullptr, fin.p + tt * ldf, ldf);
           }
         }
         for (int64_t t = 0; t < tc; ++t)
           for (int v = 0; v < rv; ++v) {
             const int64_t n0 = (blk + v) * 16;
             const __mmask16 m = N - n0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n0)) - 1);
-            __m512 val = _mm512_loadu_ps(fin.data() + t * ldf + v * 16);
+            __m512 val = _mm512_loadu_ps(fin.p + t * ldf + v * 16);
             if (!int4) val = _mm512_mul_ps(val, _mm512_loadu_ps(w.s + n0));
             if (y_bf16)
               _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + (t0 + t) * N + n0, m,
