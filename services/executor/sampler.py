@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.executor.structured import Grammar, StructuredOutput, allowed_rows
+from services.executor.structured import Grammar, StructuredOutput, banned
 
 LENGTH, STOP, EOS = "length", "stop", "eos"
 MAX_TOP_LOGPROBS = 20   # as OpenAI's and vLLM's APIs allow
@@ -300,15 +300,10 @@ def sample_with_top(logits: Tensor,
             tops[i] = (ids.tolist(), (values - lse[i]).tolist())
     work = logits
     constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
-    if constrained:                                    # every grammar row masked at once
-        allowed = allowed_rows([rows[i].grammar for i in constrained],
-                               [rows[i].history[rows[i].prompt_len:] for i in constrained], logits.device)
-        work = logits.clone()                          # logprobs stay those of the raw logits
-        if len(constrained) == n:
-            work.masked_fill_(~allowed, float("-inf"))
-        else:
-            at = torch.tensor(constrained, device=logits.device)
-            work[at] = work[at].masked_fill(~allowed, float("-inf"))
+    if constrained:                                    # every grammar row masked at once (a new
+        ban = banned([rows[i].grammar for i in constrained],  # tensor: logprobs stay the raw logits')
+                     [rows[i].history[rows[i].prompt_len:] for i in constrained], constrained, n, logits.device)
+        work = logits.masked_fill(ban, float("-inf"))
     own = [i for i, r in enumerate(rows) if r.own_pass]
     if len(own) < n:
         chosen = work.argmax(dim=-1)                   # greedy, unpenalised: the common case

@@ -4,7 +4,7 @@
     g = grammars.new(StructuredOutput("json_schema", schema_text))   # InvalidArgument when bad
     row.grammar = g                             # sampler.py: special rows are masked at one point
     prefetch(rows)                              # engine: masks computed while the model runs
-    allowed = allowed_rows([g, ...], [output, ...], device)   # bool [rows, vocab]; consumes new tokens
+    ban = banned([g, ...], [output, ...], rows, n, device)   # bool [n, vocab]; consumes new tokens
     allowed = g.allowed(row.history[row.prompt_len:], device)   # one row's bool [vocab]
 
 The engine is llguidance (Microsoft's grammar engine behind guidance; CPU wheels on PyPI, no torch
@@ -140,24 +140,31 @@ class GrammarCache:
 
 _POOL: ThreadPoolExecutor | None = None
 _EXECUTOR = None             # llguidance's LLExecutor (its own thread pool), made on first use
-_SHIFTS = torch.arange(32, dtype=torch.int32)
+_BANNED_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1) == 0   # byte -> its 8 clear bits
 
 
-def allowed_rows(grammars: list[Grammar], outputs: list[list[int]], device: torch.device) -> Tensor:
-    """bool [len(grammars), vocab]: the tokens each grammar allows next, after its output so far
-    (the tokens not yet consumed advance its matcher first). The masks are written into one int32
-    [rows, words] buffer (or taken from a prefetch); one unpack serves every row."""
+def banned(grammars: list[Grammar], outputs: list[list[int]], rows: list[int], n: int,
+           device: torch.device) -> Tensor:
+    """bool [n, vocab]: True where row rows[j]'s grammar (grammars[j], after outputs[j], whose tokens
+    not yet consumed advance its matcher first) forbids the token; the other rows forbid nothing.
+    The masks are written into one int32 [n, words] buffer (or copied from a prefetch); one lookup
+    unpacks every row, so a batch pays one masked_fill whatever its mix."""
     vocab = grammars[0].vocab
-    words = torch.zeros(len(grammars), (vocab + 31) // 32, dtype=torch.int32)
+    words = torch.full((n, (vocab + 31) // 32), -1, dtype=torch.int32)
     todo = []
-    for i, (g, out) in enumerate(zip(grammars, outputs, strict=True)):
+    for g, out, i in zip(grammars, outputs, rows, strict=True):
         if not g.take_prefetched(out, words[i]):
             g.advance(out)
             todo.append((g.matcher, i))
     if todo:
         _masks(todo, words, parallel=device.type != "cpu")
-    bits = (words.unsqueeze(-1) >> _SHIFTS) & 1                    # [rows, words, 32], little-endian
-    return bits.view(len(grammars), -1)[:, :vocab].bool().to(device, non_blocking=True)
+    bits = _BANNED_BITS[words.view(torch.uint8).long()]                    # [n, words * 4, 8]
+    return bits.view(n, -1)[:, :vocab].to(device, non_blocking=True)
+
+
+def allowed_rows(grammars: list[Grammar], outputs: list[list[int]], device: torch.device) -> Tensor:
+    """bool [len(grammars), vocab]: the tokens each grammar allows next (banned(), negated)."""
+    return ~banned(grammars, outputs, list(range(len(grammars))), len(grammars), device)
 
 
 def _masks(todo: list[tuple[object, int]], words: Tensor, parallel: bool) -> None:
@@ -168,19 +175,21 @@ def _masks(todo: list[tuple[object, int]], words: Tensor, parallel: bool) -> Non
     from the model)."""
     global _EXECUTOR
     assert words.is_contiguous() and words.dtype == torch.int32 and words.device.type == "cpu"
+    row_bytes = words.shape[1] * 4
     if not parallel:
+        base = words.data_ptr()
         for m, i in todo:
-            m.unsafe_compute_mask_ptr(words[i].data_ptr(), words.shape[1] * 4)
+            m.unsafe_compute_mask_ptr(base + i * row_bytes, row_bytes)
         return
     if _EXECUTOR is None:
         import llguidance as llg
         _EXECUTOR = llg.LLExecutor()
-    _EXECUTOR.unsafe_compute_mask_ptr(todo, words.data_ptr(), words.shape[1] * 4, words.shape[0])
+    _EXECUTOR.unsafe_compute_mask_ptr(todo, words.data_ptr(), row_bytes, words.shape[0])
 
 
 def prefetch(rows) -> None:
     """Start computing the masks of these rows' grammars on a worker thread (llguidance drops the
-    GIL), to overlap the step's forward pass; allowed_rows then takes the result."""
+    GIL), to overlap the step's forward pass; banned() then takes the result."""
     global _POOL
     if _POOL is None:
         _POOL = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
