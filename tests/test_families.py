@@ -220,6 +220,20 @@ def cached_oracle(model_dir, adapter_dir, prompt: list[int], n: int):
 SPECIAL = {"phi4mini": ([5, 9, 12, 14, 16], cached_oracle)}   # prompts fit 16, generation crosses it
 
 
+def serve_family(model_dir, root, family: str, tag: str, **overrides) -> tuple[dict, list[tuple]]:
+    """One engine (max_lora_rank 16, + overrides) with every adapter under root loaded runs the
+    family's mixed batch (requests_for) -> (its outputs by request id, the (request, adapter) pairs)."""
+    names = sorted(p.name for p in root.iterdir())
+    engine = engine_for(model_dir, root, **{"max_lora_rank": 16, **overrides})
+    for n in names:
+        engine.load_adapter(n, 0)
+    requests = requests_for(family, names, tag)
+    try:
+        return run(engine, [r for r, _ in requests]), requests
+    finally:
+        engine.stop()
+
+
 def check(model_dir, root, out, requests, oracle_fn=oracle, atol=1e-4):
     for req, name in requests:
         o = out[req.request_id]
@@ -435,15 +449,7 @@ def test_family_bfloat16_within_its_tolerance(name, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     model_dir, root = build_family(tmp_path, name)
-    names = sorted(p.name for p in root.iterdir())
-    engine = engine_for(model_dir, root, dtype="bfloat16", max_lora_rank=16)
-    for n in names:
-        engine.load_adapter(n, 0)
-    reqs = requests_for(name, names, "bf16")
-    try:
-        out = run(engine, [r for r, _ in reqs])
-    finally:
-        engine.stop()
+    out, reqs = serve_family(model_dir, root, name, "bf16", dtype="bfloat16")
     for req, adapter in reqs:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
         if adapter:

@@ -517,19 +517,11 @@ def test_autogptq_quantize_config_json_is_read(model_dirs, tmp_path):
 def test_other_families_quantized_match_transformers_peft(family, method, tmp_path):
     """Phi-3's fused qkv_proj / gate_up_proj (split at load; rows are quantized independently, so the
     fused weight quantized whole is the reference) and Gemma-2."""
-    from test_families import build_family, check, requests_for
+    from test_families import build_family, check, serve_family
     model_dir, root = build_family(tmp_path, family)
     reference = tmp_path / "dequantized"
     quant.write_dequantized(model_dir, reference, method, 32, (*ALL_MODULES, "qkv_proj", "gate_up_proj"))
-    names = sorted(p.name for p in root.iterdir())
-    engine = engine_for(model_dir, root, max_lora_rank=16, quantization=method, quantization_group_size=32)
-    for n in names:
-        engine.load_adapter(n, 0)
-    requests = requests_for(family, names, "q")
-    try:
-        out = run(engine, [r for r, _ in requests])
-    finally:
-        engine.stop()
+    out, requests = serve_family(model_dir, root, family, "q", quantization=method, quantization_group_size=32)
     check(reference, root, out, requests, quant_oracle, LOGPROB_ATOL)
 
 

@@ -10,7 +10,6 @@ from services.executor.sampler import (
     SamplingRow,
     StopText,
     _draw,
-    _filter,
     _filter_rows,
     make_generator,
     sample,
@@ -42,6 +41,10 @@ def test_seeded_rows_independent_of_batch_mates():
     r = row(temperature=1.0, seed=5)
     solo = [sample(logits[2:3], [r])[0][0] for _ in range(10)]
     assert seqs[2] == solo and solo[0] == alone[0]
+
+
+def _filter(logits, top_k, top_p):
+    return _filter_rows(logits[None], [top_k], [top_p])[0]
 
 
 def test_top_k_top_p_filter():

@@ -21,7 +21,7 @@ from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
 from services.executor.kv_cache import KVBlockAllocator, block_hash
 from services.executor.metrics import ExecutorMetrics
-from services.executor.sampler import SamplingRow, _filter, _penalise, make_generator, sample_draft
+from services.executor.sampler import SamplingRow, _filter_rows, _penalise, make_generator, sample_draft
 from services.executor.scheduler import Scheduler, Sequence
 from services.executor.spec_decode import NgramIndex, Speculator, propose_ngram
 from services.synthetic import ALL_MODULES, AdapterSpec, ModelSpec, write_adapter, write_copy_model
@@ -125,7 +125,7 @@ def test_rejected_positions_are_rolled_back_and_never_registered():
 
 def _probs(logits, history, opts):
     row = _penalise(logits, history, opts.repetition_penalty)
-    return torch.softmax(_filter(row / opts.temperature, opts.top_k, opts.top_p), -1)
+    return torch.softmax(_filter_rows((row / opts.temperature)[None], [opts.top_k], [opts.top_p])[0], -1)
 
 
 def _chi2_ok(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float]:

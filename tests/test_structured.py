@@ -19,6 +19,7 @@ from conftest import TINY
 from engine_runs import run_requests as run
 
 from services.common.errors import InvalidArgument
+from services.executor import structured
 from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
@@ -173,12 +174,16 @@ def test_compiled_once_per_spec(setup):
     assert all(re.fullmatch("[0-9]{3}", o["text"]) for o in out.values())
 
 
+def allowed(grammar, output):
+    """bool [vocab]: what one grammar allows after `output` (structured.banned for one row)."""
+    return ~structured.banned([grammar], [output], [0], 1, torch.device("cpu"))[0]
+
+
 def test_prefetched_masks_equal_inline_ones(setup):
     """The CUDA path computes masks on a worker thread while the model runs: same masks as inline,
     and a stale prefetch (the output moved on) is recomputed."""
     from types import SimpleNamespace
 
-    from services.executor import structured
     engine = setup[0]
     spec = SPECS["json_schema"]
     a, b = engine.grammars.new(spec), engine.grammars.new(spec)
@@ -186,10 +191,10 @@ def test_prefetched_masks_equal_inline_ones(setup):
     for _ in range(12):
         row = SimpleNamespace(grammar=a, history=[3, 4, *out], prompt_len=2)
         structured.prefetch([row])
-        got, want = a.allowed(out, torch.device("cpu")), b.allowed(out, torch.device("cpu"))
+        got, want = allowed(a, out), allowed(b, out)
         assert torch.equal(got, want)
         out.append(int(want.nonzero()[0, 0]) if int(want.nonzero()[0, 0]) not in engine.eos_token_ids
                    else int(want.nonzero()[-1, 0]))
     structured.prefetch([SimpleNamespace(grammar=a, history=[3, 4, *out], prompt_len=2)])
-    t = int(b.allowed(out, torch.device("cpu")).nonzero()[-1, 0])
-    assert torch.equal(a.allowed([*out, t], torch.device("cpu")), b.allowed([*out, t], torch.device("cpu")))
+    t = int(allowed(b, out).nonzero()[-1, 0])
+    assert torch.equal(allowed(a, [*out, t]), allowed(b, [*out, t]))

@@ -145,11 +145,6 @@ def _presence_frequency(logits: Tensor, output: list[int], presence: float, freq
     return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 
-def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """One row's top-k then top-p filter (_filter_rows for a single row)."""
-    return _filter_rows(logits[None], [top_k], [top_p])[0]
-
-
 def _filter_rows(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
     """logits [N, V] with each row's top-k (0 or >= V: off) then top-p (0 or 1: off) applied: the
     tokens outside go to -inf. Top-k keeps ties with the k-th value; top-p keeps the smallest set of

@@ -5,7 +5,6 @@
     row.grammar = g                             # sampler.py: special rows are masked at one point
     prefetch(rows)                              # engine: masks computed while the model runs
     ban = banned([g, ...], [output, ...], rows, n, device)   # bool [n, vocab]; consumes new tokens
-    allowed = g.allowed(row.history[row.prompt_len:], device)   # one row's bool [vocab]
 
 The engine is llguidance (Microsoft's grammar engine behind guidance; CPU wheels on PyPI, no torch
 or transformers needed): JSON Schema, regular expressions, Lark and GBNF grammars, each compiled
@@ -162,11 +161,6 @@ def banned(grammars: list[Grammar], outputs: list[list[int]], rows: list[int], n
     return bits.view(n, -1)[:, :vocab].to(device, non_blocking=True)
 
 
-def allowed_rows(grammars: list[Grammar], outputs: list[list[int]], device: torch.device) -> Tensor:
-    """bool [len(grammars), vocab]: the tokens each grammar allows next (banned(), negated)."""
-    return ~banned(grammars, outputs, list(range(len(grammars))), len(grammars), device)
-
-
 def _masks(todo: list[tuple[object, int]], words: Tensor, parallel: bool) -> None:
     """Each (matcher, row) writes its next-token bitmask into words[row] (the tokenizer's n_vocab is
     the model's vocab, so a row is exactly the matcher's mask size). parallel: on llguidance's
@@ -216,10 +210,6 @@ class Grammar:
         self.eos_token_ids = eos_token_ids
         self.consumed = 0            # output tokens the matcher has taken
         self.pending = None          # (output length, Future of an int32 words buffer, row) from prefetch()
-
-    def allowed(self, output: list[int], device: torch.device) -> Tensor:
-        """bool [vocab]: the tokens that may come next after `output` (allowed_rows for one row)."""
-        return allowed_rows([self], [output], device)[0]
 
     def take_prefetched(self, output: list[int], words: Tensor) -> bool:
         """Copies a prefetched mask for exactly `output` into words (int32 [ceil(vocab / 32)]);
