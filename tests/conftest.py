@@ -119,10 +119,17 @@ SWEEP_MODULES = {"test_paged_attention", "test_kernel", "test_packed_weights", "
 SLOW_FIXTURES = {"cluster", "pg_server", "s3_server", "iam_s3"}
 SLOW_PARAMS = {("backend", "postgres-s3")}
 # whole deployments whose area the quick loop covers otherwise (module::name[params]): the other
-# family's chat through the gateway, and the merge oracle tests in process, keep it meaningful
+# family's chat through the gateway, and the merge oracle tests in process, keep it meaningful; and
+# checks of ten seconds or more whose area quick tests cover too: speculation's 20,000-seed
+# distribution test (its greedy and seeded identity tests stay), the op-coverage census (one engine
+# per family, form and quantization), the suite's own shape run through pytest subprocesses
 SLOW_TESTS = {
     "test_families::test_family_chat_through_registry_router_and_gateway[qwen3_moe]",
     "test_merge::test_merged_adapters_through_router_and_gateway",
+    "test_spec_decode::test_verification_keeps_the_distribution_at_each_position",
+    "test_op_coverage::test_every_registered_op_is_called_by_an_engine_on_cpu_or_on_the_cuda_path",
+    "test_suite_shape::test_the_quick_loop_skips_postgres_and_s3_reached_through_the_backend_fixture",
+    "test_suite_shape::test_a_timing_test_that_fails_once_runs_again_and_passes",
 }
 # tests whose assertions include a wall-clock bound (module::name), rerun when they fail
 TIMING_TESTS = {
