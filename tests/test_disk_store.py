@@ -54,3 +54,19 @@ def test_stale_fetches_are_cleaned_at_start(tmp_path):
     DiskAdapterStore(tmp_path)
     assert not (tmp_path / ".fetch-dead").exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_removed_version_leaves_no_ghost_but_an_evicted_one_does(tmp_path):
+    """The policy remembers an evicted copy's frequency (it may come back); a deleted version is
+    forgotten, so register/delete churn keeps nothing per deleted version (benchmarks/churn.py)."""
+    store = DiskAdapterStore(tmp_path, capacity_bytes=3000, policy="gdsf")   # the executor's
+    for v in range(1, 50):
+        _put(store, "churn/a", v, 100)
+        store.remove("churn/a", v)
+    assert store.held() == [] and not store._policy._ghost and not store._policy._freq
+    _put(store, "org/a", 1, 1000)
+    time.sleep(0.01)
+    _put(store, "org/b", 1, 1000)
+    time.sleep(0.01)
+    _put(store, "org/c", 1, 1000)                      # evicts org/a: remembered
+    assert ("org/a", 1) in store._policy._ghost

@@ -302,12 +302,17 @@ class DiskAdapterStore:
                 return
             log.info("disk_cache_evicted", adapter_id=victim[0], version=victim[1])
             self.evictions += 1
-            self._drop(victim, self._index[victim])
+            self._drop(victim, self._index[victim], evicted=True)
 
-    def _drop(self, key: tuple[str, int], e: _DiskEntry) -> None:
+    def _drop(self, key: tuple[str, int], e: _DiskEntry, evicted: bool = False) -> None:
+        """Out of the index (its file goes when its last reader ends). Only an eviction leaves the
+        policy a ghost of its frequency; a deleted or unusable copy is forgotten."""
         if not e.doomed:
             e.doomed = True
-            self._policy.remove(key)
+            if evicted:
+                self._policy.remove(key)
+            else:
+                getattr(self._policy, "forget", self._policy.remove)(key)
         if e.readers == 0:
             self._delete(key, e)
 
