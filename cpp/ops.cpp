@@ -39,6 +39,9 @@ TORCH_LIBRARY(openlora, m) {
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   // x * cos + rotate_half(x) * sin (Hugging Face's RoPE).
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  // logits with -inf where bit t of words[j] is clear, in each row rows[j] (structured outputs' token
+  // masks; CPU only: other devices run the reference).
+  m.def("token_bitmask_fill(Tensor logits, Tensor words, Tensor rows) -> Tensor");
   // the CPU kernels' instruction set in use: "avx512_bf16", "avx512", "avx2" or "generic".
   m.def("cpu_isa() -> str", &cpu_isa_name);
   // forces the CPU kernels' instruction set ("auto": the best this CPU supports); an ISA this CPU or

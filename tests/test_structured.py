@@ -175,8 +175,8 @@ def test_compiled_once_per_spec(setup):
 
 
 def allowed(grammar, output):
-    """bool [vocab]: what one grammar allows after `output` (structured.banned for one row)."""
-    return ~structured.banned([grammar], [output], [0], 1, torch.device("cpu"))[0]
+    """bool [vocab]: what one grammar allows after `output` (structured.constrain for one row)."""
+    return structured.constrain(torch.zeros(1, grammar.vocab), [grammar], [output], [0])[0] == 0
 
 
 def test_prefetched_masks_equal_inline_ones(setup):

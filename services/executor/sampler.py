@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.executor.structured import Grammar, StructuredOutput, banned
+from services.executor.structured import Grammar, StructuredOutput, constrain
 
 LENGTH, STOP, EOS = "length", "stop", "eos"
 MAX_TOP_LOGPROBS = 20   # as OpenAI's and vLLM's APIs allow
@@ -295,10 +295,9 @@ def sample_with_top(logits: Tensor,
             tops[i] = (ids.tolist(), (values - lse[i]).tolist())
     work = logits
     constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
-    if constrained:                                    # every grammar row masked at once (a new
-        ban = banned([rows[i].grammar for i in constrained],  # tensor: logprobs stay the raw logits')
-                     [rows[i].history[rows[i].prompt_len:] for i in constrained], constrained, n, logits.device)
-        work = logits.masked_fill(ban, float("-inf"))
+    if constrained:          # every grammar row masked in one pass, into a new tensor: logprobs stay raw
+        work = constrain(logits, [rows[i].grammar for i in constrained],
+                         [rows[i].history[rows[i].prompt_len:] for i in constrained], constrained)
     own = [i for i, r in enumerate(rows) if r.own_pass]
     if len(own) < n:
         chosen = work.argmax(dim=-1)                   # greedy, unpenalised: the common case

@@ -4,7 +4,7 @@
     g = grammars.new(StructuredOutput("json_schema", schema_text))   # InvalidArgument when bad
     row.grammar = g                             # sampler.py: special rows are masked at one point
     prefetch(rows)                              # engine: masks computed while the model runs
-    ban = banned([g, ...], [output, ...], rows, n, device)   # bool [n, vocab]; consumes new tokens
+    work = constrain(logits, [g, ...], [output, ...], rows)   # -inf where forbidden; consumes new tokens
 
 The engine is llguidance (Microsoft's grammar engine behind guidance; CPU wheels on PyPI, no torch
 or transformers needed): JSON Schema, regular expressions, Lark and GBNF grammars, each compiled
@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from services.common.errors import InvalidArgument
+from services.executor import ops
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -139,26 +140,25 @@ class GrammarCache:
 
 _POOL: ThreadPoolExecutor | None = None
 _EXECUTOR = None             # llguidance's LLExecutor (its own thread pool), made on first use
-_BANNED_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1) == 0   # byte -> its 8 clear bits
 
 
-def banned(grammars: list[Grammar], outputs: list[list[int]], rows: list[int], n: int,
-           device: torch.device) -> Tensor:
-    """bool [n, vocab]: True where row rows[j]'s grammar (grammars[j], after outputs[j], whose tokens
-    not yet consumed advance its matcher first) forbids the token; the other rows forbid nothing.
-    The masks are written into one int32 [n, words] buffer (or copied from a prefetch); one lookup
-    unpacks every row, so a batch pays one masked_fill whatever its mix."""
-    vocab = grammars[0].vocab
-    words = torch.full((n, (vocab + 31) // 32), -1, dtype=torch.int32)
+def constrain(logits: Tensor, grammars: list[Grammar], outputs: list[list[int]], rows: list[int]) -> Tensor:
+    """A copy of logits [n, vocab] with -inf where row rows[j]'s grammar (grammars[j], after
+    outputs[j], whose tokens not yet consumed advance its matcher first) forbids the token; the other
+    rows as they are. The masks are written into one int32 [len(rows), words] buffer (or copied from
+    a prefetch) and applied in one pass (ops.token_bitmask_fill), whatever the batch's mix."""
+    words = torch.empty((len(rows), (grammars[0].vocab + 31) // 32), dtype=torch.int32)
     todo = []
-    for g, out, i in zip(grammars, outputs, rows, strict=True):
-        if not g.take_prefetched(out, words[i]):
+    for j, (g, out) in enumerate(zip(grammars, outputs, strict=True)):
+        if not g.take_prefetched(out, words[j]):
             g.advance(out)
-            todo.append((g.matcher, i))
+            todo.append((g.matcher, j))
     if todo:
-        _masks(todo, words, parallel=device.type != "cpu")
-    bits = _BANNED_BITS[words.view(torch.uint8).long()]                    # [n, words * 4, 8]
-    return bits.view(n, -1)[:, :vocab].to(device, non_blocking=True)
+        _masks(todo, words, parallel=logits.device.type != "cpu")
+    index = torch.tensor(rows, dtype=torch.long)
+    if logits.device.type != "cpu":
+        words, index = words.to(logits.device, non_blocking=True), index.to(logits.device, non_blocking=True)
+    return ops.token_bitmask_fill(logits, words, index)
 
 
 def _masks(todo: list[tuple[object, int]], words: Tensor, parallel: bool) -> None:
@@ -183,7 +183,7 @@ def _masks(todo: list[tuple[object, int]], words: Tensor, parallel: bool) -> Non
 
 def prefetch(rows) -> None:
     """Start computing the masks of these rows' grammars on a worker thread (llguidance drops the
-    GIL), to overlap the step's forward pass; banned() then takes the result."""
+    GIL), to overlap the step's forward pass; constrain() then takes the result."""
     global _POOL
     if _POOL is None:
         _POOL = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")

@@ -3,7 +3,8 @@ makes torch.ops.openlora.{lora_paged_add_ (each segment's adapter added to the b
 read in place from page memory: the served multi-LoRA op), paged_attention_decode,
 paged_attention_decode_async (without the host-side value checks, so without a sync on CUDA),
 rms_norm, add_rms_norm, silu_mul, rotary} available, and on CPU {pack_weight, linear_packed}: fp32
-base weights packed once into MKL's GEMM layout.
+base weights packed once into MKL's GEMM layout, and token_bitmask_fill: structured outputs' token
+masks applied to the logits in one pass (token_bitmask_fill() runs the reference off the CPU).
 
 The ops come from the C++/CUDA extension (cpp/, built by ensure_built() through build.py), or, if that cannot
 be built, from the pure-PyTorch references — logged as an error, never silent. Every op but the
@@ -31,12 +32,14 @@ from .reference import (
     rms_norm_ref,
     rotary_ref,
     silu_mul_ref,
+    token_bitmask_fill_ref,
 )
 from .schemas import parse_schemas
 
 __all__ = ["lora_paged_add_", "lora_paged_add_ref", "pack_weight", "linear_packed", "paged_attention_decode", "paged_attention_decode_async",
            "paged_attention_decode_ref", "rms_norm", "rms_norm_ref",
            "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref", "rotary", "rotary_ref",
+           "token_bitmask_fill", "token_bitmask_fill_ref",
            "ensure_built", "kernel_backend", "load", "set_cpu_kernels", "cpu_isa",
            "CUDA_MAX_LORA_RANK", "check_max_lora_rank"]
 
@@ -53,6 +56,7 @@ REFERENCES = {
     "add_rms_norm": add_rms_norm_ref,
     "silu_mul": silu_mul_ref,
     "rotary": rotary_ref,
+    "token_bitmask_fill": token_bitmask_fill_ref,
 }
 # op name -> (schema, reference), the schemas read from cpp/ops.cpp, the one place that declares them
 SCHEMAS = {name: (schema, REFERENCES[name]) for name, schema in parse_schemas().items() if name in REFERENCES}
@@ -109,6 +113,8 @@ def ensure_built(kernel: str | None = None) -> str:
             torch.library.register_fake("openlora::lora_paged_add_")(lambda *args: None)
             for name, fake in _LAYER_FAKES.items():
                 torch.library.register_fake(f"openlora::{name}")(fake)
+            torch.library.register_fake("openlora::token_bitmask_fill")(
+                lambda logits, words, rows: torch.empty_like(logits))
     return _backend
 
 
@@ -257,3 +263,14 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x * cos + rotate_half(x) * sin (Hugging Face's RoPE): x [T, H, D], cos/sin [T, D], x's dtype."""
     return torch.ops.openlora.rotary.default(x, cos, sin)
+
+
+# -- structured outputs' token masks (cpp/token_bitmask.cpp) ------------------------------------------
+
+def token_bitmask_fill(logits: Tensor, words: Tensor, rows: Tensor) -> Tensor:
+    """A copy of logits [n, V] with -inf in row rows[j] wherever bit t of words[j] (int32 [k, W], a
+    grammar matcher's next-token bitmask) is clear; the other rows as they are. The C++ kernel on
+    the CPU (one pass), the reference elsewhere (or where the extension is not built)."""
+    if logits.device.type == "cpu" and kernel_backend() == "cpp":
+        return torch.ops.openlora.token_bitmask_fill.default(logits, words, rows)
+    return token_bitmask_fill_ref(logits, words, rows)

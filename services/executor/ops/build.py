@@ -37,7 +37,8 @@ from torch.utils import cpp_extension
 from services.cpp_sources import CPP_DIR  # the checkout's cpp/, or the copy a wheel ships
 
 CPU_SOURCES = [CPP_DIR / "ops.cpp", CPP_DIR / "cpu_isa.cpp", CPP_DIR / "linear_packed.cpp",
-               CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp", CPP_DIR / "lora_paged.cpp"]
+               CPP_DIR / "paged_attention.cpp", CPP_DIR / "layer_ops.cpp", CPP_DIR / "lora_paged.cpp",
+               CPP_DIR / "token_bitmask.cpp"]
 # The served ops' hot loops (cpp/cpu_kernels_<isa>.cpp: lora_paged_add_, paged attention, the layer
 # ops), one file per instruction set, each compiled with its own flags into the same binary; cpp/cpu_isa.cpp picks the best one this CPU
 # supports at run time (set_cpu_isa forces one). Generic first, then each a superset of the one

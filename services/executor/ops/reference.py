@@ -150,3 +150,27 @@ def lora_paged_add_ref(y: Tensor, x: Tensor, arena: Tensor, page_index: Tensor, 
         rows = slice(ip[g], ip[g + 1])
         delta = float(seg_scalings[g, lm]) * (x[rows].to(acc) @ a.T) @ bt
         y[rows] = (y[rows].to(acc) + delta).to(y.dtype)
+
+
+# -- structured outputs' token masks (cpp/token_bitmask.cpp) ------------------------------------------
+
+def token_bitmask_fill_ref(logits: Tensor, words: Tensor, rows: Tensor) -> Tensor:
+    """A copy of logits [n, V] with -inf in row rows[j] wherever bit t of words[j] (int32 [k, W],
+    word t // 32, bit t % 32) is clear; rows not named are copied as they are. Raises ValueError
+    for a row outside [0, n), a row named twice, or words too short for V."""
+    n, vocab = logits.shape
+    k = rows.shape[0]
+    if words.dtype != torch.int32 or words.dim() != 2 or words.shape[0] != k:
+        raise ValueError(f"words must be int32 [{k}, ceil(vocab / 32)], got {words.dtype} {tuple(words.shape)}")
+    if words.shape[1] * 32 < vocab:
+        raise ValueError(f"words cover {words.shape[1] * 32} tokens, fewer than the vocab of {vocab}")
+    listed = rows.tolist()
+    if any(not 0 <= r < n for r in listed) or len(set(listed)) != k:
+        raise ValueError(f"rows must be distinct rows of logits [0, {n}), got {listed}")
+    if k == 0:
+        return logits.clone()
+    bits = torch.ones(32, dtype=torch.int64, device=logits.device) << torch.arange(32, device=logits.device)
+    clear = torch.bitwise_and(words.to(logits.device).unsqueeze(-1), bits.to(torch.int32)) == 0   # [k, W, 32]
+    ban = torch.zeros(n, vocab, dtype=torch.bool, device=logits.device)
+    ban[rows.to(logits.device)] = clear.view(k, -1)[:, :vocab]
+    return logits.masked_fill(ban, float("-inf"))
