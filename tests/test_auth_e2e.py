@@ -384,7 +384,7 @@ def test_public_adapters(dep):
         assert status == 200 and "b/pub" in {m["id"] for m in models["data"]}
         assert https(g, pki, "GET", "/v1/models/b/pub", token=TOKENS["a"])[0] == 200
         status, body = https(g, pki, "POST", "/v1/completions", {"model": "b/pub", "prompt": [5, 17, 42],
-                                                                 "max_tokens": 2}, TOKENS["a"])
+                                                                 "max_tokens": 2, "ignore_eos": True}, TOKENS["a"])
         assert status == 200 and body["usage"]["completion_tokens"] == 2, body
         denied = {
             "register": lambda: a["registry"].RegisterAdapter(R.RegisterAdapterRequest(

@@ -131,7 +131,7 @@ def test_up_with_mutual_tls_and_auth(tmp_path, llama_dir):
         ctx.load_cert_chain(str(pem["cert"]), str(pem["key"]))
         req = urllib.request.Request(
             f"https://127.0.0.1:{http_port}/v1/completions", method="POST",
-            data=json.dumps({"model": "team/a", "prompt": "Hello", "max_tokens": 3}).encode(),
+            data=json.dumps({"model": "team/a", "prompt": "Hello", "max_tokens": 3, "ignore_eos": True}).encode(),
             headers={"content-type": "application/json", "authorization": "Bearer team-tok"})
         with urllib.request.urlopen(req, timeout=120, context=ctx) as r:
             assert json.load(r)["usage"]["completion_tokens"] == 3
