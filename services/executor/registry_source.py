@@ -309,10 +309,7 @@ class DiskAdapterStore:
         policy a ghost of its frequency; a deleted or unusable copy is forgotten."""
         if not e.doomed:
             e.doomed = True
-            if evicted:
-                self._policy.remove(key)
-            else:
-                getattr(self._policy, "forget", self._policy.remove)(key)
+            (self._policy.remove if evicted else self._policy.forget)(key)
         if e.readers == 0:
             self._delete(key, e)
 

@@ -155,10 +155,7 @@ def constrain(logits: Tensor, grammars: list[Grammar], outputs: list[list[int]],
             todo.append((g.matcher, j))
     if todo:
         _masks(todo, words, parallel=logits.device.type != "cpu")
-    index = torch.tensor(rows, dtype=torch.long)
-    if logits.device.type != "cpu":
-        words, index = words.to(logits.device, non_blocking=True), index.to(logits.device, non_blocking=True)
-    return ops.token_bitmask_fill(logits, words, index)
+    return ops.token_bitmask_fill(logits, words, torch.tensor(rows, dtype=torch.long))
 
 
 def _masks(todo: list[tuple[object, int]], words: Tensor, parallel: bool) -> None:

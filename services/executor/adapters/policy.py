@@ -3,7 +3,8 @@
     policy = make_policy("gdsf")
     policy.touch(key, size, cost)        # a hit, or an insertion (cost: seconds to reload it)
     victim = policy.victim(candidates)   # the one to evict among the evictable (unpinned) keys
-    policy.remove(key)                   # it left the tier
+    policy.remove(key)                   # it was evicted (GDSF remembers its frequency)
+    policy.forget(key)                   # it is gone for good (deleted, unusable): nothing kept
 
 GDSF (Greedy-Dual-Size-Frequency, Cherkasova 1998): priority = L + frequency * cost / size. An
 evicted key's priority becomes the clock L, so keys not touched since sink below newly touched ones
@@ -27,6 +28,7 @@ from typing import Protocol
 class EvictionPolicy(Protocol):
     def touch(self, key: Hashable, size: int, cost: float) -> None: ...
     def remove(self, key: Hashable) -> None: ...
+    def forget(self, key: Hashable) -> None: ...
     def victim(self, candidates: Iterable[Hashable]) -> Hashable | None: ...
 
 
@@ -42,6 +44,8 @@ class LRUPolicy:
 
     def remove(self, key: Hashable) -> None:
         self._last.pop(key, None)
+
+    forget = remove          # LRU keeps nothing of an evicted key either
 
     def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
         return min(candidates, key=lambda k: self._last.get(k, -1), default=None)

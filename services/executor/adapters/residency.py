@@ -304,7 +304,7 @@ class Residency:
         self.device.free(held.dev)
         held.dev = None
         self._dev_count -= 1
-        getattr(self._dev_policy, "forget", self._dev_policy.remove)(held.key)
+        self._dev_policy.forget(held.key)
 
     def _evict_device(self, held: _Held) -> None:
         """Out of the device tier (the host tier keeps it)."""
@@ -379,7 +379,7 @@ class Residency:
         """Out of the table at once (no new user finds it); its pages go at its last release."""
         held = self._held.pop(key)
         self._load_cost.pop(key, None)
-        getattr(self._policy, "forget", self._policy.remove)(key)
+        self._policy.forget(key)
         if held.pins == 0:
             self._release_memory(held)
         else:
@@ -398,7 +398,7 @@ class Residency:
                 self._evict_device(held)
             self._queue_write_back(key, held.entry)
         else:
-            getattr(self._policy, "forget", self._policy.remove)(key)
+            self._policy.forget(key)
         self._release_memory(held)
 
     def _queue_write_back(self, key: Key, entry: ArenaEntry) -> None:

@@ -270,7 +270,8 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def token_bitmask_fill(logits: Tensor, words: Tensor, rows: Tensor) -> Tensor:
     """A copy of logits [n, V] with -inf in row rows[j] wherever bit t of words[j] (int32 [k, W], a
     grammar matcher's next-token bitmask) is clear; the other rows as they are. The C++ kernel on
-    the CPU (one pass), the reference elsewhere (or where the extension is not built)."""
-    if logits.device.type == "cpu" and kernel_backend() == "cpp":
+    the CPU (one pass), the reference elsewhere (or where the extension is not built or loaded).
+    words and rows are host tensors: the reference moves them to the logits' device."""
+    if logits.device.type == "cpu" and _backend == "cpp":      # no build or lock on the step's path
         return torch.ops.openlora.token_bitmask_fill.default(logits, words, rows)
     return token_bitmask_fill_ref(logits, words, rows)

@@ -164,7 +164,7 @@ def token_bitmask_fill_ref(logits: Tensor, words: Tensor, rows: Tensor) -> Tenso
         raise ValueError(f"words must be int32 [{k}, ceil(vocab / 32)], got {words.dtype} {tuple(words.shape)}")
     if words.shape[1] * 32 < vocab:
         raise ValueError(f"words cover {words.shape[1] * 32} tokens, fewer than the vocab of {vocab}")
-    listed = rows.tolist()
+    listed = rows.tolist()                   # rows on the host (the engine's): no device sync
     if any(not 0 <= r < n for r in listed) or len(set(listed)) != k:
         raise ValueError(f"rows must be distinct rows of logits [0, {n}), got {listed}")
     if k == 0:
