@@ -116,5 +116,8 @@ def same_answers(want, got, reqs, reqs2):
         a, b = want[r.request_id], got[r2.request_id]
         assert a["error"] is None and b["error"] is None, (a["error"], b["error"])
         assert a["tokens"] == b["tokens"], r.adapter_id
+        # the project's fp32 logprob tolerance: the engines batch the requests differently (which
+        # adapters are resident decides who runs together), and the base GEMM's rounding follows the
+        # batch's row count (a CI run saw 1.36e-5 on one logprob of 4)
         torch.testing.assert_close(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]),
-                                   atol=1e-5, rtol=0)
+                                   atol=1e-4, rtol=0)
