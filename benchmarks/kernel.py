@@ -1,7 +1,7 @@
 """The engine's served ops: the base GEMM, then lora_paged_add_ (each segment's adapter read in place
 from page memory), against the base GEMM alone; medians of alternated rounds.
 
-    .venv/bin/python benchmarks/kernel.py [--rounds 30] [--bf16] [--isa all|auto|avx2,...]
+    .venv/bin/python benchmarks/kernel.py [--rounds 30] [--bf16] [--lora-bf16] [--isa all|auto|avx2,...]
     .venv/bin/python benchmarks/kernel.py --engine-shapes | --attention | --layer-ops | --mixed-ranks
 
 Cases (d_in = d_out = 2048, pages of 512 elements scattered over the arena, ranks cycling 8, 16, 32;
@@ -9,7 +9,8 @@ the arena's memory allocated as the engine's is, ops.memory.host_pages):
   decode:  T = 64 tokens, 64 distinct adapters, one token each   (goal: fused/base <= 1.15)
   prefill: T = 512 tokens, 8 adapters, 64 tokens each            (goal: fused/base <= 1.06)
 base is what the engine runs for the projection: fp32 through the prepacked weight (ops.linear_packed,
-where MKL packing is available), bf16 through F.linear; fused = base + lora_paged_add_. Run once per
+where MKL packing is available), bf16 through F.linear; fused = base + lora_paged_add_. --lora-bf16 adds
+"float32/bf16 pages": the fp32 base under bfloat16 pages (the executor's --lora-dtype bfloat16). Run once per
 instruction set this CPU has (--isa all, the default; set_cpu_isa between runs), printing the
 medians, fused/base as the ratio of the medians, and "paired" (the median of each round's own ratio,
 which moves less when the machine's speed changes during a run). --clock cpu times the calling
@@ -47,8 +48,10 @@ ISAS = ("avx512_bf16", "avx512", "avx2", "generic")
 
 
 def make_case(T: int, n_adapters: int, dtype: torch.dtype, d_in: int = D, d_out: int = D, page: int = P,
-              ranks=RANKS, device: str = "cpu", seed: int = 0) -> dict:
-    """x, the base weight, and n_adapters adapters' pages scattered over an arena with room to spare."""
+              ranks=RANKS, device: str = "cpu", seed: int = 0, page_dtype: torch.dtype | None = None) -> dict:
+    """x, the base weight, and n_adapters adapters' pages scattered over an arena with room to spare
+    (pages of page_dtype: default x's; bfloat16 under float32 is --lora-dtype bfloat16)."""
+    page_dtype = page_dtype or dtype
     g = torch.Generator().manual_seed(seed)
     rk = [ranks[i % len(ranks)] for i in range(n_adapters)]
     ca, cb = -(-d_in // page), -(-d_out // page)
@@ -62,11 +65,11 @@ def make_case(T: int, n_adapters: int, dtype: torch.dtype, d_in: int = D, d_out:
         off += r * (ca + cb)
     per = T // n_adapters
     c = dict(x=torch.randn(T, d_in, generator=g).to(dtype), weight=(torch.randn(d_out, d_in, generator=g) * 0.02).to(dtype),
-             arena=(torch.randn(num_pages, page, generator=g) * 0.02).to(dtype), page_index=page_ids, seg_meta=meta,
+             arena=(torch.randn(num_pages, page, generator=g) * 0.02).to(page_dtype), page_index=page_ids, seg_meta=meta,
              seg_scalings=torch.full((n_adapters, 1), 2.0), seg_indptr=torch.arange(0, T + 1, per, dtype=torch.int32))
     c = {k: v.to(device) for k, v in c.items()}
     if device == "cpu":   # page memory as the engine's arena has it (huge pages where the OS has them)
-        c["arena"] = host_pages(c["arena"].shape, dtype).copy_(c["arena"])
+        c["arena"] = host_pages(c["arena"].shape, page_dtype).copy_(c["arena"])
     c["packed"] = ops.pack_weight(c["weight"])
     return c
 
@@ -147,9 +150,15 @@ def isas_to_run(choice: str) -> list[str]:
     return have
 
 
-def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, dtype: torch.dtype) -> None:
-    c = make_case(T, G, dtype, d_in, d_out, page=256, ranks=(16,))  # the arena page of that model
-    bench(f"T={T:<5} G={G} {d_in:>4}->{d_out:<4} {str(dtype)[6:]}", c, rounds)
+def variant_tag(dtype: torch.dtype, page_dtype: torch.dtype) -> str:
+    tag = str(dtype).removeprefix("torch.")
+    return tag if page_dtype == dtype else f"{tag}/bf16 pages"
+
+
+def bench_engine(T: int, G: int, d_in: int, d_out: int, rounds: int, dtype: torch.dtype,
+                 page_dtype: torch.dtype | None = None) -> None:
+    c = make_case(T, G, dtype, d_in, d_out, page=256, ranks=(16,), page_dtype=page_dtype)  # that model's page
+    bench(f"T={T:<5} G={G} {d_in:>4}->{d_out:<4} {variant_tag(dtype, page_dtype or dtype)}", c, rounds)
 
 
 def bench_attention(dtype: torch.dtype, rounds: int, N: int = 64, H: int = 8, KVH: int = 4,
@@ -273,6 +282,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--bf16", action="store_true", help="also run bfloat16")
+    p.add_argument("--lora-bf16", action="store_true",
+                   help="also run float32 activations over bfloat16 pages (the executor's --lora-dtype bfloat16)")
     p.add_argument("--isa", default="all", help="all (every instruction set this CPU has), auto, or a list")
     p.add_argument("--engine-shapes", action="store_true", help="time the executor engine's shapes instead")
     p.add_argument("--attention", action="store_true", help="time decode attention: gather+SDPA vs fused")
@@ -296,6 +307,7 @@ def main() -> None:
     print(f"backend={kernel_backend()} torch={torch.__version__} threads={torch.get_num_threads()} cpu={cpu} "
           f"rounds={args.rounds} clock={args.clock}")
     dtypes = [torch.float32] + ([torch.bfloat16] if args.bf16 else [])
+    variants = [(dt, dt) for dt in dtypes] + ([(torch.float32, torch.bfloat16)] if args.lora_bf16 else [])
     if args.mixed_ranks:
         print("fp32, ranks cycling 1, 8, 16, 64 vs all 64 (medians)")
         for T, G in ((64, 32), (512, 8)):
@@ -317,24 +329,29 @@ def main() -> None:
         return
     if args.device == "cuda":
         print(f"device={torch.cuda.get_device_name()} d={D} page={P} ranks={RANKS}")
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            tag = str(dtype).removeprefix("torch.")
-            bench_cuda(f"decode  T=64  G=64 {tag}", make_case(64, 64, dtype, device="cuda"), args.rounds)
-            bench_cuda(f"prefill T=512 G=8  {tag}", make_case(512, 8, dtype, device="cuda"), args.rounds)
-            bench_cuda(f"prefill T=2048 G=1 {tag}", make_case(2048, 1, dtype, device="cuda"), args.rounds)
+        for dtype, pd in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                          (torch.float16, torch.float16), (torch.float32, torch.bfloat16)):
+            tag = variant_tag(dtype, pd)
+            bench_cuda(f"decode  T=64  G=64 {tag}", make_case(64, 64, dtype, device="cuda", page_dtype=pd),
+                       args.rounds)
+            bench_cuda(f"prefill T=512 G=8  {tag}", make_case(512, 8, dtype, device="cuda", page_dtype=pd),
+                       args.rounds)
+            bench_cuda(f"prefill T=2048 G=1 {tag}", make_case(2048, 1, dtype, device="cuda", page_dtype=pd),
+                       args.rounds)
         return
     for isa in isas_to_run(args.isa):
         ops.set_cpu_kernels(isa)
         print(f"isa={isa}" + ("" if not args.engine_shapes else " engine shapes: rank 16, 32 adapters, pages of 256"))
-        for dtype in dtypes:
+        for dtype, pd in variants:
             if args.engine_shapes:
                 for T in (64, 2048):
                     for d_in, d_out in ((512, 512), (512, 1376), (1376, 512)):
-                        bench_engine(T, 32, d_in, d_out, args.rounds if T <= 64 else max(10, args.rounds // 4), dtype)
+                        bench_engine(T, 32, d_in, d_out, args.rounds if T <= 64 else max(10, args.rounds // 4),
+                                     dtype, pd)
                 continue
-            tag = str(dtype).removeprefix("torch.")
-            bench(f"decode  T=64  G=64 {tag}", make_case(64, 64, dtype), args.rounds)
-            bench(f"prefill T=512 G=8  {tag}", make_case(512, 8, dtype), max(5, args.rounds // 2))
+            tag = variant_tag(dtype, pd)
+            bench(f"decode  T=64  G=64 {tag}", make_case(64, 64, dtype, page_dtype=pd), args.rounds)
+            bench(f"prefill T=512 G=8  {tag}", make_case(512, 8, dtype, page_dtype=pd), max(5, args.rounds // 2))
     ops.set_cpu_kernels("auto")
 
 

@@ -147,6 +147,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--skip-kl", action="store_true")
+    ap.add_argument("--lora-dtype", default="auto", choices=("auto", "bfloat16"),
+                    help="the adapter pages' dtype in every engine (bfloat16: --lora-dtype bfloat16; the "
+                         "bf16 engine's pages are bfloat16 either way)")
 
 
 def main() -> None:
@@ -192,7 +195,8 @@ def side_by_side(args, names: list[str]) -> None:
                 base_model=str(model_dir), device="cpu", dtype=dtype, quantization=method,
                 quantization_group_size=args.group_size, max_lora_rank=8, max_batch_size=args.batch,
                 max_prefill_tokens=args.batch * PROMPT_LEN, kv_cache_bytes=kv_bytes,
-                host_cache_bytes=arena, enable_prefix_caching=False), LocalDirSource(root))
+                host_cache_bytes=arena, enable_prefix_caching=False, lora_dtype=args.lora_dtype),
+                LocalDirSource(root))
             for a in set(mixed):
                 engines[name].load_adapter(a, 0)
             engines[name].start()
@@ -214,7 +218,7 @@ def side_by_side(args, names: list[str]) -> None:
     ref = names[0]
     print(f"\nmodel: hidden {spec.hidden}, {spec.layers} layers, intermediate {spec.intermediate}, vocab "
           f"{spec.vocab}; {args.batch} sequences, {args.new_tokens} new tokens, {args.adapters} rank-8 "
-          f"adapters on all projections (mixed); int4 group {args.group_size}; torch threads "
+          f"adapters on all projections (mixed, --lora-dtype {args.lora_dtype}); int4 group {args.group_size}; torch threads "
           f"{torch.get_num_threads()}; medians of {args.rounds} alternated rounds")
     for i, clock in enumerate(("wall clock", "engine-thread CPU time")):
         med = {k: statistics.median(r[i] for r in v) for k, v in rates.items()}

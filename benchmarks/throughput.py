@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/throughput.py [--requests 64] [--adapters 32] [--skip-hf]
                                               [--dtype {float32,bfloat16}] [--device {cpu,cuda}]
-                                              [--device-cache-bytes N]
+                                              [--device-cache-bytes N] [--lora-dtype bfloat16]
                                               [--compare-prepack | --compare-prefix-cache |
-                                               --compare-forms | --quantization int8,int4]
+                                               --compare-forms | --compare-lora-dtype |
+                                               --quantization int8,int4]
 
 A CPU-sized random Llama (4 layers, hidden 512, vocab 4096) written as a Hugging Face directory;
 64 requests (32-token prompts, 32 new tokens, greedy, ignore_eos) over 32 rank-16 adapters on all
@@ -17,6 +18,10 @@ by copy from the arena), to measure what the tier costs.
 
 The runs repeat the same prompts, so the engine runs here with its prefix cache off: every prompt
 token is computed in every run, as transformers+peft computes them.
+
+--lora-dtype bfloat16 stores the engine's adapter pages in bfloat16 (the executor's flag); with
+--compare-lora-dtype two float32 engines, fp32 pages and bf16 pages, run alternated in one process and
+each one's mixed/base-only is printed.
 
 --compare-prepack instead runs two float32 engines in this one process, one with its base weights
 prepacked (the default) and one without (--no-prepack-weights), alternating their mixed-adapter and
@@ -132,6 +137,36 @@ def compare_prepack(make_engine, prompts, mixed, args) -> None:
               f"best, {median(q) / median(p):.3f} median")
 
 
+def compare_lora_dtype(make_engine, prompts, mixed, args) -> None:
+    """Two float32 engines, adapter pages in float32 (the default) and in bfloat16 (--lora-dtype
+    bfloat16), alternated: mixed on each, base-only on each; mixed/base per engine."""
+    engines = {"fp32 pages": make_engine("float32", lora_dtype="auto"),
+               "bf16 pages": make_engine("float32", lora_dtype="bfloat16")}
+    base = [""] * len(prompts)
+    total = len(prompts) * args.new_tokens
+    times = {(k, m): [] for k in engines for m in ("mixed", "base")}
+    try:
+        for e in engines.values():                      # warm-up, untimed
+            run_engine(e, prompts, mixed, args.new_tokens)
+            run_engine(e, prompts, base, args.new_tokens)
+        for _ in range(args.repeats):
+            for k, e in engines.items():
+                times[k, "mixed"].append(run_engine(e, prompts, mixed, args.new_tokens)[0])
+                times[k, "base"].append(run_engine(e, prompts, base, args.new_tokens)[0])
+    finally:
+        for e in engines.values():
+            e.stop()
+    print(f"float32 engines, adapter pages fp32 vs bf16; {args.threads} threads; {len(prompts)} requests x "
+          f"({args.prompt_tokens} prompt + {args.new_tokens} new tokens), {args.adapters} rank-16 adapters; "
+          f"medians of {args.repeats} alternated runs")
+    for k in engines:
+        m, b = median(times[k, "mixed"]), median(times[k, "base"])
+        print(f"{k}: mixed {total / m:8.1f} tok/s, base-only {total / b:8.1f} tok/s, mixed / base-only "
+              f"{b / m:.2f}x (goal >= 0.90)")
+    ratio = median(times["fp32 pages", "mixed"]) / median(times["bf16 pages", "mixed"])
+    print(f"bf16 pages / fp32 pages, mixed tok/s: {ratio:.3f}x")
+
+
 def compare_prefix_cache(make_engine, names, args) -> None:
     g = torch.Generator().manual_seed(1)
     system = torch.randint(2, SPEC.vocab, (args.shared_prefix,), generator=g).tolist()
@@ -242,6 +277,10 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the engine's device")
     ap.add_argument("--device-cache-bytes", type=int, default=0,
                     help="the engine's device tier (CUDA: 0 -> automatic; CPU: 0 -> none)")
+    ap.add_argument("--lora-dtype", choices=("auto", "bfloat16"), default="auto",
+                    help="the engine's adapter pages (bfloat16 under float32: --lora-dtype bfloat16)")
+    ap.add_argument("--compare-lora-dtype", action="store_true",
+                    help="one process, alternated: mixed over fp32 pages, mixed over bf16 pages, base-only")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="dtype of the engine and of transformers+peft")
     ap.add_argument("--compare-prepack", action="store_true",
@@ -286,8 +325,10 @@ def main() -> None:
     mixed = [names[i % len(names)] for i in range(args.requests)]
     total = args.requests * args.new_tokens
 
-    def make_engine(dtype: str, prepack: bool = True, prefix_caching: bool = False) -> Engine:
+    def make_engine(dtype: str, prepack: bool = True, prefix_caching: bool = False,
+                    lora_dtype: str | None = None) -> Engine:
         engine = Engine(ExecutorConfig(base_model=str(model_dir), device=args.device, dtype=dtype,
+                                       lora_dtype=lora_dtype or args.lora_dtype,
                                        device_cache_bytes=args.device_cache_bytes,
                                        max_batch_size=args.requests, max_device_adapters=args.adapters,
                                        max_lora_rank=16, prepack_weights=prepack,
@@ -303,6 +344,9 @@ def main() -> None:
         return
     if args.compare_prefix_cache:
         compare_prefix_cache(make_engine, names, args)
+        return
+    if args.compare_lora_dtype:
+        compare_lora_dtype(make_engine, prompts, mixed, args)
         return
     if args.compare_forms:
         dora = write_dora_twins(root, model_dir, names)

@@ -19,8 +19,8 @@ struct PagedSegment {
   const int32_t* b_pages;
 };
 
-// One lora_paged_add_ call as raw pointers. x [T, d_in], y [T, d_out] (updated in place), arena [NP, P],
-// all of one dtype (float32 or bfloat16 bits), contiguous; t: fp32 scratch [T, r_max].
+// One lora_paged_add_ call as raw pointers. x [T, d_in], y [T, d_out] (updated in place) of one dtype (float32
+// or bfloat16 bits), arena [NP, P] of x's dtype or bfloat16 under float32 x, contiguous; t: fp32 scratch [T, r_max].
 struct PagedCall {
   const void* x;
   void* y;
@@ -53,6 +53,7 @@ struct CpuKernels {
   // lora_paged_add_ over every segment (two phases: x @ A^T into t, then t @ B^T added into y).
   void (*paged_f32)(const PagedCall&);
   void (*paged_bf16)(const PagedCall&);
+  void (*paged_f32_bf16)(const PagedCall&);  // float32 x and y, bfloat16 pages (--lora-dtype bfloat16)
   // paged_attention_decode: one (sequence, kv-head group) item.
   void (*attend_f32)(const AttendItem&);
   void (*attend_bf16)(const AttendItem&);

@@ -11,6 +11,7 @@ namespace OPENLORA_ISA {
 extern const CpuKernels kCpuKernels;
 const CpuKernels kCpuKernels = {
     &paged_segments<float>,       &paged_segments<bf16_bits>,
+    &paged_segments<float, bf16_bits>,
     &attend_item<float>,          &attend_item<bf16_bits>,
     &norm_rows<float>,            &norm_rows<bf16_bits>,
     &silu_mul_range<float>,       &silu_mul_range<bf16_bits>,

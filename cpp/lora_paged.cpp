@@ -7,7 +7,8 @@
 // of lora_B.T, i.e. column k of lora_B). page_index lists those pages; seg_meta[g, lm] = (offset of
 // the (layer, module)'s first A page id in page_index, r), followed by its r*cb B^T page ids.
 //
-//   y [T, d_out] (updated in place), x [T, d_in], arena [NP, P] (x's dtype), page_index [E] i32,
+//   y [T, d_out] (updated in place), x [T, d_in], arena [NP, P] (x's dtype, or bfloat16 pages under
+//   float32 x: --lora-dtype bfloat16, widened to fp32 as read), page_index [E] i32,
 //   seg_meta [G, LM, 2] i32, seg_scalings [G, LM] f32, lm in [0, LM), seg_indptr [G+1] i32:
 //
 //     for g: (off, r) = seg_meta[g, lm]; rows = seg_indptr[g] .. seg_indptr[g+1]-1
@@ -48,7 +49,8 @@ void check_lora_paged_args(const at::Tensor& y, const at::Tensor& x, const at::T
   TORCH_CHECK(y.dtype() == x.dtype(), "y must have x's dtype ", x.dtype(), ", got ", y.dtype());
   TORCH_CHECK(arena.dim() == 2 && arena.is_contiguous(),
               "arena must be a contiguous [num_pages, page_elems] tensor, got shape ", arena.sizes());
-  TORCH_CHECK(arena.dtype() == x.dtype(), "arena must have x's dtype ", x.dtype(), ", got ",
+  TORCH_CHECK(arena.dtype() == x.dtype() || (dtype == at::kFloat && arena.scalar_type() == at::kBFloat16),
+              "arena must have x's dtype ", x.dtype(), " (or bfloat16 pages under float32 x), got ",
               arena.dtype());
   TORCH_CHECK(page_index.dim() == 1 && page_index.scalar_type() == at::kInt && page_index.is_contiguous(),
               "page_index must be a contiguous 1-D int32 tensor, got ", page_index.scalar_type(), " ",
@@ -161,7 +163,9 @@ void lora_paged_add_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& are
     const openlora::PagedCall call{x.data_ptr(), y.data_ptr(), arena.data_ptr(), d_in, d_out, P, ca, cb, r_max,
                                    segs.data(), static_cast<int64_t>(segs.size()), t.data(), threads};
     const auto& kernels = openlora::cpu_ops();
-    (dtype == at::kFloat ? kernels.paged_f32 : kernels.paged_bf16)(call);
+    if (dtype == at::kBFloat16) kernels.paged_bf16(call);
+    else if (arena.scalar_type() == at::kBFloat16) kernels.paged_f32_bf16(call);   // --lora-dtype bfloat16
+    else kernels.paged_f32(call);
   } else if (dtype == at::kDouble) {
     paged_scalar<double, double>(y.data_ptr<double>(), x.data_ptr<double>(), arena.data_ptr<double>(), segs,
                                  d_in, d_out, P, ca, cb);

@@ -134,6 +134,26 @@ def test_lora_paged_add_on_every_path_matches_float64(isa, dtype, threads):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", list(NEEDS))
+def test_bfloat16_pages_under_float32_on_every_path_match_float64(isa, threads):
+    """--lora-dtype bfloat16 with a float32 model: float32 x and y over bfloat16 pages, widened as read;
+    every product and sum is fp32's, so the fp32 bound holds against float64 math on the pages' values."""
+    use_isa(isa)
+    lens = [1, 2, 3, 4, 5, 7, 8, 9, 33, 70, 1, 12, 6]
+    ranks = [1, 8, 0, 16, 64, 3, 5, 2, 7, 13, 0, 4, 17]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dims in [(33, 17, 8), (100, 75, 40), (48, 700, 300), (300, 40, 512), (256, 512, 64)]:
+            case = paged_case(lens, ranks, *dims, torch.float32)
+            case["arena"] = case["arena"].to(torch.bfloat16)
+            check_paged_against_float64(case, torch.float32)
+    finally:
+        torch.set_num_threads(old)
+        ops.set_cpu_kernels("auto")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", list(NEEDS))
 def test_lora_paged_add_work_items_with_empty_and_lone_segments(isa, threads):
     """Work items are (segment, 32-row block), each its shrink then its expand, prefetching the next
     item's first pages: empty segments (0 rows) between and at both ends, one item only (fewer items

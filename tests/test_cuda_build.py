@@ -39,7 +39,8 @@ def test_cuda_sources_compile_with_every_kernel_instantiated():
             assert f"{kernel}<{dtype}>" in layer, (kernel, dtype)
     paged = symbols("lora_paged.cu")
     for dtype in ("float", "c10::Half", "c10::BFloat16"):
-        assert f"lora_paged_kernel<{dtype}>" in paged, dtype
+        assert f"lora_paged_kernel<{dtype}, {dtype}>" in paged, dtype
+    assert "lora_paged_kernel<float, c10::BFloat16>" in paged      # bf16 pages under fp32 (--lora-dtype)
 
 
 @needs_nvcc

@@ -178,6 +178,37 @@ def test_lora_paged_kernel_matches_reference(emu, dtype, page_elems):
         torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+def test_lora_paged_kernel_reads_bfloat16_pages_under_float32(emu):
+    """--lora-dtype bfloat16 on a float32 model: the kernel widens each page value as it reads it, so it
+    equals the reference over the same pages at fp32's tolerance."""
+    from test_lora_paged import place, random_adapter, tiny_cfg
+
+    from services.executor.adapters.arena import ArenaLayout, HostArena
+    from services.executor.ops import lora_paged_add_ref
+    cfg = tiny_cfg()
+    layout = ArenaLayout.for_model(cfg, 40)
+    arena = HostArena(layout, 4 * 1024 * 1024, torch.bfloat16)
+    entries = [place(arena, random_adapter(cfg, r, seed=r)) for r in (1, 16, 64)]
+    counts = [3, 19, 9]
+    indptr = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    batch = arena.batch(entries)
+    g = torch.Generator().manual_seed(2)
+    for module in ("q_proj", "down_proj"):
+        d_out, d_in = cfg.module_shape(module)
+        lm = layout.lm(0, module)
+        x = torch.randn(sum(counts), d_in, generator=g)
+        y0 = torch.randn(sum(counts), d_out, generator=g)
+        got, want = y0.clone(), y0.clone()
+        emu.lora_paged_add_(got, x, batch.arena, batch.page_index, batch.seg_meta, batch.seg_scalings,
+                            lm, indptr)
+        lora_paged_add_ref(want, x, batch.arena, batch.page_index, batch.seg_meta, batch.seg_scalings,
+                           lm, indptr)
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    with pytest.raises(RuntimeError, match="arena must have x's dtype"):   # only bf16 pages under fp32 x
+        emu.lora_paged_add_(got.bfloat16(), x.bfloat16(), batch.arena.float(), batch.page_index,
+                            batch.seg_meta, batch.seg_scalings, 0, indptr)
+
+
 # -- bad index values: the CUDA ops never read or write out of bounds ---------------------------------
 
 def _paged_case(dtype=torch.float32, seed=3):
@@ -303,7 +334,7 @@ def test_lora_paged_bad_shapes_are_refused_before_any_launch(emu, case):
     c = _paged_case()
     change, text = {
         "lm": (dict(lm=2), r"lm = 2 is out of range \[0, LM = 2\)"),
-        "dtype": (dict(arena=c["arena"].double()), "y and arena must have x's dtype"),
+        "dtype": (dict(arena=c["arena"].double()), "arena must have x's dtype"),
         "seg_meta": (dict(seg_meta=c["seg_meta"][:2]), "seg_meta must be a contiguous"),
         "indptr_dtype": (dict(seg_indptr=c["seg_indptr"].long()), "seg_indptr must be"),
     }[case]

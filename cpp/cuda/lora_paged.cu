@@ -33,9 +33,10 @@ constexpr int kMaxRank = 256;  // = services.executor.ops.CUDA_MAX_LORA_RANK
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-template <typename T>
+// T: x's and y's element type; W: the pages' (T, or bfloat16 under float32 x: --lora-dtype bfloat16).
+template <typename T, typename W>
 __global__ void __launch_bounds__(kThreads)
-lora_paged_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ arena,
+lora_paged_kernel(T* __restrict__ y, const T* __restrict__ x, const W* __restrict__ arena,
                   const int32_t* __restrict__ page_index, const int32_t* __restrict__ seg_meta,
                   const float* __restrict__ seg_scalings, const int32_t* __restrict__ seg_indptr,
                   int64_t n_tokens, int64_t LM, int64_t lm, int64_t d_in, int64_t d_out, int64_t P,
@@ -58,7 +59,7 @@ lora_paged_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restric
     for (int64_t c = 0; c < ca; ++c) {
       const int64_t pg = page_index[off + k * ca + c];
       if (pg < 0 || pg >= num_pages) continue;              // warp-uniform: same page for all lanes
-      const T* a = arena + pg * P;
+      const W* a = arena + pg * P;
       const int64_t base = c * P, len = imin(P, d_in - base);
       for (int64_t j = lane; j < len; j += 32) {
         const float av = static_cast<float>(a[j]);
@@ -99,8 +100,10 @@ void lora_paged_add_gpu(at::Tensor y, const at::Tensor& x, const at::Tensor& are
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && y.size(0) == x.size(0),
               "x must be [T, d_in] and y [T, d_out], got ", x.sizes(), " and ", y.sizes());
   TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), "x and y must be contiguous");
-  TORCH_CHECK(y.dtype() == x.dtype() && arena.dtype() == x.dtype(),
-              "y and arena must have x's dtype ", x.dtype());
+  TORCH_CHECK(y.dtype() == x.dtype(), "y must have x's dtype ", x.dtype(), ", got ", y.dtype());
+  const bool bf16_pages = x.scalar_type() == at::kFloat && arena.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(arena.dtype() == x.dtype() || bf16_pages, "arena must have x's dtype ", x.dtype(),
+              " (or bfloat16 pages under float32 x), got ", arena.dtype());
   TORCH_CHECK(arena.dim() == 2 && arena.is_contiguous(), "arena must be a contiguous [num_pages, "
               "page_elems] tensor, got ", arena.sizes());
   TORCH_CHECK(page_index.dim() == 1 && page_index.scalar_type() == at::kInt && page_index.is_contiguous(),
@@ -132,8 +135,19 @@ void lora_paged_add_gpu(at::Tensor y, const at::Tensor& x, const at::Tensor& are
   const int64_t ca = (x.size(1) + P - 1) / P, cb = (y.size(1) + P - 1) / P;
   const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>((T + kTok - 1) / kTok));
   const auto stream = gpu::current_stream();
+  if (bf16_pages) {   // float32 activations over bfloat16 pages (--lora-dtype bfloat16)
+    const auto kernel = &lora_paged_kernel<float, at::BFloat16>;   // (a macro argument takes no comma)
+    OPENLORA_LAUNCH(kernel, grid, kThreads, kTok * kMaxRank * sizeof(float), stream)(
+        y.data_ptr<float>(), x.data_ptr<float>(), arena.data_ptr<at::BFloat16>(),
+        page_index.data_ptr<int32_t>(), seg_meta.data_ptr<int32_t>(), seg_scalings.data_ptr<float>(),
+        seg_indptr.data_ptr<int32_t>(), T, seg_meta.size(1), lm, x.size(1), y.size(1), P, arena.size(0),
+        page_index.size(0), ca, cb);
+    OPENLORA_LAUNCH_CHECK();
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_paged_add_cuda", [&] {
-    OPENLORA_LAUNCH(lora_paged_kernel<scalar_t>, grid, kThreads, kTok * kMaxRank * sizeof(float), stream)(
+    const auto kernel = &lora_paged_kernel<scalar_t, scalar_t>;
+    OPENLORA_LAUNCH(kernel, grid, kThreads, kTok * kMaxRank * sizeof(float), stream)(
         y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), arena.data_ptr<scalar_t>(),
         page_index.data_ptr<int32_t>(), seg_meta.data_ptr<int32_t>(), seg_scalings.data_ptr<float>(),
         seg_indptr.data_ptr<int32_t>(), T, seg_meta.size(1), lm, x.size(1), y.size(1), P, arena.size(0),

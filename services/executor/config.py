@@ -16,6 +16,10 @@ class ExecutorConfig(ServerConfig):
     device: str = flag("auto", "device to run on", choices=("auto", "cpu", "cuda"))
     dtype: str = flag("auto", "weights and activations dtype",
                       choices=("auto", "float32", "bfloat16", "float16"))
+    lora_dtype: str = flag("auto", "adapter pages' dtype: auto -> --dtype; bfloat16 under a float32 model "
+                           "halves the bytes every adapter takes in each tier and the bytes the kernel reads "
+                           "per token (values rounded once to bfloat16 at load, products and sums in fp32)",
+                           choices=("auto", "float32", "bfloat16", "float16"))
     max_batch_size: int = flag(64, "most sequences in one step")
     max_queue: int = flag(1024, "most requests waiting before RESOURCE_EXHAUSTED")
     quantization: str = flag("none", "weight-only quantization of the base's projections at load: per-channel "
@@ -134,6 +138,8 @@ class ExecutorConfig(ServerConfig):
         check(self.registry_timeout_s > 0, "registry_timeout_s", "must be > 0")
         check(not (self.dtype == "float16" and self.device == "cpu"), "dtype",
               "float16 runs on CUDA only; use float32 or bfloat16 with --device cpu")
+        check(self.lora_dtype in ("auto", "bfloat16") or self.lora_dtype == self.dtype, "lora_dtype",
+              f"must be auto, --dtype ({self.dtype}) or bfloat16 (under a float32 model), got {self.lora_dtype}")
         check(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0..65535")
         check(self.adapter_latest_ttl_s >= 0, "adapter_latest_ttl_s", "must be >= 0")
         check(self.load_adapter_timeout_s >= 0, "load_adapter_timeout_s", "must be >= 0")

@@ -57,6 +57,7 @@ from services.executor.model.loader import (
     read_config,
     resolve_device,
     resolve_dtype,
+    resolve_lora_dtype,
     resolve_model_dir,
 )
 from services.executor.model.quant import base_weight_bytes
@@ -79,6 +80,7 @@ class Engine:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.lora_dtype = resolve_lora_dtype(config.lora_dtype, self.dtype)   # the adapter pages'
         tune_malloc()   # activations are MiB-sized: keep freed ones for reuse (see memory.py)
         self.kernel_backend = ops.load(config)
         path = resolve_model_dir(config.base_model)
@@ -103,8 +105,8 @@ class Engine:
         # the kernel's pool (the device pool, else the arena) is built after the KV cache when it
         # shares the KV's memory (--unified-kv-adapter-pool)
         self.arena = None if unified and not device_bytes else HostArena(
-            layout, config.host_cache_bytes, self.dtype, pin=self.device.type == "cuda")
-        self.device_pool = DevicePool(layout, device_bytes, self.dtype, self.device) \
+            layout, config.host_cache_bytes, self.lora_dtype, pin=self.device.type == "cuda")
+        self.device_pool = DevicePool(layout, device_bytes, self.lora_dtype, self.device) \
             if device_bytes and not unified else None
         num_blocks = auto_num_blocks(      # after weights and pools: CUDA sizes from what is free
             config.kv_cache_bytes, layers=cfg.layers, block_size=block, kv_heads=cfg.kv_heads,
@@ -123,16 +125,17 @@ class Engine:
         self.allocator = KVBlockAllocator(num_blocks)
         kv_buffer = None
         if unified:
-            own = (device_bytes or config.host_cache_bytes) // (layout.page_elems * self.dtype.itemsize)
+            own = (device_bytes or config.host_cache_bytes) // (layout.page_elems * self.lora_dtype.itemsize)
             lender, pages, kv_buffer = unified_pool(
                 self.allocator, layers=cfg.layers, block_size=block, kv_heads=cfg.kv_heads,
                 head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
-                page_elems=layout.page_elems, own_pages=own, reserve=blocks_needed(max_len, block))
+                page_elems=layout.page_elems, own_pages=own, reserve=blocks_needed(max_len, block),
+                page_dtype=self.lora_dtype)
             if device_bytes:
-                self.device_pool = DevicePool(layout, device_bytes, self.dtype, self.device,
+                self.device_pool = DevicePool(layout, device_bytes, self.lora_dtype, self.device,
                                               pages=pages, lender=lender)
             else:
-                self.arena = HostArena(layout, config.host_cache_bytes, self.dtype, pages=pages,
+                self.arena = HostArena(layout, config.host_cache_bytes, self.lora_dtype, pages=pages,
                                        lender=lender)
         self.arena.base = BaseWeights(self.model, tag=str(path))   # DoRA norms are taken against it
         self.kv = KVCache(layers=cfg.layers, num_blocks=num_blocks, block_size=block,
@@ -178,7 +181,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         log.info("engine_ready", model=config.base_model, arch=cfg.arch, device=str(self.device),
-                 dtype=str(self.dtype), kv_blocks=num_blocks, block_size=block,
+                 dtype=str(self.dtype), lora_dtype=str(self.lora_dtype), kv_blocks=num_blocks, block_size=block,
                  max_model_len=max_len, kernel=self.kernel_backend)
 
     # -- public API ----------------------------------------------------------------------------

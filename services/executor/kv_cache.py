@@ -237,16 +237,24 @@ class UnifiedKV:
 
 def unified_pool(allocator: KVBlockAllocator, *, layers: int, block_size: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device, page_elems: int,
-                 own_pages: int, reserve: int) -> tuple[UnifiedKV, torch.Tensor, torch.Tensor]:
+                 own_pages: int, reserve: int, page_dtype: torch.dtype | None = None,
+                 ) -> tuple[UnifiedKV, torch.Tensor, torch.Tensor]:
     """One zeroed buffer for an adapter page pool's `own_pages` and the KV cache -> (the lender,
-    the pool's pages [num_pages, P], the KV part for KVCache(buffer=...))."""
-    block_elems = block_size * kv_heads * head_dim
+    the pool's pages [num_pages, P] of page_dtype (default: the KV's dtype; bfloat16 pages over a
+    float32 KV cache see each KV element as two page elements), the KV part for KVCache(buffer=...))."""
+    page_dtype = page_dtype or dtype
+    if dtype.itemsize % page_dtype.itemsize:
+        raise ValueError(f"--unified-kv-adapter-pool: {page_dtype} pages cannot share a {dtype} KV cache")
+    per = dtype.itemsize // page_dtype.itemsize       # page elements per KV element
+    block_elems = block_size * kv_heads * head_dim * per
     if block_elems % page_elems:
         raise ValueError(f"--unified-kv-adapter-pool needs KV blocks of whole adapter pages: "
-                         f"block_size * kv_heads * head_dim = {block_elems} is not a multiple of the "
+                         f"block_size * kv_heads * head_dim = {block_elems // per} is not a multiple of the "
                          f"page size {page_elems} (set --arena-page-elems to a divisor)")
-    kv_elems = 2 * layers * allocator.num_blocks * block_elems
-    buf = torch.zeros(own_pages * page_elems + kv_elems, dtype=dtype, device=device)
+    own_pages -= own_pages * page_elems % per         # the KV part starts on a KV element
+    own = own_pages * page_elems // per
+    kv_elems = 2 * layers * allocator.num_blocks * (block_elems // per)
+    buf = torch.zeros(own + kv_elems, dtype=dtype, device=device)
     lender = UnifiedKV(allocator, layers=layers, block_elems=block_elems, page_elems=page_elems,
                        first_page=own_pages, reserve=reserve)
-    return lender, buf.view(-1, page_elems), buf[own_pages * page_elems:]
+    return lender, buf.view(page_dtype).view(-1, page_elems), buf[own:]

@@ -67,6 +67,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_lora_dtype(lora_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """--lora-dtype against the model's resolved dtype: auto -> the model's; otherwise the model's own,
+    or bfloat16 pages under a float32 model (the kernels widen them to fp32 as they read them)."""
+    if lora_dtype == "auto" or DTYPES[lora_dtype] == dtype:
+        return dtype
+    if lora_dtype == "bfloat16" and dtype == torch.float32:
+        return torch.bfloat16
+    raise ValueError(f"--lora-dtype {lora_dtype} does not go with a {str(dtype).removeprefix('torch.')} model: "
+                     f"use auto, the model's dtype, or bfloat16 under float32")
+
+
 def read_config(path: pathlib.Path) -> tuple[dict, ModelConfig]:
     raw = json.loads((path / "config.json").read_text())
     gen = path / "generation_config.json"

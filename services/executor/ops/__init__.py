@@ -177,7 +177,8 @@ def lora_paged_add_(y: Tensor, x: Tensor, arena: Tensor, page_index: Tensor, seg
     """Adds each segment's LoRA delta to y in place, reading A and B^T from the adapter arena's pages
     (torch.ops.openlora.lora_paged_add_; CPU: the arena is host memory the kernel reads in place).
 
-    y [T, d_out], x [T, d_in], arena [num_pages, P] (x's dtype), page_index [E] i32,
+    y [T, d_out], x [T, d_in], arena [num_pages, P] (x's dtype, or bfloat16 pages under float32 x:
+    --lora-dtype bfloat16), page_index [E] i32,
     seg_meta [G, LM, 2] i32 = (offset into page_index, rank) per segment and (layer, module),
     seg_scalings [G, LM] f32, lm: this projection's (layer, module) index, seg_indptr [G+1] i32.
     With ca = ceil(d_in / P), cb = ceil(d_out / P) and (off, r) = seg_meta[g, lm]:
