@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/families.py [--tokens 64] [--repeats 20] [--threads 1]
     .venv/bin/python benchmarks/families.py --decode-step qwen3moe|mixtral [--requests 64] [--adapters 32]
+                                            [--lora-dtype bfloat16]
 
 Prints, for one Qwen3-MoE layer's experts (hidden 512, 8 experts, top-2, expert intermediate 384,
 float32 CPU), the time of the engine's grouped path (model/moe.py: pairs sorted by expert, one GEMM
@@ -140,6 +141,7 @@ def decode_step(args) -> None:
     model_dir, names = write_family(root, args.decode_step, args.adapters)
     engine = Engine(ExecutorConfig(base_model=str(model_dir), dtype="float32", max_batch_size=args.requests,
                                    max_device_adapters=args.adapters, max_lora_rank=16,
+                                   lora_dtype=args.lora_dtype,
                                    enable_prefix_caching=False), LocalDirSource(root / "adapters"))
     for n in names:
         engine.load_adapter(n, 0)
@@ -174,7 +176,7 @@ def decode_step(args) -> None:
         def timed(y, x, arena, page_index, seg_meta, seg_scalings, lm, seg_indptr):
             caller = "experts" if sys._getframe(1).f_globals["__name__"].endswith(".moe") else "attention"
             ip, rb = seg_indptr.tolist(), seg_meta[:, lm, 1].tolist()
-            nbytes = sum(r * (x.shape[1] + y.shape[1]) * x.element_size()
+            nbytes = sum(r * (x.shape[1] + y.shape[1]) * arena.element_size()
                          for g_, r in enumerate(rb) if ip[g_ + 1] > ip[g_])
             t0 = time.thread_time()
             op(y, x, arena, page_index, seg_meta, seg_scalings, lm, seg_indptr)
@@ -189,7 +191,7 @@ def decode_step(args) -> None:
             ops.lora_paged_add_ = op
     best = {k: min(v) for k, v in times.items()}
     print(f"{describe(args.decode_step)}: one decode step ({args.requests} tokens, {args.adapters} rank-16 "
-          f"adapters mixed on q/k/v/o and every expert), float32 CPU, {args.threads} threads; model forward "
+          f"adapters mixed on q/k/v/o and every expert), float32 CPU, pages {args.lora_dtype}, {args.threads} threads; model forward "
           f"CPU time, best / median of {args.repeats} alternated")
     for k, v in times.items():
         print(f"{k:<10}: {best[k] * 1e3:7.2f} ms / {sorted(v)[len(v) // 2] * 1e3:7.2f} ms")
@@ -212,6 +214,8 @@ def main() -> None:
                          "the LoRA op's time and bytes read (see decode_step)")
     ap.add_argument("--requests", type=int, default=64, help="--decode-step: tokens in the step")
     ap.add_argument("--adapters", type=int, default=32, help="--decode-step: adapters mixed")
+    ap.add_argument("--lora-dtype", choices=("auto", "bfloat16"), default="auto",
+                    help="--decode-step: the adapter pages' dtype (bfloat16: half the bytes read)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ops.ensure_built()

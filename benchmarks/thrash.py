@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/thrash.py [--rounds 3] [--requests 192] [--concurrency 32]
                                           [--skip-many] [--skip-tiers] [--many-shapes heavy,slora]
                                           [--device {cpu,cuda}] [--device-cache-bytes N]
+                                          [--lora-dtype bfloat16]
 
 The CPU benchmark model (4 layers, hidden 512, fp32; benchmarks/throughput.py's) and 256 rank-16
 adapters on all seven projections (2.3 MiB each). Printed, side by side, medians of interleaved rounds:
@@ -25,6 +26,9 @@ adapters on all seven projections (2.3 MiB each). Printed, side by side, medians
    adapter-heavy one above ("heavy": rank 16 on all seven projections of a hidden-512 model), and
    S-LoRA's adapter-to-base byte ratio ("slora": rank 8 on q, k, v, o of a hidden-2048 model, one
    layer so that 2,000 fit in a CPU box's memory; the ratio of 32 adapters' bytes to the base's is printed).
+
+--lora-dtype bfloat16 gives every engine bfloat16 adapter pages under the float32 model (the executor's
+flag): each adapter takes half the arena, and the printed byte ratio is the pages' (half fp32's).
 
 --device cuda runs the engines on the GPU: their kernel reads the device tier (--device-cache-bytes,
 0 -> automatic), filled from the host arena; on CPU (default) the kernel reads the host arena unless
@@ -59,7 +63,7 @@ from services.synthetic import ALL_MODULES, AdapterSpec, ModelSpec, write_adapte
 
 N_ADAPTERS, HOST_SLOTS = 256, 48
 PROMPT, NEW = 32, 16
-DEVICE = {"device": "cpu", "device_cache_bytes": 0}   # set from --device, --device-cache-bytes
+DEVICE = {"device": "cpu", "device_cache_bytes": 0, "lora_dtype": "auto"}   # from --device, ..., --lora-dtype
 SLORA_SPEC = ModelSpec(arch="llama", hidden=2048, intermediate=5504, layers=1, heads=16, kv_heads=16,
                        vocab=4096, max_positions=512, seed=5)   # 1 layer: 2,000 adapters fit a CPU box
 SLORA_ADAPTER = AdapterSpec(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -302,9 +306,11 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--device-cache-bytes", type=int, default=0,
                     help="the engines' device tier (CUDA: 0 -> automatic; CPU: 0 -> none)")
+    ap.add_argument("--lora-dtype", choices=("auto", "bfloat16"), default="auto",
+                    help="the engines' adapter pages (bfloat16 under the float32 model: half the bytes)")
     ap.add_argument("--work-dir", default="", help="reuse the model and adapters written there")
     args = ap.parse_args()
-    DEVICE.update(device=args.device, device_cache_bytes=args.device_cache_bytes)
+    DEVICE.update(device=args.device, device_cache_bytes=args.device_cache_bytes, lora_dtype=args.lora_dtype)
     work = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="thrash-"))
     for old in [*work.glob("disk-*"), work / "registry"]:   # an earlier run's tiers: start cold
         shutil.rmtree(old, ignore_errors=True)
@@ -320,7 +326,8 @@ def main() -> None:
     probe.load_adapter(names[0], 0)
     per_adapter = host_stat(probe).bytes_used
     probe.stop()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {work / 'model'}; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; adapter pages {args.lora_dtype}; "
+          f"model {work / 'model'}; "
           f"one rank-16 adapter takes {per_adapter / 2**20:.2f} MiB of arena")
     if not args.skip_tiers:
         reg = start_registry(work, root, names)
