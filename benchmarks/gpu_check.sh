@@ -41,7 +41,7 @@ stage() {  # stage NAME LIMIT_S CMD...: runs CMD under a time limit and says how
   # every CUDA test: the kernels (lora_paged_add_, attention, layer ops) and the engine on CUDA against
   # transformers+peft (greedy tokens equal, logprobs close), adapters read from the device page pool
   stage tests 170 "$PY" -m pytest -q -x -p no:cacheprovider -k "cuda" tests/test_lora_paged.py \
-      tests/test_paged_attention.py tests/test_layer_ops.py tests/test_engine_oracle.py
+      tests/test_paged_attention.py tests/test_layer_ops.py tests/test_engine_oracle.py tests/test_lora_dtype.py
   # the served ops: F.linear, then lora_paged_add_ on device pages, vs F.linear alone (fp32, bf16, fp16)
   stage kernel 40 "$PY" benchmarks/kernel.py --device cuda --rounds 20
   # the engine on CUDA: 32 mixed adapters vs base-only (goal >= 0.90x), no transformers+peft run

@@ -156,6 +156,7 @@ def test_load_unload_and_status(stack):
         assert host.adapters >= 1 and host.loads >= 1 and host.bytes_used == st.host_cache_used_bytes
         assert host.bytes_capacity == st.host_cache_bytes and disk.adapters >= 1 and disk.loads >= 1
         assert st.executor_id == "exec-1" and st.kv_blocks_total > 0 and st.max_batch_size == 8
+        assert (st.dtype, st.lora_dtype) == ("float32", "float32")     # --lora-dtype auto: the model's
         stub.UnloadAdapter(executor_pb2.UnloadAdapterRequest(adapter_id="org/mlp-l1"), timeout=60)
         st = stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10)
         assert "org/mlp-l1" not in {a.adapter_id for a in st.adapters}

@@ -48,11 +48,13 @@ def roots(tmp_path_factory):
     return served, rounded
 
 
-@pytest.mark.parametrize("tier", ["arena", "device", "unified"])
+@pytest.mark.parametrize("tier", ["arena", "device", "unified", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 def test_bfloat16_pages_match_peft_over_the_rounded_adapters(llama_dir, roots, tier):
+    """cuda: a float32 engine on the GPU, its device pool of bfloat16 pages read by cpp/cuda/lora_paged.cu."""
     served, rounded = roots
     names = sorted(ADAPTERS)
-    extra = {"arena": {}, "device": {"device_cache_bytes": 4 << 20},
+    extra = {"arena": {}, "device": {"device_cache_bytes": 4 << 20}, "cuda": {"device": "cuda"},
              "unified": {"unified_kv_adapter_pool": True, "host_cache_bytes": 1 << 20,
                          "kv_cache_bytes": 64 * bytes_per_block(2, 4, 2, 16, torch.float32),
                          "max_model_len": 64}}[tier]
@@ -60,7 +62,9 @@ def test_bfloat16_pages_match_peft_over_the_rounded_adapters(llama_dir, roots, t
     try:
         pool = engine.runner.pool
         assert pool.pages.dtype == torch.bfloat16 and engine.arena.pages.dtype == torch.bfloat16
-        assert (pool is engine.device_pool) == (tier == "device")
+        assert (pool is engine.device_pool) == (tier in ("device", "cuda"))
+        st = engine.status()
+        assert (st.dtype, st.lora_dtype) == ("float32", "bfloat16")
         for name in names:
             engine.load_adapter(name, 0)
         requests = make_requests("llama", names, TINY["llama"].vocab)

@@ -306,6 +306,7 @@ class Engine:
             device_cache_bytes=dev.capacity_bytes if dev is not None else 0,
             device_cache_used_bytes=dev.used_bytes if dev is not None else 0,
             unified_kv_adapter_pool=self.config.unified_kv_adapter_pool,
+            lora_dtype=str(self.lora_dtype).removeprefix("torch."),
             quantization=self.model.quantization, base_weight_bytes=self.base_weight_bytes,
             **self._spec_status())
 

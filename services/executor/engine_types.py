@@ -90,6 +90,7 @@ class EngineStatus:
     device_cache_bytes: int = 0        # the device page pool's capacity (0: none)
     device_cache_used_bytes: int = 0
     unified_kv_adapter_pool: bool = False
+    lora_dtype: str = ""               # the adapter pages' dtype (--lora-dtype)
 
 
 class InternalError(OpenLoraError):

@@ -233,7 +233,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             host_cache_bytes=st.host_cache_bytes, host_cache_used_bytes=st.host_cache_used_bytes,
             device_cache_bytes=st.device_cache_bytes,
             device_cache_used_bytes=st.device_cache_used_bytes,
-            unified_kv_adapter_pool=st.unified_kv_adapter_pool,
+            unified_kv_adapter_pool=st.unified_kv_adapter_pool, lora_dtype=st.lora_dtype,
             tier_stats=[executor_pb2.TierStats(
                 tier=TIERS[t.tier], adapters=t.adapters, bytes_used=t.bytes_used,
                 bytes_capacity=t.bytes_capacity, hits=t.hits, misses=t.misses, loads=t.loads,

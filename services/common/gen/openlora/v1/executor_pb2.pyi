@@ -64,7 +64,7 @@ class AdapterResidency(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., active_requests: _Optional[int] = ...) -> None: ...
 
 class ExecutorStatus(_message.Message):
-    __slots__ = ("executor_id", "base_model", "device", "dtype", "running_requests", "waiting_requests", "max_batch_size", "kv_blocks_total", "kv_blocks_free", "device_adapter_slots", "host_cache_bytes", "host_cache_used_bytes", "adapters", "kv_blocks_cached", "prefix_cache_hit_tokens", "prefill_tokens_computed", "tier_stats", "quantization", "base_weight_bytes", "speculative_method", "spec_draft_tokens", "spec_accepted_tokens", "spec_emitted_tokens", "spec_acceptance_rate", "device_cache_bytes", "device_cache_used_bytes", "unified_kv_adapter_pool", "max_model_len")
+    __slots__ = ("executor_id", "base_model", "device", "dtype", "running_requests", "waiting_requests", "max_batch_size", "kv_blocks_total", "kv_blocks_free", "device_adapter_slots", "host_cache_bytes", "host_cache_used_bytes", "adapters", "kv_blocks_cached", "prefix_cache_hit_tokens", "prefill_tokens_computed", "tier_stats", "quantization", "base_weight_bytes", "speculative_method", "spec_draft_tokens", "spec_accepted_tokens", "spec_emitted_tokens", "spec_acceptance_rate", "device_cache_bytes", "device_cache_used_bytes", "unified_kv_adapter_pool", "max_model_len", "lora_dtype")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class ExecutorStatus(_message.Message):
     DEVICE_CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     UNIFIED_KV_ADAPTER_POOL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    LORA_DTYPE_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     base_model: str
     device: str
@@ -121,7 +122,8 @@ class ExecutorStatus(_message.Message):
     device_cache_used_bytes: int
     unified_kv_adapter_pool: bool
     max_model_len: int
-    def __init__(self, executor_id: _Optional[str] = ..., base_model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., device_adapter_slots: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., host_cache_used_bytes: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterResidency, _Mapping]]] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefill_tokens_computed: _Optional[int] = ..., tier_stats: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., quantization: _Optional[str] = ..., base_weight_bytes: _Optional[int] = ..., speculative_method: _Optional[str] = ..., spec_draft_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ..., spec_emitted_tokens: _Optional[int] = ..., spec_acceptance_rate: _Optional[float] = ..., device_cache_bytes: _Optional[int] = ..., device_cache_used_bytes: _Optional[int] = ..., unified_kv_adapter_pool: _Optional[bool] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    lora_dtype: str
+    def __init__(self, executor_id: _Optional[str] = ..., base_model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., device_adapter_slots: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., host_cache_used_bytes: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterResidency, _Mapping]]] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefill_tokens_computed: _Optional[int] = ..., tier_stats: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., quantization: _Optional[str] = ..., base_weight_bytes: _Optional[int] = ..., speculative_method: _Optional[str] = ..., spec_draft_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ..., spec_emitted_tokens: _Optional[int] = ..., spec_acceptance_rate: _Optional[float] = ..., device_cache_bytes: _Optional[int] = ..., device_cache_used_bytes: _Optional[int] = ..., unified_kv_adapter_pool: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., lora_dtype: _Optional[str] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("tier", "adapters", "bytes_used", "bytes_capacity", "hits", "misses", "loads", "evictions")
