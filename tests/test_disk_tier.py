@@ -257,6 +257,36 @@ def test_a_written_back_copy_the_arena_cannot_use_is_fetched_again(registry, tmp
         src.close()
 
 
+def test_a_restart_with_bfloat16_pages_refetches_an_image_packed_for_float32(registry, tmp_path, llama_dir):
+    """--lora-dtype changed across a restart: the disk holds only an fp32 arena's packed image of t/a4
+    (written back), which a bfloat16 arena cannot use; it is fetched again and packed for the new
+    arena, whose pages are the fp32 ones rounded once."""
+    import torch
+
+    from services.executor.adapters.residency import Residency
+    reg, _ = registry
+    arena, src, res = _tiers(tmp_path, llama_dir, reg)
+    try:
+        want = [t.clone() for t in arena.read_back(res.preload("t/a4", 0).entry, 0)]
+        res.preload("t/a5", 0)                         # the host evicts a4: written back as an fp32 image
+        assert _wait_for(lambda: src.holds("t/a4", 1))
+        assert not (tmp_path / "disk" / "t%2Fa4" / "1" / WEIGHTS_FILE).exists()
+    finally:
+        res.close()
+        src.close()
+    src = RegistryAdapterSource(reg.address, DiskAdapterStore(tmp_path / "disk"))
+    bf16 = arena.__class__(arena.layout, arena.capacity_bytes, torch.bfloat16)
+    res = Residency(bf16, src, res.cfg, 16)
+    try:
+        lease = res.preload("t/a4", 1)
+        assert lease.source_tier == "registry"
+        got = res.arena.read_back(lease.entry, 0)
+        assert all(g.dtype == torch.bfloat16 and torch.equal(g, w.bfloat16()) for g, w in zip(got, want, strict=True))
+    finally:
+        res.close()
+        src.close()
+
+
 def test_no_write_back_when_it_is_off(registry, tmp_path, llama_dir):
     reg, _ = registry
     _, src, res = _tiers(tmp_path, llama_dir, reg, write_back=False)
