@@ -150,3 +150,4 @@ def test_lora_dtype_is_checked_against_the_model_dtype():
     with pytest.raises(ConfigError, match="--lora-dtype: must be auto, --dtype"):
         ExecutorConfig(base_model="m", dtype="bfloat16", lora_dtype="float32")
     ExecutorConfig(base_model="m", dtype="float32", lora_dtype="bfloat16")
+    ExecutorConfig(base_model="m", dtype="auto", lora_dtype="float32")   # auto is float32 on CPU: checked at load

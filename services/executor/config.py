@@ -138,7 +138,7 @@ class ExecutorConfig(ServerConfig):
         check(self.registry_timeout_s > 0, "registry_timeout_s", "must be > 0")
         check(not (self.dtype == "float16" and self.device == "cpu"), "dtype",
               "float16 runs on CUDA only; use float32 or bfloat16 with --device cpu")
-        check(self.lora_dtype in ("auto", "bfloat16") or self.lora_dtype == self.dtype, "lora_dtype",
+        check(self.lora_dtype in ("auto", "bfloat16", self.dtype) or self.dtype == "auto", "lora_dtype",
               f"must be auto, --dtype ({self.dtype}) or bfloat16 (under a float32 model), got {self.lora_dtype}")
         check(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0..65535")
         check(self.adapter_latest_ttl_s >= 0, "adapter_latest_ttl_s", "must be >= 0")
