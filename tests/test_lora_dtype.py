@@ -9,6 +9,7 @@ tier (--device-cache-bytes) and the unified KV/adapter pool.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -151,3 +152,45 @@ def test_lora_dtype_is_checked_against_the_model_dtype():
         ExecutorConfig(base_model="m", dtype="bfloat16", lora_dtype="float32")
     ExecutorConfig(base_model="m", dtype="float32", lora_dtype="bfloat16")
     ExecutorConfig(base_model="m", dtype="auto", lora_dtype="float32")   # auto is float32 on CPU: checked at load
+
+
+def rounded_copy(src, dst):
+    """The adapter at src with its own tensors (LoRA A and B, modules_to_save copies) rounded once to
+    bfloat16 (stored back as fp32) at dst. A DoRA magnitude is not paged (the engine pages the scale
+    it makes of it, less one): left. The base layers PEFT saves beside an embed_tokens /
+    lm_head LoRA (save_embedding_layers) are the served base's, which the engine does not page: left.
+    (PEFT names a modules_to_save copy as the layer itself, so an adapter with modules_to_save has every
+    non-LoRA tensor rounded; none here has both.)"""
+    shutil.copytree(src, dst)
+    f = dst / "adapter_model.safetensors"
+    saves = bool(json.loads((dst / "adapter_config.json").read_text()).get("modules_to_save"))
+    save_file({k: t.bfloat16().float() if ("lora_" in k and "magnitude" not in k) or saves else t
+               for k, t in load_file(str(f)).items()}, str(f))
+    return dst
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_every_adapter_form_over_bfloat16_pages(model_dirs, tmp_path, tied):
+    """LoRA on embed_tokens and lm_head, modules_to_save (lm_head, embed_tokens, the norms) and DoRA, in
+    one batch over bfloat16 pages, equal the oracle over the rounded adapters (1e-4). DoRA's pages hold
+    its scale less one as two bfloat16 rows (hi + lo, forms.py), taken over the rounded A and B: in one
+    bfloat16 row the scale alone was off by up to 1.5e-2 in logprob here."""
+    from test_forms import peft_adapter
+    model_dir = model_dirs["mistral" if tied else "llama"]
+    served, rounded = tmp_path / "served", tmp_path / "rounded"
+    specs = {"emb-lmh-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj", "embed_tokens", "lm_head"]),
+             "saved-both": dict(r=4, lora_alpha=8, target_modules=["k_proj"], modules_to_save=["lm_head", "embed_tokens"]),
+             "saved-norms": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"]),
+             "dora-r8": dict(r=8, lora_alpha=8, use_dora=True, target_modules=["v_proj", "up_proj", "lm_head"])}
+    for i, (name, lora) in enumerate(specs.items()):
+        rounded_copy(peft_adapter(model_dir, served / name, 20 + i, **lora), rounded / name)
+    names = sorted(specs)
+    engine = engine_for(model_dir, served, lora_dtype="bfloat16", max_lora_rank=16)
+    try:
+        for name in names:
+            engine.load_adapter(name, 0)
+        requests = make_requests("llama", names, 256)
+        out = run(engine, [r for r, _ in requests])
+    finally:
+        engine.stop()
+    check_against_oracle(model_dir, rounded, out, requests)

@@ -34,6 +34,10 @@ from services.executor.adapters.reader import HostAdapter
 from services.executor.model.config import LORA_MODULES, ModelConfig
 from services.executor.ops.memory import host_pages
 
+# What a packed image's pages mean, beyond the layout: 2 = DoRA scales stored less one, in two rows
+# (forms.py). An image of another format is fetched and packed again, never read.
+PACKED_FORMAT = 2
+
 
 @dataclass(frozen=True)
 class ArenaLayout:
@@ -310,7 +314,7 @@ class HostArena(PagePool):
         meta = torch.zeros((self._lm, 2), dtype=torch.int32)
         scalings = torch.zeros(self._lm, dtype=torch.float32)
         items = [(self.layout.lm(layer, module), w) for (layer, module), w in host.weights.items()]
-        items += forms.extra_rows(host, self.layout, self.base).items()
+        items += forms.extra_rows(host, self.layout, self.base, page_dtype=self.dtype).items()
         n = sum(a.shape[0] * sum(self.layout.chunks(lm)) for lm, (a, _, _) in items)
         rows = torch.zeros((n, p), dtype=self.dtype)
         offset = 0
@@ -344,8 +348,9 @@ class HostArena(PagePool):
         return item.rows.shape[0] if isinstance(item, PackedAdapter) else self.pages_needed(item)
 
     def signature(self) -> str:
-        """What a packed image depends on: page size, dtype and the model's projection shapes."""
+        """What a packed image depends on: the packing's format, page size, dtype and the model's
+        projection shapes."""
         import hashlib
-        return hashlib.sha256(repr((self.layout.page_elems, str(self.dtype), self.layout.shapes,
+        return hashlib.sha256(repr((PACKED_FORMAT, self.layout.page_elems, str(self.dtype), self.layout.shapes,
                                     getattr(self.base, "fingerprint", "")))
                               .encode()).hexdigest()[:16]

@@ -6,19 +6,22 @@ evicted with its adapter, kept in the disk tier's packed image and copied to a d
 A virtual module of shape (0, d) is a "rows" module: `rank` rows of d elements (A pages only, no B).
 
     lm                 kind  shape            what
-    n + p              rows  (0, d_out(p))    DoRA scale of projection p: one row, magnitude / ||W + s B A||_row
+    n + p              rows  (0, d_out(p))    DoRA scale of projection p less one, in two rows (hi, lo): see below
     2n + LM_HEAD       lora  (vocab, hidden)  LoRA on lm_head (lora_A [r, hidden], lora_B [vocab, r])
     2n + EMBED         lora  (hidden, vocab)  LoRA on embed_tokens (lora_embedding_A [r, vocab], _B [hidden, r])
     2n + LM_HEAD_FULL  rows  (0, hidden)      modules_to_save lm_head: its vocab rows
     2n + EMBED_FULL    rows  (0, hidden)      modules_to_save embed_tokens: its vocab rows
-    2n + LM_HEAD_DORA  rows  (0, vocab)       DoRA scale of lm_head's LoRA
+    2n + LM_HEAD_DORA  rows  (0, vocab)       DoRA scale of lm_head's LoRA less one, in two rows (hi, lo)
     2n + NORMS + j     rows  (0, hidden)      modules_to_save of a norm: j = 2 layer (input_layernorm),
                                               2 layer + 1 (post_attention_layernorm), 2 layers (model.norm)
 
 The DoRA scale is computed once when the adapter is packed, against the served base weights
 (`BaseWeights`), as PEFT's DoraLinearLayer computes it (the norm of each output row of
-W + scaling * B @ A, here in float64); serving then scales the segment's rows, base and LoRA parts
-together (PEFT's DoRA output):
+W + scaling * B @ A as the pages hold A and B, here in float64), and stored as v = scale - 1 in two
+rows, hi = v rounded to the pages' dtype and lo = v - hi rounded again; serving reads hi + lo. In
+float32 pages lo is 0; in bfloat16 pages (--lora-dtype bfloat16, or a bf16 model) the pair keeps
+~16 of v's bits where one row would keep 8. Serving then scales the segment's rows, base and LoRA
+parts together (PEFT's DoRA output):
 
     y[seg] = bias + scale * (x[seg] @ W.T + scaling * (x[seg] @ A.T) @ B.T)
 
@@ -193,10 +196,17 @@ def dora_scale(weight: Tensor, a: Tensor, b: Tensor, scaling: float, magnitude: 
     return (magnitude.double() / torch.linalg.norm(w, dim=1)).float()
 
 
-def extra_rows(host, layout, base: BaseWeights | None,
-               shapes_only: bool = False) -> dict[int, tuple[Tensor, Tensor | None, float]]:
+def extra_rows(host, layout, base: BaseWeights | None, shapes_only: bool = False,
+               page_dtype: torch.dtype | None = None) -> dict[int, tuple[Tensor, Tensor | None, float]]:
     """host's Extras as the arena packs them: virtual lm -> (A or rows, B or None, scaling).
-    shapes_only: the same shapes without the base weights (saved base copies not counted)."""
+    shapes_only: the same shapes without the base weights (saved base copies not counted).
+    page_dtype: the pages' dtype; a DoRA scale is taken over A and B as the pages hold them."""
+    def served(t: Tensor) -> Tensor:
+        return t if page_dtype is None else t.to(page_dtype)
+
+    def split(v: Tensor) -> Tensor:          # [2, d]: hi, lo (v = hi + lo to ~16 bits in bfloat16)
+        hi = v.to(page_dtype or v.dtype).float()
+        return torch.stack([hi, (v.float() - hi).to(page_dtype or v.dtype).float()])
     ex: Extras | None = getattr(host, "extras", None)
     if ex is None or not ex.any:
         return {}
@@ -207,17 +217,17 @@ def extra_rows(host, layout, base: BaseWeights | None,
     for (layer, module), mag in ex.magnitudes.items():
         lm = layout.lm(layer, module)
         if shapes_only:
-            out[n + lm] = (mag[None], None, 0.0)
+            out[n + lm] = (mag.expand(2, -1), None, 0.0)
             continue
         a, b, s = host.weights[(layer, module)]
-        out[n + lm] = (dora_scale(base.proj[(layer, module)], a, b, s, mag)[None], None, 0.0)
+        out[n + lm] = (split(dora_scale(base.proj[(layer, module)], served(a), served(b), s, mag) - 1), None, 0.0)
     if ex.lm_head is not None:
         out[2 * n + LM_HEAD] = ex.lm_head
         if ex.lm_head_magnitude is not None:
             a, b, s = ex.lm_head
-            scale = ex.lm_head_magnitude if shapes_only else dora_scale(base.lm_head, a, b, s,
-                                                                        ex.lm_head_magnitude)
-            out[2 * n + LM_HEAD_DORA] = (scale[None], None, 0.0)
+            rows = ex.lm_head_magnitude.expand(2, -1) if shapes_only else split(
+                dora_scale(base.lm_head, served(a), served(b), s, ex.lm_head_magnitude) - 1)
+            out[2 * n + LM_HEAD_DORA] = (rows, None, 0.0)
     if ex.embed is not None:
         out[2 * n + EMBED] = ex.embed
     full = dict(ex.full)
@@ -308,7 +318,7 @@ def _factor_rows(f: BatchForms, paged, segs: Tensor, lm: int, shape: tuple[int, 
     if rows is None:
         T, d = shape
         factor = torch.zeros((paged.seg_meta.shape[0], d), dtype=torch.float32, device=paged.arena.device)
-        factor[segs] = gather_rows(paged, segs, lm, d)[:, 0].float() - 1            # [G, d]
+        factor[segs] = gather_rows(paged, segs, lm, d, rows=2).float().sum(1)        # [G, d]: scale - 1
         rows = factor[row_segments(seg_indptr, T)]
         if T * d <= CACHE_ELEMS:     # decode-sized: kept for the next steps; a prefill chunk is not
             f.cache[lm] = rows
@@ -378,7 +388,7 @@ def lm_head_epilogue(logits: Tensor, h: Tensor, logits_rows: Tensor, paged, seg_
     for g in f.lm_head_full:
         w = gather_rows(paged, torch.tensor([g], device=h.device), 2 * f.n + LM_HEAD_FULL,
                         h.shape[1], vocab)[0]                                      # [vocab, hidden]
-        logits = torch.where((row_seg == g)[:, None], (h @ w.T).float(), logits)
+        logits = torch.where((row_seg == g)[:, None], (h @ w.to(h.dtype).T).float(), logits)   # pages may be bf16
     if f.lm_head:
         y = logits if logits.dtype == h.dtype else torch.zeros((N, vocab), dtype=h.dtype, device=h.device)
         ops.lora_paged_add_(y, h.contiguous(), paged.arena, paged.page_index, paged.seg_meta,
@@ -387,7 +397,8 @@ def lm_head_epilogue(logits: Tensor, h: Tensor, logits_rows: Tensor, paged, seg_
             logits = logits + y.float()
         if f.lm_head_dora is not None:
             factor = torch.zeros((paged.seg_meta.shape[0], vocab), dtype=torch.float32, device=h.device)
-            factor[f.lm_head_dora] = gather_rows(paged, f.lm_head_dora, 2 * f.n + LM_HEAD_DORA, vocab)[:, 0] - 1
+            factor[f.lm_head_dora] = gather_rows(paged, f.lm_head_dora, 2 * f.n + LM_HEAD_DORA, vocab,
+                                                 rows=2).float().sum(1)
             _scale_rows(logits, None, factor[row_seg])
     return logits
 
