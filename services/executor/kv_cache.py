@@ -251,7 +251,8 @@ def unified_pool(allocator: KVBlockAllocator, *, layers: int, block_size: int, k
         raise ValueError(f"--unified-kv-adapter-pool needs KV blocks of whole adapter pages: "
                          f"block_size * kv_heads * head_dim = {block_elems // per} is not a multiple of the "
                          f"page size {page_elems} (set --arena-page-elems to a divisor)")
-    own_pages -= own_pages * page_elems % per         # the KV part starts on a KV element
+    while own_pages * page_elems % per:               # the KV part starts on a whole KV element
+        own_pages -= 1
     own = own_pages * page_elems // per
     kv_elems = 2 * layers * allocator.num_blocks * (block_elems // per)
     buf = torch.zeros(own + kv_elems, dtype=dtype, device=device)
