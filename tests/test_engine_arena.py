@@ -91,8 +91,10 @@ def test_forty_adapters_through_an_arena_for_four_answer_as_all_resident(llama_d
         host = next(t for t in small.status().tier_stats if t.tier == "host")
     finally:
         small.stop()
-    # room for four of the rank-8 adapters (five when rank-4 ones mix in): 40 loads, 35+ evictions
-    assert host.bytes_used <= host.bytes_capacity and host.loads == 40 and host.evictions >= 35, host
+    # room for four rank-8 adapters' bytes (up to eight when rank-4 ones mix in, as the load order
+    # decides): 40 loads, and every one not held at the end was evicted (a CI run held six: 34)
+    assert host.bytes_used <= host.bytes_capacity and host.loads == 40, host
+    assert host.adapters <= 8 and host.evictions == host.loads - host.adapters >= 32, host
     same_answers(want, got, reqs, reqs2)
     # the same through a device tier for four over a host arena for ten (CPU: a second page pool
     # filled by copy): adapters leave the device tier while the host keeps them, and leave both
@@ -107,7 +109,8 @@ def test_forty_adapters_through_an_arena_for_four_answer_as_all_resident(llama_d
     dev, host = (next(t for t in st.tier_stats if t.tier == tier) for tier in ("device", "host"))
     assert dev.bytes_used <= dev.bytes_capacity == st.device_cache_bytes == 4 * per_adapter
     assert host.loads == 40 and dev.loads >= 40 and dev.evictions >= 30, (dev, host)   # 4 to 8 fit
-    assert 25 <= host.evictions < dev.evictions, (dev, host)   # some device evictions kept the host copy
+    assert host.evictions == host.loads - host.adapters >= 20, host    # ten rank-8 adapters' bytes
+    assert host.evictions < dev.evictions, (dev, host)   # some device evictions kept the host copy
     same_answers(want, got, reqs, reqs3)
 
 
