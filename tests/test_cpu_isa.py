@@ -114,11 +114,16 @@ def use_isa(isa):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, pages", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.float32, torch.bfloat16)],
+                         ids=["float32", "bfloat16", "bf16-pages"])
 @pytest.mark.parametrize("isa", list(NEEDS))
-def test_lora_paged_add_on_every_path_matches_float64(isa, dtype, threads):
+def test_lora_paged_add_on_every_path_matches_float64(isa, dtype, pages, threads):
     """Segments of 1..70 tokens (every register tile shape and row block), ranks 1..64 and base-only
-    segments, pages smaller and larger than a tile's columns, cut mid-row; one and two threads."""
+    segments, pages smaller and larger than a tile's columns, cut mid-row; one and two threads.
+    bf16-pages: --lora-dtype bfloat16 with a float32 model, float32 x and y over bfloat16 pages widened
+    as read; every product and sum is fp32's, so the fp32 bound holds against float64 math on the
+    pages' values."""
     use_isa(isa)
     lens = [1, 2, 3, 4, 5, 7, 8, 9, 33, 70, 1, 12, 6]
     ranks = [1, 8, 0, 16, 64, 3, 5, 2, 7, 13, 0, 4, 17]
@@ -126,27 +131,9 @@ def test_lora_paged_add_on_every_path_matches_float64(isa, dtype, threads):
     torch.set_num_threads(threads)
     try:
         for dims in [(33, 17, 8), (100, 75, 40), (64, 96, 16), (48, 700, 300), (300, 40, 512), (256, 512, 64)]:
-            check_paged_against_float64(paged_case(lens, ranks, *dims, dtype), dtype)
-    finally:
-        torch.set_num_threads(old)
-        ops.set_cpu_kernels("auto")
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("isa", list(NEEDS))
-def test_bfloat16_pages_under_float32_on_every_path_match_float64(isa, threads):
-    """--lora-dtype bfloat16 with a float32 model: float32 x and y over bfloat16 pages, widened as read;
-    every product and sum is fp32's, so the fp32 bound holds against float64 math on the pages' values."""
-    use_isa(isa)
-    lens = [1, 2, 3, 4, 5, 7, 8, 9, 33, 70, 1, 12, 6]
-    ranks = [1, 8, 0, 16, 64, 3, 5, 2, 7, 13, 0, 4, 17]
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for dims in [(33, 17, 8), (100, 75, 40), (48, 700, 300), (300, 40, 512), (256, 512, 64)]:
-            case = paged_case(lens, ranks, *dims, torch.float32)
-            case["arena"] = case["arena"].to(torch.bfloat16)
-            check_paged_against_float64(case, torch.float32)
+            case = paged_case(lens, ranks, *dims, dtype)
+            case["arena"] = case["arena"].to(pages)
+            check_paged_against_float64(case, dtype)
     finally:
         torch.set_num_threads(old)
         ops.set_cpu_kernels("auto")

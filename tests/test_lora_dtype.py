@@ -34,18 +34,31 @@ ADAPTERS = {
 }
 
 
+def rounded_copy(src, dst):
+    """The adapter at src with its own tensors (LoRA A and B, modules_to_save copies) rounded once to
+    bfloat16 (stored back as fp32) at dst. A DoRA magnitude is not paged (the engine pages the scale
+    it makes of it, less one): left. The base layers PEFT saves beside an embed_tokens /
+    lm_head LoRA (save_embedding_layers) are the served base's, which the engine does not page: left.
+    (PEFT names a modules_to_save copy as the layer itself, so an adapter with modules_to_save has every
+    non-LoRA tensor rounded; none here has both.)"""
+    shutil.copytree(src, dst)
+    f = dst / "adapter_model.safetensors"
+    saves = bool(json.loads((dst / "adapter_config.json").read_text()).get("modules_to_save"))
+    save_file({k: t.bfloat16().float() if ("lora_" in k and "magnitude" not in k) or saves else t
+               for k, t in load_file(str(f)).items()}, str(f))
+    return dst
+
+
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
-    """(served, rounded): the adapters as written (fp32), and the same adapters with every tensor
-    rounded once to bfloat16 and stored back as fp32 (the oracle's copy)."""
+    """(served, rounded): the adapters as written (fp32), and the same adapters rounded once to
+    bfloat16 and stored back as fp32 (the oracle's copy: rounded_copy)."""
     served, rounded = tmp_path_factory.mktemp("lora-dtype"), tmp_path_factory.mktemp("lora-dtype-rounded")
     for i, (name, spec) in enumerate(ADAPTERS.items()):
         write_adapter(served / name, TINY["llama"], AdapterSpec(**{**spec.__dict__, "seed": 90 + i}))
-        shutil.copytree(served / name, rounded / name)
-        f = rounded / name / "adapter_model.safetensors"
-        tensors = load_file(str(f))
-        assert any(not torch.equal(t, t.bfloat16().float()) for t in tensors.values())  # rounding shows
-        save_file({k: t.bfloat16().float() for k, t in tensors.items()}, str(f))
+        rounded_copy(served / name, rounded / name)
+        before, after = (load_file(str(d / name / "adapter_model.safetensors")) for d in (served, rounded))
+        assert any(not torch.equal(before[k], after[k]) for k in before)   # the rounding shows
     return served, rounded
 
 
@@ -152,21 +165,6 @@ def test_lora_dtype_is_checked_against_the_model_dtype():
         ExecutorConfig(base_model="m", dtype="bfloat16", lora_dtype="float32")
     ExecutorConfig(base_model="m", dtype="float32", lora_dtype="bfloat16")
     ExecutorConfig(base_model="m", dtype="auto", lora_dtype="float32")   # auto is float32 on CPU: checked at load
-
-
-def rounded_copy(src, dst):
-    """The adapter at src with its own tensors (LoRA A and B, modules_to_save copies) rounded once to
-    bfloat16 (stored back as fp32) at dst. A DoRA magnitude is not paged (the engine pages the scale
-    it makes of it, less one): left. The base layers PEFT saves beside an embed_tokens /
-    lm_head LoRA (save_embedding_layers) are the served base's, which the engine does not page: left.
-    (PEFT names a modules_to_save copy as the layer itself, so an adapter with modules_to_save has every
-    non-LoRA tensor rounded; none here has both.)"""
-    shutil.copytree(src, dst)
-    f = dst / "adapter_model.safetensors"
-    saves = bool(json.loads((dst / "adapter_config.json").read_text()).get("modules_to_save"))
-    save_file({k: t.bfloat16().float() if ("lora_" in k and "magnitude" not in k) or saves else t
-               for k, t in load_file(str(f)).items()}, str(f))
-    return dst
 
 
 @pytest.mark.parametrize("tied", [False, True])
