@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from services.executor import ops
-from services.executor.adapters.arena import ArenaLayout, HostArena
+from services.executor.adapters.arena import MIN_FAST_PAGE, ArenaLayout, HostArena, default_page_elems
 from services.executor.adapters.reader import HostAdapter
 from services.executor.model.llama import LORA_MODULES, ModelConfig
 from services.executor.ops.memory import HUGE_PAGE, host_pages
@@ -108,6 +108,20 @@ def test_work_is_the_true_rank_not_a_maximum():
     assert arena.free_pages == before - e.pages.numel()
     arena.free(e)
     assert arena.free_pages == before
+
+
+@pytest.mark.parametrize(("dims", "want"), [
+    ((4096, 1024, 14336), 1024),        # Llama-3-8B: k/v's d_out
+    ((8, 256, 384, 512, 768), 512),      # an MoE: the router's 8 and k/v's 256 are shorter than a fast page
+    ((2048, 128, 512, 768), 512),       # Qwen3-30B-A3B: router 128, k/v 512
+    ((64, 32, 172), 64),                # a test model: nothing is that long, so its smallest (>= 64)
+    ((16, 8), 16),
+])
+def test_default_page_is_the_smallest_dimension_long_enough_to_stream(dims, want):
+    """--arena-page-elems 0: a row shorter than MIN_FAST_PAGE (an MoE router's [experts]) takes a
+    partly used page rather than shrinking every page to its length."""
+    assert default_page_elems(list(dims)) == want
+    assert MIN_FAST_PAGE == 512
 
 
 def test_read_back_equals_what_was_written():

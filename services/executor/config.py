@@ -46,8 +46,8 @@ class ExecutorConfig(ServerConfig):
                                          "unified paging): the kernel's page pool borrows whole KV blocks "
                                          "no sequence uses, and cold adapters give them back before any "
                                          "sequence is preempted; an adapter a request uses is never taken")
-    arena_page_elems: int = flag(0, "elements per arena page (0 -> the smallest projection dimension, "
-                                 "S-LoRA's vector-sized page)")
+    arena_page_elems: int = flag(0, "elements per arena page (0 -> the smallest projection dimension "
+                                 "of at least 512 elements, S-LoRA's vector-sized page)")
     adapter_eviction_policy: str = flag("gdsf", "which adapter a full arena or disk tier evicts: gdsf "
                                         "(frequency x reload cost / size, with ageing) or lru",
                                         choices=("gdsf", "lru"))

@@ -52,9 +52,8 @@ class ArenaLayout:
     def for_model(cls, cfg: ModelConfig, page_elems: int = 0) -> ArenaLayout:
         modules = cfg.lora_modules
         shapes = tuple(cfg.module_shape(m) for _ in range(cfg.layers) for m in modules)
-        if page_elems <= 0:  # S-LoRA's page: a vector; the smallest row here (k/v's d_out) wastes nothing
-            dims = [d for shape in shapes for d in shape]
-            page_elems = max(min(dims), min(64, max(dims)))
+        if page_elems <= 0:
+            page_elems = default_page_elems([d for shape in shapes for d in shape])
         # then the adapter forms' virtual modules (DoRA scales, lm_head/embed_tokens): see forms.py
         return cls(shapes + forms.extra_shapes(cfg, shapes), page_elems, modules)
 
@@ -76,6 +75,21 @@ class ArenaLayout:
             ca, cb = self.chunks(lm)
             total += a.shape[0] * (ca + cb)
         return total
+
+
+# Pages shorter than this (2 KiB of fp32) cost the kernel bandwidth: it reads each page as its own
+# stream, and the memory system loses speed on short scattered runs (benchmarks/kernel.py
+# --page-sizes: 64-element pages run the MoE experts' LoRA at 0.6x the speed of 512-element ones).
+MIN_FAST_PAGE = 512
+
+
+def default_page_elems(dims: list[int]) -> int:
+    """--arena-page-elems 0: S-LoRA's page, a vector: the smallest projection dimension of at least
+    MIN_FAST_PAGE elements (k/v's d_out in most models; a row shorter than that, such as an MoE
+    router's [experts] output, takes one partly used page), else (a small model) the smallest
+    dimension, at least 64 elements."""
+    long = [d for d in dims if d >= MIN_FAST_PAGE]
+    return min(long) if long else max(min(dims), min(64, max(dims)))
 
 
 @dataclass(eq=False)

@@ -7,10 +7,12 @@ renormalised to sum to 1), and its output is the weighted sum of theirs.
 
 The experts run grouped: the (token, expert) pairs are sorted by expert (stably, so each expert's
 rows keep the batch's adapter order), then one GEMM per expert over its rows, not a loop over
-tokens. LoRA on the experts is PEFT's target_parameters (ParamWrapper: a rank-r pair per expert,
-reader.py splits them); each (layer, expert, parameter) is one module in the arena's tables, so an
-expert's rows get their own adapters' deltas through the same ops.lora_paged_add_ as a projection,
-with the segments counted within the expert's rows. The router is a LoraProj ("gate").
+tokens, and one activation over all of them. LoRA on the experts is PEFT's target_parameters
+(ParamWrapper: a rank-r pair per expert, reader.py splits them); each (layer, expert, parameter) is
+one module in the arena's tables. The sorted rows are E * G segments (expert, then the batch's
+adapter segment), each given its own (expert, parameter) module's page entry, so ONE
+ops.lora_paged_add_ call per parameter serves every expert's rows: the same op as a projection,
+with no per-expert call (16 calls a layer for 8 experts otherwise). The router is a LoraProj ("gate").
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.activation = cfg.activation
         self.lora = [{p: ExpertLora() for p in EXPERT_MODULES} for _ in range(e)]
+        self._lm_index: tuple = (None, None)   # (the lms and device it was built for, the index)
 
     def forward(self, x: Tensor, top_i: Tensor, top_w: Tensor, batch) -> Tensor:
         """x [T, H], top_i / top_w [T, k] -> sum_k top_w * expert_{top_i}(x) [T, H]."""
@@ -49,37 +52,62 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)            # pairs by expert, then by token
         rows = order // k                                   # each sorted pair's token
         xs = x[rows]
-        p = batch.paged
-        lora = p is not None and p.any_lora
-        if lora:   # per expert, its rows counted per adapter segment: [E, G+1] offsets into xs
-            G = batch.seg_indptr.numel() - 1
-            seg = torch.searchsorted(batch.seg_indptr[1:].long(), rows, right=True)
-            counts = torch.bincount(flat[order] * G + seg, minlength=E * G).view(E, G)
-            indptr = torch.zeros((E, G + 1), dtype=torch.int32, device=x.device)
-            indptr[:, 1:] = counts.cumsum(1)
         sizes = torch.bincount(flat, minlength=E).tolist()
-        out = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(sizes):
-            if n == 0:
-                continue
-            xe = xs[start:start + n]
-            h = xe @ self.gate_up_proj[e].T
-            if lora:
-                for meta, scalings in ((p.seg_meta, p.seg_scalings), *p.overlays):   # overlays: cat
-                    ops.lora_paged_add_(h, xe, p.arena, p.page_index, meta, scalings,
-                                        self.lora[e]["gate_up_proj"].lm, indptr[e])
-            gate, up = h.chunk(2, dim=-1)
-            a = gated_act(self.activation, gate.contiguous(), up.contiguous())
-            o = a @ self.down_proj[e].T
-            if lora:
-                for meta, scalings in ((p.seg_meta, p.seg_scalings), *p.overlays):
-                    ops.lora_paged_add_(o, a, p.arena, p.page_index, meta, scalings,
-                                        self.lora[e]["down_proj"].lm, indptr[e])
-            out[start:start + n] = o
-            start += n
+        p = batch.paged
+        groups = self._lora_groups(p, batch.seg_indptr, flat[order], rows, E) \
+            if p is not None and p.any_lora else None
+        h = xs.new_empty((xs.shape[0], self.gate_up_proj.shape[1]))
+        self._grouped_mm(xs, self.gate_up_proj, sizes, h)
+        if groups is not None:
+            self._lora(h, xs, p, groups, 0)
+        gate, up = h.chunk(2, dim=-1)
+        a = gated_act(self.activation, gate.contiguous(), up.contiguous())
+        out = xs.new_empty((xs.shape[0], self.down_proj.shape[1]))
+        self._grouped_mm(a, self.down_proj, sizes, out)
+        if groups is not None:
+            self._lora(out, a, p, groups, 1)
         weights = top_w.reshape(-1)[order].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, rows, out * weights[:, None])
+
+    @staticmethod
+    def _grouped_mm(xs: Tensor, w: Tensor, sizes: list[int], out: Tensor) -> None:
+        """out[rows of e] = xs[rows of e] @ w[e].T, one GEMM per expert with rows."""
+        start = 0
+        for e, n in enumerate(sizes):
+            if n:
+                torch.mm(xs[start:start + n], w[e].T, out=out[start:start + n])
+                start += n
+
+    def _lora_groups(self, p, seg_indptr: Tensor, experts: Tensor, rows: Tensor, E: int):
+        """The sorted pairs as E * G segments (expert-major; within an expert, the batch's adapter
+        segments in order) -> (indptr [E*G+1], per pass: (seg_meta [2, E*G, 1, 2], seg_scalings
+        [2, E*G, 1]) for gate_up_proj and down_proj). One lora_paged_add_ call per parameter then
+        covers every expert's rows, each segment with its own (expert, parameter) module."""
+        G = seg_indptr.numel() - 1
+        seg = torch.searchsorted(seg_indptr[1:].long(), rows, right=True)
+        counts = torch.bincount(experts * G + seg, minlength=E * G)
+        indptr = torch.zeros(E * G + 1, dtype=torch.int32, device=rows.device)
+        indptr[1:] = counts.cumsum(0)
+        lms = self._lms(rows.device)
+        passes = []
+        for meta, scalings in ((p.seg_meta, p.seg_scalings), *p.overlays):   # overlays: cat
+            m = meta[:, lms].transpose(0, 1).reshape(2, E * G, 1, 2)     # [G, 2E, 2] -> (param, e, g)
+            s = scalings[:, lms].t().reshape(2, E * G, 1)
+            passes.append((m, s))
+        return indptr, passes
+
+    def _lms(self, device) -> Tensor:
+        """[2E] int64: gate_up_proj's module index for every expert, then down_proj's."""
+        key = (tuple(self.lora[e][name].lm for name in EXPERT_MODULES for e in range(len(self.lora))), device)
+        if self._lm_index[0] != key:
+            self._lm_index = (key, torch.tensor(key[0], dtype=torch.long, device=device))
+        return self._lm_index[1]
+
+    @staticmethod
+    def _lora(y: Tensor, x: Tensor, p, groups, param: int) -> None:
+        indptr, passes = groups
+        for meta, scalings in passes:
+            ops.lora_paged_add_(y, x, p.arena, p.page_index, meta[param], scalings[param], 0, indptr)
 
 
 class SparseMoeBlock(nn.Module):
