@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         ns = parser.parse_args(argv)
         cls, target = SERVERS[ns.command]
         config = from_args(cls, ns)
+        loop_factory = event_loop_factory(config.event_loop)
     except ConfigError as exc:
         print(f"openlora {argv[0] if argv else ''}: error: {exc}", file=sys.stderr)
         return 2
@@ -81,11 +82,26 @@ def main(argv: list[str] | None = None) -> int:
     serve = _resolve(target, ns.command)
     from services.common.server import StartupError
     try:
-        asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(config))
     except StartupError as exc:
         print(f"openlora {ns.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def event_loop_factory(choice: str):
+    """--event-loop: uvloop's loop factory, or None (asyncio's own loop). auto: uvloop where it is
+    installed (a dependency on Linux and macOS; asyncio elsewhere)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("--event-loop uvloop: uvloop is not installed (pip install uvloop)") from None
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

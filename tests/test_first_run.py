@@ -439,3 +439,25 @@ def test_the_supervisor_restarts_with_backoff_and_gives_up_after_max_restarts(tm
     assert "last line: cannot open the database" in str(failed.value)
     said = capsys.readouterr().err
     assert said.count("exited with code 3") == 2 and "restarting it in" in said and "the others keep serving" in said
+
+
+def test_event_loop_flag_picks_the_loop_and_refuses_others(tmp_path):
+    """--event-loop: auto is uvloop where installed (a dependency here), asyncio is asyncio's own
+    loop; a server answers on either; an unknown loop is a one-line flag error."""
+    import uvloop
+
+    from services.cli import event_loop_factory
+    from services.common.harness import Service
+    assert event_loop_factory("auto") is uvloop.new_event_loop
+    assert event_loop_factory("uvloop") is uvloop.new_event_loop
+    assert event_loop_factory("asyncio") is None
+    for loop in ("asyncio", "uvloop"):
+        registry = Service("registry", "--data-dir", str(tmp_path / loop), "--event-loop", loop,
+                           log_path=tmp_path / f"{loop}.log").start(timeout=60)
+        try:
+            from grpc_health.v1 import health_pb2
+            assert health(registry.address) == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            registry.stop()
+    proc = _cli("registry", "--event-loop", "trio", "--data-dir", str(tmp_path))
+    assert proc.returncode == 2 and "--event-loop" in proc.stderr and "Traceback" not in proc.stderr
