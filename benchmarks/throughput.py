@@ -269,6 +269,7 @@ def main() -> None:
                          "and every expert (benchmarks/families.py); transformers+peft skipped")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--arena-page-elems", type=int, default=0, help="the engine's flag (0: its default)")
     ap.add_argument("--rank", type=int, default=16,
                     help="the adapters' rank (the byte ratio printed: their bytes against the base's)")
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -335,6 +336,7 @@ def main() -> None:
                                        device_cache_bytes=args.device_cache_bytes,
                                        max_batch_size=args.requests, max_device_adapters=args.adapters,
                                        max_lora_rank=max(16, args.rank), prepack_weights=prepack,
+                                       arena_page_elems=args.arena_page_elems,
                                        enable_prefix_caching=prefix_caching),
                         LocalDirSource(root / "adapters"))
         for n in names:
