@@ -1,7 +1,7 @@
 """The model families' benchmark models, and the MoE grouped-experts measurement.
 
     .venv/bin/python benchmarks/families.py [--tokens 64] [--repeats 20] [--threads 1]
-    .venv/bin/python benchmarks/families.py --decode-step qwen3moe|mixtral [--requests 64] [--adapters 32]
+    .venv/bin/python benchmarks/families.py --decode-step qwen3moe|mixtral [--requests 64] [--adapters 32] [--rank 16]
                                             [--lora-dtype bfloat16]
 
 Prints, for one Qwen3-MoE layer's experts (hidden 512, 8 experts, top-2, expert intermediate 384,
@@ -138,9 +138,9 @@ def decode_step(args) -> None:
     from services.executor.engine import Engine
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="openlora-families-"))
-    model_dir, names = write_family(root, args.decode_step, args.adapters)
+    model_dir, names = write_family(root, args.decode_step, args.adapters, args.rank)
     engine = Engine(ExecutorConfig(base_model=str(model_dir), dtype="float32", max_batch_size=args.requests,
-                                   max_device_adapters=args.adapters, max_lora_rank=16,
+                                   max_device_adapters=args.adapters, max_lora_rank=max(16, args.rank),
                                    lora_dtype=args.lora_dtype,
                                    enable_prefix_caching=False), LocalDirSource(root / "adapters"))
     for n in names:
@@ -190,7 +190,7 @@ def decode_step(args) -> None:
         finally:
             ops.lora_paged_add_ = op
     best = {k: min(v) for k, v in times.items()}
-    print(f"{describe(args.decode_step)}: one decode step ({args.requests} tokens, {args.adapters} rank-16 "
+    print(f"{describe(args.decode_step)}: one decode step ({args.requests} tokens, {args.adapters} rank-{args.rank} "
           f"adapters mixed on q/k/v/o and every expert), float32 CPU, pages {args.lora_dtype}, {args.threads} threads; model forward "
           f"CPU time, best / median of {args.repeats} alternated")
     for k, v in times.items():
@@ -213,6 +213,7 @@ def main() -> None:
                     help="instead: one decode step of throughput.py --arch ARCH, mixed vs base-only, and "
                          "the LoRA op's time and bytes read (see decode_step)")
     ap.add_argument("--requests", type=int, default=64, help="--decode-step: tokens in the step")
+    ap.add_argument("--rank", type=int, default=16, help="--decode-step: the adapters' rank")
     ap.add_argument("--adapters", type=int, default=32, help="--decode-step: adapters mixed")
     ap.add_argument("--lora-dtype", choices=("auto", "bfloat16"), default="auto",
                     help="--decode-step: the adapter pages' dtype (bfloat16: half the bytes read)")
