@@ -462,3 +462,54 @@ def test_family_bfloat16_within_its_tolerance(name, tmp_path):
                 assert float(want.max() - want[t]) <= 0.1, (req.request_id, len(ids))
                 assert abs(float(want[t]) - lp) <= 0.1, (req.request_id, len(ids))
                 ids.append(t)
+
+
+def test_moe_cat_of_expert_adapters_matches_peft_with_both_active(tmp_path):
+    """A cat request (merged_adapters) over two adapters on every expert: the grouped experts' one
+    op call per parameter reads each (expert, adapter) segment's pages, then the overlay pass the
+    second adapter's. With weights 1 and 1, cat is both deltas added: PEFT with both adapters active.
+    In one batch with a plain request on one of them and a base request."""
+    from peft import PeftModel
+    from test_forms import peft_adapter
+    from transformers import AutoModelForCausalLM
+
+    from services.executor.adapters.merge import MergeSpec
+    torch.manual_seed(5)
+    model = _qwen3_moe()
+    randomize(model, 5)
+    model_dir = tmp_path / "moe"
+    model.save_pretrained(model_dir)
+    for name, seed, r in (("a", 51, 4), ("b", 52, 8)):   # ParamWrapper: the same parameters in both
+        peft_adapter(model_dir, tmp_path / "adapters" / name, seed, r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                     init_lora_weights=False, target_modules=["q_proj"], target_parameters=EXPERTS)
+    spec = MergeSpec.parse(["a", "b"], [1.0, 1.0], "cat")
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (9, 14, 5)]
+    opts = SamplingOptions(max_new_tokens=MAX_NEW, ignore_eos=True)
+    reqs = [GenerationRequest("cat", prompt_token_ids=prompts[0], adapter_id=spec.derived_id,
+                              adapter_version=1, merged=spec, sampling=opts),
+            GenerationRequest("plain", prompt_token_ids=prompts[1], adapter_id="b", sampling=opts),
+            GenerationRequest("base", prompt_token_ids=prompts[2], sampling=opts)]
+    engine = engine_for(model_dir, tmp_path / "adapters")
+    try:
+        out = run(engine, reqs)
+    finally:
+        engine.stop()
+    both = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                     tmp_path / "adapters" / "a", adapter_name="a")
+    both.load_adapter(tmp_path / "adapters" / "b", adapter_name="b")
+    both.base_model.set_adapter(["a", "b"])
+    both.eval()
+    ids, tokens, lps = list(prompts[0]), [], []
+    with torch.no_grad():
+        for _ in range(MAX_NEW):
+            logits = both(torch.tensor([ids])).logits[0, -1].float()
+            tokens.append(int(logits.argmax()))
+            lps.append(float(torch.log_softmax(logits, -1)[tokens[-1]]))
+            ids.append(tokens[-1])
+    assert out["cat"]["error"] is None and out["cat"]["tokens"] == tokens
+    torch.testing.assert_close(torch.tensor(out["cat"]["logprobs"]), torch.tensor(lps), atol=1e-4, rtol=0)
+    for rid, name, prompt in (("plain", "b", prompts[1]), ("base", None, prompts[2])):
+        want_t, want_lp = oracle(model_dir, tmp_path / "adapters" / name if name else None, prompt, MAX_NEW)
+        assert out[rid]["tokens"] == want_t, rid
+        torch.testing.assert_close(torch.tensor(out[rid]["logprobs"]), torch.tensor(want_lp), atol=1e-4, rtol=0)
