@@ -36,6 +36,13 @@ def flag(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple |
     return field(default=default, metadata=meta)
 
 
+def event_loop_flag() -> Any:
+    """--event-loop, one flag of every server and of the gateway (services/cli.py: event_loop_factory)."""
+    return flag("auto", "the asyncio event loop: uvloop (libuv's, lighter per request than asyncio's: "
+                "docs/reference.md), asyncio, or auto (uvloop where installed)",
+                choices=("auto", "uvloop", "asyncio"))
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -167,9 +174,7 @@ class ServerConfig:
     port: int = flag(0, "port to listen on (0 -> any free port)")
     grace_seconds: float = flag(10.0, "how long SIGTERM waits for in-flight calls")
     log_level: str = flag("info", "log level", choices=("debug", "info", "warning", "error"))
-    event_loop: str = flag("auto", "the asyncio event loop: uvloop (libuv; about 2 ms less per request through "
-                           "a router here, benchmarks/gateway.py), asyncio, or auto (uvloop where installed)",
-                           choices=("auto", "uvloop", "asyncio"))
+    event_loop: str = event_loop_flag()
     # auth and TLS (services.common.auth, services.common.tls; docs/reference.md, "Auth, tenants and TLS")
     auth_file: str = flag("", "JSON token file {\"tokens\": [{\"token_sha256\", \"tenant\", \"role\"}]}, "
                           "re-read on change (empty -> open access, every caller admin)")

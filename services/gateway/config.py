@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import check, flag
+from services.common.config import check, event_loop_flag, flag
 
 
 @dataclass(slots=True)
@@ -13,9 +13,7 @@ class GatewayConfig:
     port: int = flag(8000, "HTTP port to listen on (0 -> any free port)")
     grace_seconds: float = flag(10.0, "how long SIGTERM waits for in-flight requests")
     log_level: str = flag("info", "log level", choices=("debug", "info", "warning", "error"))
-    event_loop: str = flag("auto", "the asyncio event loop: uvloop (libuv; about 2 ms less per request through "
-                           "a router here, benchmarks/gateway.py), asyncio, or auto (uvloop where installed)",
-                           choices=("auto", "uvloop", "asyncio"))
+    event_loop: str = event_loop_flag()
     router: str = flag(None, "router address HOST:PORT (generation goes there)", required=True)
     registry: str = flag("", "registry address HOST:PORT: adapters in /v1/models, load/unload_lora_adapter "
                          "(empty -> only the base model is listed)")

@@ -78,8 +78,8 @@ class ArenaLayout:
 
 
 # Pages shorter than this (2 KiB of fp32) cost the kernel bandwidth: it reads each page as its own
-# stream, and the memory system loses speed on short scattered runs (benchmarks/kernel.py
-# --page-sizes: 64-element pages run the MoE experts' LoRA at 0.6x the speed of 512-element ones).
+# stream, and the memory system loses speed on short scattered runs (docs/benchmarks.md, session of
+# 2026-12-07/08: 64-element pages ran the MoE experts' LoRA op at 0.58x the speed of 512-element ones).
 MIN_FAST_PAGE = 512
 
 
