@@ -11,12 +11,17 @@ rotates each round), medians printed against the executor's own gRPC:
     (ignore_eos, sampled); goal: HTTP >= 0.97 x direct.
   * structured outputs (executor gRPC): all streams with a JSON schema vs none, per output token
     (goal <= 1.15x), and unconstrained streams beside structured ones (goal: lose <= 3%).
+  * CPU time per streamed token of each process (executor, router, gateway, this client), from
+    /proc: what each hop costs, steadier than tok/s on a shared machine where all four share cores.
+
+Nine rounds by default: on a 2-core VM a single round's ratio swings by 10-20%, so fewer rounds
+leave the medians to chance.
 
 Both clients run in this process on asyncio (raw HTTP/1.1 for the gateway, grpc.aio for the router),
 so neither side pays for a heavier client library.
 
-    .venv/bin/python benchmarks/gateway.py [--rounds 7] [--requests 40] [--streams 32] [--stream-tokens 128]
-                                           [--structured-rounds 3]
+    .venv/bin/python benchmarks/gateway.py [--rounds 9] [--requests 40] [--streams 32] [--stream-tokens 128]
+                                           [--structured-rounds 9]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -37,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from services.bench import percentile  # noqa: E402
 from services.common.gen.openlora.v1 import common_pb2, executor_pb2_grpc, router_pb2_grpc  # noqa: E402
-from services.common.harness import Service, free_port, http_ok, wait_until  # noqa: E402
+from services.common.harness import Service, cpu_seconds, free_port, http_ok, wait_until  # noqa: E402
 from services.synthetic import ModelSpec, write_model  # noqa: E402
 
 SPEC = ModelSpec(arch="llama", hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=1024,
@@ -169,13 +175,14 @@ async def throughput(side, streams: int, tokens: int, structured: int = 0) -> tu
     return rate(range(structured, streams)), rate(range(structured))
 
 
-async def measure(args, sides: dict) -> None:
+async def measure(args, sides: dict, procs: dict[str, int]) -> None:
     for side in sides.values():                                   # warm-up
         await side.one_token()
         await throughput(side, args.streams, 8)
     names = list(sides)
     lat = {n: [] for n in names}
     tps = {n: [] for n in names}
+    cpu = {n: {p: [] for p in procs} for n in names}   # CPU microseconds per streamed token, by process
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]   # rotate who goes first
         times = {n: [] for n in names}
@@ -186,7 +193,10 @@ async def measure(args, sides: dict) -> None:
                 times[n].append(time.perf_counter() - t)
         for n in order:
             lat[n].append(pct(times[n], 0.5))
+            before = {p: cpu_seconds(pid) for p, pid in procs.items()}
             tps[n].append((await throughput(sides[n], args.streams, args.stream_tokens))[0])
+            for p, pid in procs.items():
+                cpu[n][p].append((cpu_seconds(pid) - before[p]) / (args.streams * args.stream_tokens) * 1e6)
         print(f"round {r + 1}: " + " | ".join(f"{n} p50 {lat[n][-1] * 1e3:.2f} ms, {tps[n][-1]:.0f} tok/s"
                                                for n in names), flush=True)
     base = names[0]
@@ -197,15 +207,22 @@ async def measure(args, sides: dict) -> None:
         ratio = statistics.median(a / b for a, b in zip(tps[n], tps[base], strict=True))
         print(f"  {n:16s} 1-token p50 {p50 * 1e3:7.2f} ms ({(p50 - statistics.median(lat[base])) * 1e3:+.2f} ms "
               f"vs {base})   {t:7.0f} tok/s ({ratio:.3f}x {base}, median of per-round ratios)")
+    print("CPU time per streamed token (medians, microseconds; a process a side does not use stays near 0):")
+    for n in names:
+        print(f"  {n:16s} " + ", ".join(f"{p} {statistics.median(cpu[n][p]):4.0f}" for p in procs))
     if args.structured_rounds:
         side = sides[base]
         n, half = args.streams, args.streams // 2
         runs = {"plain": [], "mixed": [], "json": []}
         cost, lost = [], []
+        work = {kind: [] for kind in runs}    # the executor's CPU microseconds per generated token
 
         async def run(kind: str) -> tuple[float, float]:
-            return await throughput(side, n, args.stream_tokens,
-                                    structured={"plain": 0, "mixed": half, "json": n}[kind])
+            before = cpu_seconds(procs["executor"])
+            got = await throughput(side, n, args.stream_tokens,
+                                   structured={"plain": 0, "mixed": half, "json": n}[kind])
+            work[kind].append((cpu_seconds(procs["executor"]) - before) / (n * args.stream_tokens) * 1e6)
+            return got
         for r in range(args.structured_rounds):
             got = {}
             for kind in list(runs)[r % 3:] + list(runs)[:r % 3]:    # rotate who goes first
@@ -224,16 +241,18 @@ async def measure(args, sides: dict) -> None:
         print(f"  half and half: unconstrained {mp:.0f} tok/s over {n - half} streams, structured {mj:.0f} "
               f"tok/s; each unconstrained stream vs alone: {statistics.median(lost):+.1%} lost (goal <= 3%; "
               f"rounds: {', '.join(f'{x:+.1%}' for x in lost)})")
+        print("  executor CPU per generated token (medians): " + ", ".join(
+            f"{kind} {statistics.median(work[kind]):.0f} us" for kind in ("plain", "mixed", "json")))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--requests", type=int, default=40, help="1-token requests per side per round")
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--stream-tokens", type=int, default=128)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--structured-rounds", type=int, default=3,
+    p.add_argument("--structured-rounds", type=int, default=9,
                    help="rounds of structured vs unconstrained streams (0: none)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,7 +288,8 @@ def main() -> None:
                          "router gRPC": Grpc(router_pb2_grpc.RouterStub(channels[1])),
                          "router HTTP": HttpSide(router_http), "gateway HTTP": HttpSide(http_port)}
                 try:
-                    await measure(args, sides)
+                    await measure(args, sides, {"executor": executor.proc.pid, "router": router.proc.pid,
+                                                "gateway": gateway.proc.pid, "client": os.getpid()})
                 finally:
                     for ch in channels:
                         await ch.close()

@@ -378,7 +378,9 @@ def main() -> None:
             hf_s.append(run_hf(hf, prompts, mixed, args.new_tokens))
     status = engine.status()
     device_tier = status.device_cache_bytes
-    adapter_bytes = sum(f.stat().st_size for f in (root / "adapters").rglob("*.safetensors"))
+    page_dtype = engine.lora_dtype         # the files hold fp32; the pages hold lora_dtype
+    adapter_bytes = sum(f.stat().st_size for f in (root / "adapters").rglob("*.safetensors")) \
+        * page_dtype.itemsize // 4
     engine.stop()
     assert all(len(v) == args.new_tokens for v in out_mixed.values())
     t_mixed, t_base = min(mixed_s), min(base_s)
@@ -393,7 +395,8 @@ def main() -> None:
               f"{args.threads} threads; kernel {engine.kernel_backend}; device tier {device_tier} bytes")
     print(f"workload: {args.requests} requests x ({args.prompt_tokens} prompt + {args.new_tokens} new "
           f"tokens), {args.adapters} rank-{args.rank} adapters, greedy")
-    print(f"adapter-to-base bytes: the {args.adapters} adapters {adapter_bytes / 2**20:.1f} MiB (fp32) / base "
+    print(f"adapter-to-base bytes: the {args.adapters} adapters {adapter_bytes / 2**20:.1f} MiB "
+          f"({str(page_dtype).removeprefix('torch.')} pages) / base "
           f"{status.base_weight_bytes / 2**20:.1f} MiB = {adapter_bytes / status.base_weight_bytes:.1%} "
           f"(S-LoRA's shape: about 5% for 32 adapters)")
     print(f"engine mixed-adapter : {total / t_mixed:8.1f} tok/s best, {total / median(mixed_s):8.1f} median "
