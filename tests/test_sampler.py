@@ -230,3 +230,28 @@ def test_long_rows_candidates_and_their_fallbacks(monkeypatch):
         assert torch.allclose(got, want[i, best[i]], atol=0.02), (i, got, want[i, best[i]])
         rest = 1 - got.sum()
         assert abs(rest - (1 - want[i, best[i]].sum())) < 0.03, i
+
+
+def test_one_softmax_serves_logprobs_and_unit_temperature_draws():
+    """sample_with_top reads logsumexp off one softmax of the raw logits and draws temperature-1
+    rows from it: the logprobs are log_softmax's (float64 reference) at a 152k vocabulary, and each
+    seeded row picks what softmax(logits / T) with the same generator picks, beside rows at other
+    temperatures, a greedy row and a penalised row (which take their own paths)."""
+    from services.executor.sampler import _inverse_cdf, sample_with_top
+    torch.manual_seed(3)
+    logits = torch.randn(6, 152064) * 6
+    kinds = [dict(temperature=1.0, seed=1), dict(temperature=1.0, seed=2), dict(temperature=0.7, seed=3),
+             dict(), dict(temperature=1.0, seed=4, repetition_penalty=1.3), dict(temperature=1.0, seed=5)]
+    for mix in (kinds, [k for k in kinds if k.get("temperature") == 1.0 and len(k) == 2]):
+        rows = [row(**k) for k in mix]
+        for r in rows:
+            r.history = [7, 8]
+        tokens, lps, _ = sample_with_top(logits[:len(mix)], rows)
+        exact = torch.log_softmax(logits[:len(mix)].double(), -1)
+        assert lps == pytest.approx([exact[i, t].item() for i, t in enumerate(tokens)], abs=2e-5)
+        for i, k in enumerate(mix):
+            if k.get("temperature") == 1.0 and len(k) == 2:     # plain temperature-1 rows
+                want = _inverse_cdf(torch.softmax(logits[i:i + 1] / 1.0, -1), [row(**k)]).item()
+                assert tokens[i] == want
+            elif not k:
+                assert tokens[i] == int(logits[i].argmax())
