@@ -31,7 +31,7 @@ def test_every_contract_rpc_is_in_the_protos():
                                            "ListAdapters", "DeleteAdapter", "FetchAdapter",
                                            "WatchAdapters"}),
         "Executor": (executor_pb2, {"Generate", "GenerateStream", "LoadAdapter", "UnloadAdapter",
-                                    "GetStatus"}),
+                                    "GetStatus", "GenerateStreams"}),   # + the router's multiplexed call
         "Router": (router_pb2, {"Generate", "GenerateStream", "ListExecutors"}),
     }
     for name, (module, rpcs) in services.items():

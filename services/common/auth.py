@@ -62,6 +62,7 @@ POLICY: dict[str, frozenset[str]] = {
     f"/{EXECUTOR}/LoadAdapter": _ALL,                # tenant: its own
     f"/{EXECUTOR}/UnloadAdapter": _ALL,              # tenant: its own
     f"/{EXECUTOR}/GetStatus": _ALL,                  # tenant: residency of its own adapters only
+    f"/{EXECUTOR}/GenerateStreams": _READ,           # a router's; each request checked as its caller
     f"/{ROUTER}/Generate": _ALL,
     f"/{ROUTER}/GenerateStream": _ALL,
     f"/{ROUTER}/ListExecutors": _ALL,                # tenant: residency of its own adapters only
@@ -130,6 +131,22 @@ def source_credentials() -> SourceCredentials | None:
 def current() -> Identity:
     """The caller of the RPC being handled (OPEN outside of one, or on an open server)."""
     return _current.get()
+
+
+def caller_authorization() -> str:
+    """The caller's own `authorization` header value ('' without one)."""
+    return _authorization.get() or ""
+
+
+def act_as(header: str, method: str) -> None:
+    """Inside a multiplexed call (Executor.GenerateStreams): from here on, in this task, the caller
+    is the one `header` names, identified with this server's token table and checked against
+    POLICY[method] as a call of its own would be (UNAUTHENTICATED / PERMISSION_DENIED)."""
+    table = _table.get()
+    ident = OPEN if table is None else table.identify(header or None)
+    check_role(method, ident)
+    _current.set(ident)
+    _authorization.set(header or None)
 
 
 def caller_metadata() -> tuple[tuple[str, str], ...]:

@@ -66,6 +66,7 @@ async def build(config: ExecutorConfig):
         config, [Service(SERVICE, holder, executor_pb2_grpc.add_ExecutorServicer_to_server)],
         serving=False)
     holder.executor_id = config.executor_id or f"{config.host}:{port}"
+    server.drain_hook = holder.drain   # GenerateStreams calls end when their requests have
     server.handle_signals()   # a SIGTERM while the model loads still exits 0
     await server.start()
     if config.metrics_port:
@@ -92,7 +93,7 @@ async def build(config: ExecutorConfig):
 async def serve(config: ExecutorConfig) -> None:
     server, engine = await build(config)
     try:
-        await server.run_until_signal(config.grace_seconds)
+        await server.run_until_signal(config.grace_seconds, on_drain=server.drain_hook)
     finally:
         if server.watch is not None:
             await server.watch.close()

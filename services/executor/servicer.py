@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import grpc
 import structlog
 
 from services.common import auth, errors
@@ -107,6 +108,16 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         self.executor_id = executor_id
         self.host_cache_bytes = host_cache_bytes
         self.metrics = metrics   # services.executor.metrics.ExecutorMetrics, or None
+        self.draining = False    # set by drain(): GenerateStreams takes no new requests
+        self._muxes: set[asyncio.Queue] = set()   # each open GenerateStreams call's outbox
+
+    async def drain(self) -> None:
+        """The server is stopping: GenerateStreams calls refuse new requests (UNAVAILABLE, so a
+        router fails over) and end once their open requests have, instead of holding the stop for
+        its whole grace period."""
+        self.draining = True
+        for outbox in self._muxes:
+            outbox.put_nowait(None)
 
     @property
     def engine(self) -> Engine:
@@ -205,6 +216,80 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                     logprobs=ev.logprobs, finish_reason=FINISH[ev.finish_reason],
                     usage=_usage(ev) if final else None, executor_id=self.executor_id,
                     top_logprobs=_tops(ev), prompt_logprobs=_prompt(ev))
+
+    async def GenerateStreams(self, request_iterator, context):
+        """Many GenerateStream requests over one call (a router's), their chunks batched: whatever
+        the engine's step delivered by the time this loop runs goes out as one message."""
+        outbox: asyncio.Queue = asyncio.Queue()     # StreamEvent, or None: look again
+        tasks: dict[int, asyncio.Task] = {}
+        own = auth.caller_authorization()           # this call's caller: the router
+        reading = True
+
+        def end(sid: int, exc: BaseException | None) -> executor_pb2.StreamEvent:
+            if exc is None:
+                return executor_pb2.StreamEvent(stream_id=sid, end=True)
+            code, message = errors.status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("rpc_failed", method="GenerateStreams", error=repr(exc))
+            else:
+                log.info("rpc_error", method="GenerateStreams", code=code.name, error=message)
+            return executor_pb2.StreamEvent(stream_id=sid, end=True, code=code.value[0], message=message)
+
+        async def one(sid: int, request, authorization: str) -> None:
+            try:
+                auth.act_as(authorization or own, f"/{auth.EXECUTOR}/GenerateStream")
+                async for chunk in self.GenerateStream(request, context):
+                    outbox.put_nowait(executor_pb2.StreamEvent(stream_id=sid, chunk=chunk))
+                outbox.put_nowait(end(sid, None))
+            except asyncio.CancelledError:       # cancelled by the caller, or the call ended
+                pass
+            except Exception as exc:             # this request's error ends this request only
+                outbox.put_nowait(end(sid, exc))
+            finally:
+                tasks.pop(sid, None)
+                outbox.put_nowait(None)
+
+        async def read() -> None:
+            nonlocal reading
+            try:
+                async for msg in request_iterator:
+                    op = msg.WhichOneof("op")
+                    if op == "open":
+                        if msg.stream_id in tasks:
+                            outbox.put_nowait(end(msg.stream_id, errors.InvalidArgument(
+                                f"stream_id {msg.stream_id} is already open on this call")))
+                        elif self.draining:
+                            outbox.put_nowait(end(msg.stream_id, errors.Unavailable(
+                                "this executor is shutting down; retry on another")))
+                        else:
+                            tasks[msg.stream_id] = asyncio.create_task(
+                                one(msg.stream_id, msg.open, msg.authorization))
+                    elif op == "cancel" and msg.stream_id in tasks:
+                        tasks[msg.stream_id].cancel()
+            finally:
+                reading = False
+                outbox.put_nowait(None)
+
+        self._muxes.add(outbox)
+        reader = asyncio.create_task(read())
+        try:
+            while reading or tasks or not outbox.empty():
+                if self.draining and not tasks and outbox.empty():
+                    return
+                first = await outbox.get()
+                await asyncio.sleep(0)               # let this step's other events land first
+                batch = [first] if first is not None else []
+                while not outbox.empty():
+                    ev = outbox.get_nowait()
+                    if ev is not None:
+                        batch.append(ev)
+                if batch:
+                    yield executor_pb2.GenerateStreamsResponse(events=batch)
+        finally:
+            self._muxes.discard(outbox)
+            reader.cancel()
+            for t in list(tasks.values()):
+                t.cancel()
 
     async def LoadAdapter(self, request, context):
         await self._may_use(request.adapter_id, request.version)

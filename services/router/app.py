@@ -31,7 +31,7 @@ async def build(config: RouterConfig, resolve=None):
     metrics = RouterMetrics(pool)
     limits = TenantLimits(config.tenant_rate, config.tenant_burst, config.tenant_max_concurrent)
     servicer = RouterServicer(pool, check, prefix_affinity=config.prefix_affinity, metrics=metrics,
-                              limits=limits)
+                              limits=limits, multiplex_streams=config.multiplex_streams)
     server, port = await create_server(
         config, [Service(SERVICE, servicer, router_pb2_grpc.add_RouterServicer_to_server)],
         serving=False)

@@ -30,6 +30,9 @@ class RouterConfig(ServerConfig):
                                   "(empty -> the model directory's name)")
     prefix_affinity: bool = flag(True, "prefer the executor that last served a prompt's longest known "
                                  "prefix (its KV blocks are in that executor's prefix cache)")
+    multiplex_streams: bool = flag(True, "send streamed requests to each executor over one "
+                                   "GenerateStreams call, answered once per engine step (off: one "
+                                   "GenerateStream call per request)")
 
     tenant_rate: float = flag(0.0, "requests per second per tenant (token bucket; 0 -> no limit)")
     tenant_burst: int = flag(0, "requests a tenant may send at once above its rate (0 -> ceil(rate))")

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.gen.openlora.v1 import executor_pb2, executor_pb2_grpc
 from services.common.tls import ClientSecurity, aio_channel
 from services.router.placement import ExecutorView
+from services.router.streams import ExecutorStreams
 
 log = structlog.get_logger(__name__)
 EXECUTOR_SERVICE = "openlora.v1.Executor"
@@ -61,6 +62,7 @@ class _Executor:
         self.address = address
         self.channel = aio_channel(address, security)
         self.stub = executor_pb2_grpc.ExecutorStub(self.channel)
+        self.streams = ExecutorStreams(self.stub)   # streamed requests, one call (streams.py)
         self.view = ExecutorView(address, healthy=False)
         self.status: executor_pb2.ExecutorStatus | None = None
         self.serving = False          # from the health stream (or a Check until it first answers)
@@ -200,6 +202,7 @@ class ExecutorPool:
         now = time.monotonic()
         for when, e in [r for r in self._retired if now - r[0] > 60]:
             self._retired.remove((when, e))
+            await e.streams.close()
             await e.channel.close()
 
     # -- health stream and status polling -----------------------------------------------------------
@@ -303,4 +306,5 @@ class ExecutorPool:
         for e in [*self.executors.values(), *(e for _, e in self._retired)]:
             if e.watch is not None:
                 e.watch.cancel()
+            await e.streams.close()
             await e.channel.close()

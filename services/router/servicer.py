@@ -2,10 +2,11 @@
 
 A unary call fails over to the next executor when one is unreachable; a stream fails over only
 before its first chunk reached the client (after that, a retry would repeat tokens). Streams pass
-through chunk by chunk: each `yield` waits for the client's flow-control window, and so does the
-read from the executor behind it. The executor that serves a request is recorded as holding its
-prompt's prefix (placement.PrefixIndex), and counted (pool.begin/end) with its adapter noted as held
-there, so the next decision already sees this one.
+through chunk by chunk, over the executor's GenerateStreams call (streams.py: one call per executor,
+its answers batched per engine step; --no-multiplex-streams: a GenerateStream call per request).
+The executor that serves a request is recorded as holding its prompt's prefix
+(placement.PrefixIndex), and counted (pool.begin/end) with its adapter noted as held there, so the
+next decision already sees this one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from services.router.limits import RETRY_AFTER_KEY, RateLimited, TenantLimits
 from services.router.metrics import RouterMetrics
 from services.router.placement import PrefixIndex, prefix_chunks, rank, tie_key
 from services.router.registry_check import AdapterCheck
+from services.router.streams import StreamsRefused
 
 log = structlog.get_logger(__name__)
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
@@ -56,8 +58,10 @@ def _code(exc: BaseException | None) -> str:
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, pool: ExecutorPool, adapters: AdapterCheck | None = None,
                  prefixes: PrefixIndex | None = None, prefix_affinity: bool = True,
-                 metrics: RouterMetrics | None = None, limits: TenantLimits | None = None):
+                 metrics: RouterMetrics | None = None, limits: TenantLimits | None = None,
+                 multiplex_streams: bool = True):
         self.pool = pool
+        self.multiplex_streams = multiplex_streams
         self.limits = limits or TenantLimits()
         self.adapters = adapters or AdapterCheck("")
         self.prefixes = prefixes or PrefixIndex()
@@ -177,29 +181,47 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             e = self.pool.executors.get(address)
             if e is None:
                 continue
-            started, call = False, None
+            started = False
             self._begin(address, request.adapter_id)
             try:
-                call = e.stub.GenerateStream(request, timeout=_timeout(context),
-                                             metadata=auth.caller_metadata())
-                async for chunk in call:
-                    if not started:   # the prompt is in its KV cache from here on
-                        started = True
-                        self.prefixes.record(chunks, address)
-                        self.metrics.ttft.observe(time.perf_counter() - t0)
-                    yield chunk
+                # closed at `yield` (the caller went away): aclosing cancels the executor's request too
+                async with contextlib.aclosing(self._executor_chunks(e, request, context)) as executor_chunks:
+                    async for chunk in executor_chunks:
+                        if not started:   # the prompt is in its KV cache from here on
+                            started = True
+                            self.prefixes.record(chunks, address)
+                            self.metrics.ttft.observe(time.perf_counter() - t0)
+                        yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
                 if started or exc.code() not in _RETRYABLE:
                     _reraise(exc)
                 self._failed_over(address, exc)
                 last = exc
-            finally:   # closed at `yield` (the caller went away): cancel the executor's call too
-                if call is not None and not call.done():
-                    call.cancel()
+            finally:
                 self._end(address, request.adapter_id)
         raise errors.Unavailable(f"no executor could serve the request: "
                                  f"{last.details() if last else 'every executor left'}")
+
+    async def _executor_chunks(self, e, request, context):
+        """The executor's chunks for request: over its GenerateStreams call (streams.py), or one
+        GenerateStream call where multiplexing is off or that executor refuses it."""
+        if self.multiplex_streams and e.streams.usable:
+            try:
+                async with contextlib.aclosing(e.streams.stream(
+                        request, _timeout(context), auth.caller_authorization())) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+                return
+            except StreamsRefused:   # before any chunk: this request goes the other way
+                pass
+        call = e.stub.GenerateStream(request, timeout=_timeout(context), metadata=auth.caller_metadata())
+        try:
+            async for chunk in call:
+                yield chunk
+        finally:
+            if not call.done():
+                call.cancel()
 
     async def ListExecutors(self, request, context):
         await self.pool.poll_once()

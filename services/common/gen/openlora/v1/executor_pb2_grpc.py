@@ -66,6 +66,11 @@ class ExecutorStub:
                 request_serializer=openlora_dot_v1_dot_executor__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=openlora_dot_v1_dot_executor__pb2.ExecutorStatus.FromString,
                 _registered_method=True)
+        self.GenerateStreams = channel.stream_stream(
+                '/openlora.v1.Executor/GenerateStreams',
+                request_serializer=openlora_dot_v1_dot_executor__pb2.GenerateStreamsRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_executor__pb2.GenerateStreamsResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -121,6 +126,20 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStreams(self, request_iterator, context):
+        """Many GenerateStream requests over one call, for a router in front of this executor: each
+        request opens with a stream_id of the caller's choosing, and the answers come back batched,
+        one message per engine step carrying every open request's chunks (not one message per request
+        per token). Each request behaves as its own GenerateStream: the same checks (as the caller
+        named in its `authorization`, else as this call's), chunks, and errors, which end that request
+        only (a StreamEvent with end set and its status code). Role: service or admin (a router).
+        While the executor drains, new requests end at once with UNAVAILABLE, and the call ends once
+        its requests have.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +167,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=openlora_dot_v1_dot_executor__pb2.GetStatusRequest.FromString,
                     response_serializer=openlora_dot_v1_dot_executor__pb2.ExecutorStatus.SerializeToString,
+            ),
+            'GenerateStreams': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStreams,
+                    request_deserializer=openlora_dot_v1_dot_executor__pb2.GenerateStreamsRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_executor__pb2.GenerateStreamsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -291,6 +315,33 @@ class Executor:
             '/openlora.v1.Executor/GetStatus',
             openlora_dot_v1_dot_executor__pb2.GetStatusRequest.SerializeToString,
             openlora_dot_v1_dot_executor__pb2.ExecutorStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStreams(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/openlora.v1.Executor/GenerateStreams',
+            openlora_dot_v1_dot_executor__pb2.GenerateStreamsRequest.SerializeToString,
+            openlora_dot_v1_dot_executor__pb2.GenerateStreamsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,174 @@
+"""Executor.GenerateStreams, the router's one call per executor for all its streamed requests:
+each request as its own GenerateStream (tokens, errors, cancellation), answers batched per engine
+step; the router's fallback for an executor without the call; an idle call never holds a stop."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+
+import grpc
+import pytest
+
+from services.common.gen.openlora.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    router_pb2_grpc,
+)
+from services.router.app import build as build_router
+from services.router.config import RouterConfig
+from services.router.servicer import RouterServicer
+from services.router.streams import ExecutorStreams, StreamsRefused
+from tests.servers import Service
+
+C = grpc.StatusCode
+
+
+def _req(n: int, prompt=(5, 17, 42, 99), **sampling) -> common_pb2.GenerateRequest:
+    return common_pb2.GenerateRequest(prompt_token_ids=list(prompt), sampling=common_pb2.SamplingParams(
+        max_new_tokens=n, ignore_eos=True, **sampling))
+
+
+def _code(value: int) -> grpc.StatusCode:
+    return next(c for c in C if c.value[0] == value)
+
+
+@pytest.fixture(scope="module")
+def executor(llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("streams")
+    e = Service("executor", "--base-model", str(llama_dir), "--disk-cache-dir", str(root / "disk"),
+                "--max-batch-size", "16", log_path=root / "executor.log").start()
+    yield e
+    e.stop()
+
+
+def test_one_call_carries_many_requests_each_as_its_own_stream(executor):
+    """Eight greedy requests and two seeded sampled ones on one call give the tokens their own
+    GenerateStream calls give, in fewer messages than events (a step's chunks travel together);
+    a bad request ends only itself; a cancelled request gets nothing after its cancel, and leaves
+    nothing running."""
+    stub = executor_pb2_grpc.ExecutorStub(grpc.insecure_channel(executor.address))
+    reqs = {i: _req(12, prompt=(5, 17, 42, 99 + i)) for i in range(1, 9)}
+    reqs[9] = _req(12, temperature=1.0, seed=7)
+    reqs[10] = _req(12, temperature=0.8, top_p=0.9, seed=3)
+    alone = {i: [t for c in stub.GenerateStream(r, timeout=60) for t in c.token_ids] for i, r in reqs.items()}
+
+    cancel_after = 2
+    outbox = [executor_pb2.GenerateStreamsRequest(stream_id=i, open=r) for i, r in reqs.items()]
+    outbox += [executor_pb2.GenerateStreamsRequest(stream_id=20, open=_req(200)),
+               executor_pb2.GenerateStreamsRequest(stream_id=21, open=common_pb2.GenerateRequest())]
+    later = queue.Queue()          # what the test sends once it has seen chunks
+
+    def requests():
+        yield from outbox
+        while (msg := later.get()) is not None:
+            yield msg
+
+    got = {i: [] for i in (*reqs, 20)}
+    ends, messages, events, after_cancel = {}, 0, 0, 0
+    for response in stub.GenerateStreams(requests(), timeout=120):
+        messages += 1
+        for ev in response.events:
+            events += 1
+            if ev.end:
+                ends[ev.stream_id] = _code(ev.code) if ev.code else C.OK
+                if ev.code:
+                    assert ev.message
+            elif ev.stream_id in ends:
+                after_cancel += 1
+            else:
+                got[ev.stream_id] += ev.chunk.token_ids
+                if ev.stream_id == 20 and len(got[20]) >= cancel_after and 20 not in ends:
+                    later.put(executor_pb2.GenerateStreamsRequest(stream_id=20, cancel=True))
+                    ends[20] = "cancelled"
+        if all(i in ends for i in (*reqs, 20, 21)):
+            later.put(None)                                     # half-close: the call ends
+    assert {i: got[i] for i in reqs} == alone
+    assert ends == {**{i: C.OK for i in reqs}, 20: "cancelled", 21: C.INVALID_ARGUMENT}
+    assert cancel_after <= len(got[20]) < 200 and after_cancel == 0
+    assert messages < events
+    assert stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=10).running_requests == 0
+
+
+def test_a_reused_stream_id_ends_only_the_second_request(executor):
+    stub = executor_pb2_grpc.ExecutorStub(grpc.insecure_channel(executor.address))
+    opens = [executor_pb2.GenerateStreamsRequest(stream_id=5, open=_req(8)),
+             executor_pb2.GenerateStreamsRequest(stream_id=5, open=_req(8))]
+    events = [ev for r in stub.GenerateStreams(iter(opens), timeout=60) for ev in r.events]
+    ends = [(_code(ev.code) if ev.code else C.OK) for ev in events if ev.end]
+    assert sorted(ends, key=lambda c: c.value[0]) == [C.OK, C.INVALID_ARGUMENT]
+    assert sum(len(ev.chunk.token_ids) for ev in events) == 8
+
+
+class _OldExecutor(executor_pb2_grpc.ExecutorServicer):
+    """An executor from before GenerateStreams: GenerateStream only."""
+
+    async def GenerateStream(self, request, context):
+        for t in range(request.sampling.max_new_tokens):
+            yield common_pb2.GenerateChunk(token_ids=[t], executor_id="old")
+
+
+class _Handle:
+    def __init__(self, stub):
+        self.stub, self.streams = stub, ExecutorStreams(stub)
+
+
+class _Context:
+    def time_remaining(self):
+        return 30.0
+
+
+def test_the_router_falls_back_to_one_call_per_request_for_an_executor_without_the_call():
+    async def scenario():
+        server = grpc.aio.server()
+        executor_pb2_grpc.add_ExecutorServicer_to_server(_OldExecutor(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                e = _Handle(executor_pb2_grpc.ExecutorStub(ch))
+                with pytest.raises(StreamsRefused):
+                    async for _ in e.streams.stream(_req(3)):
+                        pass
+                assert not e.streams.usable
+                router = RouterServicer(pool=None)
+                tokens = [t async for c in router._executor_chunks(e, _req(4), _Context()) for t in c.token_ids]
+                assert tokens == [0, 1, 2, 3]
+                await e.streams.close()
+        finally:
+            await server.stop(0)
+    asyncio.run(scenario())
+
+
+def test_an_idle_multiplexed_call_does_not_hold_the_executors_stop(llama_dir, tmp_path):
+    """The router keeps its GenerateStreams call open between requests; SIGTERM on the executor
+    ends that call once its requests are done, so the executor exits long before its grace period
+    (60 s here) would have cancelled the call."""
+    e = Service("executor", "--base-model", str(llama_dir), "--disk-cache-dir", str(tmp_path / "d"),
+                "--grace-seconds", "60", log_path=tmp_path / "e.log").start()
+
+    async def scenario():
+        server, servicer = await build_router(RouterConfig(port=0, executor=[e.address]))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                stub = router_pb2_grpc.RouterStub(ch)
+                for _ in range(100):
+                    await servicer.pool.poll_once()
+                    if any(v.healthy for v in servicer.pool.snapshot()):
+                        break
+                    await asyncio.sleep(0.1)
+                chunks = [c async for c in stub.GenerateStream(_req(4), timeout=60)]
+                assert sum(len(c.token_ids) for c in chunks) == 4
+                handle = servicer.pool.executors[e.address]
+                assert handle.streams._call is not None and handle.streams._call.open   # kept open
+                e.proc.send_signal(15)
+                assert await asyncio.to_thread(e.proc.wait, 30) == 0
+        finally:
+            await server.stop(0)
+            await servicer.pool.close()
+            await servicer.adapters.close()
+    try:
+        asyncio.run(scenario())
+    finally:
+        e.stop()
