@@ -172,3 +172,16 @@ def test_an_idle_multiplexed_call_does_not_hold_the_executors_stop(llama_dir, tm
         asyncio.run(scenario())
     finally:
         e.stop()
+
+
+def test_a_message_of_events_stays_under_its_byte_limit():
+    """The executor cuts a step's events into messages of at most STREAMS_MESSAGE_BYTES (1 MiB; any
+    client's default receive limit is 4 MiB), in order; an event larger than that goes alone."""
+    from services.executor.servicer import STREAMS_MESSAGE_BYTES, batches
+    assert STREAMS_MESSAGE_BYTES <= 4 << 20
+    ev = [executor_pb2.StreamEvent(stream_id=i, chunk=common_pb2.GenerateChunk(token_ids=[1] * n))
+          for i, n in enumerate([10, 300, 10, 10, 2000, 10], start=1)]
+    out = list(batches([ev[0], None, *ev[1:]], limit=700))
+    assert [[e.stream_id for e in b] for b in out] == [[1, 2, 3, 4], [5], [6]]
+    assert all(sum(e.ByteSize() for e in b) <= 700 for b in out if len(b) > 1)
+    assert list(batches([None], limit=700)) == []

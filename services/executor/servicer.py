@@ -26,8 +26,29 @@ log = structlog.get_logger(__name__)
 
 FINISH = {"length": common_pb2.FINISH_REASON_LENGTH, "stop": common_pb2.FINISH_REASON_STOP,
           "eos": common_pb2.FINISH_REASON_EOS, None: common_pb2.FINISH_REASON_UNSPECIFIED}
+# A GenerateStreams message carries at most this many bytes of events (more go in the next one), so
+# a batch of large chunks (prompt logprobs) never exceeds a client's default 4 MiB receive limit
+# where each chunk alone would not.
+STREAMS_MESSAGE_BYTES = 1 << 20
 TIERS = {"device": executor_pb2.ADAPTER_TIER_DEVICE, "host": executor_pb2.ADAPTER_TIER_HOST,
          "disk": executor_pb2.ADAPTER_TIER_DISK}
+
+
+def batches(events, limit: int):
+    """events (None skipped) in order, cut into lists of at most `limit` bytes (an event larger
+    than that goes alone)."""
+    batch, size = [], 0
+    for ev in events:
+        if ev is None:
+            continue
+        n = ev.ByteSize()
+        if batch and size + n > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(ev)
+        size += n
+    if batch:
+        yield batch
 
 
 def to_request(pb: common_pb2.GenerateRequest) -> GenerationRequest:
@@ -278,12 +299,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                     return
                 first = await outbox.get()
                 await asyncio.sleep(0)               # let this step's other events land first
-                batch = [first] if first is not None else []
-                while not outbox.empty():
-                    ev = outbox.get_nowait()
-                    if ev is not None:
-                        batch.append(ev)
-                if batch:
+                ready = [first, *(outbox.get_nowait() for _ in range(outbox.qsize()))]
+                for batch in batches(ready, STREAMS_MESSAGE_BYTES):
                     yield executor_pb2.GenerateStreamsResponse(events=batch)
         finally:
             self._muxes.discard(outbox)

@@ -129,6 +129,8 @@ class ExecutorStreams:
             while True:
                 if deadline is None:
                     ev = await inbox.get()
+                elif not inbox.empty() and loop.time() < deadline:   # no timer for what is here
+                    ev = inbox.get_nowait()
                 else:
                     try:
                         ev = await asyncio.wait_for(inbox.get(), max(deadline - loop.time(), 0))
