@@ -14,6 +14,10 @@ rotates each round), medians printed against the executor's own gRPC:
   * CPU time per streamed token of each process (executor, router, gateway, this client), from
     /proc: what each hop costs, steadier than tok/s on a shared machine where all four share cores.
 
+--compare-multiplex adds a second router started with --no-multiplex-streams (one GenerateStream
+call per request to the executor, where the default sends them all over one GenerateStreams call
+answered once per engine step), as the sides "router gRPC 1/req" and "router HTTP 1/req".
+
 Nine rounds by default: on a 2-core VM a single round's ratio swings by 10-20%, so fewer rounds
 leave the medians to chance.
 
@@ -21,7 +25,7 @@ Both clients run in this process on asyncio (raw HTTP/1.1 for the gateway, grpc.
 so neither side pays for a heavier client library.
 
     .venv/bin/python benchmarks/gateway.py [--rounds 9] [--requests 40] [--streams 32] [--stream-tokens 128]
-                                           [--structured-rounds 9]
+                                           [--structured-rounds 9] [--compare-multiplex]
 """
 
 from __future__ import annotations
@@ -205,11 +209,11 @@ async def measure(args, sides: dict, procs: dict[str, int]) -> None:
     for n in names:
         p50, t = statistics.median(lat[n]), statistics.median(tps[n])
         ratio = statistics.median(a / b for a, b in zip(tps[n], tps[base], strict=True))
-        print(f"  {n:16s} 1-token p50 {p50 * 1e3:7.2f} ms ({(p50 - statistics.median(lat[base])) * 1e3:+.2f} ms "
+        print(f"  {n:18s} 1-token p50 {p50 * 1e3:7.2f} ms ({(p50 - statistics.median(lat[base])) * 1e3:+.2f} ms "
               f"vs {base})   {t:7.0f} tok/s ({ratio:.3f}x {base}, median of per-round ratios)")
     print("CPU time per streamed token (medians, microseconds; a process a side does not use stays near 0):")
     for n in names:
-        print(f"  {n:16s} " + ", ".join(f"{p} {statistics.median(cpu[n][p]):4.0f}" for p in procs))
+        print(f"  {n:18s} " + ", ".join(f"{p} {statistics.median(cpu[n][p]):4.0f}" for p in procs))
     if args.structured_rounds:
         side = sides[base]
         n, half = args.streams, args.streams // 2
@@ -252,6 +256,9 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--stream-tokens", type=int, default=128)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compare-multiplex", action="store_true",
+                   help="also a router with --no-multiplex-streams (one GenerateStream call per request), "
+                        "as sides '... 1/req'")
     p.add_argument("--structured-rounds", type=int, default=9,
                    help="rounds of structured vs unconstrained streams (0: none)")
     args = p.parse_args()
@@ -271,6 +278,12 @@ def main() -> None:
                              "--http-port", str(router_http), "--served-model-name", "bench",
                              log_path=root / "ro.log")
             services.append(router.start())
+            if args.compare_multiplex:          # the same router, one GenerateStream call per request
+                single_http = free_port()
+                single = Service("router", "--registry", registry.address, "--executor", executor.address,
+                                 "--http-port", str(single_http), "--served-model-name", "bench",
+                                 "--no-multiplex-streams", log_path=root / "ro1.log")
+                services.append(single.start())
             http_port = free_port()
             gateway = Service("gateway", "--router", router.address, "--registry", registry.address,
                               "--base-model", str(model), "--served-model-name", "bench",
@@ -287,9 +300,16 @@ def main() -> None:
                 sides = {"executor gRPC": Grpc(executor_pb2_grpc.ExecutorStub(channels[0])),
                          "router gRPC": Grpc(router_pb2_grpc.RouterStub(channels[1])),
                          "router HTTP": HttpSide(router_http), "gateway HTTP": HttpSide(http_port)}
+                procs = {"executor": executor.proc.pid, "router": router.proc.pid,
+                         "gateway": gateway.proc.pid, "client": os.getpid()}
+                if args.compare_multiplex:
+                    wait_until(lambda: http_ok(f"http://127.0.0.1:{single_http}/health"), 60)
+                    channels.append(grpc.aio.insecure_channel(single.address))
+                    sides["router gRPC 1/req"] = Grpc(router_pb2_grpc.RouterStub(channels[-1]))
+                    sides["router HTTP 1/req"] = HttpSide(single_http)
+                    procs["router 1/req"] = single.proc.pid
                 try:
-                    await measure(args, sides, {"executor": executor.proc.pid, "router": router.proc.pid,
-                                                "gateway": gateway.proc.pid, "client": os.getpid()})
+                    await measure(args, sides, procs)
                 finally:
                     for ch in channels:
                         await ch.close()
