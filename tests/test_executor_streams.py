@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ from services.common.gen.openlora.v1 import (
     executor_pb2_grpc,
     router_pb2_grpc,
 )
+from services.router import streams as streams_module
 from services.router.app import build as build_router
 from services.router.config import RouterConfig
 from services.router.servicer import RouterServicer
@@ -132,6 +134,9 @@ def test_the_router_falls_back_to_one_call_per_request_for_an_executor_without_t
                     async for _ in e.streams.stream(_req(3)):
                         pass
                 assert not e.streams.usable
+                e.streams.refused_at -= streams_module.RETRY_REFUSED_S + 1   # later: tried again
+                assert e.streams.usable
+                e.streams.refused_at = time.monotonic()
                 router = RouterServicer(pool=None)
                 tokens = [t async for c in router._executor_chunks(e, _req(4), _Context()) for t in c.token_ids]
                 assert tokens == [0, 1, 2, 3]

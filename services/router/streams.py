@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -39,6 +40,9 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 # The call itself refused (an executor without GenerateStreams, or a router without a service or
 # admin token of its own): requests go one call each to that executor from then on.
 _REFUSALS = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+RETRY_REFUSED_S = 60.0
 
 
 class StreamsRefused(Exception):
@@ -81,7 +85,7 @@ class _Call:
             failure = rpc_error(exc.code(), exc.details() or exc.code().name)
             if exc.code() in _REFUSALS and not answered:
                 log.info("executor_streams_refused", code=exc.code().name, error=exc.details())
-                self.owner.usable = False
+                self.owner.refused_at = time.monotonic()
                 failure = _REFUSED
         except asyncio.CancelledError:
             failure = rpc_error(grpc.StatusCode.UNAVAILABLE, "the router closed its stream call")
@@ -103,9 +107,15 @@ class ExecutorStreams:
 
     def __init__(self, stub):
         self.stub = stub
-        self.usable = True            # False once the executor refused the call (StreamsRefused)
+        self.refused_at: float | None = None   # when the executor last refused the call
         self._call: _Call | None = None
         self._ids = itertools.count(1)
+
+    @property
+    def usable(self) -> bool:
+        """False for RETRY_REFUSED_S after the executor refused the call (then try again: it may
+        have been upgraded, or its auth file changed)."""
+        return self.refused_at is None or time.monotonic() - self.refused_at > RETRY_REFUSED_S
 
     def _current(self) -> _Call:
         if self._call is None or not self._call.open:
