@@ -285,11 +285,13 @@ def attacks(s, d) -> dict:
         "/openlora.v1.Executor/UnloadAdapter": lambda: s["executor"].UnloadAdapter(
             E.UnloadAdapterRequest(adapter_id="b/y"), timeout=30),
         "/openlora.v1.Executor/GenerateStreams": lambda: list(s["executor"].GenerateStreams(iter([
-            E.GenerateStreamsRequest(stream_id=1, open=gen("b/y"))]), timeout=30)),
+            common_pb2.GenerateStreamsRequest(stream_id=1, open=gen("b/y"))]), timeout=30)),
         "/openlora.v1.Executor/GetStatus": lambda: _no_b(_ids(
             s["executor"].GetStatus(E.GetStatusRequest(), timeout=10).adapters)),
         "/openlora.v1.Router/Generate": lambda: s["router"].Generate(gen("b/y"), timeout=30),
         "/openlora.v1.Router/GenerateStream": lambda: s["router"].GenerateStream(gen("b/y"), timeout=30),
+        "/openlora.v1.Router/GenerateStreams": lambda: list(s["router"].GenerateStreams(iter([
+            common_pb2.GenerateStreamsRequest(stream_id=1, open=gen("b/y"))]), timeout=30)),
         "/openlora.v1.Router/ListExecutors": lambda: _no_b({a.adapter_id for e in s["router"].ListExecutors(
             router_pb2.ListExecutorsRequest(), timeout=10).executors for a in e.status.adapters}),
     }
@@ -604,20 +606,22 @@ def test_server_only_tls_and_the_cli(dep, tmp_path):
 def test_a_multiplexed_request_is_checked_as_its_own_caller(dep):
     """GenerateStreams (a router's call, service role) runs each request as the caller its
     `authorization` names: tenant a's request for b's private adapter ends NOT_FOUND, as a's own
-    GenerateStream would, while b's own request on the same call streams; a bad token ends only its
-    request, UNAUTHENTICATED; a tenant may not open the call at all."""
+    GenerateStream would, while b's own request on the same call streams; a bad token, or none, ends
+    only its request, UNAUTHENTICATED (a request never borrows the call's service token); a tenant
+    may not open the call at all."""
     svc = stubs(dep, "service")["executor"]
-    opens = [executor_pb2.GenerateStreamsRequest(stream_id=i, open=gen(adapter), authorization=f"Bearer {token}")
+    opens = [common_pb2.GenerateStreamsRequest(stream_id=i, open=gen(adapter),
+                                               authorization=f"Bearer {token}" if token else "")
              for i, (adapter, token) in enumerate([("b/y", TOKENS["a"]), ("b/y", TOKENS["b"]),
-                                                    ("", "not-a-token")], start=1)]
-    ends, chunks = {}, {1: 0, 2: 0, 3: 0}
+                                                    ("", "not-a-token"), ("", "")], start=1)]
+    ends, chunks = {}, {1: 0, 2: 0, 3: 0, 4: 0}
     for response in svc.GenerateStreams(iter(opens), timeout=60):
         for ev in response.events:
             if ev.end:
                 ends[ev.stream_id] = (C(next(c for c in C if c.value[0] == ev.code)) if ev.code else C.OK)
             else:
                 chunks[ev.stream_id] += len(ev.chunk.token_ids)
-    assert ends == {1: C.NOT_FOUND, 2: C.OK, 3: C.UNAUTHENTICATED}
-    assert chunks == {1: 0, 2: 2, 3: 0}
+    assert ends == {1: C.NOT_FOUND, 2: C.OK, 3: C.UNAUTHENTICATED, 4: C.UNAUTHENTICATED}
+    assert chunks == {1: 0, 2: 2, 3: 0, 4: 0}
     assert code_of(lambda: list(stubs(dep, "b")["executor"].GenerateStreams(iter(opens[1:2]), timeout=30))) \
         == C.PERMISSION_DENIED

@@ -32,7 +32,7 @@ def test_every_contract_rpc_is_in_the_protos():
                                            "WatchAdapters"}),
         "Executor": (executor_pb2, {"Generate", "GenerateStream", "LoadAdapter", "UnloadAdapter",
                                     "GetStatus", "GenerateStreams"}),   # + the router's multiplexed call
-        "Router": (router_pb2, {"Generate", "GenerateStream", "ListExecutors"}),
+        "Router": (router_pb2, {"Generate", "GenerateStream", "ListExecutors", "GenerateStreams"}),
     }
     for name, (module, rpcs) in services.items():
         svc = module.DESCRIPTOR.services_by_name[name]

@@ -66,6 +66,7 @@ POLICY: dict[str, frozenset[str]] = {
     f"/{ROUTER}/Generate": _ALL,
     f"/{ROUTER}/GenerateStream": _ALL,
     f"/{ROUTER}/ListExecutors": _ALL,                # tenant: residency of its own adapters only
+    f"/{ROUTER}/GenerateStreams": _READ,             # a gateway's; each request checked as its caller
 }
 # Answered without a token: probes and schema discovery reveal no tenant's data.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
@@ -131,11 +132,6 @@ def source_credentials() -> SourceCredentials | None:
 def current() -> Identity:
     """The caller of the RPC being handled (OPEN outside of one, or on an open server)."""
     return _current.get()
-
-
-def caller_authorization() -> str:
-    """The caller's own `authorization` header value ('' without one)."""
-    return _authorization.get() or ""
 
 
 def act_as(header: str, method: str) -> None:

@@ -12,12 +12,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import grpc
 import structlog
 
 from services.common import auth, errors
 from services.common.gen.openlora.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from services.common.logging import bind_request
+from services.common.streams import StreamsHub
 from services.executor.adapters.merge import MergeSpec
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions, TokenEvent
 from services.executor.structured import StructuredOutput
@@ -26,29 +26,8 @@ log = structlog.get_logger(__name__)
 
 FINISH = {"length": common_pb2.FINISH_REASON_LENGTH, "stop": common_pb2.FINISH_REASON_STOP,
           "eos": common_pb2.FINISH_REASON_EOS, None: common_pb2.FINISH_REASON_UNSPECIFIED}
-# A GenerateStreams message carries at most this many bytes of events (more go in the next one), so
-# a batch of large chunks (prompt logprobs) never exceeds a client's default 4 MiB receive limit
-# where each chunk alone would not.
-STREAMS_MESSAGE_BYTES = 1 << 20
 TIERS = {"device": executor_pb2.ADAPTER_TIER_DEVICE, "host": executor_pb2.ADAPTER_TIER_HOST,
          "disk": executor_pb2.ADAPTER_TIER_DISK}
-
-
-def batches(events, limit: int):
-    """events (None skipped) in order, cut into lists of at most `limit` bytes (an event larger
-    than that goes alone)."""
-    batch, size = [], 0
-    for ev in events:
-        if ev is None:
-            continue
-        n = ev.ByteSize()
-        if batch and size + n > limit:
-            yield batch
-            batch, size = [], 0
-        batch.append(ev)
-        size += n
-    if batch:
-        yield batch
 
 
 def to_request(pb: common_pb2.GenerateRequest) -> GenerationRequest:
@@ -129,16 +108,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         self.executor_id = executor_id
         self.host_cache_bytes = host_cache_bytes
         self.metrics = metrics   # services.executor.metrics.ExecutorMetrics, or None
-        self.draining = False    # set by drain(): GenerateStreams takes no new requests
-        self._muxes: set[asyncio.Queue] = set()   # each open GenerateStreams call's outbox
-
-    async def drain(self) -> None:
-        """The server is stopping: GenerateStreams calls refuse new requests (UNAVAILABLE, so a
-        router fails over) and end once their open requests have, instead of holding the stop for
-        its whole grace period."""
-        self.draining = True
-        for outbox in self._muxes:
-            outbox.put_nowait(None)
+        self.streams = StreamsHub(f"/{auth.EXECUTOR}/GenerateStream")   # GenerateStreams calls
+        self.drain = self.streams.drain   # on SIGTERM: those calls end when their requests have
 
     @property
     def engine(self) -> Engine:
@@ -239,74 +210,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                     top_logprobs=_tops(ev), prompt_logprobs=_prompt(ev))
 
     async def GenerateStreams(self, request_iterator, context):
-        """Many GenerateStream requests over one call (a router's), their chunks batched: whatever
-        the engine's step delivered by the time this loop runs goes out as one message."""
-        outbox: asyncio.Queue = asyncio.Queue()     # StreamEvent, or None: look again
-        tasks: dict[int, asyncio.Task] = {}
-        own = auth.caller_authorization()           # this call's caller: the router
-        reading = True
-
-        def end(sid: int, exc: BaseException | None) -> executor_pb2.StreamEvent:
-            if exc is None:
-                return executor_pb2.StreamEvent(stream_id=sid, end=True)
-            code, message = errors.status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.error("rpc_failed", method="GenerateStreams", error=repr(exc))
-            else:
-                log.info("rpc_error", method="GenerateStreams", code=code.name, error=message)
-            return executor_pb2.StreamEvent(stream_id=sid, end=True, code=code.value[0], message=message)
-
-        async def one(sid: int, request, authorization: str) -> None:
-            try:
-                auth.act_as(authorization or own, f"/{auth.EXECUTOR}/GenerateStream")
-                async for chunk in self.GenerateStream(request, context):
-                    outbox.put_nowait(executor_pb2.StreamEvent(stream_id=sid, chunk=chunk))
-                outbox.put_nowait(end(sid, None))
-            except asyncio.CancelledError:       # cancelled by the caller, or the call ended
-                pass
-            except Exception as exc:             # this request's error ends this request only
-                outbox.put_nowait(end(sid, exc))
-            finally:
-                tasks.pop(sid, None)
-                outbox.put_nowait(None)
-
-        async def read() -> None:
-            nonlocal reading
-            try:
-                async for msg in request_iterator:
-                    op = msg.WhichOneof("op")
-                    if op == "open":
-                        if msg.stream_id in tasks:
-                            outbox.put_nowait(end(msg.stream_id, errors.InvalidArgument(
-                                f"stream_id {msg.stream_id} is already open on this call")))
-                        elif self.draining:
-                            outbox.put_nowait(end(msg.stream_id, errors.Unavailable(
-                                "this executor is shutting down; retry on another")))
-                        else:
-                            tasks[msg.stream_id] = asyncio.create_task(
-                                one(msg.stream_id, msg.open, msg.authorization))
-                    elif op == "cancel" and msg.stream_id in tasks:
-                        tasks[msg.stream_id].cancel()
-            finally:
-                reading = False
-                outbox.put_nowait(None)
-
-        self._muxes.add(outbox)
-        reader = asyncio.create_task(read())
-        try:
-            while reading or tasks or not outbox.empty():
-                if self.draining and not tasks and outbox.empty():
-                    return
-                first = await outbox.get()
-                await asyncio.sleep(0)               # let this step's other events land first
-                ready = [first, *(outbox.get_nowait() for _ in range(outbox.qsize()))]
-                for batch in batches(ready, STREAMS_MESSAGE_BYTES):
-                    yield executor_pb2.GenerateStreamsResponse(events=batch)
-        finally:
-            self._muxes.discard(outbox)
-            reader.cancel()
-            for t in list(tasks.values()):
-                t.cancel()
+        """Many GenerateStream requests over one call (a router's), answered once per engine step
+        (services.common.streams)."""
+        async for response in self.streams.serve(request_iterator,
+                                                 lambda request: self.GenerateStream(request, context)):
+            yield response
 
     async def LoadAdapter(self, request, context):
         await self._may_use(request.adapter_id, request.version)

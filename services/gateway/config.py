@@ -29,6 +29,8 @@ class GatewayConfig:
                            "prompts) and tokenizer_config.json chat_template (empty -> the directory the "
                            "executors report, when it exists on this machine)")
     request_timeout_s: float = flag(600.0, "deadline of each generation, passed on to the router, seconds")
+    multiplex_streams: bool = flag(True, "send streamed generations to the router over one GenerateStreams "
+                                   "call, answered in batches (off: one GenerateStream call per request)")
     max_body_bytes: int = flag(4 * 1024 * 1024, "largest request body accepted (larger -> 413)")
     max_n: int = flag(16, "largest `n` (choices per prompt) and prompts x n per request")
     default_max_tokens: int = flag(0, "max_tokens when a request gives none (0 -> up to the end of the "

@@ -23,6 +23,7 @@ from services.common.gen.openlora.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
+from services.common.streams import StreamCall, StreamsClient
 from services.common.tls import ClientSecurity, aio_channel
 from services.gateway import openai_api as api
 from services.gateway.chat import ModelFiles
@@ -42,6 +43,22 @@ def caller(request) -> tuple[tuple[str, str], ...]:
     return (("authorization", value),) if value else ()
 
 
+class _Router:
+    """The router's stub, its GenerateStream calls sent over one GenerateStreams call (answered in
+    batches; common/streams.py) with the gateway's own token on it and each caller's on its request."""
+
+    def __init__(self, stub, own_metadata, multiplex: bool):
+        self._stub = stub
+        self.streams = StreamsClient(stub, call_metadata=own_metadata)
+        self.multiplex = multiplex
+
+    def __getattr__(self, name):
+        return getattr(self._stub, name)
+
+    def GenerateStream(self, request, timeout=None, metadata=()):
+        return StreamCall(self.streams.generate_stream(request, timeout, metadata, self.multiplex))
+
+
 class Gateway:
     """What every route shares: config, metrics, upstream channels, the base model's files."""
 
@@ -55,7 +72,8 @@ class Gateway:
         self.security = dataclasses.replace(security, token="")
         self.router_channel = None if router is not None else aio_channel(config.router, self.security,
                                                                           CHANNEL_OPTIONS)
-        self.router = router or router_pb2_grpc.RouterStub(self.router_channel)
+        self.router = router or _Router(router_pb2_grpc.RouterStub(self.router_channel), self.own_metadata,
+                                        config.multiplex_streams)
         self.router_health = router or health_pb2_grpc.HealthStub(self.router_channel)
         self.registry_channel = (aio_channel(config.registry, self.security, CHANNEL_OPTIONS)
                                  if config.registry else None)
@@ -72,6 +90,8 @@ class Gateway:
         self._asked = -1e9              # when learn_base last asked the router
 
     async def close(self) -> None:
+        if isinstance(self.router, _Router):
+            await self.router.streams.close()
         for ch in [self.router_channel, self.registry_channel, *self._executor_channels.values()]:
             if ch is not None:
                 await ch.close()

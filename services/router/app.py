@@ -56,7 +56,7 @@ async def serve(config: RouterConfig) -> None:
         from services.router.openai_http import start_http
         http = await start_http(config, servicer)
     try:
-        await server.run_until_signal(config.grace_seconds)
+        await server.run_until_signal(config.grace_seconds, on_drain=servicer.drain)
     finally:
         if http is not None:
             http_server, task, gw = http

@@ -24,9 +24,9 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.gen.openlora.v1 import executor_pb2, executor_pb2_grpc
+from services.common.streams import StreamsClient
 from services.common.tls import ClientSecurity, aio_channel
 from services.router.placement import ExecutorView
-from services.router.streams import ExecutorStreams
 
 log = structlog.get_logger(__name__)
 EXECUTOR_SERVICE = "openlora.v1.Executor"
@@ -62,7 +62,8 @@ class _Executor:
         self.address = address
         self.channel = aio_channel(address, security)
         self.stub = executor_pb2_grpc.ExecutorStub(self.channel)
-        self.streams = ExecutorStreams(self.stub)   # streamed requests, one call (streams.py)
+        own = dict((security or ClientSecurity()).metadata()).get("authorization", "")
+        self.streams = StreamsClient(self.stub, default_authorization=own)   # one call (common/streams.py)
         self.view = ExecutorView(address, healthy=False)
         self.status: executor_pb2.ExecutorStatus | None = None
         self.serving = False          # from the health stream (or a Check until it first answers)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import grpc
 import structlog
@@ -20,23 +19,11 @@ from grpc_health.v1 import health_pb2
 
 from services.common import auth, errors
 from services.gateway.config import GatewayConfig
+from services.router.servicer import RequestContext
 
 log = structlog.get_logger(__name__)
 
 _METHOD = "/openlora.v1.Router/"
-
-
-class _Context:
-    """The parts of a grpc.aio context the servicer reads: the deadline, trailing metadata."""
-
-    def __init__(self, timeout: float | None):
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-
-    def time_remaining(self) -> float | None:
-        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
-
-    def set_trailing_metadata(self, metadata) -> None:
-        pass
 
 
 def _rpc_error(exc: BaseException) -> grpc.aio.AioRpcError:
@@ -105,7 +92,7 @@ class LocalRouter:
         async def call():
             try:
                 self._enter(metadata, "Generate")       # inside the task: its own context
-                return await self.servicer.Generate(request, _Context(timeout))
+                return await self.servicer.Generate(request, RequestContext(timeout))
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -117,12 +104,12 @@ class LocalRouter:
             self._enter(metadata, "GenerateStream")
         except Exception as exc:
             raise _rpc_error(exc) from None
-        return _Stream(self.servicer.GenerateStream(request, _Context(timeout)))
+        return _Stream(self.servicer.GenerateStream(request, RequestContext(timeout)))
 
     async def ListExecutors(self, request, timeout=None, metadata=()):
         try:
             self._enter(metadata, "ListExecutors")
-            return await self.servicer.ListExecutors(request, _Context(timeout))
+            return await self.servicer.ListExecutors(request, RequestContext(timeout))
         except Exception as exc:
             raise _rpc_error(exc) from None
 

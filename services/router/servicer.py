@@ -21,15 +21,29 @@ import structlog
 
 from services.common import auth, errors
 from services.common.gen.openlora.v1 import router_pb2, router_pb2_grpc
+from services.common.streams import StreamsHub
 from services.router.discovery import ExecutorPool
 from services.router.limits import RETRY_AFTER_KEY, RateLimited, TenantLimits
 from services.router.metrics import RouterMetrics
 from services.router.placement import PrefixIndex, prefix_chunks, rank, tie_key
 from services.router.registry_check import AdapterCheck
-from services.router.streams import StreamsRefused
 
 log = structlog.get_logger(__name__)
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class RequestContext:
+    """The parts of a grpc.aio context the servicer reads (the deadline, trailing metadata), for a
+    request that is not a call of its own: the in-process HTTP API's, or one of GenerateStreams'."""
+
+    def __init__(self, timeout: float | None = None):
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+    def set_trailing_metadata(self, metadata) -> None:
+        pass
 
 
 def _timeout(context) -> float | None:
@@ -62,6 +76,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                  multiplex_streams: bool = True):
         self.pool = pool
         self.multiplex_streams = multiplex_streams
+        self.streams = StreamsHub(f"/{auth.ROUTER}/GenerateStream")   # GenerateStreams calls (a gateway's)
+        self.drain = self.streams.drain   # on SIGTERM: those calls end when their requests have
         self.limits = limits or TenantLimits()
         self.adapters = adapters or AdapterCheck("")
         self.prefixes = prefixes or PrefixIndex()
@@ -185,7 +201,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self._begin(address, request.adapter_id)
             try:
                 # closed at `yield` (the caller went away): aclosing cancels the executor's request too
-                async with contextlib.aclosing(self._executor_chunks(e, request, context)) as executor_chunks:
+                # over the executor's GenerateStreams call, or a GenerateStream call of its own where
+                # multiplexing is off or that executor refuses it (common/streams.py)
+                async with contextlib.aclosing(e.streams.generate_stream(
+                        request, _timeout(context), auth.caller_metadata(),
+                        self.multiplex_streams)) as executor_chunks:
                     async for chunk in executor_chunks:
                         if not started:   # the prompt is in its KV cache from here on
                             started = True
@@ -203,25 +223,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         raise errors.Unavailable(f"no executor could serve the request: "
                                  f"{last.details() if last else 'every executor left'}")
 
-    async def _executor_chunks(self, e, request, context):
-        """The executor's chunks for request: over its GenerateStreams call (streams.py), or one
-        GenerateStream call where multiplexing is off or that executor refuses it."""
-        if self.multiplex_streams and e.streams.usable:
-            try:
-                async with contextlib.aclosing(e.streams.stream(
-                        request, _timeout(context), auth.caller_authorization())) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
-                return
-            except StreamsRefused:   # before any chunk: this request goes the other way
-                pass
-        call = e.stub.GenerateStream(request, timeout=_timeout(context), metadata=auth.caller_metadata())
-        try:
-            async for chunk in call:
-                yield chunk
-        finally:
-            if not call.done():
-                call.cancel()
+    async def GenerateStreams(self, request_iterator, context):
+        """Many GenerateStream requests over one call (a gateway's), answered batched
+        (services.common.streams); each its own request here: placement, failover, limits."""
+        async for response in self.streams.serve(
+                request_iterator, lambda request: self.GenerateStream(request, RequestContext())):
+            yield response
 
     async def ListExecutors(self, request, context):
         await self.pool.poll_once()

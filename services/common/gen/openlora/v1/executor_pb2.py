@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.common.gen.openlora.v1 import common_pb2 as openlora_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aopenlora/v1/executor.proto\x12\x0bopenlora.v1\x1a\x18openlora/v1/common.proto\"\x88\x01\n\x16GenerateStreamsRequest\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12,\n\x04open\x18\x02 \x01(\x0b\x32\x1c.openlora.v1.GenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x12\x15\n\rauthorization\x18\x04 \x01(\tB\x04\n\x02op\"w\n\x0bStreamEvent\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.openlora.v1.GenerateChunk\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"C\n\x17GenerateStreamsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.openlora.v1.StreamEvent\"a\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04tier\x18\x03 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\"N\n\x13LoadAdapterResponse\x12&\n\x04tier\x18\x01 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x12\n\x10GetStatusRequest\"x\n\x10\x41\x64\x61pterResidency\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04tier\x18\x03 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\x12\x17\n\x0f\x61\x63tive_requests\x18\x04 \x01(\r\"\xaf\x06\n\x0e\x45xecutorStatus\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x18\n\x10waiting_requests\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\t \x01(\r\x12\x1c\n\x14\x64\x65vice_adapter_slots\x18\n \x01(\r\x12\x18\n\x10host_cache_bytes\x18\x0b \x01(\x04\x12\x1d\n\x15host_cache_used_bytes\x18\x0c \x01(\x04\x12/\n\x08\x61\x64\x61pters\x18\r \x03(\x0b\x32\x1d.openlora.v1.AdapterResidency\x12\x18\n\x10kv_blocks_cached\x18\x0e \x01(\r\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x0f \x01(\x04\x12\x1f\n\x17prefill_tokens_computed\x18\x10 \x01(\x04\x12*\n\ntier_stats\x18\x11 \x03(\x0b\x32\x16.openlora.v1.TierStats\x12\x14\n\x0cquantization\x18\x12 \x01(\t\x12\x19\n\x11\x62\x61se_weight_bytes\x18\x13 \x01(\x04\x12\x1a\n\x12speculative_method\x18\x14 \x01(\t\x12\x19\n\x11spec_draft_tokens\x18\x15 \x01(\x04\x12\x1c\n\x14spec_accepted_tokens\x18\x16 \x01(\x04\x12\x1b\n\x13spec_emitted_tokens\x18\x17 \x01(\x04\x12\x1c\n\x14spec_acceptance_rate\x18\x18 \x01(\x01\x12\x1a\n\x12\x64\x65vice_cache_bytes\x18\x19 \x01(\x04\x12\x1f\n\x17\x64\x65vice_cache_used_bytes\x18\x1a \x01(\x04\x12\x1f\n\x17unified_kv_adapter_pool\x18\x1b \x01(\x08\x12\x15\n\rmax_model_len\x18\x1c \x01(\r\x12\x12\n\nlora_dtype\x18\x1d \x01(\t\"\xb1\x01\n\tTierStats\x12&\n\x04tier\x18\x01 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x01(\x03\x12\x12\n\nbytes_used\x18\x03 \x01(\x03\x12\x16\n\x0e\x62ytes_capacity\x18\x04 \x01(\x03\x12\x0c\n\x04hits\x18\x05 \x01(\x03\x12\x0e\n\x06misses\x18\x06 \x01(\x03\x12\r\n\x05loads\x18\x07 \x01(\x03\x12\x11\n\tevictions\x18\x08 \x01(\x03*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x03\x32\xf6\x03\n\x08\x45xecutor\x12G\n\x08Generate\x12\x1c.openlora.v1.GenerateRequest\x1a\x1d.openlora.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.openlora.v1.GenerateRequest\x1a\x1a.openlora.v1.GenerateChunk0\x01\x12P\n\x0bLoadAdapter\x12\x1f.openlora.v1.LoadAdapterRequest\x1a .openlora.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.openlora.v1.UnloadAdapterRequest\x1a\".openlora.v1.UnloadAdapterResponse\x12G\n\tGetStatus\x12\x1d.openlora.v1.GetStatusRequest\x1a\x1b.openlora.v1.ExecutorStatus\x12`\n\x0fGenerateStreams\x12#.openlora.v1.GenerateStreamsRequest\x1a$.openlora.v1.GenerateStreamsResponse(\x01\x30\x01\x42\x8f\x01\n\x0f\x64\x65v.openlora.v1B\rExecutorProtoP\x01Z:github.com/openlora/openlora/gen/go/openlora/v1;openlorav1\xa2\x02\x03OLX\xaa\x02\x0bOpenLora.V1\xca\x02\x0bOpenLora\\V1\xea\x02\x0cOpenLora::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aopenlora/v1/executor.proto\x12\x0bopenlora.v1\x1a\x18openlora/v1/common.proto\"a\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04tier\x18\x03 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\"N\n\x13LoadAdapterResponse\x12&\n\x04tier\x18\x01 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x12\n\x10GetStatusRequest\"x\n\x10\x41\x64\x61pterResidency\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04tier\x18\x03 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\x12\x17\n\x0f\x61\x63tive_requests\x18\x04 \x01(\r\"\xaf\x06\n\x0e\x45xecutorStatus\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x18\n\x10waiting_requests\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\t \x01(\r\x12\x1c\n\x14\x64\x65vice_adapter_slots\x18\n \x01(\r\x12\x18\n\x10host_cache_bytes\x18\x0b \x01(\x04\x12\x1d\n\x15host_cache_used_bytes\x18\x0c \x01(\x04\x12/\n\x08\x61\x64\x61pters\x18\r \x03(\x0b\x32\x1d.openlora.v1.AdapterResidency\x12\x18\n\x10kv_blocks_cached\x18\x0e \x01(\r\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x0f \x01(\x04\x12\x1f\n\x17prefill_tokens_computed\x18\x10 \x01(\x04\x12*\n\ntier_stats\x18\x11 \x03(\x0b\x32\x16.openlora.v1.TierStats\x12\x14\n\x0cquantization\x18\x12 \x01(\t\x12\x19\n\x11\x62\x61se_weight_bytes\x18\x13 \x01(\x04\x12\x1a\n\x12speculative_method\x18\x14 \x01(\t\x12\x19\n\x11spec_draft_tokens\x18\x15 \x01(\x04\x12\x1c\n\x14spec_accepted_tokens\x18\x16 \x01(\x04\x12\x1b\n\x13spec_emitted_tokens\x18\x17 \x01(\x04\x12\x1c\n\x14spec_acceptance_rate\x18\x18 \x01(\x01\x12\x1a\n\x12\x64\x65vice_cache_bytes\x18\x19 \x01(\x04\x12\x1f\n\x17\x64\x65vice_cache_used_bytes\x18\x1a \x01(\x04\x12\x1f\n\x17unified_kv_adapter_pool\x18\x1b \x01(\x08\x12\x15\n\rmax_model_len\x18\x1c \x01(\r\x12\x12\n\nlora_dtype\x18\x1d \x01(\t\"\xb1\x01\n\tTierStats\x12&\n\x04tier\x18\x01 \x01(\x0e\x32\x18.openlora.v1.AdapterTier\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x01(\x03\x12\x12\n\nbytes_used\x18\x03 \x01(\x03\x12\x16\n\x0e\x62ytes_capacity\x18\x04 \x01(\x03\x12\x0c\n\x04hits\x18\x05 \x01(\x03\x12\x0e\n\x06misses\x18\x06 \x01(\x03\x12\r\n\x05loads\x18\x07 \x01(\x03\x12\x11\n\tevictions\x18\x08 \x01(\x03*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x03\x32\xf6\x03\n\x08\x45xecutor\x12G\n\x08Generate\x12\x1c.openlora.v1.GenerateRequest\x1a\x1d.openlora.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.openlora.v1.GenerateRequest\x1a\x1a.openlora.v1.GenerateChunk0\x01\x12P\n\x0bLoadAdapter\x12\x1f.openlora.v1.LoadAdapterRequest\x1a .openlora.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.openlora.v1.UnloadAdapterRequest\x1a\".openlora.v1.UnloadAdapterResponse\x12G\n\tGetStatus\x12\x1d.openlora.v1.GetStatusRequest\x1a\x1b.openlora.v1.ExecutorStatus\x12`\n\x0fGenerateStreams\x12#.openlora.v1.GenerateStreamsRequest\x1a$.openlora.v1.GenerateStreamsResponse(\x01\x30\x01\x42\x8f\x01\n\x0f\x64\x65v.openlora.v1B\rExecutorProtoP\x01Z:github.com/openlora/openlora/gen/go/openlora/v1;openlorav1\xa2\x02\x03OLX\xaa\x02\x0bOpenLora.V1\xca\x02\x0bOpenLora\\V1\xea\x02\x0cOpenLora::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'openlora.v1.executor_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.openlora.v1B\rExecutorProtoP\001Z:github.com/openlora/openlora/gen/go/openlora/v1;openlorav1\242\002\003OLX\252\002\013OpenLora.V1\312\002\013OpenLora\\V1\352\002\014OpenLora::V1'
-  _globals['_ADAPTERTIER']._serialized_start=1786
-  _globals['_ADAPTERTIER']._serialized_end=1900
-  _globals['_GENERATESTREAMSREQUEST']._serialized_start=70
-  _globals['_GENERATESTREAMSREQUEST']._serialized_end=206
-  _globals['_STREAMEVENT']._serialized_start=208
-  _globals['_STREAMEVENT']._serialized_end=327
-  _globals['_GENERATESTREAMSRESPONSE']._serialized_start=329
-  _globals['_GENERATESTREAMSRESPONSE']._serialized_end=396
-  _globals['_LOADADAPTERREQUEST']._serialized_start=398
-  _globals['_LOADADAPTERREQUEST']._serialized_end=495
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=497
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=575
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=577
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=619
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=621
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=644
-  _globals['_GETSTATUSREQUEST']._serialized_start=646
-  _globals['_GETSTATUSREQUEST']._serialized_end=664
-  _globals['_ADAPTERRESIDENCY']._serialized_start=666
-  _globals['_ADAPTERRESIDENCY']._serialized_end=786
-  _globals['_EXECUTORSTATUS']._serialized_start=789
-  _globals['_EXECUTORSTATUS']._serialized_end=1604
-  _globals['_TIERSTATS']._serialized_start=1607
-  _globals['_TIERSTATS']._serialized_end=1784
-  _globals['_EXECUTOR']._serialized_start=1903
-  _globals['_EXECUTOR']._serialized_end=2405
+  _globals['_ADAPTERTIER']._serialized_start=1457
+  _globals['_ADAPTERTIER']._serialized_end=1571
+  _globals['_LOADADAPTERREQUEST']._serialized_start=69
+  _globals['_LOADADAPTERREQUEST']._serialized_end=166
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=168
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=246
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=248
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=290
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=292
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=315
+  _globals['_GETSTATUSREQUEST']._serialized_start=317
+  _globals['_GETSTATUSREQUEST']._serialized_end=335
+  _globals['_ADAPTERRESIDENCY']._serialized_start=337
+  _globals['_ADAPTERRESIDENCY']._serialized_end=457
+  _globals['_EXECUTORSTATUS']._serialized_start=460
+  _globals['_EXECUTORSTATUS']._serialized_end=1275
+  _globals['_TIERSTATS']._serialized_start=1278
+  _globals['_TIERSTATS']._serialized_end=1455
+  _globals['_EXECUTOR']._serialized_start=1574
+  _globals['_EXECUTOR']._serialized_end=2076
 # @@protoc_insertion_point(module_scope)

@@ -19,38 +19,6 @@ ADAPTER_TIER_DEVICE: AdapterTier
 ADAPTER_TIER_HOST: AdapterTier
 ADAPTER_TIER_DISK: AdapterTier
 
-class GenerateStreamsRequest(_message.Message):
-    __slots__ = ("stream_id", "open", "cancel", "authorization")
-    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
-    OPEN_FIELD_NUMBER: _ClassVar[int]
-    CANCEL_FIELD_NUMBER: _ClassVar[int]
-    AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
-    stream_id: int
-    open: _common_pb2.GenerateRequest
-    cancel: bool
-    authorization: str
-    def __init__(self, stream_id: _Optional[int] = ..., open: _Optional[_Union[_common_pb2.GenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., authorization: _Optional[str] = ...) -> None: ...
-
-class StreamEvent(_message.Message):
-    __slots__ = ("stream_id", "chunk", "end", "code", "message")
-    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
-    END_FIELD_NUMBER: _ClassVar[int]
-    CODE_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    stream_id: int
-    chunk: _common_pb2.GenerateChunk
-    end: bool
-    code: int
-    message: str
-    def __init__(self, stream_id: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.GenerateChunk, _Mapping]] = ..., end: _Optional[bool] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
-
-class GenerateStreamsResponse(_message.Message):
-    __slots__ = ("events",)
-    EVENTS_FIELD_NUMBER: _ClassVar[int]
-    events: _containers.RepeatedCompositeFieldContainer[StreamEvent]
-    def __init__(self, events: _Optional[_Iterable[_Union[StreamEvent, _Mapping]]] = ...) -> None: ...
-
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "version", "tier")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]

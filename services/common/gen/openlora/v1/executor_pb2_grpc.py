@@ -68,8 +68,8 @@ class ExecutorStub:
                 _registered_method=True)
         self.GenerateStreams = channel.stream_stream(
                 '/openlora.v1.Executor/GenerateStreams',
-                request_serializer=openlora_dot_v1_dot_executor__pb2.GenerateStreamsRequest.SerializeToString,
-                response_deserializer=openlora_dot_v1_dot_executor__pb2.GenerateStreamsResponse.FromString,
+                request_serializer=openlora_dot_v1_dot_common__pb2.GenerateStreamsRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_common__pb2.GenerateStreamsResponse.FromString,
                 _registered_method=True)
 
 
@@ -131,10 +131,12 @@ class ExecutorServicer:
         request opens with a stream_id of the caller's choosing, and the answers come back batched,
         one message per engine step carrying every open request's chunks (not one message per request
         per token). Each request behaves as its own GenerateStream: the same checks (as the caller
-        named in its `authorization`, else as this call's), chunks, and errors, which end that request
+        named in its `authorization`), chunks, and errors, which end that request
         only (a StreamEvent with end set and its status code). Role: service or admin (a router).
         While the executor drains, new requests end at once with UNAVAILABLE, and the call ends once
         its requests have.
+        Status codes: as GenerateStream, for each request in its StreamEvent's code; the call itself
+        ends UNAUTHENTICATED or PERMISSION_DENIED for a caller without a service or admin token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,8 +172,8 @@ def add_ExecutorServicer_to_server(servicer, server):
             ),
             'GenerateStreams': grpc.stream_stream_rpc_method_handler(
                     servicer.GenerateStreams,
-                    request_deserializer=openlora_dot_v1_dot_executor__pb2.GenerateStreamsRequest.FromString,
-                    response_serializer=openlora_dot_v1_dot_executor__pb2.GenerateStreamsResponse.SerializeToString,
+                    request_deserializer=openlora_dot_v1_dot_common__pb2.GenerateStreamsRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_common__pb2.GenerateStreamsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -340,8 +342,8 @@ class Executor:
             request_iterator,
             target,
             '/openlora.v1.Executor/GenerateStreams',
-            openlora_dot_v1_dot_executor__pb2.GenerateStreamsRequest.SerializeToString,
-            openlora_dot_v1_dot_executor__pb2.GenerateStreamsResponse.FromString,
+            openlora_dot_v1_dot_common__pb2.GenerateStreamsRequest.SerializeToString,
+            openlora_dot_v1_dot_common__pb2.GenerateStreamsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ from services.common.gen.openlora.v1 import common_pb2 as openlora_dot_v1_dot_co
 from services.common.gen.openlora.v1 import executor_pb2 as openlora_dot_v1_dot_executor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18openlora/v1/router.proto\x12\x0bopenlora.v1\x1a\x18openlora/v1/common.proto\x1a\x1aopenlora/v1/executor.proto\"\x16\n\x14ListExecutorsRequest\"]\n\x0c\x45xecutorInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12+\n\x06status\x18\x03 \x01(\x0b\x32\x1b.openlora.v1.ExecutorStatus\"E\n\x15ListExecutorsResponse\x12,\n\texecutors\x18\x01 \x03(\x0b\x32\x19.openlora.v1.ExecutorInfo2\xf7\x01\n\x06Router\x12G\n\x08Generate\x12\x1c.openlora.v1.GenerateRequest\x1a\x1d.openlora.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.openlora.v1.GenerateRequest\x1a\x1a.openlora.v1.GenerateChunk0\x01\x12V\n\rListExecutors\x12!.openlora.v1.ListExecutorsRequest\x1a\".openlora.v1.ListExecutorsResponseB\x8d\x01\n\x0f\x64\x65v.openlora.v1B\x0bRouterProtoP\x01Z:github.com/openlora/openlora/gen/go/openlora/v1;openlorav1\xa2\x02\x03OLX\xaa\x02\x0bOpenLora.V1\xca\x02\x0bOpenLora\\V1\xea\x02\x0cOpenLora::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18openlora/v1/router.proto\x12\x0bopenlora.v1\x1a\x18openlora/v1/common.proto\x1a\x1aopenlora/v1/executor.proto\"\x16\n\x14ListExecutorsRequest\"]\n\x0c\x45xecutorInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12+\n\x06status\x18\x03 \x01(\x0b\x32\x1b.openlora.v1.ExecutorStatus\"E\n\x15ListExecutorsResponse\x12,\n\texecutors\x18\x01 \x03(\x0b\x32\x19.openlora.v1.ExecutorInfo2\xd9\x02\n\x06Router\x12G\n\x08Generate\x12\x1c.openlora.v1.GenerateRequest\x1a\x1d.openlora.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.openlora.v1.GenerateRequest\x1a\x1a.openlora.v1.GenerateChunk0\x01\x12V\n\rListExecutors\x12!.openlora.v1.ListExecutorsRequest\x1a\".openlora.v1.ListExecutorsResponse\x12`\n\x0fGenerateStreams\x12#.openlora.v1.GenerateStreamsRequest\x1a$.openlora.v1.GenerateStreamsResponse(\x01\x30\x01\x42\x8d\x01\n\x0f\x64\x65v.openlora.v1B\x0bRouterProtoP\x01Z:github.com/openlora/openlora/gen/go/openlora/v1;openlorav1\xa2\x02\x03OLX\xaa\x02\x0bOpenLora.V1\xca\x02\x0bOpenLora\\V1\xea\x02\x0cOpenLora::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,5 +41,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTEXECUTORSRESPONSE']._serialized_start=214
   _globals['_LISTEXECUTORSRESPONSE']._serialized_end=283
   _globals['_ROUTER']._serialized_start=286
-  _globals['_ROUTER']._serialized_end=533
+  _globals['_ROUTER']._serialized_end=631
 # @@protoc_insertion_point(module_scope)

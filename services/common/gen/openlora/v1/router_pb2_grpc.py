@@ -56,6 +56,11 @@ class RouterStub:
                 request_serializer=openlora_dot_v1_dot_router__pb2.ListExecutorsRequest.SerializeToString,
                 response_deserializer=openlora_dot_v1_dot_router__pb2.ListExecutorsResponse.FromString,
                 _registered_method=True)
+        self.GenerateStreams = channel.stream_stream(
+                '/openlora.v1.Router/GenerateStreams',
+                request_serializer=openlora_dot_v1_dot_common__pb2.GenerateStreamsRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_common__pb2.GenerateStreamsResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -96,6 +101,18 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStreams(self, request_iterator, context):
+        """Many GenerateStream requests over one call, for a gateway in front of this router (as
+        Executor.GenerateStreams is for a router): each request opens with a stream_id and behaves as
+        its own GenerateStream (placement, failover, tenant limits, checked as the caller its
+        `authorization` names), and the answers come back batched. Role: service or admin.
+        Status codes: as GenerateStream, for each request in its StreamEvent's code; the call itself
+        ends UNAUTHENTICATED or PERMISSION_DENIED for a caller without a service or admin token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +130,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ListExecutors,
                     request_deserializer=openlora_dot_v1_dot_router__pb2.ListExecutorsRequest.FromString,
                     response_serializer=openlora_dot_v1_dot_router__pb2.ListExecutorsResponse.SerializeToString,
+            ),
+            'GenerateStreams': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStreams,
+                    request_deserializer=openlora_dot_v1_dot_common__pb2.GenerateStreamsRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_common__pb2.GenerateStreamsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -202,6 +224,33 @@ class Router:
             '/openlora.v1.Router/ListExecutors',
             openlora_dot_v1_dot_router__pb2.ListExecutorsRequest.SerializeToString,
             openlora_dot_v1_dot_router__pb2.ListExecutorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStreams(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/openlora.v1.Router/GenerateStreams',
+            openlora_dot_v1_dot_common__pb2.GenerateStreamsRequest.SerializeToString,
+            openlora_dot_v1_dot_common__pb2.GenerateStreamsResponse.FromString,
             options,
             channel_credentials,
             insecure,
