@@ -14,9 +14,10 @@ rotates each round), medians printed against the executor's own gRPC:
   * CPU time per streamed token of each process (executor, router, gateway, this client), from
     /proc: what each hop costs, steadier than tok/s on a shared machine where all four share cores.
 
---compare-multiplex adds a second router started with --no-multiplex-streams (one GenerateStream
-call per request to the executor, where the default sends them all over one GenerateStreams call
-answered once per engine step), as the sides "router gRPC 1/req" and "router HTTP 1/req".
+--compare-multiplex adds a second router and a gateway in front of it, started with
+--no-multiplex-streams (one GenerateStream call per request on each hop, where the default sends
+them all over one GenerateStreams call answered once per engine step), as the sides
+"router gRPC 1/req", "router HTTP 1/req" and "gateway HTTP 1/req".
 
 Nine rounds by default: on a 2-core VM a single round's ratio swings by 10-20%, so fewer rounds
 leave the medians to chance.
@@ -209,11 +210,11 @@ async def measure(args, sides: dict, procs: dict[str, int]) -> None:
     for n in names:
         p50, t = statistics.median(lat[n]), statistics.median(tps[n])
         ratio = statistics.median(a / b for a, b in zip(tps[n], tps[base], strict=True))
-        print(f"  {n:18s} 1-token p50 {p50 * 1e3:7.2f} ms ({(p50 - statistics.median(lat[base])) * 1e3:+.2f} ms "
+        print(f"  {n:19s} 1-token p50 {p50 * 1e3:7.2f} ms ({(p50 - statistics.median(lat[base])) * 1e3:+.2f} ms "
               f"vs {base})   {t:7.0f} tok/s ({ratio:.3f}x {base}, median of per-round ratios)")
     print("CPU time per streamed token (medians, microseconds; a process a side does not use stays near 0):")
     for n in names:
-        print(f"  {n:18s} " + ", ".join(f"{p} {statistics.median(cpu[n][p]):4.0f}" for p in procs))
+        print(f"  {n:19s} " + ", ".join(f"{p} {statistics.median(cpu[n][p]):4.0f}" for p in procs))
     if args.structured_rounds:
         side = sides[base]
         n, half = args.streams, args.streams // 2
@@ -257,8 +258,8 @@ def main() -> None:
     p.add_argument("--stream-tokens", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--compare-multiplex", action="store_true",
-                   help="also a router with --no-multiplex-streams (one GenerateStream call per request), "
-                        "as sides '... 1/req'")
+                   help="also a router and a gateway with --no-multiplex-streams (one GenerateStream call "
+                        "per request), as sides '... 1/req'")
     p.add_argument("--structured-rounds", type=int, default=9,
                    help="rounds of structured vs unconstrained streams (0: none)")
     args = p.parse_args()
@@ -284,6 +285,10 @@ def main() -> None:
                                  "--http-port", str(single_http), "--served-model-name", "bench",
                                  "--no-multiplex-streams", log_path=root / "ro1.log")
                 services.append(single.start())
+                single_gw = Service("gateway", "--router", single.address, "--registry", registry.address,
+                                    "--base-model", str(model), "--served-model-name", "bench",
+                                    "--no-multiplex-streams", port=free_port(), log_path=root / "g1.log")
+                services.append(single_gw.start(timeout=60))
             http_port = free_port()
             gateway = Service("gateway", "--router", router.address, "--registry", registry.address,
                               "--base-model", str(model), "--served-model-name", "bench",
@@ -307,7 +312,9 @@ def main() -> None:
                     channels.append(grpc.aio.insecure_channel(single.address))
                     sides["router gRPC 1/req"] = Grpc(router_pb2_grpc.RouterStub(channels[-1]))
                     sides["router HTTP 1/req"] = HttpSide(single_http)
+                    sides["gateway HTTP 1/req"] = HttpSide(single_gw.port)
                     procs["router 1/req"] = single.proc.pid
+                    procs["gateway 1/req"] = single_gw.proc.pid
                 try:
                     await measure(args, sides, procs)
                 finally:
