@@ -2,7 +2,7 @@
 
 A unary call fails over to the next executor when one is unreachable; a stream fails over only
 before its first chunk reached the client (after that, a retry would repeat tokens). Streams pass
-through chunk by chunk, over the executor's GenerateStreams call (streams.py: one call per executor,
+through chunk by chunk, over the executor's GenerateStreams call (common/streams.py: one call per executor,
 its answers batched per engine step; --no-multiplex-streams: a GenerateStream call per request).
 The executor that serves a request is recorded as holding its prompt's prefix
 (placement.PrefixIndex), and counted (pool.begin/end) with its adapter noted as held there, so the
