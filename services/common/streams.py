@@ -97,7 +97,9 @@ class _Call:
                         inbox.put_nowait(ev)
         except grpc.aio.AioRpcError as exc:
             failure = rpc_error(exc.code(), exc.details() or exc.code().name)
-            if exc.code() in _REFUSALS and not answered:
+            # a refusal can also surface as INTERNAL ("Internal error from Core": grpc.aio's request
+            # writer meeting the closed call), so any failure before the first answer falls back
+            if not answered and exc.code() in (*_REFUSALS, grpc.StatusCode.INTERNAL):
                 log.info("generate_streams_refused", code=exc.code().name, error=exc.details())
                 self.owner.refused_at = time.monotonic()
                 failure = _REFUSED
