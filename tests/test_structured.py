@@ -198,3 +198,45 @@ def test_prefetched_masks_equal_inline_ones(setup):
     structured.prefetch([SimpleNamespace(grammar=a, history=[3, 4, *out], prompt_len=2)])
     t = int(allowed(b, out).nonzero()[-1, 0])
     assert torch.equal(allowed(a, [*out, t]), allowed(b, [*out, t]))
+
+
+@pytest.mark.parametrize("mates", ["default", "filtered"])
+def test_grammar_rows_beside_free_rows_draw_as_alone(setup, mates):
+    """sample_with_top copies and masks only the grammar rows: in a batch of grammar rows (sampled
+    and greedy) and rows without one (sampled, greedy, and in "filtered" a top-p row, which takes the
+    row-group path instead of the one draw over every row), each row's token is the one it gets in a
+    batch of its own, over many steps with seeded generators; grammar rows stay in their grammar."""
+    from services.executor.sampler import SamplingOptions, SamplingRow, make_generator, sample_with_top
+
+    engine = setup[0]
+    spec = SPECS["json_schema"]
+    kinds = [("grammar", 1.0), ("grammar", 0.0), ("free", 1.0), ("free", 0.0), ("grammar", 1.0)]
+    if mates == "filtered":
+        kinds.append(("top_p", 1.0))
+
+    def make(seed_base):
+        rows = []
+        for i, (kind, t) in enumerate(kinds):
+            o = SamplingOptions(temperature=t, top_p=0.8 if kind == "top_p" else 1.0)
+            r = SamplingRow(o, make_generator(seed_base + i, torch.device("cpu")) if t else None,
+                            [5, 6, 7], prompt_len=3)
+            if kind == "grammar":
+                r.grammar = engine.grammars.new(spec)
+            rows.append(r)
+        return rows
+
+    together, alone = make(100), make(100)
+    gen = torch.Generator().manual_seed(3)
+    vocab = together[0].grammar.vocab
+    for _ in range(20):
+        logits = torch.randn(len(kinds), vocab, generator=gen) * 4
+        got, lps, _ = sample_with_top(logits, together)
+        for i, r in enumerate(alone):
+            want, want_lp, _ = sample_with_top(logits[i:i + 1], [r])
+            assert got[i] == want[0], (i, kinds[i])
+            assert lps[i] == pytest.approx(want_lp[0], abs=1e-5)
+        for r, t in zip(together + alone, got + got, strict=True):
+            r.history.append(t)
+    for r, kind in zip(together, kinds, strict=True):
+        if kind[0] == "grammar":
+            r.grammar.advance(r.history[r.prompt_len:])      # raises if a token left the grammar

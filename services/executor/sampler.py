@@ -4,9 +4,10 @@
     tokens, logprobs, tops = sample_with_top(logits, rows)   # + each row's top_logprobs alternatives
     tokens, logprobs, tops = sample_draft(logits, row, draft)  # verify a speculated draft
 
-Grammar rows are masked first, all at once (the structured-output mask: the tokens each row's
-grammar allows, structured.py); then each row that needs more than the argmax is processed on its
-own: the min_new_tokens mask (EOS and stop token ids at -inf until enough tokens are out) ->
+Grammar rows are copied and masked apart from the others, all at once (the structured-output mask:
+the tokens each row's grammar allows, structured.py), so the rows without a grammar in the same batch
+do exactly the work they would do alone; then each row that needs more than the argmax is processed
+on its own: the min_new_tokens mask (EOS and stop token ids at -inf until enough tokens are out) ->
 repetition penalty (Hugging Face's rule, over prompt and output) -> presence and frequency
 penalties (OpenAI's and vLLM's rule, over the output) -> temperature -> top-k -> top-p, then a draw
 from the row's own torch.Generator, so a seeded request gets the same tokens whatever its batch
@@ -221,8 +222,9 @@ def _draw(logits: Tensor, rows: list[SamplingRow], probs: Tensor | None = None) 
     sort (_filter_rows). Either way the same distribution; no [R, V] sort in the common case.
     probs: softmax(logits), when the caller has it; used where every row's temperature is 1."""
     n, vocab = logits.shape
-    unit = probs is not None and all(r.options.temperature == 1.0 for r in rows)
-    if unit:                                          # logits / 1 and softmax(logits): already at hand
+    ones = all(r.options.temperature == 1.0 for r in rows)
+    unit = probs is not None and ones
+    if ones:                                          # logits / 1 (and, with probs, softmax(logits))
         scaled = logits
     else:
         temps = torch.tensor([r.options.temperature for r in rows], dtype=logits.dtype, device=logits.device)
@@ -290,6 +292,44 @@ def sample(logits: Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[flo
     return tokens, logprobs
 
 
+def _choose(logits: Tensor, probs: Tensor | None, rows: list[SamplingRow], idx: list[int]) -> Tensor:
+    """The tokens of rows idx (each own_pass: sampled or adjusted) of logits [N, V]; probs is
+    softmax(logits) when the caller has it (the draw of an unadjusted temperature-1 row reads it:
+    no second softmax). Adjusted rows (min_new_tokens' mask, penalties) are copied first; the
+    others are only read."""
+    adjusted = [j for j, i in enumerate(idx) if rows[i].adjusts]
+    whole = len(idx) == logits.shape[0]
+    at = None if whole else torch.tensor(idx, device=logits.device)
+    mine = logits if whole and not adjusted else (logits.clone() if whole else logits[at])
+    for j in adjusted:                                 # masks and penalties: row by row, rarely
+        i = idx[j]
+        o, row = rows[i].options, mine[j]
+        masked = [t for t in rows[i].masked if t < row.shape[-1]]
+        if masked:
+            row.index_fill_(0, torch.tensor(masked, device=row.device), float("-inf"))
+        if o.repetition_penalty not in (0, 1) and rows[i].history:
+            row.copy_(_penalise(row, rows[i].history, o.repetition_penalty))
+        output = rows[i].history[rows[i].prompt_len:]
+        if (o.presence_penalty or o.frequency_penalty) and output:
+            row.copy_(_presence_frequency(row, output, o.presence_penalty, o.frequency_penalty))
+    chosen = torch.empty(len(idx), dtype=torch.long, device=logits.device)
+    hot = [j for j, i in enumerate(idx) if rows[i].options.temperature > 0]
+    cold = [j for j, i in enumerate(idx) if rows[i].options.temperature <= 0]
+    if cold:
+        chosen[cold] = mine[cold].argmax(-1)
+    if hot:                                            # every sampled row drawn at once
+        raw = None
+        if probs is not None and not adjusted:         # unmasked, unpenalised: the caller's softmax
+            raw = probs if whole else probs[at]
+            if len(hot) < len(idx):
+                raw = raw[hot]
+        picks = _draw(mine if len(hot) == len(idx) else mine[hot], [rows[idx[j]] for j in hot], raw)
+        if len(hot) == len(idx):
+            return picks
+        chosen[hot] = picks
+    return chosen
+
+
 Top = tuple[list[int], list[float]]   # the most likely token ids, best first, and their raw logprobs
 
 
@@ -315,47 +355,65 @@ def sample_with_top(logits: Tensor,
         if k > 0:
             values, ids = torch.topk(logits[i], k)
             tops[i] = (ids.tolist(), (values - lse[i]).tolist())
-    work = logits
     constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
-    if constrained:          # every grammar row masked in one pass, into a new tensor: logprobs stay raw
-        work = constrain(logits, [rows[i].grammar for i in constrained],
-                         [rows[i].history[rows[i].prompt_len:] for i in constrained], constrained)
-    own = [i for i, r in enumerate(rows) if r.own_pass]
-    if len(own) < n:                                   # greedy, unpenalised: the common case
-        chosen = best if work is logits else work.argmax(dim=-1)
-    else:
-        chosen = torch.empty(n, dtype=torch.long, device=logits.device)
-    if own:
-        adjusted = [j for j, i in enumerate(own) if rows[i].adjusts]
-        if len(own) == n and (not adjusted or work is not logits):
-            mine = work                                # no copy: only read, or already a copy
+    if not constrained:
+        own = [i for i, r in enumerate(rows) if r.own_pass]
+        if len(own) == n:
+            chosen = _choose(logits, probs, rows, own)
         else:
-            mine = work[torch.tensor(own, device=work.device)]    # [len(own), V], a copy
-        for j in adjusted:                             # masks and penalties: row by row, rarely
-            i = own[j]
-            o, row = rows[i].options, mine[j]
-            masked = [t for t in rows[i].masked if t < row.shape[-1]]
-            if masked:
-                row.index_fill_(0, torch.tensor(masked, device=row.device), float("-inf"))
-            if o.repetition_penalty not in (0, 1) and rows[i].history:
-                row.copy_(_penalise(row, rows[i].history, o.repetition_penalty))
-            output = rows[i].history[rows[i].prompt_len:]
-            if (o.presence_penalty or o.frequency_penalty) and output:
-                row.copy_(_presence_frequency(row, output, o.presence_penalty, o.frequency_penalty))
-        hot = [j for j, i in enumerate(own) if rows[i].options.temperature > 0]
-        cold = [j for j, i in enumerate(own) if rows[i].options.temperature <= 0]
-        if cold:
-            chosen[[own[j] for j in cold]] = mine[cold].argmax(-1)
-        if hot:                                         # every sampled row drawn at once
-            whole = len(hot) == len(own)
-            raw = (probs if whole else probs[hot]) if mine is logits else None   # unmasked, unpenalised
-            picks = _draw(mine if whole else mine[hot], [rows[own[j]] for j in hot], raw)
-            if len(hot) == n:
-                chosen = picks
-            else:
-                chosen[[own[j] for j in hot]] = picks
+            chosen = best
+            if own:
+                chosen = best.clone()
+                chosen[own] = _choose(logits, probs, rows, own)
+    else:
+        chosen = _with_grammars(logits, probs, best, rows, constrained)
     picked = logits.gather(1, chosen[:, None])[:, 0] - lse
     return chosen.tolist(), picked.tolist(), tops
+
+
+def _with_grammars(logits: Tensor, probs: Tensor, best: Tensor, rows: list[SamplingRow],
+                   constrained: list[int]) -> Tensor:
+    """The chosen token of every row, constrained listing the rows with a grammar. Only those rows
+    are copied and masked ([k, V]); the others do what they would do alone. When every sampled row
+    is a plain temperature-1 draw (OpenAI's default: no top-k/top-p, nothing adjusted), the grammar
+    rows' masked softmax replaces their rows of probs and every sampled row is drawn at once."""
+    n, k, vocab = logits.shape[0], len(constrained), logits.shape[-1]
+    at = torch.tensor(constrained, device=logits.device)
+    work = constrain(logits if k == n else logits.index_select(0, at),
+                     [rows[i].grammar for i in constrained],
+                     [rows[i].history[rows[i].prompt_len:] for i in constrained],
+                     list(range(k)))                                   # [k, V], -inf where forbidden
+    sub = [rows[i] for i in constrained]
+    mine = [j for j, r in enumerate(sub) if r.own_pass]                # sampled or adjusted
+    greedy = [j for j, r in enumerate(sub) if not r.own_pass]
+    chosen = best.clone()
+    if greedy:
+        chosen[at[greedy]] = (work[greedy] if mine else work).argmax(dim=-1)
+    own = [i for i, r in enumerate(rows) if r.own_pass]
+    if not own:
+        return chosen
+    if all(_unit_draw(rows[i], vocab) for i in own):
+        if len(mine) == n:                         # lse has been read off probs: it is free now
+            probs = torch.softmax(work, dim=-1)
+        elif mine:
+            probs[at[mine]] = torch.softmax(work[mine] if greedy else work, dim=-1)
+        if len(own) == n:
+            return _draw(probs, rows, probs)
+        part = probs[own]
+        chosen[own] = _draw(part, [rows[i] for i in own], part)
+        return chosen
+    free = [i for i in own if rows[i].grammar is None]
+    if free:
+        chosen[free] = _choose(logits, probs, rows, free)
+    if mine:
+        chosen[at[mine]] = _choose(work, None, sub, mine)
+    return chosen
+
+def _unit_draw(row: SamplingRow, vocab: int) -> bool:
+    """A temperature-1 draw from the (masked) softmax as it is: no top-k/top-p, nothing adjusted."""
+    o = row.options
+    return (o.temperature == 1.0 and not 0 < o.top_k < vocab and not 0 < o.top_p < 1
+            and not row.adjusts)
 
 
 def sample_draft(logits: Tensor, row: SamplingRow,
