@@ -240,3 +240,31 @@ def test_grammar_rows_beside_free_rows_draw_as_alone(setup, mates):
     for r, kind in zip(together, kinds, strict=True):
         if kind[0] == "grammar":
             r.grammar.advance(r.history[r.prompt_len:])      # raises if a token left the grammar
+
+
+def test_grammar_work_is_counted_per_engine_and_exported(setup):
+    """GetStatus' engine counters and the executor's metrics: steps and their wall time always;
+    the grammar rows' own share of it only when grammar rows run (what benchmarks/gateway.py reads
+    to say what the unconstrained streams beside structured ones lose, inside the same steps)."""
+    from prometheus_client import generate_latest
+
+    from services.executor.metrics import ExecutorMetrics
+
+    engine = setup[0]
+    before = engine.status()
+    run(engine, [GenerationRequest("plain-count", prompt="hello", sampling=SamplingOptions(max_new_tokens=6))])
+    mid = engine.status()
+    assert mid.steps > before.steps and mid.step_seconds > before.step_seconds
+    assert (mid.grammar_rows, mid.grammar_seconds) == (before.grammar_rows, before.grammar_seconds)
+    reqs = [GenerationRequest(f"count-{i}", prompt="hello", sampling=SamplingOptions(
+        max_new_tokens=6, temperature=1.0, seed=i, structured=SPECS["json_object"] if i % 2 else None))
+        for i in range(4)]
+    out = run(engine, reqs)
+    assert all(o["error"] is None for o in out.values())
+    end = engine.status()
+    assert end.grammar_rows - mid.grammar_rows >= 2                 # two grammar rows, each step
+    assert 0 < end.grammar_seconds - mid.grammar_seconds < end.step_seconds - mid.step_seconds
+    text = generate_latest(ExecutorMetrics(engine).registry).decode()
+    for name in ("steps", "step_seconds", "grammar_seconds", "grammar_rows"):
+        assert f"openlora_executor_{name}_total" in text, name
+    assert f"openlora_executor_grammar_rows_total {float(end.grammar_rows)}" in text

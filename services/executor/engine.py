@@ -120,6 +120,8 @@ class Engine:
         tokenizer_file = path / "tokenizer.json"
         eos = self.model_config.eos_token_ids or (self._tokenizer.eos_token_ids if self._tokenizer else ())
         eos_token_ids = frozenset(eos)
+        self.steps = 0                  # non-empty steps run, and their wall time (status, metrics)
+        self.step_seconds = 0.0
         self.grammars = GrammarCache(tokenizer_file.read_text() if tokenizer_file.is_file() else None,
                                      self.model_config.vocab, eos_token_ids, config.structured_output_cache)
         self.allocator = KVBlockAllocator(num_blocks)
@@ -308,6 +310,8 @@ class Engine:
             unified_kv_adapter_pool=self.config.unified_kv_adapter_pool,
             lora_dtype=str(self.lora_dtype).removeprefix("torch."),
             quantization=self.model.quantization, base_weight_bytes=self.base_weight_bytes,
+            steps=self.steps, step_seconds=self.step_seconds,
+            grammar_seconds=self.grammars.stats.seconds, grammar_rows=self.grammars.stats.rows,
             **self._spec_status())
 
     def _spec_status(self) -> dict:
@@ -361,11 +365,19 @@ class Engine:
 
     def step(self) -> None:
         """One continuous-batching step: schedule -> run the model -> process the outputs."""
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         self._log_preempted(batch)
         if not batch.items:
             self._wake.wait(self.config.empty_step_wait_s)
             return
+        try:
+            self._step(batch)
+        finally:
+            self.steps += 1
+            self.step_seconds += time.perf_counter() - started
+
+    def _step(self, batch: Batch) -> None:
         reqs = [self._active[item.seq.seq_id] for item in batch.items]
         spans = prompt_logprobs.prompt_spans(batch)
         grammar_rows = [r.row for r, item in zip(reqs, batch.items, strict=True)

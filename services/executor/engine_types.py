@@ -91,6 +91,10 @@ class EngineStatus:
     device_cache_used_bytes: int = 0
     unified_kv_adapter_pool: bool = False
     lora_dtype: str = ""               # the adapter pages' dtype (--lora-dtype)
+    steps: int = 0                     # engine steps run (non-empty batches), since start
+    step_seconds: float = 0.0          # their wall time
+    grammar_seconds: float = 0.0       # of which the grammar rows' own work (structured.GrammarStats)
+    grammar_rows: int = 0              # grammar rows masked
 
 
 class InternalError(OpenLoraError):

@@ -81,6 +81,13 @@ class _EngineCollector:
                                   ("num_emitted_tokens", "spec_emitted_tokens",
                                    "Number of emitted tokens.")):   # vLLM's speculative decoding names
             yield CounterMetricFamily(f"vllm:spec_decode_{name}", what, value=g(st, field, 0))
+        for name, field, what in (
+                ("steps", "steps", "engine steps run (non-empty batches)"),
+                ("step_seconds", "step_seconds", "wall time of the engine's steps"),
+                ("grammar_seconds", "grammar_seconds", "of the steps' time, the grammar rows' own work "
+                 "(matchers, masks, masked softmax), which the whole batch waits for"),
+                ("grammar_rows", "grammar_rows", "structured-output rows masked")):
+            yield CounterMetricFamily(f"openlora_executor_{name}", what, value=g(st, field, 0))
         yield from self._tiers(st)
 
     def _tiers(self, st):

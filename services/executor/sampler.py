@@ -24,6 +24,7 @@ distribution for rows at temperature 1 with nothing masked or penalised (OpenAI'
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -377,7 +378,10 @@ def _with_grammars(logits: Tensor, probs: Tensor, best: Tensor, rows: list[Sampl
     are copied and masked ([k, V]); the others do what they would do alone. When every sampled row
     is a plain temperature-1 draw (OpenAI's default: no top-k/top-p, nothing adjusted), the grammar
     rows' masked softmax replaces their rows of probs and every sampled row is drawn at once."""
+    started = time.perf_counter()
     n, k, vocab = logits.shape[0], len(constrained), logits.shape[-1]
+    stats = rows[constrained[0]].grammar.stats
+    stats.rows += k
     at = torch.tensor(constrained, device=logits.device)
     work = constrain(logits if k == n else logits.index_select(0, at),
                      [rows[i].grammar for i in constrained],
@@ -391,22 +395,25 @@ def _with_grammars(logits: Tensor, probs: Tensor, best: Tensor, rows: list[Sampl
         chosen[at[greedy]] = (work[greedy] if mine else work).argmax(dim=-1)
     own = [i for i, r in enumerate(rows) if r.own_pass]
     if not own:
+        stats.seconds += time.perf_counter() - started
         return chosen
     if all(_unit_draw(rows[i], vocab) for i in own):
         if len(mine) == n:                         # lse has been read off probs: it is free now
             probs = torch.softmax(work, dim=-1)
         elif mine:
             probs[at[mine]] = torch.softmax(work[mine] if greedy else work, dim=-1)
+        stats.seconds += time.perf_counter() - started      # the draw below is every row's
         if len(own) == n:
             return _draw(probs, rows, probs)
         part = probs[own]
         chosen[own] = _draw(part, [rows[i] for i in own], part)
         return chosen
+    if mine:
+        chosen[at[mine]] = _choose(work, None, sub, mine)
+    stats.seconds += time.perf_counter() - started          # the rows without a grammar: theirs
     free = [i for i in own if rows[i].grammar is None]
     if free:
         chosen[free] = _choose(logits, probs, rows, free)
-    if mine:
-        chosen[at[mine]] = _choose(work, None, sub, mine)
     return chosen
 
 def _unit_draw(row: SamplingRow, vocab: int) -> bool:

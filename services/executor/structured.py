@@ -37,6 +37,17 @@ KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 JSON_OPTIONS = {"whitespace_flexible": False}
 
 
+@dataclass
+class GrammarStats:
+    """What the grammar rows cost the engine's steps, since start (one per GrammarCache: per engine).
+    seconds: the sampler's grammar-only work in each step (advancing the matchers, computing and
+    applying the masks, the masked rows' softmax and argmax; sampler._with_grammars), which the whole
+    batch waits for; rows: the grammar rows it masked. Exported as metrics (metrics.py)."""
+
+    seconds: float = 0.0
+    rows: int = 0
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """A format for the output: kind in KINDS; value the schema / regex / grammar text, or for
@@ -94,6 +105,7 @@ class GrammarCache:
         self._compiled: OrderedDict[StructuredOutput, object] = OrderedDict()
         self._lock = threading.Lock()
         self.compiles = 0            # grammars compiled (cache misses), for tests and status
+        self.stats = GrammarStats()  # the steps' grammar work, summed by the sampler
 
     def _llg_tokenizer(self):
         import llguidance as llg
@@ -135,7 +147,7 @@ class GrammarCache:
 
     def new(self, spec: StructuredOutput) -> Grammar:
         """A fresh grammar state for one sequence."""
-        return Grammar(self.compile(spec).deep_copy(), self.vocab, self.eos_token_ids)
+        return Grammar(self.compile(spec).deep_copy(), self.vocab, self.eos_token_ids, self.stats)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -201,10 +213,11 @@ def prefetch(rows) -> None:
 class Grammar:
     """One sequence's position in its grammar."""
 
-    def __init__(self, matcher, vocab: int, eos_token_ids: list[int]):
+    def __init__(self, matcher, vocab: int, eos_token_ids: list[int], stats: GrammarStats | None = None):
         self.matcher = matcher
         self.vocab = vocab
         self.eos_token_ids = eos_token_ids
+        self.stats = stats if stats is not None else GrammarStats()   # its cache's: the engine's
         self.consumed = 0            # output tokens the matcher has taken
         self.pending = None          # (output length, Future of an int32 words buffer, row) from prefetch()
 
