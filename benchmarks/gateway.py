@@ -216,7 +216,21 @@ async def transport(args, sides: dict, procs: dict[str, int]) -> None:
         print(f"  {n:19s} " + ", ".join(f"{p} {statistics.median(cpu[n][p]):4.0f}" for p in procs))
 
 
-async def measure(args, sides: dict, procs: dict[str, int]) -> None:
+def engine_seconds(url: str) -> tuple[float, float]:
+    """(wall seconds of the executor's engine steps, of which the grammar rows' own work), since
+    its start: its Prometheus counters openlora_executor_step_seconds / grammar_seconds."""
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    got = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("openlora_executor_step_seconds_total", "openlora_executor_grammar_seconds_total"):
+            got[name] = float(value)
+    return got["openlora_executor_step_seconds_total"], got["openlora_executor_grammar_seconds_total"]
+
+
+async def measure(args, sides: dict, procs: dict[str, int], metrics_url: str) -> None:
     for side in sides.values():                                   # warm-up
         await side.one_token()
         await throughput(side, args.streams, 8)
@@ -229,12 +243,15 @@ async def measure(args, sides: dict, procs: dict[str, int]) -> None:
         runs = {"plain": [], "mixed": [], "json": []}
         cost, lost = [], []
         work = {kind: [] for kind in runs}    # the executor's CPU microseconds per generated token
+        share = {kind: [] for kind in runs}   # the grammar rows' own share of the engine steps' time
 
         async def run(kind: str) -> tuple[float, float]:
-            before = cpu_seconds(procs["executor"])
+            before, steps = cpu_seconds(procs["executor"]), engine_seconds(metrics_url)
             got = await throughput(side, n, args.stream_tokens,
                                    structured={"plain": 0, "mixed": half, "json": n}[kind])
             work[kind].append((cpu_seconds(procs["executor"]) - before) / (n * args.stream_tokens) * 1e6)
+            after = engine_seconds(metrics_url)
+            share[kind].append((after[1] - steps[1]) / (after[0] - steps[0]))
             return got
         for r in range(args.structured_rounds):
             got = {}
@@ -256,6 +273,10 @@ async def measure(args, sides: dict, procs: dict[str, int]) -> None:
               f"rounds: {', '.join(f'{x:+.1%}' for x in lost)})")
         print("  executor CPU per generated token (medians): " + ", ".join(
             f"{kind} {statistics.median(work[kind]):.0f} us" for kind in ("plain", "mixed", "json")))
+        print(f"  the grammar rows' own work inside the engine's steps (its counters; the same steps, so the "
+              f"VM's drift cancels): {statistics.median(share['mixed']):.1%} of the half-and-half steps' time "
+              f"(what each unconstrained stream beside them waits for), {statistics.median(share['json']):.1%} "
+              f"of the all-structured ones' (rounds: {', '.join(f'{x:.1%}' for x in share['mixed'])})")
 
 
 def main() -> None:
@@ -282,8 +303,10 @@ def main() -> None:
         try:
             registry = Service("registry", "--data-dir", str(root / "registry"), log_path=root / "r.log")
             services.append(registry.start())
+            metrics_port = free_port()
             executor = Service("executor", "--registry", registry.address, "--base-model", str(model),
                                "--device", args.device, "--max-batch-size", str(max(args.streams, 8)),
+                               "--metrics-port", str(metrics_port),
                                "--disk-cache-dir", str(root / "disk"), log_path=root / "e.log")
             services.append(executor.start(timeout=600))
             router_http = free_port()
@@ -328,7 +351,7 @@ def main() -> None:
                     procs["router 1/req"] = single.proc.pid
                     procs["gateway 1/req"] = single_gw.proc.pid
                 try:
-                    await measure(args, sides, procs)
+                    await measure(args, sides, procs, f"http://127.0.0.1:{metrics_port}/metrics")
                 finally:
                     for ch in channels:
                         await ch.close()

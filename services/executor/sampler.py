@@ -386,14 +386,15 @@ def _with_grammars(logits: Tensor, probs: Tensor, best: Tensor, rows: list[Sampl
     work = constrain(logits if k == n else logits.index_select(0, at),
                      [rows[i].grammar for i in constrained],
                      [rows[i].history[rows[i].prompt_len:] for i in constrained],
-                     list(range(k)))                                   # [k, V], -inf where forbidden
-    sub = [rows[i] for i in constrained]
-    mine = [j for j, r in enumerate(sub) if r.own_pass]                # sampled or adjusted
-    greedy = [j for j, r in enumerate(sub) if not r.own_pass]
-    chosen = best.clone()
+                     at if k == n else torch.arange(k))               # [k, V], -inf where forbidden
+    flags = [r.own_pass for r in rows]                                 # sampled or adjusted
+    mine = [j for j, i in enumerate(constrained) if flags[i]]
+    greedy = [j for j, i in enumerate(constrained) if not flags[i]]
+    own = [i for i in range(n) if flags[i]]
+    chosen = best
     if greedy:
-        chosen[at[greedy]] = (work[greedy] if mine else work).argmax(dim=-1)
-    own = [i for i, r in enumerate(rows) if r.own_pass]
+        chosen = best.clone()
+        chosen[at[greedy] if mine else at] = (work[greedy] if mine else work).argmax(dim=-1)
     if not own:
         stats.seconds += time.perf_counter() - started
         return chosen
@@ -401,20 +402,26 @@ def _with_grammars(logits: Tensor, probs: Tensor, best: Tensor, rows: list[Sampl
         if len(mine) == n:                         # lse has been read off probs: it is free now
             probs = torch.softmax(work, dim=-1)
         elif mine:
-            probs[at[mine]] = torch.softmax(work[mine] if greedy else work, dim=-1)
+            probs.index_copy_(0, at[mine] if greedy else at,
+                              torch.softmax(work[mine] if greedy else work, dim=-1))
         stats.seconds += time.perf_counter() - started      # the draw below is every row's
         if len(own) == n:
             return _draw(probs, rows, probs)
         part = probs[own]
+        if chosen is best:
+            chosen = best.clone()
         chosen[own] = _draw(part, [rows[i] for i in own], part)
         return chosen
+    if chosen is best:
+        chosen = best.clone()
     if mine:
-        chosen[at[mine]] = _choose(work, None, sub, mine)
+        chosen[at[mine] if greedy else at] = _choose(work, None, [rows[i] for i in constrained], mine)
     stats.seconds += time.perf_counter() - started          # the rows without a grammar: theirs
     free = [i for i in own if rows[i].grammar is None]
     if free:
         chosen[free] = _choose(logits, probs, rows, free)
     return chosen
+
 
 def _unit_draw(row: SamplingRow, vocab: int) -> bool:
     """A temperature-1 draw from the (masked) softmax as it is: no top-k/top-p, nothing adjusted."""

@@ -154,7 +154,8 @@ _POOL: ThreadPoolExecutor | None = None
 _EXECUTOR = None             # llguidance's LLExecutor (its own thread pool), made on first use
 
 
-def constrain(logits: Tensor, grammars: list[Grammar], outputs: list[list[int]], rows: list[int]) -> Tensor:
+def constrain(logits: Tensor, grammars: list[Grammar], outputs: list[list[int]],
+              rows: list[int] | Tensor) -> Tensor:
     """A copy of logits [n, vocab] with -inf where row rows[j]'s grammar (grammars[j], after
     outputs[j], whose tokens not yet consumed advance its matcher first) forbids the token; the other
     rows as they are. The masks are written into one int32 [len(rows), words] buffer (or copied from
@@ -167,7 +168,8 @@ def constrain(logits: Tensor, grammars: list[Grammar], outputs: list[list[int]],
             todo.append((g.matcher, j))
     if todo:
         _masks(todo, words, parallel=logits.device.type != "cpu")
-    return ops.token_bitmask_fill(logits, words, torch.tensor(rows, dtype=torch.long))
+    at = rows if isinstance(rows, Tensor) else torch.tensor(rows, dtype=torch.long)
+    return ops.token_bitmask_fill(logits, words, at)
 
 
 def _masks(todo: list[tuple[object, int]], words: Tensor, parallel: bool) -> None:
