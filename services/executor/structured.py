@@ -163,7 +163,7 @@ def constrain(logits: Tensor, grammars: list[Grammar], outputs: list[list[int]],
     words = torch.empty((len(rows), (grammars[0].vocab + 31) // 32), dtype=torch.int32)
     todo = []
     for j, (g, out) in enumerate(zip(grammars, outputs, strict=True)):
-        if not g.take_prefetched(out, words[j]):
+        if g.pending is None or not g.take_prefetched(out, words[j]):   # (no row view made)
             g.advance(out)
             todo.append((g.matcher, j))
     if todo:
