@@ -7,8 +7,9 @@ For each vocabulary size, the same logits (peaked: randn * 6, as a trained model
 kinds of batch, alternated over --rounds rounds (medians printed, ms per step, one thread):
 greedy; sampled (temperature 1, OpenAI's defaults); sampled with top-p 0.9 and top-k 50; half the
 rows sampled under a JSON-schema grammar (structured.py) beside half unconstrained, the masks
-applied by the served kernel (ops.token_bitmask_fill); and the same with the masks applied by its
-pure-PyTorch reference (unpack to bool, masked_fill), side by side. The grammar's own cost is the
+applied by the served kernels (ops.token_bitmask_fill_ zeroing the grammar rows' forbidden tokens
+in the softmax in place; ops.token_bitmask_fill for greedy or filtered grammar rows); and the same
+with the masks applied by their pure-PyTorch references (unpack to bool, masked_fill), side by side. The grammar's own cost is the
 grammar column minus "sampled". The grammars run over the demo tokenizer (1,024 tokens) padded to
 each vocabulary, so the matchers' work stays that of a small tokenizer while the masks and logits
 have the vocabulary's size. --clock cpu times the thread's CPU time (steadier on a shared machine).
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from services.executor import ops, structured
+from services.executor import ops
 from services.executor.sampler import SamplingOptions, SamplingRow, make_generator, sample_with_top
 from services.executor.structured import GrammarCache, StructuredOutput
 from services.synthetic import ModelSpec, write_model
@@ -56,8 +57,9 @@ def step_ms(logits: torch.Tensor, rows: list[SamplingRow], steps: int, clock=tim
             reference: bool = False) -> float:
     """Mean ms of one sample_with_top over `steps` steps, each row's history growing by its token;
     reference: the grammar masks applied by token_bitmask_fill's pure-PyTorch reference."""
-    served = structured.ops.token_bitmask_fill
-    structured.ops.token_bitmask_fill = ops.token_bitmask_fill_ref if reference else served
+    served = ops.token_bitmask_fill, ops.token_bitmask_fill_
+    if reference:
+        ops.token_bitmask_fill, ops.token_bitmask_fill_ = ops.token_bitmask_fill_ref, ops.token_bitmask_fill_ref_
     try:
         t = clock()
         for _ in range(steps):
@@ -66,7 +68,7 @@ def step_ms(logits: torch.Tensor, rows: list[SamplingRow], steps: int, clock=tim
                 r.history.append(tok)
         return (clock() - t) / steps * 1e3
     finally:
-        structured.ops.token_bitmask_fill = served
+        ops.token_bitmask_fill, ops.token_bitmask_fill_ = served
 
 
 def main() -> None:

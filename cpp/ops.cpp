@@ -42,6 +42,9 @@ TORCH_LIBRARY(openlora, m) {
   // logits with -inf where bit t of words[j] is clear, in each row rows[j] (structured outputs' token
   // masks; CPU only: other devices run the reference).
   m.def("token_bitmask_fill(Tensor logits, Tensor words, Tensor rows) -> Tensor");
+  // t[rows[j], tok] = value in place wherever bit tok of words[j] is clear, nothing else touched (the
+  // sampler zeroes a grammar row's forbidden tokens in its softmax; CPU only: elsewhere the reference).
+  m.def("token_bitmask_fill_(Tensor(a!) t, Tensor words, Tensor rows, float value) -> ()");
   // the CPU kernels' instruction set in use: "avx512_bf16", "avx512", "avx2" or "generic".
   m.def("cpu_isa() -> str", &cpu_isa_name);
   // forces the CPU kernels' instruction set ("auto": the best this CPU supports); an ISA this CPU or

@@ -86,7 +86,8 @@ RUN = textwrap.dedent("""
     out, done, lock = {}, threading.Event(), threading.Lock()
     from services.executor.structured import StructuredOutput
     reqs = [("a", [5, 9, 3, 17, 2], None), ("b", [7, 7, 1], None), ("", [4, 11, 6, 8], None),
-            ("a", [6, 2, 9], StructuredOutput("regex", "[0-9]{3}"))]   # a grammar row: token masks
+            ("a", [6, 2, 9], StructuredOutput("regex", "[0-9]{3}")),   # a grammar row: token masks
+            ("", [6, 2, 9], StructuredOutput("regex", "[a-c]{3}"))]    # sampled (seeded): masks in place
     def on_event(ev):
         with lock:
             o = out.setdefault(ev.request_id, [])
@@ -98,9 +99,12 @@ RUN = textwrap.dedent("""
                 if sum(k.endswith("/done") for k in out) == len(reqs):
                     done.set()
     for i, (adapter, prompt, structured) in enumerate(reqs):
+        sampled = structured is not None and structured.value == "[a-c]{3}"
         engine.submit(GenerationRequest(f"r{i}", prompt_token_ids=prompt, adapter_id=adapter,
                                         sampling=SamplingOptions(max_new_tokens=3, ignore_eos=True,
-                                                                 structured=structured)), on_event)
+                                                                 structured=structured,
+                                                                 temperature=1.0 if sampled else 0.0,
+                                                                 seed=7 if sampled else None)), on_event)
     engine.start()
     assert done.wait(600), "requests did not finish"
     engine.stop()
@@ -147,7 +151,8 @@ def test_every_registered_op_is_called_by_an_engine_on_cpu_or_on_the_cuda_path(l
     cpu, cuda = runs["cpu"], runs["cuda"]
     called = set(cpu["called"]) | set(cuda["called"])
     assert {"lora_paged_add_", "paged_attention_decode_async", "add_rms_norm", "rotary"} <= set(cuda["called"])
-    assert {"lora_paged_add_", "linear_packed", "pack_weight", "token_bitmask_fill"} <= set(cpu["called"])
+    assert {"lora_paged_add_", "linear_packed", "pack_weight", "token_bitmask_fill",
+            "token_bitmask_fill_"} <= set(cpu["called"])
     uncalled = set(registered) - called - set(NO_ENGINE_CALLER)
     assert not uncalled, f"registered ops no engine calls (delete them, or say why they stay): {sorted(uncalled)}"
     assert not called & set(NO_ENGINE_CALLER), "an op with an engine caller is still listed as having none"

@@ -268,3 +268,30 @@ def test_grammar_work_is_counted_per_engine_and_exported(setup):
     for name in ("steps", "step_seconds", "grammar_seconds", "grammar_rows"):
         assert f"openlora_executor_{name}_total" in text, name
     assert f"openlora_executor_grammar_rows_total {float(end.grammar_rows)}" in text
+
+
+def test_a_grammar_row_whose_allowed_tokens_all_underflow_is_drawn_from_its_masked_logits(setup):
+    """The sampler zeroes a grammar row's forbidden tokens in the raw softmax; when every allowed
+    token's raw probability is 0 in float32 (a forbidden token 200 above them), the row is drawn
+    again from the softmax of its masked logits: an allowed token, never the forbidden favourite,
+    while a row without a grammar beside it takes that favourite."""
+    from services.executor.sampler import SamplingOptions, SamplingRow, make_generator, sample_with_top
+
+    engine = setup[0]
+    spec = StructuredOutput("regex", "[a-z]{1,8}")               # many allowed first tokens
+    words = structured.masks([engine.grammars.new(spec)], [[]])[0]
+    vocab = engine.grammars.new(spec).vocab
+    bit = [(int(words[t // 32]) >> (t % 32)) & 1 for t in range(vocab)]
+    favourite = bit.index(0)
+    logits = torch.zeros(2, vocab)
+    logits[:, favourite] = 200.0
+    seen = set()
+    for seed in range(8):
+        rows = [SamplingRow(SamplingOptions(temperature=1.0), make_generator(seed, torch.device("cpu")), [5],
+                            prompt_len=1) for _ in range(2)]
+        rows[0].grammar = engine.grammars.new(spec)
+        tokens, lps, _ = sample_with_top(logits, rows)
+        assert bit[tokens[0]] == 1 and tokens[1] == favourite
+        assert lps[0] < -150                                   # the raw logprob, as always
+        seen.add(tokens[0])
+    assert len(seen) > 1                                       # drawn, not the masked argmax

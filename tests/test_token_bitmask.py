@@ -84,3 +84,43 @@ def test_the_reference_refuses_the_same_rows():
 def test_opcheck():
     logits, words, rows = case(4, 100, [3, 1], seed=3)
     torch.library.opcheck(torch.ops.openlora.token_bitmask_fill.default, (logits, words, torch.tensor(rows)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n,vocab,rows", [(4, 1000, [2, 0]), (5, 64, [0, 1, 2, 3, 4]), (3, 33, [1]),
+                                          (6, 1024, []), (8, 152064, [7, 3, 5])])
+def test_in_place_fill_touches_only_the_banned_tokens_of_the_named_rows(dtype, n, vocab, rows):
+    """token_bitmask_fill_ (the sampler zeroes a grammar row's forbidden tokens in its softmax with
+    it): the per-token definition with `value` instead of -inf, in place, other rows bit-identical."""
+    logits, words, rows = case(n, vocab, rows, seed=vocab + n)
+    t = logits.to(dtype)
+    index = torch.tensor(rows, dtype=torch.long)
+    want = loop(t, words, rows)
+    want = torch.where(torch.isneginf(want) & ~torch.isneginf(t.double()), torch.zeros_like(want), want).to(dtype)
+    got = t.clone()
+    assert ops.token_bitmask_fill_(got, words, index, 0.0) is None
+    assert torch.equal(got, want)
+    ref = t.clone()
+    ops.token_bitmask_fill_ref_(ref, words, index, 0.0)
+    assert torch.equal(ref, want)
+
+
+@pytest.mark.parametrize("args,message", [
+    (lambda: (torch.zeros(4, 64), torch.zeros(1, 2, dtype=torch.int32), torch.tensor([4])), r"rows\[0\] = 4 is not a row"),
+    (lambda: (torch.zeros(4, 64), torch.zeros(2, 2, dtype=torch.int32), torch.tensor([1, 1])), "named twice"),
+    (lambda: (torch.zeros(4, 65), torch.zeros(1, 2, dtype=torch.int32), torch.tensor([0])), "fewer than the vocab of 65"),
+    (lambda: (torch.zeros(4, 64), torch.zeros(2, 2, dtype=torch.int32), torch.tensor([0])), "words has 2 rows but rows names 1"),
+    (lambda: (torch.zeros(4, 128)[:, ::2], torch.zeros(1, 2, dtype=torch.int32), torch.tensor([0])), "contiguous"),
+    (lambda: (torch.zeros(4, 64), torch.zeros(1, 2, dtype=torch.int32), torch.tensor([0.0])), "rows must be an int64"),
+])
+def test_in_place_bad_input_is_refused_and_nothing_written(args, message):
+    t, words, rows = args()
+    before = t.clone()
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.openlora.token_bitmask_fill_.default(t, words, rows, -1.0)
+    assert torch.equal(t, before)
+
+
+def test_in_place_opcheck():
+    logits, words, rows = case(4, 100, [3, 1], seed=5)
+    torch.library.opcheck(torch.ops.openlora.token_bitmask_fill_.default, (logits, words, torch.tensor(rows), 0.0))

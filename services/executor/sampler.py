@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.executor.structured import Grammar, StructuredOutput, constrain
+from services.executor import ops
+from services.executor.structured import Grammar, StructuredOutput, masks
 
 LENGTH, STOP, EOS = "length", "stop", "eos"
 MAX_TOP_LOGPROBS = 20   # as OpenAI's and vLLM's APIs allow
@@ -174,6 +175,7 @@ def _filter_rows(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor
 
 CANDIDATES = 1024    # top-k / top-p rows look at their best this-many tokens first (exact; see _draw)
 BLOCK = 1024         # an inverse CDF over a long row finds its block of BLOCK tokens, then the token
+TINY_MASS = 1e-30     # a row's weights summing to no more than this cannot be drawn from (_pick)
 
 
 def _inverse_cdf(weights: Tensor, rows: list[SamplingRow]) -> Tensor:
@@ -204,15 +206,17 @@ def _inverse_cdf(weights: Tensor, rows: list[SamplingRow]) -> Tensor:
 def _pick(weights: Tensor, u: Tensor) -> Tensor:
     """weights float64 [R, V] >= 0, u [R] in [0, 1) -> per row the index j where u * total falls
     (cdf[j-1] <= u * total < cdf[j]: weight > 0), clamped to the last positive weight against
-    rounding; -1 where the total is not a finite positive number."""
+    rounding; -1 where the total is not a finite number above TINY_MASS (a grammar row whose every
+    allowed token underflowed in the raw softmax: the sampler redraws it from its masked logits)."""
     cdf = weights.cumsum(-1)
     total = cdf[:, -1]
     j = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0]
     j = torch.minimum(j, weights.shape[1] - 1 - (weights.flip(-1) > 0).to(torch.int8).argmax(-1))
-    return torch.where(torch.isfinite(total) & (total > 0), j, -1)
+    return torch.where(torch.isfinite(total) & (total > TINY_MASS), j, -1)
 
 
-def _draw(logits: Tensor, rows: list[SamplingRow], probs: Tensor | None = None) -> Tensor:
+def _draw(logits: Tensor, rows: list[SamplingRow], probs: Tensor | None = None,
+          fallback: bool = True) -> Tensor:
     """One token per row from softmax(filter(logits / temperature)) (top-k, then top-p, as
     _filter_rows), each with one uniform draw from its row's own generator. A temperature so small
     that the scaled logits overflow is greedy.
@@ -245,7 +249,7 @@ def _draw(logits: Tensor, rows: list[SamplingRow], probs: Tensor | None = None) 
         at = torch.tensor(filtered, device=logits.device)
         drawn[at] = _draw_filtered(scaled[at], [ks[i] for i in filtered], [ps[i] for i in filtered],
                                    [rows[i] for i in filtered])
-    if bool((drawn < 0).any()):                       # overflowed: greedy
+    if fallback and bool((drawn < 0).any()):          # overflowed: greedy
         drawn = torch.where(drawn >= 0, drawn, logits.argmax(-1))
     return drawn
 
@@ -383,44 +387,69 @@ def _with_grammars(logits: Tensor, probs: Tensor, best: Tensor, rows: list[Sampl
     stats = rows[constrained[0]].grammar.stats
     stats.rows += k
     at = torch.tensor(constrained, device=logits.device)
-    work = constrain(logits if k == n else logits.index_select(0, at),
-                     [rows[i].grammar for i in constrained],
-                     [rows[i].history[rows[i].prompt_len:] for i in constrained],
-                     at if k == n else torch.arange(k))               # [k, V], -inf where forbidden
+    words = masks([rows[i].grammar for i in constrained],
+                  [rows[i].history[rows[i].prompt_len:] for i in constrained],
+                  parallel=logits.device.type != "cpu")                 # int32 [k, W]
     flags = [r.own_pass for r in rows]                                 # sampled or adjusted
     mine = [j for j, i in enumerate(constrained) if flags[i]]
     greedy = [j for j, i in enumerate(constrained) if not flags[i]]
     own = [i for i in range(n) if flags[i]]
     chosen = best
-    if greedy:
-        chosen = best.clone()
-        chosen[at[greedy] if mine else at] = (work[greedy] if mine else work).argmax(dim=-1)
+    if greedy:                                     # the masked logits' argmax
+        if not mine and k == n:
+            chosen = ops.token_bitmask_fill(logits, words, at).argmax(dim=-1)
+        else:
+            chosen = best.clone()
+            ga = at[greedy] if mine else at
+            chosen[ga] = _masked(logits, ga, words[greedy] if mine else words).argmax(dim=-1)
     if not own:
         stats.seconds += time.perf_counter() - started
         return chosen
     if all(_unit_draw(rows[i], vocab) for i in own):
-        if len(mine) == n:                         # lse has been read off probs: it is free now
-            probs = torch.softmax(work, dim=-1)
-        elif mine:
-            probs.index_copy_(0, at[mine] if greedy else at,
-                              torch.softmax(work[mine] if greedy else work, dim=-1))
+        if mine:             # lse has been read off probs: the grammar rows' forbidden tokens zeroed in place
+            ops.token_bitmask_fill_(probs, words[mine] if greedy else words, at[mine] if greedy else at, 0.0)
         stats.seconds += time.perf_counter() - started      # the draw below is every row's
+        part = probs if len(own) == n else probs[own]
+        drawn = _draw(part, [rows[i] for i in own], part, fallback=False)
+        if bool((drawn < 0).any()):   # no mass left (every allowed token underflowed) or overflowed
+            drawn = _redraw(logits, rows, own, drawn, dict(zip(constrained, words.unbind(0), strict=True)))
         if len(own) == n:
-            return _draw(probs, rows, probs)
-        part = probs[own]
+            return drawn
         if chosen is best:
             chosen = best.clone()
-        chosen[own] = _draw(part, [rows[i] for i in own], part)
+        chosen[own] = drawn
         return chosen
     if chosen is best:
         chosen = best.clone()
     if mine:
-        chosen[at[mine] if greedy else at] = _choose(work, None, [rows[i] for i in constrained], mine)
+        ma = at[mine] if greedy else at
+        chosen[ma] = _choose(_masked(logits, ma, words[mine] if greedy else words), None,
+                             [rows[constrained[j]] for j in mine], list(range(len(mine))))
     stats.seconds += time.perf_counter() - started          # the rows without a grammar: theirs
     free = [i for i in own if rows[i].grammar is None]
     if free:
         chosen[free] = _choose(logits, probs, rows, free)
     return chosen
+
+
+def _masked(logits: Tensor, at: Tensor, words: Tensor) -> Tensor:
+    """logits' rows at, with -inf where words (int32 [len(at), W]) forbids the token."""
+    return ops.token_bitmask_fill(logits.index_select(0, at), words, torch.arange(at.shape[0]))
+
+
+def _redraw(logits: Tensor, rows: list[SamplingRow], own: list[int], drawn: Tensor,
+            words: dict[int, Tensor]) -> Tensor:
+    """drawn, with each -1 replaced: a grammar row drawn from the softmax of its masked logits (its
+    allowed tokens' raw probabilities all underflowed), any other row greedy (overflowed logits)."""
+    drawn = drawn.clone()
+    for j in (drawn < 0).nonzero()[:, 0].tolist():
+        i = own[j]
+        if i in words:
+            masked = _masked(logits, torch.tensor([i], device=logits.device), words[i][None])
+            drawn[j] = _draw(masked, [rows[i]])[0]
+        else:
+            drawn[j] = logits[i].argmax()
+    return drawn
 
 
 def _unit_draw(row: SamplingRow, vocab: int) -> bool:

@@ -5,6 +5,7 @@
     row.grammar = g                             # sampler.py: special rows are masked at one point
     prefetch(rows)                              # engine: masks computed while the model runs
     work = constrain(logits, [g, ...], [output, ...], rows)   # -inf where forbidden; consumes new tokens
+    words = masks([g, ...], [output, ...])      # the bitmasks alone (the sampler zeroes probs with them)
 
 The engine is llguidance (Microsoft's grammar engine behind guidance; CPU wheels on PyPI, no torch
 or transformers needed): JSON Schema, regular expressions, Lark and GBNF grammars, each compiled
@@ -157,19 +158,26 @@ _EXECUTOR = None             # llguidance's LLExecutor (its own thread pool), ma
 def constrain(logits: Tensor, grammars: list[Grammar], outputs: list[list[int]],
               rows: list[int] | Tensor) -> Tensor:
     """A copy of logits [n, vocab] with -inf where row rows[j]'s grammar (grammars[j], after
-    outputs[j], whose tokens not yet consumed advance its matcher first) forbids the token; the other
-    rows as they are. The masks are written into one int32 [len(rows), words] buffer (or copied from
-    a prefetch) and applied in one pass (ops.token_bitmask_fill), whatever the batch's mix."""
-    words = torch.empty((len(rows), (grammars[0].vocab + 31) // 32), dtype=torch.int32)
+    outputs[j]) forbids the token; the other rows as they are: masks() applied in one pass
+    (ops.token_bitmask_fill), whatever the batch's mix."""
+    words = masks(grammars, outputs, parallel=logits.device.type != "cpu")
+    at = rows if isinstance(rows, Tensor) else torch.tensor(rows, dtype=torch.long)
+    return ops.token_bitmask_fill(logits, words, at)
+
+
+def masks(grammars: list[Grammar], outputs: list[list[int]], parallel: bool = False) -> Tensor:
+    """int32 [len(grammars), ceil(vocab / 32)]: row j the tokens grammars[j] allows next (a set bit
+    allows one) after outputs[j], whose tokens not yet consumed advance its matcher first; a mask
+    prefetched for exactly that output is copied instead. parallel: see _masks."""
+    words = torch.empty((len(grammars), (grammars[0].vocab + 31) // 32), dtype=torch.int32)
     todo = []
     for j, (g, out) in enumerate(zip(grammars, outputs, strict=True)):
         if g.pending is None or not g.take_prefetched(out, words[j]):   # (no row view made)
             g.advance(out)
             todo.append((g.matcher, j))
     if todo:
-        _masks(todo, words, parallel=logits.device.type != "cpu")
-    at = rows if isinstance(rows, Tensor) else torch.tensor(rows, dtype=torch.long)
-    return ops.token_bitmask_fill(logits, words, at)
+        _masks(todo, words, parallel=parallel)
+    return words
 
 
 def _masks(todo: list[tuple[object, int]], words: Tensor, parallel: bool) -> None:

@@ -33,13 +33,14 @@ from .reference import (
     rotary_ref,
     silu_mul_ref,
     token_bitmask_fill_ref,
+    token_bitmask_fill_ref_,
 )
 from .schemas import parse_schemas
 
 __all__ = ["lora_paged_add_", "lora_paged_add_ref", "pack_weight", "linear_packed", "paged_attention_decode", "paged_attention_decode_async",
            "paged_attention_decode_ref", "rms_norm", "rms_norm_ref",
            "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref", "rotary", "rotary_ref",
-           "token_bitmask_fill", "token_bitmask_fill_ref",
+           "token_bitmask_fill", "token_bitmask_fill_ref", "token_bitmask_fill_", "token_bitmask_fill_ref_",
            "ensure_built", "kernel_backend", "load", "set_cpu_kernels", "cpu_isa",
            "CUDA_MAX_LORA_RANK", "check_max_lora_rank"]
 
@@ -57,6 +58,7 @@ REFERENCES = {
     "silu_mul": silu_mul_ref,
     "rotary": rotary_ref,
     "token_bitmask_fill": token_bitmask_fill_ref,
+    "token_bitmask_fill_": token_bitmask_fill_ref_,
 }
 # op name -> (schema, reference), the schemas read from cpp/ops.cpp, the one place that declares them
 SCHEMAS = {name: (schema, REFERENCES[name]) for name, schema in parse_schemas().items() if name in REFERENCES}
@@ -115,6 +117,7 @@ def ensure_built(kernel: str | None = None) -> str:
                 torch.library.register_fake(f"openlora::{name}")(fake)
             torch.library.register_fake("openlora::token_bitmask_fill")(
                 lambda logits, words, rows: torch.empty_like(logits))
+            torch.library.register_fake("openlora::token_bitmask_fill_")(lambda *args: None)
     return _backend
 
 
@@ -276,3 +279,13 @@ def token_bitmask_fill(logits: Tensor, words: Tensor, rows: Tensor) -> Tensor:
     if logits.device.type == "cpu" and _backend == "cpp":      # no build or lock on the step's path
         return torch.ops.openlora.token_bitmask_fill.default(logits, words, rows)
     return token_bitmask_fill_ref(logits, words, rows)
+
+
+def token_bitmask_fill_(t: Tensor, words: Tensor, rows: Tensor, value: float) -> None:
+    """In place: t[rows[j], tok] = value wherever bit tok of words[j] is clear, nothing else touched
+    (t [n, V] contiguous; words int32 [k, W], rows int64 [k] host tensors). The C++ kernel on the CPU,
+    the reference elsewhere."""
+    if t.device.type == "cpu" and _backend == "cpp":
+        torch.ops.openlora.token_bitmask_fill_.default(t, words, rows, value)
+    else:
+        token_bitmask_fill_ref_(t, words, rows, value)

@@ -154,11 +154,10 @@ def lora_paged_add_ref(y: Tensor, x: Tensor, arena: Tensor, page_index: Tensor, 
 
 # -- structured outputs' token masks (cpp/token_bitmask.cpp) ------------------------------------------
 
-def token_bitmask_fill_ref(logits: Tensor, words: Tensor, rows: Tensor) -> Tensor:
-    """A copy of logits [n, V] with -inf in row rows[j] wherever bit t of words[j] (int32 [k, W],
-    word t // 32, bit t % 32) is clear; rows not named are copied as they are. Raises ValueError
-    for a row outside [0, n), a row named twice, or words too short for V."""
-    n, vocab = logits.shape
+def _banned(t: Tensor, words: Tensor, rows: Tensor, what: str) -> Tensor:
+    """bool [k, V]: True where bit tok of words[j] is clear; ValueError for a row outside [0, n), a
+    row named twice, or words of the wrong shape or too short for V."""
+    n, vocab = t.shape
     k = rows.shape[0]
     if words.dtype != torch.int32 or words.dim() != 2 or words.shape[0] != k:
         raise ValueError(f"words must be int32 [{k}, ceil(vocab / 32)], got {words.dtype} {tuple(words.shape)}")
@@ -166,11 +165,28 @@ def token_bitmask_fill_ref(logits: Tensor, words: Tensor, rows: Tensor) -> Tenso
         raise ValueError(f"words cover {words.shape[1] * 32} tokens, fewer than the vocab of {vocab}")
     listed = rows.tolist()                   # rows on the host (the engine's): no device sync
     if any(not 0 <= r < n for r in listed) or len(set(listed)) != k:
-        raise ValueError(f"rows must be distinct rows of logits [0, {n}), got {listed}")
-    if k == 0:
+        raise ValueError(f"rows must be distinct rows of {what} [0, {n}), got {listed}")
+    bits = torch.ones(32, dtype=torch.int64, device=t.device) << torch.arange(32, device=t.device)
+    clear = torch.bitwise_and(words.to(t.device).unsqueeze(-1), bits.to(torch.int32)) == 0   # [k, W, 32]
+    return clear.reshape(k, words.shape[1] * 32)[:, :vocab]
+
+
+def token_bitmask_fill_ref(logits: Tensor, words: Tensor, rows: Tensor) -> Tensor:
+    """A copy of logits [n, V] with -inf in row rows[j] wherever bit t of words[j] (int32 [k, W],
+    word t // 32, bit t % 32) is clear; rows not named are copied as they are. Raises ValueError
+    for a row outside [0, n), a row named twice, or words too short for V."""
+    banned = _banned(logits, words, rows, "logits")
+    if rows.shape[0] == 0:
         return logits.clone()
-    bits = torch.ones(32, dtype=torch.int64, device=logits.device) << torch.arange(32, device=logits.device)
-    clear = torch.bitwise_and(words.to(logits.device).unsqueeze(-1), bits.to(torch.int32)) == 0   # [k, W, 32]
-    ban = torch.zeros(n, vocab, dtype=torch.bool, device=logits.device)
-    ban[rows.to(logits.device)] = clear.view(k, -1)[:, :vocab]
+    ban = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    ban[rows.to(logits.device)] = banned
     return logits.masked_fill(ban, float("-inf"))
+
+
+def token_bitmask_fill_ref_(t: Tensor, words: Tensor, rows: Tensor, value: float) -> None:
+    """In place: t[rows[j], tok] = value wherever bit tok of words[j] is clear; nothing else
+    touched. The same checks (ValueError) as token_bitmask_fill_ref."""
+    banned = _banned(t, words, rows, "t")
+    if rows.shape[0]:
+        at = rows.to(t.device)
+        t.index_copy_(0, at, t.index_select(0, at).masked_fill(banned, value))
