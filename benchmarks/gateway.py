@@ -244,6 +244,7 @@ async def measure(args, sides: dict, procs: dict[str, int], metrics_url: str) ->
         cost, lost = [], []
         work = {kind: [] for kind in runs}    # the executor's CPU microseconds per generated token
         share = {kind: [] for kind in runs}   # the grammar rows' own share of the engine steps' time
+        stepping = {kind: [] for kind in runs}   # the engine steps' wall microseconds per generated token
 
         async def run(kind: str) -> tuple[float, float]:
             before, steps = cpu_seconds(procs["executor"]), engine_seconds(metrics_url)
@@ -252,6 +253,7 @@ async def measure(args, sides: dict, procs: dict[str, int], metrics_url: str) ->
             work[kind].append((cpu_seconds(procs["executor"]) - before) / (n * args.stream_tokens) * 1e6)
             after = engine_seconds(metrics_url)
             share[kind].append((after[1] - steps[1]) / (after[0] - steps[0]))
+            stepping[kind].append((after[0] - steps[0]) / (n * args.stream_tokens) * 1e6)
             return got
         for r in range(args.structured_rounds):
             got = {}
@@ -273,6 +275,8 @@ async def measure(args, sides: dict, procs: dict[str, int], metrics_url: str) ->
               f"rounds: {', '.join(f'{x:+.1%}' for x in lost)})")
         print("  executor CPU per generated token (medians): " + ", ".join(
             f"{kind} {statistics.median(work[kind]):.0f} us" for kind in ("plain", "mixed", "json")))
+        print("  engine steps' wall time per generated token (medians): " + ", ".join(
+            f"{kind} {statistics.median(stepping[kind]):.0f} us" for kind in ("plain", "mixed", "json")))
         print(f"  the grammar rows' own work inside the engine's steps (its counters; the same steps, so the "
               f"VM's drift cancels): {statistics.median(share['mixed']):.1%} of the half-and-half steps' time "
               f"(what each unconstrained stream beside them waits for), {statistics.median(share['json']):.1%} "
