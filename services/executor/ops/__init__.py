@@ -3,8 +3,10 @@ makes torch.ops.openlora.{lora_paged_add_ (each segment's adapter added to the b
 read in place from page memory: the served multi-LoRA op), paged_attention_decode,
 paged_attention_decode_async (without the host-side value checks, so without a sync on CUDA),
 rms_norm, add_rms_norm, silu_mul, rotary} available, and on CPU {pack_weight, linear_packed}: fp32
-base weights packed once into MKL's GEMM layout, and token_bitmask_fill: structured outputs' token
-masks applied to the logits in one pass (token_bitmask_fill() runs the reference off the CPU).
+base weights packed once into MKL's GEMM layout, and token_bitmask_fill / token_bitmask_fill_:
+structured outputs' token masks applied to the logits in one pass (a masked copy), or in place with
+any value (the sampler zeroes a grammar row's forbidden tokens in its softmax); off the CPU their
+wrappers run the references.
 
 The ops come from the C++/CUDA extension (cpp/, built by ensure_built() through build.py), or, if that cannot
 be built, from the pure-PyTorch references — logged as an error, never silent. Every op but the
