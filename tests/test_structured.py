@@ -166,11 +166,13 @@ def test_bad_specs_are_invalid_argument(setup, spec, message):
 def test_compiled_once_per_spec(setup):
     engine = setup[0]
     spec = StructuredOutput("regex", "[0-9]{3}")
+    assert not engine.grammars.cached(spec)        # the servicer compiles it on a worker thread, once
     before = engine.grammars.compiles
     out = run(engine, [GenerationRequest(f"c{i}", prompt_token_ids=[3, 4 + i],
                                          sampling=SamplingOptions(max_new_tokens=10, structured=spec))
                        for i in range(3)])
     assert engine.grammars.compiles - before == 1
+    assert engine.grammars.cached(spec)            # later requests go straight to the engine
     assert all(re.fullmatch("[0-9]{3}", o["text"]) for o in out.values())
 
 

@@ -386,7 +386,7 @@ def _with_grammars(logits: Tensor, probs: Tensor, best: Tensor, rows: list[Sampl
     n, k, vocab = logits.shape[0], len(constrained), logits.shape[-1]
     stats = rows[constrained[0]].grammar.stats
     stats.rows += k
-    at = torch.tensor(constrained, device=logits.device)
+    at = torch.tensor(constrained)              # on the host, as the mask ops take their rows
     words = masks([rows[i].grammar for i in constrained],
                   [rows[i].history[rows[i].prompt_len:] for i in constrained],
                   parallel=logits.device.type != "cpu")                 # int32 [k, W]
@@ -433,8 +433,8 @@ def _with_grammars(logits: Tensor, probs: Tensor, best: Tensor, rows: list[Sampl
 
 
 def _masked(logits: Tensor, at: Tensor, words: Tensor) -> Tensor:
-    """logits' rows at, with -inf where words (int32 [len(at), W]) forbids the token."""
-    return ops.token_bitmask_fill(logits.index_select(0, at), words, torch.arange(at.shape[0]))
+    """logits' rows at (a host tensor), with -inf where words (int32 [len(at), W]) forbids the token."""
+    return ops.token_bitmask_fill(logits.index_select(0, at.to(logits.device)), words, torch.arange(at.shape[0]))
 
 
 def _redraw(logits: Tensor, rows: list[SamplingRow], own: list[int], drawn: Tensor,
@@ -445,7 +445,7 @@ def _redraw(logits: Tensor, rows: list[SamplingRow], own: list[int], drawn: Tens
     for j in (drawn < 0).nonzero()[:, 0].tolist():
         i = own[j]
         if i in words:
-            masked = _masked(logits, torch.tensor([i], device=logits.device), words[i][None])
+            masked = _masked(logits, torch.tensor([i]), words[i][None])
             drawn[j] = _draw(masked, [rows[i]])[0]
         else:
             drawn[j] = logits[i].argmax()

@@ -134,8 +134,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             except RuntimeError:  # the loop is gone: the call ended
                 pass
 
-        if req.sampling.structured is not None:   # compiled off the event loop (then cached by spec)
-            await asyncio.to_thread(self.engine.grammars.compile, req.sampling.structured)
+        spec = req.sampling.structured        # compiled off the event loop, then cached by spec: a cached
+        if spec is not None and not self.engine.grammars.cached(spec):   # one costs no thread hop, so
+            await asyncio.to_thread(self.engine.grammars.compile, spec)  # it reaches the batch with its peers
         self.engine.submit(req, sink)
         m, t0 = self.metrics, time.perf_counter()
         last = None      # when the previous token came (None: none yet)

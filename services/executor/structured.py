@@ -120,6 +120,11 @@ class GrammarCache:
                                               eos_token=self.eos_token_ids)
         return self._tokenizer
 
+    def cached(self, spec: StructuredOutput) -> bool:
+        """Whether spec's matcher is compiled already (compile() then returns at once)."""
+        with self._lock:
+            return spec in self._compiled
+
     def compile(self, spec: StructuredOutput):
         """The spec's matcher at its start (cached); InvalidArgument naming what is wrong."""
         problems = spec.problems()
