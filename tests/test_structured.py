@@ -19,7 +19,7 @@ from conftest import TINY
 from engine_runs import run_requests as run
 
 from services.common.errors import InvalidArgument
-from services.executor import structured
+from services.executor import ops, structured
 from services.executor.adapters.source import LocalDirSource
 from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, GenerationRequest, SamplingOptions
@@ -177,8 +177,9 @@ def test_compiled_once_per_spec(setup):
 
 
 def allowed(grammar, output):
-    """bool [vocab]: what one grammar allows after `output` (structured.constrain for one row)."""
-    return structured.constrain(torch.zeros(1, grammar.vocab), [grammar], [output], [0])[0] == 0
+    """bool [vocab]: what one grammar allows after `output` (structured.masks, applied to one row)."""
+    words = structured.masks([grammar], [output])
+    return ops.token_bitmask_fill(torch.zeros(1, grammar.vocab), words, torch.tensor([0]))[0] == 0
 
 
 def test_prefetched_masks_equal_inline_ones(setup):

@@ -228,9 +228,16 @@ class StreamCall:
         except StopAsyncIteration:
             self._done = True
             return grpc.aio.EOF
-        except BaseException:
+        except BaseException as exc:
             self._done = True
-            raise
+            mapped = self._failure(exc)
+            if mapped is exc:
+                raise
+            raise mapped from None
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        """What read() raises for exc (itself here; a subclass may map it to a grpc error)."""
+        return exc
 
     def done(self) -> bool:
         return self._done

@@ -4,8 +4,8 @@
     g = grammars.new(StructuredOutput("json_schema", schema_text))   # InvalidArgument when bad
     row.grammar = g                             # sampler.py: special rows are masked at one point
     prefetch(rows)                              # engine: masks computed while the model runs
-    work = constrain(logits, [g, ...], [output, ...], rows)   # -inf where forbidden; consumes new tokens
-    words = masks([g, ...], [output, ...])      # the bitmasks alone (the sampler zeroes probs with them)
+    words = masks([g, ...], [output, ...])      # int32 bitmasks; consumes new tokens (the sampler
+                                                # applies them: ops.token_bitmask_fill / _fill_)
 
 The engine is llguidance (Microsoft's grammar engine behind guidance; CPU wheels on PyPI, no torch
 or transformers needed): JSON Schema, regular expressions, Lark and GBNF grammars, each compiled
@@ -32,7 +32,6 @@ import torch
 from torch import Tensor
 
 from services.common.errors import InvalidArgument
-from services.executor import ops
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -160,16 +159,6 @@ _POOL: ThreadPoolExecutor | None = None
 _EXECUTOR = None             # llguidance's LLExecutor (its own thread pool), made on first use
 
 
-def constrain(logits: Tensor, grammars: list[Grammar], outputs: list[list[int]],
-              rows: list[int] | Tensor) -> Tensor:
-    """A copy of logits [n, vocab] with -inf where row rows[j]'s grammar (grammars[j], after
-    outputs[j]) forbids the token; the other rows as they are: masks() applied in one pass
-    (ops.token_bitmask_fill), whatever the batch's mix."""
-    words = masks(grammars, outputs, parallel=logits.device.type != "cpu")
-    at = rows if isinstance(rows, Tensor) else torch.tensor(rows, dtype=torch.long)
-    return ops.token_bitmask_fill(logits, words, at)
-
-
 def masks(grammars: list[Grammar], outputs: list[list[int]], parallel: bool = False) -> Tensor:
     """int32 [len(grammars), ceil(vocab / 32)]: row j the tokens grammars[j] allows next (a set bit
     allows one) after outputs[j], whose tokens not yet consumed advance its matcher first; a mask
@@ -207,7 +196,7 @@ def _masks(todo: list[tuple[object, int]], words: Tensor, parallel: bool) -> Non
 
 def prefetch(rows) -> None:
     """Start computing the masks of these rows' grammars on a worker thread (llguidance drops the
-    GIL), to overlap the step's forward pass; constrain() then takes the result."""
+    GIL), to overlap the step's forward pass; masks() then takes the result."""
     global _POOL
     if _POOL is None:
         _POOL = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")

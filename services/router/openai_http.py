@@ -11,13 +11,13 @@ that identity, and their errors come back as the grpc.aio.AioRpcError a remote r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2
 
 from services.common import auth, errors
+from services.common.streams import StreamCall
 from services.gateway.config import GatewayConfig
 from services.router.servicer import RequestContext
 
@@ -33,43 +33,14 @@ def _rpc_error(exc: BaseException) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
-class _Stream:
-    """A server stream from the servicer, read as a grpc.aio call is (read() -> chunk or EOF)."""
+class _Stream(StreamCall):
+    """A server stream from the servicer, read as a grpc.aio call is (read() -> chunk or EOF); a
+    failure that is not already a gRPC error or a cancel surfaces as the AioRpcError its status maps to."""
 
-    def __init__(self, agen):
-        self._agen = agen
-        self._done = False
-
-    async def read(self):
-        if self._done:
-            return grpc.aio.EOF
-        try:
-            return await self._agen.__anext__()
-        except StopAsyncIteration:
-            self._done = True
-            return grpc.aio.EOF
-        except grpc.aio.AioRpcError:
-            self._done = True
-            raise
-        except asyncio.CancelledError:
-            self._done = True
-            raise
-        except Exception as exc:
-            self._done = True
-            raise _rpc_error(exc) from None
-
-    def done(self) -> bool:
-        return self._done
-
-    def cancel(self) -> bool:
-        """Close the servicer's stream (and so its executor call); a read in flight is being
-        cancelled by its own task, which unwinds the same way."""
-        if self._done:
-            return False
-        self._done = True
-        with contextlib.suppress(RuntimeError):      # RuntimeError: a read is running right now
-            asyncio.ensure_future(self._agen.aclose())
-        return True
+    def _failure(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AioRpcError):
+            return _rpc_error(exc)
+        return exc
 
 
 class LocalRouter:
